@@ -1,0 +1,74 @@
+"""Every environment variable tritonep reads, parsed in one place.
+
+| variable | default | read | meaning |
+|---|---|---|---|
+| `TRITONEP_TOPK_IDX_BITS` | 64 | at import | width of `topk_idx_t` (32 or 64) |
+| `TRITONEP_TIMEOUT_S` | 100 | at Buffer construction | limit of every host and device wait |
+| `TRITONEP_NVL_DOMAIN_SIZE` | min(R, 8) | at Buffer construction | ranks per node (NVLink domain) |
+| `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda`, `cpu` (interpreter) or `nccl` |
+| `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
+
+Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
+kernel module was imported (the Triton interpreter needs it before kernels are defined).
+"""
+
+import os
+
+from .errors import EPInvalidArgument
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise EPInvalidArgument(f"environment: {name} must be an integer, got {raw!r}") from None
+
+
+def topk_idx_bits() -> int:
+    bits = _int("TRITONEP_TOPK_IDX_BITS", 64)
+    if bits not in (32, 64):
+        raise EPInvalidArgument(f"environment: TRITONEP_TOPK_IDX_BITS must be 32 or 64, got {bits}")
+    return bits
+
+
+def timeout_s() -> float:
+    raw = os.environ.get("TRITONEP_TIMEOUT_S")
+    if raw is None or raw == "":
+        return 100.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise EPInvalidArgument(f"environment: TRITONEP_TIMEOUT_S must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise EPInvalidArgument(f"environment: TRITONEP_TIMEOUT_S must be > 0, got {raw!r}")
+    return value
+
+
+def nvl_domain_size(num_ranks: int) -> int:
+    size = _int("TRITONEP_NVL_DOMAIN_SIZE", min(num_ranks, 8))
+    if size <= 0 or num_ranks % size != 0:
+        raise EPInvalidArgument(
+            f"environment: TRITONEP_NVL_DOMAIN_SIZE must be a positive divisor of the rank count "
+            f"{num_ranks}, got {size}"
+        )
+    return size
+
+
+def backend() -> str:
+    value = os.environ.get("TRITONEP_BACKEND", "").strip().lower()
+    if value not in ("", "auto", "cuda", "cpu", "nccl"):
+        raise EPInvalidArgument(
+            f"environment: TRITONEP_BACKEND must be one of auto, cuda, cpu, nccl, got {value!r}"
+        )
+    return "auto" if value == "" else value
+
+
+def nvshmem_qp_depth() -> int:
+    return _int("NVSHMEM_QP_DEPTH", 1024)
+
+
+def interpret_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

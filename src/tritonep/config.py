@@ -1,0 +1,260 @@
+"""`Config` of the high-throughput (HT) kernels, V1's buffer size hints, and per-rank-count tables.
+
+What a Config means in tritonep (spec/API.md §3):
+  * `num_sms` is the program budget of the HT data kernels: their persistent grids never hold
+    more than `num_sms` programs, so the remaining SMs stay free for overlapped compute. The work
+    is split into `C = num_sms // 2` channels (V1 runs a sender and a receiver block per channel);
+    `C` also fixes the width of the channel matrices in handles, so it must match between dispatch
+    and a cached dispatch / combine of the same handle.
+  * `num_max_nvl_chunked_send_tokens` is how many rows a sender writes before publishing them to
+    the receiver (one tail-counter store per chunk); `num_max_nvl_chunked_recv_tokens` is the
+    capacity in rows of the queue of one (channel, peer) pair in the NVLink buffer.
+  * The two `rdma` values are the same pair for the inter-node queues; intranode calls ignore them.
+
+Size hints reproduce V1's byte formulas exactly (§3.1, §6.5): V1 programs size their buffers with
+them, and tritonep guarantees that buffers of at least these sizes run every call.
+
+The tables of §6.3 are V1's tuned entries. V1 rejects other rank counts; tritonep substitutes the
+nearest listed count of the same mode (intranode entries for R <= 8, internode entries for R > 8,
+ties to the larger count, whose queue capacities are never smaller) and warns once.
+"""
+
+import operator
+import warnings
+from dataclasses import dataclass, fields
+
+from .errors import EPInvalidArgument
+
+# V1 constants of the HT buffer layout: top-k and scale columns the hints reserve room for, and the
+# byte size of the internode per-token source-metadata record.
+_MAX_TOPK = 128
+_MAX_SCALES = 128
+_SOURCE_META_BYTES = 8
+
+
+def _align128(value: int) -> int:
+    return -(-value // 128) * 128
+
+
+def _topk_idx_bytes() -> int:
+    # topk_idx_t is fixed at package import; reading it (not the environment) keeps the hints in
+    # step with the dtype tensors actually use. Lazy import: the package imports this module.
+    from . import topk_idx_t
+
+    return topk_idx_t.itemsize
+
+
+def _as_int(where: str, name: str, value: object) -> int:
+    # bool is an int subclass, but Config(True, ...) is a caller bug, not num_sms=1.
+    if isinstance(value, bool):
+        raise EPInvalidArgument(f"{where}: {name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise EPInvalidArgument(
+            f"{where}: {name} must be an int, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tuning of one HT dispatch or combine; V1's positional order, validated at construction.
+
+    Args:
+        num_sms: program budget of the HT data kernels, `>= 0` here (must be even and `>= 2`
+            where it is used); `num_channels = num_sms // 2`.
+        num_max_nvl_chunked_send_tokens: rows per queue publish, `> 0` and `< ..._recv_tokens`.
+        num_max_nvl_chunked_recv_tokens: queue capacity in rows per (channel, peer), `> 0`.
+        num_max_rdma_chunked_send_tokens: same as the nvl send chunk for inter-node queues, `> 0`.
+        num_max_rdma_chunked_recv_tokens: inter-node queue capacity, `> 0`; stored rounded up to a
+            multiple of the rdma send chunk, which must then be at most half of it.
+
+    Raises `EPInvalidArgument` naming the first argument that breaks a rule (spec §3 order).
+    Instances are immutable, hashable, comparable and picklable.
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for param in fields(self):
+            value = _as_int("Config", param.name, getattr(self, param.name))
+            object.__setattr__(self, param.name, value)
+        if self.num_sms < 0:
+            raise EPInvalidArgument(f"Config: num_sms must be >= 0, got {self.num_sms}")
+        for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens"):
+            if getattr(self, name) <= 0:
+                raise EPInvalidArgument(f"Config: {name} must be > 0, got {getattr(self, name)}")
+        nvl_send = self.num_max_nvl_chunked_send_tokens
+        nvl_recv = self.num_max_nvl_chunked_recv_tokens
+        if nvl_send >= nvl_recv:
+            raise EPInvalidArgument(
+                "Config: num_max_nvl_chunked_send_tokens must be < "
+                f"num_max_nvl_chunked_recv_tokens ({nvl_recv}), got {nvl_send}"
+            )
+        for name in ("num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
+            if getattr(self, name) <= 0:
+                raise EPInvalidArgument(f"Config: {name} must be > 0, got {getattr(self, name)}")
+        rdma_send = self.num_max_rdma_chunked_send_tokens
+        rdma_recv = self.num_max_rdma_chunked_recv_tokens
+        # Idempotent, so a Config rebuilt from stored values (dataclasses.replace) keeps them.
+        rounded = -(-rdma_recv // rdma_send) * rdma_send
+        if not (rdma_send < rounded and rdma_send <= rounded // 2):
+            raise EPInvalidArgument(
+                "Config: num_max_rdma_chunked_send_tokens must be < and at most half of "
+                f"num_max_rdma_chunked_recv_tokens ({rdma_recv}, rounded up to {rounded}), "
+                f"got {rdma_send}"
+            )
+        object.__setattr__(self, "num_max_rdma_chunked_recv_tokens", rounded)
+
+    @property
+    def num_channels(self) -> int:
+        """`C = num_sms // 2`: HT channels, and the width of the handles' channel matrices."""
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of `num_nvl_bytes` that V1 asks for HT calls with this config (spec §3.1).
+
+        Args:
+            hidden_bytes: bytes of one token row, `H * element_size` (V1 tests pass `H * 2`).
+            num_ranks: `R`; must be `< 8` or a multiple of 8, and `num_sms` must be even if `R > 8`.
+        """
+        if not (num_ranks < 8 or num_ranks % 8 == 0):
+            raise EPInvalidArgument(
+                "get_nvl_buffer_size_hint: num_ranks must be < 8 or a multiple of 8, "
+                f"got {num_ranks}"
+            )
+        if not (num_ranks <= 8 or self.num_sms % 2 == 0):
+            raise EPInvalidArgument(
+                f"get_nvl_buffer_size_hint: num_sms must be even when num_ranks ({num_ranks}) > 8, "
+                f"got {self.num_sms}"
+            )
+        tb = _topk_idx_bytes()
+        rd, nv, c = max(num_ranks // 8, 1), min(num_ranks, 8), self.num_sms // 2
+        rows = c * nv * self.num_max_nvl_chunked_recv_tokens
+        row_bytes = (
+            hidden_bytes + _SOURCE_META_BYTES + _MAX_TOPK * tb + _MAX_TOPK * 4 + _MAX_SCALES * 4
+        )
+        return _align128(c * nv * (2 * rd + 3) * 4 + rows * row_bytes)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of `num_rdma_bytes` that V1 asks for HT calls with this config (spec §3.1).
+
+        Args:
+            hidden_bytes: bytes of one token row, `H * element_size`.
+            num_ranks: `R`; `0` is returned for `R <= 8`, otherwise `R` must be a multiple of 8 and
+                `num_sms` even.
+        """
+        if num_ranks <= 8:
+            return 0
+        if num_ranks % 8 != 0:
+            raise EPInvalidArgument(
+                "get_rdma_buffer_size_hint: num_ranks must be a multiple of 8 when > 8, "
+                f"got {num_ranks}"
+            )
+        if self.num_sms % 2 != 0:
+            raise EPInvalidArgument(
+                f"get_rdma_buffer_size_hint: num_sms must be even when num_ranks ({num_ranks}) "
+                f"> 8, got {self.num_sms}"
+            )
+        tb = _topk_idx_bytes()
+        rd, c = num_ranks // 8, self.num_sms // 2
+        rows = c * rd * self.num_max_rdma_chunked_recv_tokens
+        # + 16: V1 reserves one int4 per row beyond the NVL row layout; the factor 2 below counts
+        # its send and receive halves.
+        row_bytes = (
+            hidden_bytes
+            + _SOURCE_META_BYTES
+            + _MAX_TOPK * tb
+            + _MAX_TOPK * 4
+            + _MAX_SCALES * 4
+            + 16
+        )
+        return _align128(c * rd * (8 * 2 + 2) * 2 * 4 + 2 * rows * row_bytes)
+
+
+def get_low_latency_rdma_size_hint(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
+    """Bytes of `num_rdma_bytes` that V1 asks for low-latency mode (spec §6.5).
+
+    Two buffer sets, each with a send half, a receive half and a signal half. A dispatch message is
+    a 16-byte header plus the larger of a BF16 row and an FP8 row with one float scale per 128
+    columns. `num_ranks` does not enter the formula (kept for V1's signature).
+    """
+    tokens = num_max_dispatch_tokens_per_rank
+    num_scales = hidden // 128
+    dispatch_msg = 16 + max(2 * hidden, hidden + 4 * num_scales)
+    combine_msg = 4 * num_scales + 2 * hidden
+    send_half = max(tokens * dispatch_msg, num_experts * tokens * combine_msg)
+    recv_half = max(num_experts * tokens * dispatch_msg, num_experts * tokens * combine_msg)
+    signal_half = _align128(4 * num_experts)
+    total = 2 * send_half + 2 * recv_half + 2 * signal_half
+    # V1 adds a whole 128-byte unit even when total is already aligned.
+    return (total // 128 + 1) * 128
+
+
+# num_ranks -> (nvl_send, nvl_recv, rdma_send, rdma_recv), V1's tuned entries (spec §6.3).
+DISPATCH_TABLE: dict[int, tuple[int, int, int, int]] = {
+    2: (24, 256, 6, 128),
+    4: (6, 256, 6, 128),
+    8: (6, 256, 6, 128),
+    16: (36, 288, 20, 128),
+    24: (32, 288, 8, 128),
+    32: (32, 288, 8, 128),
+    48: (32, 288, 8, 128),
+    64: (32, 288, 8, 128),
+    96: (20, 480, 12, 128),
+    128: (20, 560, 12, 128),
+    144: (32, 720, 12, 128),
+    160: (28, 720, 12, 128),
+}
+COMBINE_TABLE: dict[int, tuple[int, int, int, int]] = {
+    2: (10, 256, 6, 128),
+    4: (9, 256, 6, 128),
+    8: (4, 256, 6, 128),
+    16: (4, 288, 12, 128),
+    24: (1, 288, 8, 128),
+    32: (1, 288, 8, 128),
+    48: (1, 288, 8, 128),
+    64: (1, 288, 8, 128),
+    96: (1, 480, 8, 128),
+    128: (1, 560, 8, 128),
+    144: (2, 720, 8, 128),
+    160: (2, 720, 8, 128),
+}
+
+# (kind, num_ranks) pairs already warned about, so a training loop warns once, not every step.
+_warned: set[tuple[str, int]] = set()
+
+
+def _table_config(kind: str, table: dict, num_ranks: int, num_sms: int) -> Config:
+    num_ranks = _as_int(f"{kind}_config", "num_ranks", num_ranks)
+    if num_ranks < 1:
+        raise EPInvalidArgument(f"{kind}_config: num_ranks must be >= 1, got {num_ranks}")
+    listed = num_ranks
+    if num_ranks not in table:
+        same_mode = [n for n in table if (n <= 8) == (num_ranks <= 8)]
+        listed = min(same_mode, key=lambda n: (abs(n - num_ranks), -n))
+    config = Config(num_sms, *table[listed])
+    if listed != num_ranks and (kind, num_ranks) not in _warned:
+        _warned.add((kind, num_ranks))
+        warnings.warn(
+            f"tritonep: no tuned {kind} config for num_ranks={num_ranks}; using the entry of "
+            f"num_ranks={listed}: {config}",
+            stacklevel=3,
+        )
+    return config
+
+
+def dispatch_config(num_ranks: int, num_sms: int) -> Config:
+    """A new dispatch `Config(num_sms, ...)` from the §6.3 table (nearest entry if unlisted)."""
+    return _table_config("dispatch", DISPATCH_TABLE, num_ranks, num_sms)
+
+
+def combine_config(num_ranks: int, num_sms: int) -> Config:
+    """A new combine `Config(num_sms, ...)` from the §6.3 table (nearest entry if unlisted)."""
+    return _table_config("combine", COMBINE_TABLE, num_ranks, num_sms)

@@ -1,0 +1,39 @@
+"""Triton kernels, one module per family. Import through `load_kernels(backend)`, never directly.
+
+The CPU backend runs these very kernels in the Triton interpreter, which must be switched on
+(`TRITON_INTERPRET=1`) before any `@triton.jit` decorator runs; `load_kernels` arranges that, and
+refuses to mix interpreted and compiled kernels in one process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from .. import _env
+from ..errors import EPStateError
+
+_MODULES = ("sync", "layout", "intranode")
+
+
+def load_kernels(backend: str):
+    """Import the kernel modules for `backend` ('cuda' or 'cpu') and return this package."""
+    interpreted = _env.interpret_enabled()
+    imported = any(f"{__name__}.{m}" in sys.modules for m in _MODULES)
+    if backend == "cpu" and not interpreted:
+        if imported:
+            raise EPStateError(
+                "Buffer: the CPU backend runs kernels in the Triton interpreter, but tritonep's kernels "
+                "were already compiled for the GPU in this process; set TRITON_INTERPRET=1 before "
+                "importing tritonep"
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif backend != "cpu" and interpreted:
+        raise EPStateError(
+            "Buffer: TRITON_INTERPRET=1 is set, so kernels run in the CPU interpreter; unset it to use "
+            f"the {backend!r} backend"
+        )
+    for name in _MODULES:
+        importlib.import_module(f"{__name__}.{name}")
+    return sys.modules[__name__]

@@ -1,0 +1,168 @@
+"""`get_dispatch_layout`: per-rank, per-node and per-expert token counts plus `is_token_in_rank`.
+
+Problem: from `topk_idx [N, K]` (negative = no expert) compute
+  num_tokens_per_rank[j]    tokens with >= 1 expert on rank j,
+  num_tokens_per_node[n]    tokens with >= 1 expert on a rank of node n,
+  num_tokens_per_expert[e]  (t, k) pairs with topk_idx[t, k] == e,
+  is_token_in_rank[t, j].
+
+Algorithm: one launch, one program per block of tokens. Each program writes its rows of
+`is_token_in_rank` and a row of partial counts into a scratch matrix, then takes a ticket; the
+program that draws the last ticket sums the partial rows into the outputs and re-arms the ticket
+for the next call. No atomics on outputs, so no zero-fill kernel, and the result is deterministic.
+
+Example:
+    R=2, E=4 (L=2), topk_idx=[[0, 3], [1, -1], [-1, -1]]
+    -> is_token_in_rank=[[1, 1], [1, 0], [0, 0]], num_tokens_per_rank=[2, 1],
+       num_tokens_per_expert=[1, 1, 0, 1]
+
+Constraints: ids >= E are treated as -1 (spec §0). Any R, any E divisible by R.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .naming import named_kernel
+
+
+@named_kernel("layout", "route_stats")
+def _route_stats_kernel(
+    topk_idx_ptr,
+    num_tokens,
+    partial_ptr,
+    ticket_ptr,
+    num_tokens_per_rank_ptr,
+    num_tokens_per_node_ptr,
+    num_tokens_per_expert_ptr,
+    is_token_in_rank_ptr,
+    NUM_TOPK: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    RANKS_PER_NODE: tl.constexpr,
+    HAS_NODES: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    BLOCK_NODES: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    PARTIAL_STRIDE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    experts_per_rank: tl.constexpr = NUM_EXPERTS // NUM_RANKS
+    num_nodes: tl.constexpr = NUM_RANKS // RANKS_PER_NODE
+
+    tokens = pid.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    token_ok = tokens < num_tokens
+    ks = tl.arange(0, BLOCK_TOPK)
+    idx = tl.load(
+        topk_idx_ptr + tokens[:, None] * NUM_TOPK + ks[None, :],
+        mask=token_ok[:, None] & (ks[None, :] < NUM_TOPK),
+        other=-1,
+    ).to(tl.int32)
+    idx = tl.where((idx >= 0) & (idx < NUM_EXPERTS), idx, -1)
+    owner = tl.where(idx >= 0, idx // experts_per_rank, -1)  # [T, K]
+
+    ranks = tl.arange(0, BLOCK_RANKS)
+    in_rank = tl.max((owner[:, :, None] == ranks[None, None, :]).to(tl.int32), axis=1)  # [T, R]
+    tl.store(
+        is_token_in_rank_ptr + tokens[:, None] * NUM_RANKS + ranks[None, :],
+        in_rank != 0,
+        mask=token_ok[:, None] & (ranks[None, :] < NUM_RANKS),
+    )
+
+    # Partial row: [experts | ranks | nodes]. Bin 0 of the histogram collects the -1 entries.
+    partial_row = partial_ptr + pid.to(tl.int64) * PARTIAL_STRIDE
+    bins = tl.histogram(tl.reshape(idx + 1, (BLOCK_TOKENS * BLOCK_TOPK,)), NUM_BINS)
+    bin_ids = tl.arange(0, NUM_BINS)
+    tl.store(partial_row + bin_ids - 1, bins, mask=(bin_ids >= 1) & (bin_ids <= NUM_EXPERTS))
+    tl.store(partial_row + NUM_EXPERTS + ranks, tl.sum(in_rank, axis=0), mask=ranks < NUM_RANKS)
+    if HAS_NODES:
+        nodes = tl.arange(0, BLOCK_NODES)
+        owner_node = tl.where(owner >= 0, owner // RANKS_PER_NODE, -1)
+        in_node = tl.max((owner_node[:, :, None] == nodes[None, None, :]).to(tl.int32), axis=1)
+        tl.store(
+            partial_row + NUM_EXPERTS + NUM_RANKS + nodes,
+            tl.sum(in_node, axis=0),
+            mask=nodes < num_nodes,
+        )
+
+    # Make this program's partial row visible, then take a ticket; the last one reduces.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_programs - 1:
+        cols = tl.arange(0, NUM_BINS)
+        expert_sum = tl.zeros([NUM_BINS], dtype=tl.int32)
+        rank_sum = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
+        node_sum = tl.zeros([BLOCK_NODES], dtype=tl.int32)
+        for row in range(0, num_programs):
+            base = partial_ptr + row * PARTIAL_STRIDE
+            expert_sum += tl.load(base + cols, mask=cols < NUM_EXPERTS, other=0, cache_modifier=".cg")
+            rank_sum += tl.load(base + NUM_EXPERTS + ranks, mask=ranks < NUM_RANKS, other=0, cache_modifier=".cg")
+            if HAS_NODES:
+                nodes = tl.arange(0, BLOCK_NODES)
+                node_sum += tl.load(
+                    base + NUM_EXPERTS + NUM_RANKS + nodes, mask=nodes < num_nodes, other=0, cache_modifier=".cg"
+                )
+        tl.store(num_tokens_per_expert_ptr + cols, expert_sum, mask=cols < NUM_EXPERTS)
+        tl.store(num_tokens_per_rank_ptr + ranks, rank_sum, mask=ranks < NUM_RANKS)
+        if HAS_NODES:
+            nodes = tl.arange(0, BLOCK_NODES)
+            tl.store(num_tokens_per_node_ptr + nodes, node_sum, mask=nodes < num_nodes)
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+
+
+def launch_route_stats(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    num_ranks: int,
+    ranks_per_node: int,
+    ticket: torch.Tensor,
+    with_nodes: bool,
+):
+    """Allocate the four outputs and fill them with one launch on the current stream.
+
+    `ticket` is a persistent int32 cell, zero before the call and zero again after it.
+    Returns (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank).
+    """
+    device = topk_idx.device
+    num_tokens, num_topk = topk_idx.shape
+    num_nodes = num_ranks // ranks_per_node
+    num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
+    num_tokens_per_node = torch.empty(num_nodes, dtype=torch.int32, device=device) if with_nodes else None
+    num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
+    is_token_in_rank = torch.empty((num_tokens, num_ranks), dtype=torch.bool, device=device)
+
+    block_topk = triton.next_power_of_2(max(num_topk, 1))
+    block_ranks = triton.next_power_of_2(num_ranks)
+    block_nodes = triton.next_power_of_2(num_nodes)
+    # Keep the [tokens, topk, ranks] membership tile near 8K elements per program.
+    block_tokens = max(1, min(64, 8192 // (block_topk * max(block_ranks, block_nodes if with_nodes else 1))))
+    block_tokens = min(triton.next_power_of_2(block_tokens), triton.next_power_of_2(max(num_tokens, 1)))
+    num_programs = max(1, triton.cdiv(num_tokens, block_tokens))
+    partial_stride = num_experts + num_ranks + num_nodes
+    partial = torch.empty(num_programs * partial_stride, dtype=torch.int32, device=device)
+    _route_stats_kernel[(num_programs,)](
+        topk_idx,
+        num_tokens,
+        partial,
+        ticket,
+        num_tokens_per_rank,
+        num_tokens_per_node if with_nodes else num_tokens_per_rank,
+        num_tokens_per_expert,
+        is_token_in_rank,
+        NUM_TOPK=num_topk,
+        NUM_EXPERTS=num_experts,
+        NUM_RANKS=num_ranks,
+        RANKS_PER_NODE=ranks_per_node,
+        HAS_NODES=with_nodes,
+        BLOCK_TOKENS=block_tokens,
+        BLOCK_TOPK=block_topk,
+        BLOCK_RANKS=block_ranks,
+        BLOCK_NODES=block_nodes,
+        NUM_BINS=triton.next_power_of_2(num_experts + 1),
+        PARTIAL_STRIDE=partial_stride,
+        num_warps=4,
+    )
+    return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank

@@ -1,0 +1,270 @@
+"""Intranode notify: start a collective call, exchange counts, publish queue heads.
+
+Problem: before rows move, every rank must learn how many rows it receives from each source (and,
+per channel, where they land), the host must learn the total to allocate outputs, and every sender
+must know that its peers stopped reading the previous call's queues.
+
+Algorithm (one program):
+1. Advance this rank's epoch (device memory, so CUDA-graph replays advance it too).
+2. Counting mode only: build this rank's channel prefix matrix `[R, C]` from `is_token_in_rank`.
+3. Send every rank (itself included) one inbox message: layout key, token count, and in counting
+   mode `num_tokens_per_rank`, the channel prefix row for that rank and that rank's slice of
+   `num_tokens_per_expert`. Also publish head `(epoch, 0)` of every channel queue this rank
+   receives into, telling senders that this rank's previous kernels are done.
+4. Wait for all R messages of this epoch; check the layout keys agree (a rank called with another
+   hidden size, top-k or config is reported instead of deadlocking the data kernel).
+5. Counting mode only: write `rank_prefix_matrix`, `recv_channel_prefix_matrix` and, into the host
+   block, the received row count and per-expert counts, then publish `ready = epoch`.
+
+Sync protocol: message payload stores, barrier, flag release (sys scope); receivers acquire the flags.
+Buffer regions: signal region (epoch, inbox, heads) and the host block; see `protocol.py`.
+
+Example:
+    R=2, rank 0 sends 3 tokens to rank 0 and 2 to rank 1; rank 1 sends 1 and 4
+    -> rank_prefix_matrix = [[3, 2], [4, 6]]; rank 0 receives 4 rows, rank 1 receives 6.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import protocol
+from .naming import named_kernel
+from .sync import now_ns, report_error, store_release, wait_all_at_least
+
+
+@named_kernel("intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens"])
+def _notify_kernel(
+    peer_bases_ptr,
+    rank,
+    layout_key,
+    num_channels,
+    host_addr,
+    clock_addr,
+    timeout_ns,
+    num_tokens,
+    num_worst_tokens,
+    experts_per_rank,
+    num_tokens_per_rank_ptr,
+    num_tokens_per_expert_ptr,
+    is_token_in_rank_ptr,
+    rank_prefix_matrix_ptr,
+    channel_prefix_matrix_ptr,
+    recv_channel_prefix_matrix_ptr,
+    NUM_RANKS: tl.constexpr,
+    COUNT: tl.constexpr,
+    PHASE: tl.constexpr,
+    INBOX: tl.constexpr,
+    INBOX_STRIDE: tl.constexpr,
+    HEADS: tl.constexpr,
+    PAYLOAD: tl.constexpr,
+    MAX_CHANNELS: tl.constexpr,
+    HOST_READY: tl.constexpr,
+    HOST_NUM_RECV: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    HOST_EXPERT_COUNTS: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    ERR_LAYOUT_MISMATCH: tl.constexpr,
+    ERR_OVERFLOW: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+    BLOCK_EXPERTS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+):
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    chans = tl.arange(0, BLOCK_CHANNELS)
+    chan_ok = chans < num_channels
+    my_base = tl.load(peer_bases_ptr + rank)
+    epoch_ptr = my_base.to(tl.pointer_type(tl.int64))
+    epoch = tl.load(epoch_ptr, volatile=True) + 1
+    tl.store(epoch_ptr, epoch)
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+    parity = epoch % 2
+    tagged_zero = epoch << 32
+
+    # 2. Channel prefix matrix of this rank's tokens: [j][c] = tokens of channels <= c going to j.
+    channel_prefix = tl.zeros([BLOCK_RANKS, BLOCK_CHANNELS], dtype=tl.int32)
+    if COUNT:
+        tokens_per_channel = tl.cdiv(num_tokens, num_channels)
+        running = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
+        for c in range(0, num_channels):
+            begin = tl.minimum(c * tokens_per_channel, num_tokens)
+            end = tl.minimum(begin + tokens_per_channel, num_tokens)
+            for t0 in range(begin, end, BLOCK_TOKENS):
+                rows = t0 + tl.arange(0, BLOCK_TOKENS)
+                flags = tl.load(
+                    is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                    mask=(rows[:, None] < end) & rank_ok[None, :],
+                    other=0,
+                )
+                running += tl.sum(flags.to(tl.int32), axis=0)
+            channel_prefix = tl.where(chans[None, :] == c, running[:, None], channel_prefix)
+        tl.store(
+            channel_prefix_matrix_ptr + ranks[:, None] * num_channels + chans[None, :],
+            channel_prefix,
+            mask=rank_ok[:, None] & chan_ok[None, :],
+        )
+
+    # 3. One message per destination rank, flag last; then heads (epoch, 0) for its queues.
+    experts = tl.arange(0, BLOCK_EXPERTS)
+    for dst in range(0, NUM_RANKS):
+        dst_base = tl.load(peer_bases_ptr + dst)
+        msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(tl.pointer_type(tl.int64))
+        tl.store(msg + 1, layout_key)
+        tl.store(msg + 2, num_tokens)
+        if COUNT:
+            payload = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD).to(
+                tl.pointer_type(tl.int32)
+            )
+            tl.store(payload + ranks, tl.load(num_tokens_per_rank_ptr + ranks, mask=rank_ok), mask=rank_ok)
+            row = tl.sum(tl.where(ranks[:, None] == dst, channel_prefix, 0), axis=0)
+            tl.store(payload + NUM_RANKS + chans, row, mask=chan_ok)
+            expert_counts = tl.load(
+                num_tokens_per_expert_ptr + dst * experts_per_rank + experts,
+                mask=experts < experts_per_rank,
+            )
+            tl.store(payload + NUM_RANKS + MAX_CHANNELS + experts, expert_counts, mask=experts < experts_per_rank)
+        if dst != rank:
+            heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
+            tl.store(heads + chans * NUM_RANKS + rank, tagged_zero + chans * 0, mask=chan_ok)
+        tl.debug_barrier()
+        store_release(msg, epoch)
+
+    # 4. Wait for every rank's message of this epoch and compare layout keys.
+    inbox = my_base + INBOX + (parity * NUM_RANKS + ranks) * INBOX_STRIDE  # [R] message addresses
+    flags = wait_all_at_least(
+        inbox.to(tl.pointer_type(tl.int64)), epoch + ranks * 0, rank_ok, deadline, clock_addr, USE_GLOBALTIMER
+    )
+    missing = rank_ok & (flags < epoch)
+    ok = tl.sum(missing.to(tl.int32), axis=0) == 0
+    if not ok:
+        first = tl.min(tl.where(missing, ranks, BLOCK_RANKS), axis=0)
+        report_error(host + HOST_ERROR, ERR_TIMEOUT, rank, first, PHASE, -1, tl.max(flags, axis=0), epoch)
+    else:
+        keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=rank_ok, other=layout_key, volatile=True)
+        differ = rank_ok & (keys != layout_key)
+        if tl.sum(differ.to(tl.int32), axis=0) > 0:
+            ok = False
+            first = tl.min(tl.where(differ, ranks, BLOCK_RANKS), axis=0)
+            bad_key = tl.sum(tl.where(ranks == first, keys, 0), axis=0)
+            report_error(host + HOST_ERROR, ERR_LAYOUT_MISMATCH, rank, first, PHASE, -1, bad_key, layout_key)
+
+    # 5. Prefix matrices and host-visible counts.
+    if COUNT and ok:
+        payloads = inbox + PAYLOAD  # [R] int32 payload addresses, one per source
+        counts = tl.load(
+            payloads[:, None].to(tl.pointer_type(tl.int32)) + ranks[None, :],
+            mask=rank_ok[:, None] & rank_ok[None, :],
+            other=0,
+            volatile=True,
+        )  # [source, destination]
+        rank_prefix = tl.cumsum(counts, axis=0)
+        tl.store(
+            rank_prefix_matrix_ptr + ranks[:, None] * NUM_RANKS + ranks[None, :],
+            rank_prefix,
+            mask=rank_ok[:, None] & rank_ok[None, :],
+        )
+        num_recv = tl.sum(tl.sum(tl.where((ranks[:, None] == NUM_RANKS - 1) & (ranks[None, :] == rank), rank_prefix, 0), axis=1), axis=0)
+        # Exclusive channel offsets: the source's inclusive prefix shifted by one channel.
+        recv_channel_prefix = tl.load(
+            payloads[:, None].to(tl.pointer_type(tl.int32)) + NUM_RANKS + chans[None, :] - 1,
+            mask=rank_ok[:, None] & chan_ok[None, :] & (chans[None, :] > 0),
+            other=0,
+            volatile=True,
+        )
+        tl.store(
+            recv_channel_prefix_matrix_ptr + ranks[:, None] * num_channels + chans[None, :],
+            recv_channel_prefix,
+            mask=rank_ok[:, None] & chan_ok[None, :],
+        )
+        recv_per_expert = tl.sum(
+            tl.load(
+                payloads[:, None].to(tl.pointer_type(tl.int32)) + NUM_RANKS + MAX_CHANNELS + experts[None, :],
+                mask=rank_ok[:, None] & (experts[None, :] < experts_per_rank),
+                other=0,
+                volatile=True,
+            ),
+            axis=0,
+        )
+        tl.store(host + HOST_EXPERT_COUNTS + experts, recv_per_expert.to(tl.int64), mask=experts < experts_per_rank)
+        tl.store(host + HOST_NUM_RECV, num_recv.to(tl.int64))
+        if (num_worst_tokens > 0) & (num_recv > num_worst_tokens):
+            report_error(host + HOST_ERROR, ERR_OVERFLOW, rank, -1, PHASE, -1, num_recv, num_worst_tokens)
+        tl.debug_barrier()
+        store_release(host + HOST_READY, epoch)
+
+
+def launch_notify(
+    *,
+    peer_bases: torch.Tensor,
+    rank: int,
+    num_ranks: int,
+    layout_key: int,
+    num_channels: int,
+    host_addr: int,
+    clock_addr: int,
+    timeout_ns: int,
+    phase: int,
+    use_globaltimer: bool,
+    counts=None,
+):
+    """Launch the notify kernel on the current stream.
+
+    `counts` (counting mode, non-cached dispatch) is a dict with `num_tokens`, `num_worst_tokens`,
+    `experts_per_rank`, `num_tokens_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the
+    three outputs `rank_prefix_matrix`, `channel_prefix_matrix`, `recv_channel_prefix_matrix`.
+    """
+    signal = protocol.SignalLayout(num_ranks)
+    counting = counts is not None
+    if counting:
+        num_tokens = counts["num_tokens"]
+        experts_per_rank = counts["experts_per_rank"]
+        tensors = [
+            counts["num_tokens_per_rank"],
+            counts["num_tokens_per_expert"],
+            counts["is_token_in_rank"],
+            counts["rank_prefix_matrix"],
+            counts["channel_prefix_matrix"],
+            counts["recv_channel_prefix_matrix"],
+        ]
+        num_worst_tokens = counts["num_worst_tokens"]
+    else:
+        num_tokens, experts_per_rank, num_worst_tokens = 0, 1, 0
+        tensors = [peer_bases] * 6  # never dereferenced without COUNT
+    _notify_kernel[(1,)](
+        peer_bases,
+        rank,
+        layout_key,
+        num_channels,
+        host_addr,
+        clock_addr,
+        timeout_ns,
+        num_tokens,
+        num_worst_tokens,
+        experts_per_rank,
+        *tensors,
+        NUM_RANKS=num_ranks,
+        COUNT=counting,
+        PHASE=phase,
+        INBOX=signal.inbox,
+        INBOX_STRIDE=signal.inbox_stride,
+        HEADS=signal.heads,
+        PAYLOAD=protocol.INBOX_HEADER_SLOTS * 8,
+        MAX_CHANNELS=protocol.MAX_CHANNELS,
+        HOST_READY=protocol.HOST_READY,
+        HOST_NUM_RECV=protocol.HOST_NUM_RECV,
+        HOST_ERROR=protocol.HOST_ERROR,
+        HOST_EXPERT_COUNTS=protocol.HOST_EXPERT_COUNTS,
+        ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+        ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
+        ERR_OVERFLOW=protocol.ERR_OVERFLOW,
+        BLOCK_RANKS=triton.next_power_of_2(num_ranks),
+        BLOCK_CHANNELS=triton.next_power_of_2(num_channels),
+        BLOCK_EXPERTS=triton.next_power_of_2(max(experts_per_rank, 1)),
+        BLOCK_TOKENS=128,
+        USE_GLOBALTIMER=use_globaltimer,
+        num_warps=4,
+    )

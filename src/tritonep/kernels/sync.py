@@ -1,0 +1,77 @@
+"""Device-side signalling shared by every kernel: clocks, bounded waits, error records.
+
+Protocol (works compiled and in the interpreter): a producer makes its stores visible with
+`tl.debug_barrier()` and then publishes a counter with a release atomic at system scope; a consumer
+spins on an acquire atomic at system scope (`ld.acquire.sys` once compiled). Every counter carries
+the call's epoch in its upper 32 bits (see `protocol.py`).
+
+Every wait is bounded: it gives up at `deadline` (nanoseconds), after which the caller writes an
+error record into the host block and abandons its work; the host turns the record into an
+`EPTimeoutError` naming rank, peer, phase and channel. On the GPU the clock is `%globaltimer`; in
+the interpreter (no inline asm) it is a host cell that a background thread keeps current.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def now_ns(clock_addr, USE_GLOBALTIMER: tl.constexpr):
+    """Current time in nanoseconds on the clock the waits use."""
+    if USE_GLOBALTIMER:
+        return tl.extra.cuda.globaltimer()
+    else:
+        return tl.load(clock_addr.to(tl.pointer_type(tl.int64)), volatile=True)
+
+
+@triton.jit
+def load_acquire(ptr):
+    """Acquire-load at system scope (peers write these counters over NVLink or shared memory)."""
+    return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def store_release(ptr, value):
+    """Publish `value` after every store this program made before (callers barrier first)."""
+    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
+def wait_at_least(ptr, target, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
+    """Spin until the int64 at `ptr` reaches `target` or `deadline` passes; return the last value."""
+    value = load_acquire(ptr)
+    while (value < target) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
+        value = load_acquire(ptr)
+    return value
+
+
+@triton.jit
+def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
+    """Vector form of `wait_at_least`: spin until every masked `*ptrs >= targets`.
+
+    Returns the last values read (lanes outside `mask` read as their target).
+    """
+    values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
+    pending = tl.sum((values < targets).to(tl.int32), axis=0)
+    while (pending > 0) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
+        values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
+        pending = tl.sum((values < targets).to(tl.int32), axis=0)
+    return values
+
+
+@triton.jit
+def report_error(host_error_ptr, code, rank, peer, phase, channel, observed, expected):
+    """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed, expected, code]`.
+
+    The claim slot makes the first reporter win; `code` is published last so the host never reads a
+    half-written record.
+    """
+    claimed = tl.atomic_cas(host_error_ptr, 0, 1, sem="acq_rel", scope="sys")
+    if claimed == 0:
+        tl.store(host_error_ptr + 1, rank)
+        tl.store(host_error_ptr + 2, peer)
+        tl.store(host_error_ptr + 3, phase)
+        tl.store(host_error_ptr + 4, channel)
+        tl.store(host_error_ptr + 5, observed)
+        tl.store(host_error_ptr + 6, expected)
+        store_release(host_error_ptr + 7, code)

@@ -1,0 +1,201 @@
+"""Layout of the memory tritonep carves out: one source of truth for host code and kernels.
+
+Each rank owns one peer-accessible allocation: a *signal region* followed by the *data region*
+(the `num_nvl_bytes` the user asked for, exposed by `get_local_buffer_tensor`). Each rank also owns
+a small *host block* in host-visible memory (pinned on GPUs) that kernels write and the CPU polls.
+
+Signal region (int64 slots, offsets in bytes, all 128-byte aligned):
+
+| region | shape | written by | meaning |
+|---|---|---|---|
+| epoch | [1] | this rank's notify kernel | number of collective calls so far (device side, so graph replays advance it) |
+| inbox | [2][R][INBOX_SLOTS] | source rank s (remote) | s's notify message for epochs of parity p: flag, layout key, counts; flag = epoch, written last |
+| tails | [MAX_CHANNELS][R] | sender s (remote) | rows s has published into my queue (c, s): `epoch << 32 \\| count` |
+| heads | [MAX_CHANNELS][R] | receiver d (remote) | rows d has consumed from my channel-c stream: `epoch << 32 \\| count` |
+| barrier | [R] | rank s (remote) | runtime barrier arrivals (destroy): epoch of s's last arrival |
+
+Every counter carries the epoch in its upper 32 bits, so values left over from an earlier call are
+always smaller than anything a waiter of the current call asks for: no call ever resets a counter,
+no call needs a barrier to clean up after the previous one, and CUDA-graph replays stay correct
+because the epoch itself lives in device memory.
+
+Inbox message of source s (int64 slots): [flag, layout_key, num_tokens, then int32 payload packed
+two per slot]: `num_tokens_per_rank_s[0:R]`, `channel_prefix_s[me][0:MAX_CHANNELS]`,
+`num_tokens_per_expert_s[me*L : me*L + L]`. Messages alternate between two sets by epoch parity: a
+rank can run at most one call ahead of a peer's notify (it needs that peer's flag of the current
+epoch to pass its own notify), so the set it writes is never the one the peer still reads.
+
+Queue heads are first published (epoch, 0) by the notify kernel, which runs after this rank's
+previous data kernel finished: a sender that sees a head of the current epoch knows the receiver no
+longer reads anything of the previous call, whatever layout that call used.
+
+Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), per-expert counts
+(MAX_LOCAL_EXPERTS)]`. `ready` holds the epoch of the notify that filled the counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_CHANNELS = 128  # num_sms <= 256
+MAX_LOCAL_EXPERTS = 1024  # spec §15.1: E / R <= 1024
+ALIGN = 128
+
+# Phases named in device error records (spec §14.7).
+PHASE_NAMES = {1: "notify", 2: "dispatch", 3: "combine", 4: "barrier"}
+# Error codes in device error records.
+ERR_TIMEOUT = 1
+ERR_LAYOUT_MISMATCH = 2  # ranks disagree on the call's geometry (hidden, top-k, config ...)
+ERR_OVERFLOW = 3  # num_worst_tokens smaller than the rows actually received
+ERROR_SLOTS = 8  # [code, rank, peer, phase, channel, observed, expected, epoch]
+
+HOST_READY = 0
+HOST_NUM_RECV = 1
+HOST_ERROR = 2
+HOST_EXPERT_COUNTS = HOST_ERROR + ERROR_SLOTS
+HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
+
+INBOX_HEADER_SLOTS = 4  # flag, layout key, num_tokens, spare (keeps the payload 32-byte aligned)
+
+
+def align_up(value: int, alignment: int = ALIGN) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+def inbox_slots(num_ranks: int) -> int:
+    payload_ints = num_ranks + MAX_CHANNELS + MAX_LOCAL_EXPERTS
+    return align_up(INBOX_HEADER_SLOTS + (payload_ints + 1) // 2, 16)
+
+
+@dataclass(frozen=True)
+class SignalLayout:
+    """Byte offsets of the signal region for `num_ranks` ranks (identical on every rank)."""
+
+    num_ranks: int
+
+    @property
+    def epoch(self) -> int:
+        return 0
+
+    @property
+    def inbox(self) -> int:
+        return ALIGN
+
+    @property
+    def inbox_stride(self) -> int:
+        """Bytes between two sources' inbox messages."""
+        return inbox_slots(self.num_ranks) * 8
+
+    @property
+    def tails(self) -> int:
+        return align_up(self.inbox + 2 * self.num_ranks * self.inbox_stride)
+
+    @property
+    def heads(self) -> int:
+        return align_up(self.tails + MAX_CHANNELS * self.num_ranks * 8)
+
+    @property
+    def barrier(self) -> int:
+        return align_up(self.heads + MAX_CHANNELS * self.num_ranks * 8)
+
+    @property
+    def num_bytes(self) -> int:
+        return align_up(self.barrier + self.num_ranks * 8)
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """Ring queues of one intranode dispatch or combine call inside the data region.
+
+    Queue (channel c, peer p) of this rank holds `capacity` slots. Each field is its own array
+    (structure of arrays) so that every copy is a contiguous, 16-byte aligned run:
+    `x[C][R][capacity][row_bytes]`, `src_idx[...]` int32, `topk_idx[...][num_topk_idx]` of
+    `topk_idx_itemsize` bytes (already rebased to the receiver's local expert ids),
+    `topk_weights[...][num_topk_weights]` float32, `scales[...][num_scales]` 4-byte words. Every
+    field has the same per-row stride as the matching output tensor, so a sender addresses its own
+    rank's output rows and a peer's queue slots with one formula. Dispatch carries all fields;
+    combine carries rows and weights only.
+    """
+
+    num_channels: int
+    num_ranks: int
+    capacity: int
+    row_bytes: int
+    has_src_idx: bool
+    num_topk_idx: int
+    num_topk_weights: int
+    num_scales: int
+    topk_idx_itemsize: int = 8
+
+    @staticmethod
+    def slot_bytes(
+        row_bytes, has_src_idx, num_topk_idx, num_topk_weights, num_scales, topk_idx_itemsize=8
+    ) -> int:
+        return (
+            align_up(row_bytes, 16)
+            + 4 * int(has_src_idx)
+            + topk_idx_itemsize * num_topk_idx
+            + 4 * num_topk_weights
+            + 4 * num_scales
+        )
+
+    @classmethod
+    def fit(
+        cls,
+        data_bytes: int,
+        num_channels: int,
+        num_ranks: int,
+        max_capacity: int,
+        row_bytes: int,
+        has_src_idx: bool,
+        num_topk_idx: int,
+        num_topk_weights: int,
+        num_scales: int,
+        topk_idx_itemsize: int = 8,
+    ) -> QueueLayout:
+        """Largest capacity <= max_capacity whose queues fit into `data_bytes` (0 if none fits)."""
+        queues = num_channels * num_ranks
+        per_slot = cls.slot_bytes(
+            row_bytes, has_src_idx, num_topk_idx, num_topk_weights, num_scales, topk_idx_itemsize
+        )
+        usable = data_bytes - 5 * ALIGN  # five arrays, each starting on a 128-byte boundary
+        capacity = max(0, min(max_capacity, usable // max(queues * per_slot, 1)))
+        return cls(
+            num_channels,
+            num_ranks,
+            capacity,
+            row_bytes,
+            has_src_idx,
+            num_topk_idx,
+            num_topk_weights,
+            num_scales,
+            topk_idx_itemsize,
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_channels * self.num_ranks * self.capacity
+
+    @property
+    def x(self) -> int:
+        return 0
+
+    @property
+    def src_idx(self) -> int:
+        return align_up(self.x + self.num_slots * align_up(self.row_bytes, 16))
+
+    @property
+    def topk_idx(self) -> int:
+        return align_up(self.src_idx + self.num_slots * 4 * int(self.has_src_idx))
+
+    @property
+    def topk_weights(self) -> int:
+        return align_up(self.topk_idx + self.num_slots * self.topk_idx_itemsize * self.num_topk_idx)
+
+    @property
+    def scales(self) -> int:
+        return align_up(self.topk_weights + self.num_slots * 4 * self.num_topk_weights)
+
+    @property
+    def num_bytes(self) -> int:
+        return align_up(self.scales + self.num_slots * 4 * self.num_scales)

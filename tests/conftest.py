@@ -1,0 +1,54 @@
+"""Shared pytest setup: markers, GPU auto-skip, and the `cpu_pool` fixture for multi-rank tests.
+
+The harness module is imported lazily, so host-only tests never depend on it.
+"""
+
+import sys
+
+import pytest
+
+# Workers of CPU tests: Triton interpreter, CPU peer memory, short device waits (a lost peer fails
+# in 30 s, well under the pool's task timeouts), and one intra-op thread per rank because the CI
+# box has 2 cores shared by up to 4 ranks.
+CPU_POOL_ENV = {
+    "TRITON_INTERPRET": "1",
+    "TRITONEP_BACKEND": "cpu",
+    "TRITONEP_TIMEOUT_S": "30",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA GPUs (skipped without them)")
+    config.addinivalue_line("markers", "world_size(n): needs n ranks (n GPUs for gpu tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch  # only now: collecting host-only tests must not touch CUDA
+
+    num_gpus = torch.cuda.device_count()
+    for item in gpu_items:
+        marker = item.get_closest_marker("world_size")
+        needed = marker.args[0] if marker else 1
+        if num_gpus < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} GPU(s), found {num_gpus}"))
+
+
+@pytest.fixture
+def cpu_pool():
+    """Factory: `cpu_pool(world_size, **env)` -> a cached `RankPool` with `CPU_POOL_ENV` + env."""
+    from tritonep.testing.dist import get_pool
+
+    def make(world_size: int, **env):
+        return get_pool(world_size, {**CPU_POOL_ENV, **env})
+
+    return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    dist = sys.modules.get("tritonep.testing.dist")
+    if dist is not None:
+        dist.close_all_pools()
