@@ -14,7 +14,7 @@ import sys
 from .. import _env
 from ..errors import EPStateError
 
-_MODULES = ("sync", "layout", "intranode")
+_MODULES = ("sync", "layout", "notify", "dispatch", "combine")
 
 
 def load_kernels(backend: str):

@@ -16,16 +16,17 @@ Design:
   and raises `RankError`; `get_pool` then builds a new one.
 - `get_pool(world_size, env)` caches pools per (world_size, env) so that tests share warm workers.
 
-Worker start-up imports nothing of tritonep: spawn unpickles the process target by reference, and a
-target living in `tritonep.testing.dist` would import the `tritonep` package (which imports torch and
-reads env vars at import, and may be half-written while tests run). So the target is
+Worker start-up imports nothing of tritonep: spawn unpickles the process target by reference, and
+a target living in `tritonep.testing.dist` would import the `tritonep` package (which imports torch
+and reads env vars at import, and may be half-written while tests run). So the target is
 `runpy.run_path(<this file>)` with a private `run_name`; the guard at the bottom starts the worker.
 tritonep is imported only when a task's function is unpickled.
 
-Diagnostics: each worker's stderr goes to a per-rank file. On timeout the parent first sends SIGUSR1
-(`faulthandler` dumps every thread's stack into that file), then kills, and quotes the file's tail in
-`RankError`. No worker outlives the parent: PR_SET_PDEATHSIG, a parent-pid watcher thread and EOF on
-the task pipe in the worker; `atexit`, `weakref.finalize` and daemon processes in the parent.
+Diagnostics: each worker's stderr goes to a per-rank file. On timeout the parent first sends
+SIGUSR1 (`faulthandler` dumps every thread's stack into that file), then kills, and quotes the
+file's tail in `RankError`. No worker outlives the parent: PR_SET_PDEATHSIG, a parent-pid watcher
+thread and EOF on the task pipe in the worker; `atexit`, `weakref.finalize` and daemon processes in
+the parent.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ __all__ = [
 
 _WORKER_RUN_NAME = "__tritonep_rank_worker__"
 _STOP = b""  # an empty task message tells a worker to shut down
-_STDERR_TAIL_CHARS = 6000  # enough for a faulthandler dump of ~3 threads, 40 frames each
-_DUMP_WAIT_S = 0.5  # faulthandler writes from its C signal handler; 0.5 s covers a loaded 2-core box
+_STDERR_TAIL_CHARS = 6000  # ~70 lines: the last thread dumps of faulthandler, plus a few warnings
+_DUMP_WAIT_S = 0.5  # faulthandler writes from its C signal handler, well within 0.5 s
 _TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL; workers install no SIGTERM handler, so this rarely waits
-_MAX_CACHED_POOLS = 4  # idle workers cost ~300 MB each (torch); 4 pools cover world sizes 1..4
+_MAX_CACHED_POOLS = 4  # an idle worker holds ~220 MB RSS (torch); 4 pools cover world sizes 1..4
 
 
 @dataclass
@@ -116,15 +117,16 @@ class RankError(Exception):
     finished (None elsewhere), so fault-injection tests can check what the survivors did.
     """
 
-    def __init__(self, what: str, failures: dict[int, RankFailure], results: list):
-        self.failures = dict(sorted(failures.items()))
-        self.results = results
+    def __init__(self, what: str, failures: dict[int, RankFailure] | None = None, results=None):
+        # Defaults keep the exception picklable (unpickling calls RankError(message)).
+        self.failures = dict(sorted((failures or {}).items()))
+        self.results = results if results is not None else []
         summary = ", ".join(
             f"rank {r} {f.kind}" + (f" {f.exc_type}" if f.exc_type else "")
             for r, f in self.failures.items()
         )
         body = "\n".join(f.format() for f in self.failures.values())
-        super().__init__(f"{what}: {summary}\n{body}")
+        super().__init__(f"{what}: {summary}\n{body}" if failures else what)
 
 
 class RankPool:
@@ -139,8 +141,11 @@ class RankPool:
             after this long; keep it above the task timeouts you use so `run` reports 'hung').
         break_on_error: also tear the pool down when a task raises (default: keep it).
 
-    Not thread-safe for concurrent `run` calls (they are serialised by a lock); `kill` may be
-    called from another thread while `run` waits.
+    Concurrent `run` calls are serialised by a lock; `kill` and `close` may be called from another
+    thread while `run` waits. Create pools from a long-lived thread (normally the main one):
+    PR_SET_PDEATHSIG kills the workers when the *thread* that spawned them exits. As with any
+    'spawn' pool, a script that builds one must guard its entry point with
+    `if __name__ == "__main__":` (workers re-import the parent's `__main__`).
     """
 
     def __init__(
@@ -168,7 +173,7 @@ class RankPool:
         # The finalizer holds no reference to self, so an unreferenced pool is still reaped; it also
         # runs at interpreter exit (atexit=True) and at most once (close() calls it).
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._procs, self._conns, self._tmpdir, 10.0
+            self, _shutdown, self._procs, self._conns, self._tmpdir, self._lock, 10.0
         )
         ctx = multiprocessing.get_context("spawn")
         store = os.path.join(self._tmpdir, "store")
@@ -290,6 +295,11 @@ class RankPool:
                 time.sleep(_DUMP_WAIT_S)
             for r in lost:
                 failures[r].stderr_tail = _tail(self._stderr_path(r), _STDERR_TAIL_CHARS)
+                if payload is None and failures[r].kind == "died" and not failures[r].stderr_tail:
+                    failures[r].message += (
+                        "; it died before its stderr was redirected: see the parent's stderr "
+                        "(spawn re-runs the parent's __main__ file in every worker)"
+                    )
             self._teardown()
         if failures:
             raise RankError(what, failures, results)
@@ -306,7 +316,8 @@ class RankPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            waitables = [self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending]
+            waitables = [self._conns[r] for r in pending]
+            waitables += [self._procs[r].sentinel for r in pending]
             for obj in mp_connection.wait(waitables, timeout=remaining):
                 r = owner[obj]
                 if r not in pending:  # both its pipe and its sentinel fired
@@ -430,18 +441,26 @@ def _terminate(procs: list) -> None:
             p.join(timeout=5.0)
 
 
-def _shutdown(procs: list, conns: list, tmpdir: str, timeout: float) -> None:
-    """Ask workers to stop, wait up to `timeout` s, kill stragglers, remove the temp dir."""
-    for conn in conns:
-        with contextlib.suppress(OSError):
-            conn.send_bytes(_STOP)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
+def _shutdown(procs: list, conns: list, tmpdir: str, lock: threading.Lock, timeout: float) -> None:
+    """Ask workers to stop, wait up to `timeout` s, kill stragglers, remove the temp dir.
+
+    If a `run` is in flight (its lock is held: another thread, or exit during a task) the workers
+    are busy and would not read the stop message: kill them at once instead of waiting.
+    """
+    idle = lock.acquire(blocking=False)
+    if idle:
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.send_bytes(_STOP)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
     _terminate(procs)
     for conn in conns:
         conn.close()
     shutil.rmtree(tmpdir, ignore_errors=True)
+    if idle:
+        lock.release()
 
 
 def _tail(path: str, max_chars: int) -> str:

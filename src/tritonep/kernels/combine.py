@@ -1,0 +1,297 @@
+"""Intranode combine: sum every returned copy of a token back on the rank that dispatched it.
+
+Problem: after a dispatch with handle h, rank j holds `x_j [X, H]` (row i = its i-th received row);
+token t of rank r must become `bias0[t] + bias1[t] + sum_{j : is_token_in_rank[t, j]} x_j[row of t]`
+in fp32, rounded once, and likewise for the top-k weights (no bias).
+
+Algorithm (one persistent launch of `2C` programs, channels as in dispatch):
+* programs `[0, C)` are senders. Rank j's sender c owns, for every destination r != j, the
+  contiguous rows of x that came from (source r, channel c); it pushes them, `chunk` rows at a time,
+  into queue (c, j) of rank r, choosing among destinations whichever has rows left and room, so it
+  never blocks on one destination while another could progress.
+* programs `[C, 2C)` are receivers. Receiver c walks its channel's tokens in tiles; `send_head[t, j]`
+  (written by dispatch) is token t's position in the stream from rank j, so the copy from j sits in
+  queue slot `position % capacity` — or, for j == r, directly in local x. It waits until each
+  source's tail covers the tile, sums bias then ranks in ascending order in fp32, stores, and
+  returns the slots to the senders by publishing heads.
+
+Sync protocol: as in dispatch (epoch-tagged tails and heads, release/acquire at system scope).
+
+Example:
+    R=2, rank 0 token t went to both ranks; rank 0 returns 1.0 and rank 1 returns 2.0 for it
+    -> combined_x[t] = 3.0 on rank 0 (plus bias[t] if given).
+"""
+
+import triton
+import triton.language as tl
+
+from .. import _env
+from .casting import round_to
+from .dispatch import _column, _lane
+from .naming import named_kernel
+from .sync import now_ns, report_error, store_release, wait_all_at_least
+
+
+@named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
+def _combine_kernel(
+    x_addr,
+    topk_weights_addr,
+    bias0_ptr,
+    bias1_ptr,
+    rank_prefix_matrix_ptr,
+    recv_channel_prefix_matrix_ptr,
+    send_head_ptr,
+    out_ptr,
+    out_weights_ptr,
+    peer_bases_ptr,
+    rank,
+    num_tokens,
+    num_channels,
+    queue_x,
+    queue_topk_weights,
+    capacity,
+    chunk,
+    host_addr,
+    clock_addr,
+    timeout_ns,
+    NUM_RANKS: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    DTYPE: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_BIAS0: tl.constexpr,
+    HAS_BIAS1: tl.constexpr,
+    TAILS: tl.constexpr,
+    HEADS: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    PHASE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    is_peer = rank_ok & (ranks != rank)
+    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
+    my_base = tl.load(peer_bases_ptr + rank)
+    epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
+    tag = epoch << 32
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+    rows_in_tile = tl.arange(0, TILE)
+    ks = tl.arange(0, BLOCK_TOPK)
+    ROW_BYTES: tl.constexpr = HIDDEN * DTYPE.primitive_bitwidth // 8
+    WEIGHT_BYTES: tl.constexpr = NUM_TOPK * 4
+
+    prev_ranks = tl.maximum(ranks - 1, 0)
+    block_begin = tl.load(rank_prefix_matrix_ptr + prev_ranks * NUM_RANKS + rank, mask=rank_ok & (ranks > 0), other=0)
+    block_end = tl.load(rank_prefix_matrix_ptr + ranks * NUM_RANKS + rank, mask=rank_ok, other=0)
+
+    if pid < num_channels:
+        # ------------------------------------------------------------------ sender of channel c
+        c = pid
+        chan_begin = tl.load(recv_channel_prefix_matrix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
+        chan_end = tl.load(
+            recv_channel_prefix_matrix_ptr + ranks * num_channels + c + 1,
+            mask=rank_ok & (c + 1 < num_channels),
+            other=0,
+        )
+        chan_end = tl.where(c + 1 < num_channels, chan_end, block_end - block_begin)
+        first_row = block_begin + chan_begin  # rows of x that came from (rank d, channel c)
+        total = tl.where(is_peer, chan_end - chan_begin, 0)
+        sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
+        head_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64) + tag
+        heads = (my_base + HEADS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
+        slot0 = ((c * NUM_RANKS + rank) * capacity).to(tl.int64)
+        remaining = tl.sum(total, axis=0)
+        while (remaining > 0) & ok:
+            pending = sent < total
+            # Re-read the heads of destinations whose queues looked full.
+            stale = pending & ((head_seen - tag).to(tl.int32) + capacity <= sent)
+            polled = tl.atomic_add(heads, 0, mask=stale, sem="acquire", scope="sys")
+            head_seen = tl.where(stale & (polled > head_seen), polled, head_seen)
+            room = tl.where(head_seen >= tag, (head_seen - tag).to(tl.int32) + capacity - sent, 0)
+            ready = tl.where(pending, tl.minimum(total - sent, room), 0)
+            if tl.max(ready, axis=0) > 0:
+                dst = tl.argmax(ready, axis=0)
+                n = tl.minimum(tl.minimum(_lane(ready, ranks, dst), chunk), TILE)
+                start = _lane(sent, ranks, dst)
+                in_chunk = rows_in_tile < n
+                src_row = (_lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
+                slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
+                dst_base = _lane(peer_bases, ranks, dst)
+                src_x = tl.multiple_of(x_addr + src_row * ROW_BYTES, 16).to(tl.pointer_type(tl.int32))
+                dst_x = tl.multiple_of(dst_base + queue_x + slot * ROW_BYTES, 16).to(tl.pointer_type(tl.int32))
+                for w0 in range(0, ROW_BYTES // 4, BLOCK_H):
+                    words = w0 + tl.arange(0, BLOCK_H)
+                    m = in_chunk[:, None] & (words[None, :] < ROW_BYTES // 4)
+                    tl.store(dst_x[:, None] + words[None, :], tl.load(src_x[:, None] + words[None, :], mask=m), mask=m)
+                if HAS_WEIGHTS:
+                    mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
+                    src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                    dst_w = (dst_base + queue_topk_weights + slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                    tl.store(dst_w[:, None] + ks[None, :], tl.load(src_w[:, None] + ks[None, :], mask=mk), mask=mk)
+                sent = tl.where(ranks == dst, sent + n, sent)
+                remaining -= n
+                tl.debug_barrier()
+                tail_addr = dst_base + TAILS + (c * NUM_RANKS + rank) * 8
+                store_release(tail_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
+            elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
+                ok = ok & False
+                late = pending & (ready == 0)
+                peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
+                report_error(
+                    host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                    (_lane(head_seen, ranks, peer) - tag).to(tl.int32), _lane(sent, ranks, peer) - capacity + 1,
+                )
+    else:
+        # ---------------------------------------------------------------- receiver of channel c
+        c = pid - num_channels
+        tokens_per_channel = tl.cdiv(num_tokens, num_channels)
+        begin = tl.minimum(c * tokens_per_channel, num_tokens)
+        end = tl.minimum(begin + tokens_per_channel, num_tokens)
+        own_first = _lane(block_begin, ranks, rank) + tl.load(
+            recv_channel_prefix_matrix_ptr + rank * num_channels + c
+        )
+        is_self = ranks == rank
+        # Where the copy from each source lives: local x for this rank, queue (c, s) otherwise.
+        base_x = tl.where(is_self, x_addr + own_first.to(tl.int64) * ROW_BYTES,
+                          my_base + queue_x + ((c * NUM_RANKS + ranks) * capacity).to(tl.int64) * ROW_BYTES)
+        base_w = tl.where(is_self, topk_weights_addr + own_first.to(tl.int64) * WEIGHT_BYTES,
+                          my_base + queue_topk_weights + ((c * NUM_RANKS + ranks) * capacity).to(tl.int64) * WEIGHT_BYTES)
+        tails = (my_base + TAILS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
+        tail_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64)
+        hs = tl.arange(0, BLOCK_H)
+        for t0 in range(begin, end, TILE):
+            if ok:
+                rows = t0 + rows_in_tile
+                valid = rows < end
+                position = tl.load(
+                    send_head_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                    mask=valid[:, None] & rank_ok[None, :],
+                    other=-1,
+                )
+                need = tag + (tl.max(position, axis=0) + 1).to(tl.int64)  # [R]
+                poll = is_peer & (need > tag) & (tail_seen < need)
+                if tl.sum(poll.to(tl.int32), axis=0) > 0:
+                    seen = wait_all_at_least(tails, need, poll, deadline, clock_addr, USE_GLOBALTIMER)
+                    tail_seen = tl.where(poll, seen, tail_seen)
+                    late = poll & (seen < need)
+                    ok = ok & (tl.sum(late.to(tl.int32), axis=0) == 0)
+                    if not ok:
+                        peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
+                        report_error(
+                            host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                            (_lane(seen, ranks, peer) - tag).to(tl.int32), (_lane(need, ranks, peer) - tag).to(tl.int32),
+                        )
+                if ok:
+                    slot = tl.where(is_self[None, :], position, position % capacity).to(tl.int64)
+                    for h0 in range(0, HIDDEN, BLOCK_H):
+                        cols = h0 + hs
+                        col_ok = cols < HIDDEN
+                        m2 = valid[:, None] & col_ok[None, :]
+                        acc = tl.zeros([TILE, BLOCK_H], dtype=tl.float32)
+                        if HAS_BIAS0:
+                            acc += tl.load(bias0_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                        if HAS_BIAS1:
+                            acc += tl.load(bias1_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                        for src in tl.static_range(NUM_RANKS):
+                            pos = _column(position, ranks, src)
+                            row_addr = tl.multiple_of(_lane(base_x, ranks, src) + _column(slot, ranks, src) * ROW_BYTES, 16)
+                            m = (valid & (pos >= 0))[:, None] & col_ok[None, :]
+                            vals = tl.load(row_addr.to(tl.pointer_type(DTYPE))[:, None] + cols[None, :], mask=m, other=0.0, cache_modifier=".cg")
+                            acc += vals.to(tl.float32)
+                        tl.store(out_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], round_to(acc, DTYPE, INTERPRETED), mask=m2)
+                    if HAS_WEIGHTS:
+                        wacc = tl.zeros([TILE, BLOCK_TOPK], dtype=tl.float32)
+                        for src in tl.static_range(NUM_RANKS):
+                            pos = _column(position, ranks, src)
+                            w_rows = (_lane(base_w, ranks, src) + _column(slot, ranks, src) * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                            m = (valid & (pos >= 0))[:, None] & (ks[None, :] < NUM_TOPK)
+                            wacc += tl.load(w_rows[:, None] + ks[None, :], mask=m, other=0.0, cache_modifier=".cg")
+                        tl.store(
+                            out_weights_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
+                            wacc,
+                            mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
+                        )
+                    # Hand the consumed slots back to their senders.
+                    tl.debug_barrier()
+                    head_addr = peer_bases + HEADS + (c * NUM_RANKS + rank) * 8
+                    tl.atomic_xchg(head_addr.to(tl.pointer_type(tl.int64)), need, mask=is_peer & (need > tag), sem="release", scope="sys")
+
+
+def launch_combine(
+    ctx,
+    layout,
+    *,
+    x,
+    topk_weights,
+    bias0,
+    bias1,
+    rank_prefix_matrix,
+    recv_channel_prefix_matrix,
+    send_head,
+    out,
+    out_weights,
+    num_channels,
+    chunk,
+    tile,
+    num_warps,
+    block_h,
+):
+    """Launch the combine kernel (`2 * num_channels` programs) on the current stream."""
+    from .. import protocol
+
+    signal = protocol.SignalLayout(ctx.num_ranks)
+    dtypes = {"torch.bfloat16": tl.bfloat16, "torch.float16": tl.float16, "torch.float32": tl.float32}
+    has_weights = topk_weights is not None
+    num_topk = topk_weights.shape[1] if has_weights else 0
+    hidden = x.shape[1]
+    q = ctx.data_offset
+    _combine_kernel[(2 * num_channels,)](
+        x.data_ptr(),
+        topk_weights.data_ptr() if has_weights else 0,
+        bias0 if bias0 is not None else out,
+        bias1 if bias1 is not None else out,
+        rank_prefix_matrix,
+        recv_channel_prefix_matrix,
+        send_head,
+        out,
+        out_weights if has_weights else out,
+        ctx.peer_bases,
+        ctx.rank,
+        send_head.shape[0],
+        num_channels,
+        q + layout.x,
+        q + layout.topk_weights,
+        layout.capacity,
+        chunk,
+        ctx.host_addr,
+        ctx.clock_addr,
+        ctx.timeout_ns,
+        NUM_RANKS=ctx.num_ranks,
+        HIDDEN=hidden,
+        DTYPE=dtypes[str(x.dtype)],
+        NUM_TOPK=num_topk,
+        HAS_WEIGHTS=has_weights,
+        HAS_BIAS0=bias0 is not None,
+        HAS_BIAS1=bias1 is not None,
+        TAILS=signal.tails,
+        HEADS=signal.heads,
+        HOST_ERROR=protocol.HOST_ERROR,
+        ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+        PHASE=3,
+        TILE=tile,
+        BLOCK_H=min(block_h, triton.next_power_of_2(hidden)),
+        BLOCK_RANKS=triton.next_power_of_2(ctx.num_ranks),
+        BLOCK_TOPK=triton.next_power_of_2(max(num_topk, 1)),
+        USE_GLOBALTIMER=ctx.use_globaltimer,
+        INTERPRETED=_env.interpret_enabled(),
+        num_warps=num_warps,
+    )

@@ -1,0 +1,478 @@
+"""Intranode dispatch: move every token row to each rank that hosts one of its experts.
+
+Problem: rank r holds `x [N, H]`; rank j must receive the rows with `is_token_in_rank[t, j]`, ordered
+by source rank, then token, plus their source index, top-k ids rebased to j's local experts (others
+-1), top-k weights (0 where the id is -1) and FP8 scales.
+
+Algorithm (one persistent launch of `2C` programs, C = num_channels):
+* programs `[0, C)` are senders. Sender c walks its channel's contiguous token range in chunks of
+  `chunk` tokens. Per chunk it computes each row's position in the channel's stream to every
+  destination, waits until the destination queue has room, writes `send_head`, copies each row once
+  from HBM into registers and stores it to every destination: straight into this rank's own output
+  rows (no queue), or into slot `position % capacity` of queue (c, r) in the peer's buffer; then it
+  publishes the new tail to the peer.
+* programs `[C, 2C)` are receivers. Receiver c polls the tails of all its source queues and copies
+  whatever has arrived, never blocking on one source, into the output rows
+  `rank_prefix[s-1][r] + recv_channel_prefix[s][c] + i`, then publishes its head back to the sender.
+  Because receivers never wait on a particular source and each chunk fits a queue, the ring cannot
+  deadlock. Senders have lower program ids than receivers, so the interpreter (which runs programs
+  one after another) works whenever queues hold a whole channel.
+* worst-case mode: receivers also write the padding rows `[M, num_worst_tokens)` (top-k -1, weight 0).
+
+Sync protocol: data stores, barrier, release of `tail = epoch << 32 | count` at system scope;
+receivers acquire tails, copy, barrier, release heads. Every wait ends at the call's deadline with an
+error record (see `sync.py`).
+
+Example:
+    R=2, rank 0: x=[a, b, c], is_token_in_rank=[[1, 1], [0, 1], [1, 0]]; rank 1: x=[d], [[1, 1]]
+    -> rank 0 receives [a, c, d] (src_idx [0, 2, 0]); rank 1 receives [a, b, d] (src_idx [0, 1, 0]);
+       rank_prefix_matrix = [[2, 2], [3, 3]].
+"""
+
+import triton
+import triton.language as tl
+
+from .naming import named_kernel
+from .sync import now_ns, report_error, store_release, wait_all_at_least
+
+
+@triton.jit
+def _column(matrix, lanes, j):
+    """`matrix[:, j]` of a `[rows, lanes]` tile (a masked row-sum keeps it in registers)."""
+    return tl.sum(tl.where(lanes[None, :] == j, matrix, 0), axis=1)
+
+
+@triton.jit
+def _lane(vector, lanes, j):
+    """`vector[j]` of a `[lanes]` vector."""
+    return tl.sum(tl.where(lanes == j, vector, 0), axis=0)
+
+
+@triton.jit
+def _copy_fields(
+    src_rows_x,
+    src_rows_src,
+    src_rows_topk,
+    src_rows_w,
+    src_rows_s,
+    dst_rows_x,
+    dst_rows_src,
+    dst_rows_topk,
+    dst_rows_w,
+    dst_rows_s,
+    mask,
+    ROW_WORDS: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    NUM_SCALES: tl.constexpr,
+    HAS_TOPK: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    TOPK_IDX_TY: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr,
+):
+    """Copy whole slots row by row between two structure-of-arrays views (receiver side).
+
+    All arguments `*_rows_*` are `[TILE]` int64 byte addresses of row starts.
+    """
+    for w0 in range(0, ROW_WORDS, BLOCK_W):
+        words = w0 + tl.arange(0, BLOCK_W)
+        m = mask[:, None] & (words[None, :] < ROW_WORDS)
+        src = tl.multiple_of(src_rows_x, 16).to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
+        dst = tl.multiple_of(dst_rows_x, 16).to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
+        tl.store(dst, tl.load(src, mask=m, cache_modifier=".cg"), mask=m)
+    src_idx = tl.load(src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg")
+    tl.store(dst_rows_src.to(tl.pointer_type(tl.int32)), src_idx, mask=mask)
+    if HAS_TOPK:
+        ks = tl.arange(0, BLOCK_TOPK)
+        mk = mask[:, None] & (ks[None, :] < NUM_TOPK)
+        idx = tl.load(src_rows_topk.to(tl.pointer_type(TOPK_IDX_TY))[:, None] + ks[None, :], mask=mk, cache_modifier=".cg")
+        tl.store(dst_rows_topk.to(tl.pointer_type(TOPK_IDX_TY))[:, None] + ks[None, :], idx, mask=mk)
+        w = tl.load(src_rows_w.to(tl.pointer_type(tl.float32))[:, None] + ks[None, :], mask=mk, cache_modifier=".cg")
+        tl.store(dst_rows_w.to(tl.pointer_type(tl.float32))[:, None] + ks[None, :], w, mask=mk)
+    if HAS_SCALES:
+        ss = tl.arange(0, BLOCK_SCALES)
+        ms = mask[:, None] & (ss[None, :] < NUM_SCALES)
+        s = tl.load(src_rows_s.to(tl.pointer_type(tl.int32))[:, None] + ss[None, :], mask=ms, cache_modifier=".cg")
+        tl.store(dst_rows_s.to(tl.pointer_type(tl.int32))[:, None] + ss[None, :], s, mask=ms)
+
+
+@named_kernel(
+    "intranode",
+    "dispatch",
+    do_not_specialize=["rank", "num_tokens", "num_recv_rows", "x_row_stride", "scales_stride_row", "scales_stride_col"],
+)
+def _dispatch_kernel(
+    x_ptr,
+    x_row_stride,
+    scales_ptr,
+    scales_stride_row,
+    scales_stride_col,
+    topk_idx_ptr,
+    topk_weights_ptr,
+    is_token_in_rank_ptr,
+    channel_prefix_matrix_ptr,
+    rank_prefix_matrix_ptr,
+    recv_channel_prefix_matrix_ptr,
+    send_head_ptr,
+    recv_x_addr,
+    recv_src_idx_addr,
+    recv_topk_idx_addr,
+    recv_topk_weights_addr,
+    recv_scales_addr,
+    num_recv_rows,
+    peer_bases_ptr,
+    rank,
+    num_tokens,
+    num_channels,
+    experts_per_rank,
+    queue_x,
+    queue_src_idx,
+    queue_topk_idx,
+    queue_topk_weights,
+    queue_scales,
+    capacity,
+    chunk,
+    host_addr,
+    clock_addr,
+    timeout_ns,
+    NUM_RANKS: tl.constexpr,
+    ROW_WORDS: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    NUM_SCALES: tl.constexpr,
+    HAS_TOPK: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    TOPK_IDX_TY: tl.constexpr,
+    TOPK_BYTES: tl.constexpr,
+    WORST: tl.constexpr,
+    TAILS: tl.constexpr,
+    HEADS: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    PHASE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
+    my_base = tl.load(peer_bases_ptr + rank)
+    epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
+    tag = epoch << 32
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+    rows_in_tile = tl.arange(0, TILE)
+    ks = tl.arange(0, BLOCK_TOPK)
+    ss = tl.arange(0, BLOCK_SCALES)
+
+    # Per-row strides shared by the output tensors and the queue arrays.
+    ROW_BYTES: tl.constexpr = ROW_WORDS * 4
+    WEIGHT_BYTES: tl.constexpr = NUM_TOPK * 4
+    SCALE_BYTES: tl.constexpr = NUM_SCALES * 4
+
+    # Row 0 of the rank_prefix column of this rank is the first row from source s.
+    prev_ranks = tl.maximum(ranks - 1, 0)
+    recv_begin = tl.load(rank_prefix_matrix_ptr + prev_ranks * NUM_RANKS + rank, mask=rank_ok & (ranks > 0), other=0)
+    recv_end = tl.load(rank_prefix_matrix_ptr + ranks * NUM_RANKS + rank, mask=rank_ok, other=0)
+
+    if pid < num_channels:
+        # ------------------------------------------------------------------ sender of channel c
+        c = pid
+        tokens_per_channel = tl.cdiv(num_tokens, num_channels)
+        begin = tl.minimum(c * tokens_per_channel, num_tokens)
+        end = tl.minimum(begin + tokens_per_channel, num_tokens)
+        is_self = ranks == rank
+        # This rank's own rows go straight to its outputs, after earlier channels' rows.
+        own_first = _lane(recv_begin, ranks, rank) + tl.load(
+            channel_prefix_matrix_ptr + rank * num_channels + c - 1, mask=c > 0, other=0
+        )
+        slot0 = ((c * NUM_RANKS + rank) * capacity).to(tl.int64)
+        base_x = tl.where(is_self, recv_x_addr, peer_bases + queue_x + slot0 * ROW_BYTES)
+        base_src = tl.where(is_self, recv_src_idx_addr, peer_bases + queue_src_idx + slot0 * 4)
+        base_topk = tl.where(is_self, recv_topk_idx_addr, peer_bases + queue_topk_idx + slot0 * TOPK_BYTES)
+        base_w = tl.where(is_self, recv_topk_weights_addr, peer_bases + queue_topk_weights + slot0 * WEIGHT_BYTES)
+        base_s = tl.where(is_self, recv_scales_addr, peer_bases + queue_scales + slot0 * SCALE_BYTES)
+        heads = (my_base + HEADS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
+        tails = (peer_bases + TAILS + (c * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
+        is_peer = rank_ok & (ranks != rank)
+        sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
+        head_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64)
+        for t0 in range(begin, end, chunk):
+            if ok:
+                rows = t0 + rows_in_tile
+                valid = (rows_in_tile < chunk) & (rows < end)
+                flags = tl.load(
+                    is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                    mask=valid[:, None] & rank_ok[None, :],
+                    other=0,
+                ).to(tl.int32)
+                position = sent[None, :] + tl.cumsum(flags, axis=0) - flags  # [TILE, R] stream position
+                count = tl.sum(flags, axis=0)
+                new_sent = sent + count
+                # Room for this chunk in every destination queue (heads carry the epoch).
+                need = tag + tl.maximum(new_sent - capacity, 0).to(tl.int64)
+                poll = is_peer & (count > 0) & (head_seen < need)
+                if tl.sum(poll.to(tl.int32), axis=0) > 0:
+                    seen = wait_all_at_least(heads, need, poll, deadline, clock_addr, USE_GLOBALTIMER)
+                    head_seen = tl.where(poll, seen, head_seen)
+                    late = poll & (seen < need)
+                    ok = ok & (tl.sum(late.to(tl.int32), axis=0) == 0)
+                    if not ok:
+                        peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
+                        report_error(
+                            host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                            _lane(seen, ranks, peer), _lane(need, ranks, peer),
+                        )
+                if ok:
+                    tl.store(
+                        send_head_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                        tl.where(flags > 0, position, -1),
+                        mask=valid[:, None] & rank_ok[None, :],
+                    )
+                    slot = tl.where(is_self[None, :], own_first + position, position % capacity).to(tl.int64)
+                    deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
+                    any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
+                    src_x = x_ptr + rows.to(tl.int64) * x_row_stride
+                    for w0 in range(0, ROW_WORDS, BLOCK_W):
+                        words = w0 + tl.arange(0, BLOCK_W)
+                        word_ok = words < ROW_WORDS
+                        vals = tl.load(src_x[:, None] + words[None, :], mask=any_dest[:, None] & word_ok[None, :])
+                        for dst in tl.static_range(NUM_RANKS):
+                            row_addr = tl.multiple_of(_column(base_x[None, :] + slot * ROW_BYTES, ranks, dst), 16)
+                            row_mask = _column(deliver.to(tl.int32), ranks, dst) > 0
+                            tl.store(
+                                row_addr.to(tl.pointer_type(tl.int32))[:, None] + words[None, :],
+                                vals,
+                                mask=row_mask[:, None] & word_ok[None, :],
+                            )
+                    if HAS_TOPK:
+                        idx = tl.load(
+                            topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
+                            mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
+                            other=-1,
+                        )
+                        weights = tl.load(
+                            topk_weights_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
+                            mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
+                            other=0.0,
+                        )
+                    if HAS_SCALES:
+                        scales = tl.load(
+                            scales_ptr + rows[:, None].to(tl.int64) * scales_stride_row + ss[None, :] * scales_stride_col,
+                            mask=valid[:, None] & (ss[None, :] < NUM_SCALES),
+                        )
+                    for dst in tl.static_range(NUM_RANKS):
+                        row_mask = _column(deliver.to(tl.int32), ranks, dst) > 0
+                        dst_slot = _column(slot, ranks, dst)
+                        src_ptrs = (_lane(base_src, ranks, dst) + dst_slot * 4).to(tl.pointer_type(tl.int32))
+                        tl.store(src_ptrs, rows, mask=row_mask)
+                        if HAS_TOPK:
+                            local = idx - dst * experts_per_rank
+                            mine = (local >= 0) & (local < experts_per_rank) & (idx >= 0)
+                            topk_rows = (_lane(base_topk, ranks, dst) + dst_slot * TOPK_BYTES).to(
+                                tl.pointer_type(TOPK_IDX_TY)
+                            )
+                            w_rows = (_lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                            mk = row_mask[:, None] & (ks[None, :] < NUM_TOPK)
+                            tl.store(topk_rows[:, None] + ks[None, :], tl.where(mine, local, -1), mask=mk)
+                            tl.store(w_rows[:, None] + ks[None, :], tl.where(mine, weights, 0.0), mask=mk)
+                        if HAS_SCALES:
+                            s_rows = (_lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(tl.pointer_type(tl.int32))
+                            tl.store(
+                                s_rows[:, None] + ss[None, :], scales, mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES)
+                            )
+                    # Publish the chunk: every thread's stores first, then the tails.
+                    tl.debug_barrier()
+                    tl.atomic_xchg(
+                        tails, tag + new_sent.to(tl.int64), mask=is_peer & (count > 0), sem="release", scope="sys"
+                    )
+                    sent = new_sent
+    else:
+        # ---------------------------------------------------------------- receiver of channel c
+        c = pid - num_channels
+        if WORST:
+            # Padding rows [M, num_recv_rows): no source, top-k -1, weight 0; split across receivers.
+            num_recv = _lane(recv_end, ranks, NUM_RANKS - 1)
+            pad_per_channel = tl.cdiv(tl.maximum(num_recv_rows - num_recv, 0), num_channels)
+            pad_begin = num_recv + c * pad_per_channel
+            pad_end = tl.minimum(pad_begin + pad_per_channel, num_recv_rows)
+            for r0 in range(pad_begin, pad_end, TILE):
+                prow = (r0 + rows_in_tile).to(tl.int64)
+                pmask = prow < pad_end
+                tl.store((recv_src_idx_addr + prow * 4).to(tl.pointer_type(tl.int32)), -1, mask=pmask)
+                if HAS_TOPK:
+                    mk = pmask[:, None] & (ks[None, :] < NUM_TOPK)
+                    topk_rows = (recv_topk_idx_addr + prow * TOPK_BYTES).to(tl.pointer_type(TOPK_IDX_TY))
+                    w_rows = (recv_topk_weights_addr + prow * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                    tl.store(topk_rows[:, None] + ks[None, :], -1, mask=mk)
+                    tl.store(w_rows[:, None] + ks[None, :], 0.0, mask=mk)
+        chan_begin = tl.load(recv_channel_prefix_matrix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
+        chan_end = tl.load(
+            recv_channel_prefix_matrix_ptr + ranks * num_channels + c + 1,
+            mask=rank_ok & (c + 1 < num_channels),
+            other=0,
+        )
+        chan_end = tl.where(c + 1 < num_channels, chan_end, recv_end - recv_begin)
+        is_peer = rank_ok & (ranks != rank)
+        expected = tl.where(is_peer, chan_end - chan_begin, 0)
+        out_first = recv_begin + chan_begin
+        consumed = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
+        tails = (my_base + TAILS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
+        remaining = tl.sum(expected, axis=0)
+        while (remaining > 0) & ok:
+            pending = consumed < expected
+            seen = tl.atomic_add(tails, 0, mask=pending, sem="acquire", scope="sys")
+            available = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - consumed, 0)
+            if tl.max(available, axis=0) > 0:
+                src = tl.argmax(available, axis=0)
+                n = tl.minimum(_lane(available, ranks, src), TILE)
+                start = _lane(consumed, ranks, src)
+                in_chunk = rows_in_tile < n
+                slot = ((c * NUM_RANKS + src) * capacity + (start + rows_in_tile) % capacity).to(tl.int64)
+                out_row = (_lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
+                in_chunk = in_chunk & (out_row < num_recv_rows)
+                _copy_fields(
+                    my_base + queue_x + slot * ROW_BYTES,
+                    my_base + queue_src_idx + slot * 4,
+                    my_base + queue_topk_idx + slot * TOPK_BYTES,
+                    my_base + queue_topk_weights + slot * WEIGHT_BYTES,
+                    my_base + queue_scales + slot * SCALE_BYTES,
+                    recv_x_addr + out_row * ROW_BYTES,
+                    recv_src_idx_addr + out_row * 4,
+                    recv_topk_idx_addr + out_row * TOPK_BYTES,
+                    recv_topk_weights_addr + out_row * WEIGHT_BYTES,
+                    recv_scales_addr + out_row * SCALE_BYTES,
+                    in_chunk,
+                    ROW_WORDS,
+                    NUM_TOPK,
+                    NUM_SCALES,
+                    HAS_TOPK,
+                    HAS_SCALES,
+                    TOPK_IDX_TY,
+                    BLOCK_W,
+                    BLOCK_TOPK,
+                    BLOCK_SCALES,
+                )
+                consumed = tl.where(ranks == src, consumed + n, consumed)
+                remaining -= n
+                # Release the slots back to the sender once every thread has read them.
+                tl.debug_barrier()
+                head_addr = _lane(peer_bases, ranks, src) + HEADS + (c * NUM_RANKS + rank) * 8
+                store_release(head_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
+            elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
+                ok = ok & False
+                late = consumed < expected
+                peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
+                report_error(
+                    host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                    _lane(consumed, ranks, peer), _lane(expected, ranks, peer),
+                )
+
+
+def launch_dispatch(
+    ctx,
+    layout,
+    *,
+    x,
+    scales,
+    topk_idx,
+    topk_weights,
+    is_token_in_rank,
+    channel_prefix_matrix,
+    rank_prefix_matrix,
+    recv_channel_prefix_matrix,
+    send_head,
+    recv_x,
+    recv_src_idx,
+    recv_topk_idx,
+    recv_topk_weights,
+    recv_scales,
+    num_channels,
+    chunk,
+    experts_per_rank,
+    worst,
+    num_warps,
+    block_words,
+):
+    """Launch the dispatch kernel (`2 * num_channels` programs) on the current stream.
+
+    `x` / `recv_x` are int32 views of the rows (row bytes are a multiple of 16); `scales` /
+    `recv_scales` int32 views of the FP8 scales (any strides on input) or None; `layout` is the
+    call's `protocol.QueueLayout`; `chunk` tokens are sent per queue publish.
+    """
+    from .. import protocol
+
+    signal = protocol.SignalLayout(ctx.num_ranks)
+    num_tokens = x.shape[0]
+    row_words = x.shape[1]
+    has_topk = topk_idx is not None
+    has_scales = scales is not None
+    num_topk = topk_idx.shape[1] if has_topk else 0
+    num_scales = scales.shape[1] if has_scales else 0
+    topk_ty = tl.int32 if (has_topk and topk_idx.dtype.itemsize == 4) else tl.int64
+    tile = triton.next_power_of_2(chunk)
+    block_w = min(block_words, triton.next_power_of_2(row_words))
+    dummy = send_head
+    q = ctx.data_offset
+    _dispatch_kernel[(2 * num_channels,)](
+        x,
+        x.stride(0),
+        scales if has_scales else dummy,
+        scales.stride(0) if has_scales else 0,
+        scales.stride(1) if has_scales else 0,
+        topk_idx if has_topk else dummy,
+        topk_weights if has_topk else dummy,
+        is_token_in_rank,
+        channel_prefix_matrix,
+        rank_prefix_matrix,
+        recv_channel_prefix_matrix,
+        send_head,
+        recv_x.data_ptr(),
+        recv_src_idx.data_ptr(),
+        recv_topk_idx.data_ptr() if has_topk else 0,
+        recv_topk_weights.data_ptr() if has_topk else 0,
+        recv_scales.data_ptr() if has_scales else 0,
+        recv_x.shape[0],
+        ctx.peer_bases,
+        ctx.rank,
+        num_tokens,
+        num_channels,
+        experts_per_rank,
+        q + layout.x,
+        q + layout.src_idx,
+        q + layout.topk_idx,
+        q + layout.topk_weights,
+        q + layout.scales,
+        layout.capacity,
+        chunk,
+        ctx.host_addr,
+        ctx.clock_addr,
+        ctx.timeout_ns,
+        NUM_RANKS=ctx.num_ranks,
+        ROW_WORDS=row_words,
+        NUM_TOPK=num_topk,
+        NUM_SCALES=num_scales,
+        HAS_TOPK=has_topk,
+        HAS_SCALES=has_scales,
+        TOPK_IDX_TY=topk_ty,
+        TOPK_BYTES=num_topk * (4 if topk_ty == tl.int32 else 8),
+        WORST=worst,
+        TAILS=signal.tails,
+        HEADS=signal.heads,
+        HOST_ERROR=protocol.HOST_ERROR,
+        ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+        PHASE=2,
+        TILE=tile,
+        BLOCK_W=block_w,
+        BLOCK_RANKS=triton.next_power_of_2(ctx.num_ranks),
+        BLOCK_TOPK=triton.next_power_of_2(max(num_topk, 1)),
+        BLOCK_SCALES=triton.next_power_of_2(max(num_scales, 1)),
+        USE_GLOBALTIMER=ctx.use_globaltimer,
+        num_warps=num_warps,
+    )
