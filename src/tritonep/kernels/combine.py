@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .. import _env
 from .casting import round_to
-from .dispatch import _column, _lane
+from .tiles import column, lane, row_block
 from .naming import named_kernel
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
@@ -120,18 +120,19 @@ def _combine_kernel(
             ready = tl.where(pending, tl.minimum(total - sent, room), 0)
             if tl.max(ready, axis=0) > 0:
                 dst = tl.argmax(ready, axis=0)
-                n = tl.minimum(tl.minimum(_lane(ready, ranks, dst), chunk), TILE)
-                start = _lane(sent, ranks, dst)
+                n = tl.minimum(tl.minimum(lane(ready, ranks, dst), chunk), TILE)
+                start = lane(sent, ranks, dst)
                 in_chunk = rows_in_tile < n
-                src_row = (_lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
+                src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
                 slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
-                dst_base = _lane(peer_bases, ranks, dst)
-                src_x = tl.multiple_of(x_addr + src_row * ROW_BYTES, 16).to(tl.pointer_type(tl.int32))
-                dst_x = tl.multiple_of(dst_base + queue_x + slot * ROW_BYTES, 16).to(tl.pointer_type(tl.int32))
+                dst_base = lane(peer_bases, ranks, dst)
+                src_x = x_addr + src_row * ROW_BYTES
+                dst_x = dst_base + queue_x + slot * ROW_BYTES
                 for w0 in range(0, ROW_BYTES // 4, BLOCK_H):
                     words = w0 + tl.arange(0, BLOCK_H)
                     m = in_chunk[:, None] & (words[None, :] < ROW_BYTES // 4)
-                    tl.store(dst_x[:, None] + words[None, :], tl.load(src_x[:, None] + words[None, :], mask=m), mask=m)
+                    vals = tl.load(row_block(src_x, words, tl.int32, BLOCK_H), mask=m)
+                    tl.store(row_block(dst_x, words, tl.int32, BLOCK_H), vals, mask=m)
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
                     src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
@@ -148,7 +149,7 @@ def _combine_kernel(
                 peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                 report_error(
                     host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
-                    (_lane(head_seen, ranks, peer) - tag).to(tl.int32), _lane(sent, ranks, peer) - capacity + 1,
+                    (lane(head_seen, ranks, peer) - tag).to(tl.int32), lane(sent, ranks, peer) - capacity + 1,
                 )
     else:
         # ---------------------------------------------------------------- receiver of channel c
@@ -156,7 +157,7 @@ def _combine_kernel(
         tokens_per_channel = tl.cdiv(num_tokens, num_channels)
         begin = tl.minimum(c * tokens_per_channel, num_tokens)
         end = tl.minimum(begin + tokens_per_channel, num_tokens)
-        own_first = _lane(block_begin, ranks, rank) + tl.load(
+        own_first = lane(block_begin, ranks, rank) + tl.load(
             recv_channel_prefix_matrix_ptr + rank * num_channels + c
         )
         is_self = ranks == rank
@@ -188,7 +189,7 @@ def _combine_kernel(
                         peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                         report_error(
                             host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
-                            (_lane(seen, ranks, peer) - tag).to(tl.int32), (_lane(need, ranks, peer) - tag).to(tl.int32),
+                            (lane(seen, ranks, peer) - tag).to(tl.int32), (lane(need, ranks, peer) - tag).to(tl.int32),
                         )
                 if ok:
                     slot = tl.where(is_self[None, :], position, position % capacity).to(tl.int64)
@@ -202,17 +203,17 @@ def _combine_kernel(
                         if HAS_BIAS1:
                             acc += tl.load(bias1_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
                         for src in tl.static_range(NUM_RANKS):
-                            pos = _column(position, ranks, src)
-                            row_addr = tl.multiple_of(_lane(base_x, ranks, src) + _column(slot, ranks, src) * ROW_BYTES, 16)
+                            pos = column(position, ranks, src)
+                            row_addr = lane(base_x, ranks, src) + column(slot, ranks, src) * ROW_BYTES
                             m = (valid & (pos >= 0))[:, None] & col_ok[None, :]
-                            vals = tl.load(row_addr.to(tl.pointer_type(DTYPE))[:, None] + cols[None, :], mask=m, other=0.0, cache_modifier=".cg")
+                            vals = tl.load(row_block(row_addr, cols, DTYPE, BLOCK_H), mask=m, other=0.0, cache_modifier=".cg")
                             acc += vals.to(tl.float32)
                         tl.store(out_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], round_to(acc, DTYPE, INTERPRETED), mask=m2)
                     if HAS_WEIGHTS:
                         wacc = tl.zeros([TILE, BLOCK_TOPK], dtype=tl.float32)
                         for src in tl.static_range(NUM_RANKS):
-                            pos = _column(position, ranks, src)
-                            w_rows = (_lane(base_w, ranks, src) + _column(slot, ranks, src) * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                            pos = column(position, ranks, src)
+                            w_rows = (lane(base_w, ranks, src) + column(slot, ranks, src) * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
                             m = (valid & (pos >= 0))[:, None] & (ks[None, :] < NUM_TOPK)
                             wacc += tl.load(w_rows[:, None] + ks[None, :], mask=m, other=0.0, cache_modifier=".cg")
                         tl.store(

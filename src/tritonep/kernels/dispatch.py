@@ -33,19 +33,8 @@ import triton
 import triton.language as tl
 
 from .naming import named_kernel
+from .tiles import column, lane, row_block
 from .sync import now_ns, report_error, store_release, wait_all_at_least
-
-
-@triton.jit
-def _column(matrix, lanes, j):
-    """`matrix[:, j]` of a `[rows, lanes]` tile (a masked row-sum keeps it in registers)."""
-    return tl.sum(tl.where(lanes[None, :] == j, matrix, 0), axis=1)
-
-
-@triton.jit
-def _lane(vector, lanes, j):
-    """`vector[j]` of a `[lanes]` vector."""
-    return tl.sum(tl.where(lanes == j, vector, 0), axis=0)
 
 
 @triton.jit
@@ -78,9 +67,8 @@ def _copy_fields(
     for w0 in range(0, ROW_WORDS, BLOCK_W):
         words = w0 + tl.arange(0, BLOCK_W)
         m = mask[:, None] & (words[None, :] < ROW_WORDS)
-        src = tl.multiple_of(src_rows_x, 16).to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
-        dst = tl.multiple_of(dst_rows_x, 16).to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
-        tl.store(dst, tl.load(src, mask=m, cache_modifier=".cg"), mask=m)
+        vals = tl.load(row_block(src_rows_x, words, tl.int32, BLOCK_W), mask=m, cache_modifier=".cg")
+        tl.store(row_block(dst_rows_x, words, tl.int32, BLOCK_W), vals, mask=m)
     src_idx = tl.load(src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg")
     tl.store(dst_rows_src.to(tl.pointer_type(tl.int32)), src_idx, mask=mask)
     if HAS_TOPK:
@@ -189,7 +177,7 @@ def _dispatch_kernel(
         end = tl.minimum(begin + tokens_per_channel, num_tokens)
         is_self = ranks == rank
         # This rank's own rows go straight to its outputs, after earlier channels' rows.
-        own_first = _lane(recv_begin, ranks, rank) + tl.load(
+        own_first = lane(recv_begin, ranks, rank) + tl.load(
             channel_prefix_matrix_ptr + rank * num_channels + c - 1, mask=c > 0, other=0
         )
         slot0 = ((c * NUM_RANKS + rank) * capacity).to(tl.int64)
@@ -227,7 +215,7 @@ def _dispatch_kernel(
                         peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                         report_error(
                             host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
-                            _lane(seen, ranks, peer), _lane(need, ranks, peer),
+                            lane(seen, ranks, peer), lane(need, ranks, peer),
                         )
                 if ok:
                     tl.store(
@@ -242,12 +230,13 @@ def _dispatch_kernel(
                     for w0 in range(0, ROW_WORDS, BLOCK_W):
                         words = w0 + tl.arange(0, BLOCK_W)
                         word_ok = words < ROW_WORDS
-                        vals = tl.load(src_x[:, None] + words[None, :], mask=any_dest[:, None] & word_ok[None, :])
+                        x_tile = tl.max_contiguous(tl.multiple_of(src_x[:, None] + words[None, :], [16, 16]), [1, BLOCK_W])
+                        vals = tl.load(x_tile, mask=any_dest[:, None] & word_ok[None, :])
                         for dst in tl.static_range(NUM_RANKS):
-                            row_addr = tl.multiple_of(_column(base_x[None, :] + slot * ROW_BYTES, ranks, dst), 16)
-                            row_mask = _column(deliver.to(tl.int32), ranks, dst) > 0
+                            row_addr = column(base_x[None, :] + slot * ROW_BYTES, ranks, dst)
+                            row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
                             tl.store(
-                                row_addr.to(tl.pointer_type(tl.int32))[:, None] + words[None, :],
+                                row_block(row_addr, words, tl.int32, BLOCK_W),
                                 vals,
                                 mask=row_mask[:, None] & word_ok[None, :],
                             )
@@ -268,22 +257,22 @@ def _dispatch_kernel(
                             mask=valid[:, None] & (ss[None, :] < NUM_SCALES),
                         )
                     for dst in tl.static_range(NUM_RANKS):
-                        row_mask = _column(deliver.to(tl.int32), ranks, dst) > 0
-                        dst_slot = _column(slot, ranks, dst)
-                        src_ptrs = (_lane(base_src, ranks, dst) + dst_slot * 4).to(tl.pointer_type(tl.int32))
+                        row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
+                        dst_slot = column(slot, ranks, dst)
+                        src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(tl.pointer_type(tl.int32))
                         tl.store(src_ptrs, rows, mask=row_mask)
                         if HAS_TOPK:
                             local = idx - dst * experts_per_rank
                             mine = (local >= 0) & (local < experts_per_rank) & (idx >= 0)
-                            topk_rows = (_lane(base_topk, ranks, dst) + dst_slot * TOPK_BYTES).to(
+                            topk_rows = (lane(base_topk, ranks, dst) + dst_slot * TOPK_BYTES).to(
                                 tl.pointer_type(TOPK_IDX_TY)
                             )
-                            w_rows = (_lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                            w_rows = (lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
                             mk = row_mask[:, None] & (ks[None, :] < NUM_TOPK)
                             tl.store(topk_rows[:, None] + ks[None, :], tl.where(mine, local, -1), mask=mk)
                             tl.store(w_rows[:, None] + ks[None, :], tl.where(mine, weights, 0.0), mask=mk)
                         if HAS_SCALES:
-                            s_rows = (_lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(tl.pointer_type(tl.int32))
+                            s_rows = (lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(tl.pointer_type(tl.int32))
                             tl.store(
                                 s_rows[:, None] + ss[None, :], scales, mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES)
                             )
@@ -298,7 +287,7 @@ def _dispatch_kernel(
         c = pid - num_channels
         if WORST:
             # Padding rows [M, num_recv_rows): no source, top-k -1, weight 0; split across receivers.
-            num_recv = _lane(recv_end, ranks, NUM_RANKS - 1)
+            num_recv = lane(recv_end, ranks, NUM_RANKS - 1)
             pad_per_channel = tl.cdiv(tl.maximum(num_recv_rows - num_recv, 0), num_channels)
             pad_begin = num_recv + c * pad_per_channel
             pad_end = tl.minimum(pad_begin + pad_per_channel, num_recv_rows)
@@ -331,11 +320,11 @@ def _dispatch_kernel(
             available = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - consumed, 0)
             if tl.max(available, axis=0) > 0:
                 src = tl.argmax(available, axis=0)
-                n = tl.minimum(_lane(available, ranks, src), TILE)
-                start = _lane(consumed, ranks, src)
+                n = tl.minimum(lane(available, ranks, src), TILE)
+                start = lane(consumed, ranks, src)
                 in_chunk = rows_in_tile < n
                 slot = ((c * NUM_RANKS + src) * capacity + (start + rows_in_tile) % capacity).to(tl.int64)
-                out_row = (_lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
+                out_row = (lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
                 in_chunk = in_chunk & (out_row < num_recv_rows)
                 _copy_fields(
                     my_base + queue_x + slot * ROW_BYTES,
@@ -363,7 +352,7 @@ def _dispatch_kernel(
                 remaining -= n
                 # Release the slots back to the sender once every thread has read them.
                 tl.debug_barrier()
-                head_addr = _lane(peer_bases, ranks, src) + HEADS + (c * NUM_RANKS + rank) * 8
+                head_addr = lane(peer_bases, ranks, src) + HEADS + (c * NUM_RANKS + rank) * 8
                 store_release(head_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
             elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
                 ok = ok & False
@@ -371,7 +360,7 @@ def _dispatch_kernel(
                 peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                 report_error(
                     host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
-                    _lane(consumed, ranks, peer), _lane(expected, ranks, peer),
+                    lane(consumed, ranks, peer), lane(expected, ranks, peer),
                 )
 
 

@@ -66,7 +66,8 @@ def report_error(host_error_ptr, code, rank, peer, phase, channel, observed, exp
     The claim slot makes the first reporter win; `code` is published last so the host never reads a
     half-written record.
     """
-    claimed = tl.atomic_cas(host_error_ptr, 0, 1, sem="acq_rel", scope="sys")
+    zero = tl.full([], 0, tl.int64)
+    claimed = tl.atomic_cas(host_error_ptr, zero, zero + 1, sem="acq_rel", scope="sys")
     if claimed == 0:
         tl.store(host_error_ptr + 1, rank)
         tl.store(host_error_ptr + 2, peer)

@@ -130,7 +130,8 @@ class RankError(Exception):
 
 
 class RankPool:
-    """`world_size` persistent worker processes joined in one gloo process group.
+    """`world_size` persistent worker processes joined in one process group (gloo; NCCL when the
+    env sets `RANKPOOL_PG_BACKEND=nccl`, one GPU per rank).
 
     Args:
         world_size: number of ranks (>= 1).
@@ -530,8 +531,13 @@ def _worker_main(
 
         import torch.distributed as dist
 
+        backend = env.get("RANKPOOL_PG_BACKEND", "gloo")
+        if backend == "nccl":  # GPU pools: one device per rank, as torchrun users set it up
+            import torch
+
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{store_path}",
             rank=rank,
             world_size=world_size,
