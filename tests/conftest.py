@@ -52,3 +52,30 @@ def pytest_sessionfinish(session, exitstatus):
     dist = sys.modules.get("tritonep.testing.dist")
     if dist is not None:
         dist.close_all_pools()
+
+
+# GPU pools: one process per GPU, NCCL group, NVLink multicast off (shared machines).
+GPU_POOL_ENV = {
+    "RANKPOOL_PG_BACKEND": "nccl",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TRITONEP_TIMEOUT_S": "60",
+}
+
+
+@pytest.fixture
+def gpu_pool():
+    """Factory: `gpu_pool(world_size, **env)` -> a cached NCCL `RankPool`, one rank per GPU."""
+    from tritonep.testing.dist import get_pool
+
+    def make(world_size: int, **env):
+        return get_pool(world_size, {**GPU_POOL_ENV, **env})
+
+    return make
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()

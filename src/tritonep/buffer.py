@@ -873,22 +873,17 @@ class Buffer:
         if self._backend != "cpu":
             return
         num_tokens = is_token_in_rank.size(0)
-        if num_tokens == 0:
-            return
         per_channel = -(-num_tokens // num_channels)
         padded = torch.zeros((num_channels * per_channel, self.group_size), dtype=torch.int32)
         padded[:num_tokens] = is_token_in_rank.to(torch.int32)
-        worst = int(padded.view(num_channels, per_channel, -1).sum(1).max())
-        worst = max(worst, int(self._bootstrap_max(worst)))
+        worst = int(padded.view(num_channels, per_channel, -1).sum(1).max()) if num_tokens else 0
+        # Every rank must agree to refuse, or the ones that launch would wait for the others forever.
+        worst = max(self._bootstrap.all_gather_object(worst))
         if worst > layout.capacity:
             raise EPUnsupported(
                 f"{op}: the CPU backend needs queues that hold a whole channel ({worst} rows), but they hold "
                 f"{layout.capacity}; raise num_nvl_bytes, num_max_nvl_chunked_recv_tokens or num_sms"
             )
-
-    def _bootstrap_max(self, value: int) -> int:
-        # CPU only: every rank must agree to refuse, or the ones that launch would wait forever.
-        return max(self._bootstrap.all_gather_object(value))
 
     def _notify(self, key: int, num_channels: int, phase: int, counts=None) -> None:
         self._kernels.notify.launch_notify(

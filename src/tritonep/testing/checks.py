@@ -21,9 +21,10 @@ import tritonep
 from tritonep import reference
 
 
-def device_of(group) -> torch.device:
-    backend = str(dist.get_backend(group)).lower()
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+def device_of(buffer) -> torch.device:
+    """The device a Buffer's tensors live on."""
+    index = buffer.runtime.get_local_device_id()
+    return torch.device("cuda", index) if index >= 0 else torch.device("cpu")
 
 
 def gather(group, tensor):
@@ -74,12 +75,18 @@ def make_routing(num_tokens, num_experts, num_topk, generator, device, drop=0.1,
 
 
 def per_token_cast_to_fp8(x: torch.Tensor):
-    """DeepEP's test quantiser: per-(token, 128 channels) float32 scales, e4m3 data."""
+    """DeepEP's test quantiser: per-(token, 128 channels) float32 scales, e4m3 data.
+
+    A hidden size that is not a multiple of 128 gets a last, partial group (ceil(H / 128) scales).
+    """
     num_tokens, hidden = x.shape
-    groups = x.float().view(num_tokens, hidden // 128, 128)
+    num_groups = -(-hidden // 128)
+    padded = torch.zeros((num_tokens, num_groups * 128), dtype=torch.float32, device=x.device)
+    padded[:, :hidden] = x.float()
+    groups = padded.view(num_tokens, num_groups, 128)
     amax = groups.abs().amax(dim=2).clamp(min=1e-4)
-    data = (groups * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn).view(num_tokens, hidden)
-    return data, (amax / 448.0).contiguous()
+    data = (groups * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn).view(num_tokens, -1)[:, :hidden]
+    return data.contiguous(), (amax / 448.0).contiguous()
 
 
 def get_buffer(ctx, num_nvl_bytes: int) -> tritonep.Buffer:
@@ -121,7 +128,7 @@ def _combine_blocks(group, rank, handle):
 def check_intranode(
     ctx,
     *,
-    num_tokens: int,
+    num_tokens,
     hidden: int,
     num_topk: int,
     num_experts: int,
@@ -137,13 +144,16 @@ def check_intranode(
 ) -> dict:
     """DeepEP V1's intranode test matrix against the reference; returns a few counts for the caller.
 
+    num_tokens: an int, or one int per rank.
     matrix: "full" = {BF16 random, BF16 constant-per-rank, FP8} x {top-k or not} x {sync, async} x
     {previous event or not}; "quick" = BF16 random with top-k, sync. Always: layout, cached
     dispatch, combine with/without weights and bias, worst-case dispatch/combine.
     """
     group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
-    device = device_of(group)
+    if isinstance(num_tokens, (list, tuple)):  # a token count per rank
+        num_tokens = num_tokens[rank]
     buffer = get_buffer(ctx, num_nvl_bytes)
+    device = device_of(buffer)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     config = tritonep.Config(num_sms, chunk, recv_capacity)
     x_rand = torch.randn((num_tokens, hidden), generator=gen).to(torch.bfloat16).to(device)
@@ -252,7 +262,7 @@ def check_intranode(
 def check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, nte, num_experts) -> dict:
     """`num_worst_tokens`: fixed row count, padding rows -1 / 0, rows [0, M) equal to the normal dispatch."""
     group, rank = ctx.group, ctx.rank
-    num_worst = max(1, x.size(0) * ctx.world_size)
+    num_worst = max(1, sum(gather(group, x.size(0))))  # the most any rank can receive
     all_x, all_itr = gather(group, x), gather(group, itr)
     all_idx, all_w = gather(group, topk_idx), gather(group, topk_weights)
     ref = reference.dispatch(rank, num_experts, all_x, all_itr, all_idx, all_w)

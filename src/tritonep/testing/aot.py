@@ -1,0 +1,160 @@
+"""Compile every kernel for sm_90 on a machine without a GPU (a cheap check of GPU-only code paths).
+
+The launchers are run with a recording stand-in for each kernel, so the compiled signatures,
+constexprs and specialisations are exactly what a real launch would produce; each recorded launch
+is then compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
+
+    python -m tritonep.testing.aot      # prints one line per compiled kernel
+
+Must run in a process where `TRITON_INTERPRET` is unset (the interpreter compiles nothing).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+_TRITON_TYPES = {
+    torch.bool: "i1", torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32",
+    torch.int64: "i64", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+}
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: `kernel[grid](*args, **kwargs)` records instead of launching."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def _compile(fn, args, kwargs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid") if k in kwargs}
+    names = fn.arg_names
+    constexprs = dict(kwargs)
+    signature, attrs = {}, {}
+    no_spec = set(getattr(fn, "do_not_specialize", ()) or ())
+    no_spec |= {names[i] for i in no_spec if isinstance(i, int)}
+    for index, (name, value) in enumerate(zip(names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if name not in no_spec and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    for name in names[len(args):]:
+        signature[name] = "constexpr"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _cases(kernels):
+    """Representative launches of every launcher (EP2 and EP8 geometries, BF16 / FP8, top-k, bias)."""
+    from tritonep import protocol
+    from tritonep.kernels.context import LaunchContext
+
+    for num_ranks in (2, 8):
+        ctx = LaunchContext(
+            peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
+            data_offset=protocol.SignalLayout(num_ranks).num_bytes, data_bytes=1 << 30,
+            host_addr=1 << 40, clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True,
+        )
+        tokens, hidden, topk, experts, channels = 4096, 7168, 8, 256, 12
+        topk_idx = torch.zeros((tokens, topk), dtype=torch.int64)
+        weights = torch.zeros((tokens, topk), dtype=torch.float32)
+        mask = torch.zeros((tokens, num_ranks), dtype=torch.bool)
+        matrix = torch.zeros((num_ranks, channels), dtype=torch.int32)
+        square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
+        send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
+        yield lambda: kernels.layout.launch_route_stats(topk_idx, experts, num_ranks, num_ranks, torch.zeros(1, dtype=torch.int32), False)
+        for counting in (False, True):
+            counts = dict(
+                num_tokens=tokens, num_worst_tokens=0, experts_per_rank=experts // num_ranks,
+                num_tokens_per_rank=torch.zeros(num_ranks, dtype=torch.int32),
+                num_tokens_per_expert=torch.zeros(experts, dtype=torch.int32), is_token_in_rank=mask,
+                rank_prefix_matrix=square, channel_prefix_matrix=matrix, recv_channel_prefix_matrix=matrix,
+            )
+            yield lambda counts=counts, counting=counting: kernels.notify.launch_notify(
+                peer_bases=ctx.peer_bases, rank=1, num_ranks=num_ranks, layout_key=12345,
+                num_channels=channels, host_addr=ctx.host_addr, clock_addr=0, timeout_ns=ctx.timeout_ns,
+                phase=2, use_globaltimer=True, counts=counts if counting else None,
+            )
+        for fp8 in (False, True):
+            row_bytes = hidden * (1 if fp8 else 2)
+            scales = torch.zeros((hidden // 128, tokens), dtype=torch.int32).T if fp8 else None
+            layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, row_bytes, True, topk, topk,
+                                              hidden // 128 if fp8 else 0)
+            x = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
+            recv = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
+            yield lambda x=x, recv=recv, layout=layout, scales=scales: kernels.dispatch.launch_dispatch(
+                ctx, layout, x=x, scales=scales, topk_idx=topk_idx, topk_weights=weights,
+                is_token_in_rank=mask, channel_prefix_matrix=matrix, rank_prefix_matrix=square,
+                recv_channel_prefix_matrix=matrix, send_head=send_head, recv_x=recv,
+                recv_src_idx=torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
+                recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
+                num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks, worst=True,
+                num_warps=8, block_words=2048,
+            )
+        layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
+        y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
+        yield lambda layout=layout, y=y: kernels.combine.launch_combine(
+            ctx, layout, x=y, topk_weights=weights, bias0=y, bias1=None, rank_prefix_matrix=square,
+            recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights,
+            num_channels=channels, chunk=4, tile=8, num_warps=8, block_h=1024,
+        )
+
+
+def compile_all() -> list[dict]:
+    """Compile every representative launch; returns name, registers/spills and memory-op counts."""
+    from tritonep.kernels import load_kernels
+
+    kernels = load_kernels("cuda")
+    modules = {"layout": "_route_stats_kernel", "notify": "_notify_kernel", "dispatch": "_dispatch_kernel",
+               "combine": "_combine_kernel"}
+    recorders = {}
+    for module, attr in modules.items():
+        mod = getattr(kernels, module)
+        recorders[module] = (mod, attr, getattr(mod, attr))
+        setattr(mod, attr, _Recorder(getattr(mod, attr)))
+    try:
+        for launch in _cases(kernels):
+            launch()
+    finally:
+        for mod, attr, original in recorders.values():
+            calls = getattr(mod, attr).calls
+            setattr(mod, attr, original)
+            recorders[next(k for k, v in recorders.items() if v[0] is mod)] = (mod, attr, original, calls)
+    report = []
+    for module, (mod, attr, original, calls) in recorders.items():
+        for _grid, args, kwargs in calls:
+            compiled = _compile(original, list(args), dict(kwargs))
+            ptx = compiled.asm["ptx"]
+            ops = Counter(re.findall(r"(?:ld|st)\.global[a-z0-9.]*", ptx))
+            report.append({
+                "module": module,
+                "name": compiled.metadata.name,
+                "vector_loads": sum(n for op, n in ops.items() if op.startswith("ld") and ".v4" in op),
+                "vector_stores": sum(n for op, n in ops.items() if op.startswith("st") and ".v4" in op),
+                "uses_globaltimer": "%globaltimer" in ptx,
+                "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
+            })
+    return report
+
+
+if __name__ == "__main__":
+    for row in compile_all():
+        print(row)
