@@ -24,16 +24,16 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     kernels = load_kernels("cuda")
-    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    scratch = torch.zeros(1 << 12, dtype=torch.int32, device="cuda")
     rows = []
     for tokens, topk, experts, ranks in ((4096, 8, 256, 2), (4096, 8, 256, 4), (4096, 8, 256, 8), (16384, 8, 288, 8)):
         topk_idx = torch.topk(torch.rand(tokens, experts, device="cuda"), topk, dim=1).indices.to(tritonep.topk_idx_t)
         topk_idx[torch.rand(tokens, topk, device="cuda") < 0.05] = -1
-        got = kernels.layout.launch_route_stats(topk_idx, experts, ranks, ranks, ticket, False)
+        got = kernels.layout.launch_route_stats(topk_idx, experts, ranks, ranks, scratch, False)
         want = reference.layout(topk_idx.cpu(), experts, ranks, ranks)
         for g, w in zip(got, want):
             assert (g is None and w is None) or torch.equal(g.cpu(), w), "layout mismatch"
-        t = bench_events(lambda: kernels.layout.launch_route_stats(topk_idx, experts, ranks, ranks, ticket, False))[0]
+        t = bench_events(lambda: kernels.layout.launch_route_stats(topk_idx, experts, ranks, ranks, scratch, False))[0]
         rows.append({"tokens": tokens, "topk": topk, "experts": experts, "ranks": ranks, "us": t * 1e6})
         print(f"layout {tokens} tokens, top-{topk} of {experts}, {ranks} ranks: {t * 1e6:.1f} us")
     if args.json:

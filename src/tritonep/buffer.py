@@ -266,7 +266,7 @@ class Buffer:
             from ._clock import clock_address
 
             clock_addr = clock_address()
-        self._layout_ticket = torch.zeros(1, dtype=torch.int32, device=self._device)
+        self._layout_scratch = torch.zeros(0, dtype=torch.int32, device=self._device)
         peer = resources.peer_memory
         self._ctx = LaunchContext(
             peer_bases=peer.peer_ptrs_dev if peer is not None else torch.zeros(num_ranks, dtype=torch.int64, device=self._device),
@@ -442,13 +442,18 @@ class Buffer:
         if num_experts % self.group_size != 0:
             fail(op, f"num_experts must be divisible by the rank count {self.group_size}, got {num_experts}")
         streams = _CallStreams(self, op, previous_event, async_finish, allocate_on_comm_stream)
+        slots = self._kernels.layout.scratch_slots(num_experts, self.group_size, self.num_rdma_ranks)
+        if self._layout_scratch.numel() < slots:
+            # Zeroed once on the comm stream; the kernel leaves it zero after every call.
+            with streams.launch():
+                self._layout_scratch = torch.zeros(slots, dtype=torch.int32, device=self._device)
         with streams.allocation(), streams.launch():
             outputs = self._kernels.layout.launch_route_stats(
                 topk_idx,
                 num_experts,
                 self.group_size,
                 self.num_nvl_ranks,
-                self._layout_ticket,
+                self._layout_scratch,
                 self.num_rdma_ranks > 1,
             )
         event = streams.finish([topk_idx, *outputs])

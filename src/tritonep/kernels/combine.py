@@ -28,6 +28,7 @@ import triton.language as tl
 from .. import _env
 from .casting import round_to
 from .tiles import column, lane, row_block
+from .launch import fast
 from .naming import named_kernel
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
@@ -255,7 +256,7 @@ def launch_combine(
     num_topk = topk_weights.shape[1] if has_weights else 0
     hidden = x.shape[1]
     q = ctx.data_offset
-    _combine_kernel[(2 * num_channels,)](
+    fast(_combine_kernel)[(2 * num_channels,)](
         x.data_ptr(),
         topk_weights.data_ptr() if has_weights else 0,
         bias0 if bias0 is not None else out,

@@ -32,6 +32,7 @@ Example:
 import triton
 import triton.language as tl
 
+from .launch import fast
 from .naming import named_kernel
 from .tiles import column, lane, row_block
 from .sync import now_ns, report_error, store_release, wait_all_at_least
@@ -409,7 +410,7 @@ def launch_dispatch(
     block_w = min(block_words, triton.next_power_of_2(row_words))
     dummy = send_head
     q = ctx.data_offset
-    _dispatch_kernel[(2 * num_channels,)](
+    fast(_dispatch_kernel)[(2 * num_channels,)](
         x,
         x.stride(0),
         scales if has_scales else dummy,

@@ -7,9 +7,11 @@ Problem: from `topk_idx [N, K]` (negative = no expert) compute
   is_token_in_rank[t, j].
 
 Algorithm: one launch, one program per block of tokens. Each program writes its rows of
-`is_token_in_rank` and a row of partial counts into a scratch matrix, then takes a ticket; the
-program that draws the last ticket sums the partial rows into the outputs and re-arms the ticket
-for the next call. No atomics on outputs, so no zero-fill kernel, and the result is deterministic.
+`is_token_in_rank` and adds its partial counts into a persistent int32 accumulator (kept zero
+between calls), then takes a ticket; the program that draws the last ticket copies the sums into
+the fresh outputs, zeroes the accumulator and re-arms the ticket. One round of atomics per program
+and one load for the last one: no zero-fill kernel, no serial reduction, graph-replay safe. The
+sums are of integers, so the result does not depend on the order of the atomics.
 
 Example:
     R=2, E=4 (L=2), topk_idx=[[0, 3], [1, -1], [-1, -1]]
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
 from .naming import named_kernel
 
 
@@ -30,8 +33,7 @@ from .naming import named_kernel
 def _route_stats_kernel(
     topk_idx_ptr,
     num_tokens,
-    partial_ptr,
-    ticket_ptr,
+    scratch_ptr,
     num_tokens_per_rank_ptr,
     num_tokens_per_node_ptr,
     num_tokens_per_expert_ptr,
@@ -46,12 +48,15 @@ def _route_stats_kernel(
     BLOCK_RANKS: tl.constexpr,
     BLOCK_NODES: tl.constexpr,
     NUM_BINS: tl.constexpr,
-    PARTIAL_STRIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     experts_per_rank: tl.constexpr = NUM_EXPERTS // NUM_RANKS
     num_nodes: tl.constexpr = NUM_RANKS // RANKS_PER_NODE
+    # scratch: [ticket | experts | ranks | nodes]
+    expert_acc = scratch_ptr + 1
+    rank_acc = expert_acc + NUM_EXPERTS
+    node_acc = rank_acc + NUM_RANKS
 
     tokens = pid.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     token_ok = tokens < num_tokens
@@ -72,45 +77,39 @@ def _route_stats_kernel(
         mask=token_ok[:, None] & (ranks[None, :] < NUM_RANKS),
     )
 
-    # Partial row: [experts | ranks | nodes]. Bin 0 of the histogram collects the -1 entries.
-    partial_row = partial_ptr + pid.to(tl.int64) * PARTIAL_STRIDE
+    # Bin 0 of the histogram collects the -1 entries and is dropped.
     bins = tl.histogram(tl.reshape(idx + 1, (BLOCK_TOKENS * BLOCK_TOPK,)), NUM_BINS)
     bin_ids = tl.arange(0, NUM_BINS)
-    tl.store(partial_row + bin_ids - 1, bins, mask=(bin_ids >= 1) & (bin_ids <= NUM_EXPERTS))
-    tl.store(partial_row + NUM_EXPERTS + ranks, tl.sum(in_rank, axis=0), mask=ranks < NUM_RANKS)
+    tl.atomic_add(expert_acc + bin_ids - 1, bins, mask=(bin_ids >= 1) & (bin_ids <= NUM_EXPERTS) & (bins > 0), sem="relaxed", scope="gpu")
+    tl.atomic_add(rank_acc + ranks, tl.sum(in_rank, axis=0), mask=ranks < NUM_RANKS, sem="relaxed", scope="gpu")
     if HAS_NODES:
         nodes = tl.arange(0, BLOCK_NODES)
         owner_node = tl.where(owner >= 0, owner // RANKS_PER_NODE, -1)
         in_node = tl.max((owner_node[:, :, None] == nodes[None, None, :]).to(tl.int32), axis=1)
-        tl.store(
-            partial_row + NUM_EXPERTS + NUM_RANKS + nodes,
-            tl.sum(in_node, axis=0),
-            mask=nodes < num_nodes,
-        )
+        tl.atomic_add(node_acc + nodes, tl.sum(in_node, axis=0), mask=nodes < num_nodes, sem="relaxed", scope="gpu")
 
-    # Make this program's partial row visible, then take a ticket; the last one reduces.
+    # Publish this program's additions, then take a ticket; the last one copies out and re-zeroes.
     tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(scratch_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == num_programs - 1:
         cols = tl.arange(0, NUM_BINS)
-        expert_sum = tl.zeros([NUM_BINS], dtype=tl.int32)
-        rank_sum = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
-        node_sum = tl.zeros([BLOCK_NODES], dtype=tl.int32)
-        for row in range(0, num_programs):
-            base = partial_ptr + row * PARTIAL_STRIDE
-            expert_sum += tl.load(base + cols, mask=cols < NUM_EXPERTS, other=0, cache_modifier=".cg")
-            rank_sum += tl.load(base + NUM_EXPERTS + ranks, mask=ranks < NUM_RANKS, other=0, cache_modifier=".cg")
-            if HAS_NODES:
-                nodes = tl.arange(0, BLOCK_NODES)
-                node_sum += tl.load(
-                    base + NUM_EXPERTS + NUM_RANKS + nodes, mask=nodes < num_nodes, other=0, cache_modifier=".cg"
-                )
+        expert_sum = tl.load(expert_acc + cols, mask=cols < NUM_EXPERTS, cache_modifier=".cg")
         tl.store(num_tokens_per_expert_ptr + cols, expert_sum, mask=cols < NUM_EXPERTS)
+        tl.store(expert_acc + cols, 0, mask=cols < NUM_EXPERTS)
+        rank_sum = tl.load(rank_acc + ranks, mask=ranks < NUM_RANKS, cache_modifier=".cg")
         tl.store(num_tokens_per_rank_ptr + ranks, rank_sum, mask=ranks < NUM_RANKS)
+        tl.store(rank_acc + ranks, 0, mask=ranks < NUM_RANKS)
         if HAS_NODES:
             nodes = tl.arange(0, BLOCK_NODES)
+            node_sum = tl.load(node_acc + nodes, mask=nodes < num_nodes, cache_modifier=".cg")
             tl.store(num_tokens_per_node_ptr + nodes, node_sum, mask=nodes < num_nodes)
-        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+            tl.store(node_acc + nodes, 0, mask=nodes < num_nodes)
+        tl.store(scratch_ptr, 0)
+
+
+def scratch_slots(num_experts: int, num_ranks: int, num_nodes: int) -> int:
+    """int32 slots of the persistent accumulator `launch_route_stats` needs (zeroed once)."""
+    return 1 + num_experts + num_ranks + num_nodes
 
 
 def launch_route_stats(
@@ -118,17 +117,19 @@ def launch_route_stats(
     num_experts: int,
     num_ranks: int,
     ranks_per_node: int,
-    ticket: torch.Tensor,
+    scratch: torch.Tensor,
     with_nodes: bool,
 ):
     """Allocate the four outputs and fill them with one launch on the current stream.
 
-    `ticket` is a persistent int32 cell, zero before the call and zero again after it.
+    `scratch` is a persistent int32 accumulator of at least `scratch_slots(...)` entries, all zero
+    before the call and zero again after it.
     Returns (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank).
     """
     device = topk_idx.device
     num_tokens, num_topk = topk_idx.shape
     num_nodes = num_ranks // ranks_per_node
+    assert scratch.numel() >= scratch_slots(num_experts, num_ranks, num_nodes)
     num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
     num_tokens_per_node = torch.empty(num_nodes, dtype=torch.int32, device=device) if with_nodes else None
     num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
@@ -141,13 +142,10 @@ def launch_route_stats(
     block_tokens = max(1, min(64, 8192 // (block_topk * max(block_ranks, block_nodes if with_nodes else 1))))
     block_tokens = min(triton.next_power_of_2(block_tokens), triton.next_power_of_2(max(num_tokens, 1)))
     num_programs = max(1, triton.cdiv(num_tokens, block_tokens))
-    partial_stride = num_experts + num_ranks + num_nodes
-    partial = torch.empty(num_programs * partial_stride, dtype=torch.int32, device=device)
-    _route_stats_kernel[(num_programs,)](
+    fast(_route_stats_kernel)[(num_programs,)](
         topk_idx,
         num_tokens,
-        partial,
-        ticket,
+        scratch,
         num_tokens_per_rank,
         num_tokens_per_node if with_nodes else num_tokens_per_rank,
         num_tokens_per_expert,
@@ -162,7 +160,6 @@ def launch_route_stats(
         BLOCK_RANKS=block_ranks,
         BLOCK_NODES=block_nodes,
         NUM_BINS=triton.next_power_of_2(num_experts + 1),
-        PARTIAL_STRIDE=partial_stride,
         num_warps=4,
     )
     return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank

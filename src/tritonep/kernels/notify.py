@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import protocol
+from .launch import fast
 from .naming import named_kernel
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
@@ -234,7 +235,7 @@ def launch_notify(
     else:
         num_tokens, experts_per_rank, num_worst_tokens = 0, 1, 0
         tensors = [peer_bases] * 6  # never dereferenced without COUNT
-    _notify_kernel[(1,)](
+    fast(_notify_kernel)[(1,)](
         peer_bases,
         rank,
         layout_key,

@@ -80,7 +80,7 @@ def _cases(kernels):
         matrix = torch.zeros((num_ranks, channels), dtype=torch.int32)
         square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
-        yield lambda: kernels.layout.launch_route_stats(topk_idx, experts, num_ranks, num_ranks, torch.zeros(1, dtype=torch.int32), False)
+        yield lambda: kernels.layout.launch_route_stats(topk_idx, experts, num_ranks, num_ranks, torch.zeros(1024, dtype=torch.int32), False)
         for counting in (False, True):
             counts = dict(
                 num_tokens=tokens, num_worst_tokens=0, experts_per_rank=experts // num_ranks,

@@ -91,7 +91,13 @@ def open_peer_memory(bootstrap: Bootstrap, num_bytes: int, backend: str, device:
 
         return ShmPeerMemory(bootstrap, num_bytes)
     if backend == "cuda":
-        from .symm_mem import SymmMemPeerMemory
+        # Symmetric memory needs a process group and one GPU per rank; CUDA IPC covers the rest.
+        devices = bootstrap.all_gather_object(str(torch.cuda.get_device_properties(device).uuid))
+        if bootstrap.process_group is not None and len(set(devices)) == len(devices):
+            from .symm_mem import SymmMemPeerMemory
 
-        return SymmMemPeerMemory(bootstrap, num_bytes, device)
+            return SymmMemPeerMemory(bootstrap, num_bytes, device)
+        from .cuda_ipc import CudaIpcPeerMemory
+
+        return CudaIpcPeerMemory(bootstrap, num_bytes, device)
     raise EPUnsupported(f"Buffer: peer-memory backend {backend!r} is not available in this build")
