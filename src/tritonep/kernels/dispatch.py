@@ -33,8 +33,10 @@ import triton
 import triton.language as tl
 
 from .launch import fast
+
+MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
-from .tiles import column, lane, row_block
+from .tiles import column, cumsum_rows, lane, row_block
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
 
@@ -201,7 +203,7 @@ def _dispatch_kernel(
                     mask=valid[:, None] & rank_ok[None, :],
                     other=0,
                 ).to(tl.int32)
-                position = sent[None, :] + tl.cumsum(flags, axis=0) - flags  # [TILE, R] stream position
+                position = sent[None, :] + cumsum_rows(flags, TILE, False)  # [TILE, R] stream position
                 count = tl.sum(flags, axis=0)
                 new_sent = sent + count
                 # Room for this chunk in every destination queue (heads carry the epoch).
@@ -406,6 +408,7 @@ def launch_dispatch(
     num_topk = topk_idx.shape[1] if has_topk else 0
     num_scales = scales.shape[1] if has_scales else 0
     topk_ty = tl.int32 if (has_topk and topk_idx.dtype.itemsize == 4) else tl.int64
+    chunk = min(chunk, MAX_TILE)
     tile = triton.next_power_of_2(chunk)
     block_w = min(block_words, triton.next_power_of_2(row_words))
     dummy = send_head

@@ -31,6 +31,7 @@ import triton.language as tl
 from .. import protocol
 from .launch import fast
 from .naming import named_kernel
+from .tiles import cumsum_rows
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
 
@@ -162,7 +163,7 @@ def _notify_kernel(
             other=0,
             volatile=True,
         )  # [source, destination]
-        rank_prefix = tl.cumsum(counts, axis=0)
+        rank_prefix = cumsum_rows(counts, BLOCK_RANKS, True)
         tl.store(
             rank_prefix_matrix_ptr + ranks[:, None] * NUM_RANKS + ranks[None, :],
             rank_prefix,

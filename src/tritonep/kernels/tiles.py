@@ -28,3 +28,18 @@ def column(matrix, lanes, j):
 def lane(vector, lanes, j):
     """`vector[j]` of a `[lanes]` vector."""
     return tl.sum(tl.where(lanes == j, vector, 0), axis=0)
+
+
+@triton.jit
+def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
+    """Prefix sums down the rows of a small `[ROWS, lanes]` integer tile.
+
+    A masked `[ROWS, ROWS, lanes]` reduction instead of `tl.cumsum(axis=0)`, whose lowering fails
+    (ScanOpToLLVM assertion) in triton 3.6 for some tile layouts of the dispatch kernel.
+    """
+    rows = tl.arange(0, ROWS)
+    if INCLUSIVE:
+        below = rows[:, None] >= rows[None, :]
+    else:
+        below = rows[:, None] > rows[None, :]
+    return tl.sum(tl.where(below[:, :, None], matrix[None, :, :], 0), axis=1)
