@@ -25,7 +25,7 @@ from ._device import is_sm90_compiled as _is_sm90_compiled
 from ._validate import check_int, check_rows_aligned, check_tensor, fail
 from .config import Config
 from .errors import EPInvalidArgument, EPStateError, EPTimeoutError, EPUnsupported
-from .event import EventHandle, EventOverlap, previous_handle, wait_for
+from .event import EventHandle, EventOverlap, previous_handle
 from .handles import IntranodeHandle
 from .kernels.context import LaunchContext
 from .transport import Bootstrap, open_peer_memory
@@ -109,16 +109,28 @@ def _layout_key(*fields) -> int:
 
 
 class _CallStreams:
-    """Stream and event rules of one high-throughput call (spec §14.5)."""
+    """Stream and event rules of one high-throughput call (spec §14.5).
+
+    The hand-offs between the caller's stream and the comm stream reuse two events owned by the
+    Buffer (a wait captures the event's state when it is enqueued, so re-recording is safe); only an
+    `async_finish` call creates a new event, because the caller keeps it.
+    """
 
     def __init__(self, buffer: Buffer, op: str, previous_event, async_finish: bool, allocate_on_comm_stream: bool):
-        if allocate_on_comm_stream and (previous_handle(previous_event, op) is None or not async_finish):
+        previous = previous_handle(previous_event, op)
+        if allocate_on_comm_stream and (previous is None or not async_finish):
             fail(op, "allocate_on_comm_stream=True requires a previous_event and async_finish=True")
+        self.buffer = buffer
         self.comm = buffer._comm_stream
         self.async_finish = async_finish
         self.allocate_on_comm_stream = allocate_on_comm_stream
-        self.compute = torch.cuda.current_stream() if self.comm is not None else None
-        wait_for(previous_event, self.comm, op)
+        if self.comm is None:
+            return
+        if previous is not None and previous.event is not None:
+            self.comm.wait_event(previous.event)
+        else:
+            buffer._to_comm.record()
+            self.comm.wait_event(buffer._to_comm)
 
     def allocation(self):
         """Context in which output tensors are allocated."""
@@ -131,16 +143,19 @@ class _CallStreams:
         return torch.cuda.stream(self.comm) if self.comm is not None else contextlib.nullcontext()
 
     def finish(self, tensors) -> EventOverlap:
-        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
         if self.comm is None:
             return EventOverlap(EventHandle._on_stream(None)) if self.async_finish else EventOverlap()
         if self.async_finish:
+            compute = torch.cuda.current_stream()
             for t in tensors:
-                t.record_stream(self.comm)
-                if self.allocate_on_comm_stream:
-                    t.record_stream(self.compute)
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self.comm)
+                    if self.allocate_on_comm_stream:
+                        t.record_stream(compute)
             return EventOverlap(EventHandle._on_stream(self.comm))
-        self.compute.wait_stream(self.comm)
+        to_compute = self.buffer._to_compute
+        to_compute.record(self.comm)
+        to_compute.wait()
         return EventOverlap()
 
 
@@ -260,6 +275,8 @@ class Buffer:
         self._host = resources.host_block.numpy()
         if self._backend == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
+            self._to_comm = torch.cuda.Event()
+            self._to_compute = torch.cuda.Event()
             clock_addr = 0
         else:
             self._comm_stream = None
@@ -278,6 +295,7 @@ class Buffer:
             clock_addr=clock_addr,
             timeout_ns=int(self._timeout_s * 1e9),
             use_globaltimer=self._backend == "cuda",
+            stream=self._comm_stream,
         )
         self._poison: str | None = None
         if self._backend == "cuda":
@@ -447,7 +465,7 @@ class Buffer:
             # Zeroed once on the comm stream; the kernel leaves it zero after every call.
             with streams.launch():
                 self._layout_scratch = torch.zeros(slots, dtype=torch.int32, device=self._device)
-        with streams.allocation(), streams.launch():
+        with streams.allocation():
             outputs = self._kernels.layout.launch_route_stats(
                 topk_idx,
                 num_experts,
@@ -455,6 +473,7 @@ class Buffer:
                 self.num_nvl_ranks,
                 self._layout_scratch,
                 self.num_rdma_ranks > 1,
+                stream=self._comm_stream,
             )
         event = streams.finish([topk_idx, *outputs])
         return (*outputs, event)
@@ -572,22 +591,21 @@ class Buffer:
                 channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
                 recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
                 send_head = torch.empty((num_tokens, num_ranks), dtype=torch.int32, device=device)
-        with streams.launch():
-            counts = None
-            if not cached:
-                counts = dict(
-                    num_tokens=num_tokens,
-                    num_worst_tokens=num_worst_tokens,
-                    experts_per_rank=experts_per_rank,
-                    num_tokens_per_rank=num_tokens_per_rank,
-                    num_tokens_per_expert=num_tokens_per_expert,
-                    is_token_in_rank=is_token_in_rank,
-                    rank_prefix_matrix=rank_prefix_matrix,
-                    channel_prefix_matrix=channel_prefix_matrix,
-                    recv_channel_prefix_matrix=recv_channel_prefix_matrix,
-                )
-                self._host[protocol.HOST_READY] = 0
-            self._notify(key, num_channels, phase=2, counts=counts)
+        counts = None
+        if not cached:
+            counts = dict(
+                num_tokens=num_tokens,
+                num_worst_tokens=num_worst_tokens,
+                experts_per_rank=experts_per_rank,
+                num_tokens_per_rank=num_tokens_per_rank,
+                num_tokens_per_expert=num_tokens_per_expert,
+                is_token_in_rank=is_token_in_rank,
+                rank_prefix_matrix=rank_prefix_matrix,
+                channel_prefix_matrix=channel_prefix_matrix,
+                recv_channel_prefix_matrix=recv_channel_prefix_matrix,
+            )
+            self._host[protocol.HOST_READY] = 0
+        self._notify(key, num_channels, phase=2, counts=counts)
         recv_counts_list = None
         if not cached:
             if num_worst_tokens > 0:
@@ -610,31 +628,30 @@ class Buffer:
             else:
                 send_head_out = send_head
         tuning = self._tuning()
-        with streams.launch():
-            self._kernels.dispatch.launch_dispatch(
-                self._ctx,
-                layout,
-                x=x_data.view(torch.int32) if row_bytes else x_data,
-                scales=x_scales.view(torch.int32) if x_scales is not None else None,
-                topk_idx=topk_idx,
-                topk_weights=topk_weights,
-                is_token_in_rank=is_token_in_rank,
-                channel_prefix_matrix=channel_prefix_matrix,
-                rank_prefix_matrix=rank_prefix_matrix,
-                recv_channel_prefix_matrix=recv_channel_prefix_matrix,
-                send_head=send_head_out,
-                recv_x=recv_x.view(torch.int32),
-                recv_src_idx=recv_src_idx if not cached else torch.empty_like(recv_src_idx),
-                recv_topk_idx=recv_topk_idx,
-                recv_topk_weights=recv_topk_weights,
-                recv_scales=recv_scales.view(torch.int32) if recv_scales is not None else None,
-                num_channels=num_channels,
-                chunk=config.num_max_nvl_chunked_send_tokens,
-                experts_per_rank=experts_per_rank,
-                worst=num_worst_tokens > 0 and not cached,
-                num_warps=tuning["dispatch_warps"],
-                block_words=tuning["dispatch_block_words"],
-            )
+        self._kernels.dispatch.launch_dispatch(
+            self._ctx,
+            layout,
+            x=x_data.view(torch.int32) if row_bytes else x_data,
+            scales=x_scales.view(torch.int32) if x_scales is not None else None,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            is_token_in_rank=is_token_in_rank,
+            channel_prefix_matrix=channel_prefix_matrix,
+            rank_prefix_matrix=rank_prefix_matrix,
+            recv_channel_prefix_matrix=recv_channel_prefix_matrix,
+            send_head=send_head_out,
+            recv_x=recv_x.view(torch.int32),
+            recv_src_idx=recv_src_idx if not cached else torch.empty_like(recv_src_idx),
+            recv_topk_idx=recv_topk_idx,
+            recv_topk_weights=recv_topk_weights,
+            recv_scales=recv_scales.view(torch.int32) if recv_scales is not None else None,
+            num_channels=num_channels,
+            chunk=config.num_max_nvl_chunked_send_tokens,
+            experts_per_rank=experts_per_rank,
+            worst=num_worst_tokens > 0 and not cached,
+            num_warps=tuning["dispatch_warps"],
+            block_words=tuning["dispatch_block_words"],
+        )
         self._after_launch(op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
         tensors = [x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
@@ -698,7 +715,7 @@ class Buffer:
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
         row_bytes = hidden * x.element_size()
         tuning = self._tuning()
-        tile = min(triton_next_pow2(config.num_max_nvl_chunked_send_tokens), tuning["combine_tile"])
+        tile = min(1 << (config.num_max_nvl_chunked_send_tokens - 1).bit_length(), tuning["combine_tile"])
         layout = self._queue_layout(op, config, row_bytes, False, 0, num_topk, 0, 8, tile)
         if self._backend == "cpu":
             self._check_cpu_queues(op, layout, handle.is_token_in_rank, num_channels)
@@ -710,26 +727,25 @@ class Buffer:
             combined_weights = (
                 torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self._device) if num_topk else None
             )
-        with streams.launch():
-            self._notify(key, num_channels, phase=3)
-            self._kernels.combine.launch_combine(
-                self._ctx,
-                layout,
-                x=x,
-                topk_weights=topk_weights,
-                bias0=biases[0],
-                bias1=biases[1],
-                rank_prefix_matrix=handle.rank_prefix_matrix,
-                recv_channel_prefix_matrix=handle.recv_channel_prefix_matrix,
-                send_head=handle.send_head,
-                out=combined_x,
-                out_weights=combined_weights,
-                num_channels=num_channels,
-                chunk=config.num_max_nvl_chunked_send_tokens,
-                tile=tile,
-                num_warps=tuning["combine_warps"],
-                block_h=tuning["combine_block_h"],
-            )
+        self._notify(key, num_channels, phase=3)
+        self._kernels.combine.launch_combine(
+            self._ctx,
+            layout,
+            x=x,
+            topk_weights=topk_weights,
+            bias0=biases[0],
+            bias1=biases[1],
+            rank_prefix_matrix=handle.rank_prefix_matrix,
+            recv_channel_prefix_matrix=handle.recv_channel_prefix_matrix,
+            send_head=handle.send_head,
+            out=combined_x,
+            out_weights=combined_weights,
+            num_channels=num_channels,
+            chunk=config.num_max_nvl_chunked_send_tokens,
+            tile=tile,
+            num_warps=tuning["combine_warps"],
+            block_h=tuning["combine_block_h"],
+        )
         self._after_launch(op)
         event = streams.finish([x, topk_weights, *biases, combined_x, combined_weights, *handle])
         return combined_x, combined_weights, event
@@ -903,6 +919,7 @@ class Buffer:
             phase=phase,
             use_globaltimer=self._ctx.use_globaltimer,
             counts=counts,
+            stream=self._comm_stream,
         )
 
     def _wait_counts(self, op: str, experts_per_rank: int) -> tuple[int, list[int]]:
@@ -933,6 +950,3 @@ class Buffer:
         if self._backend == "cpu":
             self._raise_device_error(op)
 
-
-def triton_next_pow2(value: int) -> int:
-    return 1 << max(0, (max(value, 1) - 1).bit_length())

@@ -28,7 +28,7 @@ import triton.language as tl
 from .. import _env
 from .casting import round_to
 from .tiles import column, lane, row_block
-from .launch import fast
+from .launch import fast, pow2
 from .naming import named_kernel
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
@@ -290,10 +290,11 @@ def launch_combine(
         ERR_TIMEOUT=protocol.ERR_TIMEOUT,
         PHASE=3,
         TILE=tile,
-        BLOCK_H=min(block_h, triton.next_power_of_2(hidden)),
-        BLOCK_RANKS=triton.next_power_of_2(ctx.num_ranks),
-        BLOCK_TOPK=triton.next_power_of_2(max(num_topk, 1)),
+        BLOCK_H=min(block_h, pow2(hidden)),
+        BLOCK_RANKS=pow2(ctx.num_ranks),
+        BLOCK_TOPK=pow2(max(num_topk, 1)),
         USE_GLOBALTIMER=ctx.use_globaltimer,
         INTERPRETED=_env.interpret_enabled(),
         num_warps=num_warps,
+        stream=ctx.stream,
     )

@@ -1,5 +1,7 @@
 """What every communication launcher needs to know about its buffer, gathered once per Buffer."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,7 @@ class LaunchContext:
     data_offset: byte offset of the data region inside each allocation.
     host_addr: address of this rank's host block (pinned host memory on GPUs).
     clock_addr: interpreter clock cell (0 on GPUs, which read `%globaltimer`).
+    stream: the Buffer's comm stream, where every kernel runs (None on the CPU backend).
     """
 
     peer_bases: torch.Tensor
@@ -24,3 +27,4 @@ class LaunchContext:
     clock_addr: int
     timeout_ns: int
     use_globaltimer: bool
+    stream: torch.cuda.Stream | None = None

@@ -32,7 +32,7 @@ Example:
 import triton
 import triton.language as tl
 
-from .launch import fast
+from .launch import fast, pow2
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
@@ -409,8 +409,8 @@ def launch_dispatch(
     num_scales = scales.shape[1] if has_scales else 0
     topk_ty = tl.int32 if (has_topk and topk_idx.dtype.itemsize == 4) else tl.int64
     chunk = min(chunk, MAX_TILE)
-    tile = triton.next_power_of_2(chunk)
-    block_w = min(block_words, triton.next_power_of_2(row_words))
+    tile = pow2(chunk)
+    block_w = min(block_words, pow2(row_words))
     dummy = send_head
     q = ctx.data_offset
     fast(_dispatch_kernel)[(2 * num_channels,)](
@@ -463,9 +463,10 @@ def launch_dispatch(
         PHASE=2,
         TILE=tile,
         BLOCK_W=block_w,
-        BLOCK_RANKS=triton.next_power_of_2(ctx.num_ranks),
-        BLOCK_TOPK=triton.next_power_of_2(max(num_topk, 1)),
-        BLOCK_SCALES=triton.next_power_of_2(max(num_scales, 1)),
+        BLOCK_RANKS=pow2(ctx.num_ranks),
+        BLOCK_TOPK=pow2(max(num_topk, 1)),
+        BLOCK_SCALES=pow2(max(num_scales, 1)),
         USE_GLOBALTIMER=ctx.use_globaltimer,
         num_warps=num_warps,
+        stream=ctx.stream,
     )

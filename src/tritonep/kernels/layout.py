@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast
+from .launch import fast, pow2
 from .naming import named_kernel
 
 
@@ -119,10 +119,11 @@ def launch_route_stats(
     ranks_per_node: int,
     scratch: torch.Tensor,
     with_nodes: bool,
+    stream=None,
 ):
     """Allocate the four outputs and fill them with one launch on the current stream.
 
-    `scratch` is a persistent int32 accumulator of at least `scratch_slots(...)` entries, all zero
+    `stream`: where to launch (None: the current stream). `scratch` is a persistent int32 accumulator of at least `scratch_slots(...)` entries, all zero
     before the call and zero again after it.
     Returns (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank).
     """
@@ -135,13 +136,13 @@ def launch_route_stats(
     num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
     is_token_in_rank = torch.empty((num_tokens, num_ranks), dtype=torch.bool, device=device)
 
-    block_topk = triton.next_power_of_2(max(num_topk, 1))
-    block_ranks = triton.next_power_of_2(num_ranks)
-    block_nodes = triton.next_power_of_2(num_nodes)
+    block_topk = pow2(max(num_topk, 1))
+    block_ranks = pow2(num_ranks)
+    block_nodes = pow2(num_nodes)
     # Keep the [tokens, topk, ranks] membership tile near 8K elements per program.
     block_tokens = max(1, min(64, 8192 // (block_topk * max(block_ranks, block_nodes if with_nodes else 1))))
-    block_tokens = min(triton.next_power_of_2(block_tokens), triton.next_power_of_2(max(num_tokens, 1)))
-    num_programs = max(1, triton.cdiv(num_tokens, block_tokens))
+    block_tokens = min(pow2(block_tokens), pow2(max(num_tokens, 1)))
+    num_programs = max(1, -(-num_tokens // block_tokens))
     fast(_route_stats_kernel)[(num_programs,)](
         topk_idx,
         num_tokens,
@@ -159,7 +160,8 @@ def launch_route_stats(
         BLOCK_TOPK=block_topk,
         BLOCK_RANKS=block_ranks,
         BLOCK_NODES=block_nodes,
-        NUM_BINS=triton.next_power_of_2(num_experts + 1),
+        NUM_BINS=pow2(num_experts + 1),
         num_warps=4,
+        stream=stream,
     )
     return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank

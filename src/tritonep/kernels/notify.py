@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import protocol
-from .launch import fast
+from .launch import fast, pow2
 from .naming import named_kernel
 from .tiles import cumsum_rows
 from .sync import now_ns, report_error, store_release, wait_all_at_least
@@ -212,6 +212,7 @@ def launch_notify(
     phase: int,
     use_globaltimer: bool,
     counts=None,
+    stream=None,
 ):
     """Launch the notify kernel on the current stream.
 
@@ -263,10 +264,11 @@ def launch_notify(
         ERR_TIMEOUT=protocol.ERR_TIMEOUT,
         ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
         ERR_OVERFLOW=protocol.ERR_OVERFLOW,
-        BLOCK_RANKS=triton.next_power_of_2(num_ranks),
-        BLOCK_CHANNELS=triton.next_power_of_2(num_channels),
-        BLOCK_EXPERTS=triton.next_power_of_2(max(experts_per_rank, 1)),
+        BLOCK_RANKS=pow2(num_ranks),
+        BLOCK_CHANNELS=pow2(num_channels),
+        BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
         BLOCK_TOKENS=128,
         USE_GLOBALTIMER=use_globaltimer,
         num_warps=4,
+        stream=stream,
     )

@@ -39,8 +39,22 @@ def gather(group, tensor):
 
 
 @contextlib.contextmanager
-def poisoned_allocations():
-    """Inside: `torch.empty` returns NaN / max-int filled memory (unwritten outputs become visible)."""
+def poisoned_allocations(device: torch.device | None = None):
+    """Inside: fresh outputs start as garbage, so an element the kernels forgot to write shows up.
+
+    CPU: `torch.empty` fills new memory with NaN / max-int (torch's deterministic mode).
+    CUDA: that fill would be a kernel on the allocating stream racing the comm stream, so instead
+    the caching allocator is primed: a large block is filled with 0x7F bytes (NaN for FP8, huge for
+    BF16/FP32/int) and freed, and the outputs are carved from it without any kernel.
+    """
+    if device is not None and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        block = torch.empty(min(1 << 30, free // 4), dtype=torch.uint8, device=device)
+        block.fill_(0x7F)
+        torch.cuda.synchronize(device)
+        del block
+        yield
+        return
     import torch.utils.deterministic as det
 
     was_det, was_warn, was_fill = (
@@ -162,7 +176,7 @@ def check_intranode(
     stats = {"dispatches": 0, "combines": 0}
 
     # Layout: exact against the definition.
-    with poisoned_allocations():
+    with poisoned_allocations(device):
         ntr, ntn, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     ref_layout = reference.layout(topk_idx.cpu(), num_experts, num_ranks, buffer.num_nvl_ranks)
     for name, got, want in zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
@@ -186,7 +200,7 @@ def check_intranode(
         all_scales = gather(group, x[1]) if isinstance(x, tuple) else None
         for with_topk, async_finish, with_prev in variants:
             prev = buffer.capture() if with_prev else None
-            with poisoned_allocations():
+            with poisoned_allocations(device):
                 recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
                     x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
                     topk_idx=topk_idx if with_topk else None, topk_weights=topk_weights if with_topk else None,
@@ -216,7 +230,7 @@ def check_intranode(
             else:
                 assert recv_idx is None and recv_w is None
             # Cached dispatch with the new handle reproduces the rows exactly.
-            with poisoned_allocations():
+            with poisoned_allocations(device):
                 cached = buffer.dispatch(x, handle=handle, config=config, async_finish=async_finish)
             if async_finish:
                 cached[-1].current_stream_wait()
@@ -239,7 +253,7 @@ def check_intranode(
                 torch.randn((num_tokens, hidden), generator=gen).to(torch.bfloat16).to(device) for _ in range(num_bias)
             )
             bias = None if num_bias == 0 else (biases[0] if num_bias == 1 else biases)
-            with poisoned_allocations():
+            with poisoned_allocations(device):
                 combined, combined_w, event = buffer.combine(
                     y, handle, topk_weights=recv_w if with_weights else None, bias=bias, config=config
                 )
@@ -262,12 +276,13 @@ def check_intranode(
 def check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, nte, num_experts) -> dict:
     """`num_worst_tokens`: fixed row count, padding rows -1 / 0, rows [0, M) equal to the normal dispatch."""
     group, rank = ctx.group, ctx.rank
+    device = x.device
     num_worst = max(1, sum(gather(group, x.size(0))))  # the most any rank can receive
     all_x, all_itr = gather(group, x), gather(group, itr)
     all_idx, all_w = gather(group, topk_idx), gather(group, topk_weights)
     ref = reference.dispatch(rank, num_experts, all_x, all_itr, all_idx, all_w)
     num_recv = ref["recv_x"].size(0)
-    with poisoned_allocations():
+    with poisoned_allocations(device):
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
             x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
             topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=num_worst, config=config,
@@ -279,14 +294,14 @@ def check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, n
     _assert_equal("worst recv_topk_weights[:M]", recv_w[:num_recv], ref["recv_topk_weights"])
     assert bool((recv_idx[num_recv:] == -1).all()), "worst-case dispatch: padding rows must have top-k -1"
     assert bool((recv_w[num_recv:] == 0).all()), "worst-case dispatch: padding rows must have weight 0"
-    with poisoned_allocations():
+    with poisoned_allocations(device):
         cached_x = buffer.dispatch(x, handle=handle, config=config)[0]
     _assert_equal("worst cached recv_x[:M]", cached_x[:num_recv], ref["recv_x"])
     # Combine with a worst-case handle: padding rows of the input are ignored.
     y = recv_x.clone()
     y[num_recv:] = float("nan")
     blocks = _combine_blocks(group, rank, handle)
-    with poisoned_allocations():
+    with poisoned_allocations(device):
         combined, _, _ = buffer.combine(y, handle, config=config)
     want, _ = reference.combine(rank, gather(group, y), blocks, x.size(0))
     _assert_equal("worst combine", combined, want)
