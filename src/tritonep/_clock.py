@@ -2,24 +2,27 @@
 
 Interpreted kernels cannot execute inline PTX, so their bounded waits read the current time from a
 memory cell that a daemon thread refreshes every millisecond with `time.monotonic_ns()`. One cell
-per process serves every Buffer.
+per process serves every Buffer. The thread writes through a numpy view (no torch call that could
+be cut short mid-C++ at interpreter exit) and is stopped by an atexit hook.
 """
 
+import atexit
 import threading
 import time
 
-import torch
-
-_cell: torch.Tensor | None = None
-_lock = threading.Lock()
+import numpy as np
 
 TICK_S = 0.001
 
+_cell: np.ndarray | None = None
+_stop = threading.Event()
+_lock = threading.Lock()
 
-def _tick(cell: torch.Tensor) -> None:
-    while True:
+
+def _tick(cell: np.ndarray) -> None:
+    while not _stop.is_set():
         cell[0] = time.monotonic_ns()
-        time.sleep(TICK_S)
+        _stop.wait(TICK_S)
 
 
 def clock_address() -> int:
@@ -27,6 +30,8 @@ def clock_address() -> int:
     global _cell
     with _lock:
         if _cell is None:
-            _cell = torch.tensor([time.monotonic_ns()], dtype=torch.int64)
-            threading.Thread(target=_tick, args=(_cell,), name="tritonep-clock", daemon=True).start()
-        return _cell.data_ptr()
+            _cell = np.array([time.monotonic_ns()], dtype=np.int64)
+            thread = threading.Thread(target=_tick, args=(_cell,), name="tritonep-clock", daemon=True)
+            thread.start()
+            atexit.register(lambda: (_stop.set(), thread.join(1.0)))
+        return _cell.ctypes.data

@@ -145,6 +145,14 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         d["combine_chunk"] = c["nvl_chunk"]
         d["kind"] = "sms"
         record["rows"].append(d)
+    for variant in args.variants:
+        # Program-shape experiments: same figures under another tuning (recorded with the row).
+        buffer._tuning_override = variant
+        d = measure(tritonep.Config(args.num_sms, dispatch_cfg.num_max_nvl_chunked_send_tokens, 256), ("dispatch_bf16", "dispatch_fp8"))
+        c = measure(tritonep.Config(args.num_sms, combine_cfg.num_max_nvl_chunked_send_tokens, 256), ("combine",))
+        d["combine"], d["combine_chunk"], d["kind"], d["tuning"] = c["combine"], c["nvl_chunk"], "variant", variant
+        record["rows"].append(d)
+    buffer._tuning_override = {}
     if args.sweep:
         for chunk in args.sweep_dispatch_chunks:
             row = measure(tritonep.Config(args.num_sms, chunk, 256), ("dispatch_bf16",))
@@ -163,6 +171,8 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     if use_gpu:
         torch.cuda.synchronize()
     dist.barrier(group)
+    ctx.state.clear()
+    del buffer
     dist.destroy_process_group()
 
 
@@ -186,7 +196,8 @@ def _print_table(meta: dict, ranks: list) -> None:
         for op in ("dispatch_bf16", "dispatch_fp8", "combine"):
             if op in row:
                 chunk = row["combine_chunk"] if (op == "combine" and "combine_chunk" in row) else row["nvl_chunk"]
-                print(f"{op:<14}{row['num_sms']:>5}{chunk:>7}{row[op]['us']:>10.1f}{row[op]['GBps']:>9.1f}")
+                extra = f"  {row['tuning']}" if "tuning" in row else ""
+                print(f"{op:<14}{row['num_sms']:>5}{chunk:>7}{row[op]['us']:>10.1f}{row[op]['GBps']:>9.1f}{extra}")
 
 
 def main(argv=None) -> int:
@@ -204,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-dispatch-chunks", type=int, nargs="*", default=list(range(4, 33, 4)))
     parser.add_argument("--sweep-combine-chunks", type=int, nargs="*", default=[1, 2, 4, 6, 8, 12, 16])
     parser.add_argument("--matrix", choices=("quick", "full"), default="quick")
+    parser.add_argument("--variants", type=json.loads, default=[],
+                        help='JSON list of tuning overrides to compare, e.g. \'[{"dispatch_warps": 16}]\'')
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write results (machine, commit, shapes, config, figures) here")

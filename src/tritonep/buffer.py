@@ -298,6 +298,7 @@ class Buffer:
             stream=self._comm_stream,
         )
         self._poison: str | None = None
+        self._tuning_override: dict = {}
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
         # Nobody may signal a peer before every rank has zeroed its signal region.
@@ -631,7 +632,7 @@ class Buffer:
         self._kernels.dispatch.launch_dispatch(
             self._ctx,
             layout,
-            x=x_data.view(torch.int32) if row_bytes else x_data,
+            x=x_data.view(torch.int32),
             scales=x_scales.view(torch.int32) if x_scales is not None else None,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
@@ -641,7 +642,7 @@ class Buffer:
             recv_channel_prefix_matrix=recv_channel_prefix_matrix,
             send_head=send_head_out,
             recv_x=recv_x.view(torch.int32),
-            recv_src_idx=recv_src_idx if not cached else torch.empty_like(recv_src_idx),
+            recv_src_idx=recv_src_idx,
             recv_topk_idx=recv_topk_idx,
             recv_topk_weights=recv_topk_weights,
             recv_scales=recv_scales.view(torch.int32) if recv_scales is not None else None,
@@ -650,7 +651,7 @@ class Buffer:
             experts_per_rank=experts_per_rank,
             worst=num_worst_tokens > 0 and not cached,
             num_warps=tuning["dispatch_warps"],
-            block_words=tuning["dispatch_block_words"],
+            tile_words=tuning["dispatch_tile_words"],
         )
         self._after_launch(op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
@@ -744,7 +745,7 @@ class Buffer:
             chunk=config.num_max_nvl_chunked_send_tokens,
             tile=tile,
             num_warps=tuning["combine_warps"],
-            block_h=tuning["combine_block_h"],
+            tile_words=tuning["combine_tile_words"],
         )
         self._after_launch(op)
         event = streams.finish([x, topk_weights, *biases, combined_x, combined_weights, *handle])
@@ -800,10 +801,17 @@ class Buffer:
 
     # ------------------------------------------------------------------------- internals
     def _tuning(self) -> dict:
-        """Tile shapes per backend: the interpreter wants few, small blocks; GPUs want bytes in flight."""
+        """Program shapes per backend: the interpreter wants few, small blocks; GPUs want bytes in flight.
+
+        `tile_words` is the register tile of one copy step (4-byte words per program). Benchmarks
+        may override entries through `_tuning_override`.
+        """
         if self._backend == "cpu":
-            return dict(dispatch_warps=1, dispatch_block_words=64, combine_warps=1, combine_block_h=64, combine_tile=8)
-        return dict(dispatch_warps=8, dispatch_block_words=2048, combine_warps=8, combine_block_h=1024, combine_tile=8)
+            tuning = dict(dispatch_warps=1, dispatch_tile_words=512, combine_warps=1, combine_tile_words=512, combine_tile=8)
+        else:
+            tuning = dict(dispatch_warps=8, dispatch_tile_words=8192, combine_warps=8, combine_tile_words=8192, combine_tile=8)
+        tuning.update(self._tuning_override)
+        return tuning
 
     def _resolve_config(self, op: str, config: Config | None, default: Callable[[int], Config]) -> Config:
         if config is None:

@@ -245,9 +245,13 @@ def launch_combine(
     chunk,
     tile,
     num_warps,
-    block_h,
+    tile_words,
 ):
-    """Launch the combine kernel (`2 * num_channels` programs) on the current stream."""
+    """Launch the combine kernel (`2 * num_channels` programs) on the comm stream.
+
+    `tile` tokens are reduced per receiver step (at most the queue capacity); `tile_words` bounds
+    the `[tile, BLOCK_H]` fp32 accumulator of a step.
+    """
     from .. import protocol
 
     signal = protocol.SignalLayout(ctx.num_ranks)
@@ -290,7 +294,7 @@ def launch_combine(
         ERR_TIMEOUT=protocol.ERR_TIMEOUT,
         PHASE=3,
         TILE=tile,
-        BLOCK_H=min(block_h, pow2(hidden)),
+        BLOCK_H=min(pow2(hidden), max(16, tile_words // tile)),
         BLOCK_RANKS=pow2(ctx.num_ranks),
         BLOCK_TOPK=pow2(max(num_topk, 1)),
         USE_GLOBALTIMER=ctx.use_globaltimer,

@@ -390,13 +390,14 @@ def launch_dispatch(
     experts_per_rank,
     worst,
     num_warps,
-    block_words,
+    tile_words,
 ):
     """Launch the dispatch kernel (`2 * num_channels` programs) on the current stream.
 
     `x` / `recv_x` are int32 views of the rows (row bytes are a multiple of 16); `scales` /
     `recv_scales` int32 views of the FP8 scales (any strides on input) or None; `layout` is the
-    call's `protocol.QueueLayout`; `chunk` tokens are sent per queue publish.
+    call's `protocol.QueueLayout`; `chunk` tokens are sent per queue publish; `tile_words` is the
+    register budget of one copy step in 4-byte words.
     """
     from .. import protocol
 
@@ -410,7 +411,8 @@ def launch_dispatch(
     topk_ty = tl.int32 if (has_topk and topk_idx.dtype.itemsize == 4) else tl.int64
     chunk = min(chunk, MAX_TILE)
     tile = pow2(chunk)
-    block_w = min(block_words, pow2(row_words))
+    # `tile_words` bounds the [tile, block_w] register tile (e.g. 8192 words = 32 KB per program).
+    block_w = min(pow2(row_words), max(16, tile_words // tile))
     dummy = send_head
     q = ctx.data_offset
     fast(_dispatch_kernel)[(2 * num_channels,)](
