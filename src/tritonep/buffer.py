@@ -333,34 +333,44 @@ class Buffer:
             )
 
     def _raise_device_error(self, op: str) -> None:
-        """Turn a device error record (spec §14.7) into an exception; the buffer is poisoned after."""
+        """Turn a device error record (spec §14.7) into an exception; the buffer is poisoned after,
+        except for a refusal, which no kernel acted on."""
         host = self._host
         code = int(host[protocol.HOST_ERROR + 7])
         if code == 0:
             return
-        rank, peer, phase, channel, observed, expected = (int(v) for v in host[protocol.HOST_ERROR + 1 : protocol.HOST_ERROR + 7])
+        rank, peer, phase, channel, observed, expected = (
+            int(v) for v in host[protocol.HOST_ERROR + 1 : protocol.HOST_ERROR + 7]
+        )
         phase_name = protocol.PHASE_NAMES.get(phase, f"phase {phase}")
-        where = f"rank {rank}, {phase_name}" + (f", channel {channel}" if channel >= 0 else "")
+        where = f"{phase_name} phase" + (f", channel {channel}" if channel >= 0 else "")
         if code == protocol.ERR_TIMEOUT:
             message = (
-                f"{where}: timed out after {self._timeout_s:g} s waiting for rank {peer} "
-                f"(saw {observed}, needed {expected}); TRITONEP_TIMEOUT_S sets the limit"
+                f"rank {rank} timed out after {self._timeout_s:g} s in the {where} waiting for rank {peer} "
+                f"(progress seen {observed}, needed {expected}); TRITONEP_TIMEOUT_S sets the limit"
             )
             error = EPTimeoutError
         elif code == protocol.ERR_LAYOUT_MISMATCH:
             message = (
-                f"{where}: rank {peer} called with a different geometry (hidden size, top-k, scales, "
-                f"config or dtype; fingerprint {observed} vs {expected})"
+                f"rank {rank} found in the {where} that rank {peer} made this call with a different "
+                f"geometry (hidden size, top-k, scales, dtype or config; fingerprint {observed} vs {expected})"
             )
             error = EPInvalidArgument
         elif code == protocol.ERR_OVERFLOW:
-            message = f"{where}: {observed} rows arrived but num_worst_tokens is {expected}; extra rows were dropped"
+            message = f"rank {rank} received {observed} rows but num_worst_tokens is {expected}; the extra rows were dropped"
             error = EPInvalidArgument
+        elif code == protocol.ERR_REFUSED:
+            host[protocol.HOST_ERROR : protocol.HOST_ERROR + protocol.ERROR_SLOTS] = 0
+            raise EPUnsupported(
+                f"{op}: the CPU backend runs a launch's programs one after another, so a queue must hold a "
+                f"whole channel; rank {peer} needs {observed} rows but queues hold {expected}: raise "
+                "num_nvl_bytes, num_max_nvl_chunked_recv_tokens or num_sms"
+            )
         else:
-            message = f"{where}: device error code {code}"
+            message = f"rank {rank}: device error code {code} in the {where}"
             error = EPStateError
         self._poison = message
-        print(f"tritonep: {message}", file=sys.stderr)
+        print(f"tritonep: {op}: {message}", file=sys.stderr)
         raise error(f"{op}: {message}")
 
     # ------------------------------------------------------------------------ static helpers
@@ -419,7 +429,9 @@ class Buffer:
         peer = self._resources.peer_memory
         if peer is None:
             raise EPStateError(f"{op}: this buffer has no NVL memory (num_nvl_bytes=0)")
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if not isinstance(dtype, torch.dtype):
+            fail(op, f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        itemsize = dtype.itemsize
         check_int(op, "offset", offset, minimum=0)
         if offset % itemsize != 0 or offset > self.num_nvl_bytes:
             fail(op, f"offset must be a multiple of {itemsize} within {self.num_nvl_bytes} bytes, got {offset}")
@@ -535,6 +547,7 @@ class Buffer:
         num_ranks = self.group_size
         check_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
         cached = handle is not None
+        run_op = "dispatch (cached)" if cached else op  # names the call in runtime errors
         if cached:
             handle = self._check_intranode_handle(op, handle, num_channels)
             if topk_idx is not None or topk_weights is not None:
@@ -548,7 +561,7 @@ class Buffer:
             for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                                 ("num_tokens_per_expert", num_tokens_per_expert)):
                 if value is None:
-                    fail(op, f"{name} is required for a non-cached dispatch (no handle given)")
+                    fail(op, f"{name} is required for a non-cached dispatch (no handle given), got None")
             check_tensor(op, "num_tokens_per_rank", num_tokens_per_rank, device=self._device, dtypes=(torch.int32,), shape=(num_ranks,))
             check_tensor(op, "is_token_in_rank", is_token_in_rank, device=self._device, dtypes=(torch.bool,), shape=(num_tokens, num_ranks))
             check_tensor(op, "num_tokens_per_expert", num_tokens_per_expert, device=self._device, dtypes=(torch.int32,), dim=1)
@@ -556,7 +569,11 @@ class Buffer:
             if num_experts == 0 or num_experts % num_ranks != 0:
                 fail(op, f"num_tokens_per_expert must have a positive multiple of {num_ranks} entries, got {num_experts}")
             if num_experts // num_ranks > protocol.MAX_LOCAL_EXPERTS:
-                fail(op, f"at most {protocol.MAX_LOCAL_EXPERTS} experts per rank are supported, got {num_experts // num_ranks}")
+                fail(
+                    op,
+                    f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x {num_ranks} entries "
+                    f"({protocol.MAX_LOCAL_EXPERTS} experts per rank), got {num_experts} ({num_experts // num_ranks} per rank)",
+                )
             if (topk_idx is None) != (topk_weights is None):
                 fail(op, "topk_idx and topk_weights must be given together")
             if topk_idx is not None:
@@ -574,7 +591,7 @@ class Buffer:
             op, config, row_bytes, True, num_topk, num_topk, num_scales, topk_itemsize,
             config.num_max_nvl_chunked_send_tokens,
         )
-        self._check_cpu_queues(op, layout, is_token_in_rank, num_channels)
+        refuse = self._cpu_refusal(is_token_in_rank, num_channels, layout.capacity)
         key = _layout_key("dispatch", cached, row_bytes, num_topk, num_scales, topk_itemsize,
                           num_channels, layout.capacity, config.num_max_nvl_chunked_send_tokens, num_worst_tokens > 0)
 
@@ -606,14 +623,15 @@ class Buffer:
                 recv_channel_prefix_matrix=recv_channel_prefix_matrix,
             )
             self._host[protocol.HOST_READY] = 0
-        self._notify(key, num_channels, phase=2, counts=counts)
+        self._notify(key, num_channels, counts=counts, refuse=refuse, capacity=layout.capacity)
+        self._after_launch(run_op)
         recv_counts_list = None
         if not cached:
             if num_worst_tokens > 0:
                 num_recv = num_worst_tokens
                 recv_counts_list = []
             else:
-                num_recv, per_expert = self._wait_counts(op, experts_per_rank)
+                num_recv, per_expert = self._wait_counts(run_op, experts_per_rank)
                 recv_counts_list = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
         with streams.allocation():
             recv_x = torch.empty((num_recv, x_data.size(1)), dtype=x_data.dtype, device=device)
@@ -653,7 +671,7 @@ class Buffer:
             num_warps=tuning["dispatch_warps"],
             tile_words=tuning["dispatch_tile_words"],
         )
-        self._after_launch(op)
+        self._after_launch(run_op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
         tensors = [x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                    num_tokens_per_expert, recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights,
@@ -718,8 +736,7 @@ class Buffer:
         tuning = self._tuning()
         tile = min(1 << (config.num_max_nvl_chunked_send_tokens - 1).bit_length(), tuning["combine_tile"])
         layout = self._queue_layout(op, config, row_bytes, False, 0, num_topk, 0, 8, tile)
-        if self._backend == "cpu":
-            self._check_cpu_queues(op, layout, handle.is_token_in_rank, num_channels)
+        refuse = self._cpu_refusal(handle.is_token_in_rank, num_channels, layout.capacity)
         key = _layout_key("combine", row_bytes, str(x.dtype), num_topk, num_channels, layout.capacity, tile,
                           config.num_max_nvl_chunked_send_tokens)
         streams = _CallStreams(self, op, previous_event, async_finish, allocate_on_comm_stream)
@@ -728,7 +745,8 @@ class Buffer:
             combined_weights = (
                 torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self._device) if num_topk else None
             )
-        self._notify(key, num_channels, phase=3)
+        self._notify(key, num_channels, refuse=refuse, capacity=layout.capacity)
+        self._after_launch(op)
         self._kernels.combine.launch_combine(
             self._ctx,
             layout,
@@ -756,14 +774,14 @@ class Buffer:
         """Internode dispatch (more than 8 ranks); not implemented yet."""
         self._check_usable("internode_dispatch")
         if self.group_size <= 8:
-            raise EPStateError("internode_dispatch: only valid with more than 8 ranks")
+            raise EPStateError(f"internode_dispatch: only valid with more than 8 ranks, got {self.group_size} ranks")
         raise EPUnsupported("internode_dispatch: the internode mode is not implemented yet")
 
     def internode_combine(self, *args, **kwargs):
         """Internode combine (more than 8 ranks); not implemented yet."""
         self._check_usable("internode_combine")
         if self.group_size <= 8:
-            raise EPStateError("internode_combine: only valid with more than 8 ranks")
+            raise EPStateError(f"internode_combine: only valid with more than 8 ranks, got {self.group_size} ranks")
         raise EPUnsupported("internode_combine: the internode mode is not implemented yet")
 
     def _low_latency_unavailable(self, op: str):
@@ -845,7 +863,8 @@ class Buffer:
 
     def _check_intranode_handle(self, op: str, handle, num_channels: int) -> IntranodeHandle:
         if not isinstance(handle, (tuple, list)) or len(handle) != 6:
-            fail(op, f"handle must be the 6-tuple of an intranode dispatch, got {type(handle).__name__} of length {len(handle) if isinstance(handle, (tuple, list)) else '?'}")
+            kind = f"a {type(handle).__name__} of {len(handle)}" if isinstance(handle, (tuple, list)) else type(handle).__name__
+            fail(op, f"handle must be the 6-tuple of an intranode dispatch, got {kind}")
         handle = IntranodeHandle(*handle)
         num_ranks = self.group_size
         check_tensor(op, "handle[0] (rank_prefix_matrix)", handle.rank_prefix_matrix, device=self._device, dtypes=(torch.int32,), shape=(num_ranks, num_ranks))
@@ -867,7 +886,8 @@ class Buffer:
         elif isinstance(bias, tuple) and len(bias) == 2:
             biases = bias
         else:
-            fail(op, f"bias must be None, a tensor or a pair of tensors, got {type(bias).__name__}")
+            kind = f"a tuple of {len(bias)}" if isinstance(bias, tuple) else type(bias).__name__
+            fail(op, f"bias must be None, a tensor or a pair of tensors, got {kind}")
         for i, b in enumerate(biases):
             if b is not None:
                 check_tensor(op, f"bias[{i}]", b, device=self._device, dtypes=(dtype,), shape=(num_tokens, hidden))
@@ -897,24 +917,27 @@ class Buffer:
             )
         return layout
 
-    def _check_cpu_queues(self, op: str, layout, is_token_in_rank: torch.Tensor, num_channels: int) -> None:
-        """The interpreter runs a launch's programs one after another: a queue must hold a whole channel."""
-        if self._backend != "cpu":
-            return
+    def _cpu_refusal(self, is_token_in_rank: torch.Tensor, num_channels: int, capacity: int) -> int:
+        """CPU backend: rows one of this rank's queues would need if that exceeds `capacity`, else 0.
+
+        The interpreter runs a launch's programs one after another, so senders cannot wait for
+        receivers of the same launch: every (channel, peer) queue must hold a whole channel. Each
+        rank checks the queues its own tokens use (dispatch sends, combine returns) and announces a
+        refusal in its notify message, so every rank fails the call together, without a host
+        collective that a stalled peer could hang.
+        """
+        if self._backend != "cpu" or is_token_in_rank.numel() == 0:
+            return 0
         num_tokens = is_token_in_rank.size(0)
         per_channel = -(-num_tokens // num_channels)
         padded = torch.zeros((num_channels * per_channel, self.group_size), dtype=torch.int32)
         padded[:num_tokens] = is_token_in_rank.to(torch.int32)
-        worst = int(padded.view(num_channels, per_channel, -1).sum(1).max()) if num_tokens else 0
-        # Every rank must agree to refuse, or the ones that launch would wait for the others forever.
-        worst = max(self._bootstrap.all_gather_object(worst))
-        if worst > layout.capacity:
-            raise EPUnsupported(
-                f"{op}: the CPU backend needs queues that hold a whole channel ({worst} rows), but they hold "
-                f"{layout.capacity}; raise num_nvl_bytes, num_max_nvl_chunked_recv_tokens or num_sms"
-            )
+        demand = padded.view(num_channels, per_channel, -1).sum(1)
+        demand[:, self.rank] = 0  # this rank's own rows never use a queue
+        worst = int(demand.max())
+        return worst if worst > capacity else 0
 
-    def _notify(self, key: int, num_channels: int, phase: int, counts=None) -> None:
+    def _notify(self, key: int, num_channels: int, counts=None, refuse: int = 0, capacity: int = 0) -> None:
         self._kernels.notify.launch_notify(
             peer_bases=self._ctx.peer_bases,
             rank=self.rank,
@@ -924,9 +947,10 @@ class Buffer:
             host_addr=self._ctx.host_addr,
             clock_addr=self._ctx.clock_addr,
             timeout_ns=self._ctx.timeout_ns,
-            phase=phase,
             use_globaltimer=self._ctx.use_globaltimer,
             counts=counts,
+            refuse=refuse,
+            capacity=capacity,
             stream=self._comm_stream,
         )
 

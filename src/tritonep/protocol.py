@@ -47,6 +47,7 @@ PHASE_NAMES = {1: "notify", 2: "dispatch", 3: "combine", 4: "barrier"}
 ERR_TIMEOUT = 1
 ERR_LAYOUT_MISMATCH = 2  # ranks disagree on the call's geometry (hidden, top-k, config ...)
 ERR_OVERFLOW = 3  # num_worst_tokens smaller than the rows actually received
+ERR_REFUSED = 4  # a rank cannot run the call with its queues (CPU backend: a queue must hold a channel)
 ERROR_SLOTS = 8  # [code, rank, peer, phase, channel, observed, expected, epoch]
 
 HOST_READY = 0
@@ -55,7 +56,7 @@ HOST_ERROR = 2
 HOST_EXPERT_COUNTS = HOST_ERROR + ERROR_SLOTS
 HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
 
-INBOX_HEADER_SLOTS = 4  # flag, layout key, num_tokens, spare (keeps the payload 32-byte aligned)
+INBOX_HEADER_SLOTS = 4  # flag, layout key, num_tokens, refusal (rows a queue would need, 0 = fine)
 
 
 def align_up(value: int, alignment: int = ALIGN) -> int:

@@ -12,7 +12,8 @@ Algorithm (one program):
    `num_tokens_per_expert`. Also publish head `(epoch, 0)` of every channel queue this rank
    receives into, telling senders that this rank's previous kernels are done.
 4. Wait for all R messages of this epoch; check the layout keys agree (a rank called with another
-   hidden size, top-k or config is reported instead of deadlocking the data kernel).
+   hidden size, top-k or config is reported instead of deadlocking the data kernel) and that no
+   rank refused the call (`refuse` > 0: rows one of its queues would need beyond `capacity`).
 5. Counting mode only: write `rank_prefix_matrix`, `recv_channel_prefix_matrix` and, into the host
    block, the received row count and per-expert counts, then publish `ready = epoch`.
 
@@ -35,11 +36,13 @@ from .tiles import cumsum_rows
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
 
-@named_kernel("intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens"])
+@named_kernel("intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens", "refuse", "capacity"])
 def _notify_kernel(
     peer_bases_ptr,
     rank,
     layout_key,
+    refuse,
+    capacity,
     num_channels,
     host_addr,
     clock_addr,
@@ -68,6 +71,7 @@ def _notify_kernel(
     ERR_TIMEOUT: tl.constexpr,
     ERR_LAYOUT_MISMATCH: tl.constexpr,
     ERR_OVERFLOW: tl.constexpr,
+    ERR_REFUSED: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
     BLOCK_EXPERTS: tl.constexpr,
@@ -117,6 +121,7 @@ def _notify_kernel(
         msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(tl.pointer_type(tl.int64))
         tl.store(msg + 1, layout_key)
         tl.store(msg + 2, num_tokens)
+        tl.store(msg + 3, refuse)
         if COUNT:
             payload = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD).to(
                 tl.pointer_type(tl.int32)
@@ -144,15 +149,23 @@ def _notify_kernel(
     ok = tl.sum(missing.to(tl.int32), axis=0) == 0
     if not ok:
         first = tl.min(tl.where(missing, ranks, BLOCK_RANKS), axis=0)
-        report_error(host + HOST_ERROR, ERR_TIMEOUT, rank, first, PHASE, -1, tl.max(flags, axis=0), epoch)
+        seen = tl.sum(tl.where(ranks == first, flags, 0), axis=0)
+        report_error(host + HOST_ERROR, ERR_TIMEOUT, rank, first, PHASE, -1, seen, epoch)
     else:
         keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=rank_ok, other=layout_key, volatile=True)
+        refusals = tl.load((inbox + 24).to(tl.pointer_type(tl.int64)), mask=rank_ok, other=0, volatile=True)
         differ = rank_ok & (keys != layout_key)
+        refused = rank_ok & (refusals > 0)
         if tl.sum(differ.to(tl.int32), axis=0) > 0:
             ok = False
             first = tl.min(tl.where(differ, ranks, BLOCK_RANKS), axis=0)
             bad_key = tl.sum(tl.where(ranks == first, keys, 0), axis=0)
             report_error(host + HOST_ERROR, ERR_LAYOUT_MISMATCH, rank, first, PHASE, -1, bad_key, layout_key)
+        elif tl.sum(refused.to(tl.int32), axis=0) > 0:
+            ok = False
+            first = tl.min(tl.where(refused, ranks, BLOCK_RANKS), axis=0)
+            needed = tl.sum(tl.where(ranks == first, refusals, 0), axis=0)
+            report_error(host + HOST_ERROR, ERR_REFUSED, rank, first, PHASE, -1, needed, capacity)
 
     # 5. Prefix matrices and host-visible counts.
     if COUNT and ok:
@@ -209,12 +222,16 @@ def launch_notify(
     host_addr: int,
     clock_addr: int,
     timeout_ns: int,
-    phase: int,
     use_globaltimer: bool,
     counts=None,
+    refuse: int = 0,
+    capacity: int = 0,
     stream=None,
 ):
-    """Launch the notify kernel on the current stream.
+    """Launch the notify kernel (on `stream`, default the current one).
+
+    `refuse` > 0 makes every rank fail the call with an error record naming this rank (used when
+    this rank cannot run it: `refuse` rows would be needed where queues hold `capacity`).
 
     `counts` (counting mode, non-cached dispatch) is a dict with `num_tokens`, `num_worst_tokens`,
     `experts_per_rank`, `num_tokens_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the
@@ -241,6 +258,8 @@ def launch_notify(
         peer_bases,
         rank,
         layout_key,
+        refuse,
+        capacity,
         num_channels,
         host_addr,
         clock_addr,
@@ -251,7 +270,7 @@ def launch_notify(
         *tensors,
         NUM_RANKS=num_ranks,
         COUNT=counting,
-        PHASE=phase,
+        PHASE=1,
         INBOX=signal.inbox,
         INBOX_STRIDE=signal.inbox_stride,
         HEADS=signal.heads,
@@ -264,6 +283,7 @@ def launch_notify(
         ERR_TIMEOUT=protocol.ERR_TIMEOUT,
         ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
         ERR_OVERFLOW=protocol.ERR_OVERFLOW,
+        ERR_REFUSED=protocol.ERR_REFUSED,
         BLOCK_RANKS=pow2(num_ranks),
         BLOCK_CHANNELS=pow2(num_channels),
         BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
