@@ -284,6 +284,7 @@ class Buffer:
 
             clock_addr = clock_address()
         self._layout_scratch = torch.zeros(0, dtype=torch.int32, device=self._device)
+        self._rank_mask = torch.zeros(num_ranks, dtype=torch.int32, device=self._device)
         peer = resources.peer_memory
         self._ctx = LaunchContext(
             peer_bases=peer.peer_ptrs_dev if peer is not None else torch.zeros(num_ranks, dtype=torch.int64, device=self._device),
@@ -445,6 +446,42 @@ class Buffer:
             fail(op, f"size {tuple(size)} needs {size.numel() * itemsize} bytes, only {view.numel() * itemsize} from offset {offset}")
         return view[: size.numel()].view(size)
 
+    # ------------------------------------------------------------------------ rank masking
+    def update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (`mask=True`) or unmask a rank for this rank's high-throughput calls (tritonep extension).
+
+        Local, enqueued on the current stream, no host synchronisation. A masked rank is left out of
+        high-throughput traffic on this rank: `get_dispatch_layout` treats its experts as not selected
+        (its `num_tokens_per_rank` entry, its experts' counts and its `is_token_in_rank` column read
+        zero: the dropped tokens show in the returned counts), dispatch sends it nothing and does not
+        wait for it, combine neither sends to it nor waits for or adds its rows. Masks must be
+        symmetric (if rank a masks b, b masks a) and every rank keeps making the same collective
+        calls; a rank that masked every peer only moves its own tokens. Low-latency masks
+        (`low_latency_update_mask_buffer`) are separate.
+        """
+        op = "update_mask_buffer"
+        self._check_usable(op)
+        check_int(op, "rank_to_mask", rank_to_mask)
+        if not 0 <= rank_to_mask < self.group_size:
+            fail(op, f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask}")
+        if mask and rank_to_mask == self.rank:
+            fail(op, f"a rank cannot mask itself, got rank_to_mask={rank_to_mask} on rank {self.rank}")
+        self._rank_mask[rank_to_mask] = int(bool(mask))
+
+    def query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy this rank's high-throughput mask (1 = masked) into `mask_status`, int32 with R elements."""
+        op = "query_mask_buffer"
+        self._check_usable(op)
+        check_tensor(op, "mask_status", mask_status, device=self._device, dtypes=(torch.int32,))
+        if mask_status.numel() != self.group_size:
+            fail(op, f"mask_status must have {self.group_size} elements, got {mask_status.numel()}")
+        mask_status.copy_(self._rank_mask.view(mask_status.shape))
+
+    def clean_mask_buffer(self) -> None:
+        """Unmask every rank for this rank's high-throughput calls."""
+        self._check_usable("clean_mask_buffer")
+        self._rank_mask.zero_()
+
     # ------------------------------------------------------------------------------ layout
     def get_dispatch_layout(
         self,
@@ -486,6 +523,7 @@ class Buffer:
                 self.num_nvl_ranks,
                 self._layout_scratch,
                 self.num_rdma_ranks > 1,
+                self._rank_mask,
                 stream=self._comm_stream,
             )
         event = streams.finish([topk_idx, *outputs])
@@ -615,7 +653,6 @@ class Buffer:
                 num_tokens=num_tokens,
                 num_worst_tokens=num_worst_tokens,
                 experts_per_rank=experts_per_rank,
-                num_tokens_per_rank=num_tokens_per_rank,
                 num_tokens_per_expert=num_tokens_per_expert,
                 is_token_in_rank=is_token_in_rank,
                 rank_prefix_matrix=rank_prefix_matrix,
@@ -659,6 +696,7 @@ class Buffer:
             rank_prefix_matrix=rank_prefix_matrix,
             recv_channel_prefix_matrix=recv_channel_prefix_matrix,
             send_head=send_head_out,
+            rank_mask=self._rank_mask,
             recv_x=recv_x.view(torch.int32),
             recv_src_idx=recv_src_idx,
             recv_topk_idx=recv_topk_idx,
@@ -759,6 +797,7 @@ class Buffer:
             send_head=handle.send_head,
             out=combined_x,
             out_weights=combined_weights,
+            rank_mask=self._rank_mask,
             num_channels=num_channels,
             chunk=config.num_max_nvl_chunked_send_tokens,
             tile=tile,
@@ -944,6 +983,7 @@ class Buffer:
             num_ranks=self.group_size,
             layout_key=key,
             num_channels=num_channels,
+            rank_mask=self._rank_mask,
             host_addr=self._ctx.host_addr,
             clock_addr=self._ctx.clock_addr,
             timeout_ns=self._ctx.timeout_ns,

@@ -44,6 +44,7 @@ def _combine_kernel(
     send_head_ptr,
     out_ptr,
     out_weights_ptr,
+    rank_mask_ptr,
     peer_bases_ptr,
     rank,
     num_tokens,
@@ -79,7 +80,8 @@ def _combine_kernel(
     ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
-    is_peer = rank_ok & (ranks != rank)
+    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
+    is_peer = live & (ranks != rank)
     peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
     my_base = tl.load(peer_bases_ptr + rank)
     epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
@@ -176,7 +178,7 @@ def _combine_kernel(
                 valid = rows < end
                 position = tl.load(
                     send_head_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
-                    mask=valid[:, None] & rank_ok[None, :],
+                    mask=valid[:, None] & live[None, :],
                     other=-1,
                 )
                 need = tag + (tl.max(position, axis=0) + 1).to(tl.int64)  # [R]
@@ -241,6 +243,7 @@ def launch_combine(
     send_head,
     out,
     out_weights,
+    rank_mask,
     num_channels,
     chunk,
     tile,
@@ -270,6 +273,7 @@ def launch_combine(
         send_head,
         out,
         out_weights if has_weights else out,
+        rank_mask,
         ctx.peer_bases,
         ctx.rank,
         send_head.shape[0],

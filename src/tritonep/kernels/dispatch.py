@@ -106,6 +106,7 @@ def _dispatch_kernel(
     rank_prefix_matrix_ptr,
     recv_channel_prefix_matrix_ptr,
     send_head_ptr,
+    rank_mask_ptr,
     recv_x_addr,
     recv_src_idx_addr,
     recv_topk_idx_addr,
@@ -153,6 +154,7 @@ def _dispatch_kernel(
     ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
+    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
     peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
     my_base = tl.load(peer_bases_ptr + rank)
     epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
@@ -191,7 +193,7 @@ def _dispatch_kernel(
         base_s = tl.where(is_self, recv_scales_addr, peer_bases + queue_scales + slot0 * SCALE_BYTES)
         heads = (my_base + HEADS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
         tails = (peer_bases + TAILS + (c * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
-        is_peer = rank_ok & (ranks != rank)
+        is_peer = live & (ranks != rank)
         sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
         head_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64)
         for t0 in range(begin, end, chunk):
@@ -200,7 +202,7 @@ def _dispatch_kernel(
                 valid = (rows_in_tile < chunk) & (rows < end)
                 flags = tl.load(
                     is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
-                    mask=valid[:, None] & rank_ok[None, :],
+                    mask=valid[:, None] & live[None, :],
                     other=0,
                 ).to(tl.int32)
                 position = sent[None, :] + cumsum_rows(flags, TILE, False)  # [TILE, R] stream position
@@ -311,7 +313,7 @@ def _dispatch_kernel(
             other=0,
         )
         chan_end = tl.where(c + 1 < num_channels, chan_end, recv_end - recv_begin)
-        is_peer = rank_ok & (ranks != rank)
+        is_peer = live & (ranks != rank)
         expected = tl.where(is_peer, chan_end - chan_begin, 0)
         out_first = recv_begin + chan_begin
         consumed = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
@@ -380,6 +382,7 @@ def launch_dispatch(
     rank_prefix_matrix,
     recv_channel_prefix_matrix,
     send_head,
+    rank_mask,
     recv_x,
     recv_src_idx,
     recv_topk_idx,
@@ -428,6 +431,7 @@ def launch_dispatch(
         rank_prefix_matrix,
         recv_channel_prefix_matrix,
         send_head,
+        rank_mask,
         recv_x.data_ptr(),
         recv_src_idx.data_ptr(),
         recv_topk_idx.data_ptr() if has_topk else 0,

@@ -34,6 +34,7 @@ def _route_stats_kernel(
     topk_idx_ptr,
     num_tokens,
     scratch_ptr,
+    rank_mask_ptr,
     num_tokens_per_rank_ptr,
     num_tokens_per_node_ptr,
     num_tokens_per_expert_ptr,
@@ -68,6 +69,10 @@ def _route_stats_kernel(
     ).to(tl.int32)
     idx = tl.where((idx >= 0) & (idx < NUM_EXPERTS), idx, -1)
     owner = tl.where(idx >= 0, idx // experts_per_rank, -1)  # [T, K]
+    # Experts of masked ranks count as not selected (rank masking, see Buffer.update_mask_buffer).
+    masked = tl.load(rank_mask_ptr + tl.maximum(owner, 0), mask=owner >= 0, other=0) != 0
+    idx = tl.where(masked, -1, idx)
+    owner = tl.where(masked, -1, owner)
 
     ranks = tl.arange(0, BLOCK_RANKS)
     in_rank = tl.max((owner[:, :, None] == ranks[None, None, :]).to(tl.int32), axis=1)  # [T, R]
@@ -119,10 +124,12 @@ def launch_route_stats(
     ranks_per_node: int,
     scratch: torch.Tensor,
     with_nodes: bool,
+    rank_mask: torch.Tensor,
     stream=None,
 ):
     """Allocate the four outputs and fill them with one launch on the current stream.
 
+    `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected.
     `stream`: where to launch (None: the current stream). `scratch` is a persistent int32 accumulator of at least `scratch_slots(...)` entries, all zero
     before the call and zero again after it.
     Returns (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank).
@@ -147,6 +154,7 @@ def launch_route_stats(
         topk_idx,
         num_tokens,
         scratch,
+        rank_mask,
         num_tokens_per_rank,
         num_tokens_per_node if with_nodes else num_tokens_per_rank,
         num_tokens_per_expert,

@@ -8,7 +8,7 @@ Algorithm (one program):
 1. Advance this rank's epoch (device memory, so CUDA-graph replays advance it too).
 2. Counting mode only: build this rank's channel prefix matrix `[R, C]` from `is_token_in_rank`.
 3. Send every rank (itself included) one inbox message: layout key, token count, and in counting
-   mode `num_tokens_per_rank`, the channel prefix row for that rank and that rank's slice of
+   mode its rows per destination (counted from `is_token_in_rank`), the channel prefix row for that rank and that rank's slice of
    `num_tokens_per_expert`. Also publish head `(epoch, 0)` of every channel queue this rank
    receives into, telling senders that this rank's previous kernels are done.
 4. Wait for all R messages of this epoch; check the layout keys agree (a rank called with another
@@ -44,13 +44,13 @@ def _notify_kernel(
     refuse,
     capacity,
     num_channels,
+    rank_mask_ptr,
     host_addr,
     clock_addr,
     timeout_ns,
     num_tokens,
     num_worst_tokens,
     experts_per_rank,
-    num_tokens_per_rank_ptr,
     num_tokens_per_expert_ptr,
     is_token_in_rank_ptr,
     rank_prefix_matrix_ptr,
@@ -81,6 +81,8 @@ def _notify_kernel(
     host = host_addr.to(tl.pointer_type(tl.int64))
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
+    # Masked ranks get no message and are not waited for; their counts read as zero.
+    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)
     chans = tl.arange(0, BLOCK_CHANNELS)
     chan_ok = chans < num_channels
     my_base = tl.load(peer_bases_ptr + rank)
@@ -103,7 +105,7 @@ def _notify_kernel(
                 rows = t0 + tl.arange(0, BLOCK_TOKENS)
                 flags = tl.load(
                     is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
-                    mask=(rows[:, None] < end) & rank_ok[None, :],
+                    mask=(rows[:, None] < end) & live[None, :],
                     other=0,
                 )
                 running += tl.sum(flags.to(tl.int32), axis=0)
@@ -117,45 +119,48 @@ def _notify_kernel(
     # 3. One message per destination rank, flag last; then heads (epoch, 0) for its queues.
     experts = tl.arange(0, BLOCK_EXPERTS)
     for dst in range(0, NUM_RANKS):
-        dst_base = tl.load(peer_bases_ptr + dst)
-        msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(tl.pointer_type(tl.int64))
-        tl.store(msg + 1, layout_key)
-        tl.store(msg + 2, num_tokens)
-        tl.store(msg + 3, refuse)
-        if COUNT:
-            payload = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD).to(
-                tl.pointer_type(tl.int32)
-            )
-            tl.store(payload + ranks, tl.load(num_tokens_per_rank_ptr + ranks, mask=rank_ok), mask=rank_ok)
-            row = tl.sum(tl.where(ranks[:, None] == dst, channel_prefix, 0), axis=0)
-            tl.store(payload + NUM_RANKS + chans, row, mask=chan_ok)
-            expert_counts = tl.load(
-                num_tokens_per_expert_ptr + dst * experts_per_rank + experts,
-                mask=experts < experts_per_rank,
-            )
-            tl.store(payload + NUM_RANKS + MAX_CHANNELS + experts, expert_counts, mask=experts < experts_per_rank)
-        if dst != rank:
-            heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
-            tl.store(heads + chans * NUM_RANKS + rank, tagged_zero + chans * 0, mask=chan_ok)
-        tl.debug_barrier()
-        store_release(msg, epoch)
+        if tl.load(rank_mask_ptr + dst) == 0:
+            dst_base = tl.load(peer_bases_ptr + dst)
+            msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(tl.pointer_type(tl.int64))
+            tl.store(msg + 1, layout_key)
+            tl.store(msg + 2, num_tokens)
+            tl.store(msg + 3, refuse)
+            if COUNT:
+                payload = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD).to(
+                    tl.pointer_type(tl.int32)
+                )
+                # Rows per destination as the senders will really send them (masked ranks excluded),
+                # so the receivers' expectations cannot disagree with the data kernel.
+                tl.store(payload + ranks, running, mask=rank_ok)
+                row = tl.sum(tl.where(ranks[:, None] == dst, channel_prefix, 0), axis=0)
+                tl.store(payload + NUM_RANKS + chans, row, mask=chan_ok)
+                expert_counts = tl.load(
+                    num_tokens_per_expert_ptr + dst * experts_per_rank + experts,
+                    mask=experts < experts_per_rank,
+                )
+                tl.store(payload + NUM_RANKS + MAX_CHANNELS + experts, expert_counts, mask=experts < experts_per_rank)
+            if dst != rank:
+                heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
+                tl.store(heads + chans * NUM_RANKS + rank, tagged_zero + chans * 0, mask=chan_ok)
+            tl.debug_barrier()
+            store_release(msg, epoch)
 
     # 4. Wait for every rank's message of this epoch and compare layout keys.
     inbox = my_base + INBOX + (parity * NUM_RANKS + ranks) * INBOX_STRIDE  # [R] message addresses
     flags = wait_all_at_least(
-        inbox.to(tl.pointer_type(tl.int64)), epoch + ranks * 0, rank_ok, deadline, clock_addr, USE_GLOBALTIMER
+        inbox.to(tl.pointer_type(tl.int64)), epoch + ranks * 0, live, deadline, clock_addr, USE_GLOBALTIMER
     )
-    missing = rank_ok & (flags < epoch)
+    missing = live & (flags < epoch)
     ok = tl.sum(missing.to(tl.int32), axis=0) == 0
     if not ok:
         first = tl.min(tl.where(missing, ranks, BLOCK_RANKS), axis=0)
         seen = tl.sum(tl.where(ranks == first, flags, 0), axis=0)
         report_error(host + HOST_ERROR, ERR_TIMEOUT, rank, first, PHASE, -1, seen, epoch)
     else:
-        keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=rank_ok, other=layout_key, volatile=True)
-        refusals = tl.load((inbox + 24).to(tl.pointer_type(tl.int64)), mask=rank_ok, other=0, volatile=True)
-        differ = rank_ok & (keys != layout_key)
-        refused = rank_ok & (refusals > 0)
+        keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True)
+        refusals = tl.load((inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True)
+        differ = live & (keys != layout_key)
+        refused = live & (refusals > 0)
         if tl.sum(differ.to(tl.int32), axis=0) > 0:
             ok = False
             first = tl.min(tl.where(differ, ranks, BLOCK_RANKS), axis=0)
@@ -172,7 +177,7 @@ def _notify_kernel(
         payloads = inbox + PAYLOAD  # [R] int32 payload addresses, one per source
         counts = tl.load(
             payloads[:, None].to(tl.pointer_type(tl.int32)) + ranks[None, :],
-            mask=rank_ok[:, None] & rank_ok[None, :],
+            mask=live[:, None] & rank_ok[None, :],
             other=0,
             volatile=True,
         )  # [source, destination]
@@ -186,7 +191,7 @@ def _notify_kernel(
         # Exclusive channel offsets: the source's inclusive prefix shifted by one channel.
         recv_channel_prefix = tl.load(
             payloads[:, None].to(tl.pointer_type(tl.int32)) + NUM_RANKS + chans[None, :] - 1,
-            mask=rank_ok[:, None] & chan_ok[None, :] & (chans[None, :] > 0),
+            mask=live[:, None] & chan_ok[None, :] & (chans[None, :] > 0),
             other=0,
             volatile=True,
         )
@@ -198,7 +203,7 @@ def _notify_kernel(
         recv_per_expert = tl.sum(
             tl.load(
                 payloads[:, None].to(tl.pointer_type(tl.int32)) + NUM_RANKS + MAX_CHANNELS + experts[None, :],
-                mask=rank_ok[:, None] & (experts[None, :] < experts_per_rank),
+                mask=live[:, None] & (experts[None, :] < experts_per_rank),
                 other=0,
                 volatile=True,
             ),
@@ -219,6 +224,7 @@ def launch_notify(
     num_ranks: int,
     layout_key: int,
     num_channels: int,
+    rank_mask,
     host_addr: int,
     clock_addr: int,
     timeout_ns: int,
@@ -234,8 +240,7 @@ def launch_notify(
     this rank cannot run it: `refuse` rows would be needed where queues hold `capacity`).
 
     `counts` (counting mode, non-cached dispatch) is a dict with `num_tokens`, `num_worst_tokens`,
-    `experts_per_rank`, `num_tokens_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the
-    three outputs `rank_prefix_matrix`, `channel_prefix_matrix`, `recv_channel_prefix_matrix`.
+    `experts_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the three outputs `rank_prefix_matrix`, `channel_prefix_matrix`, `recv_channel_prefix_matrix`.
     """
     signal = protocol.SignalLayout(num_ranks)
     counting = counts is not None
@@ -243,7 +248,6 @@ def launch_notify(
         num_tokens = counts["num_tokens"]
         experts_per_rank = counts["experts_per_rank"]
         tensors = [
-            counts["num_tokens_per_rank"],
             counts["num_tokens_per_expert"],
             counts["is_token_in_rank"],
             counts["rank_prefix_matrix"],
@@ -253,7 +257,7 @@ def launch_notify(
         num_worst_tokens = counts["num_worst_tokens"]
     else:
         num_tokens, experts_per_rank, num_worst_tokens = 0, 1, 0
-        tensors = [peer_bases] * 6  # never dereferenced without COUNT
+        tensors = [peer_bases] * 5  # never dereferenced without COUNT
     fast(_notify_kernel)[(1,)](
         peer_bases,
         rank,
@@ -261,6 +265,7 @@ def launch_notify(
         refuse,
         capacity,
         num_channels,
+        rank_mask,
         host_addr,
         clock_addr,
         timeout_ns,

@@ -80,18 +80,18 @@ def _cases(kernels):
         matrix = torch.zeros((num_ranks, channels), dtype=torch.int32)
         square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
-        yield lambda: kernels.layout.launch_route_stats(topk_idx, experts, num_ranks, num_ranks, torch.zeros(1024, dtype=torch.int32), False)
+        rank_mask = torch.zeros(num_ranks, dtype=torch.int32)
+        yield lambda: kernels.layout.launch_route_stats(topk_idx, experts, num_ranks, num_ranks, torch.zeros(1024, dtype=torch.int32), False, rank_mask)
         for counting in (False, True):
             counts = dict(
                 num_tokens=tokens, num_worst_tokens=0, experts_per_rank=experts // num_ranks,
-                num_tokens_per_rank=torch.zeros(num_ranks, dtype=torch.int32),
                 num_tokens_per_expert=torch.zeros(experts, dtype=torch.int32), is_token_in_rank=mask,
                 rank_prefix_matrix=square, channel_prefix_matrix=matrix, recv_channel_prefix_matrix=matrix,
             )
             yield lambda counts=counts, counting=counting: kernels.notify.launch_notify(
                 peer_bases=ctx.peer_bases, rank=1, num_ranks=num_ranks, layout_key=12345,
-                num_channels=channels, host_addr=ctx.host_addr, clock_addr=0, timeout_ns=ctx.timeout_ns,
-                phase=2, use_globaltimer=True, counts=counts if counting else None,
+                num_channels=channels, rank_mask=rank_mask, host_addr=ctx.host_addr, clock_addr=0, timeout_ns=ctx.timeout_ns,
+                use_globaltimer=True, counts=counts if counting else None,
             )
         for fp8 in (False, True):
             row_bytes = hidden * (1 if fp8 else 2)
@@ -103,7 +103,7 @@ def _cases(kernels):
             yield lambda x=x, recv=recv, layout=layout, scales=scales: kernels.dispatch.launch_dispatch(
                 ctx, layout, x=x, scales=scales, topk_idx=topk_idx, topk_weights=weights,
                 is_token_in_rank=mask, channel_prefix_matrix=matrix, rank_prefix_matrix=square,
-                recv_channel_prefix_matrix=matrix, send_head=send_head, recv_x=recv,
+                recv_channel_prefix_matrix=matrix, send_head=send_head, rank_mask=rank_mask, recv_x=recv,
                 recv_src_idx=torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
                 recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
                 num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks, worst=True,
@@ -113,7 +113,7 @@ def _cases(kernels):
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
         yield lambda layout=layout, y=y: kernels.combine.launch_combine(
             ctx, layout, x=y, topk_weights=weights, bias0=y, bias1=None, rank_prefix_matrix=square,
-            recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights,
+            recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights, rank_mask=rank_mask,
             num_channels=channels, chunk=4, tile=8, num_warps=8, tile_words=8192,
         )
 
