@@ -772,7 +772,13 @@ class Buffer:
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
         row_bytes = hidden * x.element_size()
         tuning = self._tuning()
-        tile = min(1 << (config.num_max_nvl_chunked_send_tokens - 1).bit_length(), tuning["combine_tile"])
+        # Receiver tile: a power of two covering the send chunk, within the queue capacity (a tile
+        # larger than a queue could never be satisfied).
+        tile = min(
+            1 << (config.num_max_nvl_chunked_send_tokens - 1).bit_length(),
+            1 << (config.num_max_nvl_chunked_recv_tokens.bit_length() - 1),
+            tuning["combine_tile"],
+        )
         layout = self._queue_layout(op, config, row_bytes, False, 0, num_topk, 0, 8, tile)
         refuse = self._cpu_refusal(handle.is_token_in_rank, num_channels, layout.capacity)
         key = _layout_key("combine", row_bytes, str(x.dtype), num_topk, num_channels, layout.capacity, tile,
