@@ -19,7 +19,13 @@ timeout 420 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider ${PYTEST_AR
 echo "== layout kernel"
 timeout 120 python3 benchmarks/layout_kernel.py --json "$OUT/layout-$STAMP.json" 2>&1 | tail -6
 
+# Program-shape variants compared in the same run (see Buffer._tuning).
+VARIANTS=${VARIANTS:-'[{"prefetch": false}, {"dispatch_warps": 4, "combine_warps": 4}, {"dispatch_warps": 16, "combine_warps": 16, "dispatch_tile_words": 16384, "combine_tile_words": 16384}, {"dispatch_tile_words": 16384, "combine_tile_words": 16384}, {"combine_tile": 16}]'}
 if [ "$NGPU" -ge 2 ]; then
   echo "== dispatch/combine benchmark, EP$NGPU"
-  timeout 420 python3 -m tritonep.bench --sweep ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU-$STAMP.json" 2>&1 | tail -40
+  timeout 420 python3 -m tritonep.bench --sweep --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU-$STAMP.json" 2>&1 | tail -45
+else
+  echo "== one GPU: local copy path (EP1) and copy patterns"
+  timeout 200 python3 -m tritonep.bench --ranks 1 --no-check --variants "$VARIANTS" --json "$OUT/bench-ep1-$STAMP.json" 2>&1 | tail -20
+  timeout 300 python3 benchmarks/copy_patterns.py --json "$OUT/copy-patterns-$STAMP.json" 2>&1 | tail -12
 fi

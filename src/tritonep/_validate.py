@@ -65,5 +65,7 @@ def check_rows_aligned(op: str, name: str, tensor: torch.Tensor) -> None:
         )
     if tensor.size(0) > 1 and (tensor.stride(0) * tensor.element_size()) % 16 != 0:
         fail(op, f"{name} row stride must be a multiple of 16 bytes, got {tensor.stride(0)} elements")
+    if tensor.numel() and tensor.data_ptr() % 16 != 0:
+        fail(op, f"{name} must start 16-byte aligned (rows move as 16-byte vectors), got address {tensor.data_ptr():#x}")
     if tensor.stride(1) != 1 and tensor.size(1) > 1:
         fail(op, f"{name} must have unit stride along the hidden dimension, got strides {tuple(tensor.stride())}")

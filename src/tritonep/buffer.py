@@ -708,6 +708,7 @@ class Buffer:
             worst=num_worst_tokens > 0 and not cached,
             num_warps=tuning["dispatch_warps"],
             tile_words=tuning["dispatch_tile_words"],
+            prefetch=tuning["prefetch"],
         )
         self._after_launch(run_op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
@@ -809,6 +810,7 @@ class Buffer:
             tile=tile,
             num_warps=tuning["combine_warps"],
             tile_words=tuning["combine_tile_words"],
+            prefetch=tuning["prefetch"],
         )
         self._after_launch(op)
         event = streams.finish([x, topk_weights, *biases, combined_x, combined_weights, *handle])
@@ -870,9 +872,11 @@ class Buffer:
         may override entries through `_tuning_override`.
         """
         if self._backend == "cpu":
-            tuning = dict(dispatch_warps=1, dispatch_tile_words=512, combine_warps=1, combine_tile_words=512, combine_tile=8)
+            tuning = dict(dispatch_warps=1, dispatch_tile_words=512, combine_warps=1, combine_tile_words=512,
+                          combine_tile=8, prefetch=True)
         else:
-            tuning = dict(dispatch_warps=8, dispatch_tile_words=8192, combine_warps=8, combine_tile_words=8192, combine_tile=8)
+            tuning = dict(dispatch_warps=8, dispatch_tile_words=8192, combine_warps=8, combine_tile_words=8192,
+                          combine_tile=8, prefetch=True)
         tuning.update(self._tuning_override)
         return tuning
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .. import _env
 from .casting import round_to
-from .tiles import column, lane, row_block
+from .tiles import column, copy_rows, lane, row_block
 from .launch import fast, pow2
 from .naming import named_kernel
 from .sync import now_ns, report_error, store_release, wait_all_at_least
@@ -74,6 +74,7 @@ def _combine_kernel(
     BLOCK_TOPK: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host = host_addr.to(tl.pointer_type(tl.int64))
@@ -129,13 +130,8 @@ def _combine_kernel(
                 src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
                 slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
                 dst_base = lane(peer_bases, ranks, dst)
-                src_x = x_addr + src_row * ROW_BYTES
-                dst_x = dst_base + queue_x + slot * ROW_BYTES
-                for w0 in range(0, ROW_BYTES // 4, BLOCK_H):
-                    words = w0 + tl.arange(0, BLOCK_H)
-                    m = in_chunk[:, None] & (words[None, :] < ROW_BYTES // 4)
-                    vals = tl.load(row_block(src_x, words, tl.int32, BLOCK_H), mask=m)
-                    tl.store(row_block(dst_x, words, tl.int32, BLOCK_H), vals, mask=m)
+                copy_rows(x_addr + src_row * ROW_BYTES, dst_base + queue_x + slot * ROW_BYTES, in_chunk,
+                          ROW_BYTES // 4, BLOCK_H, "", PREFETCH)
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
                     src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
@@ -249,6 +245,7 @@ def launch_combine(
     tile,
     num_warps,
     tile_words,
+    prefetch,
 ):
     """Launch the combine kernel (`2 * num_channels` programs) on the comm stream.
 
@@ -303,6 +300,7 @@ def launch_combine(
         BLOCK_TOPK=pow2(max(num_topk, 1)),
         USE_GLOBALTIMER=ctx.use_globaltimer,
         INTERPRETED=_env.interpret_enabled(),
+        PREFETCH=prefetch,
         num_warps=num_warps,
         stream=ctx.stream,
     )

@@ -36,8 +36,21 @@ from .launch import fast, pow2
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
-from .tiles import column, cumsum_rows, lane, row_block
+from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, row_block
 from .sync import now_ns, report_error, store_release, wait_all_at_least
+
+
+@triton.jit
+def _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+                           NUM_RANKS: tl.constexpr):
+    """Store one `[TILE, BLOCK_W]` block of rows to every destination that receives them.
+
+    dst_rows: `[TILE, R]` byte address of each row's destination row; deliver: `[TILE, R]` flags.
+    """
+    for dst in tl.static_range(NUM_RANKS):
+        row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
+        m = row_mask[:, None] & (words[None, :] < ROW_WORDS)
+        tl.store(row_block(column(dst_rows, ranks, dst), words, tl.int32, BLOCK_W), vals, mask=m)
 
 
 @triton.jit
@@ -62,16 +75,13 @@ def _copy_fields(
     BLOCK_W: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Copy whole slots row by row between two structure-of-arrays views (receiver side).
 
     All arguments `*_rows_*` are `[TILE]` int64 byte addresses of row starts.
     """
-    for w0 in range(0, ROW_WORDS, BLOCK_W):
-        words = w0 + tl.arange(0, BLOCK_W)
-        m = mask[:, None] & (words[None, :] < ROW_WORDS)
-        vals = tl.load(row_block(src_rows_x, words, tl.int32, BLOCK_W), mask=m, cache_modifier=".cg")
-        tl.store(row_block(dst_rows_x, words, tl.int32, BLOCK_W), vals, mask=m)
+    copy_rows(src_rows_x, dst_rows_x, mask, ROW_WORDS, BLOCK_W, ".cg", PREFETCH)
     src_idx = tl.load(src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg")
     tl.store(dst_rows_src.to(tl.pointer_type(tl.int32)), src_idx, mask=mask)
     if HAS_TOPK:
@@ -94,7 +104,7 @@ def _copy_fields(
     do_not_specialize=["rank", "num_tokens", "num_recv_rows", "x_row_stride", "scales_stride_row", "scales_stride_col"],
 )
 def _dispatch_kernel(
-    x_ptr,
+    x_addr,
     x_row_stride,
     scales_ptr,
     scales_stride_row,
@@ -148,6 +158,7 @@ def _dispatch_kernel(
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host = host_addr.to(tl.pointer_type(tl.int64))
@@ -231,20 +242,22 @@ def _dispatch_kernel(
                     slot = tl.where(is_self[None, :], own_first + position, position % capacity).to(tl.int64)
                     deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
                     any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
-                    src_x = x_ptr + rows.to(tl.int64) * x_row_stride
-                    for w0 in range(0, ROW_WORDS, BLOCK_W):
-                        words = w0 + tl.arange(0, BLOCK_W)
-                        word_ok = words < ROW_WORDS
-                        x_tile = tl.max_contiguous(tl.multiple_of(src_x[:, None] + words[None, :], [16, 16]), [1, BLOCK_W])
-                        vals = tl.load(x_tile, mask=any_dest[:, None] & word_ok[None, :])
-                        for dst in tl.static_range(NUM_RANKS):
-                            row_addr = column(base_x[None, :] + slot * ROW_BYTES, ranks, dst)
-                            row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
-                            tl.store(
-                                row_block(row_addr, words, tl.int32, BLOCK_W),
-                                vals,
-                                mask=row_mask[:, None] & word_ok[None, :],
-                            )
+                    src_x = x_addr + rows.to(tl.int64) * x_row_stride * 4
+                    dst_rows = base_x[None, :] + slot * ROW_BYTES  # [TILE, R] destination row addresses
+                    if PREFETCH:
+                        words = tl.arange(0, BLOCK_W)
+                        vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
+                        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
+                            next_words = w0 + tl.arange(0, BLOCK_W)
+                            next_vals = _load_block(src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, "")
+                            _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS)
+                            vals = next_vals
+                            words = next_words
+                    else:
+                        for w0 in range(0, ROW_WORDS, BLOCK_W):
+                            words = w0 + tl.arange(0, BLOCK_W)
+                            vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
+                            _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS)
                     if HAS_TOPK:
                         idx = tl.load(
                             topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
@@ -352,6 +365,7 @@ def _dispatch_kernel(
                     BLOCK_W,
                     BLOCK_TOPK,
                     BLOCK_SCALES,
+                    PREFETCH,
                 )
                 consumed = tl.where(ranks == src, consumed + n, consumed)
                 remaining -= n
@@ -394,13 +408,15 @@ def launch_dispatch(
     worst,
     num_warps,
     tile_words,
+    prefetch,
 ):
     """Launch the dispatch kernel (`2 * num_channels` programs) on the current stream.
 
     `x` / `recv_x` are int32 views of the rows (row bytes are a multiple of 16); `scales` /
     `recv_scales` int32 views of the FP8 scales (any strides on input) or None; `layout` is the
     call's `protocol.QueueLayout`; `chunk` tokens are sent per queue publish; `tile_words` is the
-    register budget of one copy step in 4-byte words.
+    register budget of one copy step in 4-byte words; `prefetch` overlaps each copy step's loads
+    with the previous step's stores. `x` must start 16-byte aligned (checked by the Buffer).
     """
     from .. import protocol
 
@@ -419,7 +435,7 @@ def launch_dispatch(
     dummy = send_head
     q = ctx.data_offset
     fast(_dispatch_kernel)[(2 * num_channels,)](
-        x,
+        x.data_ptr(),
         x.stride(0),
         scales if has_scales else dummy,
         scales.stride(0) if has_scales else 0,
@@ -473,6 +489,7 @@ def launch_dispatch(
         BLOCK_TOPK=pow2(max(num_topk, 1)),
         BLOCK_SCALES=pow2(max(num_scales, 1)),
         USE_GLOBALTIMER=ctx.use_globaltimer,
+        PREFETCH=prefetch,
         num_warps=num_warps,
         stream=ctx.stream,
     )

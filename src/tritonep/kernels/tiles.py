@@ -43,3 +43,35 @@ def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
     else:
         below = rows[:, None] > rows[None, :]
     return tl.sum(tl.where(below[:, :, None], matrix[None, :, :], 0), axis=1)
+
+
+@triton.jit
+def _load_block(src_rows, words, mask, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CACHE: tl.constexpr):
+    m = mask[:, None] & (words[None, :] < ROW_WORDS)
+    return tl.load(row_block(src_rows, words, tl.int32, BLOCK_W), mask=m, cache_modifier=CACHE)
+
+
+@triton.jit
+def copy_rows(src_rows, dst_rows, mask, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CACHE: tl.constexpr,
+              PREFETCH: tl.constexpr):
+    """Copy `ROW_WORDS` 4-byte words of each masked row from `src_rows` to `dst_rows` (byte addresses).
+
+    PREFETCH issues the loads of block i+1 before the stores of block i, doubling the bytes in
+    flight per program at the same register tile (the copy is latency-bound at small SM counts).
+    """
+    if PREFETCH:
+        words = tl.arange(0, BLOCK_W)
+        vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE)
+        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
+            next_words = w0 + tl.arange(0, BLOCK_W)
+            next_vals = _load_block(src_rows, next_words, mask, ROW_WORDS, BLOCK_W, CACHE)
+            m = mask[:, None] & (words[None, :] < ROW_WORDS)
+            tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W), vals, mask=m)
+            vals = next_vals
+            words = next_words
+    else:
+        for w0 in range(0, ROW_WORDS, BLOCK_W):
+            words = w0 + tl.arange(0, BLOCK_W)
+            vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE)
+            m = mask[:, None] & (words[None, :] < ROW_WORDS)
+            tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W), vals, mask=m)

@@ -107,14 +107,14 @@ def _cases(kernels):
                 recv_src_idx=torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
                 recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
                 num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks, worst=True,
-                num_warps=8, tile_words=8192,
+                num_warps=8, tile_words=8192, prefetch=True,
             )
         layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
         yield lambda layout=layout, y=y: kernels.combine.launch_combine(
             ctx, layout, x=y, topk_weights=weights, bias0=y, bias1=None, rank_prefix_matrix=square,
             recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights, rank_mask=rank_mask,
-            num_channels=channels, chunk=4, tile=8, num_warps=8, tile_words=8192,
+            num_channels=channels, chunk=4, tile=8, num_warps=8, tile_words=8192, prefetch=True,
         )
 
 
