@@ -8,6 +8,7 @@ call is one `notify` launch plus one data launch on that stream; see `kernels/` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -103,9 +104,25 @@ def _select_backend(bootstrap: Bootstrap) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@functools.lru_cache(maxsize=1024)
 def _layout_key(*fields) -> int:
-    """A 31-bit fingerprint of a call's geometry; ranks compare it in notify (collective consistency)."""
+    """A 31-bit fingerprint of a call's geometry; ranks compare it in notify (collective consistency).
+
+    Cached: the same geometry recurs on every call of a training or decoding loop.
+    """
     return zlib.crc32(repr(fields).encode()) & 0x7FFFFFFF
+
+
+# Program shapes per backend (see Buffer._tuning).
+_TUNING = {
+    "cpu": dict(dispatch_warps=1, dispatch_tile_words=512, combine_warps=1, combine_tile_words=512, combine_tile=8,
+                prefetch=True),
+    "cuda": dict(dispatch_warps=8, dispatch_tile_words=8192, combine_warps=8, combine_tile_words=8192, combine_tile=8,
+                 prefetch=True),
+}
+
+# The queue layout of a geometry never changes; computing it is pure.
+_fit_queues = functools.lru_cache(maxsize=1024)(protocol.QueueLayout.fit)
 
 
 class _CallStreams:
@@ -871,14 +888,8 @@ class Buffer:
         `tile_words` is the register tile of one copy step (4-byte words per program). Benchmarks
         may override entries through `_tuning_override`.
         """
-        if self._backend == "cpu":
-            tuning = dict(dispatch_warps=1, dispatch_tile_words=512, combine_warps=1, combine_tile_words=512,
-                          combine_tile=8, prefetch=True)
-        else:
-            tuning = dict(dispatch_warps=8, dispatch_tile_words=8192, combine_warps=8, combine_tile_words=8192,
-                          combine_tile=8, prefetch=True)
-        tuning.update(self._tuning_override)
-        return tuning
+        tuning = _TUNING[self._backend]
+        return {**tuning, **self._tuning_override} if self._tuning_override else tuning
 
     def _resolve_config(self, op: str, config: Config | None, default: Callable[[int], Config]) -> Config:
         if config is None:
@@ -944,7 +955,7 @@ class Buffer:
 
     def _queue_layout(self, op, config, row_bytes, has_src_idx, num_topk_idx, num_topk_weights, num_scales,
                       topk_itemsize, min_capacity) -> protocol.QueueLayout:
-        layout = protocol.QueueLayout.fit(
+        layout = _fit_queues(
             self.num_nvl_bytes,
             config.num_sms // 2,
             self.group_size,

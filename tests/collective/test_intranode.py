@@ -22,6 +22,8 @@ EDGE_CASES = [
     pytest.param(3, dict(num_tokens=24, hidden=64, num_topk=6, num_experts=24, skew=4.0, drop=0.3, expert_alignment=4), id="skewed"),
     pytest.param(2, dict(num_tokens=40, hidden=8, num_topk=8, num_experts=16, num_sms=8, chunk=2, recv_capacity=64), id="narrow-rows"),
     pytest.param(4, dict(num_tokens=[5, 0, 11, 3], hidden=96, num_topk=3, num_experts=8, drop=0.5), id="uneven"),
+    pytest.param(6, dict(num_tokens=5, hidden=32, num_topk=3, num_experts=12, num_sms=2, chunk=2), id="r6"),
+    pytest.param(8, dict(num_tokens=6, hidden=32, num_topk=3, num_experts=16, num_sms=2, chunk=2), id="r8"),
 ]
 
 
