@@ -172,7 +172,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         torch.cuda.synchronize()
     dist.barrier(group)
     ctx.state.clear()
-    del buffer
+    buffer = None  # release peer memory before the process group goes
     dist.destroy_process_group()
 
 

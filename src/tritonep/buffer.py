@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 import time
 import weakref
@@ -17,7 +16,6 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import _env, protocol

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import tritonep
-from tritonep.testing.dist import RankError, close_all_pools, sweep_shm
+from small_case import NUM_EXPERTS, in_rank, pid_alive, routing, shm_leaks, tokens
+from tritonep.testing.dist import RankError, close_all_pools
 
 TIMEOUT_S = 3.0
 FAULT_ENV = {"TRITONEP_TIMEOUT_S": "3"}
@@ -32,62 +33,19 @@ STALL_S = TIMEOUT_S + 2.0  # how long the stalled rank stays away (it never make
 RAISE_WITHIN_S = 10.0  # the waiting rank must raise within this (spec: after TRITONEP_TIMEOUT_S)
 TASK_TIMEOUT_S = 20.0  # harness limit of one task: a hang shows up as 'hung' with stack dumps
 
-NUM_TOKENS, NUM_TOPK, NUM_EXPERTS = 6, 2, 4
 NVL_BYTES = 1 << 20
-_SHM_NAME = re.compile(r"^tritonep-.*-p(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def shm_leaks(own_pids=()) -> list[str]:
-    """`sweep_shm()`, minus files a *live* process of another test session is creating right now."""
-    leaks = []
-    for path in sweep_shm():
-        match = _SHM_NAME.match(os.path.basename(path))
-        if match is not None:
-            pid = int(match.group(1))
-            if pid not in own_pids and _pid_alive(pid):
-                continue
-        leaks.append(path)
-    return leaks
-
-
 def _config():
     return tritonep.Config(4, 4, 64)
 
 
-def _routing(rank: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    idx = torch.topk(torch.rand((NUM_TOKENS, NUM_EXPERTS), generator=gen), NUM_TOPK, dim=-1).indices
-    idx[0, NUM_TOPK - 1] = -1
-    return idx.to(tritonep.topk_idx_t)
-
-
-def _tokens(rank: int, hidden: int) -> torch.Tensor:
-    rows = (16 * rank + torch.arange(NUM_TOKENS, dtype=torch.float32))[:, None]
-    cols = (torch.arange(hidden, dtype=torch.float32) % 4 / 4)[None, :]
-    return (rows + cols).to(torch.bfloat16)
-
-
-def _in_rank(idx: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    owner = torch.where(idx >= 0, idx // (NUM_EXPERTS // num_ranks), -1)
-    return torch.stack([(owner == j).any(1) for j in range(num_ranks)], dim=1)
-
-
 def _dispatch_args(buffer, rank: int, seed: int, hidden: int = 32) -> dict:
-    idx = _routing(rank, seed)
+    idx = routing(rank, seed)
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(idx, NUM_EXPERTS)
     return dict(
-        x=_tokens(rank, hidden),
+        x=tokens(rank, hidden),
         num_tokens_per_rank=ntr,
         is_token_in_rank=itr,
         num_tokens_per_expert=nte,
@@ -102,7 +60,7 @@ def good_roundtrip(buffer, rank: int, num_ranks: int, seed: int = 0):
     args = _dispatch_args(buffer, rank, seed)
     recv_x, _, _, _, handle, _ = buffer.dispatch(**args)
     want = torch.cat(
-        [_tokens(s, 32)[_in_rank(_routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)]
+        [tokens(s, 32)[in_rank(routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)]
     )
     assert torch.equal(recv_x, want), f"recv_x {recv_x[:, 0].tolist()} != {want[:, 0].tolist()}"
     cached = buffer.dispatch(args["x"], handle=handle, config=_config())[0]
@@ -313,7 +271,7 @@ def test_killed_rank_times_out_and_leaves_nothing(cpu_pool):
     # A pool that lost a rank tears itself down and is never handed out again; the killed rank
     # unlinked its /dev/shm file at Buffer construction, so nothing is left behind.
     assert pool.broken and pool.closed
-    assert [p for p in pids if _pid_alive(p)] == [], f"worker processes left: {pids}"
+    assert [p for p in pids if pid_alive(p)] == [], f"worker processes left: {pids}"
     assert shm_leaks(pids) == [], "the killed rank left /dev/shm files"
     assert cpu_pool(2, **FAULT_ENV) is not pool
     # The survivor's dispatch timed out instead of hanging or failing some other way.

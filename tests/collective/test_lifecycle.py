@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import re
 import sys
 import tempfile
 import time
@@ -25,42 +24,14 @@ import pytest
 import torch
 
 import tritonep
+from small_case import NUM_EXPERTS, in_rank, routing, shm_leaks, tokens
 from tritonep.testing.dist import close_all_pools, sweep_shm
 
-NUM_TOKENS, NUM_TOPK, NUM_EXPERTS = 6, 2, 4
 SMALL, LARGE = 1 << 20, 2 << 20  # num_nvl_bytes of the two buffer sizes used below
 ITERATIONS = 20
-_SHM_NAME = re.compile(r"^tritonep-.*-p(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def shm_leaks(own_pids=()) -> list[str]:
-    """`sweep_shm()`, minus files a *live* process of another test session is creating right now.
-
-    A file counts as leaked if its creator is one of `own_pids`, if its creator no longer exists, or
-    if its name does not carry a creator pid at all.
-    """
-    leaks = []
-    for path in sweep_shm():
-        match = _SHM_NAME.match(os.path.basename(path))
-        if match is not None:
-            pid = int(match.group(1))
-            if pid not in own_pids and _pid_alive(pid):
-                continue
-        leaks.append(path)
-    return leaks
-
-
 def _num_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -91,34 +62,14 @@ def _tritonep_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "tritonep" in line.lower()]
 
 
-def _routing(rank: int, seed: int) -> torch.Tensor:
-    """Distinct experts per token, one slot -1; every rank can rebuild every rank's routing."""
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    idx = torch.topk(torch.rand((NUM_TOKENS, NUM_EXPERTS), generator=gen), NUM_TOPK, dim=-1).indices
-    idx[0, NUM_TOPK - 1] = -1
-    return idx.to(tritonep.topk_idx_t)
-
-
-def _tokens(rank: int, hidden: int) -> torch.Tensor:
-    """Rows exact in bf16 (and after summing two copies): 16 * rank + token + (column % 4) / 4."""
-    rows = (16 * rank + torch.arange(NUM_TOKENS, dtype=torch.float32))[:, None]
-    cols = (torch.arange(hidden, dtype=torch.float32) % 4 / 4)[None, :]
-    return (rows + cols).to(torch.bfloat16)
-
-
-def _in_rank(idx: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    owner = torch.where(idx >= 0, idx // (NUM_EXPERTS // num_ranks), -1)
-    return torch.stack([(owner == j).any(1) for j in range(num_ranks)], dim=1)
-
-
 def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
     """One non-cached dispatch and one combine, checked with plain torch; (x, recv_x, handle)."""
     config = tritonep.Config(4, 4, 64)
-    idx = _routing(rank, seed)
-    x = _tokens(rank, hidden)
+    idx = routing(rank, seed)
+    x = tokens(rank, hidden)
     weights = torch.full(idx.shape, 0.5, dtype=torch.float32)
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(idx, NUM_EXPERTS)
-    assert torch.equal(itr, _in_rank(idx, num_ranks)), f"is_token_in_rank {itr.tolist()}"
+    assert torch.equal(itr, in_rank(idx, num_ranks)), f"is_token_in_rank {itr.tolist()}"
     recv_x, _, _, counts, handle, _ = buffer.dispatch(
         x,
         num_tokens_per_rank=ntr,
@@ -131,7 +82,7 @@ def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
     # Rows arrive by source rank, then source token (spec §14.1).
     want = torch.cat(
         [
-            _tokens(s, hidden)[_in_rank(_routing(s, seed), num_ranks)[:, rank]]
+            tokens(s, hidden)[in_rank(routing(s, seed), num_ranks)[:, rank]]
             for s in range(num_ranks)
         ]
     )
@@ -140,7 +91,7 @@ def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
     )
     local = NUM_EXPERTS // num_ranks
     want_counts = [
-        sum(int((_routing(s, seed) == rank * local + i).sum()) for s in range(num_ranks))
+        sum(int((routing(s, seed) == rank * local + i).sum()) for s in range(num_ranks))
         for i in range(local)
     ]
     assert counts == want_counts, f"seed {seed}: per-expert counts {counts} != {want_counts}"
@@ -217,10 +168,10 @@ def _two_buffers(ctx) -> dict:
         one_alive = len(_peer_maps())
         errors = {}
         for name, call in (
-            ("dispatch", lambda: small.dispatch(_tokens(rank, 32), handle=None)),
+            ("dispatch", lambda: small.dispatch(tokens(rank, 32), handle=None)),
             (
                 "get_dispatch_layout",
-                lambda: small.get_dispatch_layout(_routing(rank, 0), NUM_EXPERTS),
+                lambda: small.get_dispatch_layout(routing(rank, 0), NUM_EXPERTS),
             ),
             ("destroy twice", small.destroy),
         ):

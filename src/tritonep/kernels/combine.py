@@ -22,7 +22,6 @@ Example:
     -> combined_x[t] = 3.0 on rank 0 (plus bias[t] if given).
 """
 
-import triton
 import triton.language as tl
 
 from .. import _env
@@ -30,7 +29,7 @@ from .casting import round_to
 from .tiles import column, copy_rows, lane, row_block
 from .launch import fast, pow2
 from .naming import named_kernel
-from .sync import now_ns, report_error, store_release, wait_all_at_least
+from .sync import now_ns, open_call, report_error, store_release, wait_all_at_least
 
 
 @named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
@@ -77,17 +76,12 @@ def _combine_kernel(
     PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    host = host_addr.to(tl.pointer_type(tl.int64))
-    ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
-    ranks = tl.arange(0, BLOCK_RANKS)
+    host, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
+        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, HOST_ERROR,
+        USE_GLOBALTIMER,
+    )
     rank_ok = ranks < NUM_RANKS
-    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
     is_peer = live & (ranks != rank)
-    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
-    my_base = tl.load(peer_bases_ptr + rank)
-    epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
-    tag = epoch << 32
-    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     rows_in_tile = tl.arange(0, TILE)
     ks = tl.arange(0, BLOCK_TOPK)
     ROW_BYTES: tl.constexpr = HIDDEN * DTYPE.primitive_bitwidth // 8

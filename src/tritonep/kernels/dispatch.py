@@ -37,7 +37,7 @@ from .launch import fast, pow2
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
 from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, row_block
-from .sync import now_ns, report_error, store_release, wait_all_at_least
+from .sync import now_ns, open_call, report_error, store_release, wait_all_at_least
 
 
 @triton.jit
@@ -161,16 +161,11 @@ def _dispatch_kernel(
     PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    host = host_addr.to(tl.pointer_type(tl.int64))
-    ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
-    ranks = tl.arange(0, BLOCK_RANKS)
+    host, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
+        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, HOST_ERROR,
+        USE_GLOBALTIMER,
+    )
     rank_ok = ranks < NUM_RANKS
-    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
-    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
-    my_base = tl.load(peer_bases_ptr + rank)
-    epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
-    tag = epoch << 32
-    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     rows_in_tile = tl.arange(0, TILE)
     ks = tl.arange(0, BLOCK_TOPK)
     ss = tl.arange(0, BLOCK_SCALES)

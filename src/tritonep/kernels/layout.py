@@ -22,7 +22,6 @@ Constraints: ids >= E are treated as -1 (spec §0). Any R, any E divisible by R.
 """
 
 import torch
-import triton
 import triton.language as tl
 
 from .launch import fast, pow2

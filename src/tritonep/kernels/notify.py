@@ -26,7 +26,6 @@ Example:
 """
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import protocol

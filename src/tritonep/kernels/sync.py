@@ -76,3 +76,24 @@ def report_error(host_error_ptr, code, rank, peer, phase, channel, observed, exp
         tl.store(host_error_ptr + 5, observed)
         tl.store(host_error_ptr + 6, expected)
         store_release(host_error_ptr + 7, code)
+
+
+@triton.jit
+def open_call(host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS: tl.constexpr,
+              BLOCK_RANKS: tl.constexpr, HOST_ERROR: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
+    """State every data kernel starts from.
+
+    Returns (host block pointer, ok = no earlier device error, rank lanes, live = unmasked ranks,
+    peer base addresses, this rank's base, epoch tag `epoch << 32`, deadline in ns). The epoch was
+    advanced by this call's notify kernel, earlier on the same stream.
+    """
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
+    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
+    my_base = tl.load(peer_bases_ptr + rank)
+    tag = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True) << 32
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+    return host, ok, ranks, live, peer_bases, my_base, tag, deadline

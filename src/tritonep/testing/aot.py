@@ -11,6 +11,7 @@ Must run in a process where `TRITON_INTERPRET` is unset (the interpreter compile
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 
@@ -81,17 +82,19 @@ def _cases(kernels):
         square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
         rank_mask = torch.zeros(num_ranks, dtype=torch.int32)
-        yield lambda: kernels.layout.launch_route_stats(topk_idx, experts, num_ranks, num_ranks, torch.zeros(1024, dtype=torch.int32), False, rank_mask)
+        yield functools.partial(kernels.layout.launch_route_stats, topk_idx, experts, num_ranks, num_ranks,
+                                torch.zeros(1024, dtype=torch.int32), False, rank_mask)
         for counting in (False, True):
             counts = dict(
                 num_tokens=tokens, num_worst_tokens=0, experts_per_rank=experts // num_ranks,
                 num_tokens_per_expert=torch.zeros(experts, dtype=torch.int32), is_token_in_rank=mask,
                 rank_prefix_matrix=square, channel_prefix_matrix=matrix, recv_channel_prefix_matrix=matrix,
             )
-            yield lambda counts=counts, counting=counting: kernels.notify.launch_notify(
+            yield functools.partial(
+                kernels.notify.launch_notify,
                 peer_bases=ctx.peer_bases, rank=1, num_ranks=num_ranks, layout_key=12345,
-                num_channels=channels, rank_mask=rank_mask, host_addr=ctx.host_addr, clock_addr=0, timeout_ns=ctx.timeout_ns,
-                use_globaltimer=True, counts=counts if counting else None,
+                num_channels=channels, rank_mask=rank_mask, host_addr=ctx.host_addr, clock_addr=0,
+                timeout_ns=ctx.timeout_ns, use_globaltimer=True, counts=counts if counting else None,
             )
         for fp8 in (False, True):
             row_bytes = hidden * (1 if fp8 else 2)
@@ -100,7 +103,8 @@ def _cases(kernels):
                                               hidden // 128 if fp8 else 0)
             x = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
             recv = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
-            yield lambda x=x, recv=recv, layout=layout, scales=scales: kernels.dispatch.launch_dispatch(
+            yield functools.partial(
+                kernels.dispatch.launch_dispatch,
                 ctx, layout, x=x, scales=scales, topk_idx=topk_idx, topk_weights=weights,
                 is_token_in_rank=mask, channel_prefix_matrix=matrix, rank_prefix_matrix=square,
                 recv_channel_prefix_matrix=matrix, send_head=send_head, rank_mask=rank_mask, recv_x=recv,
@@ -111,7 +115,8 @@ def _cases(kernels):
             )
         layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
-        yield lambda layout=layout, y=y: kernels.combine.launch_combine(
+        yield functools.partial(
+            kernels.combine.launch_combine,
             ctx, layout, x=y, topk_weights=weights, bias0=y, bias1=None, rank_prefix_matrix=square,
             recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights, rank_mask=rank_mask,
             num_channels=channels, chunk=4, tile=8, num_warps=8, tile_words=8192, prefetch=True,
@@ -125,23 +130,22 @@ def compile_all() -> list[dict]:
     kernels = load_kernels("cuda")
     modules = {"layout": "_route_stats_kernel", "notify": "_notify_kernel", "dispatch": "_dispatch_kernel",
                "combine": "_combine_kernel"}
-    recorders = {}
+    originals = {}
     for module, attr in modules.items():
         mod = getattr(kernels, module)
-        recorders[module] = (mod, attr, getattr(mod, attr))
-        setattr(mod, attr, _Recorder(getattr(mod, attr)))
+        originals[module] = getattr(mod, attr)
+        setattr(mod, attr, _Recorder(originals[module]))
     try:
         for launch in _cases(kernels):
             launch()
+        calls = {module: getattr(getattr(kernels, module), attr).calls for module, attr in modules.items()}
     finally:
-        for mod, attr, original in recorders.values():
-            calls = getattr(mod, attr).calls
-            setattr(mod, attr, original)
-            recorders[next(k for k, v in recorders.items() if v[0] is mod)] = (mod, attr, original, calls)
+        for module, attr in modules.items():
+            setattr(getattr(kernels, module), attr, originals[module])
     report = []
-    for module, (mod, attr, original, calls) in recorders.items():
-        for _grid, args, kwargs in calls:
-            compiled = _compile(original, list(args), dict(kwargs))
+    for module, module_calls in calls.items():
+        for _grid, args, kwargs in module_calls:
+            compiled = _compile(originals[module], list(args), dict(kwargs))
             ptx = compiled.asm["ptx"]
             ops = Counter(re.findall(r"(?:ld|st)\.global[a-z0-9.]*", ptx))
             report.append({

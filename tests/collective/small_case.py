@@ -1,0 +1,61 @@
+"""Small hand-checkable round trips and leak checks shared by the lifecycle and fault tests."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+import tritonep
+from tritonep.testing.dist import sweep_shm
+
+NUM_TOKENS, NUM_TOPK, NUM_EXPERTS = 6, 2, 4
+_SHM_NAME = re.compile(r"^tritonep-.*-p(\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def shm_leaks(own_pids=()) -> list[str]:
+    """`sweep_shm()`, minus files a *live* process of another test session is creating right now.
+
+    A file counts as leaked if its creator is one of `own_pids`, if its creator no longer exists, or
+    if its name does not carry a creator pid at all.
+    """
+    leaks = []
+    for path in sweep_shm():
+        match = _SHM_NAME.match(os.path.basename(path))
+        if match is not None:
+            pid = int(match.group(1))
+            if pid not in own_pids and pid_alive(pid):
+                continue
+        leaks.append(path)
+    return leaks
+
+
+def routing(rank: int, seed: int) -> torch.Tensor:
+    """Distinct experts per token, one slot -1; every rank can rebuild every rank's routing."""
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    idx = torch.topk(torch.rand((NUM_TOKENS, NUM_EXPERTS), generator=gen), NUM_TOPK, dim=-1).indices
+    idx[0, NUM_TOPK - 1] = -1
+    return idx.to(tritonep.topk_idx_t)
+
+
+def tokens(rank: int, hidden: int) -> torch.Tensor:
+    """Rows exact in bf16 (and after summing two copies): 16 * rank + token + (column % 4) / 4."""
+    rows = (16 * rank + torch.arange(NUM_TOKENS, dtype=torch.float32))[:, None]
+    cols = (torch.arange(hidden, dtype=torch.float32) % 4 / 4)[None, :]
+    return (rows + cols).to(torch.bfloat16)
+
+
+def in_rank(idx: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    owner = torch.where(idx >= 0, idx // (NUM_EXPERTS // num_ranks), -1)
+    return torch.stack([(owner == j).any(1) for j in range(num_ranks)], dim=1)

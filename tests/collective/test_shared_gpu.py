@@ -1,0 +1,26 @@
+"""Two ranks sharing one GPU (gloo group, CUDA backend, CUDA IPC peer memory).
+
+Lets a single-GPU machine run every cross-rank code path compiled: queues, ring wrap-around under
+back-pressure, FP8, top-k and worst-case dispatch. Timings from such a run mean nothing (the two
+ranks' kernels share one GPU); correctness is exact.
+"""
+
+import pytest
+
+from tritonep.testing import checks
+
+SHARED_GPU_ENV = {
+    "TRITONEP_BACKEND": "cuda",
+    "TRITONEP_TIMEOUT_S": "60",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NCCL_NVLS_ENABLE": "0",
+}
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_one_gpu(cpu_pool):
+    pool = cpu_pool(2, TRITON_INTERPRET="0", **SHARED_GPU_ENV)
+    pool.run(checks.check_intranode, num_tokens=512, hidden=7168, num_topk=8, num_experts=256, num_sms=24,
+             chunk=6, recv_capacity=256, num_nvl_bytes=int(1e9), matrix="full", timeout=400)
+    pool.run(checks.check_intranode, num_tokens=3000, hidden=2048, num_topk=8, num_experts=64, num_sms=8,
+             chunk=4, recv_capacity=8, num_nvl_bytes=int(1e9), matrix="quick", timeout=300)
