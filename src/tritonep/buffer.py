@@ -7,6 +7,7 @@ call is one `notify` launch plus one data launch on that stream; see `kernels/` 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import sys
@@ -276,7 +277,7 @@ class Buffer:
 
         self._kernels = load_kernels(self._backend)
 
-        signal = protocol.SignalLayout(num_ranks)
+        signal = protocol.signal_layout(num_ranks)
         self._signal = signal
         resources = self._resources
         resources.rank = self.rank
@@ -315,6 +316,7 @@ class Buffer:
         )
         self._poison: str | None = None
         self._tuning_override: dict = {}
+        self._validated_handles: collections.OrderedDict = collections.OrderedDict()
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
         # Nobody may signal a peer before every rank has zeroed its signal region.
@@ -335,6 +337,7 @@ class Buffer:
         self._bootstrap.barrier()
         self._resources.warn_if_open = False
         self._resources.close()
+        self._validated_handles.clear()
         self.runtime = None
 
     def _check_usable(self, op: str) -> None:
@@ -920,6 +923,21 @@ class Buffer:
         return x, None
 
     def _check_intranode_handle(self, op: str, handle, num_channels: int) -> IntranodeHandle:
+        # Loops reuse one handle for many cached dispatches and combines: remember the last few
+        # validated ones (tuples are immutable and their tensors' metadata cannot change).
+        key = (id(handle), num_channels)
+        hit = self._validated_handles.get(key)
+        if hit is not None and hit[0] is handle:
+            self._validated_handles.move_to_end(key)
+            return hit[1]
+        checked = self._validate_intranode_handle(op, handle, num_channels)
+        if isinstance(handle, tuple):
+            self._validated_handles[key] = (handle, checked)
+            if len(self._validated_handles) > 8:
+                self._validated_handles.popitem(last=False)
+        return checked
+
+    def _validate_intranode_handle(self, op: str, handle, num_channels: int) -> IntranodeHandle:
         if not isinstance(handle, (tuple, list)) or len(handle) != 6:
             kind = f"a {type(handle).__name__} of {len(handle)}" if isinstance(handle, (tuple, list)) else type(handle).__name__
             fail(op, f"handle must be the 6-tuple of an intranode dispatch, got {kind}")

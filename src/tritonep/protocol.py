@@ -35,6 +35,7 @@ Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), per-ex
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 MAX_CHANNELS = 128  # num_sms <= 256
@@ -68,38 +69,44 @@ def inbox_slots(num_ranks: int) -> int:
     return align_up(INBOX_HEADER_SLOTS + (payload_ints + 1) // 2, 16)
 
 
+@functools.lru_cache(maxsize=64)
+def signal_layout(num_ranks: int) -> "SignalLayout":
+    """The (immutable, cached) signal-region layout for `num_ranks` ranks."""
+    return SignalLayout(num_ranks)
+
+
 @dataclass(frozen=True)
 class SignalLayout:
     """Byte offsets of the signal region for `num_ranks` ranks (identical on every rank)."""
 
     num_ranks: int
 
-    @property
+    @functools.cached_property
     def epoch(self) -> int:
         return 0
 
-    @property
+    @functools.cached_property
     def inbox(self) -> int:
         return ALIGN
 
-    @property
+    @functools.cached_property
     def inbox_stride(self) -> int:
         """Bytes between two sources' inbox messages."""
         return inbox_slots(self.num_ranks) * 8
 
-    @property
+    @functools.cached_property
     def tails(self) -> int:
         return align_up(self.inbox + 2 * self.num_ranks * self.inbox_stride)
 
-    @property
+    @functools.cached_property
     def heads(self) -> int:
         return align_up(self.tails + MAX_CHANNELS * self.num_ranks * 8)
 
-    @property
+    @functools.cached_property
     def barrier(self) -> int:
         return align_up(self.heads + MAX_CHANNELS * self.num_ranks * 8)
 
-    @property
+    @functools.cached_property
     def num_bytes(self) -> int:
         return align_up(self.barrier + self.num_ranks * 8)
 
@@ -173,30 +180,30 @@ class QueueLayout:
             topk_idx_itemsize,
         )
 
-    @property
+    @functools.cached_property
     def num_slots(self) -> int:
         return self.num_channels * self.num_ranks * self.capacity
 
-    @property
+    @functools.cached_property
     def x(self) -> int:
         return 0
 
-    @property
+    @functools.cached_property
     def src_idx(self) -> int:
         return align_up(self.x + self.num_slots * align_up(self.row_bytes, 16))
 
-    @property
+    @functools.cached_property
     def topk_idx(self) -> int:
         return align_up(self.src_idx + self.num_slots * 4 * int(self.has_src_idx))
 
-    @property
+    @functools.cached_property
     def topk_weights(self) -> int:
         return align_up(self.topk_idx + self.num_slots * self.topk_idx_itemsize * self.num_topk_idx)
 
-    @property
+    @functools.cached_property
     def scales(self) -> int:
         return align_up(self.topk_weights + self.num_slots * 4 * self.num_topk_weights)
 
-    @property
+    @functools.cached_property
     def num_bytes(self) -> int:
         return align_up(self.scales + self.num_slots * 4 * self.num_scales)

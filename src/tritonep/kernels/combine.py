@@ -248,7 +248,7 @@ def launch_combine(
     """
     from .. import protocol
 
-    signal = protocol.SignalLayout(ctx.num_ranks)
+    signal = protocol.signal_layout(ctx.num_ranks)
     dtypes = {"torch.bfloat16": tl.bfloat16, "torch.float16": tl.float16, "torch.float32": tl.float32}
     has_weights = topk_weights is not None
     num_topk = topk_weights.shape[1] if has_weights else 0

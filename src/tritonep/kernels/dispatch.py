@@ -415,7 +415,7 @@ def launch_dispatch(
     """
     from .. import protocol
 
-    signal = protocol.SignalLayout(ctx.num_ranks)
+    signal = protocol.signal_layout(ctx.num_ranks)
     num_tokens = x.shape[0]
     row_words = x.shape[1]
     has_topk = topk_idx is not None

@@ -241,7 +241,7 @@ def launch_notify(
     `counts` (counting mode, non-cached dispatch) is a dict with `num_tokens`, `num_worst_tokens`,
     `experts_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the three outputs `rank_prefix_matrix`, `channel_prefix_matrix`, `recv_channel_prefix_matrix`.
     """
-    signal = protocol.SignalLayout(num_ranks)
+    signal = protocol.signal_layout(num_ranks)
     counting = counts is not None
     if counting:
         num_tokens = counts["num_tokens"]

@@ -71,7 +71,7 @@ def _cases(kernels):
     for num_ranks in (2, 8):
         ctx = LaunchContext(
             peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
-            data_offset=protocol.SignalLayout(num_ranks).num_bytes, data_bytes=1 << 30,
+            data_offset=protocol.signal_layout(num_ranks).num_bytes, data_bytes=1 << 30,
             host_addr=1 << 40, clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True,
         )
         tokens, hidden, topk, experts, channels = 4096, 7168, 8, 256, 12
