@@ -317,6 +317,7 @@ class Buffer:
         self._poison: str | None = None
         self._tuning_override: dict = {}
         self._validated_handles: collections.OrderedDict = collections.OrderedDict()
+        self._last_num_worst = 0
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
         # Nobody may signal a peer before every rank has zeroed its signal region.
@@ -351,10 +352,17 @@ class Buffer:
                 f"{op}: buffer lives on {self._device} but the current device is cuda:{torch.cuda.current_device()}"
             )
 
-    def _raise_device_error(self, op: str) -> None:
-        """Turn a device error record (spec §14.7) into an exception; the buffer is poisoned after,
-        except for a refusal, which no kernel acted on."""
+    def _raise_device_error(self, op: str, include_overflow: bool = True) -> None:
+        """Turn a device report (spec §14.7) into an exception. After an error record the buffer is
+        poisoned, except for a refusal (no kernel acted on it); a worst-case overflow only raises."""
         host = self._host
+        overflow = int(host[protocol.HOST_OVERFLOW]) if include_overflow else 0
+        if overflow:
+            host[protocol.HOST_OVERFLOW] = 0
+            raise EPInvalidArgument(
+                f"{op}: rank {self.rank}: a worst-case dispatch received {overflow} rows but num_worst_tokens "
+                f"was {self._last_num_worst}; the rows beyond it were dropped (raise num_worst_tokens)"
+            )
         code = int(host[protocol.HOST_ERROR + 7])
         if code == 0:
             return
@@ -374,9 +382,6 @@ class Buffer:
                 f"rank {rank} found in the {where} that rank {peer} made this call with a different "
                 f"geometry (hidden size, top-k, scales, dtype or config; fingerprint {observed} vs {expected})"
             )
-            error = EPInvalidArgument
-        elif code == protocol.ERR_OVERFLOW:
-            message = f"rank {rank} received {observed} rows but num_worst_tokens is {expected}; the extra rows were dropped"
             error = EPInvalidArgument
         elif code == protocol.ERR_REFUSED:
             host[protocol.HOST_ERROR : protocol.HOST_ERROR + protocol.ERROR_SLOTS] = 0
@@ -666,6 +671,8 @@ class Buffer:
                 recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
                 send_head = torch.empty((num_tokens, num_ranks), dtype=torch.int32, device=device)
         counts = None
+        if num_worst_tokens and not cached:
+            self._last_num_worst = num_worst_tokens
         if not cached:
             counts = dict(
                 num_tokens=num_tokens,
@@ -679,7 +686,7 @@ class Buffer:
             )
             self._host[protocol.HOST_READY] = 0
         self._notify(key, num_channels, counts=counts, refuse=refuse, capacity=layout.capacity)
-        self._after_launch(run_op)
+        self._after_launch(run_op, include_overflow=False)  # the data kernel still has to run
         recv_counts_list = None
         if not cached:
             if num_worst_tokens > 0:
@@ -1054,8 +1061,8 @@ class Buffer:
         per_expert = [int(v) for v in host[first : first + experts_per_rank]]
         return num_recv, per_expert
 
-    def _after_launch(self, op: str) -> None:
-        # The CPU backend has finished by now, so a device error belongs to this call.
+    def _after_launch(self, op: str, include_overflow: bool = True) -> None:
+        # The CPU backend has finished by now, so a device report belongs to this call.
         if self._backend == "cpu":
-            self._raise_device_error(op)
+            self._raise_device_error(op, include_overflow)
 

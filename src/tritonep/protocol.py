@@ -29,8 +29,8 @@ Queue heads are first published (epoch, 0) by the notify kernel, which runs afte
 previous data kernel finished: a sender that sees a head of the current epoch knows the receiver no
 longer reads anything of the previous call, whatever layout that call used.
 
-Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), per-expert counts
-(MAX_LOCAL_EXPERTS)]`. `ready` holds the epoch of the notify that filled the counts.
+Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), overflow, per-expert
+counts (MAX_LOCAL_EXPERTS)]`. `ready` holds the epoch of the notify that filled the counts.
 """
 
 from __future__ import annotations
@@ -47,14 +47,16 @@ PHASE_NAMES = {1: "notify", 2: "dispatch", 3: "combine", 4: "barrier"}
 # Error codes in device error records.
 ERR_TIMEOUT = 1
 ERR_LAYOUT_MISMATCH = 2  # ranks disagree on the call's geometry (hidden, top-k, config ...)
-ERR_OVERFLOW = 3  # num_worst_tokens smaller than the rows actually received
 ERR_REFUSED = 4  # a rank cannot run the call with its queues (CPU backend: a queue must hold a channel)
 ERROR_SLOTS = 8  # [code, rank, peer, phase, channel, observed, expected, epoch]
 
 HOST_READY = 0
 HOST_NUM_RECV = 1
 HOST_ERROR = 2
-HOST_EXPERT_COUNTS = HOST_ERROR + ERROR_SLOTS
+# Rows a worst-case dispatch received beyond num_worst_tokens (dropped): a caller error that stops
+# nothing, so it lives outside the error record (which stops every later kernel of the buffer).
+HOST_OVERFLOW = HOST_ERROR + ERROR_SLOTS
+HOST_EXPERT_COUNTS = HOST_OVERFLOW + 1
 HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
 
 INBOX_HEADER_SLOTS = 4  # flag, layout key, num_tokens, refusal (rows a queue would need, 0 = fine)

@@ -290,3 +290,35 @@ def test_killed_rank_times_out_and_leaves_nothing(cpu_pool):
     assert min(lacks, key=len) == [], (
         f"the timeout message does not name {min(lacks, key=len)}: {error['message']!r}"
     )
+
+
+def _overflow_task(ctx) -> dict:
+    """num_worst_tokens smaller than what arrives: a clear EPInvalidArgument, rows beyond it dropped,
+    the buffer stays usable (a caller error, not a device fault)."""
+    import tritonep as deep_ep
+    from tritonep.testing import checks
+
+    buffer = checks.get_buffer(ctx, 4 << 20)
+    gen = torch.Generator().manual_seed(ctx.rank)
+    x = torch.randn((8, 32), generator=gen).to(torch.bfloat16)
+    topk_idx, topk_weights = checks.make_routing(8, 4, 2, gen, torch.device("cpu"), drop=0.0)
+    ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, 4)
+    config = deep_ep.Config(2, 4, 64)
+    try:
+        buffer.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
+                        topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=1, config=config)
+        message = None
+    except deep_ep.EPInvalidArgument as e:
+        message = str(e)
+    # Still usable: a normal round trip afterwards.
+    checks.check_intranode(ctx, num_tokens=8, hidden=32, num_topk=2, num_experts=4, num_nvl_bytes=4 << 20,
+                           matrix="quick")
+    return {"message": message}
+
+
+def test_worst_case_overflow_raises_and_keeps_the_buffer(cpu_pool):
+    results = cpu_pool(2).run(_overflow_task, timeout=120)
+    for rank, result in enumerate(results):
+        message = result["message"]
+        assert message is not None, f"rank {rank}: no error for num_worst_tokens=1"
+        assert "num_worst_tokens" in message and f"rank {rank}" in message, message

@@ -69,7 +69,7 @@ def _notify_kernel(
     HOST_EXPERT_COUNTS: tl.constexpr,
     ERR_TIMEOUT: tl.constexpr,
     ERR_LAYOUT_MISMATCH: tl.constexpr,
-    ERR_OVERFLOW: tl.constexpr,
+    HOST_OVERFLOW: tl.constexpr,
     ERR_REFUSED: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
@@ -211,7 +211,8 @@ def _notify_kernel(
         tl.store(host + HOST_EXPERT_COUNTS + experts, recv_per_expert.to(tl.int64), mask=experts < experts_per_rank)
         tl.store(host + HOST_NUM_RECV, num_recv.to(tl.int64))
         if (num_worst_tokens > 0) & (num_recv > num_worst_tokens):
-            report_error(host + HOST_ERROR, ERR_OVERFLOW, rank, -1, PHASE, -1, num_recv, num_worst_tokens)
+            # The data kernel drops the rows beyond num_worst_tokens; the host reports it.
+            tl.store(host + HOST_OVERFLOW, num_recv.to(tl.int64))
         tl.debug_barrier()
         store_release(host + HOST_READY, epoch)
 
@@ -286,7 +287,7 @@ def launch_notify(
         HOST_EXPERT_COUNTS=protocol.HOST_EXPERT_COUNTS,
         ERR_TIMEOUT=protocol.ERR_TIMEOUT,
         ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
-        ERR_OVERFLOW=protocol.ERR_OVERFLOW,
+        HOST_OVERFLOW=protocol.HOST_OVERFLOW,
         ERR_REFUSED=protocol.ERR_REFUSED,
         BLOCK_RANKS=pow2(num_ranks),
         BLOCK_CHANNELS=pow2(num_channels),
