@@ -486,5 +486,8 @@ def launch_dispatch(
         USE_GLOBALTIMER=ctx.use_globaltimer,
         PREFETCH=prefetch,
         num_warps=num_warps,
+        # Senders and receivers of all ranks wait on each other: every program must be resident.
+        # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
+        launch_cooperative_grid=True,
         stream=ctx.stream,
     )
