@@ -700,14 +700,10 @@ class Buffer:
             recv_scales = (
                 torch.empty((num_recv, num_scales), dtype=x_scales.dtype, device=device) if x_scales is not None else None
             )
-            recv_src_idx = torch.empty(num_recv, dtype=torch.int32, device=device)
+            # A cached dispatch rewrites no handle entry (it reuses the handle's).
+            recv_src_idx = None if cached else torch.empty(num_recv, dtype=torch.int32, device=device)
             recv_topk_idx = torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=device) if num_topk else None
             recv_topk_weights = torch.empty((num_recv, num_topk), dtype=torch.float32, device=device) if num_topk else None
-            if cached:
-                # The handle stays untouched: positions are rewritten into scratch (same values).
-                send_head_out = torch.empty_like(send_head)
-            else:
-                send_head_out = send_head
         tuning = self._tuning()
         self._kernels.dispatch.launch_dispatch(
             self._ctx,
@@ -720,7 +716,7 @@ class Buffer:
             channel_prefix_matrix=channel_prefix_matrix,
             rank_prefix_matrix=rank_prefix_matrix,
             recv_channel_prefix_matrix=recv_channel_prefix_matrix,
-            send_head=send_head_out,
+            send_head=None if cached else send_head,
             rank_mask=self._rank_mask,
             recv_x=recv_x.view(torch.int32),
             recv_src_idx=recv_src_idx,
@@ -739,7 +735,7 @@ class Buffer:
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
         tensors = [x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_rank,
                    num_tokens_per_expert, recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights,
-                   rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, send_head_out]
+                   rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, send_head]
         event = streams.finish(tensors)
         if cached:
             return received, None, None, None, None, event

@@ -76,14 +76,16 @@ def _copy_fields(
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
     PREFETCH: tl.constexpr,
+    HAS_SRC_IDX: tl.constexpr,
 ):
     """Copy whole slots row by row between two structure-of-arrays views (receiver side).
 
     All arguments `*_rows_*` are `[TILE]` int64 byte addresses of row starts.
     """
     copy_rows(src_rows_x, dst_rows_x, mask, ROW_WORDS, BLOCK_W, ".cg", PREFETCH)
-    src_idx = tl.load(src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg")
-    tl.store(dst_rows_src.to(tl.pointer_type(tl.int32)), src_idx, mask=mask)
+    if HAS_SRC_IDX:
+        src_idx = tl.load(src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg")
+        tl.store(dst_rows_src.to(tl.pointer_type(tl.int32)), src_idx, mask=mask)
     if HAS_TOPK:
         ks = tl.arange(0, BLOCK_TOPK)
         mk = mask[:, None] & (ks[None, :] < NUM_TOPK)
@@ -159,6 +161,7 @@ def _dispatch_kernel(
     BLOCK_SCALES: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     PREFETCH: tl.constexpr,
+    WRITE_HANDLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -229,11 +232,12 @@ def _dispatch_kernel(
                             lane(seen, ranks, peer), lane(need, ranks, peer),
                         )
                 if ok:
-                    tl.store(
-                        send_head_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
-                        tl.where(flags > 0, position, -1),
-                        mask=valid[:, None] & rank_ok[None, :],
-                    )
+                    if WRITE_HANDLE:
+                        tl.store(
+                            send_head_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                            tl.where(flags > 0, position, -1),
+                            mask=valid[:, None] & rank_ok[None, :],
+                        )
                     slot = tl.where(is_self[None, :], own_first + position, position % capacity).to(tl.int64)
                     deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
                     any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
@@ -272,8 +276,9 @@ def _dispatch_kernel(
                     for dst in tl.static_range(NUM_RANKS):
                         row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
                         dst_slot = column(slot, ranks, dst)
-                        src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(tl.pointer_type(tl.int32))
-                        tl.store(src_ptrs, rows, mask=row_mask)
+                        if WRITE_HANDLE:
+                            src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(tl.pointer_type(tl.int32))
+                            tl.store(src_ptrs, rows, mask=row_mask)
                         if HAS_TOPK:
                             local = idx - dst * experts_per_rank
                             mine = (local >= 0) & (local < experts_per_rank) & (idx >= 0)
@@ -361,6 +366,7 @@ def _dispatch_kernel(
                     BLOCK_TOPK,
                     BLOCK_SCALES,
                     PREFETCH,
+                    WRITE_HANDLE,
                 )
                 consumed = tl.where(ranks == src, consumed + n, consumed)
                 remaining -= n
@@ -407,6 +413,7 @@ def launch_dispatch(
 ):
     """Launch the dispatch kernel (`2 * num_channels` programs) on the current stream.
 
+    `send_head` / `recv_src_idx` None (cached dispatch) skips writing the handle's entries.
     `x` / `recv_x` are int32 views of the rows (row bytes are a multiple of 16); `scales` /
     `recv_scales` int32 views of the FP8 scales (any strides on input) or None; `layout` is the
     call's `protocol.QueueLayout`; `chunk` tokens are sent per queue publish; `tile_words` is the
@@ -418,6 +425,7 @@ def launch_dispatch(
     signal = protocol.signal_layout(ctx.num_ranks)
     num_tokens = x.shape[0]
     row_words = x.shape[1]
+    write_handle = send_head is not None
     has_topk = topk_idx is not None
     has_scales = scales is not None
     num_topk = topk_idx.shape[1] if has_topk else 0
@@ -427,7 +435,7 @@ def launch_dispatch(
     tile = pow2(chunk)
     # `tile_words` bounds the [tile, block_w] register tile (e.g. 8192 words = 32 KB per program).
     block_w = min(pow2(row_words), max(16, tile_words // tile))
-    dummy = send_head
+    dummy = is_token_in_rank  # a valid pointer for arguments a constexpr switched off
     q = ctx.data_offset
     fast(_dispatch_kernel)[(2 * num_channels,)](
         x.data_ptr(),
@@ -441,10 +449,10 @@ def launch_dispatch(
         channel_prefix_matrix,
         rank_prefix_matrix,
         recv_channel_prefix_matrix,
-        send_head,
+        send_head if write_handle else is_token_in_rank,
         rank_mask,
         recv_x.data_ptr(),
-        recv_src_idx.data_ptr(),
+        recv_src_idx.data_ptr() if write_handle else 0,
         recv_topk_idx.data_ptr() if has_topk else 0,
         recv_topk_weights.data_ptr() if has_topk else 0,
         recv_scales.data_ptr() if has_scales else 0,
@@ -485,6 +493,7 @@ def launch_dispatch(
         BLOCK_SCALES=pow2(max(num_scales, 1)),
         USE_GLOBALTIMER=ctx.use_globaltimer,
         PREFETCH=prefetch,
+        WRITE_HANDLE=write_handle,
         num_warps=num_warps,
         # Senders and receivers of all ranks wait on each other: every program must be resident.
         # A cooperative launch fails loudly when the grid cannot be, instead of hanging.

@@ -64,7 +64,8 @@ def _compile(fn, args, kwargs):
 
 
 def _cases(kernels):
-    """Representative launches of every launcher (EP2 and EP8 geometries, BF16 / FP8, top-k, bias)."""
+    """Representative launches of every launcher (EP2 and EP8 geometries, BF16 / FP8, top-k, bias;
+    the FP8 dispatch is launched as a cached one, which writes no handle entries)."""
     from tritonep import protocol
     from tritonep.kernels.context import LaunchContext
 
@@ -107,8 +108,8 @@ def _cases(kernels):
                 kernels.dispatch.launch_dispatch,
                 ctx, layout, x=x, scales=scales, topk_idx=topk_idx, topk_weights=weights,
                 is_token_in_rank=mask, channel_prefix_matrix=matrix, rank_prefix_matrix=square,
-                recv_channel_prefix_matrix=matrix, send_head=send_head, rank_mask=rank_mask, recv_x=recv,
-                recv_src_idx=torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
+                recv_channel_prefix_matrix=matrix, send_head=None if fp8 else send_head, rank_mask=rank_mask,
+                recv_x=recv, recv_src_idx=None if fp8 else torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
                 recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
                 num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks, worst=True,
                 num_warps=8, tile_words=8192, prefetch=True,
