@@ -713,7 +713,6 @@ class Buffer:
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             is_token_in_rank=is_token_in_rank,
-            channel_prefix_matrix=channel_prefix_matrix,
             rank_prefix_matrix=rank_prefix_matrix,
             recv_channel_prefix_matrix=recv_channel_prefix_matrix,
             send_head=None if cached else send_head,

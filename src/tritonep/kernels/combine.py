@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import _env
 from .casting import round_to
-from .tiles import column, copy_rows, lane, row_block
+from .tiles import column, copy_rows, lane, received_blocks, row_block
 from .launch import fast, pow2
 from .naming import named_kernel
 from .sync import now_ns, open_call, report_error, store_release, wait_all_at_least
@@ -87,20 +87,13 @@ def _combine_kernel(
     ROW_BYTES: tl.constexpr = HIDDEN * DTYPE.primitive_bitwidth // 8
     WEIGHT_BYTES: tl.constexpr = NUM_TOPK * 4
 
-    prev_ranks = tl.maximum(ranks - 1, 0)
-    block_begin = tl.load(rank_prefix_matrix_ptr + prev_ranks * NUM_RANKS + rank, mask=rank_ok & (ranks > 0), other=0)
-    block_end = tl.load(rank_prefix_matrix_ptr + ranks * NUM_RANKS + rank, mask=rank_ok, other=0)
-
+    c = tl.where(pid < num_channels, pid, pid - num_channels)
+    # Where the dispatch put the rows from each source (channel c of each source) in x.
+    block_begin, block_end, chan_begin, chan_end = received_blocks(
+        rank_prefix_matrix_ptr, recv_channel_prefix_matrix_ptr, ranks, rank, c, num_channels, NUM_RANKS
+    )
     if pid < num_channels:
         # ------------------------------------------------------------------ sender of channel c
-        c = pid
-        chan_begin = tl.load(recv_channel_prefix_matrix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
-        chan_end = tl.load(
-            recv_channel_prefix_matrix_ptr + ranks * num_channels + c + 1,
-            mask=rank_ok & (c + 1 < num_channels),
-            other=0,
-        )
-        chan_end = tl.where(c + 1 < num_channels, chan_end, block_end - block_begin)
         first_row = block_begin + chan_begin  # rows of x that came from (rank d, channel c)
         total = tl.where(is_peer, chan_end - chan_begin, 0)
         sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
@@ -146,13 +139,10 @@ def _combine_kernel(
                 )
     else:
         # ---------------------------------------------------------------- receiver of channel c
-        c = pid - num_channels
         tokens_per_channel = tl.cdiv(num_tokens, num_channels)
         begin = tl.minimum(c * tokens_per_channel, num_tokens)
         end = tl.minimum(begin + tokens_per_channel, num_tokens)
-        own_first = lane(block_begin, ranks, rank) + tl.load(
-            recv_channel_prefix_matrix_ptr + rank * num_channels + c
-        )
+        own_first = lane(block_begin + chan_begin, ranks, rank)
         is_self = ranks == rank
         # Where the copy from each source lives: local x for this rank, queue (c, s) otherwise.
         base_x = tl.where(is_self, x_addr + own_first.to(tl.int64) * ROW_BYTES,

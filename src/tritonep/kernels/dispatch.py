@@ -36,7 +36,7 @@ from .launch import fast, pow2
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
-from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, row_block
+from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, received_blocks, row_block
 from .sync import now_ns, open_call, report_error, store_release, wait_all_at_least
 
 
@@ -114,7 +114,6 @@ def _dispatch_kernel(
     topk_idx_ptr,
     topk_weights_ptr,
     is_token_in_rank_ptr,
-    channel_prefix_matrix_ptr,
     rank_prefix_matrix_ptr,
     recv_channel_prefix_matrix_ptr,
     send_head_ptr,
@@ -178,22 +177,19 @@ def _dispatch_kernel(
     WEIGHT_BYTES: tl.constexpr = NUM_TOPK * 4
     SCALE_BYTES: tl.constexpr = NUM_SCALES * 4
 
-    # Row 0 of the rank_prefix column of this rank is the first row from source s.
-    prev_ranks = tl.maximum(ranks - 1, 0)
-    recv_begin = tl.load(rank_prefix_matrix_ptr + prev_ranks * NUM_RANKS + rank, mask=rank_ok & (ranks > 0), other=0)
-    recv_end = tl.load(rank_prefix_matrix_ptr + ranks * NUM_RANKS + rank, mask=rank_ok, other=0)
-
+    c = tl.where(pid < num_channels, pid, pid - num_channels)
+    # Where the rows from each source land in this rank's output (channel c of each source).
+    block_begin, block_end, chan_begin, chan_end = received_blocks(
+        rank_prefix_matrix_ptr, recv_channel_prefix_matrix_ptr, ranks, rank, c, num_channels, NUM_RANKS
+    )
     if pid < num_channels:
         # ------------------------------------------------------------------ sender of channel c
-        c = pid
         tokens_per_channel = tl.cdiv(num_tokens, num_channels)
         begin = tl.minimum(c * tokens_per_channel, num_tokens)
         end = tl.minimum(begin + tokens_per_channel, num_tokens)
         is_self = ranks == rank
         # This rank's own rows go straight to its outputs, after earlier channels' rows.
-        own_first = lane(recv_begin, ranks, rank) + tl.load(
-            channel_prefix_matrix_ptr + rank * num_channels + c - 1, mask=c > 0, other=0
-        )
+        own_first = lane(block_begin + chan_begin, ranks, rank)
         slot0 = ((c * NUM_RANKS + rank) * capacity).to(tl.int64)
         base_x = tl.where(is_self, recv_x_addr, peer_bases + queue_x + slot0 * ROW_BYTES)
         base_src = tl.where(is_self, recv_src_idx_addr, peer_bases + queue_src_idx + slot0 * 4)
@@ -302,10 +298,9 @@ def _dispatch_kernel(
                     sent = new_sent
     else:
         # ---------------------------------------------------------------- receiver of channel c
-        c = pid - num_channels
         if WORST:
             # Padding rows [M, num_recv_rows): no source, top-k -1, weight 0; split across receivers.
-            num_recv = lane(recv_end, ranks, NUM_RANKS - 1)
+            num_recv = lane(block_end, ranks, NUM_RANKS - 1)
             pad_per_channel = tl.cdiv(tl.maximum(num_recv_rows - num_recv, 0), num_channels)
             pad_begin = num_recv + c * pad_per_channel
             pad_end = tl.minimum(pad_begin + pad_per_channel, num_recv_rows)
@@ -319,16 +314,9 @@ def _dispatch_kernel(
                     w_rows = (recv_topk_weights_addr + prow * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
                     tl.store(topk_rows[:, None] + ks[None, :], -1, mask=mk)
                     tl.store(w_rows[:, None] + ks[None, :], 0.0, mask=mk)
-        chan_begin = tl.load(recv_channel_prefix_matrix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
-        chan_end = tl.load(
-            recv_channel_prefix_matrix_ptr + ranks * num_channels + c + 1,
-            mask=rank_ok & (c + 1 < num_channels),
-            other=0,
-        )
-        chan_end = tl.where(c + 1 < num_channels, chan_end, recv_end - recv_begin)
         is_peer = live & (ranks != rank)
         expected = tl.where(is_peer, chan_end - chan_begin, 0)
-        out_first = recv_begin + chan_begin
+        out_first = block_begin + chan_begin
         consumed = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
         tails = (my_base + TAILS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
         remaining = tl.sum(expected, axis=0)
@@ -393,7 +381,6 @@ def launch_dispatch(
     topk_idx,
     topk_weights,
     is_token_in_rank,
-    channel_prefix_matrix,
     rank_prefix_matrix,
     recv_channel_prefix_matrix,
     send_head,
@@ -446,7 +433,6 @@ def launch_dispatch(
         topk_idx if has_topk else dummy,
         topk_weights if has_topk else dummy,
         is_token_in_rank,
-        channel_prefix_matrix,
         rank_prefix_matrix,
         recv_channel_prefix_matrix,
         send_head if write_handle else is_token_in_rank,

@@ -107,7 +107,7 @@ def _cases(kernels):
             yield functools.partial(
                 kernels.dispatch.launch_dispatch,
                 ctx, layout, x=x, scales=scales, topk_idx=topk_idx, topk_weights=weights,
-                is_token_in_rank=mask, channel_prefix_matrix=matrix, rank_prefix_matrix=square,
+                is_token_in_rank=mask, rank_prefix_matrix=square,
                 recv_channel_prefix_matrix=matrix, send_head=None if fp8 else send_head, rank_mask=rank_mask,
                 recv_x=recv, recv_src_idx=None if fp8 else torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
                 recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
