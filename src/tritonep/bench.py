@@ -10,7 +10,8 @@ of 256 experts):
   * dispatch BF16 / FP8 and combine BF16: CUDA-event time around one *cached* call (notify + data
     kernel + stream hand-offs + host launch gaps), DeepEP's method: 50 warm-ups, L2 flushed by
     zeroing 256 MB, 50 timed calls, first dropped, mean;
-at `--num-sms` (default 24, DeepEP's test setting) and a sweep of SM counts and chunk sizes.
+at `--num-sms` (default 24, DeepEP's test setting) and a sweep of SM counts and chunk sizes, next to
+the plain NCCL pipeline (`all_to_all_single` + gather / scatter-add) on the same routing.
 Bandwidth = bytes received by the rank (own rows included) / time; FP8 rows count
 `hidden * (1 + 4/128)` bytes (spec §17.1). Rank 0 prints the table; `--json` records every figure.
 On the CPU backend the same code runs in the Triton interpreter at a toy shape (timings are CPU
@@ -163,6 +164,9 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
             row["kind"] = "combine_chunk"
             record["rows"].append(row)
 
+    if use_gpu and world_size > 1:
+        record["nccl"] = nccl_baseline(group, x, itr)
+
     everyone = [None] * world_size
     dist.all_gather_object(everyone, record, group=group)
     if rank == 0:
@@ -174,6 +178,42 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     ctx.state.clear()
     buffer = None  # release peer memory before the process group goes
     dist.destroy_process_group()
+
+
+def nccl_baseline(group, x, is_token_in_rank) -> dict:
+    """The plain NCCL pipeline a user would write without tritonep, timed the same way.
+
+    Dispatch: gather each destination's rows (source-token order), `all_to_all_single`. Combine:
+    `all_to_all_single` back, fp32 `index_add_` into the tokens, cast to BF16. Split sizes are
+    exchanged once outside the timing (like a cached handle).
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    dests, tokens = is_token_in_rank.T.nonzero(as_tuple=True)  # sorted by destination, then token
+    send_counts = torch.bincount(dests, minlength=world)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+    recv = torch.empty((sum(recv_splits), x.size(1)), dtype=x.dtype, device=x.device)
+    back = torch.empty((len(tokens), x.size(1)), dtype=x.dtype, device=x.device)
+
+    def dispatch():
+        dist.all_to_all_single(recv, x.index_select(0, tokens), recv_splits, send_splits, group=group)
+
+    def combine():
+        dist.all_to_all_single(back, recv, send_splits, recv_splits, group=group)
+        out = torch.zeros((x.size(0), x.size(1)), dtype=torch.float32, device=x.device)
+        out.index_add_(0, tokens, back.float())
+        return out.to(x.dtype)
+
+    nbytes = recv.numel() * 2
+    result = {}
+    for name, fn in (("dispatch_bf16", dispatch), ("combine", combine)):
+        t = bench_events(fn)[0]
+        result[name] = {"us": t * 1e6, "GBps": nbytes / 1e9 / t}
+    return result
 
 
 def _git_commit() -> str:
@@ -192,6 +232,8 @@ def _print_table(meta: dict, ranks: list) -> None:
               f"match the reference on every rank")
     print(f"layout: {r0['layout_us']:.1f} us")
     print(f"{'op':<14}{'SMs':>5}{'chunk':>7}{'time us':>10}{'GB/s':>9}   (rank 0; all ranks in the JSON)")
+    for op, figures in r0.get("nccl", {}).items():
+        print(f"{'nccl ' + op:<14}{'-':>5}{'-':>7}{figures['us']:>10.1f}{figures['GBps']:>9.1f}   plain NCCL pipeline")
     for row in r0["rows"]:
         for op in ("dispatch_bf16", "dispatch_fp8", "combine"):
             if op in row:
