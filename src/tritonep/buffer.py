@@ -318,6 +318,7 @@ class Buffer:
         self._tuning_override: dict = {}
         self._validated_handles: collections.OrderedDict = collections.OrderedDict()
         self._last_num_worst = 0
+        self._ready_token = 0  # host-chosen id of the latest counting notify (see _wait_counts)
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
         # Nobody may signal a peer before every rank has zeroed its signal region.
@@ -684,8 +685,10 @@ class Buffer:
                 channel_prefix_matrix=channel_prefix_matrix,
                 recv_channel_prefix_matrix=recv_channel_prefix_matrix,
             )
+            self._ready_token += 1
             self._host[protocol.HOST_READY] = 0
-        self._notify(key, num_channels, counts=counts, refuse=refuse, capacity=layout.capacity)
+        self._notify(key, num_channels, counts=counts, refuse=refuse, capacity=layout.capacity,
+                     ready_token=self._ready_token)
         self._after_launch(run_op, include_overflow=False)  # the data kernel still has to run
         recv_counts_list = None
         if not cached:
@@ -1015,7 +1018,8 @@ class Buffer:
         worst = int(demand.max())
         return worst if worst > capacity else 0
 
-    def _notify(self, key: int, num_channels: int, counts=None, refuse: int = 0, capacity: int = 0) -> None:
+    def _notify(self, key: int, num_channels: int, counts=None, refuse: int = 0, capacity: int = 0,
+                ready_token: int = 0) -> None:
         self._kernels.notify.launch_notify(
             peer_bases=self._ctx.peer_bases,
             rank=self.rank,
@@ -1030,6 +1034,7 @@ class Buffer:
             counts=counts,
             refuse=refuse,
             capacity=capacity,
+            ready_token=ready_token,
             stream=self._comm_stream,
         )
 
@@ -1038,7 +1043,7 @@ class Buffer:
         host = self._host
         deadline = time.monotonic() + self._timeout_s
         spins = 0
-        while host[protocol.HOST_READY] == 0:
+        while host[protocol.HOST_READY] != self._ready_token:
             if host[protocol.HOST_ERROR + 7] != 0:
                 self._raise_device_error(op)
             spins += 1

@@ -15,7 +15,9 @@ Algorithm (one program):
    hidden size, top-k or config is reported instead of deadlocking the data kernel) and that no
    rank refused the call (`refuse` > 0: rows one of its queues would need beyond `capacity`).
 5. Counting mode only: write `rank_prefix_matrix`, `recv_channel_prefix_matrix` and, into the host
-   block, the received row count and per-expert counts, then publish `ready = epoch`.
+   block, the received row count and per-expert counts, then publish `ready = ready_token`. The
+   token is chosen by the host for this call, so a late write of an earlier call (a worst-case
+   dispatch the host did not wait for, or a graph replay) can never pass for this call's.
 
 Sync protocol: message payload stores, barrier, flag release (sys scope); receivers acquire the flags.
 Buffer regions: signal region (epoch, inbox, heads) and the host block; see `protocol.py`.
@@ -35,13 +37,16 @@ from .tiles import cumsum_rows
 from .sync import now_ns, report_error, store_release, wait_all_at_least
 
 
-@named_kernel("intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens", "refuse", "capacity"])
+@named_kernel(
+    "intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens", "refuse", "capacity", "ready_token"]
+)
 def _notify_kernel(
     peer_bases_ptr,
     rank,
     layout_key,
     refuse,
     capacity,
+    ready_token,
     num_channels,
     rank_mask_ptr,
     host_addr,
@@ -214,7 +219,7 @@ def _notify_kernel(
             # The data kernel drops the rows beyond num_worst_tokens; the host reports it.
             tl.store(host + HOST_OVERFLOW, num_recv.to(tl.int64))
         tl.debug_barrier()
-        store_release(host + HOST_READY, epoch)
+        store_release(host + HOST_READY, ready_token)
 
 
 def launch_notify(
@@ -232,10 +237,12 @@ def launch_notify(
     counts=None,
     refuse: int = 0,
     capacity: int = 0,
+    ready_token: int = 0,
     stream=None,
 ):
     """Launch the notify kernel (on `stream`, default the current one).
 
+    `ready_token` (counting mode) is what the kernel writes to the host block's ready slot last.
     `refuse` > 0 makes every rank fail the call with an error record naming this rank (used when
     this rank cannot run it: `refuse` rows would be needed where queues hold `capacity`).
 
@@ -264,6 +271,7 @@ def launch_notify(
         layout_key,
         refuse,
         capacity,
+        ready_token,
         num_channels,
         rank_mask,
         host_addr,
