@@ -22,11 +22,13 @@ def load_kernels(backend: str):
     interpreted = _env.interpret_enabled()
     imported = any(f"{__name__}.{m}" in sys.modules for m in _MODULES)
     if backend == "cpu" and not interpreted:
-        if imported:
+        if imported or "TRITON_INTERPRET" in os.environ:
+            # Never overwrite a value the user chose, nor switch after kernels were compiled.
             raise EPStateError(
-                "Buffer: the CPU backend runs kernels in the Triton interpreter, but tritonep's kernels "
-                "were already compiled for the GPU in this process; set TRITON_INTERPRET=1 before "
-                "importing tritonep"
+                "Buffer: the CPU backend runs kernels in the Triton interpreter, which needs "
+                f"TRITON_INTERPRET=1 before tritonep's kernels are first used; got "
+                f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}"
+                + (" and kernels already compiled for the GPU in this process" if imported else "")
             )
         os.environ["TRITON_INTERPRET"] = "1"
     elif backend != "cpu" and interpreted:

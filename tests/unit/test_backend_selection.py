@@ -1,0 +1,45 @@
+"""Backend selection in a fresh process: gloo selects the CPU backend, which switches the Triton
+interpreter on by itself, but never overrides a TRITON_INTERPRET value the user set."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, torch, torch.distributed as dist
+    import tritonep
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+    try:
+        buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
+        topk = torch.tensor([[0, 1], [1, -1]])
+        ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk, 2)
+        print("OK", ntr.tolist(), os.environ.get("TRITON_INTERPRET"))
+    except tritonep.EPStateError as e:
+        print("STATE", e)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _run(env_update):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONEP_BACKEND")}
+    env.update(env_update, PORT=str(port), CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_gloo_group_selects_the_interpreter_by_itself():
+    assert _run({}) == "OK [2] 1"
+
+
+def test_a_user_set_triton_interpret_is_not_overridden():
+    line = _run({"TRITON_INTERPRET": "0"})
+    assert line.startswith("STATE") and "TRITON_INTERPRET='0'" in line, line
