@@ -99,7 +99,7 @@ def per_token_cast_to_fp8(x: torch.Tensor):
     padded[:, :hidden] = x.float()
     groups = padded.view(num_tokens, num_groups, 128)
     amax = groups.abs().amax(dim=2).clamp(min=1e-4)
-    data = (groups * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn).view(num_tokens, -1)[:, :hidden]
+    data = (groups * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn).view(num_tokens, num_groups * 128)[:, :hidden]
     return data.contiguous(), (amax / 448.0).contiguous()
 
 
