@@ -142,10 +142,11 @@ class _CallStreams:
         self.allocate_on_comm_stream = allocate_on_comm_stream
         if self.comm is None:
             return
+        self.compute = buffer._current_stream()
         if previous is not None and previous.event is not None:
             self.comm.wait_event(previous.event)
         else:
-            buffer._to_comm.record()
+            buffer._to_comm.record(self.compute)
             self.comm.wait_event(buffer._to_comm)
 
     def allocation(self):
@@ -162,16 +163,15 @@ class _CallStreams:
         if self.comm is None:
             return EventOverlap(EventHandle._on_stream(None)) if self.async_finish else EventOverlap()
         if self.async_finish:
-            compute = torch.cuda.current_stream()
             for t in tensors:
                 if isinstance(t, torch.Tensor):
                     t.record_stream(self.comm)
                     if self.allocate_on_comm_stream:
-                        t.record_stream(compute)
+                        t.record_stream(self.compute)
             return EventOverlap(EventHandle._on_stream(self.comm))
         to_compute = self.buffer._to_compute
         to_compute.record(self.comm)
-        to_compute.wait()
+        self.compute.wait_event(to_compute)
         return EventOverlap()
 
 
@@ -293,6 +293,7 @@ class Buffer:
             self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
             self._to_comm = torch.cuda.Event()
             self._to_compute = torch.cuda.Event()
+            self._stream_cache = (None, None)
             clock_addr = 0
         else:
             self._comm_stream = None
@@ -397,6 +398,14 @@ class Buffer:
         self._poison = message
         print(f"tritonep: {op}: {message}", file=sys.stderr)
         raise error(f"{op}: {message}")
+
+    def _current_stream(self):
+        """The caller's current CUDA stream; the Stream object is cached per raw handle, because
+        building one (`torch.cuda.current_stream()`) costs microseconds on every call."""
+        raw = torch._C._cuda_getCurrentRawStream(self._device.index)
+        if raw != self._stream_cache[0]:
+            self._stream_cache = (raw, torch.cuda.current_stream(self._device))
+        return self._stream_cache[1]
 
     # ------------------------------------------------------------------------ static helpers
     @staticmethod
