@@ -46,3 +46,10 @@ def test_waits_use_the_gpu_clock_and_system_scope_acquires(report):
     for row in report:
         if row["module"] in ("notify", "dispatch", "combine"):
             assert row["uses_globaltimer"] and row["acquire_sys"], row
+
+
+def test_dispatch_does_not_spill(report):
+    # A spilled copy loop goes through local memory on every block; 8 ranks used to spill 168-288 B.
+    for row in report:
+        if row["module"] == "dispatch" and row["stack"] is not None:
+            assert row["stack"] == 0, row

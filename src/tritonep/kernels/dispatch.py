@@ -46,11 +46,24 @@ def _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS: tl.
     """Store one `[TILE, BLOCK_W]` block of rows to every destination that receives them.
 
     dst_rows: `[TILE, R]` byte address of each row's destination row; deliver: `[TILE, R]` flags.
+    Up to 4 ranks the loop is unrolled and the compiler keeps every destination's row addresses in
+    registers across blocks (no barrier in the copy loop). With 8 ranks those addresses spill (255
+    registers plus a 168-288 byte stack in the sm_90 build), so they are re-derived per block.
     """
-    for dst in tl.static_range(NUM_RANKS):
-        row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
-        m = row_mask[:, None] & (words[None, :] < ROW_WORDS)
-        tl.store(row_block(column(dst_rows, ranks, dst), words, tl.int32, BLOCK_W), vals, mask=m)
+    if NUM_RANKS <= 4:
+        for dst in tl.static_range(NUM_RANKS):
+            _store_to_destination(vals, words, dst_rows, deliver, ranks, dst, ROW_WORDS, BLOCK_W)
+    else:
+        for dst in range(NUM_RANKS):
+            _store_to_destination(vals, words, dst_rows, deliver, ranks, dst, ROW_WORDS, BLOCK_W)
+
+
+@triton.jit
+def _store_to_destination(vals, words, dst_rows, deliver, ranks, dst, ROW_WORDS: tl.constexpr,
+                          BLOCK_W: tl.constexpr):
+    row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
+    m = row_mask[:, None] & (words[None, :] < ROW_WORDS)
+    tl.store(row_block(column(dst_rows, ranks, dst), words, tl.int32, BLOCK_W), vals, mask=m)
 
 
 @triton.jit

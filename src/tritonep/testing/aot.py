@@ -124,8 +124,28 @@ def _cases(kernels):
         )
 
 
+def _resource_usage(cubin: bytes) -> dict:
+    """Registers and stack bytes (spills) per thread of a cubin, read with Triton's cuobjdump."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        except OSError:
+            return {"registers": None, "stack": None}
+    usage = dict(re.findall(r"(REG|STACK):(\d+)", out))
+    return {"registers": int(usage.get("REG", -1)), "stack": int(usage.get("STACK", -1))}
+
+
 def compile_all() -> list[dict]:
-    """Compile every representative launch; returns name, registers/spills and memory-op counts."""
+    """Compile every representative launch; returns name, registers, stack (spills) and memory-op counts."""
     from tritonep.kernels import load_kernels
 
     kernels = load_kernels("cuda")
@@ -152,6 +172,8 @@ def compile_all() -> list[dict]:
             report.append({
                 "module": module,
                 "name": compiled.metadata.name,
+                "num_ranks": kwargs.get("NUM_RANKS"),
+                **_resource_usage(compiled.asm["cubin"]),
                 "vector_loads": sum(n for op, n in ops.items() if op.startswith("ld") and ".v4" in op),
                 "vector_stores": sum(n for op, n in ops.items() if op.startswith("st") and ".v4" in op),
                 "uses_globaltimer": "%globaltimer" in ptx,
