@@ -308,7 +308,6 @@ class Buffer:
             rank=self.rank,
             num_ranks=num_ranks,
             data_offset=signal.num_bytes,
-            data_bytes=num_nvl_bytes,
             host_addr=resources.host_block.data_ptr(),
             clock_addr=clock_addr,
             timeout_ns=int(self._timeout_s * 1e9),
@@ -1030,21 +1029,14 @@ class Buffer:
     def _notify(self, key: int, num_channels: int, counts=None, refuse: int = 0, capacity: int = 0,
                 ready_token: int = 0) -> None:
         self._kernels.notify.launch_notify(
-            peer_bases=self._ctx.peer_bases,
-            rank=self.rank,
-            num_ranks=self.group_size,
+            self._ctx,
             layout_key=key,
             num_channels=num_channels,
             rank_mask=self._rank_mask,
-            host_addr=self._ctx.host_addr,
-            clock_addr=self._ctx.clock_addr,
-            timeout_ns=self._ctx.timeout_ns,
-            use_globaltimer=self._ctx.use_globaltimer,
             counts=counts,
             refuse=refuse,
             capacity=capacity,
             ready_token=ready_token,
-            stream=self._comm_stream,
         )
 
     def _wait_counts(self, op: str, experts_per_rank: int) -> tuple[int, list[int]]:

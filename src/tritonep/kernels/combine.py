@@ -80,7 +80,6 @@ def _combine_kernel(
         host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, HOST_ERROR,
         USE_GLOBALTIMER,
     )
-    rank_ok = ranks < NUM_RANKS
     is_peer = live & (ranks != rank)
     rows_in_tile = tl.arange(0, TILE)
     ks = tl.arange(0, BLOCK_TOPK)

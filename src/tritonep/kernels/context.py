@@ -22,7 +22,6 @@ class LaunchContext:
     rank: int
     num_ranks: int
     data_offset: int
-    data_bytes: int
     host_addr: int
     clock_addr: int
     timeout_ns: int

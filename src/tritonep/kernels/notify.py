@@ -27,7 +27,6 @@ Example:
     -> rank_prefix_matrix = [[3, 2], [4, 6]]; rank 0 receives 4 rows, rank 1 receives 6.
 """
 
-import torch
 import triton.language as tl
 
 from .. import protocol
@@ -223,24 +222,17 @@ def _notify_kernel(
 
 
 def launch_notify(
+    ctx,
     *,
-    peer_bases: torch.Tensor,
-    rank: int,
-    num_ranks: int,
     layout_key: int,
     num_channels: int,
     rank_mask,
-    host_addr: int,
-    clock_addr: int,
-    timeout_ns: int,
-    use_globaltimer: bool,
     counts=None,
     refuse: int = 0,
     capacity: int = 0,
     ready_token: int = 0,
-    stream=None,
 ):
-    """Launch the notify kernel (on `stream`, default the current one).
+    """Launch the notify kernel on the buffer's comm stream (`ctx`: a `LaunchContext`).
 
     `ready_token` (counting mode) is what the kernel writes to the host block's ready slot last.
     `refuse` > 0 makes every rank fail the call with an error record naming this rank (used when
@@ -249,7 +241,7 @@ def launch_notify(
     `counts` (counting mode, non-cached dispatch) is a dict with `num_tokens`, `num_worst_tokens`,
     `experts_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the three outputs `rank_prefix_matrix`, `channel_prefix_matrix`, `recv_channel_prefix_matrix`.
     """
-    signal = protocol.signal_layout(num_ranks)
+    signal = protocol.signal_layout(ctx.num_ranks)
     counting = counts is not None
     if counting:
         num_tokens = counts["num_tokens"]
@@ -264,24 +256,24 @@ def launch_notify(
         num_worst_tokens = counts["num_worst_tokens"]
     else:
         num_tokens, experts_per_rank, num_worst_tokens = 0, 1, 0
-        tensors = [peer_bases] * 5  # never dereferenced without COUNT
+        tensors = [ctx.peer_bases] * 5  # never dereferenced without COUNT
     fast(_notify_kernel)[(1,)](
-        peer_bases,
-        rank,
+        ctx.peer_bases,
+        ctx.rank,
         layout_key,
         refuse,
         capacity,
         ready_token,
         num_channels,
         rank_mask,
-        host_addr,
-        clock_addr,
-        timeout_ns,
+        ctx.host_addr,
+        ctx.clock_addr,
+        ctx.timeout_ns,
         num_tokens,
         num_worst_tokens,
         experts_per_rank,
         *tensors,
-        NUM_RANKS=num_ranks,
+        NUM_RANKS=ctx.num_ranks,
         COUNT=counting,
         PHASE=1,
         INBOX=signal.inbox,
@@ -297,11 +289,11 @@ def launch_notify(
         ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
         HOST_OVERFLOW=protocol.HOST_OVERFLOW,
         ERR_REFUSED=protocol.ERR_REFUSED,
-        BLOCK_RANKS=pow2(num_ranks),
+        BLOCK_RANKS=pow2(ctx.num_ranks),
         BLOCK_CHANNELS=pow2(num_channels),
         BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
         BLOCK_TOKENS=128,
-        USE_GLOBALTIMER=use_globaltimer,
+        USE_GLOBALTIMER=ctx.use_globaltimer,
         num_warps=4,
-        stream=stream,
+        stream=ctx.stream,
     )

@@ -37,17 +37,8 @@ def store_release(ptr, value):
 
 
 @triton.jit
-def wait_at_least(ptr, target, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
-    """Spin until the int64 at `ptr` reaches `target` or `deadline` passes; return the last value."""
-    value = load_acquire(ptr)
-    while (value < target) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
-        value = load_acquire(ptr)
-    return value
-
-
-@triton.jit
 def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
-    """Vector form of `wait_at_least`: spin until every masked `*ptrs >= targets`.
+    """Spin until every masked `*ptrs >= targets` or `deadline` (ns) passes.
 
     Returns the last values read (lanes outside `mask` read as their target).
     """

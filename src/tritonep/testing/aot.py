@@ -72,7 +72,7 @@ def _cases(kernels):
     for num_ranks in (2, 8):
         ctx = LaunchContext(
             peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
-            data_offset=protocol.signal_layout(num_ranks).num_bytes, data_bytes=1 << 30,
+            data_offset=protocol.signal_layout(num_ranks).num_bytes,
             host_addr=1 << 40, clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True,
         )
         tokens, hidden, topk, experts, channels = 4096, 7168, 8, 256, 12
@@ -93,9 +93,8 @@ def _cases(kernels):
             )
             yield functools.partial(
                 kernels.notify.launch_notify,
-                peer_bases=ctx.peer_bases, rank=1, num_ranks=num_ranks, layout_key=12345,
-                num_channels=channels, rank_mask=rank_mask, host_addr=ctx.host_addr, clock_addr=0,
-                timeout_ns=ctx.timeout_ns, use_globaltimer=True, counts=counts if counting else None,
+                ctx, layout_key=12345, num_channels=channels, rank_mask=rank_mask,
+                counts=counts if counting else None,
             )
         for fp8 in (False, True):
             row_bytes = hidden * (1 if fp8 else 2)

@@ -128,7 +128,7 @@ def _assert_equal(name, got, want):
                              f"{got_c[tuple(diff[0])]!r} != {want_c[tuple(diff[0])]!r}")
 
 
-def _combine_blocks(group, rank, handle):
+def combine_blocks(group, rank, handle):
     """For `reference.combine`: rows of every rank j that came from `rank`, and their token ids."""
     prefixes = gather(group, handle[0])
     sources = gather(group, handle[3])
@@ -243,7 +243,7 @@ def check_intranode(
         if kind == "fp8":
             continue
         y = recv_x if not isinstance(recv_x, tuple) else recv_x[0]
-        blocks = _combine_blocks(group, rank, handle)
+        blocks = combine_blocks(group, rank, handle)
         all_y = gather(group, y)
         all_recv_w = gather(group, recv_w) if recv_w is not None else None
         for with_weights, num_bias in ((False, 0), (True, 1), (True, 2)):
@@ -300,7 +300,7 @@ def check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, n
     # Combine with a worst-case handle: padding rows of the input are ignored.
     y = recv_x.clone()
     y[num_recv:] = float("nan")
-    blocks = _combine_blocks(group, rank, handle)
+    blocks = combine_blocks(group, rank, handle)
     with poisoned_allocations(device):
         combined, _, _ = buffer.combine(y, handle, config=config)
     want, _ = reference.combine(rank, gather(group, y), blocks, x.size(0))

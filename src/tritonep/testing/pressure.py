@@ -110,7 +110,7 @@ def pressure_round(ctx, seed: int, space: dict) -> str:
     assert torch.equal(first["recv_w"][:num_recv].cpu(), ref["recv_topk_weights"]), f"{tag}: recv_topk_weights"
     if case["mode"] == "plain":
         assert first["counts"] == ref["num_recv_tokens_per_expert"], f"{tag}: per-expert counts"
-    blocks = checks._combine_blocks(group, rank, first["handle"])
+    blocks = checks.combine_blocks(group, rank, first["handle"])
     want, want_w = reference.combine(rank, checks.gather(group, first["y"]), blocks, num_tokens,
                                      weights=checks.gather(group, first["recv_w"]))
     assert torch.equal(first["combined"].cpu(), want), f"{tag}: combined_x"
