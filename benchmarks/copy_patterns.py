@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonep.bench import bench_events
+from tritonep.bench import bench_events, git_commit
 from tritonep.kernels.tiles import row_block
 
 
@@ -102,7 +102,7 @@ def main():
                            programs=programs, warps=warps, block=block, stages=stages)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": results}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "commit": git_commit(), "triton": triton.__version__, "rows": results}, f, indent=1)
     best = sorted(results, key=lambda r: -r["GBps"])[:8]
     print("best:")
     for r in best:

@@ -1,31 +1,74 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: GPU tests, layout kernel timing, dispatch/combine benchmark.
-# Results land in $OUT (the device tool fetches them); the short table comes last.
+# One call on a GPU machine: GPU tests, layout and host-path timings, dispatch/combine benchmark,
+# GPU pressure run. Results land in $OUT (the device tool fetches them); the short table comes last.
+#
+#   STAGES="tests layout host bench pressure" (default: all)   which parts to run
+#   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
+#   PRESSURE_SECONDS=240     time budget of the pressure stage
+#   VARIANTS='[...]'         program-shape variants compared by the bench stage
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/tritonep-gpu}"
+STAGES="${STAGES:-tests layout host bench pressure}"
 mkdir -p "$OUT"
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > "$OUT/gpus.txt" 2>&1
 nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
-echo "== $NGPU GPU(s)"; cat "$OUT/gpus.txt"
+echo "== $NGPU GPU(s), stages: $STAGES"; cat "$OUT/gpus.txt"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
-echo "== GPU tests"
-timeout 420 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest-$STAMP.log" | tail -15
+# Two ranks on one GPU run concurrently only under MPS (otherwise the GPU time-slices between the
+# processes and spinning kernels crawl): start the daemon for the shared-GPU benchmark.
+mps_start() {
+  command -v nvidia-cuda-mps-control >/dev/null || return 1
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/tritonep-mps CUDA_MPS_LOG_DIRECTORY=/tmp/tritonep-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && sleep 1
+}
+mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; }
 
-echo "== layout kernel"
-timeout 120 python3 benchmarks/layout_kernel.py --json "$OUT/layout-$STAMP.json" 2>&1 | tail -6
+if has tests; then
+  echo "== GPU tests"
+  timeout 420 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
+fi
+
+if has layout; then
+  echo "== layout kernel"
+  timeout 120 python3 benchmarks/layout_kernel.py --json "$OUT/layout.json" 2>&1 | tail -6
+fi
+
+if has host; then
+  echo "== host path of layout / dispatch / combine"
+  timeout 180 python3 benchmarks/host_overhead.py --json "$OUT/host-overhead.json" 2>&1 | tail -20
+fi
 
 # Program-shape variants compared in the same run (see Buffer._tuning).
-VARIANTS=${VARIANTS:-'[{"prefetch": false}, {"dispatch_warps": 4, "combine_warps": 4}, {"dispatch_warps": 16, "combine_warps": 16, "dispatch_tile_words": 16384, "combine_tile_words": 16384}, {"dispatch_tile_words": 16384, "combine_tile_words": 16384}, {"combine_tile": 16}]'}
-if [ "$NGPU" -ge 2 ]; then
-  echo "== dispatch/combine benchmark, EP$NGPU"
-  timeout 420 python3 -m tritonep.bench --sweep --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU-$STAMP.json" 2>&1 | tail -45
-else
-  echo "== one GPU: local copy path (EP1) and copy patterns"
-  timeout 200 python3 -m tritonep.bench --ranks 1 --no-check --variants "$VARIANTS" --json "$OUT/bench-ep1-$STAMP.json" 2>&1 | tail -20
-  timeout 300 python3 benchmarks/copy_patterns.py --json "$OUT/copy-patterns-$STAMP.json" 2>&1 | tail -12
+VARIANTS=${VARIANTS:-'[{"prefetch": false}, {"dispatch_warps": 4, "combine_warps": 4}, {"dispatch_tile_words": 16384, "combine_tile_words": 16384}, {"combine_tile": 16}]'}
+if has bench; then
+  if [ "$NGPU" -ge 2 ]; then
+    echo "== dispatch/combine benchmark, EP$NGPU"
+    timeout 420 python3 -m tritonep.bench --sweep --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU.json" 2>&1 | tail -45
+  else
+    echo "== one GPU: local copy path (EP1)"
+    timeout 200 python3 -m tritonep.bench --ranks 1 --no-check --variants "$VARIANTS" --json "$OUT/bench-ep1.json" 2>&1 | tail -12
+    if mps_start; then
+      echo "== one GPU, two ranks under MPS (queue protocol over HBM; not an NVLink figure)"
+      TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep.bench --ranks 2 --variants "$VARIANTS" --json "$OUT/bench-ep2-mps.json" 2>&1 | tail -14
+      mps_stop
+    else
+      echo "(no MPS daemon: skipping the two-ranks-on-one-GPU benchmark)"
+    fi
+  fi
 fi
+
+if has pressure; then
+  RANKS=$(( NGPU >= 2 ? NGPU : 2 ))
+  echo "== pressure, $RANKS ranks"
+  [ "$NGPU" -ge 2 ] || mps_start || true
+  timeout $(( ${PRESSURE_SECONDS:-240} + 120 )) python3 -m tritonep.testing.pressure --ranks "$RANKS" --rounds 10000 \
+    --seconds "${PRESSURE_SECONDS:-240}" --json "$OUT/pressure.json" 2>&1 | tail -8
+  [ "$NGPU" -ge 2 ] || mps_stop
+fi
+ls -la "$OUT"

@@ -81,6 +81,9 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     if not use_gpu:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["TRITONEP_BACKEND"] = "cpu"
+    elif args.shared_gpus:
+        # NCCL refuses two ranks on one GPU: bootstrap over gloo, peer memory through CUDA IPC.
+        os.environ["TRITONEP_BACKEND"] = "cuda"
     import torch
     import torch.distributed as dist
 
@@ -88,9 +91,9 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     from tritonep.testing import checks
 
     if use_gpu:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "nccl" if use_gpu and not args.shared_gpus else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     group = dist.group.WORLD
     ctx = _Ctx(rank, world_size, group)
@@ -164,7 +167,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
             row["kind"] = "combine_chunk"
             record["rows"].append(row)
 
-    if use_gpu and world_size > 1:
+    if use_gpu and world_size > 1 and not args.shared_gpus:
         record["nccl"] = nccl_baseline(group, x, itr)
 
     everyone = [None] * world_size
@@ -216,7 +219,9 @@ def nccl_baseline(group, x, is_token_in_rank) -> dict:
     return result
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    if os.environ.get("TRITONEP_COMMIT"):  # copies without .git (e.g. a GPU machine's working tree)
+        return os.environ["TRITONEP_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -274,6 +279,8 @@ def main(argv=None) -> int:
     gpu = args.backend == "cuda"
     if not args.ranks:
         args.ranks = torch.cuda.device_count() if gpu else 2
+    # More ranks than GPUs: ranks share GPUs round-robin (correctness runs; timings are not NVLink's).
+    args.shared_gpus = gpu and args.ranks > torch.cuda.device_count()
     defaults = (4096, 7168, 8, 256) if gpu else (64, 256, 4, 16)
     for name, value in zip(("tokens", "hidden", "topk", "experts"), defaults):
         if getattr(args, name) is None:
@@ -289,12 +296,13 @@ def main(argv=None) -> int:
     os.unlink(results_path)
     meta = {
         "tritonep": tritonep.__version__,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "device": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu",
         "backend": args.backend,
         "ranks": args.ranks,
+        "gpus_shared_by_ranks": args.shared_gpus,
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "tokens": args.tokens,

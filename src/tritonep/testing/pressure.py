@@ -123,12 +123,19 @@ def pressure_round(ctx, seed: int, space: dict) -> str:
     return digest
 
 
-def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict) -> dict:
-    """Run rounds [first_seed, first_seed + num_rounds); returns count, failures and a digest."""
+def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: float = 0.0) -> dict:
+    """Run rounds [first_seed, first_seed + num_rounds); returns count, failures and a digest.
+
+    `seconds` > 0: no round starts once rank 0 has spent that long (the ranks agree each round).
+    """
     overall = hashlib.sha256()
     failures = []
     started = time.perf_counter()
+    seed = first_seed - 1
     for seed in range(first_seed, first_seed + num_rounds):
+        if seconds > 0 and checks.gather(ctx.group, time.perf_counter() - started > seconds)[0]:
+            seed -= 1
+            break
         try:
             overall.update(pressure_round(ctx, seed, space).encode())
         except AssertionError as e:
@@ -147,12 +154,15 @@ def _rank_main(rank, world_size, port, args, path):
 
     from tritonep.bench import _Ctx
 
+    shared_gpus = args.backend == "cuda" and world_size > torch.cuda.device_count()
+    if shared_gpus:  # NCCL refuses two ranks on one GPU: gloo bootstrap, CUDA IPC peer memory
+        os.environ["TRITONEP_BACKEND"] = "cuda"
     if args.backend == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if args.backend == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world_size)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if args.backend == "cuda" and not shared_gpus else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     ctx = _Ctx(rank, world_size, dist.group.WORLD)
-    result = run_rounds(ctx, args.seed, args.rounds, GPU_SPACE if args.backend == "cuda" else CPU_SPACE)
+    result = run_rounds(ctx, args.seed, args.rounds, GPU_SPACE if args.backend == "cuda" else CPU_SPACE, args.seconds)
     everyone = [None] * world_size
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -168,11 +178,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ranks", type=int, default=0)
     parser.add_argument("--backend", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--seconds", type=float, default=0.0, help="stop starting rounds after this long (0: no limit)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
 
-    from tritonep.bench import _free_port, _git_commit
+    from tritonep.bench import _free_port, git_commit
 
     if args.backend == "auto":
         args.backend = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
@@ -185,9 +196,11 @@ def main(argv=None) -> int:
         ranks = json.load(f)
     os.unlink(path)
     summary = {"backend": args.backend, "ranks": args.ranks, "first_seed": args.seed, "requested_rounds": args.rounds,
-               "commit": _git_commit(), "device": torch.cuda.get_device_name(0) if args.backend == "cuda" else "cpu",
+               "seconds_limit": args.seconds,
+               "gpus_shared_by_ranks": args.backend == "cuda" and args.ranks > torch.cuda.device_count(),
+               "commit": git_commit(), "device": torch.cuda.get_device_name(0) if args.backend == "cuda" else "cpu",
                "seconds": time.perf_counter() - started, "per_rank": ranks}
-    ok = all(not r["failures"] and r["rounds"] == args.rounds for r in ranks)
+    ok = all(not r["failures"] and (r["rounds"] == args.rounds or args.seconds > 0) for r in ranks)
     print(f"pressure: {ranks[0]['rounds']} rounds on {args.ranks} ranks ({args.backend}), "
           f"{'all exact and reproducible' if ok else 'FAILURES'}; digests {[r['digest'] for r in ranks]}")
     for r in ranks:

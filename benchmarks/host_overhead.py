@@ -1,0 +1,126 @@
+"""Where the host time of a call goes, on one GPU: layout, cached dispatch, combine, and their parts.
+
+    python benchmarks/host_overhead.py [--json out.json]
+
+DeepEP's benchmark records an event, calls the op, records another event, 50 times in a row with
+no synchronisation: when the host takes longer per call than the GPU, the GPU waits for the host
+and the event time *is* the host time. This prints, for one rank (4096 tokens, top-8 of 256
+experts, hidden 7168):
+  * per op: the event time (DeepEP's method), the host time per call (a loop of 1000 calls,
+    synchronised once) and the kernel time alone (CUDA-graph replay);
+  * the host cost of each step of the Python call path (validation, stream hand-offs, allocations,
+    launches), each timed in its own loop, so the op's total can be accounted for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import tritonep
+from tritonep.bench import bench_events, git_commit
+from tritonep.kernels import load_kernels
+from tritonep.testing import checks
+
+
+def host_us(fn, calls: int = 1000) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def graph_us(fn, launches: int = 20) -> float:
+    """Device time per call with the host out of the picture (CUDA graph of `launches` calls)."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            for _ in range(launches):
+                fn()
+    return bench_events(graph.replay)[0] * 1e6 / launches
+
+
+def enter_and_leave(context) -> None:
+    with context:
+        pass
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29555")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9))
+    num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
+    gen = torch.Generator().manual_seed(0)
+    topk_idx, topk_weights = checks.make_routing(num_tokens, num_experts, num_topk, gen, "cuda", drop=0.0)
+    x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
+    counts, _, expert_counts, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
+        topk_idx=topk_idx, topk_weights=topk_weights)
+    config = tritonep.Config(24, 6, 256)
+    kernels = load_kernels("cuda")
+
+    ops = {
+        "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
+        "dispatch (cached, BF16)": lambda: buffer.dispatch(x, handle=handle, config=config),
+        "combine": lambda: buffer.combine(recv_x, handle, config=config),
+    }
+    rows = []
+    print(f"{'op':<28}{'event us':>10}{'host us':>10}{'graph us':>10}")
+    for name, fn in ops.items():
+        row = {"op": name, "event_us": bench_events(fn)[0] * 1e6, "host_us": host_us(fn), "graph_us": graph_us(fn)}
+        rows.append(row)
+        print(f"{name:<28}{row['event_us']:>10.1f}{row['host_us']:>10.1f}{row['graph_us']:>10.1f}")
+
+    comm, compute = buffer._comm_stream, torch.cuda.current_stream()
+    event = torch.cuda.Event()
+    scratch = torch.zeros(1024, dtype=torch.int32, device="cuda")
+    mask = buffer._rank_mask
+    steps = {
+        "_check_usable": lambda: buffer._check_usable("op"),
+        "_current_stream": buffer._current_stream,
+        "torch.cuda.current_stream()": torch.cuda.current_stream,
+        "event.record + wait_event": lambda: (event.record(compute), comm.wait_event(event)),
+        "with torch.cuda.stream(comm)": lambda: enter_and_leave(torch.cuda.stream(comm)),
+        "torch.empty int32 [256]": lambda: torch.empty(256, dtype=torch.int32, device="cuda"),
+        "torch.empty bool [4096, 1]": lambda: torch.empty((4096, 1), dtype=torch.bool, device="cuda"),
+        "layout launcher (allocs + launch)": lambda: kernels.layout.launch_route_stats(
+            topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm),
+        "EventOverlap()": tritonep.EventOverlap,
+    }
+    print(f"\n{'step':<40}{'host us':>10}")
+    for name, fn in steps.items():
+        us = host_us(fn)
+        rows.append({"step": name, "host_us": us})
+        print(f"{name:<40}{us:>10.2f}")
+    torch.cuda.synchronize()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": __import__("triton").__version__, "commit": git_commit(),
+                       "shape": {"tokens": num_tokens, "hidden": hidden, "topk": num_topk, "experts": num_experts,
+                                 "ranks": 1, "config": [24, 6, 256]},
+                       "rows": rows}, f, indent=1)
+    buffer = None  # release peer memory before the process group goes
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
