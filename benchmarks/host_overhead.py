@@ -58,6 +58,19 @@ def enter_and_leave(context) -> None:
         pass
 
 
+def kernel_times(fn, calls: int = 20) -> dict:
+    """Device time per call of each kernel `fn` launches (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
@@ -73,8 +86,8 @@ def main():
     counts, _, expert_counts, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
         x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
-        topk_idx=topk_idx, topk_weights=topk_weights)
-    config = tritonep.Config(24, 6, 256)
+        topk_idx=topk_idx, topk_weights=topk_weights, config=tritonep.Config(24, 24, 256))
+    config = tritonep.Config(24, 24, 256)
     kernels = load_kernels("cuda")
 
     ops = {
@@ -88,6 +101,12 @@ def main():
         row = {"op": name, "event_us": bench_events(fn)[0] * 1e6, "host_us": host_us(fn), "graph_us": graph_us(fn)}
         rows.append(row)
         print(f"{name:<28}{row['event_us']:>10.1f}{row['host_us']:>10.1f}{row['graph_us']:>10.1f}")
+
+    print(f"\n{'op':<28}{'kernel':<40}{'device us per call':>20}")
+    for name, fn in ops.items():
+        for kernel, us in kernel_times(fn).items():
+            rows.append({"op": name, "kernel": kernel, "device_us": us})
+            print(f"{name:<28}{kernel:<40}{us:>20.1f}")
 
     comm, compute = buffer._comm_stream, torch.cuda.current_stream()
     event = torch.cuda.Event()

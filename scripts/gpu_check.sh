@@ -52,10 +52,10 @@ if has bench; then
     timeout 420 python3 -m tritonep.bench --sweep --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU.json" 2>&1 | tail -45
   else
     echo "== one GPU: local copy path (EP1)"
-    timeout 200 python3 -m tritonep.bench --ranks 1 --no-check --variants "$VARIANTS" --json "$OUT/bench-ep1.json" 2>&1 | tail -12
+    timeout 200 python3 -m tritonep.bench --ranks 1 --no-check --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep1.json" 2>&1 | tail -40
     if mps_start; then
       echo "== one GPU, two ranks under MPS (queue protocol over HBM; not an NVLink figure)"
-      TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep.bench --ranks 2 --variants "$VARIANTS" --json "$OUT/bench-ep2-mps.json" 2>&1 | tail -14
+      TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep.bench --ranks 2 --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep2-mps.json" 2>&1 | tail -40
       mps_stop
     else
       echo "(no MPS daemon: skipping the two-ranks-on-one-GPU benchmark)"
