@@ -71,47 +71,42 @@ def kernel_times(fn, calls: int = 20) -> dict:
     return {e.key: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
 
 
+def print_profile(fn, calls: int = 300, top: int = 14) -> None:
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-sms", type=int, nargs="*", default=[24, 48, 132])
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29555")
     dist.init_process_group("nccl", rank=0, world_size=1)
-    buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9))
+    buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(2e9))
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
     gen = torch.Generator().manual_seed(0)
     topk_idx, topk_weights = checks.make_routing(num_tokens, num_experts, num_topk, gen, "cuda", drop=0.0)
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
     counts, _, expert_counts, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-    recv_x, _, _, _, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
-        topk_idx=topk_idx, topk_weights=topk_weights, config=tritonep.Config(24, 24, 256))
-    config = tritonep.Config(24, 24, 256)
     kernels = load_kernels("cuda")
-
-    ops = {
-        "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
-        "dispatch (cached, BF16)": lambda: buffer.dispatch(x, handle=handle, config=config),
-        "combine": lambda: buffer.combine(recv_x, handle, config=config),
-    }
     rows = []
-    print(f"{'op':<28}{'event us':>10}{'host us':>10}{'graph us':>10}")
-    for name, fn in ops.items():
-        row = {"op": name, "event_us": bench_events(fn)[0] * 1e6, "host_us": host_us(fn), "graph_us": graph_us(fn)}
-        rows.append(row)
-        print(f"{name:<28}{row['event_us']:>10.1f}{row['host_us']:>10.1f}{row['graph_us']:>10.1f}")
 
-    print(f"\n{'op':<28}{'kernel':<40}{'device us per call':>20}")
-    for name, fn in ops.items():
-        for kernel, us in kernel_times(fn).items():
-            rows.append({"op": name, "kernel": kernel, "device_us": us})
-            print(f"{name:<28}{kernel:<40}{us:>20.1f}")
-
+    # The steps of the call path first: the profiler below may leave state that slows launches.
     comm, compute = buffer._comm_stream, torch.cuda.current_stream()
     event = torch.cuda.Event()
     scratch = torch.zeros(1024, dtype=torch.int32, device="cuda")
     mask = buffer._rank_mask
+    outputs = kernels.layout.launch_route_stats(topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm)
     steps = {
         "_check_usable": lambda: buffer._check_usable("op"),
         "_current_stream": buffer._current_stream,
@@ -120,22 +115,50 @@ def main():
         "with torch.cuda.stream(comm)": lambda: enter_and_leave(torch.cuda.stream(comm)),
         "torch.empty int32 [256]": lambda: torch.empty(256, dtype=torch.int32, device="cuda"),
         "torch.empty bool [4096, 1]": lambda: torch.empty((4096, 1), dtype=torch.bool, device="cuda"),
+        "tensor.view(torch.int32)": lambda: x.view(torch.int32),
+        "launch.hooks_active()": __import__("tritonep.kernels.launch", fromlist=["_hooks_active"])._hooks_active,
+        "layout launch only (outputs reused)": lambda: kernels.layout.launch_route_stats(
+            topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm, outputs=outputs),
         "layout launcher (allocs + launch)": lambda: kernels.layout.launch_route_stats(
             topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm),
         "EventOverlap()": tritonep.EventOverlap,
     }
-    print(f"\n{'step':<40}{'host us':>10}")
+    print(f"{'step':<40}{'host us':>10}")
     for name, fn in steps.items():
         us = host_us(fn)
         rows.append({"step": name, "host_us": us})
         print(f"{name:<40}{us:>10.2f}")
+
+    print(f"\n{'op':<28}{'SMs':>5}{'event us':>10}{'host us':>10}{'graph us':>10}   device us per kernel")
+    for num_sms in args.num_sms:
+        config = tritonep.Config(num_sms, 24, 256)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(
+            x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
+            topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+        ops = {
+            "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
+            "dispatch (cached, BF16)": lambda: buffer.dispatch(x, handle=handle, config=config),
+            "combine": lambda: buffer.combine(recv_x, handle, config=config),
+        }
+        for name, fn in ops.items():
+            if name == "get_dispatch_layout" and num_sms != args.num_sms[0]:
+                continue
+            row = {"op": name, "num_sms": num_sms, "event_us": bench_events(fn)[0] * 1e6, "host_us": host_us(fn),
+                   "graph_us": graph_us(fn), "kernels_us": kernel_times(fn)}
+            rows.append(row)
+            per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
+            print(f"{name:<28}{num_sms:>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}{row['graph_us']:>10.1f}   {per_kernel}")
+        if num_sms == args.num_sms[0]:
+            for name in ("dispatch (cached, BF16)", "combine"):
+                print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
+                print_profile(ops[name])
     torch.cuda.synchronize()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": __import__("triton").__version__, "commit": git_commit(),
                        "shape": {"tokens": num_tokens, "hidden": hidden, "topk": num_topk, "experts": num_experts,
-                                 "ranks": 1, "config": [24, 6, 256]},
+                                 "ranks": 1, "chunk": 24, "queue": 256},
                        "rows": rows}, f, indent=1)
     buffer = None  # release peer memory before the process group goes
     dist.destroy_process_group()

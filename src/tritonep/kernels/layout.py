@@ -125,22 +125,27 @@ def launch_route_stats(
     with_nodes: bool,
     rank_mask: torch.Tensor,
     stream=None,
+    outputs=None,
 ):
     """Allocate the four outputs and fill them with one launch on the current stream.
 
     `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected.
-    `stream`: where to launch (None: the current stream). `scratch` is a persistent int32 accumulator of at least `scratch_slots(...)` entries, all zero
-    before the call and zero again after it.
+    `stream`: where to launch (None: the current stream). `scratch` is a persistent int32 accumulator
+    of at least `scratch_slots(...)` entries, all zero before the call and zero again after it.
+    `outputs`: the four outputs of an earlier call with the same shapes, refilled instead of allocated.
     Returns (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank).
     """
     device = topk_idx.device
     num_tokens, num_topk = topk_idx.shape
     num_nodes = num_ranks // ranks_per_node
     assert scratch.numel() >= scratch_slots(num_experts, num_ranks, num_nodes)
-    num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
-    num_tokens_per_node = torch.empty(num_nodes, dtype=torch.int32, device=device) if with_nodes else None
-    num_tokens_per_expert = torch.empty(num_experts, dtype=torch.int32, device=device)
-    is_token_in_rank = torch.empty((num_tokens, num_ranks), dtype=torch.bool, device=device)
+    if outputs is None:
+        # One allocation for the three count vectors: each torch.empty costs microseconds of host time.
+        counts = torch.empty(num_ranks + num_nodes + num_experts, dtype=torch.int32, device=device)
+        num_tokens_per_expert, num_tokens_per_rank, num_tokens_per_node = counts.split([num_experts, num_ranks, num_nodes])
+        is_token_in_rank = torch.empty((num_tokens, num_ranks), dtype=torch.bool, device=device)
+        outputs = (num_tokens_per_rank, num_tokens_per_node if with_nodes else None, num_tokens_per_expert, is_token_in_rank)
+    num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank = outputs
 
     block_topk = pow2(max(num_topk, 1))
     block_ranks = pow2(num_ranks)
@@ -171,4 +176,4 @@ def launch_route_stats(
         num_warps=4,
         stream=stream,
     )
-    return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank
+    return outputs
