@@ -9,6 +9,7 @@ Signal region (int64 slots, offsets in bytes, all 128-byte aligned):
 | region | shape | written by | meaning |
 |---|---|---|---|
 | epoch | [1] | this rank's notify kernel | number of collective calls so far (device side, so graph replays advance it) |
+| stop | [1] (byte 8) | this rank's kernels | data kernels of epochs <= stop do no work: the epoch of a refused call, or `STOP_ALL` after a fatal error |
 | inbox | [2][R][INBOX_SLOTS] | source rank s (remote) | s's notify message for epochs of parity p: flag, layout key, counts; flag = epoch, written last |
 | tails | [MAX_CHANNELS][R] | sender s (remote) | rows s has published into my queue (c, s): `epoch << 32 \\| count` |
 | heads | [MAX_CHANNELS][R] | receiver d (remote) | rows d has consumed from my channel-c stream: `epoch << 32 \\| count` |
@@ -58,6 +59,12 @@ HOST_ERROR = 2
 HOST_OVERFLOW = HOST_ERROR + ERROR_SLOTS
 HOST_EXPERT_COUNTS = HOST_OVERFLOW + 1
 HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
+
+# The stop word (device memory, beside the epoch): kernels read it instead of the host block's error
+# record, because every read of pinned host memory is a PCIe round trip, and those of a grid's
+# programs queue behind each other (measured: ~8 us per program on H200).
+STOP_OFFSET = 8
+STOP_ALL = 1 << 62
 
 INBOX_HEADER_SLOTS = 4  # flag, layout key, num_tokens, refusal (rows a queue would need, 0 = fine)
 

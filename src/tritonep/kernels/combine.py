@@ -29,7 +29,7 @@ from .casting import round_to
 from .tiles import column, copy_rows, lane, received_blocks, row_block
 from .launch import fast, pow2
 from .naming import named_kernel
-from .sync import now_ns, open_call, report_error, store_release, wait_all_at_least
+from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_all_at_least
 
 
 @named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
@@ -76,9 +76,8 @@ def _combine_kernel(
     PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    host, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
-        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, HOST_ERROR,
-        USE_GLOBALTIMER,
+    host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
+        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, USE_GLOBALTIMER,
     )
     is_peer = live & (ranks != rank)
     rows_in_tile = tl.arange(0, TILE)
@@ -133,7 +132,7 @@ def _combine_kernel(
                 late = pending & (ready == 0)
                 peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                 report_error(
-                    host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                    host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
                     (lane(head_seen, ranks, peer) - tag).to(tl.int32), lane(sent, ranks, peer) - capacity + 1,
                 )
     else:
@@ -170,7 +169,7 @@ def _combine_kernel(
                     if not ok:
                         peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                         report_error(
-                            host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                            host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
                             (lane(seen, ranks, peer) - tag).to(tl.int32), (lane(need, ranks, peer) - tag).to(tl.int32),
                         )
                 if ok:

@@ -37,7 +37,7 @@ from .launch import fast, pow2
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
 from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, received_blocks, row_block
-from .sync import now_ns, open_call, report_error, store_release, wait_all_at_least
+from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_all_at_least
 
 
 @triton.jit
@@ -176,9 +176,8 @@ def _dispatch_kernel(
     WRITE_HANDLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    host, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
-        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, HOST_ERROR,
-        USE_GLOBALTIMER,
+    host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
+        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, USE_GLOBALTIMER,
     )
     rank_ok = ranks < NUM_RANKS
     rows_in_tile = tl.arange(0, TILE)
@@ -237,7 +236,7 @@ def _dispatch_kernel(
                     if not ok:
                         peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                         report_error(
-                            host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                            host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
                             lane(seen, ranks, peer), lane(need, ranks, peer),
                         )
                 if ok:
@@ -380,7 +379,7 @@ def _dispatch_kernel(
                 late = consumed < expected
                 peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
                 report_error(
-                    host + HOST_ERROR, ERR_TIMEOUT, rank, peer, PHASE, c,
+                    host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
                     lane(consumed, ranks, peer), lane(expected, ranks, peer),
                 )
 

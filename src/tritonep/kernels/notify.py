@@ -33,7 +33,7 @@ from .. import protocol
 from .launch import fast, pow2
 from .naming import named_kernel
 from .tiles import cumsum_rows
-from .sync import now_ns, report_error, store_release, wait_all_at_least
+from .sync import STOP_ALL, STOP_OFFSET, now_ns, report_error, store_release, wait_all_at_least
 
 
 @named_kernel(
@@ -90,6 +90,7 @@ def _notify_kernel(
     chan_ok = chans < num_channels
     my_base = tl.load(peer_bases_ptr + rank)
     epoch_ptr = my_base.to(tl.pointer_type(tl.int64))
+    stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
     epoch = tl.load(epoch_ptr, volatile=True) + 1
     tl.store(epoch_ptr, epoch)
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
@@ -158,7 +159,7 @@ def _notify_kernel(
     if not ok:
         first = tl.min(tl.where(missing, ranks, BLOCK_RANKS), axis=0)
         seen = tl.sum(tl.where(ranks == first, flags, 0), axis=0)
-        report_error(host + HOST_ERROR, ERR_TIMEOUT, rank, first, PHASE, -1, seen, epoch)
+        report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, first, PHASE, -1, seen, epoch)
     else:
         keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True)
         refusals = tl.load((inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True)
@@ -168,12 +169,12 @@ def _notify_kernel(
             ok = False
             first = tl.min(tl.where(differ, ranks, BLOCK_RANKS), axis=0)
             bad_key = tl.sum(tl.where(ranks == first, keys, 0), axis=0)
-            report_error(host + HOST_ERROR, ERR_LAYOUT_MISMATCH, rank, first, PHASE, -1, bad_key, layout_key)
+            report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_LAYOUT_MISMATCH, rank, first, PHASE, -1, bad_key, layout_key)
         elif tl.sum(refused.to(tl.int32), axis=0) > 0:
             ok = False
             first = tl.min(tl.where(refused, ranks, BLOCK_RANKS), axis=0)
             needed = tl.sum(tl.where(ranks == first, refusals, 0), axis=0)
-            report_error(host + HOST_ERROR, ERR_REFUSED, rank, first, PHASE, -1, needed, capacity)
+            report_error(host + HOST_ERROR, stop, epoch, ERR_REFUSED, rank, first, PHASE, -1, needed, capacity)
 
     # 5. Prefix matrices and host-visible counts.
     if COUNT and ok:

@@ -14,6 +14,11 @@ the interpreter (no inline asm) it is a host cell that a background thread keeps
 import triton
 import triton.language as tl
 
+from .. import protocol
+
+STOP_OFFSET = tl.constexpr(protocol.STOP_OFFSET)
+STOP_ALL = tl.constexpr(protocol.STOP_ALL)
+
 
 @triton.jit
 def now_ns(clock_addr, USE_GLOBALTIMER: tl.constexpr):
@@ -51,12 +56,14 @@ def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER
 
 
 @triton.jit
-def report_error(host_error_ptr, code, rank, peer, phase, channel, observed, expected):
+def report_error(host_error_ptr, stop_ptr, stop_epoch, code, rank, peer, phase, channel, observed, expected):
     """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed, expected, code]`.
 
     The claim slot makes the first reporter win; `code` is published last so the host never reads a
-    half-written record.
+    half-written record. The device stop word is raised to `stop_epoch` (`STOP_ALL` for a fatal
+    error) so later data kernels of those epochs do no work.
     """
+    tl.atomic_max(stop_ptr, stop_epoch, sem="relaxed")
     zero = tl.full([], 0, tl.int64)
     claimed = tl.atomic_cas(host_error_ptr, zero, zero + 1, sem="acq_rel", scope="sys")
     if claimed == 0:
@@ -71,20 +78,22 @@ def report_error(host_error_ptr, code, rank, peer, phase, channel, observed, exp
 
 @triton.jit
 def open_call(host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS: tl.constexpr,
-              BLOCK_RANKS: tl.constexpr, HOST_ERROR: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
+              BLOCK_RANKS: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
     """State every data kernel starts from.
 
-    Returns (host block pointer, ok = no earlier device error, rank lanes, live = unmasked ranks,
-    peer base addresses, this rank's base, epoch tag `epoch << 32`, deadline in ns). The epoch was
-    advanced by this call's notify kernel, earlier on the same stream.
+    Returns (host block pointer, stop word pointer, ok = this call may work, rank lanes, live =
+    unmasked ranks, peer base addresses, this rank's base, epoch tag `epoch << 32`, deadline in ns).
+    The epoch was advanced by this call's notify kernel, earlier on the same stream. Nothing here
+    reads host memory (see `protocol.STOP_OFFSET`).
     """
     host = host_addr.to(tl.pointer_type(tl.int64))
-    ok = tl.load(host + HOST_ERROR + 7, volatile=True) == 0  # a failed buffer does no more work
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
     live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
     peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
     my_base = tl.load(peer_bases_ptr + rank)
-    tag = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True) << 32
+    epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
+    stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
+    ok = tl.load(stop, volatile=True) < epoch  # a failed buffer or a refused call does no work
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
-    return host, ok, ranks, live, peer_bases, my_base, tag, deadline
+    return host, stop, ok, ranks, live, peer_bases, my_base, epoch << 32, deadline
