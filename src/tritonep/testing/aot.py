@@ -65,8 +65,12 @@ def _compile(fn, args, kwargs):
 
 def _cases(kernels):
     """Representative launches of every launcher (EP2 and EP8 geometries, BF16 / FP8, top-k, bias;
-    the FP8 dispatch is launched as a cached one, which writes no handle entries)."""
+    the FP8 dispatch is launched as a cached one, which writes no handle entries), with the
+    Buffer's GPU program shapes."""
     from tritonep import protocol
+    from tritonep.buffer import _TUNING
+
+    tuning = _TUNING["cuda"]
     from tritonep.kernels.context import LaunchContext
 
     for num_ranks in (2, 8):
@@ -111,7 +115,7 @@ def _cases(kernels):
                 recv_x=recv, recv_src_idx=None if fp8 else torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
                 recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
                 num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks, worst=True,
-                num_warps=8, tile_words=8192, prefetch=True,
+                num_warps=tuning["dispatch_warps"], tile_words=tuning["dispatch_tile_words"], prefetch=tuning["prefetch"],
             )
         layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
@@ -119,7 +123,8 @@ def _cases(kernels):
             kernels.combine.launch_combine,
             ctx, layout, x=y, topk_weights=weights, bias0=y, bias1=None, rank_prefix_matrix=square,
             recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights, rank_mask=rank_mask,
-            num_channels=channels, chunk=4, tile=8, num_warps=8, tile_words=8192, prefetch=True,
+            num_channels=channels, chunk=4, tile=tuning["combine_tile"], num_warps=tuning["combine_warps"],
+            tile_words=tuning["combine_tile_words"], prefetch=tuning["prefetch"],
         )
 
 
