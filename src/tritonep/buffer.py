@@ -119,6 +119,10 @@ _TUNING = {
     "cuda": dict(dispatch_warps=8, dispatch_tile_words=8192, combine_warps=8, combine_tile_words=8192, combine_tile=8,
                  prefetch=True),
 }
+# Up to two ranks the combine kernel fits 16 warps x 64 KB tiles without spilling (128 registers),
+# and more bytes in flight per program pay: 24 SMs, two ranks under MPS on one H200, 282 -> 339
+# GB/s (benchmarks/results/2026-11-23-h200-mps-ep2-1dd5e47.json). With more ranks it spills.
+_WIDE_COMBINE = dict(combine_warps=16, combine_tile_words=16384)
 
 # The queue layout of a geometry never changes; computing it is pure.
 _fit_queues = functools.lru_cache(maxsize=1024)(protocol.QueueLayout.fit)
@@ -316,6 +320,9 @@ class Buffer:
         )
         self._poison: str | None = None
         self._tuning_override: dict = {}
+        self._base_tuning = _TUNING[self._backend]
+        if self._backend == "cuda" and num_ranks <= 2:
+            self._base_tuning = {**self._base_tuning, **_WIDE_COMBINE}
         self._validated_handles: collections.OrderedDict = collections.OrderedDict()
         self._last_num_worst = 0
         self._ready_token = 0  # host-chosen id of the latest counting notify (see _wait_counts)
@@ -335,8 +342,12 @@ class Buffer:
             raise EPStateError("destroy: buffer has been destroyed already")
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
-        # No peer may still be reading or writing this rank's memory when it goes.
+        # No peer may still be reading or writing this rank's memory when it goes, nor still map it
+        # (CUDA IPC frees an allocation only once every importer has let go of it).
         self._bootstrap.barrier()
+        if self._resources.peer_memory is not None:
+            self._resources.peer_memory.release_peers()
+            self._bootstrap.barrier()
         self._resources.warn_if_open = False
         self._resources.close()
         self._validated_handles.clear()
@@ -902,7 +913,7 @@ class Buffer:
         `tile_words` is the register tile of one copy step (4-byte words per program). Benchmarks
         may override entries through `_tuning_override`.
         """
-        tuning = _TUNING[self._backend]
+        tuning = self._base_tuning
         return {**tuning, **self._tuning_override} if self._tuning_override else tuning
 
     def _resolve_config(self, op: str, config: Config | None, default: Callable[[int], Config]) -> Config:

@@ -1,7 +1,27 @@
-"""GPU resource hygiene: 100 create/destroy cycles leave device memory where it was."""
+"""GPU resource hygiene: 100 create/destroy cycles leave device memory where it was.
+
+One thing is not ours to free: torch's symmetric-memory rendezvous keeps two small device pointer
+arrays per rendezvous (512-byte blocks of the caching allocator) after the allocation is freed.
+The test measures that bookkeeping with bare torch calls in the same process and allows exactly
+that much, so every byte tritonep itself allocates must come back.
+"""
 
 import pytest
 from conftest import gpu_count
+
+
+def torch_rendezvous_bookkeeping(group) -> int:
+    """Bytes of `torch.cuda.memory_allocated` one bare symm_mem allocate + rendezvous + free leaves."""
+    import torch
+    import torch.distributed._symmetric_memory as symm_mem
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    tensor = symm_mem.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    handle = symm_mem.rendezvous(tensor, group)
+    del handle, tensor
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before
 
 
 def create_destroy_cycles_task(ctx, cycles=100):
@@ -9,6 +29,8 @@ def create_destroy_cycles_task(ctx, cycles=100):
 
     import tritonep
 
+    uses_symm_mem = ctx.world_size <= torch.cuda.device_count()  # one GPU per rank: symmetric memory
+    allowance = torch_rendezvous_bookkeeping(ctx.group) * cycles if uses_symm_mem else 0
     torch.cuda.synchronize()
     allocated_before = torch.cuda.memory_allocated()
     free_before = torch.cuda.mem_get_info()[0]
@@ -27,15 +49,21 @@ def create_destroy_cycles_task(ctx, cycles=100):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return {
-        "allocated_growth": torch.cuda.memory_allocated() - allocated_before,
+        "allocated_growth": torch.cuda.memory_allocated() - allocated_before - allowance,
+        "torch_rendezvous_allowance": allowance,
         "free_drop": free_before - torch.cuda.mem_get_info()[0],
     }
 
 
+def check_no_growth(results) -> None:
+    for result in results:
+        assert result["allocated_growth"] <= 0, result
+        assert result["torch_rendezvous_allowance"] <= 2048 * 100, result  # two 512-byte blocks a cycle at most
+        # Symmetric memory lives outside the caching allocator: the driver's free memory must come
+        # back too (a little slack for the CUDA context's own lazily created state).
+        assert result["free_drop"] < 64 << 20, result
+
+
 @pytest.mark.gpu
 def test_create_destroy_cycles_do_not_grow_gpu_memory(gpu_pool):
-    for result in gpu_pool(gpu_count()).run(create_destroy_cycles_task, timeout=400):
-        assert result["allocated_growth"] <= 0, result
-        # Peer memory lives outside the caching allocator: the driver's free memory must come back
-        # too (a little slack for the CUDA context's own lazily created state).
-        assert result["free_drop"] < 64 << 20, result
+    check_no_growth(gpu_pool(gpu_count()).run(create_destroy_cycles_task, timeout=400))

@@ -6,6 +6,7 @@ ranks' kernels share one GPU); correctness is exact.
 """
 
 import pytest
+from test_gpu_hygiene import check_no_growth, create_destroy_cycles_task
 
 from tritonep.testing import checks
 
@@ -24,3 +25,10 @@ def test_two_ranks_on_one_gpu(cpu_pool):
              chunk=6, recv_capacity=256, num_nvl_bytes=int(1e9), matrix="full", timeout=400)
     pool.run(checks.check_intranode, num_tokens=3000, hidden=2048, num_topk=8, num_experts=64, num_sms=8,
              chunk=4, recv_capacity=8, num_nvl_bytes=int(1e9), matrix="quick", timeout=300)
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_one_gpu_release_their_ipc_memory(cpu_pool):
+    """CUDA IPC peer memory: each rank's allocation is freed once both have destroyed the buffer."""
+    pool = cpu_pool(2, TRITON_INTERPRET="0", **SHARED_GPU_ENV)
+    check_no_growth(pool.run(create_destroy_cycles_task, cycles=30, timeout=400))

@@ -29,22 +29,25 @@ from tritonep.testing import checks
 
 # Queue capacities: small ones make the GPU wrap its rings under back-pressure; the interpreter
 # needs a queue to hold a whole channel (it runs a launch's programs one after another).
-GPU_SPACE = dict(tokens=(0, 4096), hidden=(16, 7168), topk=(1, 9), experts_per_rank=(1, 48), sms=(2, 48),
-                 capacities=("chunk+1", "2chunk", 64, 256))
-CPU_SPACE = dict(tokens=(0, 24), hidden=(16, 160), topk=(1, 5), experts_per_rank=(1, 4), sms=(2, 6),
-                 capacities=(64, 256))
+# On the GPU every new hidden size, top-k or chunk tile is a new compile (seconds): the GPU space
+# draws them from short lists so that compiles amortise and rounds stay cheap; token counts,
+# experts, SMs, queue sizes, routing and modes vary freely.
+GPU_SPACE = dict(tokens=(0, 3000), hidden=(256, 2048, 7168), topk=(1, 8), experts_per_rank=(1, 48), sms=(2, 48),
+                 chunks=(3, 8), capacities=("chunk+1", "2chunk", 64, 256))
+CPU_SPACE = dict(tokens=(0, 24), hidden=range(16, 161, 16), topk=range(1, 5), experts_per_rank=(1, 4), sms=(2, 6),
+                 chunks=range(1, 9), capacities=(64, 256))
 
 
 def draw_case(seed: int, num_ranks: int, space: dict) -> dict:
     """The round's geometry; identical on every rank for one seed."""
     rng = random.Random(seed)
-    hidden = rng.randrange(space["hidden"][0], space["hidden"][1] + 1, 16)
+    hidden = rng.choice(space["hidden"])
     experts = num_ranks * rng.randint(*space["experts_per_rank"])
-    chunk = rng.randint(1, 8)
+    chunk = rng.choice(space["chunks"])
     return dict(
         num_tokens=[rng.randint(*space["tokens"]) for _ in range(num_ranks)],
         hidden=hidden,
-        num_topk=min(rng.randint(space["topk"][0], space["topk"][1] - 1), experts),
+        num_topk=min(rng.choice(space["topk"]), experts),
         num_experts=experts,
         num_sms=2 * rng.randint(1, space["sms"][1] // 2),
         chunk=chunk,

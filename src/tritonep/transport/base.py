@@ -79,6 +79,9 @@ class PeerMemory(abc.ABC):
     def local_ptr(self) -> int:
         return self.peer_ptrs[self.rank]
 
+    def release_peers(self) -> None:
+        """Drop this process's mappings of the peers' buffers (before a barrier and `close`)."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the mapping of every peer and this rank's memory. Idempotent; no collective."""

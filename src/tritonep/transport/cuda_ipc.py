@@ -21,7 +21,8 @@ class CudaIpcPeerMemory(PeerMemory):
         self.num_bytes = num_bytes
         self._local = torch.empty(max(num_bytes, 128), dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
-        handles = bootstrap.all_gather_object(self._local.untyped_storage()._share_cuda_())
+        # A storage once shared stays allocated until every importer lets go: share only if a peer imports it.
+        handles = bootstrap.all_gather_object(self._local.untyped_storage()._share_cuda_() if self.world_size > 1 else None)
         self._peers = []
         for rank, handle in enumerate(handles):
             if rank == self.rank:
@@ -35,9 +36,16 @@ class CudaIpcPeerMemory(PeerMemory):
         # Nobody may free its buffer while a peer still opens it.
         bootstrap.barrier()
 
+    def release_peers(self) -> None:
+        self._peers = []
+
     def close(self) -> None:
         self._peers = []
         self._local = None
         self.local = torch.empty(0, dtype=torch.uint8)
         self.peer_ptrs = []
         self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64)
+        # Shared allocations wait in torch's IPC limbo until their importers have released them;
+        # after `release_peers` + barrier on every rank (destroy) they all have.
+        if torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()
