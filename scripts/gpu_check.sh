@@ -31,7 +31,7 @@ mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIP
 
 if has tests; then
   echo "== GPU tests"
-  timeout 420 python3 -m pytest tests -m gpu -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
+  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
 fi
 
 if has layout; then
@@ -41,7 +41,7 @@ fi
 
 if has host; then
   echo "== host path of layout / dispatch / combine"
-  timeout 240 python3 benchmarks/host_overhead.py --json "$OUT/host-overhead.json" 2>&1 | grep -v "^$\|Warning"
+  timeout 240 python3 benchmarks/host_overhead.py --num-sms 24 --json "$OUT/host-overhead.json" 2>&1 | grep -v "^$\|Warning"
 fi
 
 # Program-shape variants compared in the same run (see Buffer._tuning).
@@ -67,7 +67,7 @@ if has pressure; then
   RANKS=$(( NGPU >= 2 ? NGPU : 2 ))
   echo "== pressure, $RANKS ranks"
   [ "$NGPU" -ge 2 ] || mps_start || true
-  timeout $(( ${PRESSURE_SECONDS:-240} + 120 )) python3 -m tritonep.testing.pressure --ranks "$RANKS" --rounds 10000 \
+  timeout $(( ${PRESSURE_SECONDS:-240} + 60 )) python3 -m tritonep.testing.pressure --ranks "$RANKS" --rounds 10000 \
     --seconds "${PRESSURE_SECONDS:-240}" --json "$OUT/pressure.json" 2>&1 | tail -8
   [ "$NGPU" -ge 2 ] || mps_stop
 fi
