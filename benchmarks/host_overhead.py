@@ -87,6 +87,7 @@ def print_profile(fn, calls: int = 300, top: int = 14) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-sms", type=int, nargs="*", default=[24, 48, 132])
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of dispatch and combine")
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -154,7 +155,7 @@ def main():
                     us = bench_events(fn)[0] * 1e6
                 rows.append({"op": name + " from the comm stream", "event_us": us})
                 print(f"{name + ' (caller on comm)':<33}{us:>10.1f}")
-        if num_sms == args.num_sms[0]:
+        if args.profile and num_sms == args.num_sms[0]:
             for name in ("dispatch (cached, BF16)", "combine"):
                 print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
                 print_profile(ops[name])
