@@ -2,7 +2,7 @@
 # One call on a GPU machine: GPU tests, layout and host-path timings, dispatch/combine benchmark,
 # GPU pressure run. Results land in $OUT (the device tool fetches them); the short table comes last.
 #
-#   STAGES="tests layout host bench pressure" (default: all)   which parts to run
+#   STAGES="tests layout host scaling bench pressure" (default: all)   which parts to run
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
 #   VARIANTS='[...]'         program-shape variants compared by the bench stage
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/tritonep-gpu}"
-STAGES="${STAGES:-tests layout host bench pressure}"
+STAGES="${STAGES:-tests layout host scaling bench pressure}"
 mkdir -p "$OUT"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > "$OUT/gpus.txt" 2>&1
@@ -42,6 +42,11 @@ fi
 if has host; then
   echo "== host path of layout / dispatch / combine"
   timeout 240 python3 benchmarks/host_overhead.py --num-sms 24 --json "$OUT/host-overhead.json" 2>&1 | grep -v "^$\|Warning"
+fi
+
+if has scaling; then
+  echo "== kernel time against SM count (one rank, local copy path)"
+  timeout 200 python3 benchmarks/sm_scaling.py --json "$OUT/sm-scaling.json" 2>&1 | grep -v "Warning\|warn"
 fi
 
 # Program-shape variants compared in the same run (see Buffer._tuning).
