@@ -2,7 +2,9 @@
 # One call on a GPU machine: GPU tests, layout and host-path timings, dispatch/combine benchmark,
 # GPU pressure run. Results land in $OUT (the device tool fetches them); the short table comes last.
 #
-#   STAGES="tests layout host scaling bench pressure" (default: all)   which parts to run
+#   STAGES="tests layout host scaling bench pressure" (default: all)   which parts to run; all of
+#       them take longer than one 10-minute device call on 2 GPUs: split them, e.g.
+#       STAGES="tests layout bench", then STAGES="host scaling pressure"
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
 #   VARIANTS='[...]'         program-shape variants compared by the bench stage
