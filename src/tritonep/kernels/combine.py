@@ -29,7 +29,7 @@ from .casting import round_to
 from .tiles import column, copy_rows, lane, received_blocks, row_block
 from .launch import fast, pow2
 from .naming import named_kernel
-from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_all_at_least
+from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
 
 
 @named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
@@ -129,12 +129,8 @@ def _combine_kernel(
                 store_release(tail_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
             elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
                 ok = ok & False
-                late = pending & (ready == 0)
-                peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
-                report_error(
-                    host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
-                    (lane(head_seen, ranks, peer) - tag).to(tl.int32), lane(sent, ranks, peer) - capacity + 1,
-                )
+                report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, pending & (ready == 0), ranks, PHASE, c,
+                             (head_seen - tag).to(tl.int32), sent - capacity + 1, BLOCK_RANKS)
     else:
         # ---------------------------------------------------------------- receiver of channel c
         tokens_per_channel = tl.cdiv(num_tokens, num_channels)
@@ -162,16 +158,10 @@ def _combine_kernel(
                 need = tag + (tl.max(position, axis=0) + 1).to(tl.int64)  # [R]
                 poll = is_peer & (need > tag) & (tail_seen < need)
                 if tl.sum(poll.to(tl.int32), axis=0) > 0:
-                    seen = wait_all_at_least(tails, need, poll, deadline, clock_addr, USE_GLOBALTIMER)
-                    tail_seen = tl.where(poll, seen, tail_seen)
-                    late = poll & (seen < need)
-                    ok = ok & (tl.sum(late.to(tl.int32), axis=0) == 0)
-                    if not ok:
-                        peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
-                        report_error(
-                            host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
-                            (lane(seen, ranks, peer) - tag).to(tl.int32), (lane(need, ranks, peer) - tag).to(tl.int32),
-                        )
+                    tail_seen, ok = wait_for_peers(
+                        tails, need, poll, tail_seen, tag, deadline, clock_addr, host + HOST_ERROR, stop, ERR_TIMEOUT,
+                        rank, ranks, PHASE, c, BLOCK_RANKS, USE_GLOBALTIMER,
+                    )
                 if ok:
                     slot = tl.where(is_self[None, :], position, position % capacity).to(tl.int64)
                     for h0 in range(0, HIDDEN, BLOCK_H):

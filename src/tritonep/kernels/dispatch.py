@@ -37,7 +37,7 @@ from .launch import fast, pow2
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 from .naming import named_kernel
 from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, received_blocks, row_block
-from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_all_at_least
+from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
 
 
 @triton.jit
@@ -229,16 +229,10 @@ def _dispatch_kernel(
                 need = tag + tl.maximum(new_sent - capacity, 0).to(tl.int64)
                 poll = is_peer & (count > 0) & (head_seen < need)
                 if tl.sum(poll.to(tl.int32), axis=0) > 0:
-                    seen = wait_all_at_least(heads, need, poll, deadline, clock_addr, USE_GLOBALTIMER)
-                    head_seen = tl.where(poll, seen, head_seen)
-                    late = poll & (seen < need)
-                    ok = ok & (tl.sum(late.to(tl.int32), axis=0) == 0)
-                    if not ok:
-                        peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
-                        report_error(
-                            host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
-                            lane(seen, ranks, peer), lane(need, ranks, peer),
-                        )
+                    head_seen, ok = wait_for_peers(
+                        heads, need, poll, head_seen, tag, deadline, clock_addr, host + HOST_ERROR, stop, ERR_TIMEOUT,
+                        rank, ranks, PHASE, c, BLOCK_RANKS, USE_GLOBALTIMER,
+                    )
                 if ok:
                     if WRITE_HANDLE:
                         tl.store(
@@ -376,12 +370,8 @@ def _dispatch_kernel(
                 store_release(head_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
             elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
                 ok = ok & False
-                late = consumed < expected
-                peer = tl.min(tl.where(late, ranks, BLOCK_RANKS), axis=0)
-                report_error(
-                    host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, peer, PHASE, c,
-                    lane(consumed, ranks, peer), lane(expected, ranks, peer),
-                )
+                report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, consumed < expected, ranks, PHASE, c,
+                             consumed, expected, BLOCK_RANKS)
 
 
 def launch_dispatch(

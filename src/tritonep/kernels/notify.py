@@ -157,9 +157,8 @@ def _notify_kernel(
     missing = live & (flags < epoch)
     ok = tl.sum(missing.to(tl.int32), axis=0) == 0
     if not ok:
-        first = tl.min(tl.where(missing, ranks, BLOCK_RANKS), axis=0)
-        seen = tl.sum(tl.where(ranks == first, flags, 0), axis=0)
-        report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, first, PHASE, -1, seen, epoch)
+        report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, missing, ranks, PHASE, -1, flags, epoch,
+                     BLOCK_RANKS)
     else:
         keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True)
         refusals = tl.load((inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True)
@@ -167,14 +166,12 @@ def _notify_kernel(
         refused = live & (refusals > 0)
         if tl.sum(differ.to(tl.int32), axis=0) > 0:
             ok = False
-            first = tl.min(tl.where(differ, ranks, BLOCK_RANKS), axis=0)
-            bad_key = tl.sum(tl.where(ranks == first, keys, 0), axis=0)
-            report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_LAYOUT_MISMATCH, rank, first, PHASE, -1, bad_key, layout_key)
+            report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_LAYOUT_MISMATCH, rank, differ, ranks, PHASE, -1, keys,
+                         layout_key, BLOCK_RANKS)
         elif tl.sum(refused.to(tl.int32), axis=0) > 0:
             ok = False
-            first = tl.min(tl.where(refused, ranks, BLOCK_RANKS), axis=0)
-            needed = tl.sum(tl.where(ranks == first, refusals, 0), axis=0)
-            report_error(host + HOST_ERROR, stop, epoch, ERR_REFUSED, rank, first, PHASE, -1, needed, capacity)
+            report_error(host + HOST_ERROR, stop, epoch, ERR_REFUSED, rank, refused, ranks, PHASE, -1, refusals, capacity,
+                         BLOCK_RANKS)
 
     # 5. Prefix matrices and host-visible counts.
     if COUNT and ok:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import protocol
+from .tiles import lane
 
 STOP_OFFSET = tl.constexpr(protocol.STOP_OFFSET)
 STOP_ALL = tl.constexpr(protocol.STOP_ALL)
@@ -56,13 +57,33 @@ def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER
 
 
 @triton.jit
-def report_error(host_error_ptr, stop_ptr, stop_epoch, code, rank, peer, phase, channel, observed, expected):
+def wait_for_peers(ptrs, need, poll, seen, tag, deadline, clock_addr, host_error_ptr, stop_ptr, code, rank, ranks,
+                   phase, channel, BLOCK_RANKS: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
+    """Wait until every `poll` lane of the epoch-tagged counters `ptrs` reaches `need`; on timeout
+    record an error (`code`) about the first late rank, with its progress as plain counts.
+
+    Returns (`seen` with the polled lanes updated, ok = nobody was late).
+    """
+    values = wait_all_at_least(ptrs, need, poll, deadline, clock_addr, USE_GLOBALTIMER)
+    late = poll & (values < need)
+    ok = tl.sum(late.to(tl.int32), axis=0) == 0
+    if not ok:
+        report_error(host_error_ptr, stop_ptr, STOP_ALL, code, rank, late, ranks, phase, channel,
+                     (values - tag).to(tl.int32), (need - tag).to(tl.int32), BLOCK_RANKS)
+    return tl.where(poll, values, seen), ok
+
+
+@triton.jit
+def report_error(host_error_ptr, stop_ptr, stop_epoch, code, rank, which, ranks, phase, channel, observed, expected,
+                 BLOCK_RANKS: tl.constexpr):
     """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed, expected, code]`.
 
-    The claim slot makes the first reporter win; `code` is published last so the host never reads a
-    half-written record. The device stop word is raised to `stop_epoch` (`STOP_ALL` for a fatal
-    error) so later data kernels of those epochs do no work.
+    The peer is the lowest rank of the `[R]` mask `which`; `observed` / `expected` are `[R]` lanes (or
+    scalars) of which the peer's are recorded. The claim slot makes the first reporter win; `code`
+    is published last so the host never reads a half-written record. The device stop word is raised
+    to `stop_epoch` (`STOP_ALL` for a fatal error) so later data kernels of those epochs do no work.
     """
+    peer = tl.min(tl.where(which, ranks, BLOCK_RANKS), axis=0)
     tl.atomic_max(stop_ptr, stop_epoch, sem="relaxed")
     zero = tl.full([], 0, tl.int64)
     claimed = tl.atomic_cas(host_error_ptr, zero, zero + 1, sem="acq_rel", scope="sys")
@@ -71,8 +92,8 @@ def report_error(host_error_ptr, stop_ptr, stop_epoch, code, rank, peer, phase, 
         tl.store(host_error_ptr + 2, peer)
         tl.store(host_error_ptr + 3, phase)
         tl.store(host_error_ptr + 4, channel)
-        tl.store(host_error_ptr + 5, observed)
-        tl.store(host_error_ptr + 6, expected)
+        tl.store(host_error_ptr + 5, lane(observed, ranks, peer))
+        tl.store(host_error_ptr + 6, lane(expected, ranks, peer))
         store_release(host_error_ptr + 7, code)
 
 
