@@ -112,7 +112,7 @@ def _layout_key(*fields) -> int:
     return zlib.crc32(repr(fields).encode()) & 0x7FFFFFFF
 
 
-# Program shapes per backend (see Buffer._tuning).
+# Program shapes per backend (see Buffer._tuning and program_shapes).
 _TUNING = {
     "cpu": dict(dispatch_warps=1, dispatch_tile_words=512, combine_warps=1, combine_tile_words=512, combine_tile=8,
                 prefetch=True),
@@ -123,6 +123,13 @@ _TUNING = {
 # and more bytes in flight per program pay: 24 SMs, two ranks under MPS on one H200, 282 -> 339
 # GB/s (benchmarks/results/2026-11-23-h200-mps-ep2-1dd5e47.json). With more ranks it spills.
 _WIDE_COMBINE = dict(combine_warps=16, combine_tile_words=16384)
+
+
+def program_shapes(backend: str, num_ranks: int) -> dict:
+    """Warps, register tiles and prefetching of the data kernels for a backend and rank count."""
+    if backend == "cuda" and num_ranks <= 2:
+        return {**_TUNING[backend], **_WIDE_COMBINE}
+    return _TUNING[backend]
 
 # The queue layout of a geometry never changes; computing it is pure.
 _fit_queues = functools.lru_cache(maxsize=1024)(protocol.QueueLayout.fit)
@@ -320,9 +327,7 @@ class Buffer:
         )
         self._poison: str | None = None
         self._tuning_override: dict = {}
-        self._base_tuning = _TUNING[self._backend]
-        if self._backend == "cuda" and num_ranks <= 2:
-            self._base_tuning = {**self._base_tuning, **_WIDE_COMBINE}
+        self._base_tuning = program_shapes(self._backend, num_ranks)
         self._validated_handles: collections.OrderedDict = collections.OrderedDict()
         self._last_num_worst = 0
         self._ready_token = 0  # host-chosen id of the latest counting notify (see _wait_counts)

@@ -68,12 +68,11 @@ def _cases(kernels):
     the FP8 dispatch is launched as a cached one, which writes no handle entries), with the
     Buffer's GPU program shapes."""
     from tritonep import protocol
-    from tritonep.buffer import _TUNING
-
-    tuning = _TUNING["cuda"]
+    from tritonep.buffer import program_shapes
     from tritonep.kernels.context import LaunchContext
 
     for num_ranks in (2, 8):
+        tuning = program_shapes("cuda", num_ranks)
         ctx = LaunchContext(
             peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
             data_offset=protocol.signal_layout(num_ranks).num_bytes,
