@@ -84,16 +84,21 @@ def print_profile(fn, calls: int = 300, top: int = 14) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
+def single_rank_buffer(port: int) -> tritonep.Buffer:
+    """A Buffer (2 GB of peer memory) over a one-rank NCCL group on the current GPU."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    return tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(2e9))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-sms", type=int, nargs="*", default=[24, 48, 132])
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of dispatch and combine")
     parser.add_argument("--json")
     args = parser.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29555")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(2e9))
+    buffer = single_rank_buffer(29555)
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
     gen = torch.Generator().manual_seed(0)
     topk_idx, topk_weights = checks.make_routing(num_tokens, num_experts, num_topk, gen, "cuda", drop=0.0)

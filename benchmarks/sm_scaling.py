@@ -25,7 +25,7 @@ from tritonep.bench import git_commit
 from tritonep.testing import checks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from host_overhead import kernel_times  # noqa: E402
+from host_overhead import kernel_times, single_rank_buffer  # noqa: E402
 
 CASES = [
     dict(tag="bf16"),
@@ -70,10 +70,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     args = parser.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29556")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(2e9))
+    buffer = single_rank_buffer(29556)
     gen = torch.Generator().manual_seed(0)
     rows = [row for case in CASES for row in measure(buffer, gen, **case)]
     if args.json:
