@@ -76,26 +76,44 @@ class _Ctx:
         self.rank, self.world_size, self.group, self.state = rank, world_size, group, {}
 
 
-def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, results_path: str) -> None:
-    use_gpu = args.backend == "cuda"
-    if not use_gpu:
+def gpus_shared(backend: str, world_size: int) -> bool:
+    """More GPU ranks than GPUs: ranks share GPUs round-robin (correctness runs; timings are not NVLink's)."""
+    import torch
+
+    return backend == "cuda" and world_size > torch.cuda.device_count()
+
+
+def join_group(rank: int, world_size: int, port: int, backend: str):
+    """A spawned rank's setup for `backend` ('cpu' or 'cuda'): environment, device, process group.
+
+    CPU: Triton interpreter, gloo. CUDA: one GPU per rank and NCCL, or, with more ranks than GPUs,
+    gloo (NCCL refuses two ranks on one GPU) and CUDA IPC peer memory. Returns the WORLD group.
+    """
+    shared = gpus_shared(backend, world_size)
+    if backend == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["TRITONEP_BACKEND"] = "cpu"
-    elif args.shared_gpus:
-        # NCCL refuses two ranks on one GPU: bootstrap over gloo, peer memory through CUDA IPC.
+    elif shared:
         os.environ["TRITONEP_BACKEND"] = "cuda"
+    import torch
+    import torch.distributed as dist
+
+    if backend == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if backend == "cuda" and not shared else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    return dist.group.WORLD
+
+
+def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, results_path: str) -> None:
+    use_gpu = args.backend == "cuda"
+    group = join_group(rank, world_size, port, args.backend)
     import torch
     import torch.distributed as dist
 
     import tritonep
     from tritonep.testing import checks
 
-    if use_gpu:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(
-        "nccl" if use_gpu and not args.shared_gpus else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
-    )
-    group = dist.group.WORLD
     ctx = _Ctx(rank, world_size, group)
     record = {"rank": rank, "checks": None, "layout_us": None, "rows": []}
     tokens, hidden, topk, experts = args.tokens, args.hidden, args.topk, args.experts
@@ -167,7 +185,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
             row["kind"] = "combine_chunk"
             record["rows"].append(row)
 
-    if use_gpu and world_size > 1 and not args.shared_gpus:
+    if use_gpu and world_size > 1 and not gpus_shared(args.backend, world_size):
         record["nccl"] = nccl_baseline(group, x, itr)
 
     everyone = [None] * world_size
@@ -279,8 +297,6 @@ def main(argv=None) -> int:
     gpu = args.backend == "cuda"
     if not args.ranks:
         args.ranks = torch.cuda.device_count() if gpu else 2
-    # More ranks than GPUs: ranks share GPUs round-robin (correctness runs; timings are not NVLink's).
-    args.shared_gpus = gpu and args.ranks > torch.cuda.device_count()
     defaults = (4096, 7168, 8, 256) if gpu else (64, 256, 4, 16)
     for name, value in zip(("tokens", "hidden", "topk", "experts"), defaults):
         if getattr(args, name) is None:
@@ -302,7 +318,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if gpu else platform.processor() or "cpu",
         "backend": args.backend,
         "ranks": args.ranks,
-        "gpus_shared_by_ranks": args.shared_gpus,
+        "gpus_shared_by_ranks": gpus_shared(args.backend, args.ranks),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "tokens": args.tokens,

@@ -134,37 +134,27 @@ def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: floa
     overall = hashlib.sha256()
     failures = []
     started = time.perf_counter()
-    seed = first_seed - 1
+    rounds = 0
     for seed in range(first_seed, first_seed + num_rounds):
         if seconds > 0 and checks.gather(ctx.group, time.perf_counter() - started > seconds)[0]:
-            seed -= 1
             break
+        rounds += 1
         try:
             overall.update(pressure_round(ctx, seed, space).encode())
         except AssertionError as e:
             failures.append(str(e)[:500])
             if len(failures) >= 5:
                 break
-    return {"rounds": seed - first_seed + 1, "failures": failures, "digest": overall.hexdigest()[:16],
+    return {"rounds": rounds, "failures": failures, "digest": overall.hexdigest()[:16],
             "seconds": time.perf_counter() - started}
 
 
 def _rank_main(rank, world_size, port, args, path):
-    if args.backend == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-        os.environ["TRITONEP_BACKEND"] = "cpu"
     import torch.distributed as dist
 
-    from tritonep.bench import _Ctx
+    from tritonep.bench import _Ctx, join_group
 
-    shared_gpus = args.backend == "cuda" and world_size > torch.cuda.device_count()
-    if shared_gpus:  # NCCL refuses two ranks on one GPU: gloo bootstrap, CUDA IPC peer memory
-        os.environ["TRITONEP_BACKEND"] = "cuda"
-    if args.backend == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if args.backend == "cuda" and not shared_gpus else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    ctx = _Ctx(rank, world_size, dist.group.WORLD)
+    ctx = _Ctx(rank, world_size, join_group(rank, world_size, port, args.backend))
     result = run_rounds(ctx, args.seed, args.rounds, GPU_SPACE if args.backend == "cuda" else CPU_SPACE, args.seconds)
     everyone = [None] * world_size
     dist.all_gather_object(everyone, result)
@@ -186,7 +176,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
 
-    from tritonep.bench import _free_port, git_commit
+    from tritonep.bench import _free_port, git_commit, gpus_shared
 
     if args.backend == "auto":
         args.backend = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
@@ -200,7 +190,7 @@ def main(argv=None) -> int:
     os.unlink(path)
     summary = {"backend": args.backend, "ranks": args.ranks, "first_seed": args.seed, "requested_rounds": args.rounds,
                "seconds_limit": args.seconds,
-               "gpus_shared_by_ranks": args.backend == "cuda" and args.ranks > torch.cuda.device_count(),
+               "gpus_shared_by_ranks": gpus_shared(args.backend, args.ranks),
                "commit": git_commit(), "device": torch.cuda.get_device_name(0) if args.backend == "cuda" else "cpu",
                "seconds": time.perf_counter() - started, "per_rank": ranks}
     ok = all(not r["failures"] and (r["rounds"] == args.rounds or args.seconds > 0) for r in ranks)
