@@ -913,7 +913,7 @@ class Buffer:
 
     # ------------------------------------------------------------------------- internals
     def _tuning(self) -> dict:
-        """Program shapes per backend: the interpreter wants few, small blocks; GPUs want bytes in flight.
+        """Program shapes (`program_shapes`): the interpreter wants few, small blocks; GPUs want bytes in flight.
 
         `tile_words` is the register tile of one copy step (4-byte words per program). Benchmarks
         may override entries through `_tuning_override`.
