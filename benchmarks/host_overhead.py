@@ -112,7 +112,8 @@ def main():
     event = torch.cuda.Event()
     scratch = torch.zeros(1024, dtype=torch.int32, device="cuda")
     mask = buffer._rank_mask
-    outputs = kernels.layout.launch_route_stats(topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm)
+    host_addr = buffer._resources.host_block.data_ptr()
+    outputs = kernels.layout.launch_route_stats(topk_idx, num_experts, 1, 1, scratch, False, mask, host_addr, stream=comm)
     steps = {
         "_check_usable": lambda: buffer._check_usable("op"),
         "_current_stream": buffer._current_stream,
@@ -124,9 +125,9 @@ def main():
         "tensor.view(torch.int32)": lambda: x.view(torch.int32),
         "launch.hooks_active()": __import__("tritonep.kernels.launch", fromlist=["_hooks_active"])._hooks_active,
         "layout launch only (outputs reused)": lambda: kernels.layout.launch_route_stats(
-            topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm, outputs=outputs),
+            topk_idx, num_experts, 1, 1, scratch, False, mask, host_addr, stream=comm, outputs=outputs),
         "layout launcher (allocs + launch)": lambda: kernels.layout.launch_route_stats(
-            topk_idx, num_experts, 1, 1, scratch, False, mask, stream=comm),
+            topk_idx, num_experts, 1, 1, scratch, False, mask, host_addr, stream=comm),
         "EventOverlap()": tritonep.EventOverlap,
     }
     print(f"{'step':<40}{'host us':>10}")

@@ -5,7 +5,7 @@
 | `TRITONEP_TOPK_IDX_BITS` | 64 | at import | width of `topk_idx_t` (32 or 64) |
 | `TRITONEP_TIMEOUT_S` | 100 | at Buffer construction | limit of every host and device wait |
 | `TRITONEP_NVL_DOMAIN_SIZE` | min(R, 8) | at Buffer construction | ranks per node (NVLink domain) |
-| `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda`, `cpu` (interpreter) or `nccl` |
+| `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda` or `cpu` (interpreter); auto: `cuda` where CUDA is usable |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
 Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
@@ -59,9 +59,9 @@ def nvl_domain_size(num_ranks: int) -> int:
 
 def backend() -> str:
     value = os.environ.get("TRITONEP_BACKEND", "").strip().lower()
-    if value not in ("", "auto", "cuda", "cpu", "nccl"):
+    if value not in ("", "auto", "cuda", "cpu"):
         raise EPInvalidArgument(
-            f"environment: TRITONEP_BACKEND must be one of auto, cuda, cpu, nccl, got {value!r}"
+            f"environment: TRITONEP_BACKEND must be one of auto, cuda, cpu, got {value!r}"
         )
     return "auto" if value == "" else value
 

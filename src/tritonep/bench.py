@@ -69,6 +69,30 @@ def bench_events(fn, num_warmups: int = 50, num_tests: int = 50) -> tuple[float,
     return sum(times) / len(times), min(times), max(times)
 
 
+def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, float]:
+    """Device time per call (s) of the kernels whose names contain each of `names`, from the profiler.
+
+    DeepEP's `bench_kineto` convention: the profiler's per-kernel totals over `num_calls` calls,
+    divided by the number of calls; the kernel-only figure beside the event time of `bench_events`.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_calls):
+            fn()
+        torch.cuda.synchronize()
+    totals = dict.fromkeys(names, 0.0)
+    for event in prof.key_averages():
+        for name in names:
+            if name in event.key:
+                totals[name] += event.device_time_total  # microseconds
+    return {name: total / num_calls / 1e6 for name, total in totals.items()}
+
+
 class _Ctx:
     """The same shape as a RankPool context, so the shared checks run unchanged."""
 
@@ -114,6 +138,10 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     import tritonep
     from tritonep.testing import checks
 
+    if use_gpu:
+        # As DeepEP's tests do: every torch call then goes through the default-device mode, and
+        # the Buffer must still name its own devices.
+        torch.set_default_device("cuda")
     ctx = _Ctx(rank, world_size, group)
     record = {"rank": rank, "checks": None, "layout_us": None, "rows": []}
     tokens, hidden, topk, experts = args.tokens, args.hidden, args.topk, args.experts
@@ -155,6 +183,11 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                 fn, nbytes = (lambda: buffer.combine(recv_x, handle, config=config)), recv_bytes
             t = bench_events(fn)[0]
             row[op] = {"us": t * 1e6, "GBps": nbytes / 1e9 / t}
+            if use_gpu:
+                data_kernel = "combine" if op == "combine" else "dispatch"
+                kernel = bench_kernels(fn, ("notify", data_kernel))
+                row[op]["kernel_us"] = {name: v * 1e6 for name, v in kernel.items()}
+                row[op]["kernel_GBps"] = nbytes / 1e9 / kernel[data_kernel] if kernel[data_kernel] else None
         return row
 
     dispatch_cfg = tritonep.Buffer.get_dispatch_config(world_size)
@@ -254,7 +287,8 @@ def _print_table(meta: dict, ranks: list) -> None:
         print(f"correctness: {r0['checks']['dispatches']} dispatches, {r0['checks']['combines']} combines "
               f"match the reference on every rank")
     print(f"layout: {r0['layout_us']:.1f} us")
-    print(f"{'op':<14}{'SMs':>5}{'chunk':>7}{'time us':>10}{'GB/s':>9}   (rank 0; all ranks in the JSON)")
+    print(f"{'op':<14}{'SMs':>5}{'chunk':>7}{'time us':>10}{'GB/s':>9}{'kernel us':>11}{'kernel GB/s':>12}"
+          "   (rank 0, event time; kernel = data kernel alone)")
     for op, figures in r0.get("nccl", {}).items():
         print(f"{'nccl ' + op:<14}{'-':>5}{'-':>7}{figures['us']:>10.1f}{figures['GBps']:>9.1f}   plain NCCL pipeline")
     for row in r0["rows"]:
@@ -262,7 +296,12 @@ def _print_table(meta: dict, ranks: list) -> None:
             if op in row:
                 chunk = row["combine_chunk"] if (op == "combine" and "combine_chunk" in row) else row["nvl_chunk"]
                 extra = f"  {row['tuning']}" if "tuning" in row else ""
-                print(f"{op:<14}{row['num_sms']:>5}{chunk:>7}{row[op]['us']:>10.1f}{row[op]['GBps']:>9.1f}{extra}")
+                kernel = row[op].get("kernel_us")
+                data_kernel = "combine" if op == "combine" else "dispatch"
+                kernel_text = (f"{kernel[data_kernel]:>11.1f}{row[op]['kernel_GBps'] or 0:>12.1f}"
+                               if kernel else f"{'-':>11}{'-':>12}")
+                print(f"{op:<14}{row['num_sms']:>5}{chunk:>7}{row[op]['us']:>10.1f}{row[op]['GBps']:>9.1f}"
+                      f"{kernel_text}{extra}")
 
 
 def main(argv=None) -> int:
@@ -326,7 +365,8 @@ def main(argv=None) -> int:
         "topk": args.topk,
         "experts": args.experts,
         "num_nvl_bytes": args.nvl_bytes,
-        "method": "cached-call CUDA-event time, DeepEP convention (spec §17.1)",
+        "method": "cached-call CUDA-event time, DeepEP convention (spec §17.1), under "
+                  "torch.set_default_device('cuda'); kernel_us: profiler device time per call",
     }
     _print_table(meta, ranks)
     if args.json:

@@ -89,17 +89,13 @@ class _Resources:
         self.host_block = None
 
 
-def _select_backend(bootstrap: Bootstrap) -> str:
+def _select_backend() -> str:
+    """`cuda` where CUDA is usable, else `cpu`; `TRITONEP_BACKEND` overrides. The group's own
+    backend does not decide: DeepEP runs on the GPUs with whatever group it is given, and ranks
+    sharing one GPU need a gloo group because NCCL refuses them."""
     requested = _env.backend()
-    if requested == "nccl":
-        raise EPUnsupported("Buffer: TRITONEP_BACKEND=nccl (collectives fallback) is not implemented yet")
-    if requested in ("cpu", "cuda"):
+    if requested != "auto":
         return requested
-    name = bootstrap.backend_name()
-    if "nccl" in name:
-        return "cuda"
-    if "gloo" in name:
-        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -273,7 +269,7 @@ class Buffer:
                 "all ranks must pass identical (num_nvl_bytes, num_rdma_bytes, low_latency_mode, "
                 f"enable_shrink); got {everyone} (index = rank)",
             )
-        self._backend = _select_backend(bootstrap)
+        self._backend = _select_backend()
         if self._backend == "cuda":
             if not torch.cuda.is_available():
                 raise EPUnsupported(f"{op}: the CUDA backend was selected but no CUDA device is available")
@@ -298,7 +294,7 @@ class Buffer:
             )
             resources.peer_memory.local[: signal.num_bytes].zero_()
         pin = self._backend == "cuda"
-        resources.host_block = torch.zeros(protocol.HOST_SLOTS, dtype=torch.int64, pin_memory=pin)
+        resources.host_block = torch.zeros(protocol.HOST_SLOTS, dtype=torch.int64, device="cpu", pin_memory=pin)
         self._host = resources.host_block.numpy()
         if self._backend == "cuda":
             self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
@@ -362,7 +358,11 @@ class Buffer:
         if self.runtime is None:
             raise EPStateError(f"{op}: buffer has been destroyed")
         if self._poison is not None:
-            raise EPStateError(f"{op}: buffer is unusable after an earlier device error ({self._poison}); destroy and re-create it")
+            remedy = (
+                "destroy() it and create a new Buffer" if self.explicitly_destroy
+                else "drop every reference to it (it is released when garbage-collected) and create a new Buffer"
+            )
+            raise EPStateError(f"{op}: buffer is unusable after an earlier device error ({self._poison}); {remedy}")
         self._raise_device_error(op)
         if self._backend == "cuda" and torch.cuda.current_device() != self._device.index:
             raise EPStateError(
@@ -379,6 +379,15 @@ class Buffer:
             raise EPInvalidArgument(
                 f"{op}: rank {self.rank}: a worst-case dispatch received {overflow} rows but num_worst_tokens "
                 f"was {self._last_num_worst}; the rows beyond it were dropped (raise num_worst_tokens)"
+            )
+        bad_token = int(host[protocol.HOST_BAD_EXPERT])
+        if bad_token:
+            k, value, num_experts = (int(v) for v in host[protocol.HOST_BAD_EXPERT + 1 : protocol.HOST_BAD_EXPERT + 4])
+            host[protocol.HOST_BAD_EXPERT : protocol.HOST_BAD_EXPERT + 4] = 0
+            raise EPInvalidArgument(
+                f"{op}: rank {self.rank}: an earlier get_dispatch_layout on this buffer got "
+                f"topk_idx[{bad_token - 1}, {k}] = {value}, which is not below num_experts={num_experts}; "
+                "it was counted as -1 (no expert)"
             )
         code = int(host[protocol.HOST_ERROR + 7])
         if code == 0:
@@ -572,6 +581,7 @@ class Buffer:
                 self._layout_scratch,
                 self.num_rdma_ranks > 1,
                 self._rank_mask,
+                self._ctx.host_addr,
                 stream=self._comm_stream,
             )
         event = streams.finish([topk_idx, *outputs])
@@ -1035,7 +1045,7 @@ class Buffer:
             return 0
         num_tokens = is_token_in_rank.size(0)
         per_channel = -(-num_tokens // num_channels)
-        padded = torch.zeros((num_channels * per_channel, self.group_size), dtype=torch.int32)
+        padded = torch.zeros((num_channels * per_channel, self.group_size), dtype=torch.int32, device="cpu")
         padded[:num_tokens] = is_token_in_rank.to(torch.int32)
         demand = padded.view(num_channels, per_channel, -1).sum(1)
         demand[:, self.rank] = 0  # this rank's own rows never use a queue

@@ -30,8 +30,8 @@ Queue heads are first published (epoch, 0) by the notify kernel, which runs afte
 previous data kernel finished: a sender that sees a head of the current epoch knows the receiver no
 longer reads anything of the previous call, whatever layout that call used.
 
-Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), overflow, per-expert
-counts (MAX_LOCAL_EXPERTS)]`. `ready` holds the epoch of the notify that filled the counts.
+Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), overflow, bad expert id
+record (4), per-expert counts (MAX_LOCAL_EXPERTS)]`. `ready` holds the epoch of the notify that filled the counts.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ HOST_ERROR = 2
 # Rows a worst-case dispatch received beyond num_worst_tokens (dropped): a caller error that stops
 # nothing, so it lives outside the error record (which stops every later kernel of the buffer).
 HOST_OVERFLOW = HOST_ERROR + ERROR_SLOTS
-HOST_EXPERT_COUNTS = HOST_OVERFLOW + 1
+# The first expert id >= num_experts a layout kernel met: [token + 1, k, id, num_experts]. Also a
+# caller error that stops nothing; the next call on the Buffer reports it.
+HOST_BAD_EXPERT = HOST_OVERFLOW + 1
+HOST_EXPERT_COUNTS = HOST_BAD_EXPERT + 4
 HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
 
 # The stop word (device memory, beside the epoch): kernels read it instead of the host block's error

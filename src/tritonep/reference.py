@@ -47,7 +47,7 @@ def dispatch(rank: int, num_experts: int, xs, is_token_in_rank, topk_idx=None, t
         mine = (idx >= 0) & (local >= 0) & (local < experts_per_rank)
         out["recv_topk_idx"] = torch.where(mine, local, torch.full_like(local, -1))
         out["recv_topk_weights"] = torch.where(mine, weights, torch.zeros_like(weights))
-        counts = torch.zeros(experts_per_rank, dtype=torch.int64)
+        counts = torch.zeros(experts_per_rank, dtype=torch.int64, device="cpu")
         for t in topk_idx:
             local_all = t - rank * experts_per_rank
             ok = (t >= 0) & (local_all >= 0) & (local_all < experts_per_rank)
@@ -64,13 +64,13 @@ def combine(rank: int, returned, blocks, num_tokens: int, biases=(), weights=Non
     weights: optional list of `[X_j, K]` returned weights.
     """
     hidden = returned[0].size(1)
-    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=returned[0].device)
     for b in biases:
         if b is not None:
             acc += b.float()
     wacc = None
     if weights is not None:
-        wacc = torch.zeros((num_tokens, weights[0].size(1)), dtype=torch.float32)
+        wacc = torch.zeros((num_tokens, weights[0].size(1)), dtype=torch.float32, device=weights[0].device)
     for j, (first, src) in enumerate(blocks):
         rows = returned[j][first : first + src.numel()].float()
         acc.index_add_(0, src.long(), rows)

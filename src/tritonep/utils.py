@@ -22,8 +22,8 @@ def _device_key(index: int) -> str:
 def check_nvlink_connections(group: dist.ProcessGroup | None) -> None:
     """Check that every pair of GPUs used by the ranks of `group` on one node has peer access.
 
-    Collective over `group` (one `all_gather_object`) when CUDA is usable and the group is not a
-    gloo (CPU backend) group. Each rank contributes its hostname, device and which local devices its
+    Collective over `group` (one `all_gather_object`) when CUDA is usable, whatever the group's
+    backend (ranks sharing a GPU use gloo). Each rank contributes its hostname, device and which local devices its
     device can reach peer-to-peer; every rank then evaluates the same table, so all ranks raise the
     same error. Devices a rank cannot see (per-rank `CUDA_VISIBLE_DEVICES`) are not checked.
     V1 checks only PCIe GPUs in groups of <= 2; tritonep checks all intra-node pairs (host = node).
@@ -36,8 +36,8 @@ def check_nvlink_connections(group: dist.ProcessGroup | None) -> None:
     """
     if not cuda_available() or not dist.is_available() or not dist.is_initialized():
         return
-    if dist.get_backend(group) == "gloo" or dist.get_world_size(group) <= 1:
-        return  # gloo: CPU backend, no peer mappings; a single rank has no pairs
+    if dist.get_world_size(group) <= 1:
+        return  # a single rank has no pairs
 
     me = torch.cuda.current_device()
     reach = {
@@ -66,6 +66,6 @@ def _missing_peer_access(table: list) -> str | None:
                 return (
                     f"check_nvlink_connections: on host {host_a}, GPU {index_a} (rank {rank_a}) "
                     f"cannot access GPU {index_b} (rank {rank_b}) peer-to-peer; the cuda backend "
-                    "needs peer access between all GPUs of a node (TRITONEP_BACKEND=nccl avoids it)"
+                    "needs peer access between all GPUs of a node"
                 )
     return None

@@ -222,6 +222,9 @@ def test_stalled_rank_times_out(cpu_pool, op):
         assert later["seconds"] < 1.0, (
             f"{op}: {name} on a poisoned buffer took {later['seconds']:.2f} s"
         )
+        # The advice must be one the user can follow: this buffer was made without
+        # explicitly_destroy, so destroy() would refuse it.
+        assert "create a new Buffer" in e["message"] and "destroy()" not in e["message"], e["message"]
     assert wall < STALL_S + 15, f"{op}: the task took {wall:.1f} s"
     _assert_pool_usable(pool, f"the stalled-{op} test")
 

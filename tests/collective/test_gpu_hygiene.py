@@ -26,10 +26,15 @@ def torch_rendezvous_bookkeeping(group) -> int:
 
 def create_destroy_cycles_task(ctx, cycles=100):
     import torch
+    import torch.distributed as dist
 
     import tritonep
 
-    uses_symm_mem = ctx.world_size <= torch.cuda.device_count()  # one GPU per rank: symmetric memory
+    # Symmetric memory when every rank has a GPU of its own (whatever the machine's GPU count);
+    # ranks sharing a GPU use CUDA IPC, where symmetric memory's rendezvous would refuse to run.
+    devices = [None] * ctx.world_size
+    dist.all_gather_object(devices, str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid), group=ctx.group)
+    uses_symm_mem = len(set(devices)) == ctx.world_size
     allowance = torch_rendezvous_bookkeeping(ctx.group) * cycles if uses_symm_mem else 0
     torch.cuda.synchronize()
     allocated_before = torch.cuda.memory_allocated()

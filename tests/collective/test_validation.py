@@ -739,3 +739,26 @@ def test_set_num_sms_accepts_even_and_configs_follow():
         assert tritonep.Buffer.get_combine_config(8).num_sms == 24
     finally:
         tritonep.Buffer.num_sms = before
+
+
+# ------------------------------------------------------------------- expert ids >= num_experts
+def bad_expert_id_task(ctx) -> None:
+    """An id >= E counts as -1 in the layout and is reported (once) by the buffer's next call."""
+    from tritonep import reference
+
+    buffer = tritonep.Buffer(ctx.group, num_nvl_bytes=NVL_BYTES)
+    _, topk_idx, _ = make_inputs(ctx.rank)
+    bad = topk_idx.clone()
+    bad[5, 1] = NUM_EXPERTS + 3
+    bad[7, 0] = 100
+    got = buffer.get_dispatch_layout(bad, NUM_EXPERTS)[:4]  # no host synchronisation: it returns
+    want = reference.layout(bad, NUM_EXPERTS, ctx.world_size, ctx.world_size)
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or torch.equal(g, w), (g, w)
+    with pytest.raises(EPInvalidArgument, match=rf"rank {ctx.rank}: .*topk_idx\[5, 1\] = {NUM_EXPERTS + 3}.*num_experts={NUM_EXPERTS}"):
+        buffer.get_dispatch_layout(topk_idx, NUM_EXPERTS)
+    round_trip(buffer, ctx.rank, ctx.world_size)  # reported once; the buffer stays usable
+
+
+def test_expert_id_beyond_num_experts_is_reported_by_the_next_call_cpu(cpu_pool):
+    cpu_pool(2).run(bad_expert_id_task, timeout=TASK_TIMEOUT)

@@ -1,10 +1,17 @@
-"""Backend selection in a fresh process: gloo selects the CPU backend, which switches the Triton
-interpreter on by itself, but never overrides a TRITON_INTERPRET value the user set."""
+"""Backend selection in a fresh process: the data decides (CUDA usable -> `cuda`, else `cpu`), not
+the group's backend; `TRITONEP_BACKEND` overrides and accepts only backends that exist. The CPU
+backend switches the Triton interpreter on by itself, but never overrides a TRITON_INTERPRET value
+the user set."""
 
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+import tritonep
+from tritonep import _env
 
 SCRIPT = textwrap.dedent(
     """
@@ -36,8 +43,17 @@ def _run(env_update):
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_gloo_group_selects_the_interpreter_by_itself():
+def test_no_cuda_selects_the_cpu_backend_and_the_interpreter_by_itself():
     assert _run({}) == "OK [2] 1"
+
+
+@pytest.mark.parametrize("value", ["nccl", "gpu"])
+def test_backend_override_accepts_only_existing_backends(monkeypatch, value):
+    monkeypatch.setenv("TRITONEP_BACKEND", value)
+    with pytest.raises(tritonep.EPInvalidArgument, match=f"TRITONEP_BACKEND must be one of .*got '{value}'"):
+        _env.backend()
+    monkeypatch.delenv("TRITONEP_BACKEND")
+    assert _env.backend() == "auto"
 
 
 def test_a_user_set_triton_interpret_is_not_overridden():

@@ -18,12 +18,15 @@ Example:
     -> is_token_in_rank=[[1, 1], [1, 0], [0, 0]], num_tokens_per_rank=[2, 1],
        num_tokens_per_expert=[1, 1, 0, 1]
 
-Constraints: ids >= E are treated as -1 (spec §0). Any R, any E divisible by R.
+Constraints: ids >= E are treated as -1 (spec §0) and the first one is recorded in the host block
+(`protocol.HOST_BAD_EXPERT`); the Buffer raises about it on its next call. Any R, any E divisible
+by R.
 """
 
 import torch
 import triton.language as tl
 
+from .. import protocol
 from .launch import fast, pow2
 from .naming import named_kernel
 
@@ -38,6 +41,7 @@ def _route_stats_kernel(
     num_tokens_per_node_ptr,
     num_tokens_per_expert_ptr,
     is_token_in_rank_ptr,
+    host_addr,
     NUM_TOPK: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
     NUM_RANKS: tl.constexpr,
@@ -48,6 +52,7 @@ def _route_stats_kernel(
     BLOCK_RANKS: tl.constexpr,
     BLOCK_NODES: tl.constexpr,
     NUM_BINS: tl.constexpr,
+    HOST_BAD_EXPERT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -61,12 +66,25 @@ def _route_stats_kernel(
     tokens = pid.to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     token_ok = tokens < num_tokens
     ks = tl.arange(0, BLOCK_TOPK)
-    idx = tl.load(
+    raw = tl.load(
         topk_idx_ptr + tokens[:, None] * NUM_TOPK + ks[None, :],
         mask=token_ok[:, None] & (ks[None, :] < NUM_TOPK),
         other=-1,
-    ).to(tl.int32)
-    idx = tl.where((idx >= 0) & (idx < NUM_EXPERTS), idx, -1)
+    )
+    # An id >= E is a caller error: count it as -1 (spec §0) and record the first one met, for
+    # the host to report at its next look at the host block (no host synchronisation here).
+    too_big = raw >= NUM_EXPERTS
+    if tl.sum(too_big.to(tl.int32), axis=None) > 0:
+        flat = tokens[:, None] * NUM_TOPK + ks[None, :]
+        first = tl.min(tl.where(too_big, flat, num_tokens * NUM_TOPK), axis=None)
+        bad_value = tl.sum(tl.where(flat == first, raw, 0), axis=None)
+        record = host_addr.to(tl.pointer_type(tl.int64)) + HOST_BAD_EXPERT
+        zero = tl.full([], 0, tl.int64)
+        if tl.atomic_cas(record, zero, zero + first // NUM_TOPK + 1, sem="acq_rel", scope="sys") == 0:
+            tl.store(record + 1, first % NUM_TOPK)
+            tl.store(record + 2, bad_value.to(tl.int64))
+            tl.store(record + 3, NUM_EXPERTS)
+    idx = tl.where((raw >= 0) & ~too_big, raw, -1).to(tl.int32)
     owner = tl.where(idx >= 0, idx // experts_per_rank, -1)  # [T, K]
     # Experts of masked ranks count as not selected (rank masking, see Buffer.update_mask_buffer).
     masked = tl.load(rank_mask_ptr + tl.maximum(owner, 0), mask=owner >= 0, other=0) != 0
@@ -124,12 +142,14 @@ def launch_route_stats(
     scratch: torch.Tensor,
     with_nodes: bool,
     rank_mask: torch.Tensor,
+    host_addr: int,
     stream=None,
     outputs=None,
 ):
     """Allocate the four outputs and fill them with one launch on the current stream.
 
     `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected.
+    `host_addr`: the Buffer's host block, where the first expert id >= `num_experts` is recorded.
     `stream`: where to launch (None: the current stream). `scratch` is a persistent int32 accumulator
     of at least `scratch_slots(...)` entries, all zero before the call and zero again after it.
     `outputs`: the four outputs of an earlier call with the same shapes, refilled instead of allocated.
@@ -163,6 +183,7 @@ def launch_route_stats(
         num_tokens_per_node if with_nodes else num_tokens_per_rank,
         num_tokens_per_expert,
         is_token_in_rank,
+        host_addr,
         NUM_TOPK=num_topk,
         NUM_EXPERTS=num_experts,
         NUM_RANKS=num_ranks,
@@ -173,6 +194,7 @@ def launch_route_stats(
         BLOCK_RANKS=block_ranks,
         BLOCK_NODES=block_nodes,
         NUM_BINS=pow2(num_experts + 1),
+        HOST_BAD_EXPERT=protocol.HOST_BAD_EXPERT,
         num_warps=4,
         stream=stream,
     )

@@ -76,14 +76,16 @@ def make_routing(num_tokens, num_experts, num_topk, generator, device, drop=0.1,
 
     `skew` > 0 concentrates tokens on low-numbered experts (hot experts / hot ranks).
     """
-    scores = torch.rand((num_tokens, num_experts), generator=generator) + 1.0
+    # Everything is drawn on the CPU with explicit dtypes, so routing does not depend on a default
+    # device or dtype the calling script may have set.
+    scores = torch.rand((num_tokens, num_experts), generator=generator, dtype=torch.float32, device="cpu") + 1.0
     if skew > 0:
-        scores += skew * torch.linspace(1.0, 0.0, num_experts)
+        scores += skew * torch.linspace(1.0, 0.0, num_experts, dtype=torch.float32, device="cpu")
     topk_idx = torch.topk(scores, num_topk, dim=-1, sorted=False).indices
     if drop > 0 and num_tokens > 0:
-        dropped = torch.rand((num_tokens, num_topk), generator=generator) < drop
+        dropped = torch.rand((num_tokens, num_topk), generator=generator, dtype=torch.float32, device="cpu") < drop
         topk_idx = topk_idx.masked_fill(dropped, -1)
-    topk_weights = torch.rand((num_tokens, num_topk), generator=generator)
+    topk_weights = torch.rand((num_tokens, num_topk), generator=generator, dtype=torch.float32, device="cpu")
     idx_dtype = idx_dtype or tritonep.topk_idx_t
     return topk_idx.to(idx_dtype).to(device), topk_weights.to(device)
 
@@ -170,7 +172,7 @@ def check_intranode(
     device = device_of(buffer)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     config = tritonep.Config(num_sms, chunk, recv_capacity)
-    x_rand = torch.randn((num_tokens, hidden), generator=gen).to(torch.bfloat16).to(device)
+    x_rand = torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu").to(torch.bfloat16).to(device)
     x_const = torch.full((num_tokens, hidden), float(rank), dtype=torch.bfloat16, device=device)
     topk_idx, topk_weights = make_routing(num_tokens, num_experts, num_topk, gen, device, drop=drop, skew=skew)
     stats = {"dispatches": 0, "combines": 0}
@@ -250,7 +252,8 @@ def check_intranode(
             if with_weights and recv_w is None:
                 continue
             biases = tuple(
-                torch.randn((num_tokens, hidden), generator=gen).to(torch.bfloat16).to(device) for _ in range(num_bias)
+                torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu").to(torch.bfloat16).to(device)
+                for _ in range(num_bias)
             )
             bias = None if num_bias == 0 else (biases[0] if num_bias == 1 else biases)
             with poisoned_allocations(device):

@@ -36,12 +36,6 @@ class Bootstrap:
     def process_group(self):
         return self.group
 
-    def backend_name(self) -> str:
-        """'nccl', 'gloo', ... for a process group; 'mpi' for an mpi4py communicator."""
-        if self.group is None:
-            return "mpi"
-        return str(dist.get_backend(self.group)).lower()
-
     def all_gather_object(self, obj: Any) -> list:
         if self.group is None:
             return list(self.comm.allgather(obj))

@@ -42,9 +42,9 @@ class CudaIpcPeerMemory(PeerMemory):
     def close(self) -> None:
         self._peers = []
         self._local = None
-        self.local = torch.empty(0, dtype=torch.uint8)
+        self.local = torch.empty(0, dtype=torch.uint8, device="cpu")
         self.peer_ptrs = []
-        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64)
+        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64, device="cpu")
         # Shared allocations wait in torch's IPC limbo until their importers have released them;
         # after `release_peers` + barrier on every rank (destroy) they all have.
         if torch.cuda.is_initialized():

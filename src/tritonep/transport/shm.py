@@ -92,10 +92,10 @@ class ShmPeerMemory(PeerMemory):
             _unlink_quietly(path)
         self.local = self._maps[self.rank][:num_bytes]
         self.peer_ptrs = [m.data_ptr() for m in self._maps]
-        self.peer_ptrs_dev = torch.tensor(self.peer_ptrs, dtype=torch.int64)
+        self.peer_ptrs_dev = torch.tensor(self.peer_ptrs, dtype=torch.int64, device="cpu")
 
     def close(self) -> None:
         self._maps = []
-        self.local = torch.empty(0, dtype=torch.uint8)
+        self.local = torch.empty(0, dtype=torch.uint8, device="cpu")
         self.peer_ptrs = []
-        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64)
+        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64, device="cpu")

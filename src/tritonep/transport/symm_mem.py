@@ -41,6 +41,6 @@ class SymmMemPeerMemory(PeerMemory):
     def close(self) -> None:
         self._handle = None
         self._tensor = None
-        self.local = torch.empty(0, dtype=torch.uint8)
+        self.local = torch.empty(0, dtype=torch.uint8, device="cpu")
         self.peer_ptrs = []
-        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64)
+        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64, device="cpu")
