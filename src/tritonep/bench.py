@@ -159,7 +159,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         record["checks"]["seconds"] = time.perf_counter() - started
 
     gen = torch.Generator().manual_seed(args.seed + rank)
-    x = torch.randn((tokens, hidden), generator=gen).to(torch.bfloat16).to(device)
+    x = torch.randn((tokens, hidden), generator=gen, device="cpu").to(torch.bfloat16).to(device)
     x_fp8 = checks.per_token_cast_to_fp8(x)
     topk_idx, topk_weights = checks.make_routing(tokens, experts, topk, gen, device, drop=0.0)
     layout_t = bench_events(lambda: buffer.get_dispatch_layout(topk_idx, experts))[0]
