@@ -87,7 +87,7 @@ def _cases(kernels):
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
         rank_mask = torch.zeros(num_ranks, dtype=torch.int32)
         yield functools.partial(kernels.layout.launch_route_stats, topk_idx, experts, num_ranks, num_ranks,
-                                torch.zeros(1024, dtype=torch.int32), False, rank_mask, 0)
+                                torch.zeros(1024, dtype=torch.int32), False, rank_mask, ctx.host_addr)
         for counting in (False, True):
             counts = dict(
                 num_tokens=tokens, num_worst_tokens=0, experts_per_rank=experts // num_ranks,
