@@ -1,0 +1,241 @@
+"""NVSHMEM symmetric memory (torch's NVSHMEM backend) and its CPU emulation, for `transport/device.py`.
+
+Problem: the low-latency and internode modes need one symmetric allocation per rank that peers on
+other nodes reach with NVSHMEM puts (DeepEP's `num_rdma_bytes`), while peers of the same node keep
+using plain stores. Kernels address it through `device.py`, which needs per peer: a mapped base
+(0 if not mapped), the base its put path addresses, and the NVSHMEM PE.
+
+Design:
+- `NvshmemPeerMemory`: `symm_mem.set_backend("NVSHMEM")`, `symm_mem.empty`, `symm_mem.rendezvous`
+  over the given process group (gloo works: NVSHMEM bootstraps through the default group's
+  store). NVSHMEM itself starts at the first allocation of the process, with the variables
+  `nvshmem_environment` sets. `buffer_ptrs[j]` is `nvshmem_ptr(base, pe_j)`: this rank's own
+  address for itself, a peer mapping for a peer reachable by loads and stores (same GPU or
+  NVLink), 0 for a peer only a network reaches.
+- `EmulatedPeerMemory`: the same attributes over `ShmPeerMemory` (`/dev/shm`), for the Triton
+  interpreter: group ranks form nodes of `ranks_per_node`, peers of other nodes get 0 in
+  `peer_ptrs` and are reached by `device.py`'s emulated put path through their file mapping.
+- Both expose `route_table_dev` (int64 `[R, 3]`: mapped base or 0, put-path base, PE) and the
+  `transport` / `force_put` constexprs their kernels are compiled with.
+
+Facts (torch 2.11 source, `NVSHMEMSymmetricMemory.cpp` and `SymmetricMemory.cpp`):
+- The backend is chosen once per process and device type: `set_backend` raises "Backend can not be
+  changed after use" once any symmetric tensor was allocated with another backend. A process
+  using this class therefore cannot also allocate CUDA-backend symmetric memory (`symm_mem.py`);
+  CUDA IPC peer memory (`cuda_ipc.py`) is independent of it and still works.
+- NVSHMEM is initialised with the *default* group ("0"): its PE numbers are global ranks, and
+  every rank of the default group must allocate, since `nvshmem_malloc` is collective over all
+  PEs. `pes` maps group ranks to PEs.
+- `nvshmem_malloc` / `nvshmem_free` are collective: `close` frees the allocation once torch drops
+  it, so every rank must close its buffers in the same order.
+- Several ranks on one GPU (gloo group, all on device 0) run only under MPS with
+  `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` values adding up to <= 100 on that GPU; otherwise NVSHMEM
+  starts in a limited mode whose team and barrier calls exit the process. This is checked before
+  NVSHMEM starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+from ..errors import EPInvalidArgument, EPStateError, EPUnsupported
+from . import device
+from .base import Bootstrap, PeerMemory
+
+logger = logging.getLogger(__name__)
+
+# What tritonep needs from NVSHMEM's environment, applied only where the user set nothing:
+#   NVSHMEM_DISABLE_NVLS=1   no NVLink SHARP (multicast) team resources: tritonep never uses them, and
+#                            multicast is unavailable or off on shared machines.
+#   NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo   only when every rank runs on this host: the unique-id
+#                            bootstrap otherwise picks the first non-loopback interface, which need
+#                            not connect the local processes (torch copies NCCL_SOCKET_IFNAME here
+#                            when that is set, for multi-host jobs).
+SINGLE_HOST_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
+MULTI_HOST_ENV = {"NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def nvshmem_environment(single_host: bool) -> dict[str, str]:
+    """Set the NVSHMEM variables tritonep relies on, never overwriting a value the user set.
+
+    Must run before NVSHMEM starts (the process's first NVSHMEM allocation). Returns what was set.
+    """
+    wanted = SINGLE_HOST_ENV if single_host else MULTI_HOST_ENV
+    applied = {name: value for name, value in wanted.items() if name not in os.environ}
+    os.environ.update(applied)
+    if applied:
+        logger.info("tritonep set %s", " ".join(f"{k}={v}" for k, v in applied.items()))
+    return applied
+
+
+def link_nvshmem(kernel):
+    """`kernel` (a `@triton.jit` function compiled with `TRANSPORT=NVSHMEM`) made launchable:
+    `link_nvshmem(kernel)[grid](...)` links `libnvshmem_device.bc` and initialises each compiled
+    module's NVSHMEM state (torch's `requires_nvshmem`). Kernels of the other transports need no
+    wrapping."""
+    try:
+        from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+
+        return requires_nvshmem(kernel)
+    except (ImportError, RuntimeError) as e:
+        raise EPUnsupported(
+            "NVSHMEM transport: the NVSHMEM device library (libnvshmem_device.bc) was not found; "
+            "install the nvidia-nvshmem-cu12 / nvidia-nvshmem-cu13 wheel matching your CUDA, or point "
+            f"NVSHMEM_LIB_DIR at the directory holding it ({e})"
+        ) from e
+
+
+class HeapMemory(PeerMemory):
+    """A symmetric heap as `device.py` sees it (attributes beyond `PeerMemory`'s).
+
+    Attributes:
+        peer_ptrs: rank j's buffer as mapped in this process; 0 where plain stores cannot reach j.
+        put_ptrs: the base that the put path addresses for rank j: this rank's own base under
+            NVSHMEM (its calls take local symmetric addresses), rank j's file mapping when emulated.
+        pes: NVSHMEM PE of each group rank.
+        route_table_dev: int64 `[R, 3]` rows `(peer_ptrs[j], put_ptrs[j], pes[j])` on the buffer's
+            device: `device.open_peer`'s table.
+        transport: the `TRANSPORT` constexpr of kernels using this heap (`device.STORES`,
+            `device.NVSHMEM` or `device.EMULATED`, as int).
+        force_put: the `FORCE_PUT` constexpr: every peer goes through the put path.
+    """
+
+    put_ptrs: list[int]
+    pes: list[int]
+    route_table_dev: torch.Tensor
+    transport: int
+    force_put: bool
+
+    def _publish(self, peer_ptrs: list[int], put_ptrs: list[int], pes: list[int], dev: torch.device) -> None:
+        self.peer_ptrs = peer_ptrs
+        self.put_ptrs = put_ptrs
+        self.pes = pes
+        self.peer_ptrs_dev = torch.tensor(peer_ptrs, dtype=torch.int64, device=dev)
+        rows = list(zip(peer_ptrs, put_ptrs, pes, strict=True))
+        self.route_table_dev = torch.tensor(rows, dtype=torch.int64, device=dev)
+
+    def _forget(self) -> None:
+        self.local = torch.empty(0, dtype=torch.uint8)
+        self.peer_ptrs, self.put_ptrs, self.pes = [], [], []
+        self.peer_ptrs_dev = torch.empty(0, dtype=torch.int64)
+        self.route_table_dev = torch.empty((0, 3), dtype=torch.int64)
+
+
+def _mps_shares(peers: list[dict]) -> dict[str, int]:
+    """Sum of `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` (unset counts 100) per GPU that several ranks share."""
+    by_gpu: dict[str, list[str | None]] = {}
+    for peer in peers:
+        by_gpu.setdefault(f"{peer['host']}/{peer['gpu']}", []).append(peer["mps"])
+    return {
+        gpu: sum(100 if value in (None, "") else int(float(value)) for value in values)
+        for gpu, values in by_gpu.items() if len(values) > 1
+    }
+
+
+class NvshmemPeerMemory(HeapMemory):
+    """One `num_bytes` NVSHMEM allocation per rank through torch's NVSHMEM symmetric-memory backend.
+
+    Collective over `bootstrap`'s process group, whose ranks must be all the ranks of the default
+    group (NVSHMEM starts over that one). Raises `EPUnsupported` when NVSHMEM is missing or cannot
+    start here, `EPStateError` when this process already uses another symmetric-memory backend.
+    """
+
+    def __init__(self, bootstrap: Bootstrap, num_bytes: int, dev: torch.device, force_put: bool = False):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group = bootstrap.process_group
+        if group is None:
+            raise EPUnsupported("NVSHMEM memory: needs a torch process group (group), not an mpi4py communicator")
+        if not symm_mem.is_nvshmem_available():
+            raise EPUnsupported(
+                "NVSHMEM memory: this torch build cannot use NVSHMEM (symm_mem.is_nvshmem_available() is "
+                "False); install a CUDA build of torch >= 2.8 and the nvidia-nvshmem-cu12 / -cu13 wheel"
+            )
+        if bootstrap.world_size != dist.get_world_size():
+            raise EPUnsupported(
+                f"NVSHMEM memory: the group has {bootstrap.world_size} ranks but the default group has "
+                f"{dist.get_world_size()}; NVSHMEM spans the default group, so every rank must take part"
+            )
+        self.rank = bootstrap.rank
+        self.world_size = bootstrap.world_size
+        self.num_bytes = num_bytes
+        self.force_put = force_put
+        peers = bootstrap.all_gather_object({
+            "host": socket.gethostname(),
+            "gpu": str(torch.cuda.get_device_properties(dev).uuid),
+            "mps": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+            "pe": dist.get_rank(),
+        })
+        oversubscribed = {gpu: total for gpu, total in _mps_shares(peers).items() if total > 100}
+        if oversubscribed:
+            raise EPUnsupported(
+                "NVSHMEM memory: ranks sharing a GPU need MPS (nvidia-cuda-mps-control -d) and "
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE values adding up to <= 100 per GPU (e.g. 50 each for "
+                f"2 ranks; unset counts as 100); got {oversubscribed}. Without that NVSHMEM starts in a "
+                "limited mode whose collectives exit the process"
+            )
+        nvshmem_environment(single_host=len({p["host"] for p in peers}) == 1)
+        try:
+            symm_mem.set_backend("NVSHMEM")
+        except RuntimeError as e:
+            raise EPStateError(
+                "NVSHMEM memory: this process already allocated symmetric memory with another backend "
+                f"({symm_mem.get_backend(dev)}); torch allows one backend per process ({e})"
+            ) from e
+        try:
+            self._tensor = symm_mem.empty(max(num_bytes, 128), dtype=torch.uint8, device=dev)
+            self._handle = symm_mem.rendezvous(self._tensor, group)
+        except RuntimeError as e:
+            raise EPUnsupported(
+                f"NVSHMEM memory: NVSHMEM could not start or allocate {num_bytes} bytes ({e}). Check "
+                "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (an interface connecting the ranks), NVSHMEM_SYMMETRIC_SIZE "
+                "(heap size), and MPS when ranks share a GPU; NVSHMEM_DEBUG=INFO explains its choices"
+            ) from e
+        self.local = self._tensor[:num_bytes]
+        peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
+        self.transport = device.STORES.value if all(peer_ptrs) and not force_put else device.NVSHMEM.value
+        self._publish(peer_ptrs, [self._tensor.data_ptr()] * self.world_size, [p["pe"] for p in peers], dev)
+
+    def close(self) -> None:
+        self._handle = None
+        self._tensor = None
+        self._forget()
+
+
+class EmulatedPeerMemory(HeapMemory):
+    """The CPU stand-in: `/dev/shm` files (`ShmPeerMemory`), nodes of `ranks_per_node` group ranks.
+
+    A rank's node is `rank // ranks_per_node`; peers of its own node are mapped (`peer_ptrs`), the
+    others reached by `device.py`'s emulated puts (`put_ptrs`: every file as mapped here).
+    """
+
+    def __init__(self, bootstrap: Bootstrap, num_bytes: int, ranks_per_node: int, force_put: bool = False):
+        from .shm import ShmPeerMemory
+
+        if ranks_per_node <= 0 or bootstrap.world_size % ranks_per_node != 0:
+            raise EPInvalidArgument(
+                f"EmulatedPeerMemory: ranks_per_node must divide the rank count {bootstrap.world_size}, "
+                f"got {ranks_per_node}"
+            )
+        self._shm = ShmPeerMemory(bootstrap, num_bytes)
+        self.rank = bootstrap.rank
+        self.world_size = bootstrap.world_size
+        self.num_bytes = num_bytes
+        self.force_put = force_put
+        self.transport = device.EMULATED.value
+        self.local = self._shm.local
+        node = self.rank // ranks_per_node
+        files = list(self._shm.peer_ptrs)
+        mapped = [p if j // ranks_per_node == node else 0 for j, p in enumerate(files)]
+        self._publish(mapped, files, list(range(self.world_size)), torch.device("cpu"))
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        self._forget()
