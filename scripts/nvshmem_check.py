@@ -129,11 +129,6 @@ def _worker(rank: int, world: int, store: str, results, args) -> None:
         out["ping_puts"] = _ping(heap, bootstrap, args)
         heap.force_put, heap.transport = False, device.STORES.value
         out["ping_stores"] = _ping(heap, bootstrap, args)
-        try:
-            symm_mem.set_backend("CUDA")
-            out["facts"]["set_backend_cuda_after_nvshmem"] = "accepted"
-        except RuntimeError as e:
-            out["facts"]["set_backend_cuda_after_nvshmem"] = str(e).splitlines()[0]
         heap.close()
         heap.close()
         bootstrap.barrier()
@@ -158,14 +153,14 @@ def _backend_order_worker(store: str, results) -> None:
 
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         torch.cuda.set_device(0)
-        symm_mem.set_backend("CUDA")
-        symm_mem.empty(1024, dtype=torch.uint8, device="cuda:0")
+        first = symm_mem.empty(1024, dtype=torch.uint8, device="cuda:0")  # the default (CUDA) backend
         try:
             NvshmemPeerMemory(Bootstrap(dist.group.WORLD), 1024, torch.device("cuda", 0))
             outcome = "no error"
         except EPStateError as e:
             outcome = f"EPStateError: {e}"
-        results.put((0, "ok", {"nvshmem_after_cuda_backend": outcome}))
+        results.put((0, "ok", {"first_backend": symm_mem.get_backend(first.device),
+                               "nvshmem_after_cuda_backend": outcome}))
     except BaseException:
         results.put((0, "error", traceback.format_exc()[-3000:]))
 

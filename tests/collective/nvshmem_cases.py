@@ -114,7 +114,7 @@ def _fence_quiet_kernel(route, heap, rank, world, epoch, n, out, clock_addr, tim
     counter = _words(heap, COUNTER)
     _fill(stage, n, rank, to, epoch, BLOCK)
     _fill(fence_stage, n, rank, to, epoch + 500, BLOCK)
-    tl.store(word_stage, epoch.to(tl.int64))
+    tl.store(word_stage, tl.cast(epoch, tl.int64))
     tl.debug_barrier()
     pe, delta, direct = device.open_peer(route, rank, to, TRANSPORT, FORCE_PUT)
     device.put_nbi_block(inbox + rank * n, stage, n, pe, delta, direct, TRANSPORT, BLOCK)
@@ -376,7 +376,7 @@ def fetch_add_problems(all_results: list[dict]) -> list[str]:
 def pool_cases(ctx, ranks_per_node: int, force_put: bool, n: int = 24, block: int = 16, epochs: int = 2,
                reps: int = 2, rounds: int = 3) -> dict:
     """CPU task: every case on an `EmulatedPeerMemory` of `ranks_per_node`-rank nodes."""
-    from tritonep import _clock
+    from tritonep.runtime import clock as _clock
     from tritonep.transport.base import Bootstrap
     from tritonep.transport.nvshmem import EmulatedPeerMemory
 
