@@ -1,0 +1,1 @@
+"""Pieces shared by several kernel families (device functions, launch helpers)."""
