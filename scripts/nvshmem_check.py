@@ -93,6 +93,15 @@ def _cycles(bootstrap, dev, args) -> dict:
     }
 
 
+def stage(out: dict, name: str, fn, *args, **kwargs) -> None:
+    """`out[name] = fn(...)`, or the error (every rank fails alike in what these stages do, so the
+    ranks stay in step for the next stage)."""
+    try:
+        out[name] = fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 (reported)
+        out[name] = {"error": traceback.format_exc()[-2000:]}
+
+
 def _worker(rank: int, world: int, store: str, results, args) -> None:
     try:
         _import_path()
@@ -123,16 +132,16 @@ def _worker(rank: int, world: int, store: str, results, args) -> None:
             "backend": symm_mem.get_backend(dev),
             "gpu": torch.cuda.get_device_name(dev),
         }
-        out["stores"] = _cases(heap, bootstrap, args)
-        out["nvshmem_linked_stores"] = _cases(heap, bootstrap, args, transport=device.NVSHMEM.value)
-        out["puts"] = _cases(heap, bootstrap, args, force_put=True)
-        out["ping_puts"] = _ping(heap, bootstrap, args)
+        stage(out, "stores", _cases, heap, bootstrap, args)
+        stage(out, "nvshmem_linked_stores", _cases, heap, bootstrap, args, transport=device.NVSHMEM.value)
+        stage(out, "puts", _cases, heap, bootstrap, args, transport=device.NVSHMEM.value, force_put=True)
+        stage(out, "ping_puts", _ping, heap, bootstrap, args)
         heap.force_put, heap.transport = False, device.STORES.value
-        out["ping_stores"] = _ping(heap, bootstrap, args)
+        stage(out, "ping_stores", _ping, heap, bootstrap, args)
         heap.close()
         heap.close()
         bootstrap.barrier()
-        out["cycles"] = _cycles(bootstrap, dev, args)
+        stage(out, "cycles", _cycles, bootstrap, dev, args)
         out["rounds"] = args.rounds
         results.put((rank, "ok", out))
     except BaseException:
@@ -202,6 +211,10 @@ def _summary(world: int, replies: dict) -> tuple[list[str], bool]:
     outs = [replies[r]["value"] for r in range(world)]
     lines = [f"R={world} facts rank 0: {json.dumps(outs[0]['facts'])}"]
     passed = True
+    errors = sorted({f"{name}: {v['error'].strip().splitlines()[-1]}" for o in outs for name, v in o.items()
+                     if isinstance(v, dict) and "error" in v})
+    if errors:
+        return lines + [f"R={world} error in {e}" for e in errors] + [f"R={world} first: {outs[0]}"[:3000]], False
     for path in ("stores", "nvshmem_linked_stores", "puts"):
         found = [f"rank {o['rank']}: {p}" for o in outs for p in o[path]["problems"]]
         found += cases.fetch_add_problems([o[path]["results"] for o in outs])

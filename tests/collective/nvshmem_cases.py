@@ -239,9 +239,9 @@ class Launcher:
         if name not in self._kernels:
             kernel = KERNELS[name]
             if self.heap.transport == device.NVSHMEM.value and name != "timeout":
-                from tritonep.transport.nvshmem import link_nvshmem
+                from tritonep.transport.nvshmem import NvshmemKernel
 
-                kernel = link_nvshmem(kernel)
+                kernel = NvshmemKernel(kernel)
             self._kernels[name] = kernel
         return self._kernels[name]
 

@@ -58,7 +58,7 @@ Constraints:
   order on x86 (TSO): its fences are no-ops and puts complete at once, so CPU tests check the call
   sequence, addressing and routing, not reordering.
 - Kernels compiled with `TRANSPORT=NVSHMEM` must be launched through
-  `transport.nvshmem.link_nvshmem(kernel)` (links the device library, initialises the module).
+  `transport.nvshmem.NvshmemKernel(kernel)` (links the device library, initialises the module).
 """
 
 import triton
@@ -81,7 +81,7 @@ _BROADCAST_LANES = tl.constexpr(1024)  # >= threads of any program (32 warps), s
 
 # --------------------------------------------------------------------------- NVSHMEM device symbols
 # `libnvshmem_device.bc` symbols with their C signatures; the library is linked at launch
-# (`link_nvshmem`), hence no library name or path here. Void functions are declared as returning
+# (`NvshmemKernel`), hence no library name or path here. Void functions are declared as returning
 # int32 and their result is ignored, as torch's own wrappers do.
 def _nvshmem_call(symbol, args, arg_types, ret_type, _semantic):
     return core.extern_elementwise(

@@ -72,21 +72,57 @@ def nvshmem_environment(single_host: bool) -> dict[str, str]:
     return applied
 
 
-def link_nvshmem(kernel):
-    """`kernel` (a `@triton.jit` function compiled with `TRANSPORT=NVSHMEM`) made launchable:
-    `link_nvshmem(kernel)[grid](...)` links `libnvshmem_device.bc` and initialises each compiled
-    module's NVSHMEM state (torch's `requires_nvshmem`). Kernels of the other transports need no
-    wrapping."""
+def nvshmem_device_library() -> str:
+    """Path of `libnvshmem_device.bc` (torch's search: `NVSHMEM_LIB_DIR`, the nvidia-nvshmem wheel, system paths)."""
     try:
-        from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+        from torch.distributed._symmetric_memory._nvshmem_triton import NvshmemLibFinder
 
-        return requires_nvshmem(kernel)
+        return NvshmemLibFinder.find_device_library()
     except (ImportError, RuntimeError) as e:
         raise EPUnsupported(
             "NVSHMEM transport: the NVSHMEM device library (libnvshmem_device.bc) was not found; "
             "install the nvidia-nvshmem-cu12 / nvidia-nvshmem-cu13 wheel matching your CUDA, or point "
             f"NVSHMEM_LIB_DIR at the directory holding it ({e})"
         ) from e
+
+
+class NvshmemKernel:
+    """A `@triton.jit` kernel compiled with `TRANSPORT=NVSHMEM`: `NvshmemKernel(kernel)[grid](...)`
+    launches it (kernels of the other transports need no wrapping).
+
+    Each compilation links `libnvshmem_device.bc`, and each compiled module that kept NVSHMEM code
+    gets its device state initialised (`nvshmemx_cumodule_init`) before its first launch. Modules
+    in which the optimiser removed every NVSHMEM call (e.g. a kernel whose NVSHMEM branch is dead
+    for its constexprs) must not be initialised: NVSHMEM fails on them (error 7). torch's
+    `requires_nvshmem` initialises every module, hence this class.
+
+    `warmup(*args, grid=, **kwargs)` compiles and initialises without launching and returns the
+    compiled kernel (for launchers that call it directly, like `kernels.launch.FastKernel`).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.arg_names = fn.arg_names
+        self._libs = {"libnvshmem_device": nvshmem_device_library()}
+        self._ready: set[int] = set()  # compiled kernels (id) whose module is initialised
+
+    def warmup(self, *args, grid, **kwargs):
+        kernel = self.fn.warmup(*args, grid=grid, extern_libs=self._libs, **kwargs)
+        if id(kernel) not in self._ready:
+            if "nvshmemi_device_state_d" in kernel.asm["ptx"]:  # NVSHMEM code survived optimisation
+                from torch._C._distributed_c10d import _nvshmemx_cumodule_init
+
+                kernel._init_handles()  # loads the module on the current device
+                _nvshmemx_cumodule_init(kernel.module)
+            self._ready.add(id(kernel))
+        return kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.warmup(*args, grid=grid, **kwargs)
+            return self.fn.run(*args, grid=grid, warmup=False, extern_libs=self._libs, **kwargs)
+
+        return launch
 
 
 class HeapMemory(PeerMemory):
