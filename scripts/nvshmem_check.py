@@ -23,6 +23,7 @@ Imports only torch, triton and tritonep's transport and kernel modules (not the 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing
 import os
@@ -93,13 +94,17 @@ def _cycles(bootstrap, dev, args) -> dict:
     }
 
 
-def stage(out: dict, name: str, fn, *args, **kwargs) -> None:
+def stage(out: dict, results, name: str, fn, *args, **kwargs) -> None:
     """`out[name] = fn(...)`, or the error (every rank fails alike in what these stages do, so the
-    ranks stay in step for the next stage)."""
+    ranks stay in step for the next stage); also sent to the parent at once, so a run killed later
+    still shows which stages finished."""
+    t0 = time.perf_counter()
     try:
         out[name] = fn(*args, **kwargs)
     except Exception:  # noqa: BLE001 (reported)
         out[name] = {"error": traceback.format_exc()[-2000:]}
+    results.put((out["rank"], "stage", {"stage": name, "seconds": time.perf_counter() - t0,
+                                        "error": out[name].get("error") if isinstance(out[name], dict) else None}))
 
 
 def _worker(rank: int, world: int, store: str, results, args) -> None:
@@ -113,7 +118,9 @@ def _worker(rank: int, world: int, store: str, results, args) -> None:
         from tritonep.transport.base import Bootstrap
         from tritonep.transport.nvshmem import NvshmemPeerMemory
 
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        # A rank left alone in a barrier (its peer crashed) raises after 60 s instead of hanging.
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
         torch.cuda.set_device(0)
         dev = torch.device("cuda", 0)
         bootstrap = Bootstrap(dist.group.WORLD)
@@ -132,16 +139,17 @@ def _worker(rank: int, world: int, store: str, results, args) -> None:
             "backend": symm_mem.get_backend(dev),
             "gpu": torch.cuda.get_device_name(dev),
         }
-        stage(out, "stores", _cases, heap, bootstrap, args)
-        stage(out, "nvshmem_linked_stores", _cases, heap, bootstrap, args, transport=device.NVSHMEM.value)
-        stage(out, "puts", _cases, heap, bootstrap, args, transport=device.NVSHMEM.value, force_put=True)
-        stage(out, "ping_puts", _ping, heap, bootstrap, args)
+        results.put((rank, "stage", {"stage": "heap", "seconds": 0.0, "error": None}))
+        stage(out, results, "stores", _cases, heap, bootstrap, args)
+        stage(out, results, "nvshmem_linked_stores", _cases, heap, bootstrap, args, transport=device.NVSHMEM.value)
+        stage(out, results, "puts", _cases, heap, bootstrap, args, transport=device.NVSHMEM.value, force_put=True)
+        stage(out, results, "ping_puts", _ping, heap, bootstrap, args)
         heap.force_put, heap.transport = False, device.STORES.value
-        stage(out, "ping_stores", _ping, heap, bootstrap, args)
+        stage(out, results, "ping_stores", _ping, heap, bootstrap, args)
         heap.close()
         heap.close()
         bootstrap.barrier()
-        stage(out, "cycles", _cycles, bootstrap, dev, args)
+        stage(out, results, "cycles", _cycles, bootstrap, dev, args)
         out["rounds"] = args.rounds
         results.put((rank, "ok", out))
     except BaseException:
@@ -183,10 +191,14 @@ def _spawn(target, world: int, args_for, timeout: float) -> dict:
         for p in procs:
             p.start()
         replies: dict = {}
+        stages: dict = {}
         deadline = time.monotonic() + timeout
         while len(replies) < world and time.monotonic() < deadline:
             try:
                 rank, status, value = results.get(timeout=1.0)
+                if status == "stage":
+                    stages.setdefault(rank, []).append(value)
+                    continue
                 replies[rank] = {"status": status, "value": value}
             except queue.Empty:
                 if not any(p.is_alive() for p in procs) and results.empty():
@@ -198,6 +210,7 @@ def _spawn(target, world: int, args_for, timeout: float) -> dict:
                 p.join()
         for rank, p in enumerate(procs):
             replies.setdefault(rank, {"status": "lost", "value": f"exit code {p.exitcode}"})
+            replies[rank]["stages"] = stages.get(rank, [])
     return replies
 
 
@@ -205,7 +218,9 @@ def _summary(world: int, replies: dict) -> tuple[list[str], bool]:
     """Printable lines and whether every check of this rank count passed."""
     failed = [r for r, rep in replies.items() if rep["status"] != "ok"]
     if failed:
-        return [f"R={world} rank {r} {replies[r]['status']}: {str(replies[r]['value'])[-1500:]}" for r in failed], False
+        return [f"R={world} rank {r} {replies[r]['status']}: {str(replies[r]['value'])[-1500:]}; finished stages "
+                f"{[(s['stage'], round(s['seconds'], 1), s['error'] is None) for s in replies[r]['stages']]}"
+                for r in failed], False
     import nvshmem_cases as cases
 
     outs = [replies[r]["value"] for r in range(world)]

@@ -4,7 +4,8 @@ Every case is one single-program kernel per rank plus a host check. `run_cases(h
 them all on any `HeapMemory` (the `/dev/shm` emulation in the interpreter, NVSHMEM on a GPU) and
 returns plain numbers, so the same code proves both. `pool_cases` is the `RankPool` task.
 
-Heap layout (bytes): int64 signal words below `DATA`, then five int32 regions of `[R][n]`:
+Kernels take ranks and sizes unspecialised (`do_not_specialize`): one compilation serves every
+rank. Heap layout (bytes): int64 signal words below `DATA`, then five int32 regions of `[R][n]`:
 inbox (put+signal), fence inbox, store inbox, staging, fence staging.
 """
 
@@ -71,7 +72,7 @@ def _mismatches(ptr, n, src, dst, epoch, BLOCK: tl.constexpr):
     return bad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "world", "epoch", "n"])
 def _exchange_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_ns, SIG_OP: tl.constexpr,
                      TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -96,7 +97,7 @@ def _exchange_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeou
         tl.store(out + j, tl.where(seen >= epoch, bad, -1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "world", "epoch", "n"])
 def _fence_quiet_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_ns, TRANSPORT: tl.constexpr,
                         FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr, BLOCK: tl.constexpr):
     """Rank r sends to r+1: put, quiet, unordered count (data complete before the count);
@@ -132,7 +133,7 @@ def _fence_quiet_kernel(route, heap, rank, world, epoch, n, out, clock_addr, tim
     tl.store(out + 1, tl.where(seen >= epoch, bad, -1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "world", "reps"])
 def _atomics_kernel(route, heap, rank, world, reps, olds, TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr):
     """`reps` times per rank j (itself included): fetch-add 1 and add 3 at j; `olds[j, i]` the fetched values."""
     for j in range(world):
@@ -143,7 +144,7 @@ def _atomics_kernel(route, heap, rank, world, reps, olds, TRANSPORT: tl.constexp
             device.atomic_add(_words(heap, ADDS), 3, pe, delta, direct, TRANSPORT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "world", "epoch", "n"])
 def _store_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_ns, TRANSPORT: tl.constexpr,
                   FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr, BLOCK: tl.constexpr):
     """Plain stores to every direct peer, then a signal; `out[j]`: wrong elements from direct peer j,
@@ -169,7 +170,7 @@ def _store_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_n
         tl.store(out + j, result)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank", "world", "peer", "rounds", "n"])
 def _ping_pong_kernel(route, heap, rank, world, peer, initiator, rounds, n, out, clock_addr, timeout_ns,
                       TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr,
                       BLOCK: tl.constexpr):

@@ -45,6 +45,11 @@ NVSHMEM op codes come from NVSHMEM's own headers (`device_host_transport/`): `NV
 = 9, `NVSHMEM_SIGNAL_ADD` = 10 (torch 2.11's docstrings say 0 and 5). Over peer memory NVSHMEM
 treats every code but 9 as an add, so a wrong code passes on one node and fails over a network.
 
+Measured (one H200, 2 rank processes under MPS at 50% each, torch 2.11, triton 3.6, NVSHMEM 3.4.5,
+`scripts/nvshmem_check.py`): every case of `tests/collective/nvshmem_cases.py` passes on the store
+path, on NVSHMEM-linked kernels storing to mapped peers, and on the forced put path; a 64-byte
+put-with-signal round trip takes 2.27 us over stores and 2.54 us through NVSHMEM (mean of 9999).
+
 Constraints:
 - Thread-level NVSHMEM calls (signal op, AMOs) run in thread 0 only: Triton executes scalar code
   in every thread, which would repeat an add 32 x num_warps times. Thread 0 is found with inline
