@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from tritonep.bench import bench_events, git_commit
-from tritonep.kernels.tiles import row_block
+from tritonep.kernels.common.tiles import row_block
 
 
 @triton.jit

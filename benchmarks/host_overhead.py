@@ -108,26 +108,26 @@ def main():
     rows = []
 
     # The steps of the call path first: the profiler below may leave state that slows launches.
-    comm, compute = buffer._comm_stream, torch.cuda.current_stream()
+    comm, compute = buffer._streams.comm, torch.cuda.current_stream()
     event = torch.cuda.Event()
     scratch = torch.zeros(1024, dtype=torch.int32, device="cuda")
     mask = buffer._rank_mask
-    host_addr = buffer._resources.host_block.data_ptr()
-    outputs = kernels.layout.launch_route_stats(topk_idx, num_experts, 1, 1, scratch, False, mask, host_addr, stream=comm)
+    host_addr = buffer._host.address
+    layout_plan = kernels.layout.plan_route_stats(num_tokens, num_topk, num_experts, 1, 1, False)
+    outputs = layout_plan.allocate(num_tokens, x.device)
     steps = {
         "_check_usable": lambda: buffer._check_usable("op"),
-        "_current_stream": buffer._current_stream,
+        "CommStreams.current()": buffer._streams.current,
         "torch.cuda.current_stream()": torch.cuda.current_stream,
         "event.record + wait_event": lambda: (event.record(compute), comm.wait_event(event)),
         "with torch.cuda.stream(comm)": lambda: enter_and_leave(torch.cuda.stream(comm)),
+        "with DisableTorchFunction()": lambda: enter_and_leave(torch._C.DisableTorchFunction()),
         "torch.empty int32 [256]": lambda: torch.empty(256, dtype=torch.int32, device="cuda"),
         "torch.empty bool [4096, 1]": lambda: torch.empty((4096, 1), dtype=torch.bool, device="cuda"),
         "tensor.view(torch.int32)": lambda: x.view(torch.int32),
-        "launch.hooks_active()": __import__("tritonep.kernels.launch", fromlist=["_hooks_active"])._hooks_active,
-        "layout launch only (outputs reused)": lambda: kernels.layout.launch_route_stats(
-            topk_idx, num_experts, 1, 1, scratch, False, mask, host_addr, stream=comm, outputs=outputs),
-        "layout launcher (allocs + launch)": lambda: kernels.layout.launch_route_stats(
-            topk_idx, num_experts, 1, 1, scratch, False, mask, host_addr, stream=comm),
+        "layout plan: launch only": lambda: layout_plan.launch(comm, topk_idx, num_tokens, scratch, mask, host_addr,
+                                                                outputs),
+        "layout plan: allocate outputs": lambda: layout_plan.allocate(num_tokens, x.device),
         "EventOverlap()": tritonep.EventOverlap,
     }
     print(f"{'step':<40}{'host us':>10}")
@@ -136,35 +136,36 @@ def main():
         rows.append({"step": name, "host_us": us})
         print(f"{name:<40}{us:>10.2f}")
 
-    print(f"\n{'op':<28}{'SMs':>5}{'event us':>10}{'host us':>10}{'graph us':>10}   device us per kernel")
-    for num_sms in args.num_sms:
-        config = tritonep.Config(num_sms, 24, 256)
-        recv_x, _, _, _, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
-            topk_idx=topk_idx, topk_weights=topk_weights, config=config)
-        ops = {
-            "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
-            "dispatch (cached, BF16)": lambda: buffer.dispatch(x, handle=handle, config=config),
-            "combine": lambda: buffer.combine(recv_x, handle, config=config),
-        }
-        for name, fn in ops.items():
-            if name == "get_dispatch_layout" and num_sms != args.num_sms[0]:
-                continue
-            row = {"op": name, "num_sms": num_sms, "event_us": bench_events(fn)[0] * 1e6, "host_us": host_us(fn),
-                   "graph_us": graph_us(fn), "kernels_us": kernel_times(fn)}
-            rows.append(row)
-            per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
-            print(f"{name:<28}{num_sms:>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}{row['graph_us']:>10.1f}   {per_kernel}")
-            if name == "get_dispatch_layout":
-                # The same call made from the comm stream: its stream hand-offs cost the GPU nothing.
-                with torch.cuda.stream(comm):
-                    us = bench_events(fn)[0] * 1e6
-                rows.append({"op": name + " from the comm stream", "event_us": us})
-                print(f"{name + ' (caller on comm)':<33}{us:>10.1f}")
-        if args.profile and num_sms == args.num_sms[0]:
-            for name in ("dispatch (cached, BF16)", "combine"):
-                print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
-                print_profile(ops[name])
+    for default_device in (None, "cuda"):
+        # DeepEP's tests run under torch.set_default_device('cuda'): every torch call goes through a
+        # Python mode then, unless tritonep switches it off.
+        torch.set_default_device(default_device)
+        label = "plain" if default_device is None else "default device cuda"
+        print(f"\n{'op (' + label + ')':<40}{'SMs':>5}{'event us':>10}{'host us':>10}{'graph us':>10}   device us")
+        for num_sms in args.num_sms:
+            config = tritonep.Config(num_sms, 24, 256)
+            recv_x, _, _, _, handle, _ = buffer.dispatch(
+                x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
+                topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+            ops = {
+                "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
+                "dispatch (cached, BF16)": lambda: buffer.dispatch(x, handle=handle, config=config),
+                "combine": lambda: buffer.combine(recv_x, handle, config=config),
+            }
+            for name, fn in ops.items():
+                if name == "get_dispatch_layout" and num_sms != args.num_sms[0]:
+                    continue
+                row = {"op": name, "defaults": label, "num_sms": num_sms, "event_us": bench_events(fn)[0] * 1e6,
+                       "host_us": host_us(fn), "graph_us": graph_us(fn), "kernels_us": kernel_times(fn)}
+                rows.append(row)
+                per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
+                print(f"{name:<40}{num_sms:>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}"
+                      f"{row['graph_us']:>10.1f}   {per_kernel}")
+            if args.profile and num_sms == args.num_sms[0] and default_device is None:
+                for name in ("dispatch (cached, BF16)", "combine"):
+                    print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
+                    print_profile(ops[name])
+    torch.set_default_device(None)
     torch.cuda.synchronize()
     if args.json:
         with open(args.json, "w") as f:

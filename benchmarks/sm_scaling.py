@@ -13,6 +13,7 @@ as 4096), and more SMs made dispatch slower.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,7 +41,8 @@ CASES = [
 
 
 def measure(buffer, gen, tag, tokens=4096, sms=(24, 48, 132), chunk=24, fp8=False, tuning=None):
-    buffer._tuning_override = tuning or {}
+    base_shape = buffer._intranode.shape
+    buffer._intranode.set_shape(dataclasses.replace(base_shape, **(tuning or {})))
     hidden = 7168
     topk_idx, _ = checks.make_routing(tokens, 256, 8, gen, "cuda", drop=0.0)
     x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
@@ -62,7 +64,7 @@ def measure(buffer, gen, tag, tokens=4096, sms=(24, 48, 132), chunk=24, fp8=Fals
         rows.append(row)
         print(f"{tag:<28} {num_sms:>4} SMs  dispatch {dispatch_us:7.1f} us {row['dispatch_GBps']:6.0f} GB/s"
               f"   combine {combine_us:7.1f} us {row['combine_GBps']:6.0f} GB/s", flush=True)
-    buffer._tuning_override = {}
+    buffer._intranode.set_shape(base_shape)
     return rows
 
 

@@ -6,6 +6,7 @@
 | `TRITONEP_TIMEOUT_S` | 100 | at Buffer construction | limit of every host and device wait |
 | `TRITONEP_NVL_DOMAIN_SIZE` | min(R, 8) | at Buffer construction | ranks per node (NVLink domain) |
 | `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda` or `cpu` (interpreter); auto: `cuda` where CUDA is usable |
+| `TRITONEP_FORCE_PUT` | 0 | at Buffer construction | 1: RDMA-memory traffic takes the put path (NVSHMEM, or its CPU emulation) even to peers that stores reach (tests the remote path on one host) |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
 Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
@@ -14,7 +15,7 @@ kernel module was imported (the Triton interpreter needs it before kernels are d
 
 import os
 
-from .errors import EPInvalidArgument
+from .errors import EPInvalidArgument, EPUnsupported
 
 
 def _int(name: str, default: int) -> int:
@@ -48,6 +49,11 @@ def timeout_s() -> float:
 
 
 def nvl_domain_size(num_ranks: int) -> int:
+    if not os.environ.get("TRITONEP_NVL_DOMAIN_SIZE") and num_ranks > 8 and num_ranks % 8 != 0:
+        raise EPUnsupported(
+            f"Buffer: more than 8 ranks must be a multiple of 8 (V1's nodes of 8 GPUs), got {num_ranks}; "
+            "TRITONEP_NVL_DOMAIN_SIZE sets another node size"
+        )
     size = _int("TRITONEP_NVL_DOMAIN_SIZE", min(num_ranks, 8))
     if size <= 0 or num_ranks % size != 0:
         raise EPInvalidArgument(
@@ -64,6 +70,12 @@ def backend() -> str:
             f"environment: TRITONEP_BACKEND must be one of auto, cuda, cpu, got {value!r}"
         )
     return "auto" if value == "" else value
+
+
+def force_put() -> bool:
+    """`TRITONEP_FORCE_PUT=1`: RDMA-memory traffic takes the put path (NVSHMEM on GPUs, its emulation
+    on the CPU) even between peers plain stores reach, so the remote path runs on one host."""
+    return _int("TRITONEP_FORCE_PUT", 0) != 0
 
 
 def nvshmem_qp_depth() -> int:

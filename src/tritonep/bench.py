@@ -21,6 +21,7 @@ timings, printed for completeness only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -200,14 +201,15 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
         d["combine_chunk"] = c["nvl_chunk"]
         d["kind"] = "sms"
         record["rows"].append(d)
+    base_shape = buffer._intranode.shape
     for variant in args.variants:
-        # Program-shape experiments: same figures under another tuning (recorded with the row).
-        buffer._tuning_override = variant
+        # Program-shape experiments: same figures under another shape (recorded with the row).
+        buffer._intranode.set_shape(dataclasses.replace(base_shape, **variant))
         d = measure(tritonep.Config(args.num_sms, dispatch_cfg.num_max_nvl_chunked_send_tokens, 256), ("dispatch_bf16", "dispatch_fp8"))
         c = measure(tritonep.Config(args.num_sms, combine_cfg.num_max_nvl_chunked_send_tokens, 256), ("combine",))
         d["combine"], d["combine_chunk"], d["kind"], d["tuning"] = c["combine"], c["nvl_chunk"], "variant", variant
         record["rows"].append(d)
-    buffer._tuning_override = {}
+    buffer._intranode.set_shape(base_shape)
     if args.sweep:
         for chunk in args.sweep_dispatch_chunks:
             row = measure(tritonep.Config(args.num_sms, chunk, 256), ("dispatch_bf16",))
@@ -320,7 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-combine-chunks", type=int, nargs="*", default=[1, 2, 4, 6, 8, 12, 16])
     parser.add_argument("--matrix", choices=("quick", "full"), default="quick")
     parser.add_argument("--variants", type=json.loads, default=[],
-                        help='JSON list of tuning overrides to compare, e.g. \'[{"dispatch_warps": 16}]\'')
+                        help='JSON list of program-shape overrides (tritonep.modes.intranode.ProgramShape fields) '
+                             'to compare, e.g. \'[{"dispatch_warps": 16}]\'')
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write results (machine, commit, shapes, config, figures) here")

@@ -25,9 +25,10 @@ from dataclasses import dataclass, fields
 
 from .errors import EPInvalidArgument
 
-# V1 constants of the HT buffer layout: top-k and scale columns the hints reserve room for, and the
-# byte size of the internode per-token source-metadata record.
-_MAX_TOPK = 128
+# V1 constants of the HT buffer layout: top-k and scale columns the hints reserve room for (MAX_TOPK
+# is also the largest top-k the HT calls accept), and the byte size of the internode per-token
+# source-metadata record.
+MAX_TOPK = 128
 _MAX_SCALES = 128
 _SOURCE_META_BYTES = 8
 
@@ -136,7 +137,7 @@ class Config:
         rd, nv, c = max(num_ranks // 8, 1), min(num_ranks, 8), self.num_sms // 2
         rows = c * nv * self.num_max_nvl_chunked_recv_tokens
         row_bytes = (
-            hidden_bytes + _SOURCE_META_BYTES + _MAX_TOPK * tb + _MAX_TOPK * 4 + _MAX_SCALES * 4
+            hidden_bytes + _SOURCE_META_BYTES + MAX_TOPK * tb + MAX_TOPK * 4 + _MAX_SCALES * 4
         )
         return _align128(c * nv * (2 * rd + 3) * 4 + rows * row_bytes)
 
@@ -168,8 +169,8 @@ class Config:
         row_bytes = (
             hidden_bytes
             + _SOURCE_META_BYTES
-            + _MAX_TOPK * tb
-            + _MAX_TOPK * 4
+            + MAX_TOPK * tb
+            + MAX_TOPK * 4
             + _MAX_SCALES * 4
             + 16
         )

@@ -1,37 +1,39 @@
-"""Layout of the memory tritonep carves out: one source of truth for host code and kernels.
+"""Offsets and codes shared by host code and kernels: one source of truth for both.
 
-Each rank owns one peer-accessible allocation: a *signal region* followed by the *data region*
-(the `num_nvl_bytes` the user asked for, exposed by `get_local_buffer_tensor`). Each rank also owns
-a small *host block* in host-visible memory (pinned on GPUs) that kernels write and the CPU polls.
+Each Buffer owns an NVL allocation per rank that starts with a *signal region* (below), followed
+by the data region (`num_nvl_bytes`, exposed by `get_local_buffer_tensor`; see
+`runtime/memory.py`). Each rank also owns a small *host block* in host-visible memory (pinned on
+GPUs) that kernels write and the CPU polls (`runtime/host.py`).
 
 Signal region (int64 slots, offsets in bytes, all 128-byte aligned):
 
 | region | shape | written by | meaning |
 |---|---|---|---|
-| epoch | [1] | this rank's notify kernel | number of collective calls so far (device side, so graph replays advance it) |
+| epoch | [1] | this rank's notify kernel | high-throughput calls so far (device side, so graph replays advance it) |
 | stop | [1] (byte 8) | this rank's kernels | data kernels of epochs <= stop do no work: the epoch of a refused call, or `STOP_ALL` after a fatal error |
-| inbox | [2][R][INBOX_SLOTS] | source rank s (remote) | s's notify message for epochs of parity p: flag, layout key, counts; flag = epoch, written last |
-| tails | [MAX_CHANNELS][R] | sender s (remote) | rows s has published into my queue (c, s): `epoch << 32 \\| count` |
-| heads | [MAX_CHANNELS][R] | receiver d (remote) | rows d has consumed from my channel-c stream: `epoch << 32 \\| count` |
-| barrier | [R] | rank s (remote) | runtime barrier arrivals (destroy): epoch of s's last arrival |
+| intranode inbox | [2][R][INBOX_SLOTS] | source rank s (remote) | s's notify message for epochs of parity p: flag, layout key, counts; flag = epoch, written last |
+| intranode tails | [MAX_CHANNELS][R] | sender s (remote) | rows s has published into my queue (c, s): `epoch << 32 \\| count` |
+| intranode heads | [MAX_CHANNELS][R] | receiver d (remote) | rows d has consumed from my channel-c stream: `epoch << 32 \\| count` |
 
 Every counter carries the epoch in its upper 32 bits, so values left over from an earlier call are
 always smaller than anything a waiter of the current call asks for: no call ever resets a counter,
 no call needs a barrier to clean up after the previous one, and CUDA-graph replays stay correct
 because the epoch itself lives in device memory.
 
-Inbox message of source s (int64 slots): [flag, layout_key, num_tokens, then int32 payload packed
-two per slot]: `num_tokens_per_rank_s[0:R]`, `channel_prefix_s[me][0:MAX_CHANNELS]`,
+Inbox message of source s (int64 slots): [flag, layout_key, num_tokens, refusal, then int32
+payload packed two per slot]: `num_tokens_per_rank_s[0:R]`, `channel_prefix_s[me][0:MAX_CHANNELS]`,
 `num_tokens_per_expert_s[me*L : me*L + L]`. Messages alternate between two sets by epoch parity: a
 rank can run at most one call ahead of a peer's notify (it needs that peer's flag of the current
 epoch to pass its own notify), so the set it writes is never the one the peer still reads.
 
 Queue heads are first published (epoch, 0) by the notify kernel, which runs after this rank's
 previous data kernel finished: a sender that sees a head of the current epoch knows the receiver no
-longer reads anything of the previous call, whatever layout that call used.
+longer reads anything of the previous call, whatever queue geometry that call used.
 
 Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), overflow, bad expert id
-record (4), per-expert counts (MAX_LOCAL_EXPERTS)]`. `ready` holds the epoch of the notify that filled the counts.
+record (4), ranks masked by a low-latency timeout (bits), per-expert counts (MAX_LOCAL_EXPERTS)]`. `ready` holds the host-chosen token of the
+counting notify that filled the counts. The error record is `[claim, rank, peer, phase, channel,
+observed, expected, code]`: the first reporter claims it, `code` is written last.
 """
 
 from __future__ import annotations
@@ -43,24 +45,44 @@ MAX_CHANNELS = 128  # num_sms <= 256
 MAX_LOCAL_EXPERTS = 1024  # spec §15.1: E / R <= 1024
 ALIGN = 128
 
-# Phases named in device error records (spec §14.7).
-PHASE_NAMES = {1: "notify", 2: "dispatch", 3: "combine", 4: "barrier"}
+# Phases named in device error records (spec §14.7), and what the record's "channel" slot holds.
+PHASE_NOTIFY, PHASE_DISPATCH, PHASE_COMBINE = 1, 2, 3
+PHASE_LL_DISPATCH, PHASE_LL_COMBINE, PHASE_LL_CLEAN = 5, 6, 7
+PHASE_NAMES = {
+    PHASE_NOTIFY: "notify",
+    PHASE_DISPATCH: "dispatch",
+    PHASE_COMBINE: "combine",
+    PHASE_LL_DISPATCH: "low-latency dispatch",
+    PHASE_LL_COMBINE: "low-latency combine",
+    PHASE_LL_CLEAN: "low-latency clean barrier",
+}
+
+
+def channel_word(phase: int) -> str:
+    """What the error record's channel slot counts in `phase`: HT channels, LL local experts."""
+    return "local expert" if phase in (PHASE_LL_DISPATCH, PHASE_LL_COMBINE) else "channel"
+
+
 # Error codes in device error records.
 ERR_TIMEOUT = 1
 ERR_LAYOUT_MISMATCH = 2  # ranks disagree on the call's geometry (hidden, top-k, config ...)
 ERR_REFUSED = 4  # a rank cannot run the call with its queues (CPU backend: a queue must hold a channel)
-ERROR_SLOTS = 8  # [code, rank, peer, phase, channel, observed, expected, epoch]
+ERROR_SLOTS = 8  # [claim, rank, peer, phase, channel, observed, expected, code]
 
 HOST_READY = 0
 HOST_NUM_RECV = 1
 HOST_ERROR = 2
+HOST_ERROR_CODE = HOST_ERROR + ERROR_SLOTS - 1
 # Rows a worst-case dispatch received beyond num_worst_tokens (dropped): a caller error that stops
 # nothing, so it lives outside the error record (which stops every later kernel of the buffer).
 HOST_OVERFLOW = HOST_ERROR + ERROR_SLOTS
 # The first expert id >= num_experts a layout kernel met: [token + 1, k, id, num_experts]. Also a
 # caller error that stops nothing; the next call on the Buffer reports it.
 HOST_BAD_EXPERT = HOST_OVERFLOW + 1
-HOST_EXPERT_COUNTS = HOST_BAD_EXPERT + 4
+# Low-latency shrink mode: bit s set when a wait on rank s timed out and the kernel masked s. The
+# host warns about it at its next look and clears it.
+HOST_SHRUNK = HOST_BAD_EXPERT + 4
+HOST_EXPERT_COUNTS = HOST_SHRUNK + 1
 HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
 
 # The stop word (device memory, beside the epoch): kernels read it instead of the host block's error
@@ -115,12 +137,8 @@ class SignalLayout:
         return align_up(self.tails + MAX_CHANNELS * self.num_ranks * 8)
 
     @functools.cached_property
-    def barrier(self) -> int:
-        return align_up(self.heads + MAX_CHANNELS * self.num_ranks * 8)
-
-    @functools.cached_property
     def num_bytes(self) -> int:
-        return align_up(self.barrier + self.num_ranks * 8)
+        return align_up(self.heads + MAX_CHANNELS * self.num_ranks * 8)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonep.kernels.sync import now_ns
+from tritonep.kernels.common.sync import now_ns
 from tritonep.transport import device
 
 FLAGS = tl.constexpr(0)  # [R] put-with-signal flags, by source

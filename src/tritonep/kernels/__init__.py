@@ -14,7 +14,10 @@ import sys
 from .. import _env
 from ..errors import EPStateError
 
-_MODULES = ("sync", "layout", "notify", "dispatch", "combine")
+_MODULES = (
+    "common.sync", "layout", "intranode.notify", "intranode.dispatch", "intranode.combine",
+    "low_latency.regions", "low_latency.sync", "low_latency.dispatch", "low_latency.combine", "low_latency.clean",
+)
 
 
 def load_kernels(backend: str):

@@ -27,11 +27,11 @@ import torch
 import triton.language as tl
 
 from .. import protocol
-from .launch import fast, pow2
-from .naming import named_kernel
+from .common.launch import KernelLaunch, pow2
+from .common.naming import named_kernel
 
 
-@named_kernel("layout", "route_stats")
+@named_kernel("layout", "route_stats", do_not_specialize=["num_tokens"])
 def _route_stats_kernel(
     topk_idx_ptr,
     num_tokens,
@@ -130,72 +130,67 @@ def _route_stats_kernel(
 
 
 def scratch_slots(num_experts: int, num_ranks: int, num_nodes: int) -> int:
-    """int32 slots of the persistent accumulator `launch_route_stats` needs (zeroed once)."""
+    """int32 slots of the persistent accumulator `RouteStatsPlan` needs (zeroed once)."""
     return 1 + num_experts + num_ranks + num_nodes
 
 
-def launch_route_stats(
-    topk_idx: torch.Tensor,
-    num_experts: int,
-    num_ranks: int,
-    ranks_per_node: int,
-    scratch: torch.Tensor,
-    with_nodes: bool,
-    rank_mask: torch.Tensor,
-    host_addr: int,
-    stream=None,
-    outputs=None,
-):
-    """Allocate the four outputs and fill them with one launch on the current stream.
+class RouteStatsPlan:
+    """The layout launch of one geometry: `[N, K]` routing over E experts, R ranks in nodes.
 
-    `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected.
-    `host_addr`: the Buffer's host block, where the first expert id >= `num_experts` is recorded.
-    `stream`: where to launch (None: the current stream). `scratch` is a persistent int32 accumulator
-    of at least `scratch_slots(...)` entries, all zero before the call and zero again after it.
-    `outputs`: the four outputs of an earlier call with the same shapes, refilled instead of allocated.
-    Returns (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank).
+    `block_tokens` (tokens per program) depends on N only below 64 tokens, so one plan serves
+    every larger N. Build with `plan_route_stats`; `launch` fills outputs the caller allocated.
     """
-    device = topk_idx.device
-    num_tokens, num_topk = topk_idx.shape
-    num_nodes = num_ranks // ranks_per_node
-    assert scratch.numel() >= scratch_slots(num_experts, num_ranks, num_nodes)
-    if outputs is None:
-        # One allocation for the three count vectors: each torch.empty costs microseconds of host time.
-        counts = torch.empty(num_ranks + num_nodes + num_experts, dtype=torch.int32, device=device)
-        num_tokens_per_expert, num_tokens_per_rank, num_tokens_per_node = counts.split([num_experts, num_ranks, num_nodes])
-        is_token_in_rank = torch.empty((num_tokens, num_ranks), dtype=torch.bool, device=device)
-        outputs = (num_tokens_per_rank, num_tokens_per_node if with_nodes else None, num_tokens_per_expert, is_token_in_rank)
-    num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank = outputs
 
+    def __init__(self, num_topk: int, num_experts: int, num_ranks: int, ranks_per_node: int, with_nodes: bool,
+                 block_tokens: int):
+        self.num_ranks = num_ranks
+        self.num_experts = num_experts
+        self.num_nodes = num_ranks // ranks_per_node
+        self.with_nodes = with_nodes
+        self.block_tokens = block_tokens
+        block_topk = pow2(max(num_topk, 1))
+        self._kernel = KernelLaunch(
+            _route_stats_kernel,
+            NUM_TOPK=num_topk,
+            NUM_EXPERTS=num_experts,
+            NUM_RANKS=num_ranks,
+            RANKS_PER_NODE=ranks_per_node,
+            HAS_NODES=with_nodes,
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_TOPK=block_topk,
+            BLOCK_RANKS=pow2(num_ranks),
+            BLOCK_NODES=pow2(self.num_nodes),
+            NUM_BINS=pow2(num_experts + 1),
+            HOST_BAD_EXPERT=protocol.HOST_BAD_EXPERT,
+            num_warps=4,
+        )
+
+    def allocate(self, num_tokens: int, device: torch.device):
+        """Fresh outputs: (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert,
+        is_token_in_rank). The three count vectors share one allocation (each `torch.empty` costs
+        microseconds of host time)."""
+        counts = torch.empty(self.num_ranks + self.num_nodes + self.num_experts, dtype=torch.int32, device=device)
+        per_expert, per_rank, per_node = counts.split([self.num_experts, self.num_ranks, self.num_nodes])
+        is_token_in_rank = torch.empty((num_tokens, self.num_ranks), dtype=torch.bool, device=device)
+        return per_rank, per_node if self.with_nodes else None, per_expert, is_token_in_rank
+
+    def launch(self, stream, topk_idx, num_tokens: int, scratch, rank_mask, host_addr: int, outputs) -> None:
+        """One launch on `stream`. `scratch`: int32, >= `scratch_slots(...)` entries, zero before and
+        after; `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected;
+        `host_addr`: the host block, where the first expert id >= E is recorded."""
+        per_rank, per_node, per_expert, is_token_in_rank = outputs
+        num_programs = max(1, -(-num_tokens // self.block_tokens))
+        self._kernel.launch(
+            (num_programs,), stream, topk_idx, num_tokens, scratch, rank_mask, per_rank,
+            per_node if per_node is not None else per_rank, per_expert, is_token_in_rank, host_addr,
+        )
+
+
+def plan_route_stats(num_tokens: int, num_topk: int, num_experts: int, num_ranks: int, ranks_per_node: int,
+                     with_nodes: bool) -> RouteStatsPlan:
     block_topk = pow2(max(num_topk, 1))
-    block_ranks = pow2(num_ranks)
-    block_nodes = pow2(num_nodes)
+    num_nodes = num_ranks // ranks_per_node
     # Keep the [tokens, topk, ranks] membership tile near 8K elements per program.
-    block_tokens = max(1, min(64, 8192 // (block_topk * max(block_ranks, block_nodes if with_nodes else 1))))
+    block_tokens = max(1, min(64, 8192 // (block_topk * max(pow2(num_ranks), pow2(num_nodes) if with_nodes else 1))))
     block_tokens = min(pow2(block_tokens), pow2(max(num_tokens, 1)))
-    num_programs = max(1, -(-num_tokens // block_tokens))
-    fast(_route_stats_kernel)[(num_programs,)](
-        topk_idx,
-        num_tokens,
-        scratch,
-        rank_mask,
-        num_tokens_per_rank,
-        num_tokens_per_node if with_nodes else num_tokens_per_rank,
-        num_tokens_per_expert,
-        is_token_in_rank,
-        host_addr,
-        NUM_TOPK=num_topk,
-        NUM_EXPERTS=num_experts,
-        NUM_RANKS=num_ranks,
-        RANKS_PER_NODE=ranks_per_node,
-        HAS_NODES=with_nodes,
-        BLOCK_TOKENS=block_tokens,
-        BLOCK_TOPK=block_topk,
-        BLOCK_RANKS=block_ranks,
-        BLOCK_NODES=block_nodes,
-        NUM_BINS=pow2(num_experts + 1),
-        HOST_BAD_EXPERT=protocol.HOST_BAD_EXPERT,
-        num_warps=4,
-        stream=stream,
-    )
-    return outputs
+    return RouteStatsPlan(num_topk, num_experts, num_ranks, ranks_per_node, with_nodes, block_tokens)

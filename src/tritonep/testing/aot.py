@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections import Counter
 
 import torch
@@ -39,7 +40,8 @@ def _compile(fn, args, kwargs):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid", "enable_fp_fusion")
+               if k in kwargs}
     names = fn.arg_names
     constexprs = dict(kwargs)
     signature, attrs = {}, {}
@@ -64,18 +66,19 @@ def _compile(fn, args, kwargs):
 
 
 def _cases(kernels):
-    """Representative launches of every launcher (EP2 and EP8 geometries, BF16 / FP8, top-k, bias;
+    """Representative launches of every launch plan (EP2 and EP8 geometries, BF16 / FP8, top-k, bias;
     the FP8 dispatch is launched as a cached one, which writes no handle entries), with the
     Buffer's GPU program shapes."""
     from tritonep import protocol
-    from tritonep.buffer import program_shapes
-    from tritonep.kernels.context import LaunchContext
+    from tritonep.kernels.common.context import LaunchContext
+    from tritonep.modes.intranode import program_shape
 
     for num_ranks in (2, 8):
-        tuning = program_shapes("cuda", num_ranks)
+        shape = program_shape("cuda", num_ranks)
+        rank_mask = torch.zeros(num_ranks, dtype=torch.int32)
         ctx = LaunchContext(
             peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
-            data_offset=protocol.signal_layout(num_ranks).num_bytes,
+            data_offset=protocol.signal_layout(num_ranks).num_bytes, rank_mask=rank_mask,
             host_addr=1 << 40, clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True,
         )
         tokens, hidden, topk, experts, channels = 4096, 7168, 8, 256, 12
@@ -85,46 +88,88 @@ def _cases(kernels):
         matrix = torch.zeros((num_ranks, channels), dtype=torch.int32)
         square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
-        rank_mask = torch.zeros(num_ranks, dtype=torch.int32)
-        yield functools.partial(kernels.layout.launch_route_stats, topk_idx, experts, num_ranks, num_ranks,
-                                torch.zeros(1024, dtype=torch.int32), False, rank_mask, ctx.host_addr)
+        layout = kernels.layout.plan_route_stats(tokens, topk, experts, num_ranks, num_ranks, False)
+        outputs = layout.allocate(tokens, torch.device("cpu"))
+        yield functools.partial(layout.launch, None, topk_idx, tokens, torch.zeros(1024, dtype=torch.int32),
+                                rank_mask, ctx.host_addr, outputs)
         for counting in (False, True):
-            counts = dict(
-                num_tokens=tokens, num_worst_tokens=0, experts_per_rank=experts // num_ranks,
-                num_tokens_per_expert=torch.zeros(experts, dtype=torch.int32), is_token_in_rank=mask,
-                rank_prefix_matrix=square, channel_prefix_matrix=matrix, recv_channel_prefix_matrix=matrix,
-            )
-            yield functools.partial(
-                kernels.notify.launch_notify,
-                ctx, layout_key=12345, num_channels=channels, rank_mask=rank_mask,
-                counts=counts if counting else None,
-            )
+            notify = kernels.intranode.notify.NotifyPlan(ctx, channels, counting, experts // num_ranks, 12345, 256)
+            counts = kernels.intranode.notify.NotifyCounts(tokens, 0, torch.zeros(experts, dtype=torch.int32), mask, square,
+                                                 matrix, matrix)
+            yield functools.partial(notify.launch, None, 0, 1, counts if counting else None)
         for fp8 in (False, True):
             row_bytes = hidden * (1 if fp8 else 2)
             scales = torch.zeros((hidden // 128, tokens), dtype=torch.int32).T if fp8 else None
-            layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, row_bytes, True, topk, topk,
+            queues = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, row_bytes, True, topk, topk,
                                               hidden // 128 if fp8 else 0)
             x = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
             recv = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
-            yield functools.partial(
-                kernels.dispatch.launch_dispatch,
-                ctx, layout, x=x, scales=scales, topk_idx=topk_idx, topk_weights=weights,
-                is_token_in_rank=mask, rank_prefix_matrix=square,
-                recv_channel_prefix_matrix=matrix, send_head=None if fp8 else send_head, rank_mask=rank_mask,
-                recv_x=recv, recv_src_idx=None if fp8 else torch.zeros(tokens, dtype=torch.int32), recv_topk_idx=topk_idx,
-                recv_topk_weights=weights, recv_scales=torch.zeros((tokens, hidden // 128), dtype=torch.int32) if scales is not None else None,
-                num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks, worst=True,
-                num_warps=tuning["dispatch_warps"], tile_words=tuning["dispatch_tile_words"], prefetch=tuning["prefetch"],
+            dispatch = kernels.intranode.dispatch.DispatchPlan(
+                ctx, queues, num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks,
+                row_words=row_bytes // 4, num_topk=topk, topk_itemsize=8, num_scales=hidden // 128 if fp8 else 0,
+                write_handle=not fp8, worst=True, num_warps=shape.dispatch_warps,
+                tile_words=shape.dispatch_tile_words, prefetch=shape.prefetch,
             )
-        layout = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
+            yield functools.partial(
+                dispatch.launch, None, x, scales, topk_idx, weights, mask, square, matrix,
+                None if fp8 else send_head, recv, None if fp8 else torch.zeros(tokens, dtype=torch.int32),
+                topk_idx, weights, torch.zeros((tokens, hidden // 128), dtype=torch.int32) if fp8 else None,
+            )
+        queues = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
-        yield functools.partial(
-            kernels.combine.launch_combine,
-            ctx, layout, x=y, topk_weights=weights, bias0=y, bias1=None, rank_prefix_matrix=square,
-            recv_channel_prefix_matrix=matrix, send_head=send_head, out=y, out_weights=weights, rank_mask=rank_mask,
-            num_channels=channels, chunk=4, tile=tuning["combine_tile"], num_warps=tuning["combine_warps"],
-            tile_words=tuning["combine_tile_words"], prefetch=tuning["prefetch"],
+        combine = kernels.intranode.combine.CombinePlan(
+            ctx, queues, num_channels=channels, chunk=4, tile=shape.combine_tile, hidden=hidden, dtype=torch.bfloat16,
+            num_topk=topk, has_bias=(True, False), num_warps=shape.combine_warps,
+            tile_words=shape.combine_tile_words, prefetch=shape.prefetch,
         )
+        yield functools.partial(combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights)
+    yield from _low_latency_cases(kernels)
+
+
+def _low_latency_cases(kernels):
+    """LL launches at DeepEP's decode shape (128 tokens, hidden 7168, top-8 of 288, EP2) over plain
+    stores: FP8 + UE8M0 fused, BF16 send and receive phases, combine BF16 / LogFMT / zero-copy."""
+    from types import SimpleNamespace
+
+    from tritonep.kernels.common.context import LaunchContext
+
+    ll = kernels.low_latency
+    num_ranks, tokens, hidden, topk, experts = 2, 128, 7168, 8, 288
+    local = experts // num_ranks
+    slots = num_ranks * tokens
+    regions = ll.regions.LowLatencyRegions(tokens, hidden, experts, num_ranks)
+    memory = SimpleNamespace(rdma_transport=0, rdma_force_put=False, device_wrapper=None,
+                             rdma_routes=torch.zeros((num_ranks, 3), dtype=torch.int64), rdma_base=1 << 40)
+    ctx = LaunchContext(peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
+                        data_offset=0, rank_mask=torch.zeros(num_ranks, dtype=torch.int32), host_addr=1 << 40,
+                        clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True)
+    x = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
+    idx = torch.zeros((tokens, topk), dtype=torch.int64)
+    weights = torch.zeros((tokens, topk), dtype=torch.float32)
+    mask = torch.zeros(num_ranks, dtype=torch.int32)
+    workspace = torch.zeros(ll.sync.WORKSPACE_SLOTS, dtype=torch.int64)
+    counts = torch.zeros(local, dtype=torch.int32)
+    src_info = torch.zeros((local, slots), dtype=torch.int32)
+    layout_range = torch.zeros((local, num_ranks), dtype=torch.int64)
+    stats = torch.zeros(num_ranks, dtype=torch.int64)
+    for fp8, role in ((True, ll.sync.ROLE_BOTH.value), (False, ll.sync.ROLE_SEND.value),
+                      (False, ll.sync.ROLE_RECV.value)):
+        plan = ll.dispatch.DispatchPlan(memory, ctx, regions, num_topk=topk, use_fp8=fp8, round_scale=fp8,
+                                        use_ue8m0=fp8, num_senders=64, num_receivers=32, shrink=False,
+                                        has_cumulative=True, has_wait_stats=True, num_warps=8)
+        recv = torch.zeros((local, slots, hidden), dtype=torch.uint8 if fp8 else torch.bfloat16)
+        scales = torch.zeros((local, hidden // 512, slots), dtype=torch.int32).transpose(1, 2) if fp8 else None
+        yield functools.partial(plan.launch, role, None, 0, x, idx, mask, recv, scales, src_info, layout_range,
+                                counts, counts, stats, workspace, torch.zeros(64 * tokens, dtype=torch.int32))
+    y = torch.zeros((local, slots, hidden), dtype=torch.bfloat16)
+    for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
+        plan = ll.combine.CombinePlan(memory, ctx, regions, num_topk=topk, use_logfmt=logfmt, zero_copy=zero_copy,
+                                      num_senders=64, num_receivers=32, shrink=False, has_wait_stats=True,
+                                      num_warps=8)
+        yield functools.partial(plan.launch, ll.sync.ROLE_BOTH.value, None, 1, y, idx, weights, src_info,
+                                layout_range, mask, x, stats, workspace)
+    clean = ll.clean.CleanPlan(memory, ctx, regions.barrier, shrink=True)
+    yield functools.partial(clean.launch, None, mask, workspace)
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -147,25 +192,36 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"registers": int(usage.get("REG", -1)), "stack": int(usage.get("STACK", -1))}
 
 
+# Kernel modules (under tritonep.kernels) and the kernel each defines.
+KERNELS = {
+    "layout": "_route_stats_kernel",
+    "intranode.notify": "_notify_kernel",
+    "intranode.dispatch": "_dispatch_kernel",
+    "intranode.combine": "_combine_kernel",
+    "low_latency.dispatch": "_dispatch_kernel",
+    "low_latency.combine": "_combine_kernel",
+    "low_latency.clean": "_clean_kernel",
+}
+
+
 def compile_all() -> list[dict]:
     """Compile every representative launch; returns name, registers, stack (spills) and memory-op counts."""
+    import importlib
+
     from tritonep.kernels import load_kernels
 
-    kernels = load_kernels("cuda")
-    modules = {"layout": "_route_stats_kernel", "notify": "_notify_kernel", "dispatch": "_dispatch_kernel",
-               "combine": "_combine_kernel"}
-    originals = {}
-    for module, attr in modules.items():
-        mod = getattr(kernels, module)
-        originals[module] = getattr(mod, attr)
-        setattr(mod, attr, _Recorder(originals[module]))
+    load_kernels("cuda")
+    modules = {name: importlib.import_module(f"tritonep.kernels.{name}") for name in KERNELS}
+    originals = {name: getattr(module, KERNELS[name]) for name, module in modules.items()}
+    for name, module in modules.items():
+        setattr(module, KERNELS[name], _Recorder(originals[name]))
     try:
-        for launch in _cases(kernels):
+        for launch in _cases(sys.modules["tritonep.kernels"]):
             launch()
-        calls = {module: getattr(getattr(kernels, module), attr).calls for module, attr in modules.items()}
+        calls = {name: getattr(module, KERNELS[name]).calls for name, module in modules.items()}
     finally:
-        for module, attr in modules.items():
-            setattr(getattr(kernels, module), attr, originals[module])
+        for name, module in modules.items():
+            setattr(module, KERNELS[name], originals[name])
     report = []
     for module, module_calls in calls.items():
         for _grid, args, kwargs in module_calls:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Bootstrap, PeerMemory
+from .base import PeerMemory
+from .bootstrap import Bootstrap
 
 
 class CudaIpcPeerMemory(PeerMemory):

@@ -70,8 +70,8 @@ import triton
 import triton.language as tl
 from triton.language import core
 
-from ..kernels.sync import load_acquire, now_ns
-from ..kernels.tiles import lane
+from ..kernels.common.sync import load_acquire, now_ns
+from ..kernels.common.tiles import lane
 
 STORES = tl.constexpr(0)
 NVSHMEM = tl.constexpr(1)

@@ -54,7 +54,8 @@ import torch
 
 from ..errors import EPInvalidArgument, EPStateError, EPUnsupported
 from . import device
-from .base import Bootstrap, PeerMemory
+from .base import PeerMemory
+from .bootstrap import Bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,17 @@ SINGLE_HOST_ENV = {"NVSHMEM_DISABLE_NVLS": "1", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNA
 MULTI_HOST_ENV = {"NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def nvshmem_environment(single_host: bool) -> dict[str, str]:
+def nvshmem_environment(single_host: bool, num_qps_per_rank: int = 0) -> dict[str, str]:
     """Set the NVSHMEM variables tritonep relies on, never overwriting a value the user set.
 
-    Must run before NVSHMEM starts (the process's first NVSHMEM allocation). Returns what was set.
+    `num_qps_per_rank` (the Buffer argument, V1's queue pairs per peer) becomes
+    `NVSHMEM_IBGDA_NUM_RC_PER_PE`, as in V1: the RC queue pairs per peer when NVSHMEM uses GPU-initiated
+    InfiniBand (IBGDA); other transports ignore it. Must run before NVSHMEM starts (the process's
+    first NVSHMEM allocation). Returns what was set.
     """
-    wanted = SINGLE_HOST_ENV if single_host else MULTI_HOST_ENV
+    wanted = dict(SINGLE_HOST_ENV if single_host else MULTI_HOST_ENV)
+    if num_qps_per_rank > 0:
+        wanted["NVSHMEM_IBGDA_NUM_RC_PER_PE"] = str(num_qps_per_rank)
     applied = {name: value for name, value in wanted.items() if name not in os.environ}
     os.environ.update(applied)
     if applied:
@@ -190,7 +196,8 @@ class NvshmemPeerMemory(HeapMemory):
     start here, `EPStateError` when this process already uses another symmetric-memory backend.
     """
 
-    def __init__(self, bootstrap: Bootstrap, num_bytes: int, dev: torch.device, force_put: bool = False):
+    def __init__(self, bootstrap: Bootstrap, num_bytes: int, dev: torch.device, force_put: bool = False,
+                 num_qps_per_rank: int = 0):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -225,7 +232,7 @@ class NvshmemPeerMemory(HeapMemory):
                 f"2 ranks; unset counts as 100); got {oversubscribed}. Without that NVSHMEM starts in a "
                 "limited mode whose collectives exit the process"
             )
-        nvshmem_environment(single_host=len({p["host"] for p in peers}) == 1)
+        nvshmem_environment(len({p["host"] for p in peers}) == 1, num_qps_per_rank)
         try:
             symm_mem.set_backend("NVSHMEM")
         except RuntimeError as e:

@@ -18,7 +18,8 @@ import uuid
 import torch
 
 from ..errors import EPStateError
-from .base import Bootstrap, PeerMemory
+from .base import PeerMemory
+from .bootstrap import Bootstrap
 
 SHM_DIR = "/dev/shm"
 PREFIX = "tritonep-"

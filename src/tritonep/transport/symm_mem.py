@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import EPStateError, EPUnsupported
-from .base import Bootstrap, PeerMemory
+from .base import PeerMemory
+from .bootstrap import Bootstrap
 
 
 class SymmMemPeerMemory(PeerMemory):

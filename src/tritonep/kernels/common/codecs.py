@@ -71,7 +71,7 @@ aligned when H % 512 == 0 (the stores are hinted as 16-byte vectors), 4-byte ali
 import triton
 import triton.language as tl
 
-from ..tiles import row_block
+from .tiles import row_block
 
 GROUP = tl.constexpr(128)  # channels per scale / LogFMT group (spec §14.9, §14.10)
 _E4M3_MAX_INV = tl.constexpr(1.0 / 448.0)  # rounded to fp32 once, as V1's constant is

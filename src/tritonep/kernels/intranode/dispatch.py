@@ -32,12 +32,13 @@ Example:
 import triton
 import triton.language as tl
 
-from .launch import fast, pow2
+from ... import protocol
+from ..common.launch import KernelLaunch, pow2
+from ..common.naming import named_kernel
+from ..common.sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
+from ..common.tiles import _load_block, column, copy_rows, cumsum_rows, lane, received_blocks, row_block
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
-from .naming import named_kernel
-from .tiles import _load_block, column, copy_rows, cumsum_rows, lane, received_blocks, row_block
-from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
 
 
 @triton.jit
@@ -374,117 +375,92 @@ def _dispatch_kernel(
                              consumed, expected, BLOCK_RANKS)
 
 
-def launch_dispatch(
-    ctx,
-    layout,
-    *,
-    x,
-    scales,
-    topk_idx,
-    topk_weights,
-    is_token_in_rank,
-    rank_prefix_matrix,
-    recv_channel_prefix_matrix,
-    send_head,
-    rank_mask,
-    recv_x,
-    recv_src_idx,
-    recv_topk_idx,
-    recv_topk_weights,
-    recv_scales,
-    num_channels,
-    chunk,
-    experts_per_rank,
-    worst,
-    num_warps,
-    tile_words,
-    prefetch,
-):
-    """Launch the dispatch kernel (`2 * num_channels` programs) on the current stream.
+class DispatchPlan:
+    """The dispatch launch of one call geometry on one Buffer.
 
-    `send_head` / `recv_src_idx` None (cached dispatch) skips writing the handle's entries.
-    `x` / `recv_x` are int32 views of the rows (row bytes are a multiple of 16); `scales` /
-    `recv_scales` int32 views of the FP8 scales (any strides on input) or None; `layout` is the
-    call's `protocol.QueueLayout`; `chunk` tokens are sent per queue publish; `tile_words` is the
-    register budget of one copy step in 4-byte words; `prefetch` overlaps each copy step's loads
-    with the previous step's stores. `x` must start 16-byte aligned (checked by the Buffer).
+    Fixed per plan: the queue layout (`queues`, a `protocol.QueueLayout`), channels, send chunk,
+    local experts, row words, top-k width and id dtype, scale columns, whether handle entries are
+    written (non-cached) and padded (worst case), and the program shape (`num_warps`, `tile_words`:
+    register budget of one copy step in 4-byte words, `prefetch`: overlap each step's loads with
+    the previous step's stores).
     """
-    from .. import protocol
 
-    signal = protocol.signal_layout(ctx.num_ranks)
-    num_tokens = x.shape[0]
-    row_words = x.shape[1]
-    write_handle = send_head is not None
-    has_topk = topk_idx is not None
-    has_scales = scales is not None
-    num_topk = topk_idx.shape[1] if has_topk else 0
-    num_scales = scales.shape[1] if has_scales else 0
-    topk_ty = tl.int32 if (has_topk and topk_idx.dtype.itemsize == 4) else tl.int64
-    chunk = min(chunk, MAX_TILE)
-    tile = pow2(chunk)
-    # `tile_words` bounds the [tile, block_w] register tile (e.g. 8192 words = 32 KB per program).
-    block_w = min(pow2(row_words), max(16, tile_words // tile))
-    dummy = is_token_in_rank  # a valid pointer for arguments a constexpr switched off
-    q = ctx.data_offset
-    fast(_dispatch_kernel)[(2 * num_channels,)](
-        x.data_ptr(),
-        x.stride(0),
-        scales if has_scales else dummy,
-        scales.stride(0) if has_scales else 0,
-        scales.stride(1) if has_scales else 0,
-        topk_idx if has_topk else dummy,
-        topk_weights if has_topk else dummy,
-        is_token_in_rank,
-        rank_prefix_matrix,
-        recv_channel_prefix_matrix,
-        send_head if write_handle else is_token_in_rank,
-        rank_mask,
-        recv_x.data_ptr(),
-        recv_src_idx.data_ptr() if write_handle else 0,
-        recv_topk_idx.data_ptr() if has_topk else 0,
-        recv_topk_weights.data_ptr() if has_topk else 0,
-        recv_scales.data_ptr() if has_scales else 0,
-        recv_x.shape[0],
-        ctx.peer_bases,
-        ctx.rank,
-        num_tokens,
-        num_channels,
-        experts_per_rank,
-        q + layout.x,
-        q + layout.src_idx,
-        q + layout.topk_idx,
-        q + layout.topk_weights,
-        q + layout.scales,
-        layout.capacity,
-        chunk,
-        ctx.host_addr,
-        ctx.clock_addr,
-        ctx.timeout_ns,
-        NUM_RANKS=ctx.num_ranks,
-        ROW_WORDS=row_words,
-        NUM_TOPK=num_topk,
-        NUM_SCALES=num_scales,
-        HAS_TOPK=has_topk,
-        HAS_SCALES=has_scales,
-        TOPK_IDX_TY=topk_ty,
-        TOPK_BYTES=num_topk * (4 if topk_ty == tl.int32 else 8),
-        WORST=worst,
-        TAILS=signal.tails,
-        HEADS=signal.heads,
-        HOST_ERROR=protocol.HOST_ERROR,
-        ERR_TIMEOUT=protocol.ERR_TIMEOUT,
-        PHASE=2,
-        TILE=tile,
-        BLOCK_W=block_w,
-        BLOCK_RANKS=pow2(ctx.num_ranks),
-        BLOCK_TOPK=pow2(max(num_topk, 1)),
-        BLOCK_SCALES=pow2(max(num_scales, 1)),
-        USE_GLOBALTIMER=ctx.use_globaltimer,
-        PREFETCH=prefetch,
-        WRITE_HANDLE=write_handle,
-        num_warps=num_warps,
-        # Senders and receivers of all ranks wait on each other: every program must be resident.
-        # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
-        launch_cooperative_grid=True,
-        stream=ctx.stream,
-    )
+    def __init__(self, ctx, queues, *, num_channels: int, chunk: int, experts_per_rank: int, row_words: int,
+                 num_topk: int, topk_itemsize: int, num_scales: int, write_handle: bool, worst: bool,
+                 num_warps: int, tile_words: int, prefetch: bool):
+        signal = protocol.signal_layout(ctx.num_ranks)
+        self._ctx = ctx
+        self.num_channels = num_channels
+        chunk = min(chunk, MAX_TILE)
+        tile = pow2(chunk)
+        q = ctx.data_offset
+        self._row_words = row_words
+        self._num_topk = num_topk
+        self._write_handle = write_handle
+        self._scale_bytes = 4 * num_scales
+        self._tail = (ctx.peer_bases, ctx.rank)
+        self._static = (num_channels, experts_per_rank, q + queues.x, q + queues.src_idx, q + queues.topk_idx,
+                        q + queues.topk_weights, q + queues.scales, queues.capacity, chunk, ctx.host_addr,
+                        ctx.clock_addr, ctx.timeout_ns)
+        topk_ty = tl.int32 if topk_itemsize == 4 else tl.int64
+        self._kernel = KernelLaunch(
+            _dispatch_kernel,
+            NUM_RANKS=ctx.num_ranks,
+            ROW_WORDS=row_words,
+            NUM_TOPK=num_topk,
+            NUM_SCALES=num_scales,
+            HAS_TOPK=num_topk > 0,
+            HAS_SCALES=num_scales > 0,
+            TOPK_IDX_TY=topk_ty,
+            TOPK_BYTES=num_topk * topk_itemsize,
+            WORST=worst,
+            TAILS=signal.tails,
+            HEADS=signal.heads,
+            HOST_ERROR=protocol.HOST_ERROR,
+            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+            PHASE=protocol.PHASE_DISPATCH,
+            TILE=tile,
+            # `tile_words` bounds the [tile, block_w] register tile (8192 words = 32 KB per program).
+            BLOCK_W=min(pow2(row_words), max(16, tile_words // tile)),
+            BLOCK_RANKS=pow2(ctx.num_ranks),
+            BLOCK_TOPK=pow2(max(num_topk, 1)),
+            BLOCK_SCALES=pow2(max(num_scales, 1)),
+            USE_GLOBALTIMER=ctx.use_globaltimer,
+            PREFETCH=prefetch,
+            WRITE_HANDLE=write_handle,
+            num_warps=num_warps,
+            # Senders and receivers of all ranks wait on each other: every program must be resident.
+            # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
+            launch_cooperative_grid=True,
+        )
+
+    def launch(self, stream, x, scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix_matrix,
+               recv_channel_prefix_matrix, send_head, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
+               recv_scales) -> None:
+        """`2 * num_channels` programs on `stream`.
+
+        `x`: `[N, row bytes]` rows of any dtype (16-byte aligned start and row stride, checked by the
+        Buffer); `scales`: int32 view of the FP8 scales (any strides) or None; `send_head` /
+        `recv_src_idx` None for a cached dispatch (no handle entries written); outputs as the
+        dispatch returns them, `recv_scales` an int32 view or None.
+        """
+        has_topk = self._num_topk > 0
+        dummy = is_token_in_rank  # a valid pointer for arguments a constexpr switched off
+        self._kernel.launch(
+            (2 * self.num_channels,), stream,
+            x.data_ptr(), x.stride(0) * x.element_size() // 4,
+            scales if scales is not None else dummy,
+            scales.stride(0) if scales is not None else 0,
+            scales.stride(1) if scales is not None else 0,
+            topk_idx if has_topk else dummy,
+            topk_weights if has_topk else dummy,
+            is_token_in_rank, rank_prefix_matrix, recv_channel_prefix_matrix,
+            send_head if self._write_handle else dummy,
+            self._ctx.rank_mask,
+            recv_x.data_ptr(),
+            recv_src_idx.data_ptr() if self._write_handle else 0,
+            recv_topk_idx.data_ptr() if has_topk else 0,
+            recv_topk_weights.data_ptr() if has_topk else 0,
+            recv_scales.data_ptr() if recv_scales is not None else 0,
+            recv_x.shape[0], *self._tail, x.shape[0], *self._static,
+        )

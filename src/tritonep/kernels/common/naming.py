@@ -8,7 +8,7 @@ exactly one profiler row, namespace-qualified as DeepEP harnesses expect.
 
 import triton
 
-from .. import _env
+from ... import _env
 
 
 def mangled_name(*parts: str) -> str:

@@ -22,14 +22,15 @@ Example:
     -> combined_x[t] = 3.0 on rank 0 (plus bias[t] if given).
 """
 
+import torch
 import triton.language as tl
 
-from .. import _env
-from .casting import round_to
-from .tiles import column, copy_rows, lane, received_blocks, row_block
-from .launch import fast, pow2
-from .naming import named_kernel
-from .sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
+from ... import _env, protocol
+from ..common.casting import round_to
+from ..common.launch import KernelLaunch, pow2
+from ..common.naming import named_kernel
+from ..common.sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
+from ..common.tiles import column, copy_rows, lane, received_blocks, row_block
 
 
 @named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
@@ -198,84 +199,64 @@ def _combine_kernel(
                     tl.atomic_xchg(head_addr.to(tl.pointer_type(tl.int64)), need, mask=is_peer & (need > tag), sem="release", scope="sys")
 
 
-def launch_combine(
-    ctx,
-    layout,
-    *,
-    x,
-    topk_weights,
-    bias0,
-    bias1,
-    rank_prefix_matrix,
-    recv_channel_prefix_matrix,
-    send_head,
-    out,
-    out_weights,
-    rank_mask,
-    num_channels,
-    chunk,
-    tile,
-    num_warps,
-    tile_words,
-    prefetch,
-):
-    """Launch the combine kernel (`2 * num_channels` programs) on the comm stream.
+_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
-    `tile` tokens are reduced per receiver step (at most the queue capacity); `tile_words` bounds
-    the `[tile, BLOCK_H]` fp32 accumulator of a step.
+
+class CombinePlan:
+    """The combine launch of one call geometry on one Buffer.
+
+    Fixed per plan: queue layout (`queues`), channels, send chunk, receiver `tile` (tokens reduced
+    per step, at most the queue capacity), hidden size and dtype, top-k width, which biases are
+    given, and the program shape (`tile_words` bounds the `[tile, BLOCK_H]` fp32 accumulator).
     """
-    from .. import protocol
 
-    signal = protocol.signal_layout(ctx.num_ranks)
-    dtypes = {"torch.bfloat16": tl.bfloat16, "torch.float16": tl.float16, "torch.float32": tl.float32}
-    has_weights = topk_weights is not None
-    num_topk = topk_weights.shape[1] if has_weights else 0
-    hidden = x.shape[1]
-    q = ctx.data_offset
-    fast(_combine_kernel)[(2 * num_channels,)](
-        x.data_ptr(),
-        topk_weights.data_ptr() if has_weights else 0,
-        bias0 if bias0 is not None else out,
-        bias1 if bias1 is not None else out,
-        rank_prefix_matrix,
-        recv_channel_prefix_matrix,
-        send_head,
-        out,
-        out_weights if has_weights else out,
-        rank_mask,
-        ctx.peer_bases,
-        ctx.rank,
-        send_head.shape[0],
-        num_channels,
-        q + layout.x,
-        q + layout.topk_weights,
-        layout.capacity,
-        chunk,
-        ctx.host_addr,
-        ctx.clock_addr,
-        ctx.timeout_ns,
-        NUM_RANKS=ctx.num_ranks,
-        HIDDEN=hidden,
-        DTYPE=dtypes[str(x.dtype)],
-        NUM_TOPK=num_topk,
-        HAS_WEIGHTS=has_weights,
-        HAS_BIAS0=bias0 is not None,
-        HAS_BIAS1=bias1 is not None,
-        TAILS=signal.tails,
-        HEADS=signal.heads,
-        HOST_ERROR=protocol.HOST_ERROR,
-        ERR_TIMEOUT=protocol.ERR_TIMEOUT,
-        PHASE=3,
-        TILE=tile,
-        BLOCK_H=min(pow2(hidden), max(16, tile_words // tile)),
-        BLOCK_RANKS=pow2(ctx.num_ranks),
-        BLOCK_TOPK=pow2(max(num_topk, 1)),
-        USE_GLOBALTIMER=ctx.use_globaltimer,
-        INTERPRETED=_env.interpret_enabled(),
-        PREFETCH=prefetch,
-        num_warps=num_warps,
-        # Senders and receivers of all ranks wait on each other: every program must be resident.
-        # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
-        launch_cooperative_grid=True,
-        stream=ctx.stream,
-    )
+    def __init__(self, ctx, queues, *, num_channels: int, chunk: int, tile: int, hidden: int, dtype: torch.dtype,
+                 num_topk: int, has_bias: tuple[bool, bool], num_warps: int, tile_words: int, prefetch: bool):
+        signal = protocol.signal_layout(ctx.num_ranks)
+        q = ctx.data_offset
+        self._ctx = ctx
+        self.num_channels = num_channels
+        self._has_weights = num_topk > 0
+        self._static = (ctx.peer_bases, ctx.rank)
+        self._queues = (num_channels, q + queues.x, q + queues.topk_weights, queues.capacity, chunk, ctx.host_addr,
+                        ctx.clock_addr, ctx.timeout_ns)
+        self._kernel = KernelLaunch(
+            _combine_kernel,
+            NUM_RANKS=ctx.num_ranks,
+            HIDDEN=hidden,
+            DTYPE=_DTYPES[dtype],
+            NUM_TOPK=num_topk,
+            HAS_WEIGHTS=num_topk > 0,
+            HAS_BIAS0=has_bias[0],
+            HAS_BIAS1=has_bias[1],
+            TAILS=signal.tails,
+            HEADS=signal.heads,
+            HOST_ERROR=protocol.HOST_ERROR,
+            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+            PHASE=protocol.PHASE_COMBINE,
+            TILE=tile,
+            BLOCK_H=min(pow2(hidden), max(16, tile_words // tile)),
+            BLOCK_RANKS=pow2(ctx.num_ranks),
+            BLOCK_TOPK=pow2(max(num_topk, 1)),
+            USE_GLOBALTIMER=ctx.use_globaltimer,
+            INTERPRETED=_env.interpret_enabled(),
+            PREFETCH=prefetch,
+            num_warps=num_warps,
+            # Senders and receivers of all ranks wait on each other: every program must be resident.
+            # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
+            launch_cooperative_grid=True,
+        )
+
+    def launch(self, stream, x, topk_weights, bias0, bias1, rank_prefix_matrix, recv_channel_prefix_matrix,
+               send_head, out, out_weights) -> None:
+        """`2 * num_channels` programs on `stream`; `out [N, H]` / `out_weights [N, K]` are filled."""
+        self._kernel.launch(
+            (2 * self.num_channels,), stream,
+            x.data_ptr(),
+            topk_weights.data_ptr() if self._has_weights else 0,
+            bias0 if bias0 is not None else out,
+            bias1 if bias1 is not None else out,
+            rank_prefix_matrix, recv_channel_prefix_matrix, send_head, out,
+            out_weights if self._has_weights else out,
+            self._ctx.rank_mask, *self._static, send_head.shape[0], *self._queues,
+        )

@@ -27,17 +27,20 @@ Example:
     -> rank_prefix_matrix = [[3, 2], [4, 6]]; rank 0 receives 4 rows, rank 1 receives 6.
 """
 
+from dataclasses import dataclass
+
+import torch
 import triton.language as tl
 
-from .. import protocol
-from .launch import fast, pow2
-from .naming import named_kernel
-from .tiles import cumsum_rows
-from .sync import STOP_ALL, STOP_OFFSET, now_ns, report_error, store_release, wait_all_at_least
+from ... import protocol
+from ..common.launch import KernelLaunch, pow2
+from ..common.naming import named_kernel
+from ..common.tiles import cumsum_rows
+from ..common.sync import STOP_ALL, STOP_OFFSET, now_ns, report_error, store_release, wait_all_at_least
 
 
 @named_kernel(
-    "intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens", "refuse", "capacity", "ready_token"]
+    "intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens", "num_worst_tokens", "refuse", "capacity", "ready_token"]
 )
 def _notify_kernel(
     peer_bases_ptr,
@@ -219,79 +222,76 @@ def _notify_kernel(
         store_release(host + HOST_READY, ready_token)
 
 
-def launch_notify(
-    ctx,
-    *,
-    layout_key: int,
-    num_channels: int,
-    rank_mask,
-    counts=None,
-    refuse: int = 0,
-    capacity: int = 0,
-    ready_token: int = 0,
-):
-    """Launch the notify kernel on the buffer's comm stream (`ctx`: a `LaunchContext`).
+@dataclass(frozen=True)
+class NotifyCounts:
+    """What a counting notify (non-cached dispatch) reads and writes.
 
-    `ready_token` (counting mode) is what the kernel writes to the host block's ready slot last.
-    `refuse` > 0 makes every rank fail the call with an error record naming this rank (used when
-    this rank cannot run it: `refuse` rows would be needed where queues hold `capacity`).
-
-    `counts` (counting mode, non-cached dispatch) is a dict with `num_tokens`, `num_worst_tokens`,
-    `experts_per_rank`, `num_tokens_per_expert`, `is_token_in_rank` and the three outputs `rank_prefix_matrix`, `channel_prefix_matrix`, `recv_channel_prefix_matrix`.
+    Reads `num_tokens_per_expert` int32 `[E]` and `is_token_in_rank` bool `[N, R]`; writes the
+    handle's `rank_prefix_matrix` `[R, R]`, `channel_prefix_matrix` and
+    `recv_channel_prefix_matrix` `[R, C]`, and the host block's counts.
     """
-    signal = protocol.signal_layout(ctx.num_ranks)
-    counting = counts is not None
-    if counting:
-        num_tokens = counts["num_tokens"]
-        experts_per_rank = counts["experts_per_rank"]
-        tensors = [
-            counts["num_tokens_per_expert"],
-            counts["is_token_in_rank"],
-            counts["rank_prefix_matrix"],
-            counts["channel_prefix_matrix"],
-            counts["recv_channel_prefix_matrix"],
-        ]
-        num_worst_tokens = counts["num_worst_tokens"]
-    else:
-        num_tokens, experts_per_rank, num_worst_tokens = 0, 1, 0
-        tensors = [ctx.peer_bases] * 5  # never dereferenced without COUNT
-    fast(_notify_kernel)[(1,)](
-        ctx.peer_bases,
-        ctx.rank,
-        layout_key,
-        refuse,
-        capacity,
-        ready_token,
-        num_channels,
-        rank_mask,
-        ctx.host_addr,
-        ctx.clock_addr,
-        ctx.timeout_ns,
-        num_tokens,
-        num_worst_tokens,
-        experts_per_rank,
-        *tensors,
-        NUM_RANKS=ctx.num_ranks,
-        COUNT=counting,
-        PHASE=1,
-        INBOX=signal.inbox,
-        INBOX_STRIDE=signal.inbox_stride,
-        HEADS=signal.heads,
-        PAYLOAD=protocol.INBOX_HEADER_SLOTS * 8,
-        MAX_CHANNELS=protocol.MAX_CHANNELS,
-        HOST_READY=protocol.HOST_READY,
-        HOST_NUM_RECV=protocol.HOST_NUM_RECV,
-        HOST_ERROR=protocol.HOST_ERROR,
-        HOST_EXPERT_COUNTS=protocol.HOST_EXPERT_COUNTS,
-        ERR_TIMEOUT=protocol.ERR_TIMEOUT,
-        ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
-        HOST_OVERFLOW=protocol.HOST_OVERFLOW,
-        ERR_REFUSED=protocol.ERR_REFUSED,
-        BLOCK_RANKS=pow2(ctx.num_ranks),
-        BLOCK_CHANNELS=pow2(num_channels),
-        BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
-        BLOCK_TOKENS=128,
-        USE_GLOBALTIMER=ctx.use_globaltimer,
-        num_warps=4,
-        stream=ctx.stream,
-    )
+
+    num_tokens: int
+    num_worst_tokens: int
+    num_tokens_per_expert: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    rank_prefix_matrix: torch.Tensor
+    channel_prefix_matrix: torch.Tensor
+    recv_channel_prefix_matrix: torch.Tensor
+
+
+class NotifyPlan:
+    """The notify launch of one call geometry on one Buffer (`ctx`: its `LaunchContext`).
+
+    `counting` plans exchange counts (non-cached dispatch, `experts_per_rank` local experts);
+    the others only open the call (cached dispatch, combine). `layout_key` fingerprints the
+    geometry: ranks compare it. `capacity` is the queue capacity a refusal is measured against.
+    """
+
+    def __init__(self, ctx, num_channels: int, counting: bool, experts_per_rank: int, layout_key: int,
+                 capacity: int):
+        signal = protocol.signal_layout(ctx.num_ranks)
+        self._ctx = ctx
+        self._head = (ctx.peer_bases, ctx.rank, layout_key)
+        self._capacity = capacity
+        self._middle = (num_channels, ctx.rank_mask, ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
+        self._experts_per_rank = experts_per_rank
+        # Without COUNT the tensor arguments are never dereferenced: any valid pointer will do.
+        self._no_counts = (0, 0, experts_per_rank) + (ctx.peer_bases,) * 5
+        self._kernel = KernelLaunch(
+            _notify_kernel,
+            NUM_RANKS=ctx.num_ranks,
+            COUNT=counting,
+            PHASE=protocol.PHASE_NOTIFY,
+            INBOX=signal.inbox,
+            INBOX_STRIDE=signal.inbox_stride,
+            HEADS=signal.heads,
+            PAYLOAD=protocol.INBOX_HEADER_SLOTS * 8,
+            MAX_CHANNELS=protocol.MAX_CHANNELS,
+            HOST_READY=protocol.HOST_READY,
+            HOST_NUM_RECV=protocol.HOST_NUM_RECV,
+            HOST_ERROR=protocol.HOST_ERROR,
+            HOST_EXPERT_COUNTS=protocol.HOST_EXPERT_COUNTS,
+            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+            ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
+            HOST_OVERFLOW=protocol.HOST_OVERFLOW,
+            ERR_REFUSED=protocol.ERR_REFUSED,
+            BLOCK_RANKS=pow2(ctx.num_ranks),
+            BLOCK_CHANNELS=pow2(num_channels),
+            BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
+            BLOCK_TOKENS=128,
+            USE_GLOBALTIMER=ctx.use_globaltimer,
+            num_warps=4,
+        )
+
+    def launch(self, stream, refuse: int = 0, ready_token: int = 0, counts: NotifyCounts | None = None) -> None:
+        """One program on `stream`. `refuse` > 0 makes every rank fail the call with an error record
+        naming this rank (it cannot run it: `refuse` rows would be needed where queues hold
+        `capacity`). `ready_token` (counting) is what the kernel writes to the host's ready slot last."""
+        if counts is None:
+            tail = self._no_counts
+        else:
+            tail = (counts.num_tokens, counts.num_worst_tokens, self._experts_per_rank,
+                    counts.num_tokens_per_expert, counts.is_token_in_rank, counts.rank_prefix_matrix,
+                    counts.channel_prefix_matrix, counts.recv_channel_prefix_matrix)
+        self._kernel.launch((1,), stream, *self._head, refuse, self._capacity, ready_token, *self._middle, *tail)

@@ -14,7 +14,7 @@ the interpreter (no inline asm) it is a host cell that a background thread keeps
 import triton
 import triton.language as tl
 
-from .. import protocol
+from ... import protocol
 from .tiles import lane
 
 STOP_OFFSET = tl.constexpr(protocol.STOP_OFFSET)

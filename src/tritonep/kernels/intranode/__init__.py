@@ -1,0 +1,1 @@
+"""Intranode high-throughput kernels: `notify`, `dispatch`, `combine` over ring queues in NVL memory."""

@@ -1,0 +1,1 @@
+"""Low-latency kernels: `dispatch`, `combine`, `clean` (barrier), over `regions` and `sync`."""

@@ -1,0 +1,96 @@
+"""Low-latency clean: the collective barrier of `clean_low_latency_buffer`.
+
+Problem: V1 requires `clean_low_latency_buffer` between high-throughput and low-latency use of a
+buffer, and when the low-latency geometry changes, to reset its signals. tritonep's LL signals are
+epoch-tagged (`regions.py`): a later call can never mistake a stale value for its own, and the LL
+memory is not shared with the high-throughput queues, so nothing needs resetting. The call stays
+what V1 code relies on: a device-side barrier of every (unmasked) rank, on the current stream,
+capturable in CUDA graphs.
+
+Algorithm (one program): advance this rank's barrier epoch b (workspace), set slot `rank` of every
+unmasked peer's barrier array to b (peers reached through the device layer), then wait until every
+unmasked peer has set this rank's slot `peer` to b. In shrink mode a peer that times out is masked.
+
+Example: R=2, first clean -> each rank writes 1 into the other's barrier array, waits for a 1.
+"""
+
+import triton
+import triton.language as tl
+
+from ... import protocol
+from ...transport import device
+from ..common.launch import KernelLaunch, pow2
+from ..common.naming import named_kernel
+from ..common.sync import now_ns
+from .sync import WS_BARRIER, WS_STOP, give_up_on, wait_signals
+
+
+@named_kernel("ll", "clean_buffer", do_not_specialize=["rank"])
+def _clean_kernel(
+    mask_ptr,
+    workspace_ptr,
+    routes_ptr,
+    rdma_base,
+    rank,
+    host_addr,
+    clock_addr,
+    timeout_ns,
+    NUM_RANKS: tl.constexpr,
+    BARRIER: tl.constexpr,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+    SHRINK: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    HOST_SHRUNK: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+):
+    ws = workspace_ptr
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    if tl.load(ws + WS_STOP, volatile=True) == 0:
+        epoch = tl.load(ws + WS_BARRIER) + 1
+        deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+        barrier = rdma_base + BARRIER
+        for peer in range(0, NUM_RANKS):
+            if tl.load(mask_ptr + peer) == 0:
+                pe, delta, direct = device.open_peer(routes_ptr, rank, peer, TRANSPORT, FORCE_PUT)
+                slot = (barrier + rank * 8).to(tl.pointer_type(tl.int64))
+                device.signal_op(slot, epoch, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
+        ranks = tl.arange(0, BLOCK_R)
+        live = (ranks < NUM_RANKS) & (tl.load(mask_ptr + ranks, mask=ranks < NUM_RANKS, other=1) == 0)
+        slots = (barrier + ranks * 8).to(tl.pointer_type(tl.int64))
+        values, late, _ = wait_signals(slots, live, epoch, deadline, clock_addr, USE_GLOBALTIMER)
+        late = late & live
+        if tl.sum(late.to(tl.int32), axis=0) > 0:
+            give_up_on(late, ranks, mask_ptr, ws, host, rank, values, epoch, PHASE, -1, SHRINK, HOST_ERROR,
+                       HOST_SHRUNK, ERR_TIMEOUT, BLOCK_R)
+        tl.store(ws + WS_BARRIER, epoch)
+
+
+class CleanPlan:
+    """The clean barrier of one Buffer's low-latency memory (`memory`: its `BufferMemory`)."""
+
+    def __init__(self, memory, ctx, barrier_offset: int, shrink: bool):
+        self._kernel = KernelLaunch(
+            _clean_kernel,
+            wrap=memory.device_wrapper,
+            NUM_RANKS=ctx.num_ranks,
+            BARRIER=barrier_offset,
+            TRANSPORT=memory.rdma_transport,
+            FORCE_PUT=memory.rdma_force_put,
+            SHRINK=shrink,
+            HOST_ERROR=protocol.HOST_ERROR,
+            HOST_SHRUNK=protocol.HOST_SHRUNK,
+            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+            PHASE=protocol.PHASE_LL_CLEAN,
+            BLOCK_R=pow2(ctx.num_ranks),
+            USE_GLOBALTIMER=ctx.use_globaltimer,
+            num_warps=1,
+        )
+        self._args = (memory.rdma_routes, memory.rdma_base, ctx.rank, ctx.host_addr, ctx.clock_addr,
+                      ctx.timeout_ns)
+
+    def launch(self, stream, mask, workspace) -> None:
+        self._kernel.launch((1,), stream, mask, workspace, *self._args)

@@ -1,0 +1,327 @@
+"""Low-latency dispatch: every (token, selected expert) pair to the expert's rank, for decoding.
+
+Problem: rank r holds `x [N, H]` bf16 (N <= T) and `topk_idx [N, K]`. Local expert e of rank d
+must receive one row per pair (t, k) with `topk_idx[t, k] == d * L + e` (duplicates included),
+in blocks by ascending source rank and ascending token inside a block, optionally quantised to FP8
+with per-128-channel scales (spec §13.2, §14.9), with counts, source indices and
+`(begin << 32) | count` layout ranges. No host synchronisation.
+
+Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`):
+* senders (programs `[0, S)`) own experts `e = pid, pid + S, ...`. For its expert a sender scans
+  the routing once in token order, compacting the matching tokens into its scratch row (so the
+  block order is the token order: deterministic), then for the j-th of them quantises the token
+  and writes the message (16-byte header holding the token index, then the payload) into slot
+  `(e_local * R + r) * T + j` of set p on the owner: plain stores where the owner is mapped, a put
+  from this rank's staging slot of that token otherwise. Then it sets the owner's signal
+  `(e_local, r)` to `epoch << 32 | (count + 1)`, ordered after its data by the device layer.
+  Experts no token selects get count 0; masked owners get nothing.
+* receivers (programs `[S, S + Q)`, or the whole grid of the hook's launch) own local experts.
+  A receiver waits for the R counts of its expert (masked sources are not waited for; in shrink
+  mode a source that times out is masked), lays the blocks out in source order and copies every
+  message into the outputs: data, scales (column-major), source token index.
+Senders never wait, and receivers wait only for senders, which have lower program ids, so the
+interpreter (which runs programs one after another) never waits on a later program.
+
+Two senders may stage the same token at once (for two experts): they write identical bytes, so
+a put reading the staging slot meanwhile reads the right message either way.
+
+Example: R=2, L=1 (E=2), T=4, rank 0: topk_idx = [[1], [0], [1]]; rank 1: [[1]]
+    -> rank 1, expert 0 receives tokens [0, 2] of rank 0 then token 0 of rank 1:
+       src_info [0, 2, 0], layout_range [(0 << 32) | 2, (2 << 32) | 1], recv_count [3].
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _env, protocol
+from ...transport import device
+from ..common.codecs import fp8_quantize, ue8m0_pack
+from ..common.launch import KernelLaunch, pow2
+from ..common.naming import named_kernel
+from ..common.sync import now_ns
+from ..common.tiles import copy_rows
+from .sync import (
+    ROLE_BOTH,
+    ROLE_RECV,
+    ROLE_SEND,
+    WS_STOP,
+    finish_launch,
+    give_up_on,
+    open_launch,
+    wait_signals,
+)
+from .regions import HEADER_BYTES, LowLatencyRegions
+
+_HEADER = tl.constexpr(HEADER_BYTES)
+
+
+@triton.jit
+def group_tile(row_addr, BLOCK_G: tl.constexpr, G: tl.constexpr, ELEM_TY: tl.constexpr):
+    """Pointers `[BLOCK_G, 128]` to the 128-channel groups of the row at `row_addr`, and their mask."""
+    groups = tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, 128)
+    ptrs = row_addr.to(tl.pointer_type(ELEM_TY)) + groups[:, None] * 128 + cols[None, :]
+    return ptrs, (groups < G)[:, None] & (cols[None, :] >= 0)
+
+
+@named_kernel("ll", "dispatch", do_not_specialize=["rank", "num_tokens", "parity"])
+def _dispatch_kernel(
+    x_ptr,
+    topk_idx_ptr,
+    mask_ptr,
+    recv_x_addr,
+    recv_scales_ptr,
+    src_info_ptr,
+    layout_range_ptr,
+    recv_count_ptr,
+    cumulative_stats_ptr,
+    wait_stats_ptr,
+    workspace_ptr,
+    scratch_ptr,
+    routes_ptr,
+    rdma_base,
+    rank,
+    num_tokens,
+    parity,
+    host_addr,
+    clock_addr,
+    timeout_ns,
+    NUM_RANKS: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    MAX_TOKENS: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SIGNALS0: tl.constexpr,
+    SIGNALS_STRIDE: tl.constexpr,
+    RECV0: tl.constexpr,
+    RECV_STRIDE: tl.constexpr,
+    SEND0: tl.constexpr,
+    SEND_STRIDE: tl.constexpr,
+    SLOT_BYTES: tl.constexpr,
+    NUM_SENDERS: tl.constexpr,
+    NUM_RECEIVERS: tl.constexpr,
+    ROLE: tl.constexpr,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+    SHRINK: tl.constexpr,
+    HAS_CUMULATIVE: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    HOST_SHRUNK: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    PHASE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    L: tl.constexpr = NUM_EXPERTS // NUM_RANKS
+    G: tl.constexpr = (HIDDEN + 127) // 128
+    SLOTS: tl.constexpr = NUM_RANKS * MAX_TOKENS  # rows per local expert in the outputs
+    ALIGNED: tl.constexpr = SLOT_BYTES % 16 == 0
+    PAYLOAD_BYTES: tl.constexpr = HIDDEN if USE_FP8 else 2 * HIDDEN
+    MESSAGE_WORDS: tl.constexpr = (_HEADER + PAYLOAD_BYTES + (4 * G if USE_FP8 else 0)) // 4
+    ws = workspace_ptr
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    epoch, tag, ok = open_launch(ws, parity, ROLE)
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+    signals = rdma_base + SIGNALS0 + parity * SIGNALS_STRIDE
+    recv = rdma_base + RECV0 + parity * RECV_STRIDE
+    staging = rdma_base + SEND0 + parity * SEND_STRIDE
+
+    if (ROLE != ROLE_RECV) & (pid < NUM_SENDERS):
+        # ------------------------------------------------------------------ sender: experts
+        scratch = scratch_ptr + pid * MAX_TOKENS
+        flat = tl.arange(0, CHUNK)
+        for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
+            owner = e // L
+            if ok & (tl.load(mask_ptr + owner) == 0):
+                pe, delta, direct = device.open_peer(routes_ptr, rank, owner, TRANSPORT, FORCE_PUT)
+                # Tokens of the matching (token, k) pairs in row-major order -> scratch[0:count].
+                count = 0
+                for p0 in range(0, num_tokens * NUM_TOPK, CHUNK):
+                    positions = p0 + flat
+                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1)
+                    match = ids == e
+                    order = tl.cumsum(match.to(tl.int32), axis=0) - 1 + count
+                    tl.store(scratch + order, positions // NUM_TOPK, mask=match & (order < MAX_TOKENS))
+                    count += tl.sum(match.to(tl.int32), axis=0)
+                tl.debug_barrier()  # scratch written by all threads is read back below
+                # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are not
+                # sent, and the receiver, which sees the count, reports them.
+                block = ((e % L) * NUM_RANKS + rank) * MAX_TOKENS
+                for j in range(0, tl.minimum(count, MAX_TOKENS)):
+                    t = tl.load(scratch + j)
+                    xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                    x = tl.load(xp, mask=xm, other=0.0)
+                    slot = recv + tl.cast(block + j, tl.int64) * SLOT_BYTES
+                    # The message goes to the owner's slot, or to this rank's staging slot of token t.
+                    dst = tl.where(direct, slot + delta, staging + tl.cast(t, tl.int64) * SLOT_BYTES)
+                    tl.store(dst.to(tl.pointer_type(tl.int32)), t)
+                    payload = dst + _HEADER
+                    if USE_FP8:
+                        values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
+                        vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv)
+                        tl.store(vp, values, mask=vm)
+                        groups = tl.arange(0, BLOCK_G)
+                        tl.store((payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32)) + groups, scale_inv,
+                                 mask=groups < G)
+                    else:
+                        vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16)
+                        tl.store(vp, x, mask=vm)
+                    if direct:
+                        pass
+                    else:
+                        device.put_nbi_block(slot.to(tl.pointer_type(tl.int32)), dst.to(tl.pointer_type(tl.int32)),
+                                             MESSAGE_WORDS, pe, delta, direct, TRANSPORT, BLOCK_W)
+                if direct:
+                    pass
+                else:
+                    device.quiet(TRANSPORT)  # the count must not overtake rows put by this block's threads
+                # The count, after the data (the device layer orders it behind this program's writes).
+                sig = (signals + ((e % L) * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
+                device.signal_op(sig, tag + tl.cast(count, tl.int64) + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
+    else:
+        # ---------------------------------------------------------- receiver: local experts
+        rpid = pid - NUM_SENDERS if ROLE == ROLE_BOTH else pid
+        num_receivers = NUM_RECEIVERS if ROLE == ROLE_BOTH else tl.num_programs(0)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < NUM_RANKS
+        rows_in_tile = tl.arange(0, ROWS)
+        for e in range(rpid, L, num_receivers):
+            # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
+            ok = ok & (tl.load(ws + WS_STOP, volatile=True) == 0)
+            if ok:
+                sigs = (signals + (e * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
+                live = rank_ok & (tl.load(mask_ptr + ranks, mask=rank_ok, other=1) == 0)
+                values, late, waited = wait_signals(sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER)
+                late = late & live
+                if tl.sum(late.to(tl.int32), axis=0) > 0:
+                    give_up_on(late, ranks, mask_ptr, ws, host, rank, (values - tag).to(tl.int32), 1, PHASE, e,
+                               SHRINK, HOST_ERROR, HOST_SHRUNK, ERR_TIMEOUT, BLOCK_R)
+                    ok = ok & SHRINK  # without shrink mode the error record stops this call
+                if HAS_WAIT_STATS:
+                    tl.atomic_add(wait_stats_ptr + ranks, waited, mask=live, sem="relaxed")
+                counts = tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0)
+                kept = tl.minimum(counts, MAX_TOKENS)
+                total = tl.sum(kept, axis=0)
+                begin = tl.cumsum(kept, axis=0) - kept
+                tl.store(recv_count_ptr + e, total)
+                tl.store(layout_range_ptr + e * NUM_RANKS + ranks, (begin.to(tl.int64) << 32) | kept.to(tl.int64),
+                         mask=rank_ok)
+                if HAS_CUMULATIVE:
+                    tl.store(cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total)
+                # Row i of the expert came from the source whose block holds it: ROWS rows at a time.
+                for i0 in range(0, total, ROWS):
+                    i = i0 + rows_in_tile
+                    row_ok = i < total
+                    holds = (i[:, None] >= begin[None, :]) & (kept[None, :] > 0)
+                    src = tl.maximum(tl.max(tl.where(holds, ranks[None, :], -1), axis=1), 0)
+                    src_begin = tl.sum(tl.where(ranks[None, :] == src[:, None], begin[None, :], 0), axis=1)
+                    slot = recv + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + i - src_begin, tl.int64) * SLOT_BYTES
+                    out_row = tl.cast(e * SLOTS + i, tl.int64)
+                    tl.store(src_info_ptr + out_row, tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok),
+                             mask=row_ok)
+                    copy_rows(slot + _HEADER, recv_x_addr + out_row * PAYLOAD_BYTES, row_ok, PAYLOAD_BYTES // 4,
+                              BLOCK_W, ".cg", False, ALIGNED)
+                    if USE_FP8:
+                        groups = tl.arange(0, BLOCK_G)
+                        in_scale = row_ok[:, None] & (groups[None, :] < G)
+                        scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
+                        scales = tl.load(scale_rows[:, None] + groups[None, :], mask=in_scale, other=0.0,
+                                         cache_modifier=".cg")
+                        # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T] tensor.
+                        if USE_UE8M0:
+                            P: tl.constexpr = (G + 3) // 4
+                            words = tl.reshape(ue8m0_pack(tl.reshape(scales, [ROWS * BLOCK_G]),
+                                                          tl.reshape(in_scale, [ROWS * BLOCK_G])), [ROWS, BLOCK_G // 4])
+                            w = tl.arange(0, BLOCK_G // 4)
+                            tl.store(recv_scales_ptr + tl.cast(e * P + w[None, :], tl.int64) * SLOTS + i[:, None], words,
+                                     mask=row_ok[:, None] & (w[None, :] < P))
+                        else:
+                            tl.store(recv_scales_ptr + tl.cast(e * G + groups[None, :], tl.int64) * SLOTS + i[:, None],
+                                     scales, mask=in_scale)
+    finish_launch(ws, parity, epoch, ROLE)
+
+
+class DispatchPlan:
+    """The LL dispatch launches of one geometry on one Buffer (`regions`: its `LowLatencyRegions`).
+
+    `launch(role, ...)`: `ROLE_BOTH` is the fused call (senders then receivers in one cooperative
+    grid), `ROLE_SEND` / `ROLE_RECV` the two launches of a hooked call.
+    """
+
+    def __init__(self, memory, ctx, regions: LowLatencyRegions, *, num_topk: int, use_fp8: bool,
+                 round_scale: bool, use_ue8m0: bool, num_senders: int, num_receivers: int, shrink: bool,
+                 has_cumulative: bool, has_wait_stats: bool, num_warps: int):
+        self._ctx = ctx
+        self.num_senders = num_senders
+        self.num_receivers = num_receivers
+        G = regions.num_groups
+        common_args = dict(
+            NUM_RANKS=regions.num_ranks,
+            NUM_EXPERTS=regions.num_experts,
+            MAX_TOKENS=regions.max_tokens,
+            HIDDEN=regions.hidden,
+            NUM_TOPK=num_topk,
+            USE_FP8=use_fp8,
+            ROUND_SCALE=round_scale,
+            USE_UE8M0=use_ue8m0,
+            SIGNALS0=regions.signals0,
+            SIGNALS_STRIDE=regions.signals_stride,
+            RECV0=regions.recv0,
+            RECV_STRIDE=regions.recv_stride,
+            SEND0=regions.send0,
+            SEND_STRIDE=regions.send_stride,
+            SLOT_BYTES=regions.slot_bytes,
+            NUM_SENDERS=num_senders,
+            NUM_RECEIVERS=num_receivers,
+            TRANSPORT=memory.rdma_transport,
+            FORCE_PUT=memory.rdma_force_put,
+            SHRINK=shrink,
+            HAS_CUMULATIVE=has_cumulative,
+            HAS_WAIT_STATS=has_wait_stats,
+            HOST_ERROR=protocol.HOST_ERROR,
+            HOST_SHRUNK=protocol.HOST_SHRUNK,
+            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+            PHASE=protocol.PHASE_LL_DISPATCH,
+            CHUNK=min(1024, pow2(regions.max_tokens * num_topk)),
+            ROWS=4,
+            BLOCK_G=max(pow2(G), 4),
+            BLOCK_R=pow2(regions.num_ranks),
+            BLOCK_W=min(2048, pow2(regions.hidden // (4 if use_fp8 else 2))),
+            USE_GLOBALTIMER=ctx.use_globaltimer,
+            INTERPRETED=_env.interpret_enabled(),
+            num_warps=num_warps,
+        )
+        wrap = memory.device_wrapper
+        self._kernels = {
+            role: KernelLaunch(_dispatch_kernel, wrap=wrap, ROLE=role,
+                               # Receivers wait for senders: the fused grid must be resident at once.
+                               launch_cooperative_grid=role == ROLE_BOTH.value, **common_args)
+            for role in (ROLE_BOTH.value, ROLE_SEND.value, ROLE_RECV.value)
+        }
+        self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
+        self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
+
+    def launch(self, role: int, stream, parity: int, x: torch.Tensor, topk_idx: torch.Tensor, mask, recv_x,
+               recv_scales, src_info, layout_range, recv_count, cumulative_stats, wait_stats, workspace,
+               scratch) -> None:
+        """One launch on `stream`. `scratch`: int32, `num_senders * T` entries (this parity's)."""
+        grid = (self.num_senders + self.num_receivers if role == ROLE_BOTH.value
+                else self.num_senders if role == ROLE_SEND.value else self.num_receivers)
+        self._kernels[role].launch(
+            (grid,), stream, x, topk_idx, mask, recv_x.data_ptr(),
+            recv_scales if recv_scales is not None else recv_count, src_info, layout_range, recv_count,
+            cumulative_stats if cumulative_stats is not None else recv_count,
+            wait_stats if wait_stats is not None else layout_range,
+            workspace, scratch, *self._static, x.shape[0], parity, *self._host,
+        )

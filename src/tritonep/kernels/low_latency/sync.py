@@ -1,0 +1,82 @@
+"""Device pieces shared by the low-latency kernels: roles, epochs, bounded signal waits, shrink.
+
+Workspace (int64 `[WORKSPACE_SLOTS]`, this rank's device memory, not peer-visible): set p's epoch
+and its finished-programs counter, a stop word, the clean barrier's epoch. Epochs start at 1, so
+every tag (`epoch << 32`) is above zeroed memory.
+"""
+
+import triton
+import triton.language as tl
+
+from ..common.sync import now_ns, report_error
+
+# The `ROLE` constexpr: the fused call, the send phase of a hooked call, its receive phase (hook).
+ROLE_BOTH = tl.constexpr(0)
+ROLE_SEND = tl.constexpr(1)
+ROLE_RECV = tl.constexpr(2)
+
+WS_EPOCH = tl.constexpr(0)  # [2] epoch of each buffer set
+WS_FINISHED = tl.constexpr(2)  # [2] programs of the current sending launch that are done
+WS_STOP = tl.constexpr(4)  # non-zero after a fatal device error: later launches do nothing
+WS_BARRIER = tl.constexpr(5)  # epoch of the clean barrier
+WORKSPACE_SLOTS = 8
+
+
+@triton.jit
+def open_launch(ws, parity, ROLE: tl.constexpr):
+    """(epoch of this call, its tag `epoch << 32`, ok = the buffer has not failed).
+
+    A receive-only launch runs after its own send launch, which already advanced the epoch."""
+    epoch = tl.load(ws + WS_EPOCH + parity, volatile=True)
+    if ROLE == ROLE_RECV:
+        epoch = epoch - 1
+    ok = tl.load(ws + WS_STOP, volatile=True) == 0
+    return epoch, epoch << 32, ok
+
+
+@triton.jit
+def finish_launch(ws, parity, epoch, ROLE: tl.constexpr):
+    """The last program of a launch that sends hands set `parity` its next epoch; every program
+    read the epoch before it got here, so none can see the new one too early."""
+    if ROLE != ROLE_RECV:
+        tl.debug_barrier()
+        finished = tl.atomic_add(ws + WS_FINISHED + parity, 1, sem="acq_rel", scope="gpu")
+        if finished == tl.num_programs(0) - 1:
+            tl.store(ws + WS_FINISHED + parity, 0)
+            tl.store(ws + WS_EPOCH + parity, epoch + 1)
+
+
+@triton.jit
+def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
+    """Spin until every `live` lane of the signals `sigs` reaches `target` (lanes or scalar), or
+    until `deadline` (ns). Returns (values, late lanes, ns each lane waited; 0 for late or dead)."""
+    start = now_ns(clock_addr, USE_GLOBALTIMER)
+    values = tl.where(live, tl.atomic_add(sigs, 0, mask=live, sem="acquire", scope="sys"), target)
+    waited = tl.zeros(values.shape, dtype=tl.int64)
+    pending = tl.sum((values < target).to(tl.int32), axis=0)
+    now = start
+    while (pending > 0) & (now < deadline):
+        now = now_ns(clock_addr, USE_GLOBALTIMER)
+        missing = values < target
+        polled = tl.atomic_add(sigs, 0, mask=missing, sem="acquire", scope="sys")  # the data behind it
+        fresh = missing & (polled >= target)
+        values = tl.where(fresh, polled, values)
+        waited = tl.where(fresh, now - start, waited)
+        pending = tl.sum((values < target).to(tl.int32), axis=0)
+    return values, values < target, waited
+
+
+@triton.jit
+def give_up_on(late, peers, mask_ptr, ws, host, rank, observed, expected, phase, expert, SHRINK: tl.constexpr,
+               HOST_ERROR: tl.constexpr, HOST_SHRUNK: tl.constexpr, ERR_TIMEOUT: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """After a timed-out wait on the ranks `peers` where `late`: in shrink mode mask them and carry on
+    (the host warns about the ranks recorded in its shrink slot); otherwise record a timeout error
+    naming the first late rank and stop the buffer."""
+    if SHRINK:
+        tl.atomic_xchg(mask_ptr + peers, 1, mask=late)  # masked from now on: not sent to, not waited for
+        bits = tl.full(peers.shape, 1, tl.int64) << peers.to(tl.int64)
+        tl.atomic_or(host + HOST_SHRUNK + peers * 0, bits, mask=late & (peers < 64), sem="relaxed", scope="sys")
+    else:
+        report_error(host + HOST_ERROR, ws + WS_STOP, 1, ERR_TIMEOUT, rank, late, peers, phase, expert,
+                     observed, expected, BLOCK)

@@ -1,0 +1,287 @@
+"""Low-latency mode: decode-time dispatch and combine (spec §13, §14.4), orchestration.
+
+Each call is one launch (`kernels/low_latency/`), or two with `return_recv_hook` (send now, receive
+in `hook()`), into fresh outputs, with no host synchronisation: every call is capturable in a
+CUDA graph. Calls alternate between two buffer sets (parity p, flipped by every dispatch and
+combine); the kernels keep each set's epoch on the device, so graph replays stay correct.
+
+Outstanding results: the hook of call k becomes stale when call k + 2 is issued (D = 2 of spec
+§14.4: `send_k, send_k+1, hook_k, hook_k+1` is supported on this rank; calling a stale hook, or a
+hook twice, raises `EPStateError`). Across ranks, call k + 2 writes into the set call k's receive
+phase reads: a rank must not start call k + 2 before every peer has run hook k, which the V1-safe
+order (`send_k, hook_k, send_k+1`) guarantees by itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_int, check_tensor, fail
+from ..config import get_low_latency_rdma_size_hint
+from ..errors import EPStateError
+from ..event import EventOverlap
+from ..runtime.host import HostBlock
+from ..runtime.memory import BufferMemory
+from ..runtime.streams import CommStreams
+
+MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register tile of expert ids
+
+
+class LowLatencyMode:
+    """The low-latency calls of one Buffer (`ctx`: its `LaunchContext`; `shrink`: enable_shrink)."""
+
+    def __init__(self, kernels, ctx, memory: BufferMemory, host: HostBlock, streams: CommStreams, backend: str,
+                 num_rdma_bytes: int, shrink: bool):
+        self._kernels = kernels
+        self._ctx = ctx
+        self._memory = memory
+        self._host = host
+        self._streams = streams
+        self._num_rdma_bytes = num_rdma_bytes
+        self._shrink = shrink
+        self._device = ctx.peer_bases.device
+        self._num_ranks = ctx.num_ranks
+        ll = kernels.low_latency
+        self._mask = torch.zeros(ctx.num_ranks, dtype=torch.int32, device=self._device)
+        self._workspace = torch.zeros(ll.sync.WORKSPACE_SLOTS, dtype=torch.int64, device=self._device)
+        self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = 1  # tags above zeroed memory
+        self._scratch = [torch.zeros(0, dtype=torch.int32, device=self._device) for _ in range(2)]
+        self._gpu = backend == "cuda"
+        # Programs per role: on the GPU enough for bytes in flight, in the interpreter as few as
+        # possible (they run one after another).
+        self._max_senders, self._max_receivers, self._num_warps = (64, 32, 8) if self._gpu else (3, 2, 1)
+        self._parity = 0
+        self._calls = 0
+        self._plans: dict = {}
+
+    # ---------------------------------------------------------------------------- geometry
+    def _regions(self, op: str, max_tokens: int, hidden: int, num_experts: int):
+        key = ("regions", max_tokens, hidden, num_experts)
+        regions = self._plans.get(key)
+        if regions is not None:
+            return regions
+        check_int(op, "num_max_dispatch_tokens_per_rank", max_tokens, minimum=1)
+        check_int(op, "hidden", hidden, minimum=128)
+        if hidden % 128 != 0:
+            fail(op, f"hidden must be a multiple of 128, got {hidden}")
+        check_int(op, "num_experts", num_experts, minimum=1)
+        if num_experts % self._num_ranks != 0:
+            fail(op, f"num_experts must be a multiple of the rank count {self._num_ranks}, got {num_experts}")
+        regions = self._kernels.low_latency.regions.LowLatencyRegions(max_tokens, hidden, num_experts,
+                                                                      self._num_ranks)
+        if regions.num_bytes > self._num_rdma_bytes:
+            hint = get_low_latency_rdma_size_hint(max_tokens, hidden, self._num_ranks, num_experts)
+            fail(op, f"num_rdma_bytes={self._num_rdma_bytes} is too small for T={max_tokens}, hidden={hidden}, "
+                     f"num_experts={num_experts}: it needs {regions.num_bytes} bytes "
+                     f"(Buffer.get_low_latency_rdma_size_hint gives {hint})")
+        self._plans[key] = regions
+        return regions
+
+    def _next_parity(self) -> tuple[int, int]:
+        """(parity of this call, its index); every dispatch and combine flips the parity."""
+        parity, call = self._parity, self._calls
+        self._parity ^= 1
+        self._calls += 1
+        return parity, call
+
+    def _streams_for(self, op: str, async_finish: bool, return_recv_hook: bool):
+        if async_finish and return_recv_hook:
+            fail(op, "async_finish and return_recv_hook cannot both be True")
+        if return_recv_hook:
+            return None, (self._streams.current() if self._gpu else None)
+        call = self._streams.begin(op, None, async_finish, False)
+        return call, call.launch
+
+    def _hook(self, op: str, call_index: int, launch):
+        done = []
+
+        def hook() -> None:
+            if done:
+                raise EPStateError(f"{op} hook: this hook already ran")
+            if self._calls - call_index > 2:
+                raise EPStateError(
+                    f"{op} hook: stale, {self._calls - call_index - 1} low-latency calls were issued after its call "
+                    "and its buffer set is reused from the second one on (at most two results outstanding)"
+                )
+            done.append(True)
+            with torch._C.DisableTorchFunction():
+                launch()
+                self._after_launch(op)
+
+        return hook
+
+    def _after_launch(self, op: str) -> None:
+        if not self._gpu:  # the interpreter has finished: a report belongs to this call
+            self._host.check(op)
+
+    def _check_stats(self, op: str, name: str, stats, length: int, dtype: torch.dtype):
+        if stats is None:
+            return None
+        check_tensor(op, name, stats, device=self._device, dtypes=(dtype,))
+        if stats.dim() == 2 and dtype == torch.int64 and tuple(stats.shape) == (length, length):
+            return stats[self._ctx.rank]  # V1's docstring shape [R, R]: this rank's row
+        if stats.dim() != 1 or stats.numel() != length:
+            fail(op, f"{name} must have shape [{length}], got {tuple(stats.shape)}")
+        return stats
+
+    def _scratch_for(self, parity: int, entries: int) -> torch.Tensor:
+        if self._scratch[parity].numel() < entries:
+            self._scratch[parity] = torch.empty(entries, dtype=torch.int32, device=self._device)
+        return self._scratch[parity]
+
+    # ---------------------------------------------------------------------------- dispatch
+    def dispatch(self, op, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_stats, wait_stats,
+                 use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook):
+        check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,), dim=2)
+        check_tensor(op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2)
+        num_tokens, hidden = x.shape
+        regions = self._regions(op, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        max_tokens = num_max_dispatch_tokens_per_rank
+        if num_tokens > max_tokens:
+            fail(op, f"x must have at most num_max_dispatch_tokens_per_rank={max_tokens} rows, got {num_tokens}")
+        num_topk = topk_idx.size(1)
+        if topk_idx.size(0) != num_tokens or not 0 < num_topk <= MAX_LL_TOPK:
+            fail(op, f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_LL_TOPK}, got "
+                     f"{tuple(topk_idx.shape)}")
+        if use_ue8m0 and not round_scale:
+            fail(op, "use_ue8m0=True requires round_scale=True")
+        num_local = num_experts // self._num_ranks
+        cumulative_stats = self._check_stats(op, "cumulative_local_expert_recv_stats", cumulative_stats, num_local,
+                                             torch.int32)
+        wait_stats = self._check_stats(op, "dispatch_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64)
+        call, stream = self._streams_for(op, async_finish, return_recv_hook)
+        key = ("dispatch", regions, num_topk, bool(use_fp8), bool(use_fp8 and round_scale), bool(use_fp8 and use_ue8m0),
+               cumulative_stats is not None, wait_stats is not None)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._kernels.low_latency.dispatch.DispatchPlan(
+                self._memory, self._ctx, regions, num_topk=num_topk, use_fp8=key[3], round_scale=key[4],
+                use_ue8m0=key[5], num_senders=min(num_experts, self._max_senders),
+                num_receivers=min(num_local, self._max_receivers), shrink=self._shrink,
+                has_cumulative=key[6], has_wait_stats=key[7], num_warps=self._num_warps,
+            )
+        parity, call_index = self._next_parity()
+        device, slots = self._device, self._num_ranks * max_tokens
+        if use_fp8:
+            recv_x = torch.empty((num_local, slots, hidden), dtype=torch.float8_e4m3fn, device=device)
+            columns = -(-hidden // 512) if use_ue8m0 else hidden // 128
+            # Column-major in the last two dims: the transpose of a contiguous [L, columns, R*T].
+            recv_scales = torch.empty((num_local, columns, slots), dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                      device=device).transpose(1, 2)
+        else:
+            recv_x = torch.empty((num_local, slots, hidden), dtype=torch.bfloat16, device=device)
+            recv_scales = None
+        recv_count = torch.empty(num_local, dtype=torch.int32, device=device)
+        src_info = torch.empty((num_local, slots), dtype=torch.int32, device=device)
+        layout_range = torch.empty((num_local, self._num_ranks), dtype=torch.int64, device=device)
+        scratch = self._scratch_for(parity, plan.num_senders * max_tokens)
+
+        def launch(role, on_stream):
+            plan.launch(role, on_stream, parity, x, topk_idx, self._mask, recv_x, recv_scales, src_info, layout_range,
+                        recv_count, cumulative_stats, wait_stats, self._workspace, scratch)
+
+        roles = self._kernels.low_latency.sync
+        handle = (src_info, layout_range, max_tokens, hidden, num_experts)
+        received = (recv_x, recv_scales) if use_fp8 else recv_x
+        if return_recv_hook:
+            launch(roles.ROLE_SEND.value, stream)
+            self._after_launch(op)
+            hook = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
+            return received, recv_count, handle, EventOverlap(None, None), hook
+        launch(roles.ROLE_BOTH.value, stream)
+        self._after_launch(op)
+        event = call.finish((x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats)
+                            if async_finish else (), keep_alive="extra_tensors")
+        return received, recv_count, handle, event, None
+
+    # ----------------------------------------------------------------------------- combine
+    def _check_handle(self, op: str, handle):
+        if not isinstance(handle, (tuple, list)) or len(handle) != 5:
+            kind = f"a {type(handle).__name__} of {len(handle)}" if isinstance(handle, (tuple, list)) else type(handle).__name__
+            fail(op, f"handle must be the 5-tuple of a low_latency_dispatch, got {kind}")
+        src_info, layout_range, max_tokens, hidden, num_experts = handle
+        regions = self._regions(op, max_tokens, hidden, num_experts)
+        num_local = num_experts // self._num_ranks
+        check_tensor(op, "handle[0] (packed_recv_src_info)", src_info, device=self._device, dtypes=(torch.int32,),
+                     shape=(num_local, self._num_ranks * max_tokens))
+        check_tensor(op, "handle[1] (packed_recv_layout_range)", layout_range, device=self._device,
+                     dtypes=(torch.int64,), shape=(num_local, self._num_ranks))
+        return regions, src_info, layout_range
+
+    def combine(self, op, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook,
+                out, wait_stats):
+        regions, src_info, layout_range = self._check_handle(op, handle)
+        max_tokens, hidden, num_experts = regions.max_tokens, regions.hidden, regions.num_experts
+        num_local = num_experts // self._num_ranks
+        check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,),
+                     shape=(num_local, self._num_ranks * max_tokens, hidden))
+        check_tensor(op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2)
+        num_tokens, num_topk = topk_idx.shape
+        if num_tokens > max_tokens or not 0 < num_topk <= MAX_LL_TOPK:
+            fail(op, f"topk_idx must have shape [N, K] with N <= {max_tokens} and 1 <= K <= {MAX_LL_TOPK}, got "
+                     f"{tuple(topk_idx.shape)}")
+        check_tensor(op, "topk_weights", topk_weights, device=self._device, dtypes=(torch.float32,),
+                     shape=(num_tokens, num_topk))
+        if use_logfmt and zero_copy:
+            fail(op, "use_logfmt and zero_copy cannot both be True")
+        if out is not None:
+            check_tensor(op, "out", out, device=self._device, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden))
+        wait_stats = self._check_stats(op, "combine_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64)
+        call, stream = self._streams_for(op, async_finish, return_recv_hook)
+        key = ("combine", regions, num_topk, bool(use_logfmt), bool(zero_copy), wait_stats is not None)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._kernels.low_latency.combine.CombinePlan(
+                self._memory, self._ctx, regions, num_topk=num_topk, use_logfmt=key[3], zero_copy=key[4],
+                num_senders=min(num_experts, self._max_senders), num_receivers=min(max_tokens, self._max_receivers),
+                shrink=self._shrink, has_wait_stats=key[5], num_warps=self._num_warps,
+            )
+        parity, call_index = self._next_parity()
+        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
+                                                           device=self._device)
+
+        def launch(role, on_stream):
+            plan.launch(role, on_stream, parity, x, topk_idx, topk_weights, src_info, layout_range, self._mask,
+                        combined, wait_stats, self._workspace)
+
+        roles = self._kernels.low_latency.sync
+        if return_recv_hook:
+            launch(roles.ROLE_SEND.value, stream)
+            self._after_launch(op)
+            return combined, EventOverlap(None, None), self._hook(op, call_index,
+                                                                 lambda: launch(roles.ROLE_RECV.value, stream))
+        launch(roles.ROLE_BOTH.value, stream)
+        self._after_launch(op)
+        event = call.finish((x, topk_idx, topk_weights, src_info, layout_range, combined) if async_finish else (),
+                            keep_alive="extra_tensors")
+        return combined, event, None
+
+    def next_combine_buffer(self, op: str, handle) -> torch.Tensor:
+        """bf16 `[L, R*T, H]` view of the send region of the set the next call uses (zero copy)."""
+        regions, _, _ = self._check_handle(op, handle)
+        num_local = regions.num_experts // self._num_ranks
+        start = regions.send(self._parity)
+        size = num_local * self._num_ranks * regions.max_tokens * regions.hidden
+        view = self._memory.local_view(op, torch.bfloat16, None, start, rdma=True)
+        return view[:size].view(num_local, self._num_ranks * regions.max_tokens, regions.hidden)
+
+    # ------------------------------------------------------------------------------- clean
+    def clean(self, op: str, max_tokens: int, hidden: int, num_experts: int) -> None:
+        regions = self._regions(op, max_tokens, hidden, num_experts)
+        plan = self._plans.get("clean")
+        if plan is None:
+            plan = self._plans["clean"] = self._kernels.low_latency.clean.CleanPlan(
+                self._memory, self._ctx, regions.barrier, self._shrink)
+        plan.launch(self._streams.current() if self._gpu else None, self._mask, self._workspace)
+        self._after_launch(op)
+
+    # ------------------------------------------------------------------------------- masks
+    def update_mask(self, rank_to_mask: int, mask: bool) -> None:
+        self._mask[rank_to_mask] = int(mask)
+
+    def query_mask(self, mask_status: torch.Tensor) -> None:
+        mask_status.copy_(self._mask.view(mask_status.shape))
+
+    def clean_mask(self) -> None:
+        self._mask.zero_()
+
