@@ -2,9 +2,9 @@
 # One call on a GPU machine: GPU tests, layout and host-path timings, dispatch/combine benchmark,
 # GPU pressure run. Results land in $OUT (the device tool fetches them); the short table comes last.
 #
-#   STAGES="tests layout host scaling bench pressure" (default: all)   which parts to run; all of
-#       them take longer than one 10-minute device call on 2 GPUs: split them, e.g.
-#       STAGES="tests layout bench", then STAGES="host scaling pressure"
+#   STAGES="tests layout host scaling bench ll nvshmem pressure" (default: all)   which parts to
+#       run; together they take longer than 10 minutes on 2 GPUs: split them, e.g.
+#       STAGES="ll nvshmem", then STAGES="tests layout bench", then STAGES="host scaling pressure"
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
 #   VARIANTS='[...]'         program-shape variants compared by the bench stage
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/tritonep-gpu}"
-STAGES="${STAGES:-tests layout host scaling bench pressure}"
+STAGES="${STAGES:-tests layout host scaling bench ll nvshmem pressure}"
 mkdir -p "$OUT"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > "$OUT/gpus.txt" 2>&1
@@ -68,6 +68,36 @@ if has bench; then
       echo "(no MPS daemon: skipping the two-ranks-on-one-GPU benchmark)"
     fi
   fi
+fi
+
+# Low-latency mode: ranks sharing GPU 0 under MPS (the one-GPU acceptance setting), one rank per
+# GPU where there are several, and every peer through NVSHMEM puts (MPS shares must add up to 100).
+if has ll; then
+  mps_start || echo "(no MPS daemon: ranks sharing a GPU time-slice)"
+  echo "== low-latency, 2 ranks sharing GPU 0"
+  CUDA_VISIBLE_DEVICES=0 TRITONEP_TIMEOUT_S=30 timeout ${LL_TIMEOUT:-150} python3 benchmarks/low_latency.py --ranks 2 \
+    ${LL_ARGS:-} --json "$OUT/ll-shared-ep2.json" 2>&1 | tail -4
+  if [ "$NGPU" -ge 2 ]; then
+    echo "== low-latency, one rank per GPU (EP$NGPU)"
+    TRITONEP_TIMEOUT_S=30 timeout ${LL_TIMEOUT:-150} python3 benchmarks/low_latency.py --ranks "$NGPU" ${LL_ARGS:-} \
+      --json "$OUT/ll-ep$NGPU.json" 2>&1 | tail -4
+  fi
+  echo "== low-latency, 2 ranks sharing GPU 0, forced NVSHMEM put path"
+  CUDA_VISIBLE_DEVICES=0 TRITONEP_FORCE_PUT=1 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50 TRITONEP_TIMEOUT_S=30 \
+    timeout ${LL_TIMEOUT:-150} python3 benchmarks/low_latency.py --ranks 2 --replays 20 ${LL_ARGS:-} \
+    --json "$OUT/ll-shared-ep2-put.json" 2>&1 | tail -4
+  echo "== low-latency, 4 ranks sharing GPU 0"
+  CUDA_VISIBLE_DEVICES=0 TRITONEP_TIMEOUT_S=30 timeout ${LL_TIMEOUT:-150} python3 benchmarks/low_latency.py --ranks 4 \
+    --replays 20 ${LL_ARGS:-} --json "$OUT/ll-shared-ep4.json" 2>&1 | tail -6
+  mps_stop
+fi
+
+if has nvshmem; then
+  mps_start || true
+  echo "== NVSHMEM layer, 2 and 4 ranks sharing GPU 0"
+  CUDA_VISIBLE_DEVICES=0 timeout ${NVSHMEM_TIMEOUT:-200} python3 scripts/nvshmem_check.py --json "$OUT/nvshmem.json" \
+    2>&1 | tail -12
+  mps_stop
 fi
 
 if has pressure; then
