@@ -115,7 +115,7 @@ def _worker(rank: int, world: int, store: str, results, args) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         from tritonep.transport import device
-        from tritonep.transport.base import Bootstrap
+        from tritonep.transport.bootstrap import Bootstrap
         from tritonep.transport.nvshmem import NvshmemPeerMemory
 
         # A rank left alone in a barrier (its peer crashed) raises after 60 s instead of hanging.
@@ -165,7 +165,7 @@ def _backend_order_worker(store: str, results) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         from tritonep.errors import EPStateError
-        from tritonep.transport.base import Bootstrap
+        from tritonep.transport.bootstrap import Bootstrap
         from tritonep.transport.nvshmem import NvshmemPeerMemory
 
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)

@@ -378,7 +378,7 @@ def pool_cases(ctx, ranks_per_node: int, force_put: bool, n: int = 24, block: in
                reps: int = 2, rounds: int = 3) -> dict:
     """CPU task: every case on an `EmulatedPeerMemory` of `ranks_per_node`-rank nodes."""
     from tritonep.runtime import clock as _clock
-    from tritonep.transport.base import Bootstrap
+    from tritonep.transport.bootstrap import Bootstrap
     from tritonep.transport.nvshmem import EmulatedPeerMemory
 
     bootstrap = Bootstrap(ctx.group)
@@ -396,7 +396,7 @@ def pool_cases(ctx, ranks_per_node: int, force_put: bool, n: int = 24, block: in
 
 def lifecycle_task(ctx, cycles: int) -> dict:
     """Create and close an emulated heap `cycles` times; close twice at the end."""
-    from tritonep.transport.base import Bootstrap
+    from tritonep.transport.bootstrap import Bootstrap
     from tritonep.transport.nvshmem import EmulatedPeerMemory
 
     bootstrap = Bootstrap(ctx.group)
