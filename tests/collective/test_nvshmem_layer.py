@@ -76,7 +76,7 @@ def test_missing_nvshmem_is_a_clear_error():
     import torch.distributed._symmetric_memory as symm_mem
 
     from tritonep.errors import EPUnsupported
-    from tritonep.transport.base import Bootstrap
+    from tritonep.transport.bootstrap import Bootstrap
     from tritonep.transport.nvshmem import NvshmemPeerMemory
 
     if symm_mem.is_nvshmem_available():
@@ -87,7 +87,7 @@ def test_missing_nvshmem_is_a_clear_error():
 
 def test_emulation_needs_whole_nodes():
     from tritonep.errors import EPInvalidArgument
-    from tritonep.transport.base import Bootstrap
+    from tritonep.transport.bootstrap import Bootstrap
     from tritonep.transport.nvshmem import EmulatedPeerMemory
 
     with pytest.raises(EPInvalidArgument, match="ranks_per_node"):
