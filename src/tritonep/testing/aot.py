@@ -155,7 +155,7 @@ def _low_latency_cases(kernels):
     for fp8, role in ((True, ll.sync.ROLE_BOTH.value), (False, ll.sync.ROLE_SEND.value),
                       (False, ll.sync.ROLE_RECV.value)):
         plan = ll.dispatch.DispatchPlan(memory, ctx, regions, num_topk=topk, use_fp8=fp8, round_scale=fp8,
-                                        use_ue8m0=fp8, num_senders=64, num_receivers=32, shrink=False,
+                                        use_ue8m0=fp8, grids={0: (64, 32), 1: (128, 0), 2: (0, 128)}, shrink=False,
                                         has_cumulative=True, has_wait_stats=True, num_warps=8)
         recv = torch.zeros((local, slots, hidden), dtype=torch.uint8 if fp8 else torch.bfloat16)
         scales = torch.zeros((local, hidden // 512, slots), dtype=torch.int32).transpose(1, 2) if fp8 else None
@@ -164,7 +164,7 @@ def _low_latency_cases(kernels):
     y = torch.zeros((local, slots, hidden), dtype=torch.bfloat16)
     for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
         plan = ll.combine.CombinePlan(memory, ctx, regions, num_topk=topk, use_logfmt=logfmt, zero_copy=zero_copy,
-                                      num_senders=64, num_receivers=32, shrink=False, has_wait_stats=True,
+                                      grids={0: (64, 32), 1: (128, 0), 2: (0, 128)}, shrink=False, has_wait_stats=True,
                                       num_warps=8)
         yield functools.partial(plan.launch, ll.sync.ROLE_BOTH.value, None, 1, y, idx, weights, src_info,
                                 layout_range, mask, x, stats, workspace)

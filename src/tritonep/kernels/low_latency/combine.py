@@ -37,7 +37,6 @@ from .regions import LowLatencyRegions
 from .sync import (
     ROLE_BOTH,
     ROLE_RECV,
-    ROLE_SEND,
     WS_STOP,
     finish_launch,
     give_up_on,
@@ -174,11 +173,10 @@ def _combine_kernel(
                 device.signal_op(sig, tag + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
     else:
         # -------------------------------------------------------------------- receiver: tokens
-        rpid = pid - NUM_SENDERS if ROLE == ROLE_BOTH else pid
-        num_receivers = NUM_RECEIVERS if ROLE == ROLE_BOTH else tl.num_programs(0)
+        rpid = pid - NUM_SENDERS
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < NUM_TOPK
-        for t in range(rpid, num_tokens, num_receivers):
+        for t in range(rpid, num_tokens, NUM_RECEIVERS + (NUM_RECEIVERS == 0)):
             # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
             ok = ok & (tl.load(ws + WS_STOP, volatile=True) == 0)
             if ok:
@@ -219,10 +217,10 @@ class CombinePlan:
     """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`)."""
 
     def __init__(self, memory, ctx, regions: LowLatencyRegions, *, num_topk: int, use_logfmt: bool,
-                 zero_copy: bool, num_senders: int, num_receivers: int, shrink: bool, has_wait_stats: bool,
+                 zero_copy: bool, grids: dict, shrink: bool, has_wait_stats: bool,
                  num_warps: int):
-        self.num_senders = num_senders
-        self.num_receivers = num_receivers
+        self.grids = grids
+        self.max_senders = max(senders for senders, _ in grids.values())
         common_args = dict(
             NUM_RANKS=regions.num_ranks,
             NUM_EXPERTS=regions.num_experts,
@@ -238,9 +236,7 @@ class CombinePlan:
             SEND0=regions.send0,
             SEND_STRIDE=regions.send_stride,
             SLOT_BYTES=regions.slot_bytes,
-            STAGE_ROWS=max(1, regions.send_stride // regions.slot_bytes // num_senders),
-            NUM_SENDERS=num_senders,
-            NUM_RECEIVERS=num_receivers,
+            STAGE_ROWS=max(1, regions.send_stride // regions.slot_bytes // self.max_senders),
             TRANSPORT=memory.rdma_transport,
             FORCE_PUT=memory.rdma_force_put,
             SHRINK=shrink,
@@ -260,17 +256,17 @@ class CombinePlan:
             enable_fp_fusion=False,
         )
         self._kernels = {
-            role: KernelLaunch(_combine_kernel, wrap=memory.device_wrapper, ROLE=role,
+            # Receivers wait for senders: the fused grid must be resident at once (cooperative).
+            role: KernelLaunch(_combine_kernel, wrap=memory.device_wrapper, ROLE=role, NUM_SENDERS=senders, NUM_RECEIVERS=receivers,
                                launch_cooperative_grid=role == ROLE_BOTH.value, **common_args)
-            for role in (ROLE_BOTH.value, ROLE_SEND.value, ROLE_RECV.value)
+            for role, (senders, receivers) in grids.items()
         }
         self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
         self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
     def launch(self, role: int, stream, parity: int, x: torch.Tensor, topk_idx, topk_weights, src_info,
                layout_range, mask, out, wait_stats, workspace) -> None:
-        grid = (self.num_senders + self.num_receivers if role == ROLE_BOTH.value
-                else self.num_senders if role == ROLE_SEND.value else self.num_receivers)
+        grid = sum(self.grids[role])
         self._kernels[role].launch(
             (grid,), stream, x.data_ptr(), topk_idx, topk_weights, src_info, layout_range, mask, out,
             wait_stats if wait_stats is not None else layout_range, workspace, *self._static,

@@ -44,7 +44,6 @@ from ..common.tiles import copy_rows
 from .sync import (
     ROLE_BOTH,
     ROLE_RECV,
-    ROLE_SEND,
     WS_STOP,
     finish_launch,
     give_up_on,
@@ -141,6 +140,9 @@ def _dispatch_kernel(
         # ------------------------------------------------------------------ sender: experts
         scratch = scratch_ptr + pid * MAX_TOKENS
         flat = tl.arange(0, CHUNK)
+        # Decode routing fits one chunk: read it once for all of this program's experts.
+        ONE_CHUNK: tl.constexpr = MAX_TOKENS * NUM_TOPK <= CHUNK
+        first_ids = tl.load(topk_idx_ptr + flat, mask=flat < num_tokens * NUM_TOPK, other=-1)
         for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
             owner = e // L
             if ok & (tl.load(mask_ptr + owner) == 0):
@@ -149,7 +151,10 @@ def _dispatch_kernel(
                 count = 0
                 for p0 in range(0, num_tokens * NUM_TOPK, CHUNK):
                     positions = p0 + flat
-                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1)
+                    if ONE_CHUNK:
+                        ids = first_ids
+                    else:
+                        ids = tl.load(topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1)
                     match = ids == e
                     order = tl.cumsum(match.to(tl.int32), axis=0) - 1 + count
                     tl.store(scratch + order, positions // NUM_TOPK, mask=match & (order < MAX_TOKENS))
@@ -158,10 +163,16 @@ def _dispatch_kernel(
                 # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are not
                 # sent, and the receiver, which sees the count, reports them.
                 block = ((e % L) * NUM_RANKS + rank) * MAX_TOKENS
-                for j in range(0, tl.minimum(count, MAX_TOKENS)):
-                    t = tl.load(scratch + j)
-                    xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
-                    x = tl.load(xp, mask=xm, other=0.0)
+                kept = tl.minimum(count, MAX_TOKENS)
+                # Each step loads the next token's row before writing this one: the load latency of
+                # one row hides behind the quantisation and stores of the other.
+                t = tl.load(scratch, mask=kept > 0, other=0)
+                xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                x = tl.load(xp, mask=xm & (kept > 0), other=0.0)
+                for j in range(0, kept):
+                    t_next = tl.load(scratch + j + 1, mask=j + 1 < kept, other=0)
+                    xp, _ = group_tile(x_ptr + tl.cast(t_next, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                    x_next = tl.load(xp, mask=xm & (j + 1 < kept), other=0.0)
                     slot = recv + tl.cast(block + j, tl.int64) * SLOT_BYTES
                     # The message goes to the owner's slot, or to this rank's staging slot of token t.
                     dst = tl.where(direct, slot + delta, staging + tl.cast(t, tl.int64) * SLOT_BYTES)
@@ -182,6 +193,8 @@ def _dispatch_kernel(
                     else:
                         device.put_nbi_block(slot.to(tl.pointer_type(tl.int32)), dst.to(tl.pointer_type(tl.int32)),
                                              MESSAGE_WORDS, pe, delta, direct, TRANSPORT, BLOCK_W)
+                    t = t_next
+                    x = x_next
                 if direct:
                     pass
                 else:
@@ -191,12 +204,11 @@ def _dispatch_kernel(
                 device.signal_op(sig, tag + tl.cast(count, tl.int64) + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
     else:
         # ---------------------------------------------------------- receiver: local experts
-        rpid = pid - NUM_SENDERS if ROLE == ROLE_BOTH else pid
-        num_receivers = NUM_RECEIVERS if ROLE == ROLE_BOTH else tl.num_programs(0)
+        rpid = pid - NUM_SENDERS
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < NUM_RANKS
         rows_in_tile = tl.arange(0, ROWS)
-        for e in range(rpid, L, num_receivers):
+        for e in range(rpid, L, NUM_RECEIVERS + (NUM_RECEIVERS == 0)):
             # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
             ok = ok & (tl.load(ws + WS_STOP, volatile=True) == 0)
             if ok:
@@ -260,11 +272,11 @@ class DispatchPlan:
     """
 
     def __init__(self, memory, ctx, regions: LowLatencyRegions, *, num_topk: int, use_fp8: bool,
-                 round_scale: bool, use_ue8m0: bool, num_senders: int, num_receivers: int, shrink: bool,
+                 round_scale: bool, use_ue8m0: bool, grids: dict, shrink: bool,
                  has_cumulative: bool, has_wait_stats: bool, num_warps: int):
         self._ctx = ctx
-        self.num_senders = num_senders
-        self.num_receivers = num_receivers
+        self.grids = grids
+        self.max_senders = max(senders for senders, _ in grids.values())
         G = regions.num_groups
         common_args = dict(
             NUM_RANKS=regions.num_ranks,
@@ -282,8 +294,6 @@ class DispatchPlan:
             SEND0=regions.send0,
             SEND_STRIDE=regions.send_stride,
             SLOT_BYTES=regions.slot_bytes,
-            NUM_SENDERS=num_senders,
-            NUM_RECEIVERS=num_receivers,
             TRANSPORT=memory.rdma_transport,
             FORCE_PUT=memory.rdma_force_put,
             SHRINK=shrink,
@@ -304,10 +314,10 @@ class DispatchPlan:
         )
         wrap = memory.device_wrapper
         self._kernels = {
-            role: KernelLaunch(_dispatch_kernel, wrap=wrap, ROLE=role,
-                               # Receivers wait for senders: the fused grid must be resident at once.
+            # Receivers wait for senders: the fused grid must be resident at once (cooperative).
+            role: KernelLaunch(_dispatch_kernel, wrap=wrap, ROLE=role, NUM_SENDERS=senders, NUM_RECEIVERS=receivers,
                                launch_cooperative_grid=role == ROLE_BOTH.value, **common_args)
-            for role in (ROLE_BOTH.value, ROLE_SEND.value, ROLE_RECV.value)
+            for role, (senders, receivers) in grids.items()
         }
         self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
         self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
@@ -316,8 +326,7 @@ class DispatchPlan:
                recv_scales, src_info, layout_range, recv_count, cumulative_stats, wait_stats, workspace,
                scratch) -> None:
         """One launch on `stream`. `scratch`: int32, `num_senders * T` entries (this parity's)."""
-        grid = (self.num_senders + self.num_receivers if role == ROLE_BOTH.value
-                else self.num_senders if role == ROLE_SEND.value else self.num_receivers)
+        grid = sum(self.grids[role])
         self._kernels[role].launch(
             (grid,), stream, x, topk_idx, mask, recv_x.data_ptr(),
             recv_scales if recv_scales is not None else recv_count, src_info, layout_range, recv_count,
