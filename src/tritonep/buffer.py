@@ -281,7 +281,7 @@ class Buffer:
             from .modes.low_latency import LowLatencyMode
 
             self._low_latency = LowLatencyMode(self._kernels, ctx, self._memory, self._host, self._streams,
-                                               self._backend, num_rdma_bytes, self.enable_shrink, self._sm_budget())
+                                               self._backend, num_rdma_bytes, self.enable_shrink)
         self._validated_handles: dict = {}
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
@@ -308,14 +308,6 @@ class Buffer:
         self._resources.close()
         self._validated_handles.clear()
         self.runtime = None
-
-    def _sm_budget(self) -> int:
-        """SMs of this rank's share of its GPU: ranks sharing a GPU (under MPS) split it."""
-        if self._backend != "cuda":
-            return 0
-        props = torch.cuda.get_device_properties(self._device)
-        gpus = self._bootstrap.all_gather_object(str(props.uuid))
-        return max(1, props.multi_processor_count // gpus.count(str(props.uuid)))
 
     def _check_usable(self, op: str) -> None:
         if self.runtime is None:

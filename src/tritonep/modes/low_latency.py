@@ -31,7 +31,7 @@ class LowLatencyMode:
     """The low-latency calls of one Buffer (`ctx`: its `LaunchContext`; `shrink`: enable_shrink)."""
 
     def __init__(self, kernels, ctx, memory: BufferMemory, host: HostBlock, streams: CommStreams, backend: str,
-                 num_rdma_bytes: int, shrink: bool, sm_budget: int):
+                 num_rdma_bytes: int, shrink: bool):
         self._kernels = kernels
         self._ctx = ctx
         self._memory = memory
@@ -47,11 +47,13 @@ class LowLatencyMode:
         self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = 1  # tags above zeroed memory
         self._scratch = [torch.zeros(0, dtype=torch.int32, device=self._device) for _ in range(2)]
         self._gpu = backend == "cuda"
-        # Programs per launch: in the interpreter as few as possible (they run one after another);
-        # on the GPU two per SM of this rank's share of the GPU (`sm_budget`, ranks sharing a GPU
-        # split it): a fused launch must stay resident beside its peers' on a shared GPU, which a
-        # cooperative launch cannot check across processes.
-        self._budget = sm_budget if self._gpu else 2
+        # Programs per launch: in the interpreter as few as possible (they run one after another).
+        # On the GPU 64 senders and 32 receivers, checked on a shared H200 with 2 and 4 ranks, over
+        # NVLink and through NVSHMEM puts (benchmarks/results/*-ll-*-8549bc9.json). A wider grid
+        # (132 + 132 programs per rank on a GPU shared by 2, with prefetching senders) timed out:
+        # a fused launch's receivers spin until senders run, and ranks sharing a GPU must all stay
+        # resident together, which a cooperative launch cannot check across processes.
+        self._senders, self._receivers = (64, 32) if self._gpu else (2, 2)
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
@@ -127,17 +129,12 @@ class LowLatencyMode:
             fail(op, f"{name} must have shape [{length}], got {tuple(stats.shape)}")
         return stats
 
-    def _grids(self, send_items: int, receive_items: int, per_sm: int) -> dict:
-        """Programs of each launch: {role: (senders, receivers)}. A fused launch gets `per_sm`
-        programs per SM of the budget (half senders), a send or receive launch twice as many."""
+    def _grids(self, send_items: int, receive_items: int) -> dict:
+        """Programs of each launch: {role: (senders, receivers)}."""
         roles = self._kernels.low_latency.sync
-        fused = max(1, self._budget * per_sm // 2)
-        alone = self._budget * per_sm
-        return {
-            roles.ROLE_BOTH.value: (min(send_items, fused), max(1, min(receive_items, fused))),
-            roles.ROLE_SEND.value: (min(send_items, alone), 0),
-            roles.ROLE_RECV.value: (0, max(1, min(receive_items, alone))),
-        }
+        senders, receivers = min(send_items, self._senders), max(1, min(receive_items, self._receivers))
+        return {roles.ROLE_BOTH.value: (senders, receivers), roles.ROLE_SEND.value: (senders, 0),
+                roles.ROLE_RECV.value: (0, receivers)}
 
     def _scratch_for(self, parity: int, entries: int) -> torch.Tensor:
         if self._scratch[parity].numel() < entries:
@@ -171,7 +168,7 @@ class LowLatencyMode:
         if plan is None:
             plan = self._plans[key] = self._kernels.low_latency.dispatch.DispatchPlan(
                 self._memory, self._ctx, regions, num_topk=num_topk, use_fp8=key[3], round_scale=key[4],
-                use_ue8m0=key[5], grids=self._grids(num_experts, num_local, 2), shrink=self._shrink,
+                use_ue8m0=key[5], grids=self._grids(num_experts, num_local), shrink=self._shrink,
                 has_cumulative=key[6], has_wait_stats=key[7], num_warps=self._num_warps,
             )
         parity, call_index = self._next_parity()
@@ -247,8 +244,7 @@ class LowLatencyMode:
         if plan is None:
             plan = self._plans[key] = self._kernels.low_latency.combine.CombinePlan(
                 self._memory, self._ctx, regions, num_topk=num_topk, use_logfmt=key[3], zero_copy=key[4],
-                # The LogFMT receiver holds ~220 registers at 8 warps: one program per SM.
-                grids=self._grids(num_experts, max_tokens, 1 if use_logfmt else 2), shrink=self._shrink, has_wait_stats=key[5], num_warps=self._num_warps,
+                grids=self._grids(num_experts, max_tokens), shrink=self._shrink, has_wait_stats=key[5], num_warps=self._num_warps,
             )
         parity, call_index = self._next_parity()
         combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,

@@ -140,9 +140,6 @@ def _dispatch_kernel(
         # ------------------------------------------------------------------ sender: experts
         scratch = scratch_ptr + pid * MAX_TOKENS
         flat = tl.arange(0, CHUNK)
-        # Decode routing fits one chunk: read it once for all of this program's experts.
-        ONE_CHUNK: tl.constexpr = MAX_TOKENS * NUM_TOPK <= CHUNK
-        first_ids = tl.load(topk_idx_ptr + flat, mask=flat < num_tokens * NUM_TOPK, other=-1)
         for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
             owner = e // L
             if ok & (tl.load(mask_ptr + owner) == 0):
@@ -151,10 +148,7 @@ def _dispatch_kernel(
                 count = 0
                 for p0 in range(0, num_tokens * NUM_TOPK, CHUNK):
                     positions = p0 + flat
-                    if ONE_CHUNK:
-                        ids = first_ids
-                    else:
-                        ids = tl.load(topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1)
+                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1)
                     match = ids == e
                     order = tl.cumsum(match.to(tl.int32), axis=0) - 1 + count
                     tl.store(scratch + order, positions // NUM_TOPK, mask=match & (order < MAX_TOKENS))
@@ -163,16 +157,10 @@ def _dispatch_kernel(
                 # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are not
                 # sent, and the receiver, which sees the count, reports them.
                 block = ((e % L) * NUM_RANKS + rank) * MAX_TOKENS
-                kept = tl.minimum(count, MAX_TOKENS)
-                # Each step loads the next token's row before writing this one: the load latency of
-                # one row hides behind the quantisation and stores of the other.
-                t = tl.load(scratch, mask=kept > 0, other=0)
-                xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
-                x = tl.load(xp, mask=xm & (kept > 0), other=0.0)
-                for j in range(0, kept):
-                    t_next = tl.load(scratch + j + 1, mask=j + 1 < kept, other=0)
-                    xp, _ = group_tile(x_ptr + tl.cast(t_next, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
-                    x_next = tl.load(xp, mask=xm & (j + 1 < kept), other=0.0)
+                for j in range(0, tl.minimum(count, MAX_TOKENS)):
+                    t = tl.load(scratch + j)
+                    xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                    x = tl.load(xp, mask=xm, other=0.0)
                     slot = recv + tl.cast(block + j, tl.int64) * SLOT_BYTES
                     # The message goes to the owner's slot, or to this rank's staging slot of token t.
                     dst = tl.where(direct, slot + delta, staging + tl.cast(t, tl.int64) * SLOT_BYTES)
@@ -193,8 +181,6 @@ def _dispatch_kernel(
                     else:
                         device.put_nbi_block(slot.to(tl.pointer_type(tl.int32)), dst.to(tl.pointer_type(tl.int32)),
                                              MESSAGE_WORDS, pe, delta, direct, TRANSPORT, BLOCK_W)
-                    t = t_next
-                    x = x_next
                 if direct:
                     pass
                 else:
