@@ -24,6 +24,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tiers: `gpu` (marked by hand), `interpreter` (kernels in the Triton interpreter: rank
+    # processes or a fresh interpreter process), `unit` (host-only and quick), `slow` (by hand).
+    # `pytest -m unit` runs in about a minute; the whole CPU suite is `-m "not gpu"`.
+    for item in items:
+        if item.get_closest_marker("gpu") or item.get_closest_marker("interpreter"):
+            continue
+        item.add_marker(pytest.mark.interpreter if "cpu_pool" in item.fixturenames else pytest.mark.unit)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
