@@ -22,8 +22,17 @@ from tritonep.kernels.common.tiles import row_block
 
 
 @triton.jit
-def _copy_rows(src_ptr, dst_ptr, num_rows, src_stride_words, ROW_WORDS: tl.constexpr, TILE: tl.constexpr,
-               BLOCK_W: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr):
+def _copy_rows(
+    src_ptr,
+    dst_ptr,
+    num_rows,
+    src_stride_words,
+    ROW_WORDS: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    MODE: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     src_base = src_ptr.to(tl.int64)
@@ -69,11 +78,13 @@ def _copy_flat(src_ptr, dst_ptr, num_words, BLOCK: tl.constexpr, STAGES: tl.cons
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     rows, words = 4096, 3584
-    src = torch.randint(-2**31, 2**31 - 1, (2 * rows, words), dtype=torch.int32, device="cuda")
+    src = torch.randint(-(2**31), 2**31 - 1, (2 * rows, words), dtype=torch.int32, device="cuda")
     dst = torch.empty((rows, words), dtype=torch.int32, device="cuda")
     nbytes = rows * words * 4
     results = []
@@ -92,17 +103,50 @@ def main():
             for tile, block_w in ((8, 1024), (32, 256), (4, 2048), (16, 1024)):
                 for mode, stages in ((0, 1), (1, 1), (2, 2), (2, 3)):
                     name = {0: "plain", 1: "prefetch", 2: f"range{stages}"}[mode]
-                    record(name, lambda: _copy_rows[(programs,)](src, dst, rows, 2 * words, ROW_WORDS=words, TILE=tile,
-                                                                  BLOCK_W=block_w, MODE=mode, STAGES=stages, num_warps=warps),
-                           programs=programs, warps=warps, tile=tile, block_w=block_w)
+                    record(
+                        name,
+                        lambda: _copy_rows[(programs,)](
+                            src,
+                            dst,
+                            rows,
+                            2 * words,
+                            ROW_WORDS=words,
+                            TILE=tile,
+                            BLOCK_W=block_w,
+                            MODE=mode,
+                            STAGES=stages,
+                            num_warps=warps,
+                        ),
+                        programs=programs,
+                        warps=warps,
+                        tile=tile,
+                        block_w=block_w,
+                    )
         for warps in (4, 8, 16):
             for block in (2048, 4096, 8192):
                 for stages in (1, 3):
-                    record("flat", lambda: _copy_flat[(programs,)](src, dst, rows * words, BLOCK=block, STAGES=stages, num_warps=warps),
-                           programs=programs, warps=warps, block=block, stages=stages)
+                    record(
+                        "flat",
+                        lambda: _copy_flat[(programs,)](
+                            src, dst, rows * words, BLOCK=block, STAGES=stages, num_warps=warps
+                        ),
+                        programs=programs,
+                        warps=warps,
+                        block=block,
+                        stages=stages,
+                    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "commit": git_commit(), "triton": triton.__version__, "rows": results}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "commit": git_commit(),
+                    "triton": triton.__version__,
+                    "rows": results,
+                },
+                f,
+                indent=1,
+            )
     best = sorted(results, key=lambda r: -r["GBps"])[:8]
     print("best:")
     for r in best:

@@ -1,4 +1,5 @@
-"""Where the host time of a call goes, on one GPU: layout, cached dispatch, combine, and their parts.
+"""Where the host time of a call goes, on one GPU: layout, cached dispatch, combine, and their
+parts.
 
     python benchmarks/host_overhead.py [--json out.json]
 
@@ -68,7 +69,11 @@ def kernel_times(fn, calls: int = 20) -> dict:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return {e.key: e.self_device_time_total / calls for e in prof.key_averages() if e.self_device_time_total > 0}
+    return {
+        e.key: e.self_device_time_total / calls
+        for e in prof.key_averages()
+        if e.self_device_time_total > 0
+    }
 
 
 def print_profile(fn, calls: int = 300, top: int = 14) -> None:
@@ -93,15 +98,21 @@ def single_rank_buffer(port: int) -> tritonep.Buffer:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-sms", type=int, nargs="*", default=[24, 48, 132])
-    parser.add_argument("--profile", action="store_true", help="also print a cProfile of dispatch and combine")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print a cProfile of dispatch and combine"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     buffer = single_rank_buffer(29555)
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
     gen = torch.Generator().manual_seed(0)
-    topk_idx, topk_weights = checks.make_routing(num_tokens, num_experts, num_topk, gen, "cuda", drop=0.0)
+    topk_idx, topk_weights = checks.make_routing(
+        num_tokens, num_experts, num_topk, gen, "cuda", drop=0.0
+    )
     x = torch.randn(num_tokens, hidden, device="cuda").to(torch.bfloat16)
     counts, _, expert_counts, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     kernels = load_kernels("cuda")
@@ -123,10 +134,13 @@ def main():
         "with torch.cuda.stream(comm)": lambda: enter_and_leave(torch.cuda.stream(comm)),
         "with DisableTorchFunction()": lambda: enter_and_leave(torch._C.DisableTorchFunction()),
         "torch.empty int32 [256]": lambda: torch.empty(256, dtype=torch.int32, device="cuda"),
-        "torch.empty bool [4096, 1]": lambda: torch.empty((4096, 1), dtype=torch.bool, device="cuda"),
+        "torch.empty bool [4096, 1]": lambda: torch.empty(
+            (4096, 1), dtype=torch.bool, device="cuda"
+        ),
         "tensor.view(torch.int32)": lambda: x.view(torch.int32),
-        "layout plan: launch only": lambda: layout_plan.launch(comm, topk_idx, num_tokens, scratch, mask, host_addr,
-                                                                outputs),
+        "layout plan: launch only": lambda: layout_plan.launch(
+            comm, topk_idx, num_tokens, scratch, mask, host_addr, outputs
+        ),
         "layout plan: allocate outputs": lambda: layout_plan.allocate(num_tokens, x.device),
         "EventOverlap()": tritonep.EventOverlap,
     }
@@ -141,12 +155,21 @@ def main():
         # Python mode then, unless tritonep switches it off.
         torch.set_default_device(default_device)
         label = "plain" if default_device is None else "default device cuda"
-        print(f"\n{'op (' + label + ')':<40}{'SMs':>5}{'event us':>10}{'host us':>10}{'graph us':>10}   device us")
+        print(
+            f"\n{'op (' + label + ')':<40}{'SMs':>5}{'event us':>10}{'host us':>10}"
+            f"{'graph us':>10}   device us"
+        )
         for num_sms in args.num_sms:
             config = tritonep.Config(num_sms, 24, 256)
             recv_x, _, _, _, handle, _ = buffer.dispatch(
-                x, num_tokens_per_rank=counts, is_token_in_rank=in_rank, num_tokens_per_expert=expert_counts,
-                topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+                x,
+                num_tokens_per_rank=counts,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=expert_counts,
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+                config=config,
+            )
             ops = {
                 "get_dispatch_layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
                 "dispatch (cached, BF16)": lambda: buffer.dispatch(x, handle=handle, config=config),
@@ -155,25 +178,54 @@ def main():
             for name, fn in ops.items():
                 if name == "get_dispatch_layout" and num_sms != args.num_sms[0]:
                     continue
-                row = {"op": name, "defaults": label, "num_sms": num_sms, "event_us": bench_events(fn)[0] * 1e6,
-                       "host_us": host_us(fn), "graph_us": graph_us(fn), "kernels_us": kernel_times(fn)}
+                row = {
+                    "op": name,
+                    "defaults": label,
+                    "num_sms": num_sms,
+                    "event_us": bench_events(fn)[0] * 1e6,
+                    "host_us": host_us(fn),
+                    "graph_us": graph_us(fn),
+                    "kernels_us": kernel_times(fn),
+                }
                 rows.append(row)
-                per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
-                print(f"{name:<40}{num_sms:>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}"
-                      f"{row['graph_us']:>10.1f}   {per_kernel}")
+                per_kernel = ", ".join(
+                    f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items()
+                )
+                print(
+                    f"{name:<40}{num_sms:>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}"
+                    f"{row['graph_us']:>10.1f}   {per_kernel}"
+                )
             if args.profile and num_sms == args.num_sms[0] and default_device is None:
                 for name in ("dispatch (cached, BF16)", "combine"):
-                    print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
+                    print(
+                        f"\ncProfile of {name}, top functions by own time (inflated by the "
+                        f"profiler):"
+                    )
                     print_profile(ops[name])
     torch.set_default_device(None)
     torch.cuda.synchronize()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "commit": git_commit(),
-                       "shape": {"tokens": num_tokens, "hidden": hidden, "topk": num_topk, "experts": num_experts,
-                                 "ranks": 1, "chunk": 24, "queue": 256},
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "triton": __import__("triton").__version__,
+                    "commit": git_commit(),
+                    "shape": {
+                        "tokens": num_tokens,
+                        "hidden": hidden,
+                        "topk": num_topk,
+                        "experts": num_experts,
+                        "ranks": 1,
+                        "chunk": 24,
+                        "queue": 256,
+                    },
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     buffer = None  # release peer memory before the process group goes
     dist.destroy_process_group()
 

@@ -20,28 +20,54 @@ from tritonep.kernels import load_kernels
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     kernels = load_kernels("cuda")
     scratch = torch.zeros(1 << 12, dtype=torch.int32, device="cuda")
     host_block = torch.zeros(protocol.HOST_SLOTS, dtype=torch.int64, device="cpu", pin_memory=True)
     rows = []
-    for tokens, topk, experts, ranks in ((4096, 8, 256, 2), (4096, 8, 256, 4), (4096, 8, 256, 8), (16384, 8, 288, 8)):
-        topk_idx = torch.topk(torch.rand(tokens, experts, device="cuda"), topk, dim=1).indices.to(tritonep.topk_idx_t)
+    for tokens, topk, experts, ranks in (
+        (4096, 8, 256, 2),
+        (4096, 8, 256, 4),
+        (4096, 8, 256, 8),
+        (16384, 8, 288, 8),
+    ):
+        topk_idx = torch.topk(torch.rand(tokens, experts, device="cuda"), topk, dim=1).indices.to(
+            tritonep.topk_idx_t
+        )
         topk_idx[torch.rand(tokens, topk, device="cuda") < 0.05] = -1
         no_mask = torch.zeros(ranks, dtype=torch.int32, device="cuda")
-        got = kernels.layout.launch_route_stats(topk_idx, experts, ranks, ranks, scratch, False, no_mask, host_block.data_ptr())
+        got = kernels.layout.launch_route_stats(
+            topk_idx, experts, ranks, ranks, scratch, False, no_mask, host_block.data_ptr()
+        )
         want = reference.layout(topk_idx.cpu(), experts, ranks, ranks)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=False):
             assert (g is None and w is None) or torch.equal(g.cpu(), w), "layout mismatch"
-        t = bench_events(lambda: kernels.layout.launch_route_stats(topk_idx, experts, ranks, ranks, scratch, False, no_mask, host_block.data_ptr()))[0]
-        rows.append({"tokens": tokens, "topk": topk, "experts": experts, "ranks": ranks, "us": t * 1e6})
+        t = bench_events(
+            lambda: kernels.layout.launch_route_stats(
+                topk_idx, experts, ranks, ranks, scratch, False, no_mask, host_block.data_ptr()
+            )
+        )[0]
+        rows.append(
+            {"tokens": tokens, "topk": topk, "experts": experts, "ranks": ranks, "us": t * 1e6}
+        )
         print(f"layout {tokens} tokens, top-{topk} of {experts}, {ranks} ranks: {t * 1e6:.1f} us")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "commit": git_commit(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "commit": git_commit(),
+                    "torch": torch.__version__,
+                    "triton": __import__("triton").__version__,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Low-latency mode: correctness, CUDA-graph replays and timings in DeepEP's conventions (spec §17.3).
+"""Low-latency mode: correctness, CUDA-graph replays and timings in DeepEP's conventions (spec
+§17.3).
 
-    python benchmarks/low_latency.py --ranks 2 --json ll.json            # ranks share the GPUs if needed
-    TRITONEP_FORCE_PUT=1 python benchmarks/low_latency.py --ranks 2      # every peer through NVSHMEM puts
+    python benchmarks/low_latency.py --ranks 2 --json ll.json            # ranks share the GPUs if
+    needed
+    TRITONEP_FORCE_PUT=1 python benchmarks/low_latency.py --ranks 2      # every peer through
+    NVSHMEM puts
 
 Shape: DeepEP's decode test, 128 tokens x hidden 7168, top-8 of 288 experts, a few -1 entries.
 Each rank first checks a set of combinations against the plain-torch reference
@@ -9,7 +12,8 @@ Each rank first checks a set of combinations against the plain-torch reference
 graph and replays it `--replays` times with fresh inputs copied into the captured tensors, checking
 every replay, then times:
   * dispatch FP8 and combine BF16 kernel time: profiler device time per call (non-hook calls);
-  * dispatch + combine: CUDA-event time of one non-hook pair (50 warm-ups, L2 flushed, mean of 2-50);
+  * dispatch + combine: CUDA-event time of one non-hook pair (50 warm-ups, L2 flushed, mean of
+  2-50);
   * hook mode: send and receive launches, from the profiler's trace (even / odd launches);
   * graph replay: event time of one replay of the captured step.
 Bytes (§17.3): dispatch `sum_t sel_t * (H + H/128*4 + 16)`, combine `sum_t sel_t * 2H`.
@@ -30,8 +34,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def _split_hook_times(prof, word: str) -> tuple[float, float]:
     """Mean device time (us) of even and odd launches of the kernel named `word`: send, receive."""
-    events = sorted((e for e in prof.events() if word in e.name and e.device_time_total > 0),
-                    key=lambda e: e.time_range.start)
+    events = sorted(
+        (e for e in prof.events() if word in e.name and e.device_time_total > 0),
+        key=lambda e: e.time_range.start,
+    )
     send = [e.device_time_total for e in events[0::2]]
     recv = [e.device_time_total for e in events[1::2]]
     return sum(send) / max(len(send), 1), sum(recv) / max(len(recv), 1)
@@ -49,21 +55,45 @@ def _rank_main(rank, world_size, port, args, results_path):
     from tritonep.testing.checks import make_routing
 
     ctx = _Ctx(rank, world_size, group)
-    shape = dict(num_tokens=args.tokens, hidden=args.hidden, num_topk=args.topk, num_experts=args.experts,
-                 max_tokens=args.tokens)
+    shape = dict(
+        num_tokens=args.tokens,
+        hidden=args.hidden,
+        num_topk=args.topk,
+        num_experts=args.experts,
+        max_tokens=args.tokens,
+    )
     record = {"rank": rank}
     if args.check:
-        combos = ll.full_matrix() if args.full else [
-            dict(use_fp8=True, round_scale=True, use_ue8m0=True, hook=True, twice=True, use_logfmt=True),
-            dict(use_fp8=True, zero_copy=True, with_out=True),
-            dict(use_fp8=False, hook=True),
-            dict(use_fp8=True, round_scale=True, twice=True),
-        ]
-        record["checked_combinations"] = ll.check_low_latency_matrix(ctx, combos, drop=0.01, **shape)
+        combos = (
+            ll.full_matrix()
+            if args.full
+            else [
+                dict(
+                    use_fp8=True,
+                    round_scale=True,
+                    use_ue8m0=True,
+                    hook=True,
+                    twice=True,
+                    use_logfmt=True,
+                ),
+                dict(use_fp8=True, zero_copy=True, with_out=True),
+                dict(use_fp8=False, hook=True),
+                dict(use_fp8=True, round_scale=True, twice=True),
+            ]
+        )
+        record["checked_combinations"] = ll.check_low_latency_matrix(
+            ctx, combos, drop=0.01, **shape
+        )
     buffer = ll.ll_buffer(ctx, args.tokens, args.hidden, args.experts)
     gen = torch.Generator().manual_seed(rank)
-    topk_idx, topk_weights = make_routing(args.tokens, args.experts, args.topk, gen, "cuda", drop=10 / (128 * 8))
-    x = torch.randn((args.tokens, args.hidden), generator=gen, dtype=torch.float32).to(torch.bfloat16).cuda()
+    topk_idx, topk_weights = make_routing(
+        args.tokens, args.experts, args.topk, gen, "cuda", drop=10 / (128 * 8)
+    )
+    x = (
+        torch.randn((args.tokens, args.hidden), generator=gen, dtype=torch.float32)
+        .to(torch.bfloat16)
+        .cuda()
+    )
     T, E = args.tokens, args.experts
 
     # CUDA graph: the whole step captured once, replayed with fresh inputs, checked every replay.
@@ -72,17 +102,23 @@ def _rank_main(rank, world_size, port, args, results_path):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm up (compile) outside the capture
-            recv, _, handle, _, hook = buffer.low_latency_dispatch(static_x, static_idx, T, E, use_fp8=False,
-                                                                   return_recv_hook=True)
+            recv, _, handle, _, hook = buffer.low_latency_dispatch(
+                static_x, static_idx, T, E, use_fp8=False, return_recv_hook=True
+            )
             hook()
-            out, _, hook = buffer.low_latency_combine(recv, static_idx, static_w, handle, return_recv_hook=True)
+            out, _, hook = buffer.low_latency_combine(
+                recv, static_idx, static_w, handle, return_recv_hook=True
+            )
             hook()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            recv, _, handle, _, hook = buffer.low_latency_dispatch(static_x, static_idx, T, E, use_fp8=False,
-                                                                   return_recv_hook=True)
+            recv, _, handle, _, hook = buffer.low_latency_dispatch(
+                static_x, static_idx, T, E, use_fp8=False, return_recv_hook=True
+            )
             hook()
-            static_out, _, hook = buffer.low_latency_combine(recv, static_idx, static_w, handle, return_recv_hook=True)
+            static_out, _, hook = buffer.low_latency_combine(
+                recv, static_idx, static_w, handle, return_recv_hook=True
+            )
             hook()
     torch.cuda.current_stream().wait_stream(stream)
     bad = 0
@@ -93,10 +129,15 @@ def _rank_main(rank, world_size, port, args, results_path):
         static_idx.copy_(idx_r)
         static_w.copy_(w_r)
         graph.replay()
-        # Identity experts: out[t] = sum over selected k of w[t, k] * x[t], summed in k order in fp32.
+        # Identity experts: out[t] = sum over selected k of w[t, k] * x[t], summed in k order in
+        # fp32.
         acc = torch.zeros((T, args.hidden), dtype=torch.float32, device="cuda")
         for k in range(args.topk):
-            acc = acc + torch.where(static_idx[:, k:k + 1] >= 0, static_w[:, k:k + 1], 0.0) * static_x.float()
+            acc = (
+                acc
+                + torch.where(static_idx[:, k : k + 1] >= 0, static_w[:, k : k + 1], 0.0)
+                * static_x.float()
+            )
         bad += int(not torch.equal(static_out, acc.to(torch.bfloat16)))
     dist.barrier(group)
     record["graph_replays"] = args.replays
@@ -127,9 +168,13 @@ def _rank_main(rank, world_size, port, args, results_path):
     dist.barrier(group)
 
     def hooked():
-        _, _, h, _, dispatch_hook = buffer.low_latency_dispatch(x, topk_idx, T, E, use_fp8=True, return_recv_hook=True)
+        _, _, h, _, dispatch_hook = buffer.low_latency_dispatch(
+            x, topk_idx, T, E, use_fp8=True, return_recv_hook=True
+        )
         dispatch_hook()
-        _, _, combine_hook = buffer.low_latency_combine(y, topk_idx, topk_weights, h, return_recv_hook=True)
+        _, _, combine_hook = buffer.low_latency_combine(
+            y, topk_idx, topk_weights, h, return_recv_hook=True
+        )
         combine_hook()
 
     for _ in range(5):
@@ -143,14 +188,22 @@ def _rank_main(rank, world_size, port, args, results_path):
     send_c, recv_c = _split_hook_times(prof, "::combine")
     dist.barrier(group)
     replay_t = bench_events(graph.replay)[0]
-    record.update({
-        "dispatch_fp8_kernel_us": kernel * 1e6, "dispatch_GBps": dispatch_bytes / 1e9 / kernel,
-        "combine_bf16_kernel_us": kernel_combine * 1e6, "combine_GBps": combine_bytes / 1e9 / kernel_combine,
-        "dispatch_combine_event_us": pair_t * 1e6, "dispatch_combine_GBps": (dispatch_bytes + combine_bytes) / 1e9 / pair_t,
-        "hook_dispatch_send_us": send_d, "hook_dispatch_recv_us": recv_d,
-        "hook_combine_send_us": send_c, "hook_combine_recv_us": recv_c,
-        "graph_replay_us": replay_t * 1e6, "selections": selections,
-    })
+    record.update(
+        {
+            "dispatch_fp8_kernel_us": kernel * 1e6,
+            "dispatch_GBps": dispatch_bytes / 1e9 / kernel,
+            "combine_bf16_kernel_us": kernel_combine * 1e6,
+            "combine_GBps": combine_bytes / 1e9 / kernel_combine,
+            "dispatch_combine_event_us": pair_t * 1e6,
+            "dispatch_combine_GBps": (dispatch_bytes + combine_bytes) / 1e9 / pair_t,
+            "hook_dispatch_send_us": send_d,
+            "hook_dispatch_recv_us": recv_d,
+            "hook_combine_send_us": send_c,
+            "hook_combine_recv_us": recv_c,
+            "graph_replay_us": replay_t * 1e6,
+            "selections": selections,
+        }
+    )
     everyone = [None] * world_size
     dist.all_gather_object(everyone, record, group=group)
     if rank == 0:
@@ -164,15 +217,25 @@ def _rank_main(rank, world_size, port, args, results_path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=2, help="rank processes (they share GPUs when there are fewer)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ranks", type=int, default=2, help="rank processes (they share GPUs when there are fewer)"
+    )
     parser.add_argument("--tokens", type=int, default=128, help="tokens per rank (also T)")
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=288)
-    parser.add_argument("--replays", type=int, default=100, help="CUDA-graph replays checked one by one")
-    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the reference checks")
-    parser.add_argument("--full", action="store_true", help="check DeepEP's whole combination matrix")
+    parser.add_argument(
+        "--replays", type=int, default=100, help="CUDA-graph replays checked one by one"
+    )
+    parser.add_argument(
+        "--no-check", dest="check", action="store_false", help="skip the reference checks"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="check DeepEP's whole combination matrix"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -182,26 +245,56 @@ def main(argv=None) -> int:
     from tritonep.bench import _free_port, git_commit, gpus_shared
 
     results_path = f"/tmp/tritonep-ll-{os.getpid()}.json"
-    mp.spawn(_rank_main, args=(args.ranks, _free_port(), args, results_path), nprocs=args.ranks, join=True)
+    mp.spawn(
+        _rank_main,
+        args=(args.ranks, _free_port(), args, results_path),
+        nprocs=args.ranks,
+        join=True,
+    )
     with open(results_path) as f:
         ranks = json.load(f)
     os.unlink(results_path)
     meta = {
-        "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "ranks": args.ranks,
-        "gpus_shared_by_ranks": gpus_shared("cuda", args.ranks), "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "force_put": os.environ.get("TRITONEP_FORCE_PUT", "0"),
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "ranks": args.ranks,
+        "gpus_shared_by_ranks": gpus_shared("cuda", args.ranks),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "force_put": os.environ.get("TRITONEP_FORCE_PUT", "0"),
         "mps_share": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
-        "shape": {"tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "experts": args.experts},
-        "method": "kernel: profiler device time per call; pair and graph: CUDA events, DeepEP's bench (spec §17.3)",
+        "shape": {
+            "tokens": args.tokens,
+            "hidden": args.hidden,
+            "topk": args.topk,
+            "experts": args.experts,
+        },
+        "method": "kernel: profiler device time per call; pair and graph: CUDA events, DeepEP's "
+        "bench (spec §17.3)",
     }
-    print(f"low-latency, {args.ranks} ranks on {meta['gpus']} GPU(s), force_put={meta['force_put']}, "
-          f"{args.tokens} x {args.hidden}, top-{args.topk} of {args.experts}")
-    keys = ("dispatch_fp8_kernel_us", "combine_bf16_kernel_us", "dispatch_combine_event_us", "hook_dispatch_send_us",
-            "hook_dispatch_recv_us", "hook_combine_send_us", "hook_combine_recv_us", "graph_replay_us")
+    print(
+        f"low-latency, {args.ranks} ranks on {meta['gpus']} GPU(s), force_put={meta['force_put']}, "
+        f"{args.tokens} x {args.hidden}, top-{args.topk} of {args.experts}"
+    )
+    keys = (
+        "dispatch_fp8_kernel_us",
+        "combine_bf16_kernel_us",
+        "dispatch_combine_event_us",
+        "hook_dispatch_send_us",
+        "hook_dispatch_recv_us",
+        "hook_combine_send_us",
+        "hook_combine_recv_us",
+        "graph_replay_us",
+    )
     for r in ranks:
-        print(f"rank {r['rank']}: checked {r.get('checked_combinations', 0)} combos, graph replays wrong "
-              f"{r['graph_replays_wrong']}/{r['graph_replays']}; " + ", ".join(f"{k} {r[k]:.1f}" for k in keys))
+        print(
+            f"rank {r['rank']}: checked {r.get('checked_combinations', 0)} combos, graph replays "
+            f"wrong "
+            f"{r['graph_replays_wrong']}/{r['graph_replays']}; "
+            + ", ".join(f"{k} {r[k]:.1f}" for k in keys)
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "ranks": ranks}, f, indent=1)

@@ -35,8 +35,16 @@ CASES = [
     dict(tag="bf16, 2 and 8 SMs", sms=(2, 8)),
     dict(tag="bf16, chunk 32", chunk=32, sms=(24, 48)),
     dict(tag="bf16, 4 warps", tuning={"dispatch_warps": 4, "combine_warps": 4}, sms=(24, 48)),
-    dict(tag="bf16, 16 warps x 16K words", sms=(24, 48),
-         tuning={"dispatch_warps": 16, "combine_warps": 16, "dispatch_tile_words": 16384, "combine_tile_words": 16384}),
+    dict(
+        tag="bf16, 16 warps x 16K words",
+        sms=(24, 48),
+        tuning={
+            "dispatch_warps": 16,
+            "combine_warps": 16,
+            "dispatch_tile_words": 16384,
+            "combine_tile_words": 16384,
+        },
+    ),
 ]
 
 
@@ -51,25 +59,53 @@ def measure(buffer, gen, tag, tokens=4096, sms=(24, 48, 132), chunk=24, fp8=Fals
     rows = []
     for num_sms in sms:
         config = tritonep.Config(num_sms, chunk, 256)
-        recv, _, _, _, handle, _ = buffer.dispatch(sent, num_tokens_per_rank=counts, is_token_in_rank=in_rank,
-                                                  num_tokens_per_expert=expert_counts, config=config)
+        recv, _, _, _, handle, _ = buffer.dispatch(
+            sent,
+            num_tokens_per_rank=counts,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=expert_counts,
+            config=config,
+        )
         back = recv[0].to(torch.bfloat16) if fp8 else recv
-        dispatch_us = [v for k, v in kernel_times(lambda: buffer.dispatch(sent, handle=handle, config=config)).items()
-                       if "dispatch()" in k][0]
-        combine_us = [v for k, v in kernel_times(lambda: buffer.combine(back, handle, config=config)).items()
-                      if "combine()" in k][0]
-        row = {"case": tag, "tokens": tokens, "chunk": chunk, "fp8": fp8, "tuning": tuning or {}, "num_sms": num_sms,
-               "dispatch_us": dispatch_us, "dispatch_GBps": tokens * hidden * (1 if fp8 else 2) / 1e3 / dispatch_us,
-               "combine_us": combine_us, "combine_GBps": tokens * hidden * 2 / 1e3 / combine_us}
+        dispatch_us = [
+            v
+            for k, v in kernel_times(
+                lambda: buffer.dispatch(sent, handle=handle, config=config)
+            ).items()
+            if "dispatch()" in k
+        ][0]
+        combine_us = [
+            v
+            for k, v in kernel_times(lambda: buffer.combine(back, handle, config=config)).items()
+            if "combine()" in k
+        ][0]
+        row = {
+            "case": tag,
+            "tokens": tokens,
+            "chunk": chunk,
+            "fp8": fp8,
+            "tuning": tuning or {},
+            "num_sms": num_sms,
+            "dispatch_us": dispatch_us,
+            "dispatch_GBps": tokens * hidden * (1 if fp8 else 2) / 1e3 / dispatch_us,
+            "combine_us": combine_us,
+            "combine_GBps": tokens * hidden * 2 / 1e3 / combine_us,
+        }
         rows.append(row)
-        print(f"{tag:<28} {num_sms:>4} SMs  dispatch {dispatch_us:7.1f} us {row['dispatch_GBps']:6.0f} GB/s"
-              f"   combine {combine_us:7.1f} us {row['combine_GBps']:6.0f} GB/s", flush=True)
+        print(
+            f"{tag:<28} {num_sms:>4} SMs  dispatch {dispatch_us:7.1f} us "
+            f"{row['dispatch_GBps']:6.0f} GB/s"
+            f"   combine {combine_us:7.1f} us {row['combine_GBps']:6.0f} GB/s",
+            flush=True,
+        )
     buffer._intranode.set_shape(base_shape)
     return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     buffer = single_rank_buffer(29556)
@@ -77,8 +113,18 @@ def main():
     rows = [row for case in CASES for row in measure(buffer, gen, **case)]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "commit": git_commit(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "ranks": 1, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "commit": git_commit(),
+                    "torch": torch.__version__,
+                    "triton": __import__("triton").__version__,
+                    "ranks": 1,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
     buffer = None  # release peer memory before the process group goes
     dist.destroy_process_group()
 

@@ -30,7 +30,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") or item.get_closest_marker("interpreter"):
             continue
-        item.add_marker(pytest.mark.interpreter if "cpu_pool" in item.fixturenames else pytest.mark.unit)
+        item.add_marker(
+            pytest.mark.interpreter if "cpu_pool" in item.fixturenames else pytest.mark.unit
+        )
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

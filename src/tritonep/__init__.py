@@ -1,7 +1,8 @@
 """tritonep: DeepEP V1's expert-parallel communication API, every GPU kernel written in Triton.
 
 `import tritonep as deep_ep` runs code written for DeepEP V1. Importing is cheap: no CUDA context,
-no process group, no kernel compilation (kernel modules are imported when a Buffer first needs them).
+no process group, no kernel compilation (kernel modules are imported when a Buffer first needs
+them).
 
 Shape glossary used across the package:
   R ranks, r this rank, N tokens of this rank, H hidden size, K top-k width, E experts,
@@ -23,14 +24,15 @@ topk_idx_t: torch.dtype = torch.int64 if _env.topk_idx_bits() == 64 else torch.i
 # Unit of the low-latency wait-cost statistics (spec §13.2): GPU clock cycles, as in V1.
 WAIT_COST_UNIT = "cycles"
 
+from . import buffer, deep_ep_cpp, utils  # noqa: E402
+from .buffer import Buffer  # noqa: E402
 from .config import Config  # noqa: E402
 from .event import EventHandle, EventOverlap  # noqa: E402
-from .buffer import Buffer  # noqa: E402
-from . import buffer, utils, deep_ep_cpp  # noqa: E402
 
 
 def as_deep_ep(force: bool = False, register_cpp: bool = True) -> types.ModuleType:
-    """Register `deep_ep`, `deep_ep.buffer`, `deep_ep.utils` (and `deep_ep_cpp`) as aliases of tritonep.
+    """Register `deep_ep`, `deep_ep.buffer`, `deep_ep.utils` (and `deep_ep_cpp`) as aliases of
+    tritonep.
 
     Raises `EPStateError` if a different module already holds one of those names (a real DeepEP is
     loaded), unless `force=True`. Idempotent. Returns the tritonep module.

@@ -42,7 +42,9 @@ def timeout_s() -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise EPInvalidArgument(f"environment: TRITONEP_TIMEOUT_S must be a number, got {raw!r}") from None
+        raise EPInvalidArgument(
+            f"environment: TRITONEP_TIMEOUT_S must be a number, got {raw!r}"
+        ) from None
     if not value > 0:
         raise EPInvalidArgument(f"environment: TRITONEP_TIMEOUT_S must be > 0, got {raw!r}")
     return value
@@ -51,7 +53,8 @@ def timeout_s() -> float:
 def nvl_domain_size(num_ranks: int) -> int:
     if not os.environ.get("TRITONEP_NVL_DOMAIN_SIZE") and num_ranks > 8 and num_ranks % 8 != 0:
         raise EPUnsupported(
-            f"Buffer: more than 8 ranks must be a multiple of 8 (V1's nodes of 8 GPUs), got {num_ranks}; "
+            f"Buffer: more than 8 ranks must be a multiple of 8 (V1's nodes of 8 GPUs), got "
+            f"{num_ranks}; "
             "TRITONEP_NVL_DOMAIN_SIZE sets another node size"
         )
     size = _int("TRITONEP_NVL_DOMAIN_SIZE", min(num_ranks, 8))
@@ -73,7 +76,8 @@ def backend() -> str:
 
 
 def force_put() -> bool:
-    """`TRITONEP_FORCE_PUT=1`: RDMA-memory traffic takes the put path (NVSHMEM on GPUs, its emulation
+    """`TRITONEP_FORCE_PUT=1`: RDMA-memory traffic takes the put path (NVSHMEM on GPUs, its
+    emulation
     on the CPU) even between peers plain stores reach, so the remote path runs on one host."""
     return _int("TRITONEP_FORCE_PUT", 0) != 0
 

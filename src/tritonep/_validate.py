@@ -41,12 +41,14 @@ def check_tensor(
         fail(op, f"{name} must be {allowed}, got {tensor.dtype}")
     if dim is not None and tensor.dim() != dim:
         fail(op, f"{name} must be {dim}-D, got shape {tuple(tensor.shape)}")
-    if shape is not None:
-        if tensor.dim() != len(shape) or any(
-            want is not None and got != want for got, want in zip(tensor.shape, shape)
-        ):
-            want_text = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-            fail(op, f"{name} must have shape {want_text}, got {tuple(tensor.shape)}")
+    if shape is not None and (
+        tensor.dim() != len(shape)
+        or any(
+            want is not None and got != want for got, want in zip(tensor.shape, shape, strict=True)
+        )
+    ):
+        want_text = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        fail(op, f"{name} must have shape {want_text}, got {tuple(tensor.shape)}")
     if contiguous and not tensor.is_contiguous():
         fail(op, f"{name} must be contiguous, got strides {tuple(tensor.stride())}")
     if tensor.device != device:
@@ -55,7 +57,8 @@ def check_tensor(
 
 
 def check_rows_aligned(op: str, name: str, tensor: torch.Tensor) -> None:
-    """Rows move as 16-byte words: the row size and (for strided rows) the row stride must allow it."""
+    """Rows move as 16-byte words: the row size and (for strided rows) the row stride must allow
+    it."""
     row_bytes = tensor.size(1) * tensor.element_size()
     if row_bytes % 16 != 0:
         fail(
@@ -64,8 +67,18 @@ def check_rows_aligned(op: str, name: str, tensor: torch.Tensor) -> None:
             f"{tensor.element_size()} = {row_bytes} bytes",
         )
     if tensor.size(0) > 1 and (tensor.stride(0) * tensor.element_size()) % 16 != 0:
-        fail(op, f"{name} row stride must be a multiple of 16 bytes, got {tensor.stride(0)} elements")
+        fail(
+            op, f"{name} row stride must be a multiple of 16 bytes, got {tensor.stride(0)} elements"
+        )
     if tensor.numel() and tensor.data_ptr() % 16 != 0:
-        fail(op, f"{name} must start 16-byte aligned (rows move as 16-byte vectors), got address {tensor.data_ptr():#x}")
+        fail(
+            op,
+            f"{name} must start 16-byte aligned (rows move as 16-byte vectors), got address "
+            f"{tensor.data_ptr():#x}",
+        )
     if tensor.stride(1) != 1 and tensor.size(1) > 1:
-        fail(op, f"{name} must have unit stride along the hidden dimension, got strides {tuple(tensor.stride())}")
+        fail(
+            op,
+            f"{name} must have unit stride along the hidden dimension, got strides "
+            f"{tuple(tensor.stride())}",
+        )

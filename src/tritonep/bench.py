@@ -41,7 +41,8 @@ def _free_port() -> int:
 
 
 def bench_events(fn, num_warmups: int = 50, num_tests: int = 50) -> tuple[float, float, float]:
-    """DeepEP's `bench`: (mean, min, max) seconds of `fn` between CUDA events, first sample dropped."""
+    """DeepEP's `bench`: (mean, min, max) seconds of `fn` between CUDA events, first sample
+    dropped."""
     import torch
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -66,12 +67,13 @@ def bench_events(fn, num_warmups: int = 50, num_tests: int = 50) -> tuple[float,
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)][1:]
+    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends, strict=False)][1:]
     return sum(times) / len(times), min(times), max(times)
 
 
 def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, float]:
-    """Device time per call (s) of the kernels whose names contain each of `names`, from the profiler.
+    """Device time per call (s) of the kernels whose names contain each of `names`, from the
+    profiler.
 
     DeepEP's `bench_kineto` convention: the profiler's per-kernel totals over `num_calls` calls,
     divided by the number of calls; the kernel-only figure beside the event time of `bench_events`.
@@ -102,7 +104,8 @@ class _Ctx:
 
 
 def gpus_shared(backend: str, world_size: int) -> bool:
-    """More GPU ranks than GPUs: ranks share GPUs round-robin (correctness runs; timings are not NVLink's)."""
+    """More GPU ranks than GPUs: ranks share GPUs round-robin (correctness runs; timings are not
+    NVLink's)."""
     import torch
 
     return backend == "cuda" and world_size > torch.cuda.device_count()
@@ -125,12 +128,18 @@ def join_group(rank: int, world_size: int, port: int, backend: str):
 
     if backend == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if backend == "cuda" and not shared else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "nccl" if backend == "cuda" and not shared else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+    )
     return dist.group.WORLD
 
 
-def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, results_path: str) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, args: argparse.Namespace, results_path: str
+) -> None:
     use_gpu = args.backend == "cuda"
     group = join_group(rank, world_size, port, args.backend)
     import torch
@@ -153,9 +162,17 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     if args.check:
         started = time.perf_counter()
         record["checks"] = checks.check_intranode(
-            ctx, num_tokens=tokens, hidden=hidden, num_topk=topk, num_experts=experts,
-            num_sms=args.num_sms, chunk=tritonep.Buffer.get_dispatch_config(world_size).num_max_nvl_chunked_send_tokens,
-            recv_capacity=256, num_nvl_bytes=args.nvl_bytes, seed=args.seed, matrix=args.matrix,
+            ctx,
+            num_tokens=tokens,
+            hidden=hidden,
+            num_topk=topk,
+            num_experts=experts,
+            num_sms=args.num_sms,
+            chunk=tritonep.Buffer.get_dispatch_config(world_size).num_max_nvl_chunked_send_tokens,
+            recv_capacity=256,
+            num_nvl_bytes=args.nvl_bytes,
+            seed=args.seed,
+            matrix=args.matrix,
         )
         record["checks"]["seconds"] = time.perf_counter() - started
 
@@ -169,17 +186,29 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
 
     def measure(config, ops=("dispatch_bf16", "dispatch_fp8", "combine")):
         recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-            topk_idx=topk_idx, topk_weights=topk_weights, config=config,
+            x,
+            num_tokens_per_rank=ntr,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=nte,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            config=config,
         )
         recv_bytes = recv_x.numel() * 2
-        row = {"num_sms": config.num_sms, "nvl_chunk": config.num_max_nvl_chunked_send_tokens,
-               "nvl_buffer": config.num_max_nvl_chunked_recv_tokens, "recv_rows": recv_x.size(0)}
+        row = {
+            "num_sms": config.num_sms,
+            "nvl_chunk": config.num_max_nvl_chunked_send_tokens,
+            "nvl_buffer": config.num_max_nvl_chunked_recv_tokens,
+            "recv_rows": recv_x.size(0),
+        }
         for op in ops:
             if op == "dispatch_bf16":
                 fn, nbytes = (lambda: buffer.dispatch(x, handle=handle, config=config)), recv_bytes
             elif op == "dispatch_fp8":
-                fn, nbytes = (lambda: buffer.dispatch(x_fp8, handle=handle, config=config)), recv_bytes * FP8_FACTOR
+                fn, nbytes = (
+                    (lambda: buffer.dispatch(x_fp8, handle=handle, config=config)),
+                    recv_bytes * FP8_FACTOR,
+                )
             else:
                 fn, nbytes = (lambda: buffer.combine(recv_x, handle, config=config)), recv_bytes
             t = bench_events(fn)[0]
@@ -188,15 +217,24 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                 data_kernel = "combine" if op == "combine" else "dispatch"
                 kernel = bench_kernels(fn, ("notify", data_kernel))
                 row[op]["kernel_us"] = {name: v * 1e6 for name, v in kernel.items()}
-                row[op]["kernel_GBps"] = nbytes / 1e9 / kernel[data_kernel] if kernel[data_kernel] else None
+                row[op]["kernel_GBps"] = (
+                    nbytes / 1e9 / kernel[data_kernel] if kernel[data_kernel] else None
+                )
         return row
 
     dispatch_cfg = tritonep.Buffer.get_dispatch_config(world_size)
     combine_cfg = tritonep.Buffer.get_combine_config(world_size)
-    sm_counts = [args.num_sms] + ([s for s in args.sweep_sms if s != args.num_sms] if args.sweep else [])
+    sm_counts = [args.num_sms] + (
+        [s for s in args.sweep_sms if s != args.num_sms] if args.sweep else []
+    )
     for num_sms in sm_counts:
-        d = measure(tritonep.Config(num_sms, dispatch_cfg.num_max_nvl_chunked_send_tokens, 256), ("dispatch_bf16", "dispatch_fp8"))
-        c = measure(tritonep.Config(num_sms, combine_cfg.num_max_nvl_chunked_send_tokens, 256), ("combine",))
+        d = measure(
+            tritonep.Config(num_sms, dispatch_cfg.num_max_nvl_chunked_send_tokens, 256),
+            ("dispatch_bf16", "dispatch_fp8"),
+        )
+        c = measure(
+            tritonep.Config(num_sms, combine_cfg.num_max_nvl_chunked_send_tokens, 256), ("combine",)
+        )
         d["combine"] = c["combine"]
         d["combine_chunk"] = c["nvl_chunk"]
         d["kind"] = "sms"
@@ -205,9 +243,20 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     for variant in args.variants:
         # Program-shape experiments: same figures under another shape (recorded with the row).
         buffer._intranode.set_shape(dataclasses.replace(base_shape, **variant))
-        d = measure(tritonep.Config(args.num_sms, dispatch_cfg.num_max_nvl_chunked_send_tokens, 256), ("dispatch_bf16", "dispatch_fp8"))
-        c = measure(tritonep.Config(args.num_sms, combine_cfg.num_max_nvl_chunked_send_tokens, 256), ("combine",))
-        d["combine"], d["combine_chunk"], d["kind"], d["tuning"] = c["combine"], c["nvl_chunk"], "variant", variant
+        d = measure(
+            tritonep.Config(args.num_sms, dispatch_cfg.num_max_nvl_chunked_send_tokens, 256),
+            ("dispatch_bf16", "dispatch_fp8"),
+        )
+        c = measure(
+            tritonep.Config(args.num_sms, combine_cfg.num_max_nvl_chunked_send_tokens, 256),
+            ("combine",),
+        )
+        d["combine"], d["combine_chunk"], d["kind"], d["tuning"] = (
+            c["combine"],
+            c["nvl_chunk"],
+            "variant",
+            variant,
+        )
         record["rows"].append(d)
     buffer._intranode.set_shape(base_shape)
     if args.sweep:
@@ -256,7 +305,9 @@ def nccl_baseline(group, x, is_token_in_rank) -> dict:
     back = torch.empty((len(tokens), x.size(1)), dtype=x.dtype, device=x.device)
 
     def dispatch():
-        dist.all_to_all_single(recv, x.index_select(0, tokens), recv_splits, send_splits, group=group)
+        dist.all_to_all_single(
+            recv, x.index_select(0, tokens), recv_splits, send_splits, group=group
+        )
 
     def combine():
         dist.all_to_all_single(back, recv, send_splits, recv_splits, group=group)
@@ -276,57 +327,102 @@ def git_commit() -> str:
     if os.environ.get("TRITONEP_COMMIT"):  # copies without .git (e.g. a GPU machine's working tree)
         return os.environ["TRITONEP_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def _print_table(meta: dict, ranks: list) -> None:
     r0 = ranks[0]
-    print(f"\ntritonep {meta['tritonep']} | {meta['device']} | ranks {meta['ranks']} | backend {meta['backend']}")
-    print(f"shape: {meta['tokens']} tokens x hidden {meta['hidden']}, top-{meta['topk']} of {meta['experts']} experts")
+    print(
+        f"\ntritonep {meta['tritonep']} | {meta['device']} | ranks {meta['ranks']} | backend "
+        f"{meta['backend']}"
+    )
+    print(
+        f"shape: {meta['tokens']} tokens x hidden {meta['hidden']}, top-{meta['topk']} of "
+        f"{meta['experts']} experts"
+    )
     if r0["checks"]:
-        print(f"correctness: {r0['checks']['dispatches']} dispatches, {r0['checks']['combines']} combines "
-              f"match the reference on every rank")
+        print(
+            f"correctness: {r0['checks']['dispatches']} dispatches, {r0['checks']['combines']} "
+            f"combines "
+            f"match the reference on every rank"
+        )
     print(f"layout: {r0['layout_us']:.1f} us")
-    print(f"{'op':<14}{'SMs':>5}{'chunk':>7}{'time us':>10}{'GB/s':>9}{'kernel us':>11}{'kernel GB/s':>12}"
-          "   (rank 0, event time; kernel = data kernel alone)")
+    print(
+        f"{'op':<14}{'SMs':>5}{'chunk':>7}{'time us':>10}{'GB/s':>9}"
+        f"{'kernel us':>11}{'kernel GB/s':>12}"
+        "   (rank 0, event time; kernel = data kernel alone)"
+    )
     for op, figures in r0.get("nccl", {}).items():
-        print(f"{'nccl ' + op:<14}{'-':>5}{'-':>7}{figures['us']:>10.1f}{figures['GBps']:>9.1f}   plain NCCL pipeline")
+        print(
+            f"{'nccl ' + op:<14}{'-':>5}{'-':>7}{figures['us']:>10.1f}{figures['GBps']:>9.1f}   "
+            f"plain NCCL pipeline"
+        )
     for row in r0["rows"]:
         for op in ("dispatch_bf16", "dispatch_fp8", "combine"):
             if op in row:
-                chunk = row["combine_chunk"] if (op == "combine" and "combine_chunk" in row) else row["nvl_chunk"]
+                chunk = (
+                    row["combine_chunk"]
+                    if (op == "combine" and "combine_chunk" in row)
+                    else row["nvl_chunk"]
+                )
                 extra = f"  {row['tuning']}" if "tuning" in row else ""
                 kernel = row[op].get("kernel_us")
                 data_kernel = "combine" if op == "combine" else "dispatch"
-                kernel_text = (f"{kernel[data_kernel]:>11.1f}{row[op]['kernel_GBps'] or 0:>12.1f}"
-                               if kernel else f"{'-':>11}{'-':>12}")
-                print(f"{op:<14}{row['num_sms']:>5}{chunk:>7}{row[op]['us']:>10.1f}{row[op]['GBps']:>9.1f}"
-                      f"{kernel_text}{extra}")
+                kernel_text = (
+                    f"{kernel[data_kernel]:>11.1f}{row[op]['kernel_GBps'] or 0:>12.1f}"
+                    if kernel
+                    else f"{'-':>11}{'-':>12}"
+                )
+                print(
+                    f"{op:<14}{row['num_sms']:>5}{chunk:>7}{row[op]['us']:>10.1f}{row[op]['GBps']:>9.1f}"
+                    f"{kernel_text}{extra}"
+                )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--ranks", type=int, default=0, help="rank processes (default: GPU count, or 2 on CPU)")
+    parser.add_argument(
+        "--ranks", type=int, default=0, help="rank processes (default: GPU count, or 2 on CPU)"
+    )
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--topk", type=int)
     parser.add_argument("--experts", type=int)
     parser.add_argument("--num-sms", type=int, default=24)
-    parser.add_argument("--nvl-bytes", type=int, default=0, help="num_nvl_bytes (default: 2e9 on GPU, 16 MiB on CPU)")
+    parser.add_argument(
+        "--nvl-bytes",
+        type=int,
+        default=0,
+        help="num_nvl_bytes (default: 2e9 on GPU, 16 MiB on CPU)",
+    )
     parser.add_argument("--sweep", action="store_true", help="also sweep SM counts and chunk sizes")
     parser.add_argument("--sweep-sms", type=int, nargs="*", default=[16, 32, 48, 64, 96, 128])
-    parser.add_argument("--sweep-dispatch-chunks", type=int, nargs="*", default=list(range(4, 33, 4)))
-    parser.add_argument("--sweep-combine-chunks", type=int, nargs="*", default=[1, 2, 4, 6, 8, 12, 16])
+    parser.add_argument(
+        "--sweep-dispatch-chunks", type=int, nargs="*", default=list(range(4, 33, 4))
+    )
+    parser.add_argument(
+        "--sweep-combine-chunks", type=int, nargs="*", default=[1, 2, 4, 6, 8, 12, 16]
+    )
     parser.add_argument("--matrix", choices=("quick", "full"), default="quick")
-    parser.add_argument("--variants", type=json.loads, default=[],
-                        help='JSON list of program-shape overrides (tritonep.modes.intranode.ProgramShape fields) '
-                             'to compare, e.g. \'[{"dispatch_warps": 16}]\'')
+    parser.add_argument(
+        "--variants",
+        type=json.loads,
+        default=[],
+        help="JSON list of program-shape overrides (tritonep.modes.intranode.ProgramShape fields) "
+        "to compare, e.g. '[{\"dispatch_warps\": 16}]'",
+    )
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write results (machine, commit, shapes, config, figures) here")
+    parser.add_argument(
+        "--json", help="write results (machine, commit, shapes, config, figures) here"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -335,12 +431,14 @@ def main(argv=None) -> int:
     import tritonep
 
     if args.backend == "auto":
-        args.backend = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+        args.backend = (
+            "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+        )
     gpu = args.backend == "cuda"
     if not args.ranks:
         args.ranks = torch.cuda.device_count() if gpu else 2
     defaults = (4096, 7168, 8, 256) if gpu else (64, 256, 4, 16)
-    for name, value in zip(("tokens", "hidden", "topk", "experts"), defaults):
+    for name, value in zip(("tokens", "hidden", "topk", "experts"), defaults, strict=False):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not args.nvl_bytes:
@@ -348,7 +446,12 @@ def main(argv=None) -> int:
     if not gpu:
         args.sweep = False
     results_path = os.path.join("/tmp", f"tritonep-bench-{os.getpid()}.json")
-    mp.spawn(_rank_main, args=(args.ranks, _free_port(), args, results_path), nprocs=args.ranks, join=True)
+    mp.spawn(
+        _rank_main,
+        args=(args.ranks, _free_port(), args, results_path),
+        nprocs=args.ranks,
+        join=True,
+    )
     with open(results_path) as f:
         ranks = json.load(f)
     os.unlink(results_path)
@@ -369,7 +472,7 @@ def main(argv=None) -> int:
         "experts": args.experts,
         "num_nvl_bytes": args.nvl_bytes,
         "method": "cached-call CUDA-event time, DeepEP convention (spec §17.1), under "
-                  "torch.set_default_device('cuda'); kernel_us: profiler device time per call",
+        "torch.set_default_device('cuda'); kernel_us: profiler device time per call",
     }
     _print_table(meta, ranks)
     if args.json:

@@ -31,7 +31,7 @@ from . import config as _config
 from ._device import is_sm90_compiled as _is_sm90_compiled
 from ._validate import check_int, check_rows_aligned, check_tensor, fail
 from .config import MAX_TOPK, Config
-from .errors import EPInvalidArgument, EPStateError, EPUnsupported
+from .errors import EPStateError, EPUnsupported
 from .event import EventHandle, EventOverlap
 from .handles import IntranodeHandle
 from .kernels.common.context import LaunchContext
@@ -101,7 +101,8 @@ class _Resources:
     def close(self) -> None:
         if self.warn_if_open and self.memory is not None:
             print(
-                f"tritonep: Buffer on rank {self.rank} was created with explicitly_destroy=True but "
+                f"tritonep: Buffer on rank {self.rank} was created with explicitly_destroy=True "
+                f"but "
                 "destroy() was never called; resources may leak",
                 file=sys.stderr,
             )
@@ -165,7 +166,8 @@ class Buffer:
         Arguments:
             group: the torch process group of the EP ranks (None if `comm` is given). Any backend:
                 a gloo group on a GPU machine runs on the GPUs (that is how ranks share a GPU).
-            num_nvl_bytes: peer-accessible bytes per rank for high-throughput calls (multiple of 128).
+            num_nvl_bytes: peer-accessible bytes per rank for high-throughput calls (multiple of
+            128).
             num_rdma_bytes: symmetric bytes for internode and low-latency calls (multiple of 128).
             low_latency_mode: enable the low-latency API.
             num_qps_per_rank: V1's RDMA queue pairs per peer (see the attribute).
@@ -177,13 +179,34 @@ class Buffer:
             comm: an mpi4py communicator used instead of `group` for the bootstrap exchange.
         """
         with torch._C.DisableTorchFunction():
-            self._construct(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
-                            allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy,
-                            enable_shrink, comm)
+            self._construct(
+                group,
+                num_nvl_bytes,
+                num_rdma_bytes,
+                low_latency_mode,
+                num_qps_per_rank,
+                allow_nvlink_for_low_latency_mode,
+                allow_mnnvl,
+                use_fabric,
+                explicitly_destroy,
+                enable_shrink,
+                comm,
+            )
 
-    def _construct(self, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
-                   allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy, enable_shrink,
-                   comm) -> None:
+    def _construct(
+        self,
+        group,
+        num_nvl_bytes,
+        num_rdma_bytes,
+        low_latency_mode,
+        num_qps_per_rank,
+        allow_nvlink_for_low_latency_mode,
+        allow_mnnvl,
+        use_fabric,
+        explicitly_destroy,
+        enable_shrink,
+        comm,
+    ) -> None:
         self.runtime = None
         op = "Buffer"
         bootstrap = Bootstrap(group, comm)
@@ -196,13 +219,22 @@ class Buffer:
         num_ranks = bootstrap.world_size
         topology = Topology.from_env(bootstrap.rank, num_ranks)
         if num_rdma_bytes > 0 and not (topology.is_internode or low_latency_mode):
-            fail(op, f"num_rdma_bytes > 0 needs more than one node or low_latency_mode, got {num_rdma_bytes} with "
-                     f"{num_ranks} ranks in nodes of {topology.ranks_per_node}")
-        if (topology.is_internode or low_latency_mode) and check_int(op, "num_qps_per_rank", num_qps_per_rank) <= 0:
+            fail(
+                op,
+                f"num_rdma_bytes > 0 needs more than one node or low_latency_mode, got "
+                f"{num_rdma_bytes} with "
+                f"{num_ranks} ranks in nodes of {topology.ranks_per_node}",
+            )
+        if (topology.is_internode or low_latency_mode) and check_int(
+            op, "num_qps_per_rank", num_qps_per_rank
+        ) <= 0:
             fail(op, f"num_qps_per_rank must be > 0, got {num_qps_per_rank}")
         if allow_mnnvl or use_fabric:
-            _warn_once("fabric", "tritonep: allow_mnnvl / use_fabric are accepted as hints; memory comes from torch "
-                                 "symmetric memory and NVSHMEM, results are unchanged")
+            _warn_once(
+                "fabric",
+                "tritonep: allow_mnnvl / use_fabric are accepted as hints; memory comes from torch "
+                "symmetric memory and NVSHMEM, results are unchanged",
+            )
 
         self.rank = bootstrap.rank
         self.group_size = num_ranks
@@ -235,7 +267,9 @@ class Buffer:
         self._backend = select_backend()
         if self._backend == "cuda":
             if not torch.cuda.is_available():
-                raise EPUnsupported(f"{op}: the CUDA backend was selected but no CUDA device is available")
+                raise EPUnsupported(
+                    f"{op}: the CUDA backend was selected but no CUDA device is available"
+                )
             self._device = torch.device("cuda", torch.cuda.current_device())
             from .utils import check_nvlink_connections
 
@@ -250,9 +284,17 @@ class Buffer:
         timeout_s = _env.timeout_s()
         force_put = _env.force_put() or (low_latency_mode and not allow_nvlink_for_low_latency_mode)
         resources = self._resources
-        resources.host = self._host = HostBlock(self.rank, self._backend == "cuda", timeout_s, self.explicitly_destroy)
+        resources.host = self._host = HostBlock(
+            self.rank, self._backend == "cuda", timeout_s, self.explicitly_destroy
+        )
         resources.memory = self._memory = BufferMemory(
-            bootstrap, topology, self._backend, self._device, num_nvl_bytes, num_rdma_bytes, force_put,
+            bootstrap,
+            topology,
+            self._backend,
+            self._device,
+            num_nvl_bytes,
+            num_rdma_bytes,
+            force_put,
             num_qps_per_rank,
         )
         self._streams = CommStreams(self._device if self._backend == "cuda" else None)
@@ -274,14 +316,26 @@ class Buffer:
             timeout_ns=int(timeout_s * 1e9),
             use_globaltimer=self._backend == "cuda",
         )
-        self._layout = RoutingLayout(self._kernels, topology, self._host, self._streams, self._rank_mask, self._device)
-        self._intranode = IntranodeMode(self._kernels, ctx, self._host, self._streams, self._backend, num_nvl_bytes)
+        self._layout = RoutingLayout(
+            self._kernels, topology, self._host, self._streams, self._rank_mask, self._device
+        )
+        self._intranode = IntranodeMode(
+            self._kernels, ctx, self._host, self._streams, self._backend, num_nvl_bytes
+        )
         self._low_latency = None
         if low_latency_mode:
             from .modes.low_latency import LowLatencyMode
 
-            self._low_latency = LowLatencyMode(self._kernels, ctx, self._memory, self._host, self._streams,
-                                               self._backend, num_rdma_bytes, self.enable_shrink)
+            self._low_latency = LowLatencyMode(
+                self._kernels,
+                ctx,
+                self._memory,
+                self._host,
+                self._streams,
+                self._backend,
+                num_rdma_bytes,
+                self.enable_shrink,
+            )
         self._validated_handles: dict = {}
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
@@ -292,9 +346,13 @@ class Buffer:
 
     # ------------------------------------------------------------------------------ lifetime
     def destroy(self) -> None:
-        """Release all resources (collective). Only for buffers made with `explicitly_destroy=True`."""
+        """Release all resources (collective). Only for buffers made with
+        `explicitly_destroy=True`."""
         if not self.explicitly_destroy:
-            raise EPStateError("destroy: only buffers created with explicitly_destroy=True can be destroyed explicitly")
+            raise EPStateError(
+                "destroy: only buffers created with explicitly_destroy=True can be destroyed "
+                "explicitly"
+            )
         if self.runtime is None:
             raise EPStateError("destroy: buffer has been destroyed already")
         if self._backend == "cuda":
@@ -315,7 +373,8 @@ class Buffer:
         self._host.check_usable(op)
         if self._backend == "cuda" and torch.cuda.current_device() != self._device.index:
             raise EPStateError(
-                f"{op}: buffer lives on {self._device} but the current device is cuda:{torch.cuda.current_device()}"
+                f"{op}: buffer lives on {self._device} but the current device is "
+                f"cuda:{torch.cuda.current_device()}"
             )
 
     # ------------------------------------------------------------------------ static helpers
@@ -352,7 +411,9 @@ class Buffer:
         num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
     ) -> int:
         """V1's exact `num_rdma_bytes` recommendation for the low-latency mode (spec §6.5)."""
-        return _config.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        return _config.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )
 
     # ------------------------------------------------------------------------ local helpers
     def get_comm_stream(self):
@@ -367,7 +428,8 @@ class Buffer:
         offset: int = 0,
         use_rdma_buffer: bool = False,
     ) -> torch.Tensor:
-        """A view (no copy) of this rank's NVL buffer (or RDMA buffer), `offset` bytes in. Scratch."""
+        """A view (no copy) of this rank's NVL buffer (or RDMA buffer), `offset` bytes in.
+        Scratch."""
         op = "get_local_buffer_tensor"
         self._check_usable(op)
         return self._memory.local_view(op, dtype, size, offset, use_rdma_buffer)
@@ -375,12 +437,15 @@ class Buffer:
     # ------------------------------------------------------------------------ rank masking
     @_plain_torch
     def update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Mask (`mask=True`) or unmask a rank for this rank's high-throughput calls (tritonep extension).
+        """Mask (`mask=True`) or unmask a rank for this rank's high-throughput calls (tritonep
+        extension).
 
         Local, enqueued on the current stream, no host synchronisation. A masked rank is left out of
-        high-throughput traffic on this rank: `get_dispatch_layout` treats its experts as not selected
+        high-throughput traffic on this rank: `get_dispatch_layout` treats its experts as not
+        selected
         (its `num_tokens_per_rank` entry, its experts' counts and its `is_token_in_rank` column read
-        zero: the dropped tokens show in the returned counts), dispatch sends it nothing and does not
+        zero: the dropped tokens show in the returned counts), dispatch sends it nothing and does
+        not
         wait for it, combine neither sends to it nor waits for or adds its rows. Masks must be
         symmetric (if rank a masks b, b masks a) and every rank keeps making the same collective
         calls; a rank that masked every peer only moves its own tokens. Low-latency masks
@@ -392,12 +457,16 @@ class Buffer:
         if not 0 <= rank_to_mask < self.group_size:
             fail(op, f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask}")
         if mask and rank_to_mask == self.rank:
-            fail(op, f"a rank cannot mask itself, got rank_to_mask={rank_to_mask} on rank {self.rank}")
+            fail(
+                op,
+                f"a rank cannot mask itself, got rank_to_mask={rank_to_mask} on rank {self.rank}",
+            )
         self._rank_mask[rank_to_mask] = int(bool(mask))
 
     @_plain_torch
     def query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Copy this rank's high-throughput mask (1 = masked) into `mask_status`, int32 with R elements."""
+        """Copy this rank's high-throughput mask (1 = masked) into `mask_status`, int32 with R
+        elements."""
         op = "query_mask_buffer"
         self._check_usable(op)
         check_tensor(op, "mask_status", mask_status, device=self._device, dtypes=(torch.int32,))
@@ -421,7 +490,8 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """Token counts per rank / node / expert and the `is_token_in_rank` mask (local, no communication).
+        """Token counts per rank / node / expert and the `is_token_in_rank` mask (local, no
+        communication).
 
         Arguments:
             topk_idx: `[N, K]` int64 (or int32), the experts each token selects; negative = none.
@@ -435,11 +505,19 @@ class Buffer:
         """
         op = "get_dispatch_layout"
         self._check_usable(op)
-        check_tensor(op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2)
+        check_tensor(
+            op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
+        )
         check_int(op, "num_experts", num_experts, minimum=1)
         if num_experts % self.group_size != 0:
-            fail(op, f"num_experts must be divisible by the rank count {self.group_size}, got {num_experts}")
-        return self._layout(op, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream)
+            fail(
+                op,
+                f"num_experts must be divisible by the rank count {self.group_size}, got "
+                f"{num_experts}",
+            )
+        return self._layout(
+            op, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
+        )
 
     # ---------------------------------------------------------------------------- dispatch
     @_plain_torch
@@ -463,13 +541,18 @@ class Buffer:
         """Send each token to every rank that hosts one of its experts (collective).
 
         Arguments:
-            x: `[N, H]` rows (any dtype, row bytes a multiple of 16), or `(x_fp8 [N, H], scales [N, S])`
+            x: `[N, H]` rows (any dtype, row bytes a multiple of 16), or `(x_fp8 [N, H], scales [N,
+            S])`
                 with float32 or packed-UE8M0 int32 scales of any strides.
-            handle: a handle from an earlier non-cached dispatch: reuse its layout (cached mode, no host
-                synchronisation, CUDA-graph capturable); the count/top-k arguments must then be omitted.
-            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: outputs of `get_dispatch_layout`
+            handle: a handle from an earlier non-cached dispatch: reuse its layout (cached mode, no
+            host
+                synchronisation, CUDA-graph capturable); the count/top-k arguments must then be
+                omitted.
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: outputs of
+            `get_dispatch_layout`
                 (non-cached mode). `num_tokens_per_rdma_rank` is ignored for one node.
-            topk_idx / topk_weights: optional `[N, K]` routing (int64/int32 and float32), forwarded with
+            topk_idx / topk_weights: optional `[N, K]` routing (int64/int32 and float32), forwarded
+            with
                 ids rebased to the receiver's local experts (-1 elsewhere, weight 0).
             expert_alignment: rounds up each entry of the returned per-expert list.
             num_worst_tokens: if > 0, outputs get exactly this many rows and the host never blocks
@@ -478,8 +561,10 @@ class Buffer:
             previous_event, async_finish, allocate_on_comm_stream: stream rules of spec §14.5.
 
         Returns:
-            (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event);
-            cached mode returns (recv_x, None, None, None, None, event). Rows are ordered by source rank,
+            (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
+            event);
+            cached mode returns (recv_x, None, None, None, None, event). Rows are ordered by source
+            rank,
             then source token. Non-cached mode without `num_worst_tokens` blocks the host until the
             received counts are known.
         """
@@ -487,9 +572,20 @@ class Buffer:
         self._check_usable(op)
         if self._topology.is_internode:
             return self.internode_dispatch(
-                x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
-                config, previous_event, async_finish, allocate_on_comm_stream,
+                x,
+                handle,
+                num_tokens_per_rank,
+                num_tokens_per_rdma_rank,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                topk_idx,
+                topk_weights,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+                previous_event,
+                async_finish,
+                allocate_on_comm_stream,
             )
         config = self._resolve_config(op, config, Buffer.get_dispatch_config)
         num_channels = config.num_channels
@@ -501,39 +597,109 @@ class Buffer:
         if cached:
             handle = self._check_intranode_handle(op, handle, num_channels)
             if topk_idx is not None or topk_weights is not None:
-                fail(op, "topk_idx and topk_weights must be None for a cached dispatch (handle given)")
+                fail(
+                    op,
+                    "topk_idx and topk_weights must be None for a cached dispatch (handle given)",
+                )
             if handle.is_token_in_rank.size(0) != num_tokens:
-                fail(op, f"x must have the handle's {handle.is_token_in_rank.size(0)} tokens, got {num_tokens}")
+                fail(
+                    op,
+                    f"x must have the handle's {handle.is_token_in_rank.size(0)} tokens, got "
+                    f"{num_tokens}",
+                )
             is_token_in_rank = handle.is_token_in_rank
         else:
             check_int(op, "expert_alignment", expert_alignment, minimum=1)
-            for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                                ("num_tokens_per_expert", num_tokens_per_expert)):
+            for name, value in (
+                ("num_tokens_per_rank", num_tokens_per_rank),
+                ("is_token_in_rank", is_token_in_rank),
+                ("num_tokens_per_expert", num_tokens_per_expert),
+            ):
                 if value is None:
-                    fail(op, f"{name} is required for a non-cached dispatch (no handle given), got None")
-            check_tensor(op, "num_tokens_per_rank", num_tokens_per_rank, device=self._device, dtypes=(torch.int32,), shape=(num_ranks,))
-            check_tensor(op, "is_token_in_rank", is_token_in_rank, device=self._device, dtypes=(torch.bool,), shape=(num_tokens, num_ranks))
-            check_tensor(op, "num_tokens_per_expert", num_tokens_per_expert, device=self._device, dtypes=(torch.int32,), dim=1)
+                    fail(
+                        op,
+                        f"{name} is required for a non-cached dispatch (no handle given), got None",
+                    )
+            check_tensor(
+                op,
+                "num_tokens_per_rank",
+                num_tokens_per_rank,
+                device=self._device,
+                dtypes=(torch.int32,),
+                shape=(num_ranks,),
+            )
+            check_tensor(
+                op,
+                "is_token_in_rank",
+                is_token_in_rank,
+                device=self._device,
+                dtypes=(torch.bool,),
+                shape=(num_tokens, num_ranks),
+            )
+            check_tensor(
+                op,
+                "num_tokens_per_expert",
+                num_tokens_per_expert,
+                device=self._device,
+                dtypes=(torch.int32,),
+                dim=1,
+            )
             num_experts = num_tokens_per_expert.size(0)
             if num_experts == 0 or num_experts % num_ranks != 0:
-                fail(op, f"num_tokens_per_expert must have a positive multiple of {num_ranks} entries, got {num_experts}")
+                fail(
+                    op,
+                    f"num_tokens_per_expert must have a positive multiple of {num_ranks} entries, "
+                    f"got {num_experts}",
+                )
             if num_experts // num_ranks > protocol.MAX_LOCAL_EXPERTS:
                 fail(
                     op,
-                    f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x {num_ranks} entries "
-                    f"({protocol.MAX_LOCAL_EXPERTS} experts per rank), got {num_experts} ({num_experts // num_ranks} per rank)",
+                    f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x "
+                    f"{num_ranks} entries "
+                    f"({protocol.MAX_LOCAL_EXPERTS} experts per rank), got {num_experts} "
+                    f"({num_experts // num_ranks} per rank)",
                 )
             if (topk_idx is None) != (topk_weights is None):
                 fail(op, "topk_idx and topk_weights must be given together")
             if topk_idx is not None:
-                check_tensor(op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2)
+                check_tensor(
+                    op,
+                    "topk_idx",
+                    topk_idx,
+                    device=self._device,
+                    dtypes=(torch.int64, torch.int32),
+                    dim=2,
+                )
                 if topk_idx.size(0) != num_tokens or not 0 < topk_idx.size(1) <= MAX_TOPK:
-                    fail(op, f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_TOPK}, got {tuple(topk_idx.shape)}")
-                check_tensor(op, "topk_weights", topk_weights, device=self._device, dtypes=(torch.float32,), shape=tuple(topk_idx.shape))
+                    fail(
+                        op,
+                        f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_TOPK}, "
+                        f"got {tuple(topk_idx.shape)}",
+                    )
+                check_tensor(
+                    op,
+                    "topk_weights",
+                    topk_weights,
+                    device=self._device,
+                    dtypes=(torch.float32,),
+                    shape=tuple(topk_idx.shape),
+                )
 
         return self._intranode.dispatch(
-            op, config, x_data, x_scales, handle, num_tokens_per_expert, is_token_in_rank, topk_idx, topk_weights,
-            expert_alignment, num_worst_tokens, previous_event, async_finish, allocate_on_comm_stream,
+            op,
+            config,
+            x_data,
+            x_scales,
+            handle,
+            num_tokens_per_expert,
+            is_token_in_rank,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
         )
 
     # ----------------------------------------------------------------------------- combine
@@ -552,7 +718,8 @@ class Buffer:
         """Sum the copies of each token returned by every rank it was dispatched to (collective).
 
         Arguments:
-            x: `[X, H]` bfloat16 (float16 and float32 also accepted) where X is the handle's row count;
+            x: `[X, H]` bfloat16 (float16 and float32 also accepted) where X is the handle's row
+            count;
                 row i answers row i of the dispatch output.
             handle: the handle of the matching non-cached dispatch.
             topk_weights: optional float32 `[X, K]`, summed alongside (no bias).
@@ -561,31 +728,67 @@ class Buffer:
             previous_event, async_finish, allocate_on_comm_stream: stream rules of spec §14.5.
 
         Returns:
-            (combined_x `[N, H]`, combined_topk_weights `[N, K]` or None, event). The sum is accumulated
+            (combined_x `[N, H]`, combined_topk_weights `[N, K]` or None, event). The sum is
+            accumulated
             in fp32 (bias first, then ranks in ascending order) and rounded once. No host
             synchronisation; CUDA-graph capturable.
         """
         op = "combine"
         self._check_usable(op)
         if self._topology.is_internode:
-            return self.internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
-                                          allocate_on_comm_stream)
+            return self.internode_combine(
+                x,
+                handle,
+                topk_weights,
+                bias,
+                config,
+                previous_event,
+                async_finish,
+                allocate_on_comm_stream,
+            )
         config = self._resolve_config(op, config, Buffer.get_combine_config)
         handle = self._check_intranode_handle(op, handle, config.num_channels)
         num_rows = handle.recv_src_idx.size(0)
         num_tokens = handle.is_token_in_rank.size(0)
-        check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16, torch.float16, torch.float32), dim=2)
+        check_tensor(
+            op,
+            "x",
+            x,
+            device=self._device,
+            dtypes=(torch.bfloat16, torch.float16, torch.float32),
+            dim=2,
+        )
         if x.size(0) != num_rows:
             fail(op, f"x must have the handle's {num_rows} rows, got {x.size(0)}")
         check_rows_aligned(op, "x", x)
         hidden = x.size(1)
         if topk_weights is not None:
-            check_tensor(op, "topk_weights", topk_weights, device=self._device, dtypes=(torch.float32,), dim=2)
+            check_tensor(
+                op,
+                "topk_weights",
+                topk_weights,
+                device=self._device,
+                dtypes=(torch.float32,),
+                dim=2,
+            )
             if topk_weights.size(0) != num_rows or not 0 < topk_weights.size(1) <= MAX_TOPK:
-                fail(op, f"topk_weights must have shape [{num_rows}, K] with 1 <= K <= {MAX_TOPK}, got {tuple(topk_weights.shape)}")
+                fail(
+                    op,
+                    f"topk_weights must have shape [{num_rows}, K] with 1 <= K <= {MAX_TOPK}, got "
+                    f"{tuple(topk_weights.shape)}",
+                )
         biases = self._check_bias(op, bias, num_tokens, hidden, x.dtype)
-        return self._intranode.combine(op, config, x, handle, topk_weights, biases, previous_event, async_finish,
-                                       allocate_on_comm_stream)
+        return self._intranode.combine(
+            op,
+            config,
+            x,
+            handle,
+            topk_weights,
+            biases,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
     # ---------------------------------------------------------------------- internode (R_n > 1)
     def internode_dispatch(self, *args, **kwargs):
@@ -616,7 +819,9 @@ class Buffer:
         return self._low_latency
 
     @_plain_torch
-    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
         """Reset the low-latency signalling state of both buffer sets (collective, current stream).
 
         Call it before low-latency use when the buffer ran high-throughput kernels on shared memory,
@@ -646,9 +851,11 @@ class Buffer:
         Arguments:
             x: `[N, H]` bfloat16, `N <= num_max_dispatch_tokens_per_rank`, `H` a multiple of 128.
             topk_idx: `[N, K]` int64 (or int32) expert ids, negative = none.
-            num_max_dispatch_tokens_per_rank: `T`, the same on every rank and every call of a geometry.
+            num_max_dispatch_tokens_per_rank: `T`, the same on every rank and every call of a
+            geometry.
             num_experts: `E`, a multiple of the rank count.
-            cumulative_local_expert_recv_stats: optional int32 `[E / R]`, += received rows per expert.
+            cumulative_local_expert_recv_stats: optional int32 `[E / R]`, += received rows per
+            expert.
             dispatch_wait_recv_cost_stats: optional int64 `[R]`, += time waited per source rank
                 (`tritonep.WAIT_COST_UNIT`).
             use_fp8: quantise to float8_e4m3fn with one scale per 128 channels in the kernel.
@@ -667,8 +874,18 @@ class Buffer:
         """
         op = "low_latency_dispatch"
         return self._ll(op).dispatch(
-            op, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
-            dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook,
+            op,
+            x,
+            topk_idx,
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            async_finish,
+            return_recv_hook,
         )
 
     @_plain_torch
@@ -685,10 +902,12 @@ class Buffer:
         out: torch.Tensor | None = None,
         combine_wait_recv_cost_stats: torch.Tensor | None = None,
     ):
-        """Return each expert output row to its token and sum it weighted by `topk_weights` (collective).
+        """Return each expert output row to its token and sum it weighted by `topk_weights`
+        (collective).
 
         Arguments:
-            x: bf16 `[E/R, R*T, H]` expert outputs, row k of expert e answering row k of the dispatch.
+            x: bf16 `[E/R, R*T, H]` expert outputs, row k of expert e answering row k of the
+            dispatch.
             topk_idx, topk_weights: `[N, K]` routing of this rank's tokens (the dispatch's; entries
                 may be set to -1 to drop a contribution) and float32 weights.
             handle: the 5-tuple of the matching `low_latency_dispatch`.
@@ -700,17 +919,28 @@ class Buffer:
 
         Returns:
             (combined_x bf16 `[N, H]`, event, hook). `combined_x[t]` is the fp32 sum over k of
-            `topk_weights[t, k] * y(topk_idx[t, k], t)`, rounded once; zero where nothing was selected.
+            `topk_weights[t, k] * y(topk_idx[t, k], t)`, rounded once; zero where nothing was
+            selected.
         """
         op = "low_latency_combine"
         return self._ll(op).combine(
-            op, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out,
+            op,
+            x,
+            topk_idx,
+            topk_weights,
+            handle,
+            use_logfmt,
+            zero_copy,
+            async_finish,
+            return_recv_hook,
+            out,
             combine_wait_recv_cost_stats,
         )
 
     @_plain_torch
     def get_next_low_latency_combine_buffer(self, handle) -> torch.Tensor:
-        """Local: a bf16 `[E/R, R*T, H]` view of the staging area the next low-latency call uses, for
+        """Local: a bf16 `[E/R, R*T, H]` view of the staging area the next low-latency call uses,
+        for
         `low_latency_combine(..., zero_copy=True)`."""
         op = "get_next_low_latency_combine_buffer"
         return self._ll(op).next_combine_buffer(op, handle)
@@ -734,7 +964,8 @@ class Buffer:
 
     @_plain_torch
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Local: copy this rank's low-latency mask (1 = masked) into int32 `mask_status` of R elements."""
+        """Local: copy this rank's low-latency mask (1 = masked) into int32 `mask_status` of R
+        elements."""
         op = "low_latency_query_mask_buffer"
         low_latency = self._shrink(op)
         check_tensor(op, "mask_status", mask_status, device=self._device, dtypes=(torch.int32,))
@@ -748,7 +979,9 @@ class Buffer:
         self._shrink("low_latency_clean_mask_buffer").clean_mask()
 
     # ------------------------------------------------------------------------- internals
-    def _resolve_config(self, op: str, config: Config | None, default: Callable[[int], Config]) -> Config:
+    def _resolve_config(
+        self, op: str, config: Config | None, default: Callable[[int], Config]
+    ) -> Config:
         if config is None:
             config = default(self.group_size)
         if not isinstance(config, Config):
@@ -769,7 +1002,15 @@ class Buffer:
             check_tensor(op, "x[0]", x_data, device=self._device, dim=2, contiguous=False)
             if x_data.element_size() != 1:
                 fail(op, f"x[0] (FP8 data) must have 1-byte elements, got {x_data.dtype}")
-            check_tensor(op, "x[1]", x_scales, device=self._device, dtypes=(torch.float32, torch.int32), dim=2, contiguous=False)
+            check_tensor(
+                op,
+                "x[1]",
+                x_scales,
+                device=self._device,
+                dtypes=(torch.float32, torch.int32),
+                dim=2,
+                contiguous=False,
+            )
             if x_scales.size(0) != x_data.size(0):
                 fail(op, f"x[1] (scales) must have {x_data.size(0)} rows, got {x_scales.size(0)}")
             check_rows_aligned(op, "x[0]", x_data)
@@ -794,19 +1035,69 @@ class Buffer:
 
     def _validate_intranode_handle(self, op: str, handle, num_channels: int) -> IntranodeHandle:
         if not isinstance(handle, (tuple, list)) or len(handle) != 6:
-            kind = f"a {type(handle).__name__} of {len(handle)}" if isinstance(handle, (tuple, list)) else type(handle).__name__
+            kind = (
+                f"a {type(handle).__name__} of {len(handle)}"
+                if isinstance(handle, (tuple, list))
+                else type(handle).__name__
+            )
             fail(op, f"handle must be the 6-tuple of an intranode dispatch, got {kind}")
         handle = IntranodeHandle(*handle)
         num_ranks = self.group_size
-        check_tensor(op, "handle[0] (rank_prefix_matrix)", handle.rank_prefix_matrix, device=self._device, dtypes=(torch.int32,), shape=(num_ranks, num_ranks))
-        check_tensor(op, "handle[1] (channel_prefix_matrix)", handle.channel_prefix_matrix, device=self._device, dtypes=(torch.int32,), shape=(num_ranks, None))
+        check_tensor(
+            op,
+            "handle[0] (rank_prefix_matrix)",
+            handle.rank_prefix_matrix,
+            device=self._device,
+            dtypes=(torch.int32,),
+            shape=(num_ranks, num_ranks),
+        )
+        check_tensor(
+            op,
+            "handle[1] (channel_prefix_matrix)",
+            handle.channel_prefix_matrix,
+            device=self._device,
+            dtypes=(torch.int32,),
+            shape=(num_ranks, None),
+        )
         handle_channels = handle.channel_prefix_matrix.size(1)
         if handle_channels != num_channels:
-            fail(op, f"config has {num_channels} channels (num_sms={2 * num_channels}) but the handle was made with {handle_channels} (num_sms={2 * handle_channels})")
-        check_tensor(op, "handle[2] (recv_channel_prefix_matrix)", handle.recv_channel_prefix_matrix, device=self._device, dtypes=(torch.int32,), shape=(num_ranks, num_channels))
-        check_tensor(op, "handle[3] (recv_src_idx)", handle.recv_src_idx, device=self._device, dtypes=(torch.int32,), dim=1)
-        check_tensor(op, "handle[4] (is_token_in_rank)", handle.is_token_in_rank, device=self._device, dtypes=(torch.bool,), shape=(None, num_ranks))
-        check_tensor(op, "handle[5] (send_head)", handle.send_head, device=self._device, dtypes=(torch.int32,), shape=(handle.is_token_in_rank.size(0), num_ranks))
+            fail(
+                op,
+                f"config has {num_channels} channels (num_sms={2 * num_channels}) but the handle "
+                f"was made with {handle_channels} (num_sms={2 * handle_channels})",
+            )
+        check_tensor(
+            op,
+            "handle[2] (recv_channel_prefix_matrix)",
+            handle.recv_channel_prefix_matrix,
+            device=self._device,
+            dtypes=(torch.int32,),
+            shape=(num_ranks, num_channels),
+        )
+        check_tensor(
+            op,
+            "handle[3] (recv_src_idx)",
+            handle.recv_src_idx,
+            device=self._device,
+            dtypes=(torch.int32,),
+            dim=1,
+        )
+        check_tensor(
+            op,
+            "handle[4] (is_token_in_rank)",
+            handle.is_token_in_rank,
+            device=self._device,
+            dtypes=(torch.bool,),
+            shape=(None, num_ranks),
+        )
+        check_tensor(
+            op,
+            "handle[5] (send_head)",
+            handle.send_head,
+            device=self._device,
+            dtypes=(torch.int32,),
+            shape=(handle.is_token_in_rank.size(0), num_ranks),
+        )
         return handle
 
     def _check_bias(self, op: str, bias, num_tokens: int, hidden: int, dtype: torch.dtype):
@@ -821,5 +1112,12 @@ class Buffer:
             fail(op, f"bias must be None, a tensor or a pair of tensors, got {kind}")
         for i, b in enumerate(biases):
             if b is not None:
-                check_tensor(op, f"bias[{i}]", b, device=self._device, dtypes=(dtype,), shape=(num_tokens, hidden))
+                check_tensor(
+                    op,
+                    f"bias[{i}]",
+                    b,
+                    device=self._device,
+                    dtypes=(dtype,),
+                    shape=(num_tokens, hidden),
+                )
         return biases

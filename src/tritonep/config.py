@@ -167,12 +167,7 @@ class Config:
         # + 16: V1 reserves one int4 per row beyond the NVL row layout; the factor 2 below counts
         # its send and receive halves.
         row_bytes = (
-            hidden_bytes
-            + _SOURCE_META_BYTES
-            + MAX_TOPK * tb
-            + MAX_TOPK * 4
-            + _MAX_SCALES * 4
-            + 16
+            hidden_bytes + _SOURCE_META_BYTES + MAX_TOPK * tb + MAX_TOPK * 4 + _MAX_SCALES * 4 + 16
         )
         return _align128(c * rd * (8 * 2 + 2) * 2 * 4 + 2 * rows * row_bytes)
 

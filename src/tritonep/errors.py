@@ -23,4 +23,5 @@ class EPStateError(EPError, AssertionError):
 
 
 class EPTimeoutError(EPError, TimeoutError):
-    """A host or device wait exceeded `TRITONEP_TIMEOUT_S`; the message names rank, phase and peer."""
+    """A host or device wait exceeded `TRITONEP_TIMEOUT_S`; the message names rank, phase and
+    peer."""

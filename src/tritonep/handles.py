@@ -1,4 +1,5 @@
-"""Handle tuples in DeepEP V1's field order (spec §12). NamedTuples are tuples: `handle[0]` works."""
+"""Handle tuples in DeepEP V1's field order (spec §12). NamedTuples are tuples: `handle[0]`
+works."""
 
 from typing import NamedTuple
 

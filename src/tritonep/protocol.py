@@ -31,7 +31,8 @@ previous data kernel finished: a sender that sees a head of the current epoch kn
 longer reads anything of the previous call, whatever queue geometry that call used.
 
 Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), overflow, bad expert id
-record (4), ranks masked by a low-latency timeout (bits), per-expert counts (MAX_LOCAL_EXPERTS)]`. `ready` holds the host-chosen token of the
+record (4), ranks masked by a low-latency timeout (bits), per-expert counts (MAX_LOCAL_EXPERTS)]`.
+`ready` holds the host-chosen token of the
 counting notify that filled the counts. The error record is `[claim, rank, peer, phase, channel,
 observed, expected, code]`: the first reporter claims it, `code` is written last.
 """
@@ -66,7 +67,9 @@ def channel_word(phase: int) -> str:
 # Error codes in device error records.
 ERR_TIMEOUT = 1
 ERR_LAYOUT_MISMATCH = 2  # ranks disagree on the call's geometry (hidden, top-k, config ...)
-ERR_REFUSED = 4  # a rank cannot run the call with its queues (CPU backend: a queue must hold a channel)
+ERR_REFUSED = (
+    4  # a rank cannot run the call with its queues (CPU backend: a queue must hold a channel)
+)
 ERROR_SLOTS = 8  # [claim, rank, peer, phase, channel, observed, expected, code]
 
 HOST_READY = 0
@@ -104,7 +107,7 @@ def inbox_slots(num_ranks: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def signal_layout(num_ranks: int) -> "SignalLayout":
+def signal_layout(num_ranks: int) -> SignalLayout:
     """The (immutable, cached) signal-region layout for `num_ranks` ranks."""
     return SignalLayout(num_ranks)
 

@@ -10,39 +10,50 @@ import torch
 
 
 def layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ranks_per_node: int):
-    """(num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank)."""
+    """(num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert,
+    is_token_in_rank)."""
     experts_per_rank = num_experts // num_ranks
     valid = (topk_idx >= 0) & (topk_idx < num_experts)
     owner = torch.where(valid, topk_idx // experts_per_rank, -1)
     is_token_in_rank = torch.stack([(owner == j).any(dim=1) for j in range(num_ranks)], dim=1)
     if is_token_in_rank.numel() == 0:
-        is_token_in_rank = torch.zeros((topk_idx.size(0), num_ranks), dtype=torch.bool, device=topk_idx.device)
+        is_token_in_rank = torch.zeros(
+            (topk_idx.size(0), num_ranks), dtype=torch.bool, device=topk_idx.device
+        )
     num_tokens_per_rank = is_token_in_rank.sum(0).to(torch.int32)
-    num_tokens_per_expert = torch.stack([(topk_idx == e).sum() for e in range(num_experts)]).to(torch.int32)
+    num_tokens_per_expert = torch.stack([(topk_idx == e).sum() for e in range(num_experts)]).to(
+        torch.int32
+    )
     num_nodes = num_ranks // ranks_per_node
     num_tokens_per_node = None
     if num_nodes > 1:
         node = torch.where(owner >= 0, owner // ranks_per_node, -1)
-        num_tokens_per_node = torch.stack([(node == n).any(dim=1).sum() for n in range(num_nodes)]).to(torch.int32)
+        num_tokens_per_node = torch.stack(
+            [(node == n).any(dim=1).sum() for n in range(num_nodes)]
+        ).to(torch.int32)
     return num_tokens_per_rank, num_tokens_per_node, num_tokens_per_expert, is_token_in_rank
 
 
-def dispatch(rank: int, num_experts: int, xs, is_token_in_rank, topk_idx=None, topk_weights=None, scales=None):
+def dispatch(
+    rank: int, num_experts: int, xs, is_token_in_rank, topk_idx=None, topk_weights=None, scales=None
+):
     """What rank `rank` receives: a dict with recv_x, recv_scales, recv_src_idx, recv_topk_idx,
     recv_topk_weights, rank_prefix_matrix (full) and num_recv_tokens_per_expert (unaligned)."""
     num_ranks = len(xs)
     experts_per_rank = num_experts // num_ranks
     masks = [m[:, rank] for m in is_token_in_rank]
     out = {
-        "recv_x": torch.cat([x[m] for x, m in zip(xs, masks)]),
+        "recv_x": torch.cat([x[m] for x, m in zip(xs, masks, strict=False)]),
         "recv_src_idx": torch.cat([torch.nonzero(m).flatten().to(torch.int32) for m in masks]),
-        "rank_prefix_matrix": torch.stack([m.sum(0) for m in is_token_in_rank]).cumsum(0).to(torch.int32),
+        "rank_prefix_matrix": torch.stack([m.sum(0) for m in is_token_in_rank])
+        .cumsum(0)
+        .to(torch.int32),
     }
     if scales is not None:
-        out["recv_scales"] = torch.cat([s[m] for s, m in zip(scales, masks)])
+        out["recv_scales"] = torch.cat([s[m] for s, m in zip(scales, masks, strict=False)])
     if topk_idx is not None:
-        idx = torch.cat([t[m] for t, m in zip(topk_idx, masks)])
-        weights = torch.cat([w[m] for w, m in zip(topk_weights, masks)])
+        idx = torch.cat([t[m] for t, m in zip(topk_idx, masks, strict=False)])
+        weights = torch.cat([w[m] for w, m in zip(topk_weights, masks, strict=False)])
         local = idx - rank * experts_per_rank
         mine = (idx >= 0) & (local >= 0) & (local < experts_per_rank)
         out["recv_topk_idx"] = torch.where(mine, local, torch.full_like(local, -1))
@@ -59,7 +70,8 @@ def dispatch(rank: int, num_experts: int, xs, is_token_in_rank, topk_idx=None, t
 def combine(rank: int, returned, blocks, num_tokens: int, biases=(), weights=None):
     """Combined rows for rank `rank`, accumulated in fp32: bias first, then ranks ascending.
 
-    returned[j]: `[X_j, H]` rows rank j passes to combine; blocks[j]: (first_row, src_idx) — the rows of
+    returned[j]: `[X_j, H]` rows rank j passes to combine; blocks[j]: (first_row, src_idx) — the
+    rows of
     rank j that came from `rank` start at `first_row` and answer tokens `src_idx` of `rank`.
     weights: optional list of `[X_j, K]` returned weights.
     """
@@ -70,7 +82,9 @@ def combine(rank: int, returned, blocks, num_tokens: int, biases=(), weights=Non
             acc += b.float()
     wacc = None
     if weights is not None:
-        wacc = torch.zeros((num_tokens, weights[0].size(1)), dtype=torch.float32, device=weights[0].device)
+        wacc = torch.zeros(
+            (num_tokens, weights[0].size(1)), dtype=torch.float32, device=weights[0].device
+        )
     for j, (first, src) in enumerate(blocks):
         rows = returned[j][first : first + src.numel()].float()
         acc.index_add_(0, src.long(), rows)
@@ -88,7 +102,8 @@ def ll_quantize(x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = Fa
 
     Returns `(values, scales)`: `values` float8_e4m3fn `[N, H]`; `scales` float32 `scale_inv`
     `[N, G]` (G = ceil(H / 128), a partial last group counts as one), or with `use_ue8m0` int32
-    `[N, ceil(G / 4)]` UE8M0 words (biased exponent of group 4p + i in byte i of word p, unused bytes
+    `[N, ceil(G / 4)]` UE8M0 words (biased exponent of group 4p + i in byte i of word p, unused
+    bytes
     0). NaNs do not raise a group's amax (as in V1); they stay NaN.
 
     Example: a row with max |x| = 3.5, x[0] = 1.0 -> scale 3.5 * f32(1/448) = 2**-7,
@@ -194,8 +209,15 @@ def _ll_linked(mask, a: int, b: int) -> bool:
     return mask is None or not (bool(mask[a][b]) or bool(mask[b][a]))
 
 
-def ll_dispatch(rank: int, num_ranks: int, num_experts: int, num_max_dispatch_tokens_per_rank: int,
-                xs, topk_idxs, mask=None) -> dict:
+def ll_dispatch(
+    rank: int,
+    num_ranks: int,
+    num_experts: int,
+    num_max_dispatch_tokens_per_rank: int,
+    xs,
+    topk_idxs,
+    mask=None,
+) -> dict:
     """What `low_latency_dispatch` returns on `rank` (BF16, tritonep's deterministic order, §13.2).
 
     `xs[s]` `[N_s, H]` and `topk_idxs[s]` `[N_s, K]` are rank s's inputs. `mask[s][j]` (optional)
@@ -244,8 +266,18 @@ def ll_dispatch(rank: int, num_ranks: int, num_experts: int, num_max_dispatch_to
     }
 
 
-def ll_combine(rank: int, num_ranks: int, num_experts: int, expert_outputs, topk_idx, topk_weights,
-               src_infos, layout_ranges, mask=None, use_logfmt: bool = False) -> torch.Tensor:
+def ll_combine(
+    rank: int,
+    num_ranks: int,
+    num_experts: int,
+    expert_outputs,
+    topk_idx,
+    topk_weights,
+    src_infos,
+    layout_ranges,
+    mask=None,
+    use_logfmt: bool = False,
+) -> torch.Tensor:
     """What `low_latency_combine` returns on `rank` (spec §13.3): bf16 `[N, H]`.
 
     `expert_outputs[o]` `[L, R*T, H]` bf16 is what rank o passes to combine; `src_infos[o]` and

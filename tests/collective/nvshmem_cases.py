@@ -1,4 +1,5 @@
-"""Cases for the device layer (`tritonep.transport.device`), shared by the CPU tests and the GPU check.
+"""Cases for the device layer (`tritonep.transport.device`), shared by the CPU tests and the GPU
+check.
 
 Every case is one single-program kernel per rank plus a host check. `run_cases(heap, ...)` runs
 them all on any `HeapMemory` (the `/dev/shm` emulation in the interpreter, NVSHMEM on a GPU) and
@@ -73,11 +74,25 @@ def _mismatches(ptr, n, src, dst, epoch, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["rank", "world", "epoch", "n"])
-def _exchange_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_ns, SIG_OP: tl.constexpr,
-                     TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _exchange_kernel(
+    route,
+    heap,
+    rank,
+    world,
+    epoch,
+    n,
+    out,
+    clock_addr,
+    timeout_ns,
+    SIG_OP: tl.constexpr,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Every rank puts a distinct payload with a signal to every rank (itself included), then checks
-    what arrived once each signal is seen. `out[j]`: wrong elements from j, -1 if j's signal never came."""
+    what arrived once each signal is seen. `out[j]`: wrong elements from j, -1 if j's signal never
+    came."""
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     flags = _words(heap, FLAGS)
     inbox = _region(heap, 0, world, n)
@@ -89,8 +104,19 @@ def _exchange_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeou
     value = epoch if SIG_OP == device.SIGNAL_SET else 1
     for j in range(world):
         pe, delta, direct = device.open_peer(route, rank, j, TRANSPORT, FORCE_PUT)
-        device.put_signal_nbi_block(inbox + rank * n, stage + j * n, n, flags + rank, value, pe, delta, direct, SIG_OP,
-                                    TRANSPORT, BLOCK)
+        device.put_signal_nbi_block(
+            inbox + rank * n,
+            stage + j * n,
+            n,
+            flags + rank,
+            value,
+            pe,
+            delta,
+            direct,
+            SIG_OP,
+            TRANSPORT,
+            BLOCK,
+        )
     for j in range(world):
         seen = device.wait_until(flags + j, epoch, deadline, clock_addr, USE_GLOBALTIMER)
         bad = _mismatches(inbox + j * n, n, j, rank, epoch, BLOCK)
@@ -98,8 +124,21 @@ def _exchange_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeou
 
 
 @triton.jit(do_not_specialize=["rank", "world", "epoch", "n"])
-def _fence_quiet_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_ns, TRANSPORT: tl.constexpr,
-                        FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr, BLOCK: tl.constexpr):
+def _fence_quiet_kernel(
+    route,
+    heap,
+    rank,
+    world,
+    epoch,
+    n,
+    out,
+    clock_addr,
+    timeout_ns,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Rank r sends to r+1: put, quiet, unordered count (data complete before the count);
     put, fence, put of a flag word (data lands before the word). Then checks what r-1 sent.
     `out[0]`, `out[1]`: wrong elements behind the count / the word, -1 if it never came."""
@@ -121,7 +160,9 @@ def _fence_quiet_kernel(route, heap, rank, world, epoch, n, out, clock_addr, tim
     device.put_nbi_block(inbox + rank * n, stage, n, pe, delta, direct, TRANSPORT, BLOCK)
     device.quiet(TRANSPORT)
     device.atomic_add(counter, 1, pe, delta, direct, TRANSPORT)
-    device.put_nbi_block(fence_inbox + rank * n, fence_stage, n, pe, delta, direct, TRANSPORT, BLOCK)
+    device.put_nbi_block(
+        fence_inbox + rank * n, fence_stage, n, pe, delta, direct, TRANSPORT, BLOCK
+    )
     device.fence(TRANSPORT)
     device.put_nbi_block(words + rank, word_stage, 1, pe, delta, direct, TRANSPORT, BLOCK)
     device.quiet(TRANSPORT)
@@ -134,8 +175,11 @@ def _fence_quiet_kernel(route, heap, rank, world, epoch, n, out, clock_addr, tim
 
 
 @triton.jit(do_not_specialize=["rank", "world", "reps"])
-def _atomics_kernel(route, heap, rank, world, reps, olds, TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr):
-    """`reps` times per rank j (itself included): fetch-add 1 and add 3 at j; `olds[j, i]` the fetched values."""
+def _atomics_kernel(
+    route, heap, rank, world, reps, olds, TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr
+):
+    """`reps` times per rank j (itself included): fetch-add 1 and add 3 at j; `olds[j, i]` the
+    fetched values."""
     for j in range(world):
         pe, delta, direct = device.open_peer(route, rank, j, TRANSPORT, FORCE_PUT)
         for i in range(reps):
@@ -145,9 +189,23 @@ def _atomics_kernel(route, heap, rank, world, reps, olds, TRANSPORT: tl.constexp
 
 
 @triton.jit(do_not_specialize=["rank", "world", "epoch", "n"])
-def _store_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_ns, TRANSPORT: tl.constexpr,
-                  FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr, BLOCK: tl.constexpr):
-    """Plain stores to every direct peer, then a signal; `out[j]`: wrong elements from direct peer j,
+def _store_kernel(
+    route,
+    heap,
+    rank,
+    world,
+    epoch,
+    n,
+    out,
+    clock_addr,
+    timeout_ns,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Plain stores to every direct peer, then a signal; `out[j]`: wrong elements from direct peer
+    j,
     -1 if its signal never came, -2 if j is not direct."""
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     inbox = _region(heap, 2, world, n)
@@ -158,7 +216,9 @@ def _store_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_n
         if direct:
             for start in range(0, n, BLOCK):
                 index = start + offsets
-                device.store(inbox + rank * n + index, _payload(rank, j, epoch, index), delta, mask=index < n)
+                device.store(
+                    inbox + rank * n + index, _payload(rank, j, epoch, index), delta, mask=index < n
+                )
             device.signal_op(flags + rank, epoch, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
     for j in range(world):
         pe, delta, direct = device.open_peer(route, rank, j, TRANSPORT, FORCE_PUT)
@@ -171,9 +231,23 @@ def _store_kernel(route, heap, rank, world, epoch, n, out, clock_addr, timeout_n
 
 
 @triton.jit(do_not_specialize=["rank", "world", "peer", "rounds", "n"])
-def _ping_pong_kernel(route, heap, rank, world, peer, initiator, rounds, n, out, clock_addr, timeout_ns,
-                      TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr, USE_GLOBALTIMER: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _ping_pong_kernel(
+    route,
+    heap,
+    rank,
+    world,
+    peer,
+    initiator,
+    rounds,
+    n,
+    out,
+    clock_addr,
+    timeout_ns,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """`rounds` round trips: the initiator puts round i with signal i, the peer echoes what came.
     `out`: rounds completed, wrong elements of the last echo (all equal `rounds`), ns from the end
     of round 1 to the end (round 1 absorbs the two launches' skew)."""
@@ -190,13 +264,15 @@ def _ping_pong_kernel(route, heap, rank, world, peer, initiator, rounds, n, out,
         if initiator:
             tl.store(stage + offsets, i, mask=offsets < n)
             tl.debug_barrier()
-            device.put_signal_nbi_block(message, stage, n, flag, i, pe, delta, direct, device.SIGNAL_SET, TRANSPORT,
-                                        BLOCK)
+            device.put_signal_nbi_block(
+                message, stage, n, flag, i, pe, delta, direct, device.SIGNAL_SET, TRANSPORT, BLOCK
+            )
             seen = device.wait_until(flag, i, deadline, clock_addr, USE_GLOBALTIMER)
         else:
             seen = device.wait_until(flag, i, deadline, clock_addr, USE_GLOBALTIMER)
-            device.put_signal_nbi_block(message, message, n, flag, i, pe, delta, direct, device.SIGNAL_SET, TRANSPORT,
-                                        BLOCK)
+            device.put_signal_nbi_block(
+                message, message, n, flag, i, pe, delta, direct, device.SIGNAL_SET, TRANSPORT, BLOCK
+            )
         if i == 1:
             first = now_ns(clock_addr, USE_GLOBALTIMER)
         ok = seen >= i
@@ -211,20 +287,27 @@ def _ping_pong_kernel(route, heap, rank, world, peer, initiator, rounds, n, out,
 def _timeout_kernel(heap, target, out, clock_addr, timeout_ns, USE_GLOBALTIMER: tl.constexpr):
     """Waits on a word nobody writes: `out = [value seen, ns waited]`."""
     start = now_ns(clock_addr, USE_GLOBALTIMER)
-    seen = device.wait_until(_words(heap, SPARE), target, start + timeout_ns, clock_addr, USE_GLOBALTIMER)
+    seen = device.wait_until(
+        _words(heap, SPARE), target, start + timeout_ns, clock_addr, USE_GLOBALTIMER
+    )
     tl.store(out, seen)
     tl.store(out + 1, now_ns(clock_addr, USE_GLOBALTIMER) - start)
 
 
 KERNELS = {
-    "exchange": _exchange_kernel, "fence_quiet": _fence_quiet_kernel, "atomics": _atomics_kernel,
-    "store": _store_kernel, "ping_pong": _ping_pong_kernel, "timeout": _timeout_kernel,
+    "exchange": _exchange_kernel,
+    "fence_quiet": _fence_quiet_kernel,
+    "atomics": _atomics_kernel,
+    "store": _store_kernel,
+    "ping_pong": _ping_pong_kernel,
+    "timeout": _timeout_kernel,
 }
 
 
 # -------------------------------------------------------------------------------------- host
 class Launcher:
-    """Launches the case kernels on one heap: the constexprs it needs, NVSHMEM linking when it needs it."""
+    """Launches the case kernels on one heap: the constexprs it needs, NVSHMEM linking when it
+    needs it."""
 
     def __init__(self, heap, bootstrap, clock_addr: int, use_globaltimer: bool, timeout_s: float):
         self.heap = heap
@@ -247,8 +330,11 @@ class Launcher:
         return self._kernels[name]
 
     def constexprs(self, block: int | None = None) -> dict:
-        flags = dict(TRANSPORT=self.heap.transport, FORCE_PUT=self.heap.force_put,
-                     USE_GLOBALTIMER=self.use_globaltimer)
+        flags = dict(
+            TRANSPORT=self.heap.transport,
+            FORCE_PUT=self.heap.force_put,
+            USE_GLOBALTIMER=self.use_globaltimer,
+        )
         if block is not None:
             flags["BLOCK"] = block
         return flags
@@ -264,8 +350,18 @@ class Launcher:
         self.sync()
 
 
-def run_cases(heap, bootstrap, *, n: int, block: int, epochs: int, reps: int, clock_addr: int,
-              use_globaltimer: bool, timeout_s: float) -> dict:
+def run_cases(
+    heap,
+    bootstrap,
+    *,
+    n: int,
+    block: int,
+    epochs: int,
+    reps: int,
+    clock_addr: int,
+    use_globaltimer: bool,
+    timeout_s: float,
+) -> dict:
     """Every case on `heap`; returns `{case: numbers}` (all-zero error counts mean it passed)."""
     go = Launcher(heap, bootstrap, clock_addr, use_globaltimer, timeout_s)
     rank, world = heap.rank, heap.world_size
@@ -276,60 +372,105 @@ def run_cases(heap, bootstrap, *, n: int, block: int, epochs: int, reps: int, cl
         rows = []
         for epoch in range(1, epochs + 1):
             out = torch.zeros(world, dtype=torch.int32, device=go.dev)
-            go.kernel("exchange")[(1,)](*args, epoch, n, out, go.clock_addr, go.timeout_ns, SIG_OP=sig_op,
-                                        **go.constexprs(block))
+            go.kernel("exchange")[(1,)](
+                *args,
+                epoch,
+                n,
+                out,
+                go.clock_addr,
+                go.timeout_ns,
+                SIG_OP=sig_op,
+                **go.constexprs(block),
+            )
             go.sync()
             rows.append(out.tolist())
         results[name] = rows
         # SET leaves the last epoch, ADD the count of epochs: both `epochs`. A SET acting as an add
         # (any op code NVSHMEM does not know as SET) leaves 1 + 2 + ... instead.
-        results[name + "_flags"] = heap.local[:DATA.value].view(torch.int64)[:world].tolist()
+        results[name + "_flags"] = heap.local[: DATA.value].view(torch.int64)[:world].tolist()
         go.zero()
     rows = []
     for epoch in range(1, epochs + 1):
         out = torch.zeros(2, dtype=torch.int32, device=go.dev)
-        go.kernel("fence_quiet")[(1,)](*args, epoch, n, out, go.clock_addr, go.timeout_ns, **go.constexprs(block))
+        go.kernel("fence_quiet")[(1,)](
+            *args, epoch, n, out, go.clock_addr, go.timeout_ns, **go.constexprs(block)
+        )
         go.sync()
         rows.append(out.tolist())
     results["fence_quiet"] = rows
     rows = []
     for epoch in range(1, epochs + 1):
         out = torch.zeros(world, dtype=torch.int32, device=go.dev)
-        go.kernel("store")[(1,)](*args, epoch, n, out, go.clock_addr, go.timeout_ns, **go.constexprs(block))
+        go.kernel("store")[(1,)](
+            *args, epoch, n, out, go.clock_addr, go.timeout_ns, **go.constexprs(block)
+        )
         go.sync()
         rows.append(out.tolist())
     results["store"] = rows
     olds = torch.full((world, reps), -1, dtype=torch.int64, device=go.dev)
-    go.kernel("atomics")[(1,)](*args, reps, olds, TRANSPORT=heap.transport, FORCE_PUT=heap.force_put)
+    go.kernel("atomics")[(1,)](
+        *args, reps, olds, TRANSPORT=heap.transport, FORCE_PUT=heap.force_put
+    )
     go.sync()
-    words = heap.local[:DATA.value].view(torch.int64).cpu()
+    words = heap.local[: DATA.value].view(torch.int64).cpu()
     results["atomics"] = {
-        "adds": int(words[ADDS.value // 8]), "fetch_adds": int(words[FETCH_ADDS.value // 8]), "olds": olds.tolist(),
+        "adds": int(words[ADDS.value // 8]),
+        "fetch_adds": int(words[FETCH_ADDS.value // 8]),
+        "olds": olds.tolist(),
     }
     out = torch.zeros(2, dtype=torch.int64, device=go.dev)
-    go.kernel("timeout")[(1,)](go.base, 1, out, go.clock_addr, int(0.05e9), USE_GLOBALTIMER=use_globaltimer)
+    go.kernel("timeout")[(1,)](
+        go.base, 1, out, go.clock_addr, int(0.05e9), USE_GLOBALTIMER=use_globaltimer
+    )
     go.sync()
     results["timeout"] = {"seen": int(out[0]), "waited_ns": int(out[1])}
     return results
 
 
-def ping_pong(heap, bootstrap, *, rounds: int, n: int, block: int, clock_addr: int, use_globaltimer: bool,
-              timeout_s: float) -> dict:
+def ping_pong(
+    heap,
+    bootstrap,
+    *,
+    rounds: int,
+    n: int,
+    block: int,
+    clock_addr: int,
+    use_globaltimer: bool,
+    timeout_s: float,
+) -> dict:
     """Ranks 0 and 1 play `rounds` round trips of `n` int32 (others idle); returns rounds completed,
-    wrong elements, and on rank 0 the mean round trip in µs over rounds 2..`rounds` (device clock)."""
+    wrong elements, and on rank 0 the mean round trip in µs over rounds 2..`rounds` (device
+    clock)."""
     go = Launcher(heap, bootstrap, clock_addr, use_globaltimer, timeout_s)
     go.zero()
     rank = heap.rank
     out = torch.zeros(3, dtype=torch.int64, device=go.dev)
     if rank < 2:
-        go.kernel("ping_pong")[(1,)](heap.route_table_dev, go.base, rank, heap.world_size, 1 - rank, rank == 0,
-                                     rounds, n, out, go.clock_addr, go.timeout_ns, **go.constexprs(block))
+        go.kernel("ping_pong")[(1,)](
+            heap.route_table_dev,
+            go.base,
+            rank,
+            heap.world_size,
+            1 - rank,
+            rank == 0,
+            rounds,
+            n,
+            out,
+            go.clock_addr,
+            go.timeout_ns,
+            **go.constexprs(block),
+        )
     go.sync()
     if rank >= 2:
         return {"rank": rank}
     rounds_done, bad, ns = out.tolist()
-    return {"rank": rank, "rounds": rounds_done, "bad": bad, "payload_bytes": 4 * n,
-            "mean_round_trip_us": ns / max(rounds - 1, 1) / 1e3}
+    return {
+        "rank": rank,
+        "rounds": rounds_done,
+        "bad": bad,
+        "payload_bytes": 4 * n,
+        "mean_round_trip_us": ns / max(rounds - 1, 1) / 1e3,
+    }
 
 
 def problems(results: dict, direct: list[bool], reach: list[bool], rank: int) -> list[str]:
@@ -340,12 +481,18 @@ def problems(results: dict, direct: list[bool], reach: list[bool], rank: int) ->
     for name in ("exchange_set", "exchange_add"):
         for epoch, row in enumerate(results[name], 1):
             if row != [0] * world:
-                found.append(f"{name} epoch {epoch}: wrong elements per source {row} (-1 = no signal)")
+                found.append(
+                    f"{name} epoch {epoch}: wrong elements per source {row} (-1 = no signal)"
+                )
         if results[name + "_flags"] != [len(results[name])] * world:
-            found.append(f"{name}: signal words {results[name + '_flags']}, want {len(results[name])} each")
+            found.append(
+                f"{name}: signal words {results[name + '_flags']}, want {len(results[name])} each"
+            )
     for epoch, row in enumerate(results["fence_quiet"], 1):
         if row != [0, 0]:
-            found.append(f"fence/quiet epoch {epoch}: wrong elements [after quiet, after fence] {row}")
+            found.append(
+                f"fence/quiet epoch {epoch}: wrong elements [after quiet, after fence] {row}"
+            )
     for epoch, row in enumerate(results["store"], 1):
         if row != [0 if d else -2 for d in direct]:
             found.append(f"stores epoch {epoch}: {row}")
@@ -374,8 +521,16 @@ def fetch_add_problems(all_results: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- RankPool task
-def pool_cases(ctx, ranks_per_node: int, force_put: bool, n: int = 24, block: int = 16, epochs: int = 2,
-               reps: int = 2, rounds: int = 3) -> dict:
+def pool_cases(
+    ctx,
+    ranks_per_node: int,
+    force_put: bool,
+    n: int = 24,
+    block: int = 16,
+    epochs: int = 2,
+    reps: int = 2,
+    rounds: int = 3,
+) -> dict:
     """CPU task: every case on an `EmulatedPeerMemory` of `ranks_per_node`-rank nodes."""
     from tritonep.runtime import clock as _clock
     from tritonep.transport.bootstrap import Bootstrap
@@ -386,7 +541,9 @@ def pool_cases(ctx, ranks_per_node: int, force_put: bool, n: int = 24, block: in
     try:
         timing = dict(clock_addr=_clock.clock_address(), use_globaltimer=False, timeout_s=20.0)
         results = run_cases(heap, bootstrap, n=n, block=block, epochs=epochs, reps=reps, **timing)
-        results["ping_pong"] = ping_pong(heap, bootstrap, rounds=rounds, n=min(n, block), block=block, **timing)
+        results["ping_pong"] = ping_pong(
+            heap, bootstrap, rounds=rounds, n=min(n, block), block=block, **timing
+        )
         results["ping_pong"]["expected"] = rounds
         results["peer_ptrs"] = [int(p != 0) for p in heap.peer_ptrs]
         return results
@@ -406,7 +563,11 @@ def lifecycle_task(ctx, cycles: int) -> dict:
         heap.close()
     heap.close()
     bootstrap.barrier()
-    return {"peer_ptrs": heap.peer_ptrs, "local": heap.local.numel(), "route": tuple(heap.route_table_dev.shape)}
+    return {
+        "peer_ptrs": heap.peer_ptrs,
+        "local": heap.local.numel(),
+        "route": tuple(heap.route_table_dev.shape),
+    }
 
 
 # -------------------------------------------------------------------------------- AOT (sm_90)
@@ -422,14 +583,31 @@ def aot_compile(transport: int, force_put: bool, extern_libs: dict | None = None
     for name, fn in KERNELS.items():
         if name == "timeout" and transport != device.STORES.value:
             continue
-        types = {"route": "*i64", "olds": "*i64", "out": "*i64" if name == "timeout" else "*i32", "heap": "i64",
-                 "clock_addr": "i64", "timeout_ns": "i64", "initiator": "i1"}
-        values = dict(TRANSPORT=transport, FORCE_PUT=force_put, USE_GLOBALTIMER=True, BLOCK=1024,
-                      SIG_OP=device.SIGNAL_ADD.value)
-        signature = {arg: "constexpr" if arg.isupper() else types.get(arg, "i32") for arg in fn.arg_names}
+        types = {
+            "route": "*i64",
+            "olds": "*i64",
+            "out": "*i64" if name == "timeout" else "*i32",
+            "heap": "i64",
+            "clock_addr": "i64",
+            "timeout_ns": "i64",
+            "initiator": "i1",
+        }
+        values = dict(
+            TRANSPORT=transport,
+            FORCE_PUT=force_put,
+            USE_GLOBALTIMER=True,
+            BLOCK=1024,
+            SIG_OP=device.SIGNAL_ADD.value,
+        )
+        signature = {
+            arg: "constexpr" if arg.isupper() else types.get(arg, "i32") for arg in fn.arg_names
+        }
         constexprs = {arg: values[arg] for arg in fn.arg_names if arg.isupper()}
         options = {"extern_libs": tuple(extern_libs.items())} if extern_libs else {}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options=options,
+        )
         report[name] = sorted(set(re.findall(r"\bnvshmemx?_(?!cases)\w+", compiled.asm["ptx"])))
     return report

@@ -1,4 +1,5 @@
-"""`Buffer(None, comm=...)`: bootstrap through an mpi4py-style communicator instead of a process group.
+"""`Buffer(None, comm=...)`: bootstrap through an mpi4py-style communicator instead of a process
+group.
 
 mpi4py is not a dependency, so the communicator here is a stand-in with mpi4py's methods
 (`Get_rank`, `Get_size`, `allgather`, `Barrier`) carried by the test's gloo group.
@@ -40,9 +41,15 @@ def comm_round_task(ctx):
     topk_idx, topk_weights = checks.make_routing(10, 8, 2, gen, torch.device("cpu"))
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, 8)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte, config=tritonep.Config(2, 4, 64)
+        x,
+        num_tokens_per_rank=ntr,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+        config=tritonep.Config(2, 4, 64),
     )
-    ref = reference.dispatch(ctx.rank, 8, checks.gather(ctx.group, x), checks.gather(ctx.group, itr))
+    ref = reference.dispatch(
+        ctx.rank, 8, checks.gather(ctx.group, x), checks.gather(ctx.group, itr)
+    )
     assert torch.equal(recv_x, ref["recv_x"])
     combined, _, _ = buffer.combine(recv_x, handle, config=tritonep.Config(2, 4, 64))
     assert torch.equal(combined, (x.float() * itr.sum(1, keepdim=True)).to(torch.bfloat16))

@@ -5,6 +5,7 @@ ranks' queue counters consistent; every replay is checked against the reference.
 """
 
 import pytest
+
 from conftest import gpu_count
 
 
@@ -24,8 +25,9 @@ def graph_task(ctx, num_tokens=1024, hidden=2048, num_topk=4, num_experts_per_ra
     x = torch.randn((num_tokens, hidden), generator=gen).to(torch.bfloat16).to(device)
     config = tritonep.Config(24, 6, 256)
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-    _, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                            num_tokens_per_expert=nte, config=config)
+    _, _, _, _, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte, config=config
+    )
     worst = num_tokens * world
     static_x = x.clone()
 
@@ -33,8 +35,15 @@ def graph_task(ctx, num_tokens=1024, hidden=2048, num_topk=4, num_experts_per_ra
         recv = buffer.dispatch(static_x, handle=handle, config=config)[0]
         combined = buffer.combine(recv, handle, config=config)[0]
         worst_x, worst_idx, _, _, _, _ = buffer.dispatch(
-            static_x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-            topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=worst, config=config)
+            static_x,
+            num_tokens_per_rank=ntr,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=nte,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_worst_tokens=worst,
+            config=config,
+        )
         return recv, combined, worst_x, worst_idx
 
     calls()  # compile and warm up outside the capture
@@ -47,12 +56,22 @@ def graph_task(ctx, num_tokens=1024, hidden=2048, num_topk=4, num_experts_per_ra
         static_x.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
-        ref = reference.dispatch(rank, num_experts, checks.gather(group, fresh), checks.gather(group, itr),
-                                 checks.gather(group, topk_idx), checks.gather(group, topk_weights))
+        ref = reference.dispatch(
+            rank,
+            num_experts,
+            checks.gather(group, fresh),
+            checks.gather(group, itr),
+            checks.gather(group, topk_idx),
+            checks.gather(group, topk_weights),
+        )
         num_recv = ref["recv_x"].size(0)
         assert torch.equal(recv.cpu(), ref["recv_x"]), f"replay {i}: cached dispatch"
-        assert torch.equal(worst_x[:num_recv].cpu(), ref["recv_x"]), f"replay {i}: worst-case dispatch"
-        assert torch.equal(worst_idx[:num_recv].cpu(), ref["recv_topk_idx"]), f"replay {i}: worst-case top-k"
+        assert torch.equal(worst_x[:num_recv].cpu(), ref["recv_x"]), (
+            f"replay {i}: worst-case dispatch"
+        )
+        assert torch.equal(worst_idx[:num_recv].cpu(), ref["recv_topk_idx"]), (
+            f"replay {i}: worst-case top-k"
+        )
         assert bool((worst_idx[num_recv:] == -1).all()), f"replay {i}: worst-case padding"
         want = (fresh.float() * itr.sum(1, keepdim=True)).to(torch.bfloat16)
         assert torch.equal(combined, want), f"replay {i}: combine"

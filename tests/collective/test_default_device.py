@@ -9,8 +9,8 @@ touches it fails instead of passing by accident.
 
 import pytest
 import torch
-from conftest import gpu_count
 
+from conftest import gpu_count
 from tritonep.testing import checks
 
 # A buffer size no other test uses: `checks.get_buffer` caches Buffers per size in the worker, and
@@ -30,8 +30,16 @@ def intranode_under_defaults(ctx, default_device: str, default_dtype: torch.dtyp
 
 def test_intranode_under_default_device_and_dtype_cpu(cpu_pool):
     results = cpu_pool(2).run(
-        intranode_under_defaults, "meta", torch.bfloat16, num_tokens=12, hidden=64, num_topk=3,
-        num_experts=8, num_nvl_bytes=NVL_BYTES_UNDER_DEFAULTS, matrix="quick", timeout=300,
+        intranode_under_defaults,
+        "meta",
+        torch.bfloat16,
+        num_tokens=12,
+        hidden=64,
+        num_topk=3,
+        num_experts=8,
+        num_nvl_bytes=NVL_BYTES_UNDER_DEFAULTS,
+        matrix="quick",
+        timeout=300,
     )
     assert all(r["dispatches"] == 2 and r["combines"] == 3 for r in results), results
 
@@ -39,8 +47,18 @@ def test_intranode_under_default_device_and_dtype_cpu(cpu_pool):
 @pytest.mark.gpu
 def test_intranode_under_default_cuda_device_gpu(gpu_pool):
     results = gpu_pool(gpu_count()).run(
-        intranode_under_defaults, "cuda", torch.bfloat16, num_tokens=1024, hidden=2048, num_topk=8,
-        num_experts=64, num_sms=24, chunk=6, recv_capacity=256, num_nvl_bytes=int(1e9), matrix="full",
+        intranode_under_defaults,
+        "cuda",
+        torch.bfloat16,
+        num_tokens=1024,
+        hidden=2048,
+        num_topk=8,
+        num_experts=64,
+        num_sms=24,
+        chunk=6,
+        recv_capacity=256,
+        num_nvl_bytes=int(1e9),
+        matrix="full",
         timeout=400,
     )
     assert all(r["dispatches"] >= 48 for r in results), results

@@ -22,9 +22,9 @@ import time
 
 import pytest
 import torch
+from small_case import NUM_EXPERTS, in_rank, pid_alive, routing, shm_leaks, tokens
 
 import tritonep
-from small_case import NUM_EXPERTS, in_rank, pid_alive, routing, shm_leaks, tokens
 from tritonep.testing.dist import RankError, close_all_pools
 
 TIMEOUT_S = 3.0
@@ -224,7 +224,9 @@ def test_stalled_rank_times_out(cpu_pool, op):
         )
         # The advice must be one the user can follow: this buffer was made without
         # explicitly_destroy, so destroy() would refuse it.
-        assert "create a new Buffer" in e["message"] and "destroy()" not in e["message"], e["message"]
+        assert "create a new Buffer" in e["message"] and "destroy()" not in e["message"], e[
+            "message"
+        ]
     assert wall < STALL_S + 15, f"{op}: the task took {wall:.1f} s"
     _assert_pool_usable(pool, f"the stalled-{op} test")
 
@@ -296,7 +298,8 @@ def test_killed_rank_times_out_and_leaves_nothing(cpu_pool):
 
 
 def _overflow_task(ctx) -> dict:
-    """num_worst_tokens smaller than what arrives: a clear EPInvalidArgument, rows beyond it dropped,
+    """num_worst_tokens smaller than what arrives: a clear EPInvalidArgument, rows beyond it
+    dropped,
     the buffer stays usable (a caller error, not a device fault)."""
     import tritonep as deep_ep
     from tritonep.testing import checks
@@ -308,14 +311,29 @@ def _overflow_task(ctx) -> dict:
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, 4)
     config = deep_ep.Config(2, 4, 64)
     try:
-        buffer.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                        topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=1, config=config)
+        buffer.dispatch(
+            x,
+            num_tokens_per_rank=ntr,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=nte,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_worst_tokens=1,
+            config=config,
+        )
         message = None
     except deep_ep.EPInvalidArgument as e:
         message = str(e)
     # Still usable: a normal round trip afterwards.
-    checks.check_intranode(ctx, num_tokens=8, hidden=32, num_topk=2, num_experts=4, num_nvl_bytes=4 << 20,
-                           matrix="quick")
+    checks.check_intranode(
+        ctx,
+        num_tokens=8,
+        hidden=32,
+        num_topk=2,
+        num_experts=4,
+        num_nvl_bytes=4 << 20,
+        matrix="quick",
+    )
     return {"message": message}
 
 

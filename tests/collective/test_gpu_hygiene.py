@@ -7,11 +7,13 @@ that much, so every byte tritonep itself allocates must come back.
 """
 
 import pytest
+
 from conftest import gpu_count
 
 
 def torch_rendezvous_bookkeeping(group) -> int:
-    """Bytes of `torch.cuda.memory_allocated` one bare symm_mem allocate + rendezvous + free leaves."""
+    """Bytes of `torch.cuda.memory_allocated` one bare symm_mem allocate + rendezvous + free
+    leaves."""
     import torch
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -33,7 +35,11 @@ def create_destroy_cycles_task(ctx, cycles=100):
     # Symmetric memory when every rank has a GPU of its own (whatever the machine's GPU count);
     # ranks sharing a GPU use CUDA IPC, where symmetric memory's rendezvous would refuse to run.
     devices = [None] * ctx.world_size
-    dist.all_gather_object(devices, str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid), group=ctx.group)
+    dist.all_gather_object(
+        devices,
+        str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid),
+        group=ctx.group,
+    )
     uses_symm_mem = len(set(devices)) == ctx.world_size
     allowance = torch_rendezvous_bookkeeping(ctx.group) * cycles if uses_symm_mem else 0
     torch.cuda.synchronize()
@@ -45,8 +51,9 @@ def create_destroy_cycles_task(ctx, cycles=100):
             topk_idx = torch.randint(0, 8 * ctx.world_size, (64, 2), device="cuda")
             ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, 8 * ctx.world_size)
             x = torch.randn((64, 256), dtype=torch.bfloat16, device="cuda")
-            recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                                         num_tokens_per_expert=nte)
+            recv_x, _, _, _, handle, _ = buffer.dispatch(
+                x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte
+            )
             buffer.combine(recv_x, handle)
             del topk_idx, ntr, nte, itr, x, recv_x, handle
         buffer.destroy()
@@ -63,7 +70,9 @@ def create_destroy_cycles_task(ctx, cycles=100):
 def check_no_growth(results) -> None:
     for result in results:
         assert result["allocated_growth"] <= 0, result
-        assert result["torch_rendezvous_allowance"] <= 2048 * 100, result  # two 512-byte blocks a cycle at most
+        assert result["torch_rendezvous_allowance"] <= 2048 * 100, (
+            result
+        )  # two 512-byte blocks a cycle at most
         # Symmetric memory lives outside the caching allocator: the driver's free memory must come
         # back too (a little slack for the CUDA context's own lazily created state).
         assert result["free_drop"] < 64 << 20, result

@@ -5,6 +5,7 @@ every received row must carry its own source's id in the spec's order, combine m
 """
 
 import pytest
+
 from conftest import gpu_count
 
 
@@ -26,8 +27,13 @@ def large_offsets_task(ctx, num_tokens=160_000, hidden=7168):
     # Every token goes to every rank: each rank receives world * num_tokens rows (> 2 GiB).
     topk_idx = (torch.arange(world, device=device) * 2).repeat(num_tokens, 1)
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, 2 * world)
-    recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                                 num_tokens_per_expert=nte, config=tritonep.Config(24, 6, 256))
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=ntr,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+        config=tritonep.Config(24, 6, 256),
+    )
     assert recv_x.numel() * recv_x.element_size() > 2**31
     got = recv_x.view(torch.int32)
     want_rank = torch.arange(world, device=device, dtype=torch.int32).repeat_interleave(num_tokens)

@@ -22,9 +22,9 @@ import time
 
 import pytest
 import torch
+from small_case import NUM_EXPERTS, in_rank, routing, shm_leaks, tokens
 
 import tritonep
-from small_case import NUM_EXPERTS, in_rank, routing, shm_leaks, tokens
 from tritonep.testing.dist import close_all_pools, sweep_shm
 
 SMALL, LARGE = 1 << 20, 2 << 20  # num_nvl_bytes of the two buffer sizes used below
@@ -81,10 +81,7 @@ def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
     )
     # Rows arrive by source rank, then source token (spec §14.1).
     want = torch.cat(
-        [
-            tokens(s, hidden)[in_rank(routing(s, seed), num_ranks)[:, rank]]
-            for s in range(num_ranks)
-        ]
+        [tokens(s, hidden)[in_rank(routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)]
     )
     assert torch.equal(recv_x, want), (
         f"seed {seed}: recv_x {recv_x[:, 0].tolist()} != {want[:, 0].tolist()}"

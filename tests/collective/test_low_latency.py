@@ -21,34 +21,57 @@ QUICK = [
 
 @pytest.mark.slow
 def test_low_latency_full_matrix_two_ranks_cpu(cpu_pool):
-    results = cpu_pool(2).run(ll.check_low_latency_matrix, ll.full_matrix(), num_experts=8, **SHAPE, timeout=900)
+    results = cpu_pool(2).run(
+        ll.check_low_latency_matrix, ll.full_matrix(), num_experts=8, **SHAPE, timeout=900
+    )
     assert results == [96, 96]
 
 
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_low_latency_quick_cpu(cpu_pool, world_size):
-    results = cpu_pool(world_size).run(ll.check_low_latency_matrix, QUICK, num_experts=2 * world_size, **SHAPE,
-                                       timeout=600)
+    results = cpu_pool(world_size).run(
+        ll.check_low_latency_matrix, QUICK, num_experts=2 * world_size, **SHAPE, timeout=600
+    )
     assert results == [len(QUICK)] * world_size
 
 
 def test_low_latency_emulated_put_path_cpu(cpu_pool):
     """Every peer through the put path (what another node gets), emulated over /dev/shm."""
-    results = cpu_pool(2, TRITONEP_FORCE_PUT="1").run(ll.check_low_latency_matrix, QUICK, num_experts=6, **SHAPE,
-                                                       timeout=600)
+    results = cpu_pool(2, TRITONEP_FORCE_PUT="1").run(
+        ll.check_low_latency_matrix, QUICK, num_experts=6, **SHAPE, timeout=600
+    )
     assert results == [len(QUICK)] * 2
 
 
 def test_low_latency_odd_shapes_cpu(cpu_pool):
-    combos = [dict(use_fp8=True, round_scale=True, use_ue8m0=True), dict(use_logfmt=True, hook=True)]
-    results = cpu_pool(3).run(ll.check_low_latency_matrix, combos, num_tokens=[4, 0, 7], hidden=384, num_topk=1,
-                              num_experts=3, max_tokens=7, timeout=600)
+    combos = [
+        dict(use_fp8=True, round_scale=True, use_ue8m0=True),
+        dict(use_logfmt=True, hook=True),
+    ]
+    results = cpu_pool(3).run(
+        ll.check_low_latency_matrix,
+        combos,
+        num_tokens=[4, 0, 7],
+        hidden=384,
+        num_topk=1,
+        num_experts=3,
+        max_tokens=7,
+        timeout=600,
+    )
     assert results == [2, 2, 2]
 
 
 def test_low_latency_is_repeatable_cpu(cpu_pool):
-    digests = cpu_pool(2).run(ll.check_low_latency_repeatable, repeats=6, num_tokens=6, hidden=256, num_topk=2,
-                              num_experts=4, max_tokens=8, timeout=600)
+    digests = cpu_pool(2).run(
+        ll.check_low_latency_repeatable,
+        repeats=6,
+        num_tokens=6,
+        hidden=256,
+        num_topk=2,
+        num_experts=4,
+        max_tokens=8,
+        timeout=600,
+    )
     assert all(len(d) == 1 for d in digests), digests
 
 
@@ -71,6 +94,10 @@ def test_low_latency_timeout_names_rank_and_phase_cpu(cpu_pool):
     pool.run(ll.make_ll_buffer, **SHRINK_SHAPE, timeout=120)
     first = pool.run(ll.timeout_round, dead_rank=1, stall_s=6.0, **SHRINK_SHAPE, timeout=120)[0]
     (kind, message), (later_kind, later_message) = first["errors"]
-    assert kind == "EPTimeoutError" and "rank 0" in message and "low-latency dispatch" in message \
-        and "rank 1" in message, message
+    assert (
+        kind == "EPTimeoutError"
+        and "rank 0" in message
+        and "low-latency dispatch" in message
+        and "rank 1" in message
+    ), message
     assert later_kind == "EPStateError" and "unusable" in later_message, later_message

@@ -8,14 +8,28 @@ import pytest
 
 from tritonep.testing import low_latency as ll
 
-SHARED_GPU_ENV = {"TRITONEP_BACKEND": "cuda", "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "0",
-                  "TRITONEP_TIMEOUT_S": "60", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0"}
+SHARED_GPU_ENV = {
+    "TRITONEP_BACKEND": "cuda",
+    "TRITON_INTERPRET": "0",
+    "CUDA_VISIBLE_DEVICES": "0",
+    "TRITONEP_TIMEOUT_S": "60",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NCCL_NVLS_ENABLE": "0",
+}
 
 
 @pytest.mark.gpu
 def test_low_latency_deepep_shape_two_ranks_on_one_gpu(cpu_pool):
     combos = [c for c in ll.full_matrix() if not c["with_out"] or c["use_fp8"]]
-    results = cpu_pool(2, **SHARED_GPU_ENV).run(ll.check_low_latency_matrix, combos, num_tokens=128, hidden=7168,
-                                                 num_topk=8, num_experts=288, max_tokens=128, drop=0.01,
-                                                 timeout=500)
+    results = cpu_pool(2, **SHARED_GPU_ENV).run(
+        ll.check_low_latency_matrix,
+        combos,
+        num_tokens=128,
+        hidden=7168,
+        num_topk=8,
+        num_experts=288,
+        max_tokens=128,
+        drop=0.01,
+        timeout=500,
+    )
     assert results == [len(combos)] * 2

@@ -17,16 +17,37 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "nvshmem
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), reason="needs a running MPS daemon")
+@pytest.mark.skipif(
+    not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"), reason="needs a running MPS daemon"
+)
 def test_nvshmem_layer_on_one_gpu(tmp_path):
     pytest.importorskip("nvidia.nvshmem", reason="needs the nvidia-nvshmem wheel")
     report_path = tmp_path / "nvshmem.json"
-    env = {**os.environ, "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0",
-           "NVSHMEM_DISABLE_NVLS": "1"}
+    env = {
+        **os.environ,
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NCCL_NVLS_ENABLE": "0",
+        "NVSHMEM_DISABLE_NVLS": "1",
+    }
     out = subprocess.run(
-        [sys.executable, SCRIPT, "--ranks", "2", "--rounds", "1000", "--cycles", "20", "--budget", "300",
-         "--json", str(report_path)],
-        env=env, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            SCRIPT,
+            "--ranks",
+            "2",
+            "--rounds",
+            "1000",
+            "--cycles",
+            "20",
+            "--budget",
+            "300",
+            "--json",
+            str(report_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert report_path.exists(), out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(report_path.read_text())

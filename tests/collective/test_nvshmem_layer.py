@@ -1,4 +1,5 @@
-"""The device layer (`transport/device.py`) over the CPU emulation of the NVSHMEM heap, in the interpreter.
+"""The device layer (`transport/device.py`) over the CPU emulation of the NVSHMEM heap, in the
+interpreter.
 
 Topologies 2 nodes x 2 ranks and 3 nodes x 1 (a rank's node is `rank // ranks_per_node`; peers of
 other nodes take the put path), plus 2 x 2 with `FORCE_PUT` (every peer, itself included, on the
@@ -98,10 +99,15 @@ def _nvshmem_dir() -> str | None:
     candidates = [os.path.join(sysconfig.get_path("purelib"), "nvidia", "nvshmem")]
     if os.environ.get("NVSHMEM_LIB_DIR"):
         candidates.insert(0, os.path.dirname(os.environ["NVSHMEM_LIB_DIR"].rstrip("/")))
-    return next((d for d in candidates if os.path.isfile(os.path.join(d, "lib", "libnvshmem_device.bc"))), None)
+    return next(
+        (d for d in candidates if os.path.isfile(os.path.join(d, "lib", "libnvshmem_device.bc"))),
+        None,
+    )
 
 
-@pytest.mark.skipif(_nvshmem_dir() is None, reason="no NVSHMEM wheel (nvidia-nvshmem-cu12/13) or NVSHMEM_LIB_DIR")
+@pytest.mark.skipif(
+    _nvshmem_dir() is None, reason="no NVSHMEM wheel (nvidia-nvshmem-cu12/13) or NVSHMEM_LIB_DIR"
+)
 def test_signal_codes_are_nvshmems():
     import re
 
@@ -109,17 +115,23 @@ def test_signal_codes_are_nvshmems():
     with open(os.path.join(include, "nvshmem_common_transport.h")) as f:
         codes = dict(re.findall(r"(NVSHMEM_SIGNAL_(?:SET|ADD))\s*=\s*(\d+)", f.read()))
     assert {k: int(v) for k, v in codes.items()} == {
-        "NVSHMEM_SIGNAL_SET": device.SIGNAL_SET.value, "NVSHMEM_SIGNAL_ADD": device.SIGNAL_ADD.value,
+        "NVSHMEM_SIGNAL_SET": device.SIGNAL_SET.value,
+        "NVSHMEM_SIGNAL_ADD": device.SIGNAL_ADD.value,
     }
 
 
 def _aot(transport: int, force_put: bool, lib: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     libs = {"libnvshmem_device": lib} if lib else None
-    code = (f"import json, nvshmem_cases; print(json.dumps(nvshmem_cases.aot_compile({transport}, {force_put}, "
-            f"{libs!r})))")
+    code = (
+        f"import json, nvshmem_cases; print(json.dumps(nvshmem_cases.aot_compile({transport}, "
+        f"{force_put}, "
+        f"{libs!r})))"
+    )
     here = os.path.dirname(__file__)
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -129,7 +141,9 @@ def test_store_path_compiles_for_sm90_without_nvshmem():
     assert report == {name: [] for name in report} and len(report) == 6, report
 
 
-@pytest.mark.skipif(_nvshmem_dir() is None, reason="no NVSHMEM wheel (nvidia-nvshmem-cu12/13) or NVSHMEM_LIB_DIR")
+@pytest.mark.skipif(
+    _nvshmem_dir() is None, reason="no NVSHMEM wheel (nvidia-nvshmem-cu12/13) or NVSHMEM_LIB_DIR"
+)
 def test_put_path_links_nvshmem_for_sm90():
     lib = os.path.join(_nvshmem_dir(), "lib", "libnvshmem_device.bc")
     report = _aot(device.NVSHMEM.value, True, lib)

@@ -1,4 +1,5 @@
-"""Randomized rounds (tritonep.testing.pressure): exact against the reference, reproducible per seed."""
+"""Randomized rounds (tritonep.testing.pressure): exact against the reference, reproducible per
+seed."""
 
 from tritonep.testing import pressure
 

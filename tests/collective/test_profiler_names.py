@@ -7,6 +7,7 @@ launches them, and none of them for `get_dispatch_layout`.
 """
 
 import pytest
+
 from conftest import gpu_count
 
 WORDS = ("dispatch", "combine", "notify")
@@ -16,7 +17,9 @@ def _rows_with(fn, num_calls=30):
     import torch
 
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=1, repeat=1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule
+    ) as prof:
         for _ in range(2):
             for _ in range(num_calls):
                 fn()
@@ -39,15 +42,30 @@ def profile_names_task(ctx):
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, 64)
     config = tritonep.Config(24, 6, 256)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-        topk_idx=topk_idx, topk_weights=topk_weights, config=config,
+        x,
+        num_tokens_per_rank=ntr,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        config=config,
     )
     windows = {
         "layout": (lambda: buffer.get_dispatch_layout(topk_idx, 64), ()),
-        "cached dispatch": (lambda: buffer.dispatch(x, handle=handle, config=config), ("dispatch", "notify")),
+        "cached dispatch": (
+            lambda: buffer.dispatch(x, handle=handle, config=config),
+            ("dispatch", "notify"),
+        ),
         "dispatch": (
-            lambda: buffer.dispatch(x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                                    topk_idx=topk_idx, topk_weights=topk_weights, config=config),
+            lambda: buffer.dispatch(
+                x,
+                num_tokens_per_rank=ntr,
+                is_token_in_rank=itr,
+                num_tokens_per_expert=nte,
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+                config=config,
+            ),
             ("dispatch", "notify"),
         ),
         "combine": (lambda: buffer.combine(recv_x, handle, config=config), ("combine", "notify")),
@@ -58,11 +76,16 @@ def profile_names_task(ctx):
         for word in WORDS:
             want = 1 if word in expected else 0
             if len(rows[word]) != want:
-                problems.append(f"{name}: {len(rows[word])} profiler rows contain {word!r}, want {want}: {rows[word]}")
+                problems.append(
+                    f"{name}: {len(rows[word])} profiler rows contain {word!r}, want {want}: "
+                    f"{rows[word]}"
+                )
         for word in expected:
             name_part = rows[word][0].split()[0] if rows[word] else ""
             if not name_part.startswith("tritonep::"):
-                problems.append(f"{name}: the {word!r} row is not namespace-qualified: {rows[word]}")
+                problems.append(
+                    f"{name}: the {word!r} row is not namespace-qualified: {rows[word]}"
+                )
     torch.cuda.synchronize()
     return problems
 

@@ -21,10 +21,32 @@ SHARED_GPU_ENV = {
 @pytest.mark.gpu
 def test_two_ranks_on_one_gpu(cpu_pool):
     pool = cpu_pool(2, TRITON_INTERPRET="0", **SHARED_GPU_ENV)
-    pool.run(checks.check_intranode, num_tokens=512, hidden=7168, num_topk=8, num_experts=256, num_sms=24,
-             chunk=6, recv_capacity=256, num_nvl_bytes=int(1e9), matrix="full", timeout=400)
-    pool.run(checks.check_intranode, num_tokens=3000, hidden=2048, num_topk=8, num_experts=64, num_sms=8,
-             chunk=4, recv_capacity=8, num_nvl_bytes=int(1e9), matrix="quick", timeout=300)
+    pool.run(
+        checks.check_intranode,
+        num_tokens=512,
+        hidden=7168,
+        num_topk=8,
+        num_experts=256,
+        num_sms=24,
+        chunk=6,
+        recv_capacity=256,
+        num_nvl_bytes=int(1e9),
+        matrix="full",
+        timeout=400,
+    )
+    pool.run(
+        checks.check_intranode,
+        num_tokens=3000,
+        hidden=2048,
+        num_topk=8,
+        num_experts=64,
+        num_sms=8,
+        chunk=4,
+        recv_capacity=8,
+        num_nvl_bytes=int(1e9),
+        matrix="quick",
+        timeout=300,
+    )
 
 
 @pytest.mark.gpu

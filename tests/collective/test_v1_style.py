@@ -1,4 +1,5 @@
-"""DeepEP V1 user code runs unchanged: the call patterns of V1's intranode test, via `import tritonep as deep_ep`.
+"""DeepEP V1 user code runs unchanged: the call patterns of V1's intranode test, via `import
+tritonep as deep_ep`.
 
 Written independently in the style of V1's own test (positional constructor, dict-of-kwargs calls,
 `handle[0]` block checks, constant-per-rank rows, cached dispatch, `set_num_sms` +
@@ -29,7 +30,9 @@ def v1_style_task(ctx, num_sms=4):
     owner = topk_idx // (num_experts // num_ranks)
     is_token_in_rank = torch.stack([(owner == j).any(1) for j in range(num_ranks)], dim=1)
     num_tokens_per_rank = is_token_in_rank.sum(0).to(torch.int)
-    num_tokens_per_expert = torch.stack([(topk_idx == e).sum() for e in range(num_experts)]).to(torch.int)
+    num_tokens_per_expert = torch.stack([(topk_idx == e).sum() for e in range(num_experts)]).to(
+        torch.int
+    )
     gbl_per_rank = num_tokens_per_rank.clone()
     dist.all_reduce(gbl_per_rank, group=group)
     gbl_per_expert = num_tokens_per_expert.clone()
@@ -54,37 +57,62 @@ def v1_style_task(ctx, num_sms=4):
         for async_mode in (False, True):
             for current_x in (x_rand, x, x_fp8):
                 for with_topk in (False, True):
-                    args = {"x": current_x, "num_tokens_per_rank": num_tokens_per_rank,
-                            "is_token_in_rank": is_token_in_rank, "num_tokens_per_expert": num_tokens_per_expert,
-                            "config": config, "async_finish": async_mode}
+                    args = {
+                        "x": current_x,
+                        "num_tokens_per_rank": num_tokens_per_rank,
+                        "is_token_in_rank": is_token_in_rank,
+                        "num_tokens_per_expert": num_tokens_per_expert,
+                        "config": config,
+                        "async_finish": async_mode,
+                    }
                     if with_topk:
-                        args.update({"topk_idx": topk_idx,
-                                     "topk_weights": topk_weights_rand if current_x is x_rand else topk_weights})
+                        args.update(
+                            {
+                                "topk_idx": topk_idx,
+                                "topk_weights": topk_weights_rand
+                                if current_x is x_rand
+                                else topk_weights,
+                            }
+                        )
                     if previous_mode:
                         args.update({"previous_event": buffer.capture()})
-                    recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, event = buffer.dispatch(**args)
+                    recv_x, recv_topk_idx, recv_topk_weights, per_expert, handle, event = (
+                        buffer.dispatch(**args)
+                    )
                     if async_mode:
                         event.current_stream_wait()
                     if isinstance(recv_x, tuple):
-                        recv_x = (recv_x[0].float().view(-1, hidden // 128, 128) * recv_x[1].unsqueeze(2)).view(-1, hidden)
+                        recv_x = (
+                            recv_x[0].float().view(-1, hidden // 128, 128) * recv_x[1].unsqueeze(2)
+                        ).view(-1, hidden)
                     prefix = handle[0]
                     assert gbl_per_rank[rank].item() == recv_x.size(0)
                     assert gbl_per_expert.view(num_ranks, -1)[rank].tolist() == per_expert
                     if current_x is not x_rand:
                         check_blocks(recv_x, prefix)
                     if with_topk:
-                        valid = recv_topk_idx.eq(-1) | ((recv_topk_idx >= 0) & (recv_topk_idx < num_experts // num_ranks))
+                        valid = recv_topk_idx.eq(-1) | (
+                            (recv_topk_idx >= 0) & (recv_topk_idx < num_experts // num_ranks)
+                        )
                         assert valid.all()
                         for i, count in enumerate(per_expert):
                             assert recv_topk_idx.eq(i).sum().item() == count
                         if current_x is not x_rand:
-                            # As V1's test does: give the unselected slots the row's weight (in place).
+                            # As V1's test does: give the unselected slots the row's weight (in
+                            # place).
                             unselected = recv_topk_idx.eq(-1)
-                            row_max = recv_topk_weights.amax(dim=1, keepdim=True).expand_as(recv_topk_weights)
+                            row_max = recv_topk_weights.amax(dim=1, keepdim=True).expand_as(
+                                recv_topk_weights
+                            )
                             recv_topk_weights[unselected] = row_max[unselected]
                             check_blocks(recv_topk_weights, prefix)
                     else:
-                        cached_args = {"x": current_x, "handle": handle, "config": config, "async_finish": async_mode}
+                        cached_args = {
+                            "x": current_x,
+                            "handle": handle,
+                            "config": config,
+                            "async_finish": async_mode,
+                        }
                         if previous_mode:
                             cached_args.update({"previous_event": buffer.capture()})
                         cached_x, _, _, _, _, event = buffer.dispatch(**cached_args)
@@ -92,10 +120,20 @@ def v1_style_task(ctx, num_sms=4):
                             event.current_stream_wait()
                         if isinstance(cached_x, tuple):
                             cached_x = cached_x[0]
-                            assert torch.equal(cached_x.view(torch.uint8), buffer.dispatch(current_x, handle=handle, config=config)[0][0].view(torch.uint8))
+                            assert torch.equal(
+                                cached_x.view(torch.uint8),
+                                buffer.dispatch(current_x, handle=handle, config=config)[0][0].view(
+                                    torch.uint8
+                                ),
+                            )
                         elif current_x is not x_rand:
                             check_blocks(cached_x, prefix)
-                    combine_args = {"x": recv_x.to(torch.bfloat16), "handle": handle, "config": config, "async_finish": async_mode}
+                    combine_args = {
+                        "x": recv_x.to(torch.bfloat16),
+                        "handle": handle,
+                        "config": config,
+                        "async_finish": async_mode,
+                    }
                     if with_topk:
                         combine_args.update({"topk_weights": recv_topk_weights})
                     if previous_mode:
@@ -111,7 +149,9 @@ def v1_style_task(ctx, num_sms=4):
                         if current_x is x_rand:
                             assert torch.allclose(combined_w, topk_weights_rand)
                         else:
-                            assert torch.allclose(combined_w / is_token_in_rank.sum(dim=1).unsqueeze(1), topk_weights)
+                            assert torch.allclose(
+                                combined_w / is_token_in_rank.sum(dim=1).unsqueeze(1), topk_weights
+                            )
 
     # The default-config path of V1's tuning loop.
     deep_ep.Buffer.set_num_sms(num_sms)

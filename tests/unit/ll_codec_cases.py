@@ -36,9 +36,18 @@ def _tile(num_rows, HIDDEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.conste
 
 
 @triton.jit
-def fp8_kernel(x_ptr, values_ptr, scales_ptr, packed_ptr, num_rows, HIDDEN: tl.constexpr,
-               ROWS: tl.constexpr, BLOCK_G: tl.constexpr, ROUND_SCALE: tl.constexpr,
-               INTERPRETED: tl.constexpr):
+def fp8_kernel(
+    x_ptr,
+    values_ptr,
+    scales_ptr,
+    packed_ptr,
+    num_rows,
+    HIDDEN: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
     G: tl.constexpr = (HIDDEN + 127) // 128
     P: tl.constexpr = (G + 3) // 4
     rows, groups, channels, live = _tile(num_rows, HIDDEN, ROWS, BLOCK_G)
@@ -57,9 +66,20 @@ def fp8_kernel(x_ptr, values_ptr, scales_ptr, packed_ptr, num_rows, HIDDEN: tl.c
 
 
 @triton.jit
-def logfmt_kernel(x_ptr, wire_ptr, meta_ptr, loaded_wire_ptr, loaded_meta_ptr, decoded_ptr,
-                  slots_addr, num_rows, HIDDEN: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_G: tl.constexpr, INTERPRETED: tl.constexpr):
+def logfmt_kernel(
+    x_ptr,
+    wire_ptr,
+    meta_ptr,
+    loaded_wire_ptr,
+    loaded_meta_ptr,
+    decoded_ptr,
+    slots_addr,
+    num_rows,
+    HIDDEN: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
     G: tl.constexpr = HIDDEN // 128
     SLOT_BYTES: tl.constexpr = 2 * HIDDEN + 4 * G
     rows, groups, channels, live = _tile(num_rows, HIDDEN, ROWS, BLOCK_G)
@@ -91,8 +111,16 @@ def run_fp8(ctx, x: torch.Tensor, round_scale: bool, rows: int = 2):
     scales = torch.full((num_rows, groups), -1.0)
     packed = torch.full((num_rows, -(-groups // 4)), -1, dtype=torch.int32)
     fp8_kernel[(triton.cdiv(num_rows, rows),)](
-        x, values.view(torch.float8_e4m3fn), scales, packed, num_rows, HIDDEN=hidden, ROWS=rows,
-        BLOCK_G=_block_g(hidden), ROUND_SCALE=round_scale, INTERPRETED=True,
+        x,
+        values.view(torch.float8_e4m3fn),
+        scales,
+        packed,
+        num_rows,
+        HIDDEN=hidden,
+        ROWS=rows,
+        BLOCK_G=_block_g(hidden),
+        ROUND_SCALE=round_scale,
+        INTERPRETED=True,
     )
     return values, scales, packed
 
@@ -113,8 +141,17 @@ def run_logfmt(ctx, x: torch.Tensor, rows: int = 2) -> dict:
         "slots": torch.full((num_rows, logfmt_row_bytes(hidden)), POISON, dtype=torch.uint8),
     }
     logfmt_kernel[(triton.cdiv(num_rows, rows),)](
-        x, out["wire"], out["meta"], out["loaded_wire"], out["loaded_meta"], out["decoded"],
-        out["slots"].data_ptr(), num_rows, HIDDEN=hidden, ROWS=rows, BLOCK_G=_block_g(hidden),
+        x,
+        out["wire"],
+        out["meta"],
+        out["loaded_wire"],
+        out["loaded_meta"],
+        out["decoded"],
+        out["slots"].data_ptr(),
+        num_rows,
+        HIDDEN=hidden,
+        ROWS=rows,
+        BLOCK_G=_block_g(hidden),
         INTERPRETED=True,
     )
     return out

@@ -16,8 +16,13 @@ import pytest
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json; from tritonep.testing.aot import compile_all; print(json.dumps(compile_all()))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    code = (
+        "import json; from tritonep.testing.aot import compile_all; "
+        "print(json.dumps(compile_all()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -37,7 +42,12 @@ def test_profiler_names_are_namespaced(report):
 
 def test_row_copies_are_16_byte_vectors(report):
     for row in report:
-        if row["module"] in ("intranode.dispatch", "intranode.combine", "low_latency.dispatch", "low_latency.combine"):
+        if row["module"] in (
+            "intranode.dispatch",
+            "intranode.combine",
+            "low_latency.dispatch",
+            "low_latency.combine",
+        ):
             assert row["vector_loads"] > 0 and row["vector_stores"] > 0, row
 
 

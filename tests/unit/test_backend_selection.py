@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent(
     """
     import os, torch, torch.distributed as dist
     import tritonep
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0,
+    world_size=1)
     try:
         buffer = tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
         topk = torch.tensor([[0, 1], [1, -1]])
@@ -38,7 +39,9 @@ def _run(env_update):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONEP_BACKEND")}
     env.update(env_update, PORT=str(port), CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -50,7 +53,9 @@ def test_no_cuda_selects_the_cpu_backend_and_the_interpreter_by_itself():
 @pytest.mark.parametrize("value", ["nccl", "gpu"])
 def test_backend_override_accepts_only_existing_backends(monkeypatch, value):
     monkeypatch.setenv("TRITONEP_BACKEND", value)
-    with pytest.raises(tritonep.EPInvalidArgument, match=f"TRITONEP_BACKEND must be one of .*got '{value}'"):
+    with pytest.raises(
+        tritonep.EPInvalidArgument, match=f"TRITONEP_BACKEND must be one of .*got '{value}'"
+    ):
         _env.backend()
     monkeypatch.delenv("TRITONEP_BACKEND")
     assert _env.backend() == "auto"

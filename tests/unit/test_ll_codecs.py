@@ -139,8 +139,12 @@ def _expected_slot(wire, meta, hidden):
     wire = wire.to(torch.int64).view(g, 128)
     slot = torch.full((2 * hidden + 4 * g,), cases.POISON, dtype=torch.int64).view(-1)
     bf16 = (meta & 0x8000) != 0
-    regions = [(0, 8, 0, None), (hidden, 2, 8, None), (hidden * 5 // 4 + 4 * g, 4, 10, bf16),
-               (hidden * 7 // 4 + 4 * g, 2, 14, bf16)]
+    regions = [
+        (0, 8, 0, None),
+        (hidden, 2, 8, None),
+        (hidden * 5 // 4 + 4 * g, 4, 10, bf16),
+        (hidden * 7 // 4 + 4 * g, 2, 14, bf16),
+    ]
     for offset, bits, shift, written in regions:
         per_byte = 8 // bits
         fields = ((wire >> shift) & ((1 << bits) - 1)).view(g, 128 // per_byte, per_byte)
@@ -256,8 +260,10 @@ def test_logfmt_reference_example():
 def test_ll_dispatch_example():
     """ll_dispatch's docstring example: R=2, E=4, T=2, seen from rank 1."""
     hidden = 8
-    xs = [torch.arange(2 * hidden).view(2, hidden).to(torch.bfloat16),
-          -torch.arange(1, 1 + hidden).view(1, hidden).to(torch.bfloat16)]
+    xs = [
+        torch.arange(2 * hidden).view(2, hidden).to(torch.bfloat16),
+        -torch.arange(1, 1 + hidden).view(1, hidden).to(torch.bfloat16),
+    ]
     topk = [torch.tensor([[2, 3], [3, -1]]), torch.tensor([[3, 3]])]
     got = reference.ll_dispatch(1, 2, 4, 2, xs, topk)
     assert got["recv_count"].tolist() == [1, 4]
@@ -302,8 +308,9 @@ def test_ll_combine_example():
     outputs[1][1, 0], outputs[1][1, 1] = 1.0, 3.0
     src_infos = [h["packed_recv_src_info"] for h in handles]
     layouts = [h["packed_recv_layout_range"] for h in handles]
-    combined = reference.ll_combine(0, num_ranks, num_experts, outputs, dup[0], weights, src_infos,
-                                    layouts)
+    combined = reference.ll_combine(
+        0, num_ranks, num_experts, outputs, dup[0], weights, src_infos, layouts
+    )
     assert combined[0].tolist() == [6.5] * hidden and not combined[1].any()  # 0.5 * 1 + 2 * 3
 
 
@@ -315,8 +322,9 @@ def test_ll_dispatch_combine_identity_experts():
     xs = [torch.randn((tokens, hidden), generator=gen).to(torch.bfloat16) for _ in range(num_ranks)]
     idx = [torch.randint(-1, num_experts, (tokens, topk), generator=gen) for _ in range(num_ranks)]
     weights = [torch.rand((tokens, topk), generator=gen) for _ in range(num_ranks)]
-    handles = [reference.ll_dispatch(r, num_ranks, num_experts, tokens, xs, idx)
-               for r in range(num_ranks)]
+    handles = [
+        reference.ll_dispatch(r, num_ranks, num_experts, tokens, xs, idx) for r in range(num_ranks)
+    ]
     for r, h in enumerate(handles):
         counts = h["packed_recv_layout_range"] & 0xFFFFFFFF
         assert torch.equal(counts.sum(dim=1).to(torch.int32), h["recv_count"])
@@ -327,15 +335,25 @@ def test_ll_dispatch_combine_identity_experts():
     src_infos = [h["packed_recv_src_info"] for h in handles]
     layouts = [h["packed_recv_layout_range"] for h in handles]
     for r in range(num_ranks):
-        got = reference.ll_combine(r, num_ranks, num_experts, outputs, idx[r], weights[r],
-                                   src_infos, layouts)
+        got = reference.ll_combine(
+            r, num_ranks, num_experts, outputs, idx[r], weights[r], src_infos, layouts
+        )
         acc = torch.zeros((tokens, hidden))
         for k in range(topk):
             w = torch.where(idx[r][:, k] >= 0, weights[r][:, k], 0.0).unsqueeze(1)
             acc = acc + w * xs[r].float()
         assert torch.equal(got, acc.to(torch.bfloat16))
-        logfmt = reference.ll_combine(r, num_ranks, num_experts, outputs, idx[r], weights[r],
-                                      src_infos, layouts, use_logfmt=True)
+        logfmt = reference.ll_combine(
+            r,
+            num_ranks,
+            num_experts,
+            outputs,
+            idx[r],
+            weights[r],
+            src_infos,
+            layouts,
+            use_logfmt=True,
+        )
         assert reference.calc_diff(logfmt, got) < 1e-4
 
 
@@ -382,8 +400,9 @@ def test_codecs_compile_for_sm90():
     IEEE divisions only (`/` would be div.full.f32), and lg2/ex2.approx without ftz."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for name, ops in report.items():

@@ -15,8 +15,16 @@ from .. import _env
 from ..errors import EPStateError
 
 _MODULES = (
-    "common.sync", "layout", "intranode.notify", "intranode.dispatch", "intranode.combine",
-    "low_latency.regions", "low_latency.sync", "low_latency.dispatch", "low_latency.combine", "low_latency.clean",
+    "common.sync",
+    "layout",
+    "intranode.notify",
+    "intranode.dispatch",
+    "intranode.combine",
+    "low_latency.regions",
+    "low_latency.sync",
+    "low_latency.dispatch",
+    "low_latency.combine",
+    "low_latency.clean",
 )
 
 
@@ -36,7 +44,8 @@ def load_kernels(backend: str):
         os.environ["TRITON_INTERPRET"] = "1"
     elif backend != "cpu" and interpreted:
         raise EPStateError(
-            "Buffer: TRITON_INTERPRET=1 is set, so kernels run in the CPU interpreter; unset it to use "
+            "Buffer: TRITON_INTERPRET=1 is set, so kernels run in the CPU interpreter; unset it to "
+            "use "
             f"the {backend!r} backend"
         )
     for name in _MODULES:

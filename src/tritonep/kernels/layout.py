@@ -80,7 +80,10 @@ def _route_stats_kernel(
         bad_value = tl.sum(tl.where(flat == first, raw, 0), axis=None)
         record = host_addr.to(tl.pointer_type(tl.int64)) + HOST_BAD_EXPERT
         zero = tl.full([], 0, tl.int64)
-        if tl.atomic_cas(record, zero, zero + first // NUM_TOPK + 1, sem="acq_rel", scope="sys") == 0:
+        if (
+            tl.atomic_cas(record, zero, zero + first // NUM_TOPK + 1, sem="acq_rel", scope="sys")
+            == 0
+        ):
             tl.store(record + 1, first % NUM_TOPK)
             tl.store(record + 2, bad_value.to(tl.int64))
             tl.store(record + 3, NUM_EXPERTS)
@@ -102,13 +105,31 @@ def _route_stats_kernel(
     # Bin 0 of the histogram collects the -1 entries and is dropped.
     bins = tl.histogram(tl.reshape(idx + 1, (BLOCK_TOKENS * BLOCK_TOPK,)), NUM_BINS)
     bin_ids = tl.arange(0, NUM_BINS)
-    tl.atomic_add(expert_acc + bin_ids - 1, bins, mask=(bin_ids >= 1) & (bin_ids <= NUM_EXPERTS) & (bins > 0), sem="relaxed", scope="gpu")
-    tl.atomic_add(rank_acc + ranks, tl.sum(in_rank, axis=0), mask=ranks < NUM_RANKS, sem="relaxed", scope="gpu")
+    tl.atomic_add(
+        expert_acc + bin_ids - 1,
+        bins,
+        mask=(bin_ids >= 1) & (bin_ids <= NUM_EXPERTS) & (bins > 0),
+        sem="relaxed",
+        scope="gpu",
+    )
+    tl.atomic_add(
+        rank_acc + ranks,
+        tl.sum(in_rank, axis=0),
+        mask=ranks < NUM_RANKS,
+        sem="relaxed",
+        scope="gpu",
+    )
     if HAS_NODES:
         nodes = tl.arange(0, BLOCK_NODES)
         owner_node = tl.where(owner >= 0, owner // RANKS_PER_NODE, -1)
         in_node = tl.max((owner_node[:, :, None] == nodes[None, None, :]).to(tl.int32), axis=1)
-        tl.atomic_add(node_acc + nodes, tl.sum(in_node, axis=0), mask=nodes < num_nodes, sem="relaxed", scope="gpu")
+        tl.atomic_add(
+            node_acc + nodes,
+            tl.sum(in_node, axis=0),
+            mask=nodes < num_nodes,
+            sem="relaxed",
+            scope="gpu",
+        )
 
     # Publish this program's additions, then take a ticket; the last one copies out and re-zeroes.
     tl.debug_barrier()
@@ -141,8 +162,15 @@ class RouteStatsPlan:
     every larger N. Build with `plan_route_stats`; `launch` fills outputs the caller allocated.
     """
 
-    def __init__(self, num_topk: int, num_experts: int, num_ranks: int, ranks_per_node: int, with_nodes: bool,
-                 block_tokens: int):
+    def __init__(
+        self,
+        num_topk: int,
+        num_experts: int,
+        num_ranks: int,
+        ranks_per_node: int,
+        with_nodes: bool,
+        block_tokens: int,
+    ):
         self.num_ranks = num_ranks
         self.num_experts = num_experts
         self.num_nodes = num_ranks // ranks_per_node
@@ -169,28 +197,57 @@ class RouteStatsPlan:
         """Fresh outputs: (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert,
         is_token_in_rank). The three count vectors share one allocation (each `torch.empty` costs
         microseconds of host time)."""
-        counts = torch.empty(self.num_ranks + self.num_nodes + self.num_experts, dtype=torch.int32, device=device)
-        per_expert, per_rank, per_node = counts.split([self.num_experts, self.num_ranks, self.num_nodes])
-        is_token_in_rank = torch.empty((num_tokens, self.num_ranks), dtype=torch.bool, device=device)
+        counts = torch.empty(
+            self.num_ranks + self.num_nodes + self.num_experts, dtype=torch.int32, device=device
+        )
+        per_expert, per_rank, per_node = counts.split(
+            [self.num_experts, self.num_ranks, self.num_nodes]
+        )
+        is_token_in_rank = torch.empty(
+            (num_tokens, self.num_ranks), dtype=torch.bool, device=device
+        )
         return per_rank, per_node if self.with_nodes else None, per_expert, is_token_in_rank
 
-    def launch(self, stream, topk_idx, num_tokens: int, scratch, rank_mask, host_addr: int, outputs) -> None:
-        """One launch on `stream`. `scratch`: int32, >= `scratch_slots(...)` entries, zero before and
+    def launch(
+        self, stream, topk_idx, num_tokens: int, scratch, rank_mask, host_addr: int, outputs
+    ) -> None:
+        """One launch on `stream`. `scratch`: int32, >= `scratch_slots(...)` entries, zero before
+        and
         after; `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected;
         `host_addr`: the host block, where the first expert id >= E is recorded."""
         per_rank, per_node, per_expert, is_token_in_rank = outputs
         num_programs = max(1, -(-num_tokens // self.block_tokens))
         self._kernel.launch(
-            (num_programs,), stream, topk_idx, num_tokens, scratch, rank_mask, per_rank,
-            per_node if per_node is not None else per_rank, per_expert, is_token_in_rank, host_addr,
+            (num_programs,),
+            stream,
+            topk_idx,
+            num_tokens,
+            scratch,
+            rank_mask,
+            per_rank,
+            per_node if per_node is not None else per_rank,
+            per_expert,
+            is_token_in_rank,
+            host_addr,
         )
 
 
-def plan_route_stats(num_tokens: int, num_topk: int, num_experts: int, num_ranks: int, ranks_per_node: int,
-                     with_nodes: bool) -> RouteStatsPlan:
+def plan_route_stats(
+    num_tokens: int,
+    num_topk: int,
+    num_experts: int,
+    num_ranks: int,
+    ranks_per_node: int,
+    with_nodes: bool,
+) -> RouteStatsPlan:
     block_topk = pow2(max(num_topk, 1))
     num_nodes = num_ranks // ranks_per_node
     # Keep the [tokens, topk, ranks] membership tile near 8K elements per program.
-    block_tokens = max(1, min(64, 8192 // (block_topk * max(pow2(num_ranks), pow2(num_nodes) if with_nodes else 1))))
+    block_tokens = max(
+        1,
+        min(64, 8192 // (block_topk * max(pow2(num_ranks), pow2(num_nodes) if with_nodes else 1))),
+    )
     block_tokens = min(pow2(block_tokens), pow2(max(num_tokens, 1)))
-    return RouteStatsPlan(num_topk, num_experts, num_ranks, ranks_per_node, with_nodes, block_tokens)
+    return RouteStatsPlan(
+        num_topk, num_experts, num_ranks, ranks_per_node, with_nodes, block_tokens
+    )

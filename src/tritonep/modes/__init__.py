@@ -1,1 +1,2 @@
-"""One orchestration module per mode: `layout` (both high-throughput modes), `intranode`, `low_latency`."""
+"""One orchestration module per mode: `layout` (both high-throughput modes), `intranode`,
+`low_latency`."""

@@ -55,14 +55,16 @@ _GPU_SHAPE_TWO_RANKS = dataclasses.replace(_GPU_SHAPE, combine_warps=16, combine
 
 
 def program_shape(backend: str, num_ranks: int) -> ProgramShape:
-    """The program shape the Buffer launches for a backend and rank count (the AOT check uses it too)."""
+    """The program shape the Buffer launches for a backend and rank count (the AOT check uses it
+    too)."""
     if backend == "cpu":
         return _INTERPRETER_SHAPE
     return _GPU_SHAPE_TWO_RANKS if num_ranks <= 2 else _GPU_SHAPE
 
 
 def _fingerprint(*fields) -> int:
-    """A 31-bit fingerprint of a call's geometry; ranks compare it in notify (collective consistency)."""
+    """A 31-bit fingerprint of a call's geometry; ranks compare it in notify (collective
+    consistency)."""
     return zlib.crc32(repr(fields).encode()) & 0x7FFFFFFF
 
 
@@ -89,7 +91,9 @@ class IntranodeMode:
             built afterwards use the new one).
     """
 
-    def __init__(self, kernels, ctx, host: HostBlock, streams: CommStreams, backend: str, num_nvl_bytes: int):
+    def __init__(
+        self, kernels, ctx, host: HostBlock, streams: CommStreams, backend: str, num_nvl_bytes: int
+    ):
         self._kernels = kernels
         self._ctx = ctx
         self._host = host
@@ -106,39 +110,111 @@ class IntranodeMode:
         self._plans.clear()
 
     # ------------------------------------------------------------------------------ plans
-    def _queues(self, op: str, config: Config, row_bytes: int, has_src_idx: bool, num_topk_idx: int,
-                num_topk_weights: int, num_scales: int, topk_itemsize: int, min_capacity: int):
-        queues = _fit_queues(self._num_nvl_bytes, config.num_channels, self._ctx.num_ranks,
-                             config.num_max_nvl_chunked_recv_tokens, row_bytes, has_src_idx, num_topk_idx,
-                             num_topk_weights, num_scales, topk_itemsize)
+    def _queues(
+        self,
+        op: str,
+        config: Config,
+        row_bytes: int,
+        has_src_idx: bool,
+        num_topk_idx: int,
+        num_topk_weights: int,
+        num_scales: int,
+        topk_itemsize: int,
+        min_capacity: int,
+    ):
+        queues = _fit_queues(
+            self._num_nvl_bytes,
+            config.num_channels,
+            self._ctx.num_ranks,
+            config.num_max_nvl_chunked_recv_tokens,
+            row_bytes,
+            has_src_idx,
+            num_topk_idx,
+            num_topk_weights,
+            num_scales,
+            topk_itemsize,
+        )
         if queues.capacity < min_capacity:
-            slot = protocol.QueueLayout.slot_bytes(row_bytes, has_src_idx, num_topk_idx, num_topk_weights, num_scales,
-                                                   topk_itemsize)
-            needed = config.num_channels * self._ctx.num_ranks * min_capacity * slot + 5 * protocol.ALIGN
-            fail(op, f"num_nvl_bytes={self._num_nvl_bytes} is too small for this call: {config.num_channels} "
-                     f"channels x {self._ctx.num_ranks} ranks x {min_capacity} slots of {slot} bytes need at least "
-                     f"{needed} bytes")
+            slot = protocol.QueueLayout.slot_bytes(
+                row_bytes, has_src_idx, num_topk_idx, num_topk_weights, num_scales, topk_itemsize
+            )
+            needed = (
+                config.num_channels * self._ctx.num_ranks * min_capacity * slot + 5 * protocol.ALIGN
+            )
+            fail(
+                op,
+                f"num_nvl_bytes={self._num_nvl_bytes} is too small for this call: "
+                f"{config.num_channels} "
+                f"channels x {self._ctx.num_ranks} ranks x {min_capacity} slots of {slot} bytes "
+                f"need at least "
+                f"{needed} bytes",
+            )
         return queues
 
     def _dispatch_plans(self, op: str, key: tuple) -> _DispatchPlans:
         plans = self._plans.get(key)
         if plans is not None:
             return plans
-        _, cached, config, row_bytes, num_topk, topk_itemsize, num_scales, experts_per_rank, worst = key
-        queues = self._queues(op, config, row_bytes, True, num_topk, num_topk, num_scales, topk_itemsize,
-                              config.num_max_nvl_chunked_send_tokens)
+        (
+            _,
+            cached,
+            config,
+            row_bytes,
+            num_topk,
+            topk_itemsize,
+            num_scales,
+            experts_per_rank,
+            worst,
+        ) = key
+        queues = self._queues(
+            op,
+            config,
+            row_bytes,
+            True,
+            num_topk,
+            num_topk,
+            num_scales,
+            topk_itemsize,
+            config.num_max_nvl_chunked_send_tokens,
+        )
         chunk = config.num_max_nvl_chunked_send_tokens
-        fingerprint = _fingerprint("dispatch", cached, row_bytes, num_topk, num_scales, topk_itemsize,
-                                   config.num_channels, queues.capacity, chunk, worst)
+        fingerprint = _fingerprint(
+            "dispatch",
+            cached,
+            row_bytes,
+            num_topk,
+            num_scales,
+            topk_itemsize,
+            config.num_channels,
+            queues.capacity,
+            chunk,
+            worst,
+        )
         k = self._kernels.intranode
         plans = _DispatchPlans(
-            notify=k.notify.NotifyPlan(self._ctx, config.num_channels, not cached, experts_per_rank, fingerprint,
-                                       queues.capacity),
+            notify=k.notify.NotifyPlan(
+                self._ctx,
+                config.num_channels,
+                not cached,
+                experts_per_rank,
+                fingerprint,
+                queues.capacity,
+            ),
             data=k.dispatch.DispatchPlan(
-                self._ctx, queues, num_channels=config.num_channels, chunk=chunk, experts_per_rank=experts_per_rank,
-                row_words=row_bytes // 4, num_topk=num_topk, topk_itemsize=topk_itemsize, num_scales=num_scales,
-                write_handle=not cached, worst=worst, num_warps=self.shape.dispatch_warps,
-                tile_words=self.shape.dispatch_tile_words, prefetch=self.shape.prefetch,
+                self._ctx,
+                queues,
+                num_channels=config.num_channels,
+                chunk=chunk,
+                experts_per_rank=experts_per_rank,
+                row_words=row_bytes // 4,
+                num_topk=num_topk,
+                topk_itemsize=topk_itemsize,
+                num_scales=num_scales,
+                write_handle=not cached,
+                worst=worst,
+                num_warps=self.shape.dispatch_warps,
+                tile_words=self.shape.dispatch_tile_words,
+                prefetch=self.shape.prefetch,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,
@@ -155,18 +231,40 @@ class IntranodeMode:
         # Receiver tile: a power of two covering the send chunk, within the queue capacity (a tile
         # larger than a queue could never be satisfied).
         chunk = config.num_max_nvl_chunked_send_tokens
-        tile = min(1 << (chunk - 1).bit_length(), 1 << (config.num_max_nvl_chunked_recv_tokens.bit_length() - 1),
-                   self.shape.combine_tile)
+        tile = min(
+            1 << (chunk - 1).bit_length(),
+            1 << (config.num_max_nvl_chunked_recv_tokens.bit_length() - 1),
+            self.shape.combine_tile,
+        )
         queues = self._queues(op, config, row_bytes, False, 0, num_topk, 0, 8, tile)
-        fingerprint = _fingerprint("combine", row_bytes, str(dtype), num_topk, config.num_channels, queues.capacity,
-                                   tile, chunk)
+        fingerprint = _fingerprint(
+            "combine",
+            row_bytes,
+            str(dtype),
+            num_topk,
+            config.num_channels,
+            queues.capacity,
+            tile,
+            chunk,
+        )
         k = self._kernels.intranode
         plans = _CombinePlans(
-            notify=k.notify.NotifyPlan(self._ctx, config.num_channels, False, 1, fingerprint, queues.capacity),
+            notify=k.notify.NotifyPlan(
+                self._ctx, config.num_channels, False, 1, fingerprint, queues.capacity
+            ),
             data=k.combine.CombinePlan(
-                self._ctx, queues, num_channels=config.num_channels, chunk=chunk, tile=tile, hidden=hidden,
-                dtype=dtype, num_topk=num_topk, has_bias=has_bias, num_warps=self.shape.combine_warps,
-                tile_words=self.shape.combine_tile_words, prefetch=self.shape.prefetch,
+                self._ctx,
+                queues,
+                num_channels=config.num_channels,
+                chunk=chunk,
+                tile=tile,
+                hidden=hidden,
+                dtype=dtype,
+                num_topk=num_topk,
+                has_bias=has_bias,
+                num_warps=self.shape.combine_warps,
+                tile_words=self.shape.combine_tile_words,
+                prefetch=self.shape.prefetch,
             ),
             capacity=queues.capacity,
         )
@@ -174,7 +272,8 @@ class IntranodeMode:
         return plans
 
     def _refusal(self, is_token_in_rank: torch.Tensor, num_channels: int, capacity: int) -> int:
-        """CPU backend: rows one of this rank's queues would need if that exceeds `capacity`, else 0.
+        """CPU backend: rows one of this rank's queues would need if that exceeds `capacity`, else
+        0.
 
         The interpreter runs a launch's programs one after another, so senders cannot wait for
         receivers of the same launch: every (channel, peer) queue must hold a whole channel. Each
@@ -186,7 +285,9 @@ class IntranodeMode:
             return 0
         num_tokens, num_ranks = is_token_in_rank.shape
         per_channel = -(-num_tokens // num_channels)
-        padded = torch.zeros((num_channels * per_channel, num_ranks), dtype=torch.int32, device="cpu")
+        padded = torch.zeros(
+            (num_channels * per_channel, num_ranks), dtype=torch.int32, device="cpu"
+        )
         padded[:num_tokens] = is_token_in_rank.to(torch.int32)
         demand = padded.view(num_channels, per_channel, -1).sum(1)
         demand[:, self._ctx.rank] = 0  # this rank's own rows never use a queue
@@ -199,11 +300,23 @@ class IntranodeMode:
             self._host.check(op, include_overflow)
 
     # ---------------------------------------------------------------------------- dispatch
-    def dispatch(self, op: str, config: Config, x_data: torch.Tensor, x_scales: torch.Tensor | None,
-                 handle: IntranodeHandle | None, num_tokens_per_expert: torch.Tensor | None,
-                 is_token_in_rank: torch.Tensor, topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
-                 expert_alignment: int, num_worst_tokens: int, previous_event, async_finish: bool,
-                 allocate_on_comm_stream: bool):
+    def dispatch(
+        self,
+        op: str,
+        config: Config,
+        x_data: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        handle: IntranodeHandle | None,
+        num_tokens_per_expert: torch.Tensor | None,
+        is_token_in_rank: torch.Tensor,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        previous_event,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+    ):
         """Dispatch checked arguments (`handle` given: cached mode); returns the V1 6-tuple."""
         cached = handle is not None
         run_op = "dispatch (cached)" if cached else op  # names the call in runtime errors
@@ -216,25 +329,54 @@ class IntranodeMode:
         experts_per_rank = 1 if cached else num_tokens_per_expert.size(0) // num_ranks
         worst = num_worst_tokens > 0 and not cached
         row_bytes = x_data.size(1) * x_data.element_size()
-        plans = self._dispatch_plans(op, ("dispatch", cached, config, row_bytes, num_topk, topk_itemsize, num_scales,
-                                          experts_per_rank, worst))
+        plans = self._dispatch_plans(
+            op,
+            (
+                "dispatch",
+                cached,
+                config,
+                row_bytes,
+                num_topk,
+                topk_itemsize,
+                num_scales,
+                experts_per_rank,
+                worst,
+            ),
+        )
         refuse = self._refusal(is_token_in_rank, num_channels, plans.capacity)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         device = self._device
         counts = None
         if cached:
             num_recv = handle.recv_src_idx.size(0)
-            rank_prefix_matrix, channel_prefix_matrix = handle.rank_prefix_matrix, handle.channel_prefix_matrix
-            recv_channel_prefix_matrix, send_head = handle.recv_channel_prefix_matrix, handle.send_head
+            rank_prefix_matrix, channel_prefix_matrix = (
+                handle.rank_prefix_matrix,
+                handle.channel_prefix_matrix,
+            )
+            recv_channel_prefix_matrix, send_head = (
+                handle.recv_channel_prefix_matrix,
+                handle.send_head,
+            )
         else:
             with streams.allocation():
-                rank_prefix_matrix = torch.empty((num_ranks, num_ranks), dtype=torch.int32, device=device)
-                channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
-                recv_channel_prefix_matrix = torch.empty((num_ranks, num_channels), dtype=torch.int32, device=device)
+                rank_prefix_matrix = torch.empty(
+                    (num_ranks, num_ranks), dtype=torch.int32, device=device
+                )
+                channel_prefix_matrix = torch.empty(
+                    (num_ranks, num_channels), dtype=torch.int32, device=device
+                )
+                recv_channel_prefix_matrix = torch.empty(
+                    (num_ranks, num_channels), dtype=torch.int32, device=device
+                )
                 send_head = torch.empty((num_tokens, num_ranks), dtype=torch.int32, device=device)
             counts = self._kernels.intranode.notify.NotifyCounts(
-                num_tokens, num_worst_tokens, num_tokens_per_expert, is_token_in_rank, rank_prefix_matrix,
-                channel_prefix_matrix, recv_channel_prefix_matrix,
+                num_tokens,
+                num_worst_tokens,
+                num_tokens_per_expert,
+                is_token_in_rank,
+                rank_prefix_matrix,
+                channel_prefix_matrix,
+                recv_channel_prefix_matrix,
             )
             if worst:
                 self._host.num_worst_tokens = num_worst_tokens
@@ -247,59 +389,142 @@ class IntranodeMode:
                 num_recv, recv_counts_list = num_worst_tokens, []
             else:
                 num_recv, per_expert = self._host.wait_counts(run_op, experts_per_rank)
-                recv_counts_list = [-(-c // expert_alignment) * expert_alignment for c in per_expert]
+                recv_counts_list = [
+                    -(-c // expert_alignment) * expert_alignment for c in per_expert
+                ]
         with streams.allocation():
             recv_x = torch.empty((num_recv, x_data.size(1)), dtype=x_data.dtype, device=device)
-            recv_scales = (torch.empty((num_recv, num_scales), dtype=x_scales.dtype, device=device)
-                           if x_scales is not None else None)
+            recv_scales = (
+                torch.empty((num_recv, num_scales), dtype=x_scales.dtype, device=device)
+                if x_scales is not None
+                else None
+            )
             # A cached dispatch rewrites no handle entry (it reuses the handle's).
-            recv_src_idx = None if cached else torch.empty(num_recv, dtype=torch.int32, device=device)
-            recv_topk_idx = (torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=device)
-                             if num_topk else None)
-            recv_topk_weights = (torch.empty((num_recv, num_topk), dtype=torch.float32, device=device)
-                                 if num_topk else None)
+            recv_src_idx = (
+                None if cached else torch.empty(num_recv, dtype=torch.int32, device=device)
+            )
+            recv_topk_idx = (
+                torch.empty((num_recv, num_topk), dtype=topk_idx.dtype, device=device)
+                if num_topk
+                else None
+            )
+            recv_topk_weights = (
+                torch.empty((num_recv, num_topk), dtype=torch.float32, device=device)
+                if num_topk
+                else None
+            )
         plans.data.launch(
-            streams.launch, x_data, x_scales.view(torch.int32) if x_scales is not None else None, topk_idx,
-            topk_weights, is_token_in_rank, rank_prefix_matrix, recv_channel_prefix_matrix,
-            None if cached else send_head, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
+            streams.launch,
+            x_data,
+            x_scales.view(torch.int32) if x_scales is not None else None,
+            topk_idx,
+            topk_weights,
+            is_token_in_rank,
+            rank_prefix_matrix,
+            recv_channel_prefix_matrix,
+            None if cached else send_head,
+            recv_x,
+            recv_src_idx,
+            recv_topk_idx,
+            recv_topk_weights,
             recv_scales.view(torch.int32) if recv_scales is not None else None,
         )
         self._after_launch(run_op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
         if cached:
-            event = streams.finish((x_data, x_scales, is_token_in_rank, recv_x, recv_scales, *handle)
-                                   if async_finish else ())
+            event = streams.finish(
+                (x_data, x_scales, is_token_in_rank, recv_x, recv_scales, *handle)
+                if async_finish
+                else ()
+            )
             return received, None, None, None, None, event
-        event = streams.finish((x_data, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
-                                recv_x, recv_scales, recv_src_idx, recv_topk_idx, recv_topk_weights,
-                                rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, send_head)
-                               if async_finish else ())
-        new_handle = IntranodeHandle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
-                                     recv_src_idx, is_token_in_rank, send_head)
+        event = streams.finish(
+            (
+                x_data,
+                x_scales,
+                topk_idx,
+                topk_weights,
+                is_token_in_rank,
+                num_tokens_per_expert,
+                recv_x,
+                recv_scales,
+                recv_src_idx,
+                recv_topk_idx,
+                recv_topk_weights,
+                rank_prefix_matrix,
+                channel_prefix_matrix,
+                recv_channel_prefix_matrix,
+                send_head,
+            )
+            if async_finish
+            else ()
+        )
+        new_handle = IntranodeHandle(
+            rank_prefix_matrix,
+            channel_prefix_matrix,
+            recv_channel_prefix_matrix,
+            recv_src_idx,
+            is_token_in_rank,
+            send_head,
+        )
         return received, recv_topk_idx, recv_topk_weights, recv_counts_list, new_handle, event
 
     # ----------------------------------------------------------------------------- combine
-    def combine(self, op: str, config: Config, x: torch.Tensor, handle: IntranodeHandle,
-                topk_weights: torch.Tensor | None, biases: tuple, previous_event, async_finish: bool,
-                allocate_on_comm_stream: bool):
+    def combine(
+        self,
+        op: str,
+        config: Config,
+        x: torch.Tensor,
+        handle: IntranodeHandle,
+        topk_weights: torch.Tensor | None,
+        biases: tuple,
+        previous_event,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+    ):
         """Combine checked arguments; returns (combined_x, combined_topk_weights, event)."""
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
-        plans = self._combine_plans(op, ("combine", config, hidden, x.dtype, num_topk,
-                                         (biases[0] is not None, biases[1] is not None)))
+        plans = self._combine_plans(
+            op,
+            (
+                "combine",
+                config,
+                hidden,
+                x.dtype,
+                num_topk,
+                (biases[0] is not None, biases[1] is not None),
+            ),
+        )
         refuse = self._refusal(handle.is_token_in_rank, config.num_channels, plans.capacity)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with streams.allocation():
             combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=self._device)
-            combined_weights = (torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self._device)
-                                if num_topk else None)
+            combined_weights = (
+                torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self._device)
+                if num_topk
+                else None
+            )
         plans.notify.launch(streams.launch, refuse)
         self._after_launch(op)
-        plans.data.launch(streams.launch, x, topk_weights, biases[0], biases[1], handle.rank_prefix_matrix,
-                          handle.recv_channel_prefix_matrix, handle.send_head, combined_x, combined_weights)
+        plans.data.launch(
+            streams.launch,
+            x,
+            topk_weights,
+            biases[0],
+            biases[1],
+            handle.rank_prefix_matrix,
+            handle.recv_channel_prefix_matrix,
+            handle.send_head,
+            combined_x,
+            combined_weights,
+        )
         self._after_launch(op)
-        event = streams.finish((x, topk_weights, *biases, combined_x, combined_weights, *handle)
-                               if async_finish else ())
+        event = streams.finish(
+            (x, topk_weights, *biases, combined_x, combined_weights, *handle)
+            if async_finish
+            else ()
+        )
         return combined_x, combined_weights, event
 
 

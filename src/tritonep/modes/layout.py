@@ -19,8 +19,15 @@ from ..runtime.topology import Topology
 class RoutingLayout:
     """The layout call of one Buffer."""
 
-    def __init__(self, kernels, topology: Topology, host: HostBlock, streams: CommStreams, rank_mask: torch.Tensor,
-                 device: torch.device):
+    def __init__(
+        self,
+        kernels,
+        topology: Topology,
+        host: HostBlock,
+        streams: CommStreams,
+        rank_mask: torch.Tensor,
+        device: torch.device,
+    ):
         self._kernels = kernels
         self._topology = topology
         self._host = host
@@ -30,26 +37,57 @@ class RoutingLayout:
         self._scratch = torch.zeros(0, dtype=torch.int32, device=device)
         self._plans: dict = {}
 
-    def __call__(self, op: str, topk_idx: torch.Tensor, num_experts: int, previous_event, async_finish: bool,
-                 allocate_on_comm_stream: bool):
+    def __call__(
+        self,
+        op: str,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+    ):
         num_tokens, num_topk = topk_idx.shape
         # Token blocks never exceed 64 tokens: past that the plan does not depend on N.
-        key = (min(1 << max(0, num_tokens - 1).bit_length(), 64), num_topk, topk_idx.dtype, num_experts)
+        key = (
+            min(1 << max(0, num_tokens - 1).bit_length(), 64),
+            num_topk,
+            topk_idx.dtype,
+            num_experts,
+        )
         plan = self._plans.get(key)
         topology = self._topology
         if plan is None:
             plan = self._plans[key] = self._kernels.layout.plan_route_stats(
-                num_tokens, num_topk, num_experts, topology.num_ranks, topology.ranks_per_node, topology.is_internode,
+                num_tokens,
+                num_topk,
+                num_experts,
+                topology.num_ranks,
+                topology.ranks_per_node,
+                topology.is_internode,
             )
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
-        slots = self._kernels.layout.scratch_slots(num_experts, topology.num_ranks, topology.num_nodes)
+        slots = self._kernels.layout.scratch_slots(
+            num_experts, topology.num_ranks, topology.num_nodes
+        )
         if self._scratch.numel() < slots:
-            # Zeroed once, in stream order before the launch; the kernel leaves it zero after every call.
-            with torch.cuda.stream(streams.launch) if streams.launch is not None else contextlib.nullcontext():
+            # Zeroed once, in stream order before the launch; the kernel leaves it zero after every
+            # call.
+            with (
+                torch.cuda.stream(streams.launch)
+                if streams.launch is not None
+                else contextlib.nullcontext()
+            ):
                 self._scratch = torch.zeros(slots, dtype=torch.int32, device=self._device)
         with streams.allocation():
             outputs = plan.allocate(num_tokens, self._device)
-        plan.launch(streams.launch, topk_idx, num_tokens, self._scratch, self._rank_mask, self._host.address, outputs)
+        plan.launch(
+            streams.launch,
+            topk_idx,
+            num_tokens,
+            self._scratch,
+            self._rank_mask,
+            self._host.address,
+            outputs,
+        )
         event = streams.finish((topk_idx, *outputs) if async_finish else ())
         return (*outputs, event)
-

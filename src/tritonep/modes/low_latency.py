@@ -30,8 +30,17 @@ MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register
 class LowLatencyMode:
     """The low-latency calls of one Buffer (`ctx`: its `LaunchContext`; `shrink`: enable_shrink)."""
 
-    def __init__(self, kernels, ctx, memory: BufferMemory, host: HostBlock, streams: CommStreams, backend: str,
-                 num_rdma_bytes: int, shrink: bool):
+    def __init__(
+        self,
+        kernels,
+        ctx,
+        memory: BufferMemory,
+        host: HostBlock,
+        streams: CommStreams,
+        backend: str,
+        num_rdma_bytes: int,
+        shrink: bool,
+    ):
         self._kernels = kernels
         self._ctx = ctx
         self._memory = memory
@@ -43,8 +52,12 @@ class LowLatencyMode:
         self._num_ranks = ctx.num_ranks
         ll = kernels.low_latency
         self._mask = torch.zeros(ctx.num_ranks, dtype=torch.int32, device=self._device)
-        self._workspace = torch.zeros(ll.sync.WORKSPACE_SLOTS, dtype=torch.int64, device=self._device)
-        self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = 1  # tags above zeroed memory
+        self._workspace = torch.zeros(
+            ll.sync.WORKSPACE_SLOTS, dtype=torch.int64, device=self._device
+        )
+        self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = (
+            1  # tags above zeroed memory
+        )
         self._scratch = [torch.zeros(0, dtype=torch.int32, device=self._device) for _ in range(2)]
         self._gpu = backend == "cuda"
         # Programs per launch: in the interpreter as few as possible (they run one after another).
@@ -71,14 +84,23 @@ class LowLatencyMode:
             fail(op, f"hidden must be a multiple of 128, got {hidden}")
         check_int(op, "num_experts", num_experts, minimum=1)
         if num_experts % self._num_ranks != 0:
-            fail(op, f"num_experts must be a multiple of the rank count {self._num_ranks}, got {num_experts}")
-        regions = self._kernels.low_latency.regions.LowLatencyRegions(max_tokens, hidden, num_experts,
-                                                                      self._num_ranks)
+            fail(
+                op,
+                f"num_experts must be a multiple of the rank count {self._num_ranks}, got "
+                f"{num_experts}",
+            )
+        regions = self._kernels.low_latency.regions.LowLatencyRegions(
+            max_tokens, hidden, num_experts, self._num_ranks
+        )
         if regions.num_bytes > self._num_rdma_bytes:
             hint = get_low_latency_rdma_size_hint(max_tokens, hidden, self._num_ranks, num_experts)
-            fail(op, f"num_rdma_bytes={self._num_rdma_bytes} is too small for T={max_tokens}, hidden={hidden}, "
-                     f"num_experts={num_experts}: it needs {regions.num_bytes} bytes "
-                     f"(Buffer.get_low_latency_rdma_size_hint gives {hint})")
+            fail(
+                op,
+                f"num_rdma_bytes={self._num_rdma_bytes} is too small for T={max_tokens}, "
+                f"hidden={hidden}, "
+                f"num_experts={num_experts}: it needs {regions.num_bytes} bytes "
+                f"(Buffer.get_low_latency_rdma_size_hint gives {hint})",
+            )
         self._plans[key] = regions
         return regions
 
@@ -105,8 +127,10 @@ class LowLatencyMode:
                 raise EPStateError(f"{op} hook: this hook already ran")
             if self._calls - call_index > 2:
                 raise EPStateError(
-                    f"{op} hook: stale, {self._calls - call_index - 1} low-latency calls were issued after its call "
-                    "and its buffer set is reused from the second one on (at most two results outstanding)"
+                    f"{op} hook: stale, {self._calls - call_index - 1} low-latency calls were "
+                    f"issued after its call "
+                    "and its buffer set is reused from the second one on (at most two results "
+                    "outstanding)"
                 )
             done.append(True)
             with torch._C.DisableTorchFunction():
@@ -132,9 +156,15 @@ class LowLatencyMode:
     def _grids(self, send_items: int, receive_items: int) -> dict:
         """Programs of each launch: {role: (senders, receivers)}."""
         roles = self._kernels.low_latency.sync
-        senders, receivers = min(send_items, self._senders), max(1, min(receive_items, self._receivers))
-        return {roles.ROLE_BOTH.value: (senders, receivers), roles.ROLE_SEND.value: (senders, 0),
-                roles.ROLE_RECV.value: (0, receivers)}
+        senders, receivers = (
+            min(send_items, self._senders),
+            max(1, min(receive_items, self._receivers)),
+        )
+        return {
+            roles.ROLE_BOTH.value: (senders, receivers),
+            roles.ROLE_SEND.value: (senders, 0),
+            roles.ROLE_RECV.value: (0, receivers),
+        }
 
     def _scratch_for(self, parity: int, entries: int) -> torch.Tensor:
         if self._scratch[parity].numel() < entries:
@@ -142,43 +172,90 @@ class LowLatencyMode:
         return self._scratch[parity]
 
     # ---------------------------------------------------------------------------- dispatch
-    def dispatch(self, op, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_stats, wait_stats,
-                 use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook):
+    def dispatch(
+        self,
+        op,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        cumulative_stats,
+        wait_stats,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        async_finish,
+        return_recv_hook,
+    ):
         check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,), dim=2)
-        check_tensor(op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2)
+        check_tensor(
+            op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
+        )
         num_tokens, hidden = x.shape
         regions = self._regions(op, num_max_dispatch_tokens_per_rank, hidden, num_experts)
         max_tokens = num_max_dispatch_tokens_per_rank
         if num_tokens > max_tokens:
-            fail(op, f"x must have at most num_max_dispatch_tokens_per_rank={max_tokens} rows, got {num_tokens}")
+            fail(
+                op,
+                f"x must have at most num_max_dispatch_tokens_per_rank={max_tokens} rows, got "
+                f"{num_tokens}",
+            )
         num_topk = topk_idx.size(1)
         if topk_idx.size(0) != num_tokens or not 0 < num_topk <= MAX_LL_TOPK:
-            fail(op, f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_LL_TOPK}, got "
-                     f"{tuple(topk_idx.shape)}")
+            fail(
+                op,
+                f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_LL_TOPK}, got "
+                f"{tuple(topk_idx.shape)}",
+            )
         if use_ue8m0 and not round_scale:
             fail(op, "use_ue8m0=True requires round_scale=True")
         num_local = num_experts // self._num_ranks
-        cumulative_stats = self._check_stats(op, "cumulative_local_expert_recv_stats", cumulative_stats, num_local,
-                                             torch.int32)
-        wait_stats = self._check_stats(op, "dispatch_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64)
+        cumulative_stats = self._check_stats(
+            op, "cumulative_local_expert_recv_stats", cumulative_stats, num_local, torch.int32
+        )
+        wait_stats = self._check_stats(
+            op, "dispatch_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64
+        )
         call, stream = self._streams_for(op, async_finish, return_recv_hook)
-        key = ("dispatch", regions, num_topk, bool(use_fp8), bool(use_fp8 and round_scale), bool(use_fp8 and use_ue8m0),
-               cumulative_stats is not None, wait_stats is not None)
+        key = (
+            "dispatch",
+            regions,
+            num_topk,
+            bool(use_fp8),
+            bool(use_fp8 and round_scale),
+            bool(use_fp8 and use_ue8m0),
+            cumulative_stats is not None,
+            wait_stats is not None,
+        )
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._kernels.low_latency.dispatch.DispatchPlan(
-                self._memory, self._ctx, regions, num_topk=num_topk, use_fp8=key[3], round_scale=key[4],
-                use_ue8m0=key[5], grids=self._grids(num_experts, num_local), shrink=self._shrink,
-                has_cumulative=key[6], has_wait_stats=key[7], num_warps=self._num_warps,
+                self._memory,
+                self._ctx,
+                regions,
+                num_topk=num_topk,
+                use_fp8=key[3],
+                round_scale=key[4],
+                use_ue8m0=key[5],
+                grids=self._grids(num_experts, num_local),
+                shrink=self._shrink,
+                has_cumulative=key[6],
+                has_wait_stats=key[7],
+                num_warps=self._num_warps,
             )
         parity, call_index = self._next_parity()
         device, slots = self._device, self._num_ranks * max_tokens
         if use_fp8:
-            recv_x = torch.empty((num_local, slots, hidden), dtype=torch.float8_e4m3fn, device=device)
+            recv_x = torch.empty(
+                (num_local, slots, hidden), dtype=torch.float8_e4m3fn, device=device
+            )
             columns = -(-hidden // 512) if use_ue8m0 else hidden // 128
             # Column-major in the last two dims: the transpose of a contiguous [L, columns, R*T].
-            recv_scales = torch.empty((num_local, columns, slots), dtype=torch.int32 if use_ue8m0 else torch.float32,
-                                      device=device).transpose(1, 2)
+            recv_scales = torch.empty(
+                (num_local, columns, slots),
+                dtype=torch.int32 if use_ue8m0 else torch.float32,
+                device=device,
+            ).transpose(1, 2)
         else:
             recv_x = torch.empty((num_local, slots, hidden), dtype=torch.bfloat16, device=device)
             recv_scales = None
@@ -188,8 +265,23 @@ class LowLatencyMode:
         scratch = self._scratch_for(parity, plan.max_senders * max_tokens)
 
         def launch(role, on_stream):
-            plan.launch(role, on_stream, parity, x, topk_idx, self._mask, recv_x, recv_scales, src_info, layout_range,
-                        recv_count, cumulative_stats, wait_stats, self._workspace, scratch)
+            plan.launch(
+                role,
+                on_stream,
+                parity,
+                x,
+                topk_idx,
+                self._mask,
+                recv_x,
+                recv_scales,
+                src_info,
+                layout_range,
+                recv_count,
+                cumulative_stats,
+                wait_stats,
+                self._workspace,
+                scratch,
+            )
 
         roles = self._kernels.low_latency.sync
         handle = (src_info, layout_range, max_tokens, hidden, num_experts)
@@ -201,69 +293,163 @@ class LowLatencyMode:
             return received, recv_count, handle, EventOverlap(None, None), hook
         launch(roles.ROLE_BOTH.value, stream)
         self._after_launch(op)
-        event = call.finish((x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats)
-                            if async_finish else (), keep_alive="extra_tensors")
+        event = call.finish(
+            (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats)
+            if async_finish
+            else (),
+            keep_alive="extra_tensors",
+        )
         return received, recv_count, handle, event, None
 
     # ----------------------------------------------------------------------------- combine
     def _check_handle(self, op: str, handle):
         if not isinstance(handle, (tuple, list)) or len(handle) != 5:
-            kind = f"a {type(handle).__name__} of {len(handle)}" if isinstance(handle, (tuple, list)) else type(handle).__name__
+            kind = (
+                f"a {type(handle).__name__} of {len(handle)}"
+                if isinstance(handle, (tuple, list))
+                else type(handle).__name__
+            )
             fail(op, f"handle must be the 5-tuple of a low_latency_dispatch, got {kind}")
         src_info, layout_range, max_tokens, hidden, num_experts = handle
         regions = self._regions(op, max_tokens, hidden, num_experts)
         num_local = num_experts // self._num_ranks
-        check_tensor(op, "handle[0] (packed_recv_src_info)", src_info, device=self._device, dtypes=(torch.int32,),
-                     shape=(num_local, self._num_ranks * max_tokens))
-        check_tensor(op, "handle[1] (packed_recv_layout_range)", layout_range, device=self._device,
-                     dtypes=(torch.int64,), shape=(num_local, self._num_ranks))
+        check_tensor(
+            op,
+            "handle[0] (packed_recv_src_info)",
+            src_info,
+            device=self._device,
+            dtypes=(torch.int32,),
+            shape=(num_local, self._num_ranks * max_tokens),
+        )
+        check_tensor(
+            op,
+            "handle[1] (packed_recv_layout_range)",
+            layout_range,
+            device=self._device,
+            dtypes=(torch.int64,),
+            shape=(num_local, self._num_ranks),
+        )
         return regions, src_info, layout_range
 
-    def combine(self, op, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook,
-                out, wait_stats):
+    def combine(
+        self,
+        op,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt,
+        zero_copy,
+        async_finish,
+        return_recv_hook,
+        out,
+        wait_stats,
+    ):
         regions, src_info, layout_range = self._check_handle(op, handle)
         max_tokens, hidden, num_experts = regions.max_tokens, regions.hidden, regions.num_experts
         num_local = num_experts // self._num_ranks
-        check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,),
-                     shape=(num_local, self._num_ranks * max_tokens, hidden))
-        check_tensor(op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2)
+        check_tensor(
+            op,
+            "x",
+            x,
+            device=self._device,
+            dtypes=(torch.bfloat16,),
+            shape=(num_local, self._num_ranks * max_tokens, hidden),
+        )
+        check_tensor(
+            op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
+        )
         num_tokens, num_topk = topk_idx.shape
         if num_tokens > max_tokens or not 0 < num_topk <= MAX_LL_TOPK:
-            fail(op, f"topk_idx must have shape [N, K] with N <= {max_tokens} and 1 <= K <= {MAX_LL_TOPK}, got "
-                     f"{tuple(topk_idx.shape)}")
-        check_tensor(op, "topk_weights", topk_weights, device=self._device, dtypes=(torch.float32,),
-                     shape=(num_tokens, num_topk))
+            fail(
+                op,
+                f"topk_idx must have shape [N, K] with N <= {max_tokens} and 1 <= K <= "
+                f"{MAX_LL_TOPK}, got "
+                f"{tuple(topk_idx.shape)}",
+            )
+        check_tensor(
+            op,
+            "topk_weights",
+            topk_weights,
+            device=self._device,
+            dtypes=(torch.float32,),
+            shape=(num_tokens, num_topk),
+        )
         if use_logfmt and zero_copy:
             fail(op, "use_logfmt and zero_copy cannot both be True")
         if out is not None:
-            check_tensor(op, "out", out, device=self._device, dtypes=(torch.bfloat16,), shape=(num_tokens, hidden))
-        wait_stats = self._check_stats(op, "combine_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64)
+            check_tensor(
+                op,
+                "out",
+                out,
+                device=self._device,
+                dtypes=(torch.bfloat16,),
+                shape=(num_tokens, hidden),
+            )
+        wait_stats = self._check_stats(
+            op, "combine_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64
+        )
         call, stream = self._streams_for(op, async_finish, return_recv_hook)
-        key = ("combine", regions, num_topk, bool(use_logfmt), bool(zero_copy), wait_stats is not None)
+        key = (
+            "combine",
+            regions,
+            num_topk,
+            bool(use_logfmt),
+            bool(zero_copy),
+            wait_stats is not None,
+        )
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._kernels.low_latency.combine.CombinePlan(
-                self._memory, self._ctx, regions, num_topk=num_topk, use_logfmt=key[3], zero_copy=key[4],
-                grids=self._grids(num_experts, max_tokens), shrink=self._shrink, has_wait_stats=key[5], num_warps=self._num_warps,
+                self._memory,
+                self._ctx,
+                regions,
+                num_topk=num_topk,
+                use_logfmt=key[3],
+                zero_copy=key[4],
+                grids=self._grids(num_experts, max_tokens),
+                shrink=self._shrink,
+                has_wait_stats=key[5],
+                num_warps=self._num_warps,
             )
         parity, call_index = self._next_parity()
-        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
-                                                           device=self._device)
+        combined = (
+            out
+            if out is not None
+            else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+        )
 
         def launch(role, on_stream):
-            plan.launch(role, on_stream, parity, x, topk_idx, topk_weights, src_info, layout_range, self._mask,
-                        combined, wait_stats, self._workspace)
+            plan.launch(
+                role,
+                on_stream,
+                parity,
+                x,
+                topk_idx,
+                topk_weights,
+                src_info,
+                layout_range,
+                self._mask,
+                combined,
+                wait_stats,
+                self._workspace,
+            )
 
         roles = self._kernels.low_latency.sync
         if return_recv_hook:
             launch(roles.ROLE_SEND.value, stream)
             self._after_launch(op)
-            return combined, EventOverlap(None, None), self._hook(op, call_index,
-                                                                 lambda: launch(roles.ROLE_RECV.value, stream))
+            return (
+                combined,
+                EventOverlap(None, None),
+                self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream)),
+            )
         launch(roles.ROLE_BOTH.value, stream)
         self._after_launch(op)
-        event = call.finish((x, topk_idx, topk_weights, src_info, layout_range, combined) if async_finish else (),
-                            keep_alive="extra_tensors")
+        event = call.finish(
+            (x, topk_idx, topk_weights, src_info, layout_range, combined) if async_finish else (),
+            keep_alive="extra_tensors",
+        )
         return combined, event, None
 
     def next_combine_buffer(self, op: str, handle) -> torch.Tensor:
@@ -281,7 +467,8 @@ class LowLatencyMode:
         plan = self._plans.get("clean")
         if plan is None:
             plan = self._plans["clean"] = self._kernels.low_latency.clean.CleanPlan(
-                self._memory, self._ctx, regions.barrier, self._shrink)
+                self._memory, self._ctx, regions.barrier, self._shrink
+            )
         plan.launch(self._streams.current() if self._gpu else None, self._mask, self._workspace)
         self._after_launch(op)
 
@@ -294,4 +481,3 @@ class LowLatencyMode:
 
     def clean_mask(self) -> None:
         self._mask.zero_()
-

@@ -26,12 +26,15 @@ def _tick(cell: np.ndarray) -> None:
 
 
 def clock_address() -> int:
-    """Address of the int64 cell holding the current `time.monotonic_ns()` (started on first use)."""
+    """Address of the int64 cell holding the current `time.monotonic_ns()` (started on first
+    use)."""
     global _cell
     with _lock:
         if _cell is None:
             _cell = np.array([time.monotonic_ns()], dtype=np.int64)
-            thread = threading.Thread(target=_tick, args=(_cell,), name="tritonep-clock", daemon=True)
+            thread = threading.Thread(
+                target=_tick, args=(_cell,), name="tritonep-clock", daemon=True
+            )
             thread.start()
             atexit.register(lambda: (_stop.set(), thread.join(1.0)))
         return _cell.ctypes.data

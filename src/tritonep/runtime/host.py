@@ -1,4 +1,5 @@
-"""The host block: what kernels tell the host, and the host's bounded waits for it (spec §14.6-14.7).
+"""The host block: what kernels tell the host, and the host's bounded waits for it (spec
+§14.6-14.7).
 
 Each Buffer owns a small int64 block in host-visible memory (pinned on GPUs; layout in
 `protocol.py`). Kernels write into it: the received counts of a counting notify (then `ready`),
@@ -36,7 +37,9 @@ class HostBlock:
         self.rank = rank
         self.timeout_s = timeout_s
         self._explicitly_destroy = explicitly_destroy
-        self._tensor = torch.zeros(protocol.HOST_SLOTS, dtype=torch.int64, device="cpu", pin_memory=pinned)
+        self._tensor = torch.zeros(
+            protocol.HOST_SLOTS, dtype=torch.int64, device="cpu", pin_memory=pinned
+        )
         self._slots = self._tensor.numpy()
         self.address = self._tensor.data_ptr()
         self.poison: str | None = None
@@ -54,9 +57,14 @@ class HostBlock:
             remedy = (
                 "destroy() it and create a new Buffer"
                 if self._explicitly_destroy
-                else "drop every reference to it (it is released when garbage-collected) and create a new Buffer"
+                else (
+                    "drop every reference to it (it is released when garbage-collected) and create "
+                    "a new Buffer"
+                )
             )
-            raise EPStateError(f"{op}: buffer is unusable after an earlier device error ({self.poison}); {remedy}")
+            raise EPStateError(
+                f"{op}: buffer is unusable after an earlier device error ({self.poison}); {remedy}"
+            )
         self.check(op)
 
     def check(self, op: str, include_overflow: bool = True) -> None:
@@ -70,8 +78,10 @@ class HostBlock:
         if overflow:
             slots[protocol.HOST_OVERFLOW] = 0
             raise EPInvalidArgument(
-                f"{op}: rank {self.rank}: a worst-case dispatch received {overflow} rows but num_worst_tokens "
-                f"was {self.num_worst_tokens}; the rows beyond it were dropped (raise num_worst_tokens)"
+                f"{op}: rank {self.rank}: a worst-case dispatch received {overflow} rows but "
+                f"num_worst_tokens "
+                f"was {self.num_worst_tokens}; the rows beyond it were dropped (raise "
+                f"num_worst_tokens)"
             )
         bad_token = int(slots[protocol.HOST_BAD_EXPERT])
         if bad_token:
@@ -80,15 +90,20 @@ class HostBlock:
             slots[first : first + 4] = 0
             raise EPInvalidArgument(
                 f"{op}: rank {self.rank}: an earlier get_dispatch_layout on this buffer got "
-                f"topk_idx[{bad_token - 1}, {k}] = {value}, which is not below num_experts={num_experts}; "
+                f"topk_idx[{bad_token - 1}, {k}] = {value}, which is not below "
+                f"num_experts={num_experts}; "
                 "it was counted as -1 (no expert)"
             )
         shrunk = int(slots[protocol.HOST_SHRUNK])
         if shrunk:
             slots[protocol.HOST_SHRUNK] = 0
             ranks = [s for s in range(64) if shrunk >> s & 1]
-            warnings.warn(f"tritonep: {op}: rank {self.rank}: a low-latency wait timed out on rank(s) {ranks}, "
-                          "which are now masked (shrink mode); the calls completed without them", stacklevel=3)
+            warnings.warn(
+                f"tritonep: {op}: rank {self.rank}: a low-latency wait timed out on rank(s) "
+                f"{ranks}, "
+                "which are now masked (shrink mode); the calls completed without them",
+                stacklevel=3,
+            )
         code = int(slots[protocol.HOST_ERROR_CODE])
         if code != 0:
             self._raise_record(op, code)
@@ -99,24 +114,31 @@ class HostBlock:
             int(v) for v in slots[protocol.HOST_ERROR + 1 : protocol.HOST_ERROR + 7]
         )
         phase_name = protocol.PHASE_NAMES.get(phase, f"phase {phase}")
-        where = f"{phase_name} phase" + (f", {protocol.channel_word(phase)} {channel}" if channel >= 0 else "")
+        where = f"{phase_name} phase" + (
+            f", {protocol.channel_word(phase)} {channel}" if channel >= 0 else ""
+        )
         if code == protocol.ERR_TIMEOUT:
             message = (
-                f"rank {rank} timed out after {self.timeout_s:g} s in the {where} waiting for rank {peer} "
+                f"rank {rank} timed out after {self.timeout_s:g} s in the {where} waiting for rank "
+                f"{peer} "
                 f"(progress seen {observed}, needed {expected}); TRITONEP_TIMEOUT_S sets the limit"
             )
             error = EPTimeoutError
         elif code == protocol.ERR_LAYOUT_MISMATCH:
             message = (
-                f"rank {rank} found in the {where} that rank {peer} made this call with a different "
-                f"geometry (hidden size, top-k, scales, dtype or config; fingerprint {observed} vs {expected})"
+                f"rank {rank} found in the {where} that rank {peer} made this call with a "
+                f"different "
+                f"geometry (hidden size, top-k, scales, dtype or config; fingerprint {observed} vs "
+                f"{expected})"
             )
             error = EPInvalidArgument
         elif code == protocol.ERR_REFUSED:
             slots[protocol.HOST_ERROR : protocol.HOST_ERROR + protocol.ERROR_SLOTS] = 0
             raise EPUnsupported(
-                f"{op}: the CPU backend runs a launch's programs one after another, so a queue must hold a "
-                f"whole channel; rank {peer} needs {observed} rows but queues hold {expected}: raise "
+                f"{op}: the CPU backend runs a launch's programs one after another, so a queue "
+                f"must hold a "
+                f"whole channel; rank {peer} needs {observed} rows but queues hold {expected}: "
+                f"raise "
                 "num_nvl_bytes, num_max_nvl_chunked_recv_tokens or num_sms"
             )
         else:
@@ -154,9 +176,13 @@ class HostBlock:
                 if time.monotonic() > deadline:
                     self.poison = f"rank {self.rank}: host wait for the received counts timed out"
                     raise EPTimeoutError(
-                        f"{op}: rank {self.rank} timed out after {self.timeout_s:g} s waiting for the notify "
-                        "kernel to publish the received token counts (some rank has not joined this dispatch)"
+                        f"{op}: rank {self.rank} timed out after {self.timeout_s:g} s waiting for "
+                        f"the notify "
+                        "kernel to publish the received token counts (some rank has not joined "
+                        "this dispatch)"
                     )
         self.check(op, include_overflow=False)
         first = protocol.HOST_EXPERT_COUNTS
-        return int(slots[protocol.HOST_NUM_RECV]), [int(v) for v in slots[first : first + experts_per_rank]]
+        return int(slots[protocol.HOST_NUM_RECV]), [
+            int(v) for v in slots[first : first + experts_per_rank]
+        ]

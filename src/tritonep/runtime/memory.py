@@ -35,15 +35,25 @@ class BufferMemory:
     Attributes:
         signal: the signal-region layout (identical on every rank).
         nvl_offset: byte offset of the `num_nvl_bytes` data region in the NVL allocation.
-        peer_bases: int64 `[R]` base of every rank's NVL allocation as mapped here (kernels load it).
+        peer_bases: int64 `[R]` base of every rank's NVL allocation as mapped here (kernels load
+        it).
         rdma_routes: int64 `[R, 3]` route table of the RDMA memory for `device.open_peer`, or None.
         rdma_base: this rank's RDMA base address (local symmetric address of its offset 0).
         rdma_transport / rdma_force_put: the device layer's `TRANSPORT` / `FORCE_PUT` constexprs
             for kernels using the RDMA memory; uses_nvshmem: those kernels call NVSHMEM.
     """
 
-    def __init__(self, bootstrap: Bootstrap, topology: Topology, backend: str, device_: torch.device,
-                 num_nvl_bytes: int, num_rdma_bytes: int, force_put: bool, num_qps_per_rank: int):
+    def __init__(
+        self,
+        bootstrap: Bootstrap,
+        topology: Topology,
+        backend: str,
+        device_: torch.device,
+        num_nvl_bytes: int,
+        num_rdma_bytes: int,
+        force_put: bool,
+        num_qps_per_rank: int,
+    ):
         self.signal = protocol.signal_layout(topology.num_ranks)
         self.nvl_offset = self.signal.num_bytes
         self.num_nvl_bytes = num_nvl_bytes
@@ -51,18 +61,26 @@ class BufferMemory:
         self._peer = None
         self._heap = None
         rdma_in_peer = num_rdma_bytes > 0 and not (topology.is_internode or force_put)
-        self._rdma_offset = protocol.align_up(self.nvl_offset + num_nvl_bytes) if rdma_in_peer else 0
-        peer_bytes = self._rdma_offset + num_rdma_bytes if rdma_in_peer else self.nvl_offset + num_nvl_bytes
+        self._rdma_offset = (
+            protocol.align_up(self.nvl_offset + num_nvl_bytes) if rdma_in_peer else 0
+        )
+        peer_bytes = (
+            self._rdma_offset + num_rdma_bytes if rdma_in_peer else self.nvl_offset + num_nvl_bytes
+        )
         self.rdma_routes = None
         self.rdma_base = 0
-        self.rdma_transport = 0  # device.STORES (the device layer is a kernel module: imported late)
+        self.rdma_transport = (
+            0  # device.STORES (the device layer is a kernel module: imported late)
+        )
         self.rdma_force_put = False
         self.uses_nvshmem = False
         self.device_wrapper = None  # what kernels on the RDMA memory are launched through
         if num_rdma_bytes > 0 and not rdma_in_peer:
             # First: torch allows one symmetric-memory backend per process, and NVSHMEM's must be
             # chosen before anything is allocated (the NVL memory then comes from its heap too).
-            self._open_heap(bootstrap, topology, backend, device_, num_rdma_bytes, force_put, num_qps_per_rank)
+            self._open_heap(
+                bootstrap, topology, backend, device_, num_rdma_bytes, force_put, num_qps_per_rank
+            )
         # The signal region exists whenever a mode signals through the NVL memory.
         if num_nvl_bytes > 0 or rdma_in_peer:
             self._peer = open_peer_memory(bootstrap, peer_bytes, backend, device_)
@@ -74,18 +92,29 @@ class BufferMemory:
             mine = self._peer.peer_ptrs[topology.rank]
             bases = [p + self._rdma_offset for p in self._peer.peer_ptrs]
             self.rdma_base = mine + self._rdma_offset
-            self.rdma_routes = torch.tensor([[b, self.rdma_base, j] for j, b in enumerate(bases)],
-                                            dtype=torch.int64, device=device_)
-            self._rdma_view = self._peer.local[self._rdma_offset : self._rdma_offset + num_rdma_bytes]
+            self.rdma_routes = torch.tensor(
+                [[b, self.rdma_base, j] for j, b in enumerate(bases)],
+                dtype=torch.int64,
+                device=device_,
+            )
+            self._rdma_view = self._peer.local[
+                self._rdma_offset : self._rdma_offset + num_rdma_bytes
+            ]
             self._rdma_view.zero_()  # signal words must start below every epoch
 
-    def _open_heap(self, bootstrap, topology, backend, device_, num_rdma_bytes, force_put, num_qps_per_rank):
+    def _open_heap(
+        self, bootstrap, topology, backend, device_, num_rdma_bytes, force_put, num_qps_per_rank
+    ):
         from ..transport import device, nvshmem
 
         if backend == "cpu":
-            self._heap = nvshmem.EmulatedPeerMemory(bootstrap, num_rdma_bytes, topology.ranks_per_node, force_put)
+            self._heap = nvshmem.EmulatedPeerMemory(
+                bootstrap, num_rdma_bytes, topology.ranks_per_node, force_put
+            )
         else:
-            self._heap = nvshmem.NvshmemPeerMemory(bootstrap, num_rdma_bytes, device_, force_put, num_qps_per_rank)
+            self._heap = nvshmem.NvshmemPeerMemory(
+                bootstrap, num_rdma_bytes, device_, force_put, num_qps_per_rank
+            )
         self.rdma_routes = self._heap.route_table_dev
         self.rdma_base = self._heap.local.data_ptr()
         self.rdma_transport = self._heap.transport
@@ -96,7 +125,9 @@ class BufferMemory:
         self._rdma_view = self._heap.local
         self._rdma_view.zero_()  # signal words must start below every epoch
 
-    def local_view(self, op: str, dtype: torch.dtype, size, offset: int, rdma: bool) -> torch.Tensor:
+    def local_view(
+        self, op: str, dtype: torch.dtype, size, offset: int, rdma: bool
+    ) -> torch.Tensor:
         """A view (no copy) of this rank's data region (NVL or RDMA), from `offset` bytes in."""
         if rdma:
             if self.num_rdma_bytes == 0:
@@ -105,7 +136,10 @@ class BufferMemory:
         else:
             if self._peer is None or self.num_nvl_bytes == 0:
                 raise EPStateError(f"{op}: this buffer has no NVL memory (num_nvl_bytes=0)")
-            raw, total = self._peer.local[self.nvl_offset : self.nvl_offset + self.num_nvl_bytes], self.num_nvl_bytes
+            raw, total = (
+                self._peer.local[self.nvl_offset : self.nvl_offset + self.num_nvl_bytes],
+                self.num_nvl_bytes,
+            )
         if not isinstance(dtype, torch.dtype):
             fail(op, f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
         itemsize = dtype.itemsize
@@ -118,8 +152,12 @@ class BufferMemory:
             return view
         size = torch.Size(size)
         if size.numel() > view.numel():
-            fail(op, f"size {tuple(size)} needs {size.numel() * itemsize} bytes, only {view.numel() * itemsize} "
-                     f"from offset {offset}")
+            fail(
+                op,
+                f"size {tuple(size)} needs {size.numel() * itemsize} bytes, only "
+                f"{view.numel() * itemsize} "
+                f"from offset {offset}",
+            )
         return view[: size.numel()].view(size)
 
     def release_peers(self) -> None:
@@ -135,4 +173,3 @@ class BufferMemory:
                 memory.close()
         self._peer = self._heap = None
         self._rdma_view = None
-

@@ -43,8 +43,10 @@ class CommStreams:
         self._skip_allowed = True
 
     def expose(self) -> torch.cuda.Stream | None:
-        """The comm stream, for a caller who asked for it (`Buffer.get_comm_stream`). Whoever holds it
-        may enqueue work there that later calls must follow, so calls never skip their hand-offs again."""
+        """The comm stream, for a caller who asked for it (`Buffer.get_comm_stream`). Whoever holds
+        it
+        may enqueue work there that later calls must follow, so calls never skip their hand-offs
+        again."""
         self._skip_allowed = False
         self._caught_up_stream = None
         return self.comm
@@ -57,7 +59,9 @@ class CommStreams:
             self._current_cache = (raw, torch.cuda.current_stream(self.device))
         return self._current_cache[1]
 
-    def begin(self, op: str, previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> CallStreams:
+    def begin(
+        self, op: str, previous_event, async_finish: bool, allocate_on_comm_stream: bool
+    ) -> CallStreams:
         previous = previous_handle(previous_event, op)
         if allocate_on_comm_stream and (previous is None or not async_finish):
             fail(op, "allocate_on_comm_stream=True requires a previous_event and async_finish=True")
@@ -73,8 +77,13 @@ class CallStreams:
 
     __slots__ = ("_streams", "_compute", "_async", "_allocate_on_comm", "launch")
 
-    def __init__(self, streams: CommStreams, previous: EventHandle | None, async_finish: bool,
-                 allocate_on_comm_stream: bool):
+    def __init__(
+        self,
+        streams: CommStreams,
+        previous: EventHandle | None,
+        async_finish: bool,
+        allocate_on_comm_stream: bool,
+    ):
         self._streams = streams
         self._async = async_finish
         self._allocate_on_comm = allocate_on_comm_stream
@@ -84,7 +93,11 @@ class CallStreams:
             return
         compute = streams.current()
         self._compute = compute
-        if previous is None and not async_finish and streams._caught_up_stream == compute.cuda_stream:
+        if (
+            previous is None
+            and not async_finish
+            and streams._caught_up_stream == compute.cuda_stream
+        ):
             self.launch = compute  # nothing to hand off (see the module docstring)
             return
         if previous is not None and previous.event is not None:
@@ -111,8 +124,10 @@ class CallStreams:
         if comm is None:
             if not self._async:
                 return EventOverlap()
-            return EventOverlap(EventHandle._on_stream(None),
-                                extra_tensors=tuple(tensors) if keep_alive == "extra_tensors" else None)
+            return EventOverlap(
+                EventHandle._on_stream(None),
+                extra_tensors=tuple(tensors) if keep_alive == "extra_tensors" else None,
+            )
         if self._async:
             streams._caught_up_stream = None
             if keep_alive == "extra_tensors":

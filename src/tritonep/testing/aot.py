@@ -19,8 +19,15 @@ from collections import Counter
 import torch
 
 _TRITON_TYPES = {
-    torch.bool: "i1", torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32",
-    torch.int64: "i64", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+    torch.bool: "i1",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
 }
 
 
@@ -40,14 +47,17 @@ def _compile(fn, args, kwargs):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_cooperative_grid", "enable_fp_fusion")
-               if k in kwargs}
+    options = {
+        k: kwargs.pop(k)
+        for k in ("num_warps", "num_stages", "launch_cooperative_grid", "enable_fp_fusion")
+        if k in kwargs
+    }
     names = fn.arg_names
     constexprs = dict(kwargs)
     signature, attrs = {}, {}
     no_spec = set(getattr(fn, "do_not_specialize", ()) or ())
     no_spec |= {names[i] for i in no_spec if isinstance(i, int)}
-    for index, (name, value) in enumerate(zip(names, args)):
+    for index, (name, value) in enumerate(zip(names, args, strict=False)):
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + _TRITON_TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]
@@ -59,14 +69,15 @@ def _compile(fn, args, kwargs):
                 attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-    for name in names[len(args):]:
+    for name in names[len(args) :]:
         signature[name] = "constexpr"
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _cases(kernels):
-    """Representative launches of every launch plan (EP2 and EP8 geometries, BF16 / FP8, top-k, bias;
+    """Representative launches of every launch plan (EP2 and EP8 geometries, BF16 / FP8, top-k,
+    bias;
     the FP8 dispatch is launched as a cached one, which writes no handle entries), with the
     Buffer's GPU program shapes."""
     from tritonep import protocol
@@ -77,9 +88,15 @@ def _cases(kernels):
         shape = program_shape("cuda", num_ranks)
         rank_mask = torch.zeros(num_ranks, dtype=torch.int32)
         ctx = LaunchContext(
-            peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
-            data_offset=protocol.signal_layout(num_ranks).num_bytes, rank_mask=rank_mask,
-            host_addr=1 << 40, clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True,
+            peer_bases=torch.zeros(num_ranks, dtype=torch.int64),
+            rank=1,
+            num_ranks=num_ranks,
+            data_offset=protocol.signal_layout(num_ranks).num_bytes,
+            rank_mask=rank_mask,
+            host_addr=1 << 40,
+            clock_addr=0,
+            timeout_ns=100 * 10**9,
+            use_globaltimer=True,
         )
         tokens, hidden, topk, experts, channels = 4096, 7168, 8, 256, 12
         topk_idx = torch.zeros((tokens, topk), dtype=torch.int64)
@@ -90,39 +107,94 @@ def _cases(kernels):
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
         layout = kernels.layout.plan_route_stats(tokens, topk, experts, num_ranks, num_ranks, False)
         outputs = layout.allocate(tokens, torch.device("cpu"))
-        yield functools.partial(layout.launch, None, topk_idx, tokens, torch.zeros(1024, dtype=torch.int32),
-                                rank_mask, ctx.host_addr, outputs)
+        yield functools.partial(
+            layout.launch,
+            None,
+            topk_idx,
+            tokens,
+            torch.zeros(1024, dtype=torch.int32),
+            rank_mask,
+            ctx.host_addr,
+            outputs,
+        )
         for counting in (False, True):
-            notify = kernels.intranode.notify.NotifyPlan(ctx, channels, counting, experts // num_ranks, 12345, 256)
-            counts = kernels.intranode.notify.NotifyCounts(tokens, 0, torch.zeros(experts, dtype=torch.int32), mask, square,
-                                                 matrix, matrix)
+            notify = kernels.intranode.notify.NotifyPlan(
+                ctx, channels, counting, experts // num_ranks, 12345, 256
+            )
+            counts = kernels.intranode.notify.NotifyCounts(
+                tokens, 0, torch.zeros(experts, dtype=torch.int32), mask, square, matrix, matrix
+            )
             yield functools.partial(notify.launch, None, 0, 1, counts if counting else None)
         for fp8 in (False, True):
             row_bytes = hidden * (1 if fp8 else 2)
             scales = torch.zeros((hidden // 128, tokens), dtype=torch.int32).T if fp8 else None
-            queues = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, row_bytes, True, topk, topk,
-                                              hidden // 128 if fp8 else 0)
+            queues = protocol.QueueLayout.fit(
+                1 << 30,
+                channels,
+                num_ranks,
+                256,
+                row_bytes,
+                True,
+                topk,
+                topk,
+                hidden // 128 if fp8 else 0,
+            )
             x = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
             recv = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
             dispatch = kernels.intranode.dispatch.DispatchPlan(
-                ctx, queues, num_channels=channels, chunk=6, experts_per_rank=experts // num_ranks,
-                row_words=row_bytes // 4, num_topk=topk, topk_itemsize=8, num_scales=hidden // 128 if fp8 else 0,
-                write_handle=not fp8, worst=True, num_warps=shape.dispatch_warps,
-                tile_words=shape.dispatch_tile_words, prefetch=shape.prefetch,
+                ctx,
+                queues,
+                num_channels=channels,
+                chunk=6,
+                experts_per_rank=experts // num_ranks,
+                row_words=row_bytes // 4,
+                num_topk=topk,
+                topk_itemsize=8,
+                num_scales=hidden // 128 if fp8 else 0,
+                write_handle=not fp8,
+                worst=True,
+                num_warps=shape.dispatch_warps,
+                tile_words=shape.dispatch_tile_words,
+                prefetch=shape.prefetch,
             )
             yield functools.partial(
-                dispatch.launch, None, x, scales, topk_idx, weights, mask, square, matrix,
-                None if fp8 else send_head, recv, None if fp8 else torch.zeros(tokens, dtype=torch.int32),
-                topk_idx, weights, torch.zeros((tokens, hidden // 128), dtype=torch.int32) if fp8 else None,
+                dispatch.launch,
+                None,
+                x,
+                scales,
+                topk_idx,
+                weights,
+                mask,
+                square,
+                matrix,
+                None if fp8 else send_head,
+                recv,
+                None if fp8 else torch.zeros(tokens, dtype=torch.int32),
+                topk_idx,
+                weights,
+                torch.zeros((tokens, hidden // 128), dtype=torch.int32) if fp8 else None,
             )
-        queues = protocol.QueueLayout.fit(1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0)
+        queues = protocol.QueueLayout.fit(
+            1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0
+        )
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
         combine = kernels.intranode.combine.CombinePlan(
-            ctx, queues, num_channels=channels, chunk=4, tile=shape.combine_tile, hidden=hidden, dtype=torch.bfloat16,
-            num_topk=topk, has_bias=(True, False), num_warps=shape.combine_warps,
-            tile_words=shape.combine_tile_words, prefetch=shape.prefetch,
+            ctx,
+            queues,
+            num_channels=channels,
+            chunk=4,
+            tile=shape.combine_tile,
+            hidden=hidden,
+            dtype=torch.bfloat16,
+            num_topk=topk,
+            has_bias=(True, False),
+            num_warps=shape.combine_warps,
+            tile_words=shape.combine_tile_words,
+            prefetch=shape.prefetch,
         )
-        yield functools.partial(combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights)
+        yield functools.partial(
+            combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights
+        )
     yield from _low_latency_cases(kernels)
 
 
@@ -138,11 +210,24 @@ def _low_latency_cases(kernels):
     local = experts // num_ranks
     slots = num_ranks * tokens
     regions = ll.regions.LowLatencyRegions(tokens, hidden, experts, num_ranks)
-    memory = SimpleNamespace(rdma_transport=0, rdma_force_put=False, device_wrapper=None,
-                             rdma_routes=torch.zeros((num_ranks, 3), dtype=torch.int64), rdma_base=1 << 40)
-    ctx = LaunchContext(peer_bases=torch.zeros(num_ranks, dtype=torch.int64), rank=1, num_ranks=num_ranks,
-                        data_offset=0, rank_mask=torch.zeros(num_ranks, dtype=torch.int32), host_addr=1 << 40,
-                        clock_addr=0, timeout_ns=100 * 10**9, use_globaltimer=True)
+    memory = SimpleNamespace(
+        rdma_transport=0,
+        rdma_force_put=False,
+        device_wrapper=None,
+        rdma_routes=torch.zeros((num_ranks, 3), dtype=torch.int64),
+        rdma_base=1 << 40,
+    )
+    ctx = LaunchContext(
+        peer_bases=torch.zeros(num_ranks, dtype=torch.int64),
+        rank=1,
+        num_ranks=num_ranks,
+        data_offset=0,
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        host_addr=1 << 40,
+        clock_addr=0,
+        timeout_ns=100 * 10**9,
+        use_globaltimer=True,
+    )
     x = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
     idx = torch.zeros((tokens, topk), dtype=torch.int64)
     weights = torch.zeros((tokens, topk), dtype=torch.float32)
@@ -152,22 +237,78 @@ def _low_latency_cases(kernels):
     src_info = torch.zeros((local, slots), dtype=torch.int32)
     layout_range = torch.zeros((local, num_ranks), dtype=torch.int64)
     stats = torch.zeros(num_ranks, dtype=torch.int64)
-    for fp8, role in ((True, ll.sync.ROLE_BOTH.value), (False, ll.sync.ROLE_SEND.value),
-                      (False, ll.sync.ROLE_RECV.value)):
-        plan = ll.dispatch.DispatchPlan(memory, ctx, regions, num_topk=topk, use_fp8=fp8, round_scale=fp8,
-                                        use_ue8m0=fp8, grids={0: (64, 32), 1: (128, 0), 2: (0, 128)}, shrink=False,
-                                        has_cumulative=True, has_wait_stats=True, num_warps=8)
+    for fp8, role in (
+        (True, ll.sync.ROLE_BOTH.value),
+        (False, ll.sync.ROLE_SEND.value),
+        (False, ll.sync.ROLE_RECV.value),
+    ):
+        plan = ll.dispatch.DispatchPlan(
+            memory,
+            ctx,
+            regions,
+            num_topk=topk,
+            use_fp8=fp8,
+            round_scale=fp8,
+            use_ue8m0=fp8,
+            grids={0: (64, 32), 1: (128, 0), 2: (0, 128)},
+            shrink=False,
+            has_cumulative=True,
+            has_wait_stats=True,
+            num_warps=8,
+        )
         recv = torch.zeros((local, slots, hidden), dtype=torch.uint8 if fp8 else torch.bfloat16)
-        scales = torch.zeros((local, hidden // 512, slots), dtype=torch.int32).transpose(1, 2) if fp8 else None
-        yield functools.partial(plan.launch, role, None, 0, x, idx, mask, recv, scales, src_info, layout_range,
-                                counts, counts, stats, workspace, torch.zeros(64 * tokens, dtype=torch.int32))
+        scales = (
+            torch.zeros((local, hidden // 512, slots), dtype=torch.int32).transpose(1, 2)
+            if fp8
+            else None
+        )
+        yield functools.partial(
+            plan.launch,
+            role,
+            None,
+            0,
+            x,
+            idx,
+            mask,
+            recv,
+            scales,
+            src_info,
+            layout_range,
+            counts,
+            counts,
+            stats,
+            workspace,
+            torch.zeros(64 * tokens, dtype=torch.int32),
+        )
     y = torch.zeros((local, slots, hidden), dtype=torch.bfloat16)
     for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
-        plan = ll.combine.CombinePlan(memory, ctx, regions, num_topk=topk, use_logfmt=logfmt, zero_copy=zero_copy,
-                                      grids={0: (64, 32), 1: (128, 0), 2: (0, 128)}, shrink=False, has_wait_stats=True,
-                                      num_warps=8)
-        yield functools.partial(plan.launch, ll.sync.ROLE_BOTH.value, None, 1, y, idx, weights, src_info,
-                                layout_range, mask, x, stats, workspace)
+        plan = ll.combine.CombinePlan(
+            memory,
+            ctx,
+            regions,
+            num_topk=topk,
+            use_logfmt=logfmt,
+            zero_copy=zero_copy,
+            grids={0: (64, 32), 1: (128, 0), 2: (0, 128)},
+            shrink=False,
+            has_wait_stats=True,
+            num_warps=8,
+        )
+        yield functools.partial(
+            plan.launch,
+            ll.sync.ROLE_BOTH.value,
+            None,
+            1,
+            y,
+            idx,
+            weights,
+            src_info,
+            layout_range,
+            mask,
+            x,
+            stats,
+            workspace,
+        )
     clean = ll.clean.CleanPlan(memory, ctx, regions.barrier, shrink=True)
     yield functools.partial(clean.launch, None, mask, workspace)
 
@@ -185,7 +326,9 @@ def _resource_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         try:
-            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+            ).stdout
         except OSError:
             return {"registers": None, "stack": None}
     usage = dict(re.findall(r"(REG|STACK):(\d+)", out))
@@ -205,7 +348,8 @@ KERNELS = {
 
 
 def compile_all() -> list[dict]:
-    """Compile every representative launch; returns name, registers, stack (spills) and memory-op counts."""
+    """Compile every representative launch; returns name, registers, stack (spills) and memory-op
+    counts."""
     import importlib
 
     from tritonep.kernels import load_kernels
@@ -228,16 +372,22 @@ def compile_all() -> list[dict]:
             compiled = _compile(originals[module], list(args), dict(kwargs))
             ptx = compiled.asm["ptx"]
             ops = Counter(re.findall(r"(?:ld|st)\.global[a-z0-9.]*", ptx))
-            report.append({
-                "module": module,
-                "name": compiled.metadata.name,
-                "num_ranks": kwargs.get("NUM_RANKS"),
-                **_resource_usage(compiled.asm["cubin"]),
-                "vector_loads": sum(n for op, n in ops.items() if op.startswith("ld") and ".v4" in op),
-                "vector_stores": sum(n for op, n in ops.items() if op.startswith("st") and ".v4" in op),
-                "uses_globaltimer": "%globaltimer" in ptx,
-                "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
-            })
+            report.append(
+                {
+                    "module": module,
+                    "name": compiled.metadata.name,
+                    "num_ranks": kwargs.get("NUM_RANKS"),
+                    **_resource_usage(compiled.asm["cubin"]),
+                    "vector_loads": sum(
+                        n for op, n in ops.items() if op.startswith("ld") and ".v4" in op
+                    ),
+                    "vector_stores": sum(
+                        n for op, n in ops.items() if op.startswith("st") and ".v4" in op
+                    ),
+                    "uses_globaltimer": "%globaltimer" in ptx,
+                    "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
+                }
+            )
     return report
 
 

@@ -34,7 +34,14 @@ def gather(group, tensor):
         dist.all_gather_object(out, tensor, group=group)
         return out
     # float8 tensors do not survive pickling in torch 2.13: send their bytes.
-    dist.all_gather_object(out, (tensor.dtype, tensor.cpu().view(torch.uint8) if tensor.element_size() == 1 else tensor.cpu()), group=group)
+    dist.all_gather_object(
+        out,
+        (
+            tensor.dtype,
+            tensor.cpu().view(torch.uint8) if tensor.element_size() == 1 else tensor.cpu(),
+        ),
+        group=group,
+    )
     return [t.view(dtype) for dtype, t in out]
 
 
@@ -71,21 +78,35 @@ def poisoned_allocations(device: torch.device | None = None):
         torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
 
 
-def make_routing(num_tokens, num_experts, num_topk, generator, device, drop=0.1, skew=0.0, idx_dtype=None):
+def make_routing(
+    num_tokens, num_experts, num_topk, generator, device, drop=0.1, skew=0.0, idx_dtype=None
+):
     """Top-k routing like DeepEP's tests: distinct experts per token, some slots -1, optional skew.
 
     `skew` > 0 concentrates tokens on low-numbered experts (hot experts / hot ranks).
     """
     # Everything is drawn on the CPU with explicit dtypes, so routing does not depend on a default
     # device or dtype the calling script may have set.
-    scores = torch.rand((num_tokens, num_experts), generator=generator, dtype=torch.float32, device="cpu") + 1.0
+    scores = (
+        torch.rand(
+            (num_tokens, num_experts), generator=generator, dtype=torch.float32, device="cpu"
+        )
+        + 1.0
+    )
     if skew > 0:
         scores += skew * torch.linspace(1.0, 0.0, num_experts, dtype=torch.float32, device="cpu")
     topk_idx = torch.topk(scores, num_topk, dim=-1, sorted=False).indices
     if drop > 0 and num_tokens > 0:
-        dropped = torch.rand((num_tokens, num_topk), generator=generator, dtype=torch.float32, device="cpu") < drop
+        dropped = (
+            torch.rand(
+                (num_tokens, num_topk), generator=generator, dtype=torch.float32, device="cpu"
+            )
+            < drop
+        )
         topk_idx = topk_idx.masked_fill(dropped, -1)
-    topk_weights = torch.rand((num_tokens, num_topk), generator=generator, dtype=torch.float32, device="cpu")
+    topk_weights = torch.rand(
+        (num_tokens, num_topk), generator=generator, dtype=torch.float32, device="cpu"
+    )
     idx_dtype = idx_dtype or tritonep.topk_idx_t
     return topk_idx.to(idx_dtype).to(device), topk_weights.to(device)
 
@@ -101,7 +122,11 @@ def per_token_cast_to_fp8(x: torch.Tensor):
     padded[:, :hidden] = x.float()
     groups = padded.view(num_tokens, num_groups, 128)
     amax = groups.abs().amax(dim=2).clamp(min=1e-4)
-    data = (groups * (448.0 / amax.unsqueeze(2))).to(torch.float8_e4m3fn).view(num_tokens, num_groups * 128)[:, :hidden]
+    data = (
+        (groups * (448.0 / amax.unsqueeze(2)))
+        .to(torch.float8_e4m3fn)
+        .view(num_tokens, num_groups * 128)[:, :hidden]
+    )
     return data.contiguous(), (amax / 448.0).contiguous()
 
 
@@ -117,7 +142,9 @@ def get_buffer(ctx, num_nvl_bytes: int) -> tritonep.Buffer:
 
 def _assert_equal(name, got, want):
     if got is None or want is None:
-        assert got is None and want is None, f"{name}: got {got is None and 'None' or 'a value'}, want the other"
+        assert got is None and want is None, (
+            f"{name}: got {got is None and 'None' or 'a value'}, want the other"
+        )
         return
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
@@ -126,8 +153,10 @@ def _assert_equal(name, got, want):
         got_c, want_c = got_c.view(torch.uint8), want_c.view(torch.uint8)
     if not torch.equal(got_c, want_c):
         diff = (got_c != want_c).nonzero()
-        raise AssertionError(f"{name}: {diff.size(0)} elements differ, first at {diff[0].tolist()}: "
-                             f"{got_c[tuple(diff[0])]!r} != {want_c[tuple(diff[0])]!r}")
+        raise AssertionError(
+            f"{name}: {diff.size(0)} elements differ, first at {diff[0].tolist()}: "
+            f"{got_c[tuple(diff[0])]!r} != {want_c[tuple(diff[0])]!r}"
+        )
 
 
 def combine_blocks(group, rank, handle):
@@ -135,7 +164,7 @@ def combine_blocks(group, rank, handle):
     prefixes = gather(group, handle[0])
     sources = gather(group, handle[3])
     blocks = []
-    for j, (prefix, src) in enumerate(zip(prefixes, sources)):
+    for j, (prefix, src) in enumerate(zip(prefixes, sources, strict=False)):
         first = int(prefix[rank - 1, j]) if rank > 0 else 0
         blocks.append((first, src[first : int(prefix[rank, j])]))
     return blocks
@@ -172,17 +201,32 @@ def check_intranode(
     device = device_of(buffer)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     config = tritonep.Config(num_sms, chunk, recv_capacity)
-    x_rand = torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu").to(torch.bfloat16).to(device)
+    x_rand = (
+        torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu")
+        .to(torch.bfloat16)
+        .to(device)
+    )
     x_const = torch.full((num_tokens, hidden), float(rank), dtype=torch.bfloat16, device=device)
-    topk_idx, topk_weights = make_routing(num_tokens, num_experts, num_topk, gen, device, drop=drop, skew=skew)
+    topk_idx, topk_weights = make_routing(
+        num_tokens, num_experts, num_topk, gen, device, drop=drop, skew=skew
+    )
     stats = {"dispatches": 0, "combines": 0}
 
     # Layout: exact against the definition.
     with poisoned_allocations(device):
         ntr, ntn, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
     ref_layout = reference.layout(topk_idx.cpu(), num_experts, num_ranks, buffer.num_nvl_ranks)
-    for name, got, want in zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
-                                "is_token_in_rank"), (ntr, ntn, nte, itr), ref_layout):
+    for name, got, want in zip(
+        (
+            "num_tokens_per_rank",
+            "num_tokens_per_rdma_rank",
+            "num_tokens_per_expert",
+            "is_token_in_rank",
+        ),
+        (ntr, ntn, nte, itr),
+        ref_layout,
+        strict=False,
+    ):
         _assert_equal(name, got, want)
 
     all_itr = gather(group, itr)
@@ -190,7 +234,11 @@ def check_intranode(
     all_w = gather(group, topk_weights)
 
     if matrix == "full":
-        kinds = [("bf16_rand", x_rand), ("bf16_const", x_const), ("fp8", per_token_cast_to_fp8(x_rand))]
+        kinds = [
+            ("bf16_rand", x_rand),
+            ("bf16_const", x_const),
+            ("fp8", per_token_cast_to_fp8(x_rand)),
+        ]
         variants = [(t, a, p) for t in (False, True) for a in (False, True) for p in (False, True)]
     else:
         kinds = [("bf16_rand", x_rand)]
@@ -204,17 +252,33 @@ def check_intranode(
             prev = buffer.capture() if with_prev else None
             with poisoned_allocations(device):
                 recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-                    x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-                    topk_idx=topk_idx if with_topk else None, topk_weights=topk_weights if with_topk else None,
-                    expert_alignment=expert_alignment, config=config, previous_event=prev, async_finish=async_finish,
+                    x,
+                    num_tokens_per_rank=ntr,
+                    is_token_in_rank=itr,
+                    num_tokens_per_expert=nte,
+                    topk_idx=topk_idx if with_topk else None,
+                    topk_weights=topk_weights if with_topk else None,
+                    expert_alignment=expert_alignment,
+                    config=config,
+                    previous_event=prev,
+                    async_finish=async_finish,
                 )
             if async_finish:
                 event.current_stream_wait()
             else:
-                assert event.event is None, "dispatch: a synchronous call must return an empty event"
+                assert event.event is None, (
+                    "dispatch: a synchronous call must return an empty event"
+                )
             stats["dispatches"] += 1
-            ref = reference.dispatch(rank, num_experts, all_x, all_itr, all_idx if with_topk else None,
-                                     all_w if with_topk else None, all_scales)
+            ref = reference.dispatch(
+                rank,
+                num_experts,
+                all_x,
+                all_itr,
+                all_idx if with_topk else None,
+                all_w if with_topk else None,
+                all_scales,
+            )
             tag = f"dispatch[{kind}, topk={with_topk}, async={async_finish}, prev={with_prev}]"
             got_x = recv_x[0] if isinstance(recv_x, tuple) else recv_x
             _assert_equal(f"{tag} recv_x", got_x, ref["recv_x"])
@@ -223,12 +287,19 @@ def check_intranode(
             _assert_equal(f"{tag} recv_src_idx", handle[3], ref["recv_src_idx"])
             _assert_equal(f"{tag} rank_prefix_matrix", handle[0], ref["rank_prefix_matrix"])
             assert handle[4] is itr, f"{tag}: handle[4] must be the caller's is_token_in_rank"
-            assert (handle[5] < 0).cpu().eq(~itr.cpu()).all(), f"{tag}: send_head must be negative exactly where not sent"
+            assert (handle[5] < 0).cpu().eq(~itr.cpu()).all(), (
+                f"{tag}: send_head must be negative exactly where not sent"
+            )
             if with_topk:
                 _assert_equal(f"{tag} recv_topk_idx", recv_idx, ref["recv_topk_idx"])
                 _assert_equal(f"{tag} recv_topk_weights", recv_w, ref["recv_topk_weights"])
-                aligned = [-(-c // expert_alignment) * expert_alignment for c in ref["num_recv_tokens_per_expert"]]
-                assert counts == aligned, f"{tag}: num_recv_tokens_per_expert_list {counts} != {aligned}"
+                aligned = [
+                    -(-c // expert_alignment) * expert_alignment
+                    for c in ref["num_recv_tokens_per_expert"]
+                ]
+                assert counts == aligned, (
+                    f"{tag}: num_recv_tokens_per_expert_list {counts} != {aligned}"
+                )
             else:
                 assert recv_idx is None and recv_w is None
             # Cached dispatch with the new handle reproduces the rows exactly.
@@ -236,7 +307,9 @@ def check_intranode(
                 cached = buffer.dispatch(x, handle=handle, config=config, async_finish=async_finish)
             if async_finish:
                 cached[-1].current_stream_wait()
-            assert cached[1:5] == (None, None, None, None), f"{tag}: cached dispatch must return Nones"
+            assert cached[1:5] == (None, None, None, None), (
+                f"{tag}: cached dispatch must return Nones"
+            )
             cached_x = cached[0][0] if isinstance(cached[0], tuple) else cached[0]
             _assert_equal(f"{tag} cached recv_x", cached_x, ref["recv_x"])
             stats["dispatches"] += 1
@@ -252,32 +325,58 @@ def check_intranode(
             if with_weights and recv_w is None:
                 continue
             biases = tuple(
-                torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu").to(torch.bfloat16).to(device)
+                torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu")
+                .to(torch.bfloat16)
+                .to(device)
                 for _ in range(num_bias)
             )
             bias = None if num_bias == 0 else (biases[0] if num_bias == 1 else biases)
             with poisoned_allocations(device):
                 combined, combined_w, event = buffer.combine(
-                    y, handle, topk_weights=recv_w if with_weights else None, bias=bias, config=config
+                    y,
+                    handle,
+                    topk_weights=recv_w if with_weights else None,
+                    bias=bias,
+                    config=config,
                 )
             stats["combines"] += 1
-            want_x, want_w = reference.combine(rank, all_y, blocks, num_tokens, biases=[b.cpu() for b in biases],
-                                               weights=all_recv_w if with_weights else None)
+            want_x, want_w = reference.combine(
+                rank,
+                all_y,
+                blocks,
+                num_tokens,
+                biases=[b.cpu() for b in biases],
+                weights=all_recv_w if with_weights else None,
+            )
             tag = f"combine[{kind}, weights={with_weights}, bias={num_bias}]"
             _assert_equal(f"{tag} combined_x", combined, want_x)
             _assert_equal(f"{tag} combined_topk_weights", combined_w, want_w)
             if with_weights:
                 # Dispatch zeroes weights on non-owning ranks, so the sum restores the originals.
-                _assert_equal(f"{tag} restores topk_weights", combined_w.cpu(),
-                              torch.where(topk_idx.cpu() >= 0, topk_weights.cpu(), torch.zeros_like(topk_weights.cpu())))
+                _assert_equal(
+                    f"{tag} restores topk_weights",
+                    combined_w.cpu(),
+                    torch.where(
+                        topk_idx.cpu() >= 0,
+                        topk_weights.cpu(),
+                        torch.zeros_like(topk_weights.cpu()),
+                    ),
+                )
 
-    stats.update(check_worst_case(ctx, buffer, config, x_rand, topk_idx, topk_weights, ntr, itr, nte, num_experts))
+    stats.update(
+        check_worst_case(
+            ctx, buffer, config, x_rand, topk_idx, topk_weights, ntr, itr, nte, num_experts
+        )
+    )
     stats["num_recv"] = int(handle[3].numel())
     return stats
 
 
-def check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, nte, num_experts) -> dict:
-    """`num_worst_tokens`: fixed row count, padding rows -1 / 0, rows [0, M) equal to the normal dispatch."""
+def check_worst_case(
+    ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, nte, num_experts
+) -> dict:
+    """`num_worst_tokens`: fixed row count, padding rows -1 / 0, rows [0, M) equal to the normal
+    dispatch."""
     group, rank = ctx.group, ctx.rank
     device = x.device
     num_worst = max(1, sum(gather(group, x.size(0))))  # the most any rank can receive
@@ -287,16 +386,26 @@ def check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, n
     num_recv = ref["recv_x"].size(0)
     with poisoned_allocations(device):
         recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-            topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=num_worst, config=config,
+            x,
+            num_tokens_per_rank=ntr,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=nte,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_worst_tokens=num_worst,
+            config=config,
         )
     assert counts == [], f"worst-case dispatch: the per-expert list must be [], got {counts}"
     assert recv_x.size(0) == num_worst and handle[3].size(0) == num_worst
     _assert_equal("worst recv_x[:M]", recv_x[:num_recv], ref["recv_x"])
     _assert_equal("worst recv_topk_idx[:M]", recv_idx[:num_recv], ref["recv_topk_idx"])
     _assert_equal("worst recv_topk_weights[:M]", recv_w[:num_recv], ref["recv_topk_weights"])
-    assert bool((recv_idx[num_recv:] == -1).all()), "worst-case dispatch: padding rows must have top-k -1"
-    assert bool((recv_w[num_recv:] == 0).all()), "worst-case dispatch: padding rows must have weight 0"
+    assert bool((recv_idx[num_recv:] == -1).all()), (
+        "worst-case dispatch: padding rows must have top-k -1"
+    )
+    assert bool((recv_w[num_recv:] == 0).all()), (
+        "worst-case dispatch: padding rows must have weight 0"
+    )
     with poisoned_allocations(device):
         cached_x = buffer.dispatch(x, handle=handle, config=config)[0]
     _assert_equal("worst cached recv_x[:M]", cached_x[:num_recv], ref["recv_x"])

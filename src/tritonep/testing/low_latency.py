@@ -1,4 +1,5 @@
-"""Rank-side checks of the low-latency mode against `tritonep.reference` (CPU suite, GPU suite, bench).
+"""Rank-side checks of the low-latency mode against `tritonep.reference` (CPU suite, GPU suite,
+bench).
 
 `check_low_latency` runs one dispatch -> combine round on every rank of a group with fresh random
 inputs and compares this rank's outputs with the plain-torch reference computed on every rank's
@@ -16,13 +17,19 @@ from tritonep import reference
 from tritonep.testing.checks import device_of, gather, make_routing
 
 
-def ll_buffer(ctx, max_tokens: int, hidden: int, num_experts: int, shrink: bool = False) -> tritonep.Buffer:
+def ll_buffer(
+    ctx, max_tokens: int, hidden: int, num_experts: int, shrink: bool = False
+) -> tritonep.Buffer:
     """One low-latency Buffer per (rank process, geometry), reused across tasks."""
     key = ("ll-buffer", max_tokens, hidden, num_experts, shrink)
     buffer = ctx.state.get(key)
     if buffer is None:
-        size = tritonep.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, ctx.world_size, num_experts)
-        buffer = tritonep.Buffer(ctx.group, num_rdma_bytes=size, low_latency_mode=True, enable_shrink=shrink)
+        size = tritonep.Buffer.get_low_latency_rdma_size_hint(
+            max_tokens, hidden, ctx.world_size, num_experts
+        )
+        buffer = tritonep.Buffer(
+            ctx.group, num_rdma_bytes=size, low_latency_mode=True, enable_shrink=shrink
+        )
         ctx.state[key] = buffer
     return buffer
 
@@ -31,18 +38,36 @@ def _valid_rows(tensor: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor
     return [tensor[e, : int(c)] for e, c in enumerate(counts.tolist())]
 
 
-def check_low_latency(ctx, *, num_tokens, hidden: int, num_topk: int, num_experts: int, max_tokens: int,
-                      use_fp8: bool = False, round_scale: bool = False, use_ue8m0: bool = False,
-                      hook: bool = False, twice: bool = False, use_logfmt: bool = False, zero_copy: bool = False,
-                      with_out: bool = False, drop: float = 0.1, seed: int = 0) -> dict:
-    """One checked dispatch + combine; `twice` issues the dispatch twice in a row (two buffer sets)."""
+def check_low_latency(
+    ctx,
+    *,
+    num_tokens,
+    hidden: int,
+    num_topk: int,
+    num_experts: int,
+    max_tokens: int,
+    use_fp8: bool = False,
+    round_scale: bool = False,
+    use_ue8m0: bool = False,
+    hook: bool = False,
+    twice: bool = False,
+    use_logfmt: bool = False,
+    zero_copy: bool = False,
+    with_out: bool = False,
+    drop: float = 0.1,
+    seed: int = 0,
+) -> dict:
+    """One checked dispatch + combine; `twice` issues the dispatch twice in a row (two buffer
+    sets)."""
     group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
     if isinstance(num_tokens, (list, tuple)):
         num_tokens = num_tokens[rank]
     buffer = ll_buffer(ctx, max_tokens, hidden, num_experts)
     device = device_of(buffer)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    x = torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu").to(torch.bfloat16)
+    x = torch.randn((num_tokens, hidden), generator=gen, dtype=torch.float32, device="cpu").to(
+        torch.bfloat16
+    )
     topk_idx, topk_weights = make_routing(num_tokens, num_experts, num_topk, gen, "cpu", drop=drop)
     x, topk_idx, topk_weights = x.to(device), topk_idx.to(device), topk_weights.to(device)
     num_local = num_experts // num_ranks
@@ -50,8 +75,16 @@ def check_low_latency(ctx, *, num_tokens, hidden: int, num_topk: int, num_expert
 
     def dispatch():
         recv_x, recv_count, handle, event, recv_hook = buffer.low_latency_dispatch(
-            x, topk_idx, max_tokens, num_experts, cumulative_local_expert_recv_stats=cumulative,
-            use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, return_recv_hook=hook)
+            x,
+            topk_idx,
+            max_tokens,
+            num_experts,
+            cumulative_local_expert_recv_stats=cumulative,
+            use_fp8=use_fp8,
+            round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+            return_recv_hook=hook,
+        )
         return recv_x, recv_count, handle, recv_hook
 
     first = dispatch()
@@ -67,42 +100,75 @@ def check_low_latency(ctx, *, num_tokens, hidden: int, num_topk: int, num_expert
         key = "recv_count" if name == "recv_count" else "packed_recv_layout_range"
         assert torch.equal(got.cpu(), want[key]), f"{name}: {got.cpu()} != {want[key]}"
     counts = want["recv_count"]
-    for e, (got, ref) in enumerate(zip(_valid_rows(handle[0].cpu(), counts),
-                                       _valid_rows(want["packed_recv_src_info"], counts))):
+    for e, (got, ref) in enumerate(
+        zip(
+            _valid_rows(handle[0].cpu(), counts),
+            _valid_rows(want["packed_recv_src_info"], counts),
+            strict=False,
+        )
+    ):
         assert torch.equal(got, ref), f"src_info of local expert {e}: {got} != {ref}"
     ref_rows = _valid_rows(want["recv_x"], counts)
     if use_fp8:
         data, scales = recv_x
-        assert scales.stride(1) == 1 and scales.stride(2) == scales.size(1), "scales must be column-major"
+        assert scales.stride(1) == 1 and scales.stride(2) == scales.size(1), (
+            "scales must be column-major"
+        )
         for e, ref in enumerate(ref_rows):
             if ref.numel() == 0:
                 continue
             want_data, want_scales = reference.ll_quantize(ref, round_scale, use_ue8m0)
             n = ref.size(0)
-            assert torch.equal(data[e, :n].cpu().view(torch.uint8), want_data.view(torch.uint8)), f"fp8 data, expert {e}"
+            assert torch.equal(data[e, :n].cpu().view(torch.uint8), want_data.view(torch.uint8)), (
+                f"fp8 data, expert {e}"
+            )
             assert torch.equal(scales[e, :n].cpu(), want_scales), f"scales, expert {e}"
         received = reference.ll_dequantize(data.cpu(), scales.cpu()).to(torch.bfloat16)
     else:
-        for e, (got, ref) in enumerate(zip(_valid_rows(recv_x.cpu(), counts), ref_rows)):
+        for e, (got, ref) in enumerate(
+            zip(_valid_rows(recv_x.cpu(), counts), ref_rows, strict=False)
+        ):
             assert torch.equal(got, ref), f"recv_x of local expert {e}"
         received = recv_x.cpu()
-    assert torch.equal(cumulative.cpu(), counts * len(results)), f"cumulative stats {cumulative.tolist()}"
+    assert torch.equal(cumulative.cpu(), counts * len(results)), (
+        f"cumulative stats {cumulative.tolist()}"
+    )
 
     # Combine: each expert returns its rows scaled by (global expert id + 1) / 8.
     scale = ((rank * num_local + torch.arange(num_local, dtype=torch.float32)) + 1) / 8
     y = (received.float() * scale[:, None, None]).to(torch.bfloat16).to(device)
     if zero_copy:
         buffer.get_next_low_latency_combine_buffer(handle).copy_(y)
-    out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device) if with_out else None
+    out = (
+        torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)
+        if with_out
+        else None
+    )
     combined, _, combine_hook = buffer.low_latency_combine(
-        y, topk_idx, topk_weights, handle, use_logfmt=use_logfmt, zero_copy=zero_copy, return_recv_hook=hook, out=out)
+        y,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt=use_logfmt,
+        zero_copy=zero_copy,
+        return_recv_hook=hook,
+        out=out,
+    )
     if combine_hook is not None:
         combine_hook()
     if with_out:
         assert combined is out, "low_latency_combine must return `out` itself"
-    want_combined = reference.ll_combine(rank, num_ranks, num_experts, gather(group, y), topk_idx.cpu(),
-                                         topk_weights.cpu(), gather(group, handle[0]), gather(group, handle[1]),
-                                         use_logfmt=use_logfmt)
+    want_combined = reference.ll_combine(
+        rank,
+        num_ranks,
+        num_experts,
+        gather(group, y),
+        topk_idx.cpu(),
+        topk_weights.cpu(),
+        gather(group, handle[0]),
+        gather(group, handle[1]),
+        use_logfmt=use_logfmt,
+    )
     assert combined.shape == want_combined.shape, f"combine shape {tuple(combined.shape)}"
     if use_logfmt and combined.numel():
         diff = reference.calc_diff(combined.cpu().float(), want_combined.float())
@@ -151,13 +217,18 @@ def check_low_latency_repeatable(ctx, repeats: int = 20, **shape) -> list[str]:
     buffer = ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"])
     device = device_of(buffer)
     gen = torch.Generator().manual_seed(ctx.rank)
-    x = torch.randn((shape["num_tokens"], shape["hidden"]), generator=gen, dtype=torch.float32).to(torch.bfloat16)
-    topk_idx, topk_weights = make_routing(shape["num_tokens"], shape["num_experts"], shape["num_topk"], gen, "cpu")
+    x = torch.randn((shape["num_tokens"], shape["hidden"]), generator=gen, dtype=torch.float32).to(
+        torch.bfloat16
+    )
+    topk_idx, topk_weights = make_routing(
+        shape["num_tokens"], shape["num_experts"], shape["num_topk"], gen, "cpu"
+    )
     x, topk_idx, topk_weights = x.to(device), topk_idx.to(device), topk_weights.to(device)
     digests = set()
     for _ in range(repeats):
-        (data, scales), count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, shape["max_tokens"],
-                                                                          shape["num_experts"], round_scale=True)
+        (data, scales), count, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, shape["max_tokens"], shape["num_experts"], round_scale=True
+        )
         rows = [data[e, : int(c)].view(torch.uint8).cpu() for e, c in enumerate(count.tolist())]
         y = torch.ones(data.shape, dtype=torch.bfloat16, device=device)
         combined, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
@@ -169,7 +240,8 @@ def check_low_latency_repeatable(ctx, repeats: int = 20, **shape) -> list[str]:
 
 
 def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
-    """Shrink mode with a dead rank: `dead_rank` never calls; every other rank's dispatch and combine
+    """Shrink mode with a dead rank: `dead_rank` never calls; every other rank's dispatch and
+    combine
     time out on it, mask it, complete without it and match the reference that leaves it out."""
     import time
     import warnings
@@ -180,16 +252,22 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     rank, num_ranks = ctx.rank, ctx.world_size
     buffer = ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"], shrink=True)
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn((shape["num_tokens"], shape["hidden"]), generator=gen, dtype=torch.float32).to(torch.bfloat16)
-    topk_idx, topk_weights = make_routing(shape["num_tokens"], shape["num_experts"], shape["num_topk"], gen, "cpu",
-                                          drop=0.0)
+    x = torch.randn((shape["num_tokens"], shape["hidden"]), generator=gen, dtype=torch.float32).to(
+        torch.bfloat16
+    )
+    topk_idx, topk_weights = make_routing(
+        shape["num_tokens"], shape["num_experts"], shape["num_topk"], gen, "cpu", drop=0.0
+    )
     started = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, shape["max_tokens"],
-                                                                  shape["num_experts"], use_fp8=False)
+        recv_x, count, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False
+        )
         # Every expert returns ones: token t must get the sum of its weights over live owners.
-        combined, _, _ = buffer.low_latency_combine(torch.ones_like(recv_x), topk_idx, topk_weights, handle)
+        combined, _, _ = buffer.low_latency_combine(
+            torch.ones_like(recv_x), topk_idx, topk_weights, handle
+        )
         mask = torch.zeros(num_ranks, dtype=torch.int32)
         buffer.low_latency_query_mask_buffer(mask)
     seconds = time.monotonic() - started
@@ -197,12 +275,29 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     inputs = []
     for r in range(num_ranks):
         g = torch.Generator().manual_seed(r)
-        xr = torch.randn((shape["num_tokens"], shape["hidden"]), generator=g, dtype=torch.float32).to(torch.bfloat16)
-        inputs.append((xr, make_routing(shape["num_tokens"], shape["num_experts"], shape["num_topk"], g, "cpu",
-                                        drop=0.0)[0]))
-    masked = [[j == dead_rank and s != dead_rank for j in range(num_ranks)] for s in range(num_ranks)]
-    want = reference.ll_dispatch(rank, num_ranks, shape["num_experts"], shape["max_tokens"],
-                                 [i[0] for i in inputs], [i[1] for i in inputs], mask=masked)
+        xr = torch.randn(
+            (shape["num_tokens"], shape["hidden"]), generator=g, dtype=torch.float32
+        ).to(torch.bfloat16)
+        inputs.append(
+            (
+                xr,
+                make_routing(
+                    shape["num_tokens"], shape["num_experts"], shape["num_topk"], g, "cpu", drop=0.0
+                )[0],
+            )
+        )
+    masked = [
+        [j == dead_rank and s != dead_rank for j in range(num_ranks)] for s in range(num_ranks)
+    ]
+    want = reference.ll_dispatch(
+        rank,
+        num_ranks,
+        shape["num_experts"],
+        shape["max_tokens"],
+        [i[0] for i in inputs],
+        [i[1] for i in inputs],
+        mask=masked,
+    )
     assert torch.equal(count, want["recv_count"]), (count, want["recv_count"])
     assert torch.equal(handle[1], want["packed_recv_layout_range"])
     live = (topk_idx // (shape["num_experts"] // num_ranks)) != dead_rank
@@ -210,8 +305,13 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     for k in range(topk_idx.size(1)):
         acc = acc + torch.where(live[:, k], topk_weights[:, k], 0.0)
     want_combined = acc.to(torch.bfloat16)[:, None].expand(-1, shape["hidden"])
-    return {"rank": rank, "mask": mask.tolist(), "seconds": seconds, "warned": [str(w.message) for w in caught],
-            "combined_ok": bool(torch.equal(combined, want_combined))}
+    return {
+        "rank": rank,
+        "mask": mask.tolist(),
+        "seconds": seconds,
+        "warned": [str(w.message) for w in caught],
+        "combined_ok": bool(torch.equal(combined, want_combined)),
+    }
 
 
 def make_ll_buffer(ctx, shrink: bool = False, **shape) -> None:
@@ -220,7 +320,8 @@ def make_ll_buffer(ctx, shrink: bool = False, **shape) -> None:
 
 
 def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
-    """Without shrink mode a rank that never calls makes the others' dispatch fail with a timeout that
+    """Without shrink mode a rank that never calls makes the others' dispatch fail with a timeout
+    that
     names rank and phase, and poisons their buffers."""
     import time
 
@@ -234,7 +335,9 @@ def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     errors = []
     for _ in range(2):  # the call that times out, then one on the poisoned buffer
         try:
-            buffer.low_latency_dispatch(x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False)
+            buffer.low_latency_dispatch(
+                x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False
+            )
             errors.append(None)
         except tritonep.EPError as e:
             errors.append((type(e).__name__, str(e)))

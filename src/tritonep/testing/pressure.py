@@ -32,10 +32,24 @@ from tritonep.testing import checks
 # On the GPU every new hidden size, top-k or chunk tile is a new compile (seconds): the GPU space
 # draws them from short lists so that compiles amortise and rounds stay cheap; token counts,
 # experts, SMs, queue sizes, routing and modes vary freely.
-GPU_SPACE = dict(tokens=(0, 3000), hidden=(256, 2048, 7168), topk=(1, 8), experts_per_rank=(1, 48), sms=(2, 48),
-                 chunks=(3, 8), capacities=("chunk+1", "2chunk", 64, 256))
-CPU_SPACE = dict(tokens=(0, 24), hidden=range(16, 161, 16), topk=range(1, 5), experts_per_rank=(1, 4), sms=(2, 6),
-                 chunks=range(1, 9), capacities=(64, 256))
+GPU_SPACE = dict(
+    tokens=(0, 3000),
+    hidden=(256, 2048, 7168),
+    topk=(1, 8),
+    experts_per_rank=(1, 48),
+    sms=(2, 48),
+    chunks=(3, 8),
+    capacities=("chunk+1", "2chunk", 64, 256),
+)
+CPU_SPACE = dict(
+    tokens=(0, 24),
+    hidden=range(16, 161, 16),
+    topk=range(1, 5),
+    experts_per_rank=(1, 4),
+    sms=(2, 6),
+    chunks=range(1, 9),
+    capacities=(64, 256),
+)
 
 
 def draw_case(seed: int, num_ranks: int, space: dict) -> dict:
@@ -51,7 +65,9 @@ def draw_case(seed: int, num_ranks: int, space: dict) -> dict:
         num_experts=experts,
         num_sms=2 * rng.randint(1, space["sms"][1] // 2),
         chunk=chunk,
-        capacity={"chunk+1": chunk + 1, "2chunk": 2 * chunk}.get(c := rng.choice(space["capacities"]), c),
+        capacity={"chunk+1": chunk + 1, "2chunk": 2 * chunk}.get(
+            c := rng.choice(space["capacities"]), c
+        ),
         fp8=hidden % 128 == 0 and rng.random() < 0.4,
         mode=rng.choice(["plain", "plain", "cached", "worst"]),
         drop=rng.choice([0.0, 0.1, 0.5]),
@@ -71,16 +87,31 @@ def _run_once(buffer, case, x, topk_idx, topk_weights, config):
     ntr, _, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, case["num_experts"])
     worst = sum(case["num_tokens"]) if case["mode"] == "worst" else 0
     recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte,
-        topk_idx=topk_idx, topk_weights=topk_weights, num_worst_tokens=max(worst, 0), config=config,
+        x,
+        num_tokens_per_rank=ntr,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+        num_worst_tokens=max(worst, 0),
+        config=config,
     )
     if case["mode"] == "cached":
         recv_x = buffer.dispatch(x, handle=handle, config=config)[0]
     data = recv_x[0] if isinstance(recv_x, tuple) else recv_x
     y = data if not case["fp8"] else data.to(torch.float32).to(torch.bfloat16)
     combined, combined_w, _ = buffer.combine(y, handle, topk_weights=recv_w, config=config)
-    return dict(itr=itr, recv_x=recv_x, recv_idx=recv_idx, recv_w=recv_w, counts=counts, handle=handle, y=y,
-                combined=combined, combined_w=combined_w)
+    return dict(
+        itr=itr,
+        recv_x=recv_x,
+        recv_idx=recv_idx,
+        recv_w=recv_w,
+        counts=counts,
+        handle=handle,
+        y=y,
+        combined=combined,
+        combined_w=combined_w,
+    )
 
 
 def pressure_round(ctx, seed: int, space: dict) -> str:
@@ -94,35 +125,65 @@ def pressure_round(ctx, seed: int, space: dict) -> str:
     x = torch.randn((num_tokens, case["hidden"]), generator=gen).to(torch.bfloat16).to(device)
     if case["fp8"]:
         x = checks.per_token_cast_to_fp8(x)
-    topk_idx, topk_weights = checks.make_routing(num_tokens, case["num_experts"], case["num_topk"], gen, device,
-                                                 drop=case["drop"], skew=case["skew"])
+    topk_idx, topk_weights = checks.make_routing(
+        num_tokens,
+        case["num_experts"],
+        case["num_topk"],
+        gen,
+        device,
+        drop=case["drop"],
+        skew=case["skew"],
+    )
     config = tritonep.Config(case["num_sms"], case["chunk"], case["capacity"])
     first = _run_once(buffer, case, x, topk_idx, topk_weights, config)
     data = first["recv_x"][0] if case["fp8"] else first["recv_x"]
     num_recv = int(first["handle"][0][-1, rank])
     ref = reference.dispatch(
-        rank, case["num_experts"], checks.gather(group, x[0] if case["fp8"] else x), checks.gather(group, first["itr"]),
-        checks.gather(group, topk_idx), checks.gather(group, topk_weights),
+        rank,
+        case["num_experts"],
+        checks.gather(group, x[0] if case["fp8"] else x),
+        checks.gather(group, first["itr"]),
+        checks.gather(group, topk_idx),
+        checks.gather(group, topk_weights),
         checks.gather(group, x[1]) if case["fp8"] else None,
     )
     tag = f"pressure round {seed} {case}"
-    assert torch.equal(data[:num_recv].cpu().view(torch.uint8), ref["recv_x"].view(torch.uint8)), f"{tag}: recv_x"
+    assert torch.equal(data[:num_recv].cpu().view(torch.uint8), ref["recv_x"].view(torch.uint8)), (
+        f"{tag}: recv_x"
+    )
     if case["fp8"]:
-        assert torch.equal(first["recv_x"][1][:num_recv].cpu(), ref["recv_scales"]), f"{tag}: scales"
-    assert torch.equal(first["recv_idx"][:num_recv].cpu(), ref["recv_topk_idx"]), f"{tag}: recv_topk_idx"
-    assert torch.equal(first["recv_w"][:num_recv].cpu(), ref["recv_topk_weights"]), f"{tag}: recv_topk_weights"
+        assert torch.equal(first["recv_x"][1][:num_recv].cpu(), ref["recv_scales"]), (
+            f"{tag}: scales"
+        )
+    assert torch.equal(first["recv_idx"][:num_recv].cpu(), ref["recv_topk_idx"]), (
+        f"{tag}: recv_topk_idx"
+    )
+    assert torch.equal(first["recv_w"][:num_recv].cpu(), ref["recv_topk_weights"]), (
+        f"{tag}: recv_topk_weights"
+    )
     if case["mode"] == "plain":
         assert first["counts"] == ref["num_recv_tokens_per_expert"], f"{tag}: per-expert counts"
     blocks = checks.combine_blocks(group, rank, first["handle"])
-    want, want_w = reference.combine(rank, checks.gather(group, first["y"]), blocks, num_tokens,
-                                     weights=checks.gather(group, first["recv_w"]))
+    want, want_w = reference.combine(
+        rank,
+        checks.gather(group, first["y"]),
+        blocks,
+        num_tokens,
+        weights=checks.gather(group, first["recv_w"]),
+    )
     assert torch.equal(first["combined"].cpu(), want), f"{tag}: combined_x"
     assert torch.equal(first["combined_w"].cpu(), want_w), f"{tag}: combined_topk_weights"
-    digest = _digest(data[:num_recv], first["handle"][3][:num_recv], first["combined"], first["combined_w"])
+    digest = _digest(
+        data[:num_recv], first["handle"][3][:num_recv], first["combined"], first["combined_w"]
+    )
     second = _run_once(buffer, case, x, topk_idx, topk_weights, config)
     data2 = second["recv_x"][0] if case["fp8"] else second["recv_x"]
-    again = _digest(data2[:num_recv], second["handle"][3][:num_recv], second["combined"], second["combined_w"])
-    assert again == digest, f"{tag}: a rerun of the same inputs hashed differently ({digest} vs {again})"
+    again = _digest(
+        data2[:num_recv], second["handle"][3][:num_recv], second["combined"], second["combined_w"]
+    )
+    assert again == digest, (
+        f"{tag}: a rerun of the same inputs hashed differently ({digest} vs {again})"
+    )
     return digest
 
 
@@ -145,8 +206,12 @@ def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: floa
             failures.append(str(e)[:500])
             if len(failures) >= 5:
                 break
-    return {"rounds": rounds, "failures": failures, "digest": overall.hexdigest()[:16],
-            "seconds": time.perf_counter() - started}
+    return {
+        "rounds": rounds,
+        "failures": failures,
+        "digest": overall.hexdigest()[:16],
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _rank_main(rank, world_size, port, args, path):
@@ -155,7 +220,13 @@ def _rank_main(rank, world_size, port, args, path):
     from tritonep.bench import _Ctx, join_group
 
     ctx = _Ctx(rank, world_size, join_group(rank, world_size, port, args.backend))
-    result = run_rounds(ctx, args.seed, args.rounds, GPU_SPACE if args.backend == "cuda" else CPU_SPACE, args.seconds)
+    result = run_rounds(
+        ctx,
+        args.seed,
+        args.rounds,
+        GPU_SPACE if args.backend == "cuda" else CPU_SPACE,
+        args.seconds,
+    )
     everyone = [None] * world_size
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -166,12 +237,19 @@ def _rank_main(rank, world_size, port, args, path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ranks", type=int, default=0)
     parser.add_argument("--backend", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--seconds", type=float, default=0.0, help="stop starting rounds after this long (0: no limit)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=0.0,
+        help="stop starting rounds after this long (0: no limit)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
@@ -179,7 +257,9 @@ def main(argv=None) -> int:
     from tritonep.bench import _free_port, git_commit, gpus_shared
 
     if args.backend == "auto":
-        args.backend = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+        args.backend = (
+            "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+        )
     if not args.ranks:
         args.ranks = torch.cuda.device_count() if args.backend == "cuda" else 2
     path = f"/tmp/tritonep-pressure-{os.getpid()}.json"
@@ -188,14 +268,24 @@ def main(argv=None) -> int:
     with open(path) as f:
         ranks = json.load(f)
     os.unlink(path)
-    summary = {"backend": args.backend, "ranks": args.ranks, "first_seed": args.seed, "requested_rounds": args.rounds,
-               "seconds_limit": args.seconds,
-               "gpus_shared_by_ranks": gpus_shared(args.backend, args.ranks),
-               "commit": git_commit(), "device": torch.cuda.get_device_name(0) if args.backend == "cuda" else "cpu",
-               "seconds": time.perf_counter() - started, "per_rank": ranks}
+    summary = {
+        "backend": args.backend,
+        "ranks": args.ranks,
+        "first_seed": args.seed,
+        "requested_rounds": args.rounds,
+        "seconds_limit": args.seconds,
+        "gpus_shared_by_ranks": gpus_shared(args.backend, args.ranks),
+        "commit": git_commit(),
+        "device": torch.cuda.get_device_name(0) if args.backend == "cuda" else "cpu",
+        "seconds": time.perf_counter() - started,
+        "per_rank": ranks,
+    }
     ok = all(not r["failures"] and (r["rounds"] == args.rounds or args.seconds > 0) for r in ranks)
-    print(f"pressure: {ranks[0]['rounds']} rounds on {args.ranks} ranks ({args.backend}), "
-          f"{'all exact and reproducible' if ok else 'FAILURES'}; digests {[r['digest'] for r in ranks]}")
+    print(
+        f"pressure: {ranks[0]['rounds']} rounds on {args.ranks} ranks ({args.backend}), "
+        f"{'all exact and reproducible' if ok else 'FAILURES'}; digests "
+        f"{[r['digest'] for r in ranks]}"
+    )
     for r in ranks:
         for failure in r["failures"]:
             print("  ", failure)

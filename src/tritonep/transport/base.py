@@ -4,7 +4,6 @@ NVSHMEM)."""
 from __future__ import annotations
 
 import abc
-from typing import Any
 
 import torch
 
@@ -17,7 +16,8 @@ class PeerMemory(abc.ABC):
         num_bytes: size of each rank's buffer (identical on every rank).
         local: uint8 tensor `[num_bytes]` viewing this rank's buffer.
         peer_ptrs: base address of every rank's buffer in this process (index = rank).
-        peer_ptrs_dev: the same addresses as an int64 tensor on the buffer's device (kernels load it).
+        peer_ptrs_dev: the same addresses as an int64 tensor on the buffer's device (kernels load
+        it).
     """
 
     rank: int
@@ -27,7 +27,7 @@ class PeerMemory(abc.ABC):
     peer_ptrs: list[int]
     peer_ptrs_dev: torch.Tensor
 
-    def release_peers(self) -> None:
+    def release_peers(self) -> None:  # noqa: B027 (a no-op default: only CUDA IPC maps peers)
         """Drop this process's mappings of the peers' buffers (before a barrier and `close`)."""
 
     @abc.abstractmethod

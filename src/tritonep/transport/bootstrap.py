@@ -10,7 +10,8 @@ from ..errors import EPInvalidArgument
 
 
 class Bootstrap:
-    """Host-side collectives used while setting a buffer up: a torch process group or an mpi4py comm.
+    """Host-side collectives used while setting a buffer up: a torch process group or an mpi4py
+    comm.
 
     Only small Python objects travel through it (sizes, names, flags), never tensors.
     """
@@ -18,7 +19,8 @@ class Bootstrap:
     def __init__(self, group: Any = None, comm: Any = None):
         if group is None and comm is None:
             raise EPInvalidArgument(
-                "Buffer: a torch process group (group) or an mpi4py communicator (comm) is required, "
+                "Buffer: a torch process group (group) or an mpi4py communicator (comm) is "
+                "required, "
                 "got group=None and comm=None"
             )
         self.group = group

@@ -22,8 +22,11 @@ class CudaIpcPeerMemory(PeerMemory):
         self.num_bytes = num_bytes
         self._local = torch.empty(max(num_bytes, 128), dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
-        # A storage once shared stays allocated until every importer lets go: share only if a peer imports it.
-        handles = bootstrap.all_gather_object(self._local.untyped_storage()._share_cuda_() if self.world_size > 1 else None)
+        # A storage once shared stays allocated until every importer lets go: share only if a peer
+        # imports it.
+        handles = bootstrap.all_gather_object(
+            self._local.untyped_storage()._share_cuda_() if self.world_size > 1 else None
+        )
         self._peers = []
         for rank, handle in enumerate(handles):
             if rank == self.rank:

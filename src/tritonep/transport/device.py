@@ -1,4 +1,5 @@
-"""The one device layer for talking to peers: plain stores where a peer is mapped, NVSHMEM puts elsewhere.
+"""The one device layer for talking to peers: plain stores where a peer is mapped, NVSHMEM puts
+elsewhere.
 
 Problem: the low-latency and internode kernels send to peers of three kinds: peers whose memory
 is mapped into this process (same node, or ranks sharing one GPU), peers reachable only through
@@ -81,7 +82,9 @@ SIGNAL_SET = tl.constexpr(9)  # NVSHMEM_SIGNAL_SET, device_host_transport/nvshme
 SIGNAL_ADD = tl.constexpr(10)  # NVSHMEM_SIGNAL_ADD, same header
 
 ROUTE_COLUMNS = tl.constexpr(3)  # route table row: [mapped base or 0, put-path base, NVSHMEM PE]
-_BROADCAST_LANES = tl.constexpr(1024)  # >= threads of any program (32 warps), so no lane is replicated
+_BROADCAST_LANES = tl.constexpr(
+    1024
+)  # >= threads of any program (32 warps), so no lane is replicated
 
 
 # --------------------------------------------------------------------------- NVSHMEM device symbols
@@ -90,46 +93,75 @@ _BROADCAST_LANES = tl.constexpr(1024)  # >= threads of any program (32 warps), s
 # int32 and their result is ignored, as torch's own wrappers do.
 def _nvshmem_call(symbol, args, arg_types, ret_type, _semantic):
     return core.extern_elementwise(
-        "", "", args, {tuple(core.dtype(t) for t in arg_types): (symbol, core.dtype(ret_type))},
-        is_pure=False, _semantic=_semantic,
+        "",
+        "",
+        args,
+        {tuple(core.dtype(t) for t in arg_types): (symbol, core.dtype(ret_type))},
+        is_pure=False,
+        _semantic=_semantic,
     )
 
 
 @core.extern
 def _putmem_nbi_block(dst, src, nbytes, pe, _semantic=None):
     # void nvshmemx_putmem_nbi_block(void *dest, const void *source, size_t bytes, int pe)
-    return _nvshmem_call("nvshmemx_putmem_nbi_block", [dst, src, nbytes, pe],
-                         ("int64", "int64", "int64", "int32"), "int32", _semantic)
+    return _nvshmem_call(
+        "nvshmemx_putmem_nbi_block",
+        [dst, src, nbytes, pe],
+        ("int64", "int64", "int64", "int32"),
+        "int32",
+        _semantic,
+    )
 
 
 @core.extern
 def _putmem_signal_nbi_block(dst, src, nbytes, sig, value, op, pe, _semantic=None):
     # void nvshmemx_putmem_signal_nbi_block(void *dest, const void *source, size_t bytes,
     #                                       uint64_t *sig_addr, uint64_t signal, int sig_op, int pe)
-    return _nvshmem_call("nvshmemx_putmem_signal_nbi_block", [dst, src, nbytes, sig, value, op, pe],
-                         ("int64", "int64", "int64", "int64", "uint64", "int32", "int32"), "int32", _semantic)
+    return _nvshmem_call(
+        "nvshmemx_putmem_signal_nbi_block",
+        [dst, src, nbytes, sig, value, op, pe],
+        ("int64", "int64", "int64", "int64", "uint64", "int32", "int32"),
+        "int32",
+        _semantic,
+    )
 
 
 @core.extern
 def _signal_op(sig, value, op, pe, _semantic=None):
     # void nvshmemx_signal_op(uint64_t *sig_addr, uint64_t signal, int sig_op, int pe)
-    return _nvshmem_call("nvshmemx_signal_op", [sig, value, op, pe], ("int64", "uint64", "int32", "int32"),
-                         "int32", _semantic)
+    return _nvshmem_call(
+        "nvshmemx_signal_op",
+        [sig, value, op, pe],
+        ("int64", "uint64", "int32", "int32"),
+        "int32",
+        _semantic,
+    )
 
 
 @core.extern
 def _uint64_atomic_add(target, value, pe, _semantic=None):
     # void nvshmem_uint64_atomic_add(uint64_t *dest, uint64_t value, int pe): NVSHMEM has no int64
     # variant; two's-complement addition makes the unsigned one exact for signed values.
-    return _nvshmem_call("nvshmem_uint64_atomic_add", [target, value, pe], ("int64", "uint64", "int32"),
-                         "int32", _semantic)
+    return _nvshmem_call(
+        "nvshmem_uint64_atomic_add",
+        [target, value, pe],
+        ("int64", "uint64", "int32"),
+        "int32",
+        _semantic,
+    )
 
 
 @core.extern
 def _uint64_atomic_fetch_add(target, value, pe, _semantic=None):
     # uint64_t nvshmem_uint64_atomic_fetch_add(uint64_t *dest, uint64_t value, int pe)
-    return _nvshmem_call("nvshmem_uint64_atomic_fetch_add", [target, value, pe], ("int64", "uint64", "int32"),
-                         "uint64", _semantic)
+    return _nvshmem_call(
+        "nvshmem_uint64_atomic_fetch_add",
+        [target, value, pe],
+        ("int64", "uint64", "int32"),
+        "uint64",
+        _semantic,
+    )
 
 
 @core.extern
@@ -146,15 +178,18 @@ def _nvshmem_quiet(_semantic=None):
 @triton.jit
 def _thread_id():
     """`%tid.x` (compiled paths only: the interpreter runs no PTX)."""
-    return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(
+        "mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1
+    )
 
 
 @triton.jit
 def _fence_sys():
     """`fence.acq_rel.sys` in every thread (compiled paths only). The dummy output keeps Triton
     from dropping an asm statement that returns nothing."""
-    tl.inline_asm_elementwise("fence.acq_rel.sys;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                              pack=1)
+    tl.inline_asm_elementwise(
+        "fence.acq_rel.sys;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -180,8 +215,11 @@ def _copy(dst, src, nelems, BLOCK: tl.constexpr):
 @triton.jit
 def _signal_mapped(sig, value, SIG_OP: tl.constexpr):
     """Signal through a mapping: every store of this program before it becomes visible first."""
-    tl.static_assert((SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD), "SIG_OP must be SIGNAL_SET or SIGNAL_ADD")
-    tl.debug_barrier()  # the other threads' stores, ordered at block scope before thread 0's release
+    tl.static_assert(
+        (SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD), "SIG_OP must be SIGNAL_SET or SIGNAL_ADD"
+    )
+    # The other threads' stores, ordered at block scope before thread 0's release.
+    tl.debug_barrier()
     if SIG_OP == SIGNAL_SET:
         tl.atomic_xchg(sig, value, sem="release", scope="sys")  # publishes the data stored before
     else:
@@ -233,7 +271,9 @@ def store(ptr, value, delta, mask=None):
 
 
 @triton.jit
-def put_nbi_block(dst, src, nelems, pe, delta, direct, TRANSPORT: tl.constexpr, BLOCK: tl.constexpr):
+def put_nbi_block(
+    dst, src, nelems, pe, delta, direct, TRANSPORT: tl.constexpr, BLOCK: tl.constexpr
+):
     """Copy `src[0:nelems]` (this rank's memory) to `dst[0:nelems]` of the peer (`dst` a local
     symmetric address, same element type). Block scope: every thread of the program calls it with
     the same arguments. Non-blocking: complete after `quiet` or a following signal."""
@@ -248,8 +288,19 @@ def put_nbi_block(dst, src, nelems, pe, delta, direct, TRANSPORT: tl.constexpr, 
 
 
 @triton.jit
-def put_signal_nbi_block(dst, src, nelems, sig, value, pe, delta, direct, SIG_OP: tl.constexpr,
-                         TRANSPORT: tl.constexpr, BLOCK: tl.constexpr):
+def put_signal_nbi_block(
+    dst,
+    src,
+    nelems,
+    sig,
+    value,
+    pe,
+    delta,
+    direct,
+    SIG_OP: tl.constexpr,
+    TRANSPORT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """`put_nbi_block`, then update the peer's 64-bit signal `sig` (local symmetric address) with
     `value` (`SIG_OP` = `SIGNAL_SET` or `SIGNAL_ADD`) once the data is visible there."""
     if TRANSPORT == NVSHMEM:
@@ -257,11 +308,20 @@ def put_signal_nbi_block(dst, src, nelems, sig, value, pe, delta, direct, SIG_OP
             _copy(peer_ptr(dst, delta), src, nelems, BLOCK)
             _signal_mapped(peer_ptr(sig, delta), value, SIG_OP)
         else:
-            tl.static_assert((SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD),
-                             "SIG_OP must be SIGNAL_SET or SIGNAL_ADD")
+            tl.static_assert(
+                (SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD),
+                "SIG_OP must be SIGNAL_SET or SIGNAL_ADD",
+            )
             tl.debug_barrier()  # src written by other threads of this program is read by the copy
-            _putmem_signal_nbi_block(dst.to(tl.int64), src.to(tl.int64), _bytes(dst, nelems), sig.to(tl.int64),
-                                     _u64(value), SIG_OP, pe)
+            _putmem_signal_nbi_block(
+                dst.to(tl.int64),
+                src.to(tl.int64),
+                _bytes(dst, nelems),
+                sig.to(tl.int64),
+                _u64(value),
+                SIG_OP,
+                pe,
+            )
     else:
         _copy(peer_ptr(dst, delta), src, nelems, BLOCK)
         _signal_mapped(peer_ptr(sig, delta), value, SIG_OP)
@@ -275,8 +335,10 @@ def signal_op(sig, value, pe, delta, direct, SIG_OP: tl.constexpr, TRANSPORT: tl
         if direct:
             _signal_mapped(peer_ptr(sig, delta), value, SIG_OP)
         else:
-            tl.static_assert((SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD),
-                             "SIG_OP must be SIGNAL_SET or SIGNAL_ADD")
+            tl.static_assert(
+                (SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD),
+                "SIG_OP must be SIGNAL_SET or SIGNAL_ADD",
+            )
             tl.debug_barrier()  # every thread's part of earlier puts was issued
             if _thread_id() == 0:
                 _nvshmem_fence()  # earlier puts to `pe` land before the signal
@@ -290,28 +352,43 @@ def atomic_add(ptr, value, pe, delta, direct, TRANSPORT: tl.constexpr):
     """`*ptr += value` at the peer (64-bit, `ptr` a local symmetric `*int64`), unordered."""
     if TRANSPORT == NVSHMEM:
         if direct:
-            tl.atomic_add(peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys")  # a count only
+            tl.atomic_add(
+                peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys"
+            )  # a count only
         else:
             if _thread_id() == 0:
                 _uint64_atomic_add(ptr.to(tl.int64), _u64(value), pe)
     else:
-        tl.atomic_add(peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys")  # a count only
+        tl.atomic_add(
+            peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys"
+        )  # a count only
 
 
 @triton.jit
 def atomic_fetch_add(ptr, value, pe, delta, direct, TRANSPORT: tl.constexpr):
-    """`old = *ptr; *ptr += value` at the peer (64-bit), unordered; returns `old` to every thread."""
+    """`old = *ptr; *ptr += value` at the peer (64-bit), unordered; returns `old` to every
+    thread."""
     if TRANSPORT == NVSHMEM:
         if direct:
-            old = tl.atomic_add(peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys")  # count
+            old = tl.atomic_add(
+                peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys"
+            )  # count
         else:
             fetched = tl.full([], 0, tl.int64)
             if _thread_id() == 0:
-                fetched = _uint64_atomic_fetch_add(ptr.to(tl.int64), _u64(value), pe).to(tl.int64, bitcast=True)
+                fetched = _uint64_atomic_fetch_add(ptr.to(tl.int64), _u64(value), pe).to(
+                    tl.int64, bitcast=True
+                )
             # Only thread 0 holds the value: the lane-0 element of any layout lives in thread 0.
-            old = lane(tl.full([_BROADCAST_LANES], 0, tl.int64) + fetched, tl.arange(0, _BROADCAST_LANES), 0)
+            old = lane(
+                tl.full([_BROADCAST_LANES], 0, tl.int64) + fetched,
+                tl.arange(0, _BROADCAST_LANES),
+                0,
+            )
     else:
-        old = tl.atomic_add(peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys")  # count
+        old = tl.atomic_add(
+            peer_ptr(ptr, delta), tl.cast(value, tl.int64), sem="relaxed", scope="sys"
+        )  # count
     return old
 
 
@@ -339,7 +416,8 @@ def quiet(TRANSPORT: tl.constexpr):
 
 @triton.jit
 def wait_until(sig, target, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
-    """Spin until this rank's 64-bit signal `*sig >= target` or `deadline` (ns, `kernels/sync.now_ns`)
+    """Spin until this rank's 64-bit signal `*sig >= target` or `deadline` (ns,
+    `kernels/sync.now_ns`)
     passes; returns the last value read (the wait failed if it is `< target`)."""
     value = load_acquire(sig)
     while (value < target) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):

@@ -9,7 +9,9 @@ from .base import PeerMemory
 from .bootstrap import Bootstrap
 
 
-def open_peer_memory(bootstrap: Bootstrap, num_bytes: int, backend: str, device: torch.device) -> PeerMemory:
+def open_peer_memory(
+    bootstrap: Bootstrap, num_bytes: int, backend: str, device: torch.device
+) -> PeerMemory:
     """Collective: allocate and map one `num_bytes` buffer per rank with the chosen backend."""
     if backend == "cpu":
         from .shm import ShmPeerMemory

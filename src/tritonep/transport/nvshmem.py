@@ -1,4 +1,5 @@
-"""NVSHMEM symmetric memory (torch's NVSHMEM backend) and its CPU emulation, for `transport/device.py`.
+"""NVSHMEM symmetric memory (torch's NVSHMEM backend) and its CPU emulation, for
+`transport/device.py`.
 
 Problem: the low-latency and internode modes need one symmetric allocation per rank that peers on
 other nodes reach with NVSHMEM puts (DeepEP's `num_rdma_bytes`), while peers of the same node keep
@@ -60,7 +61,7 @@ from .bootstrap import Bootstrap
 logger = logging.getLogger(__name__)
 
 # What tritonep needs from NVSHMEM's environment, applied only where the user set nothing:
-#   NVSHMEM_DISABLE_NVLS=1   no NVLink SHARP (multicast) team resources: tritonep never uses them, and
+# NVSHMEM_DISABLE_NVLS=1   no NVLink SHARP (multicast) team resources: tritonep never uses them, and
 #                            multicast is unavailable or off on shared machines.
 #   NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo   only when every rank runs on this host: the unique-id
 #                            bootstrap otherwise picks the first non-loopback interface, which need
@@ -74,7 +75,8 @@ def nvshmem_environment(single_host: bool, num_qps_per_rank: int = 0) -> dict[st
     """Set the NVSHMEM variables tritonep relies on, never overwriting a value the user set.
 
     `num_qps_per_rank` (the Buffer argument, V1's queue pairs per peer) becomes
-    `NVSHMEM_IBGDA_NUM_RC_PER_PE`, as in V1: the RC queue pairs per peer when NVSHMEM uses GPU-initiated
+    `NVSHMEM_IBGDA_NUM_RC_PER_PE`, as in V1: the RC queue pairs per peer when NVSHMEM uses
+    GPU-initiated
     InfiniBand (IBGDA); other transports ignore it. Must run before NVSHMEM starts (the process's
     first NVSHMEM allocation). Returns what was set.
     """
@@ -89,7 +91,8 @@ def nvshmem_environment(single_host: bool, num_qps_per_rank: int = 0) -> dict[st
 
 
 def nvshmem_device_library() -> str:
-    """Path of `libnvshmem_device.bc` (torch's search: `NVSHMEM_LIB_DIR`, the nvidia-nvshmem wheel, system paths)."""
+    """Path of `libnvshmem_device.bc` (torch's search: `NVSHMEM_LIB_DIR`, the nvidia-nvshmem wheel,
+    system paths)."""
     try:
         from torch.distributed._symmetric_memory._nvshmem_triton import NvshmemLibFinder
 
@@ -97,7 +100,8 @@ def nvshmem_device_library() -> str:
     except (ImportError, RuntimeError) as e:
         raise EPUnsupported(
             "NVSHMEM transport: the NVSHMEM device library (libnvshmem_device.bc) was not found; "
-            "install the nvidia-nvshmem-cu12 / nvidia-nvshmem-cu13 wheel matching your CUDA, or point "
+            "install the nvidia-nvshmem-cu12 / nvidia-nvshmem-cu13 wheel matching your CUDA, or "
+            "point "
             f"NVSHMEM_LIB_DIR at the directory holding it ({e})"
         ) from e
 
@@ -162,7 +166,9 @@ class HeapMemory(PeerMemory):
     transport: int
     force_put: bool
 
-    def _publish(self, peer_ptrs: list[int], put_ptrs: list[int], pes: list[int], dev: torch.device) -> None:
+    def _publish(
+        self, peer_ptrs: list[int], put_ptrs: list[int], pes: list[int], dev: torch.device
+    ) -> None:
         self.peer_ptrs = peer_ptrs
         self.put_ptrs = put_ptrs
         self.pes = pes
@@ -178,13 +184,15 @@ class HeapMemory(PeerMemory):
 
 
 def _mps_shares(peers: list[dict]) -> dict[str, int]:
-    """Sum of `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` (unset counts 100) per GPU that several ranks share."""
+    """Sum of `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` (unset counts 100) per GPU that several ranks
+    share."""
     by_gpu: dict[str, list[str | None]] = {}
     for peer in peers:
         by_gpu.setdefault(f"{peer['host']}/{peer['gpu']}", []).append(peer["mps"])
     return {
         gpu: sum(100 if value in (None, "") else int(float(value)) for value in values)
-        for gpu, values in by_gpu.items() if len(values) > 1
+        for gpu, values in by_gpu.items()
+        if len(values) > 1
     }
 
 
@@ -196,40 +204,56 @@ class NvshmemPeerMemory(HeapMemory):
     start here, `EPStateError` when this process already uses another symmetric-memory backend.
     """
 
-    def __init__(self, bootstrap: Bootstrap, num_bytes: int, dev: torch.device, force_put: bool = False,
-                 num_qps_per_rank: int = 0):
+    def __init__(
+        self,
+        bootstrap: Bootstrap,
+        num_bytes: int,
+        dev: torch.device,
+        force_put: bool = False,
+        num_qps_per_rank: int = 0,
+    ):
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         group = bootstrap.process_group
         if group is None:
-            raise EPUnsupported("NVSHMEM memory: needs a torch process group (group), not an mpi4py communicator")
+            raise EPUnsupported(
+                "NVSHMEM memory: needs a torch process group (group), not an mpi4py communicator"
+            )
         if not symm_mem.is_nvshmem_available():
             raise EPUnsupported(
-                "NVSHMEM memory: this torch build cannot use NVSHMEM (symm_mem.is_nvshmem_available() is "
-                "False); install a CUDA build of torch >= 2.8 and the nvidia-nvshmem-cu12 / -cu13 wheel"
+                "NVSHMEM memory: this torch build cannot use NVSHMEM "
+                "(symm_mem.is_nvshmem_available() is "
+                "False); install a CUDA build of torch >= 2.8 and the nvidia-nvshmem-cu12 / -cu13 "
+                "wheel"
             )
         if bootstrap.world_size != dist.get_world_size():
             raise EPUnsupported(
-                f"NVSHMEM memory: the group has {bootstrap.world_size} ranks but the default group has "
-                f"{dist.get_world_size()}; NVSHMEM spans the default group, so every rank must take part"
+                f"NVSHMEM memory: the group has {bootstrap.world_size} ranks but the default group "
+                f"has "
+                f"{dist.get_world_size()}; NVSHMEM spans the default group, so every rank must "
+                f"take part"
             )
         self.rank = bootstrap.rank
         self.world_size = bootstrap.world_size
         self.num_bytes = num_bytes
         self.force_put = force_put
-        peers = bootstrap.all_gather_object({
-            "host": socket.gethostname(),
-            "gpu": str(torch.cuda.get_device_properties(dev).uuid),
-            "mps": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
-            "pe": dist.get_rank(),
-        })
+        peers = bootstrap.all_gather_object(
+            {
+                "host": socket.gethostname(),
+                "gpu": str(torch.cuda.get_device_properties(dev).uuid),
+                "mps": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+                "pe": dist.get_rank(),
+            }
+        )
         oversubscribed = {gpu: total for gpu, total in _mps_shares(peers).items() if total > 100}
         if oversubscribed:
             raise EPUnsupported(
                 "NVSHMEM memory: ranks sharing a GPU need MPS (nvidia-cuda-mps-control -d) and "
-                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE values adding up to <= 100 per GPU (e.g. 50 each for "
-                f"2 ranks; unset counts as 100); got {oversubscribed}. Without that NVSHMEM starts in a "
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE values adding up to <= 100 per GPU (e.g. 50 "
+                "each for "
+                f"2 ranks; unset counts as 100); got {oversubscribed}. Without that NVSHMEM starts "
+                f"in a "
                 "limited mode whose collectives exit the process"
             )
         nvshmem_environment(len({p["host"] for p in peers}) == 1, num_qps_per_rank)
@@ -237,7 +261,8 @@ class NvshmemPeerMemory(HeapMemory):
             symm_mem.set_backend("NVSHMEM")
         except RuntimeError as e:
             raise EPStateError(
-                "NVSHMEM memory: this process already allocated symmetric memory with another backend "
+                "NVSHMEM memory: this process already allocated symmetric memory with another "
+                "backend "
                 f"({symm_mem.get_backend(dev)}); torch allows one backend per process ({e})"
             ) from e
         try:
@@ -245,14 +270,21 @@ class NvshmemPeerMemory(HeapMemory):
             self._handle = symm_mem.rendezvous(self._tensor, group)
         except RuntimeError as e:
             raise EPUnsupported(
-                f"NVSHMEM memory: NVSHMEM could not start or allocate {num_bytes} bytes ({e}). Check "
-                "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (an interface connecting the ranks), NVSHMEM_SYMMETRIC_SIZE "
-                "(heap size), and MPS when ranks share a GPU; NVSHMEM_DEBUG=INFO explains its choices"
+                f"NVSHMEM memory: NVSHMEM could not start or allocate {num_bytes} bytes ({e}). "
+                f"Check "
+                "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (an interface connecting the ranks), "
+                "NVSHMEM_SYMMETRIC_SIZE "
+                "(heap size), and MPS when ranks share a GPU; NVSHMEM_DEBUG=INFO explains its "
+                "choices"
             ) from e
         self.local = self._tensor[:num_bytes]
         peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
-        self.transport = device.STORES.value if all(peer_ptrs) and not force_put else device.NVSHMEM.value
-        self._publish(peer_ptrs, [self._tensor.data_ptr()] * self.world_size, [p["pe"] for p in peers], dev)
+        self.transport = (
+            device.STORES.value if all(peer_ptrs) and not force_put else device.NVSHMEM.value
+        )
+        self._publish(
+            peer_ptrs, [self._tensor.data_ptr()] * self.world_size, [p["pe"] for p in peers], dev
+        )
 
     def close(self) -> None:
         self._handle = None
@@ -267,12 +299,15 @@ class EmulatedPeerMemory(HeapMemory):
     others reached by `device.py`'s emulated puts (`put_ptrs`: every file as mapped here).
     """
 
-    def __init__(self, bootstrap: Bootstrap, num_bytes: int, ranks_per_node: int, force_put: bool = False):
+    def __init__(
+        self, bootstrap: Bootstrap, num_bytes: int, ranks_per_node: int, force_put: bool = False
+    ):
         from .shm import ShmPeerMemory
 
         if ranks_per_node <= 0 or bootstrap.world_size % ranks_per_node != 0:
             raise EPInvalidArgument(
-                f"EmulatedPeerMemory: ranks_per_node must divide the rank count {bootstrap.world_size}, "
+                f"EmulatedPeerMemory: ranks_per_node must divide the rank count "
+                f"{bootstrap.world_size}, "
                 f"got {ranks_per_node}"
             )
         self._shm = ShmPeerMemory(bootstrap, num_bytes)

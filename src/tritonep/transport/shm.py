@@ -1,7 +1,9 @@
 """CPU peer memory: one /dev/shm file per rank, mapped by every rank process.
 
-Each rank creates `/dev/shm/tritonep-<token>-r<rank>-p<pid>`, every rank maps every file, and after a
-barrier each rank unlinks its own file: the mappings stay valid, and nothing is left in /dev/shm even
+Each rank creates `/dev/shm/tritonep-<token>-r<rank>-p<pid>`, every rank maps every file, and after
+a
+barrier each rank unlinks its own file: the mappings stay valid, and nothing is left in /dev/shm
+even
 if a process is killed later. Files of processes that died during the short create-to-unlink window
 are swept by the next buffer construction on the machine (their creator pid no longer exists).
 The Triton interpreter dereferences raw addresses, so kernels see these mappings exactly as GPU
@@ -11,6 +13,7 @@ kernels see peer pointers.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import uuid
@@ -28,10 +31,8 @@ _created: set[str] = set()  # files this process created and has not unlinked ye
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     _created.discard(path)
 
 
@@ -69,7 +70,9 @@ def sweep_stale_files() -> list[str]:
 class ShmPeerMemory(PeerMemory):
     def __init__(self, bootstrap: Bootstrap, num_bytes: int):
         if not os.path.isdir(SHM_DIR):
-            raise EPStateError(f"Buffer: the CPU backend needs {SHM_DIR}, which does not exist here")
+            raise EPStateError(
+                f"Buffer: the CPU backend needs {SHM_DIR}, which does not exist here"
+            )
         self.rank = bootstrap.rank
         self.world_size = bootstrap.world_size
         self.num_bytes = num_bytes
@@ -85,7 +88,8 @@ class ShmPeerMemory(PeerMemory):
         try:
             paths = bootstrap.all_gather_object(path)
             self._maps = [
-                torch.from_file(p, shared=True, size=max(num_bytes, 1), dtype=torch.uint8) for p in paths
+                torch.from_file(p, shared=True, size=max(num_bytes, 1), dtype=torch.uint8)
+                for p in paths
             ]
             # Every rank has mapped every file once this barrier passes; the names can go.
             bootstrap.barrier()

@@ -13,7 +13,7 @@ import triton.language as tl
 @triton.jit
 def round_to(values, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """`values.to(DTYPE)` with round-to-nearest-even for bfloat16 on every backend."""
-    if INTERPRETED and DTYPE == tl.bfloat16:
+    if INTERPRETED and tl.bfloat16 == DTYPE:
         bits = values.to(tl.uint32, bitcast=True)
         is_nan = values != values
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16

@@ -35,7 +35,8 @@ def pow2(value: int) -> int:
 
 
 def _hooks_active() -> bool:
-    """True when a Triton launch hook is registered (triton 3.8 keeps empty `HookChain`s, 3.6 None)."""
+    """True when a Triton launch hook is registered (triton 3.8 keeps empty `HookChain`s, 3.6
+    None)."""
     knobs = triton.knobs.runtime
     return any(
         hook is not None and getattr(hook, "calls", True)
@@ -65,7 +66,9 @@ class KernelLaunch:
         self._constexprs = constexprs_and_options
         self._kernel = None
         self._tail: tuple = ()
-        self._compiled = isinstance(fn, triton.runtime.jit.JITFunction) and not _env.interpret_enabled()
+        self._compiled = (
+            isinstance(fn, triton.runtime.jit.JITFunction) and not _env.interpret_enabled()
+        )
 
     def launch(self, grid: tuple, stream, *args) -> None:
         kernel = self._kernel
@@ -73,15 +76,30 @@ class KernelLaunch:
             self._launch_jit(grid, stream, args)
             return
         handle = stream.cuda_stream if stream is not None else _raw_stream(_current_device())
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, handle,
-                   kernel.function, kernel.packed_metadata, None, None, None, *args, *self._tail)
+        kernel.run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            handle,
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            *args,
+            *self._tail,
+        )
 
     def _launch_jit(self, grid, stream, args) -> None:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             compiled = self._jit[grid](*args, **self._constexprs)
-        if self._compiled and self._kernel is None and isinstance(compiled, triton.compiler.CompiledKernel):
+        if (
+            self._compiled
+            and self._kernel is None
+            and isinstance(compiled, triton.compiler.CompiledKernel)
+        ):
             # Remember the compiled kernel and the constexpr values its launcher takes after the
             # runtime arguments (Triton passes every parameter, constexprs included, in order).
             names = self.fn.arg_names
-            self._tail = tuple(self._constexprs[name] for name in names[len(args):])
+            self._tail = tuple(self._constexprs[name] for name in names[len(args) :])
             self._kernel = compiled

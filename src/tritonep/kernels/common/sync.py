@@ -51,14 +51,32 @@ def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER
     values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
     pending = tl.sum((values < targets).to(tl.int32), axis=0)
     while (pending > 0) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
-        values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
+        values = tl.where(
+            mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets
+        )
         pending = tl.sum((values < targets).to(tl.int32), axis=0)
     return values
 
 
 @triton.jit
-def wait_for_peers(ptrs, need, poll, seen, tag, deadline, clock_addr, host_error_ptr, stop_ptr, code, rank, ranks,
-                   phase, channel, BLOCK_RANKS: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
+def wait_for_peers(
+    ptrs,
+    need,
+    poll,
+    seen,
+    tag,
+    deadline,
+    clock_addr,
+    host_error_ptr,
+    stop_ptr,
+    code,
+    rank,
+    ranks,
+    phase,
+    channel,
+    BLOCK_RANKS: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+):
     """Wait until every `poll` lane of the epoch-tagged counters `ptrs` reaches `need`; on timeout
     record an error (`code`) about the first late rank, with its progress as plain counts.
 
@@ -68,17 +86,43 @@ def wait_for_peers(ptrs, need, poll, seen, tag, deadline, clock_addr, host_error
     late = poll & (values < need)
     ok = tl.sum(late.to(tl.int32), axis=0) == 0
     if not ok:
-        report_error(host_error_ptr, stop_ptr, STOP_ALL, code, rank, late, ranks, phase, channel,
-                     (values - tag).to(tl.int32), (need - tag).to(tl.int32), BLOCK_RANKS)
+        report_error(
+            host_error_ptr,
+            stop_ptr,
+            STOP_ALL,
+            code,
+            rank,
+            late,
+            ranks,
+            phase,
+            channel,
+            (values - tag).to(tl.int32),
+            (need - tag).to(tl.int32),
+            BLOCK_RANKS,
+        )
     return tl.where(poll, values, seen), ok
 
 
 @triton.jit
-def report_error(host_error_ptr, stop_ptr, stop_epoch, code, rank, which, ranks, phase, channel, observed, expected,
-                 BLOCK_RANKS: tl.constexpr):
-    """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed, expected, code]`.
+def report_error(
+    host_error_ptr,
+    stop_ptr,
+    stop_epoch,
+    code,
+    rank,
+    which,
+    ranks,
+    phase,
+    channel,
+    observed,
+    expected,
+    BLOCK_RANKS: tl.constexpr,
+):
+    """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed,
+    expected, code]`.
 
-    The peer is the lowest rank of the `[R]` mask `which`; `observed` / `expected` are `[R]` lanes (or
+    The peer is the lowest rank of the `[R]` mask `which`; `observed` / `expected` are `[R]` lanes
+    (or
     scalars) of which the peer's are recorded. The claim slot makes the first reporter win; `code`
     is published last so the host never reads a half-written record. The device stop word is raised
     to `stop_epoch` (`STOP_ALL` for a fatal error) so later data kernels of those epochs do no work.
@@ -98,8 +142,17 @@ def report_error(host_error_ptr, stop_ptr, stop_epoch, code, rank, which, ranks,
 
 
 @triton.jit
-def open_call(host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS: tl.constexpr,
-              BLOCK_RANKS: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
+def open_call(
+    host_addr,
+    rank_mask_ptr,
+    peer_bases_ptr,
+    rank,
+    clock_addr,
+    timeout_ns,
+    NUM_RANKS: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+):
     """State every data kernel starts from.
 
     Returns (host block pointer, stop word pointer, ok = this call may work, rank lanes, live =
@@ -110,7 +163,9 @@ def open_call(host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeou
     host = host_addr.to(tl.pointer_type(tl.int64))
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
-    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)  # masked ranks: no traffic
+    live = rank_ok & (
+        tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0
+    )  # masked ranks: no traffic
     peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
     my_base = tl.load(peer_bases_ptr + rank)
     epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)

@@ -12,7 +12,9 @@ import triton.language as tl
 
 
 @triton.jit
-def row_block(row_addrs, cols, ELEM_TY: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = True):
+def row_block(
+    row_addrs, cols, ELEM_TY: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr = True
+):
     """Pointers `[len(row_addrs), BLOCK]` to columns `cols` (contiguous; with ALIGNED, every row
     starts 16-byte aligned, which lets the copy use 16-byte vectors)."""
     ptrs = row_addrs.to(tl.pointer_type(ELEM_TY))[:, None] + cols[None, :]
@@ -41,24 +43,39 @@ def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
     (ScanOpToLLVM assertion) in triton 3.6 for some tile layouts of the dispatch kernel.
     """
     rows = tl.arange(0, ROWS)
-    if INCLUSIVE:
-        below = rows[:, None] >= rows[None, :]
-    else:
-        below = rows[:, None] > rows[None, :]
+    below = rows[:, None] >= rows[None, :] if INCLUSIVE else rows[:, None] > rows[None, :]
     return tl.sum(tl.where(below[:, :, None], matrix[None, :, :], 0), axis=1)
 
 
 @triton.jit
-def _load_block(src_rows, words, mask, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CACHE: tl.constexpr,
-                ALIGNED: tl.constexpr = True):
+def _load_block(
+    src_rows,
+    words,
+    mask,
+    ROW_WORDS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    CACHE: tl.constexpr,
+    ALIGNED: tl.constexpr = True,
+):
     m = mask[:, None] & (words[None, :] < ROW_WORDS)
-    return tl.load(row_block(src_rows, words, tl.int32, BLOCK_W, ALIGNED), mask=m, cache_modifier=CACHE)
+    return tl.load(
+        row_block(src_rows, words, tl.int32, BLOCK_W, ALIGNED), mask=m, cache_modifier=CACHE
+    )
 
 
 @triton.jit
-def copy_rows(src_rows, dst_rows, mask, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr, CACHE: tl.constexpr,
-              PREFETCH: tl.constexpr, ALIGNED: tl.constexpr = True):
-    """Copy `ROW_WORDS` 4-byte words of each masked row from `src_rows` to `dst_rows` (byte addresses;
+def copy_rows(
+    src_rows,
+    dst_rows,
+    mask,
+    ROW_WORDS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    CACHE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    ALIGNED: tl.constexpr = True,
+):
+    """Copy `ROW_WORDS` 4-byte words of each masked row from `src_rows` to `dst_rows` (byte
+    addresses;
     16-byte aligned rows unless ALIGNED is False).
 
     PREFETCH issues the loads of block i+1 before the stores of block i, doubling the bytes in
@@ -83,20 +100,34 @@ def copy_rows(src_rows, dst_rows, mask, ROW_WORDS: tl.constexpr, BLOCK_W: tl.con
 
 
 @triton.jit
-def received_blocks(rank_prefix_matrix_ptr, recv_channel_prefix_matrix_ptr, ranks, rank, c, num_channels,
-                    NUM_RANKS: tl.constexpr):
+def received_blocks(
+    rank_prefix_matrix_ptr,
+    recv_channel_prefix_matrix_ptr,
+    ranks,
+    rank,
+    c,
+    num_channels,
+    NUM_RANKS: tl.constexpr,
+):
     """Where this rank's received rows sit, per source rank s (lanes), from a dispatch handle.
 
     Returns (block_begin, block_end): rows `[block_begin[s], block_end[s])` of the dispatch output
-    came from s; and (chan_begin, chan_end): channel c of s occupies `block_begin[s] + [chan_begin[s],
+    came from s; and (chan_begin, chan_end): channel c of s occupies `block_begin[s] +
+    [chan_begin[s],
     chan_end[s])`.
     """
     rank_ok = ranks < NUM_RANKS
     prev = tl.maximum(ranks - 1, 0)
-    block_begin = tl.load(rank_prefix_matrix_ptr + prev * NUM_RANKS + rank, mask=rank_ok & (ranks > 0), other=0)
+    block_begin = tl.load(
+        rank_prefix_matrix_ptr + prev * NUM_RANKS + rank, mask=rank_ok & (ranks > 0), other=0
+    )
     block_end = tl.load(rank_prefix_matrix_ptr + ranks * NUM_RANKS + rank, mask=rank_ok, other=0)
-    chan_begin = tl.load(recv_channel_prefix_matrix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
+    chan_begin = tl.load(
+        recv_channel_prefix_matrix_ptr + ranks * num_channels + c, mask=rank_ok, other=0
+    )
     last = c + 1 >= num_channels
-    chan_end = tl.load(recv_channel_prefix_matrix_ptr + ranks * num_channels + c + 1, mask=rank_ok & ~last, other=0)
+    chan_end = tl.load(
+        recv_channel_prefix_matrix_ptr + ranks * num_channels + c + 1, mask=rank_ok & ~last, other=0
+    )
     chan_end = tl.where(last, block_end - block_begin, chan_end)
     return block_begin, block_end, chan_begin, chan_end

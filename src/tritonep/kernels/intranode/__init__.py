@@ -1,1 +1,2 @@
-"""Intranode high-throughput kernels: `notify`, `dispatch`, `combine` over ring queues in NVL memory."""
+"""Intranode high-throughput kernels: `notify`, `dispatch`, `combine` over ring queues in NVL
+memory."""

@@ -9,7 +9,8 @@ Algorithm (one persistent launch of `2C` programs, channels as in dispatch):
   contiguous rows of x that came from (source r, channel c); it pushes them, `chunk` rows at a time,
   into queue (c, j) of rank r, choosing among destinations whichever has rows left and room, so it
   never blocks on one destination while another could progress.
-* programs `[C, 2C)` are receivers. Receiver c walks its channel's tokens in tiles; `send_head[t, j]`
+* programs `[C, 2C)` are receivers. Receiver c walks its channel's tokens in tiles; `send_head[t,
+j]`
   (written by dispatch) is token t's position in the stream from rank j, so the copy from j sits in
   queue slot `position % capacity` — or, for j == r, directly in local x. It waits until each
   source's tail covers the tile, sums bias then ranks in ascending order in fp32, stores, and
@@ -78,7 +79,15 @@ def _combine_kernel(
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
-        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, USE_GLOBALTIMER,
+        host_addr,
+        rank_mask_ptr,
+        peer_bases_ptr,
+        rank,
+        clock_addr,
+        timeout_ns,
+        NUM_RANKS,
+        BLOCK_RANKS,
+        USE_GLOBALTIMER,
     )
     is_peer = live & (ranks != rank)
     rows_in_tile = tl.arange(0, TILE)
@@ -89,7 +98,13 @@ def _combine_kernel(
     c = tl.where(pid < num_channels, pid, pid - num_channels)
     # Where the dispatch put the rows from each source (channel c of each source) in x.
     block_begin, block_end, chan_begin, chan_end = received_blocks(
-        rank_prefix_matrix_ptr, recv_channel_prefix_matrix_ptr, ranks, rank, c, num_channels, NUM_RANKS
+        rank_prefix_matrix_ptr,
+        recv_channel_prefix_matrix_ptr,
+        ranks,
+        rank,
+        c,
+        num_channels,
+        NUM_RANKS,
     )
     if pid < num_channels:
         # ------------------------------------------------------------------ sender of channel c
@@ -116,22 +131,51 @@ def _combine_kernel(
                 src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
                 slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
                 dst_base = lane(peer_bases, ranks, dst)
-                copy_rows(x_addr + src_row * ROW_BYTES, dst_base + queue_x + slot * ROW_BYTES, in_chunk,
-                          ROW_BYTES // 4, BLOCK_H, "", PREFETCH)
+                copy_rows(
+                    x_addr + src_row * ROW_BYTES,
+                    dst_base + queue_x + slot * ROW_BYTES,
+                    in_chunk,
+                    ROW_BYTES // 4,
+                    BLOCK_H,
+                    "",
+                    PREFETCH,
+                )
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
-                    src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
-                    dst_w = (dst_base + queue_topk_weights + slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
-                    tl.store(dst_w[:, None] + ks[None, :], tl.load(src_w[:, None] + ks[None, :], mask=mk), mask=mk)
+                    src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(
+                        tl.pointer_type(tl.float32)
+                    )
+                    dst_w = (dst_base + queue_topk_weights + slot * WEIGHT_BYTES).to(
+                        tl.pointer_type(tl.float32)
+                    )
+                    tl.store(
+                        dst_w[:, None] + ks[None, :],
+                        tl.load(src_w[:, None] + ks[None, :], mask=mk),
+                        mask=mk,
+                    )
                 sent = tl.where(ranks == dst, sent + n, sent)
                 remaining -= n
                 tl.debug_barrier()
                 tail_addr = dst_base + TAILS + (c * NUM_RANKS + rank) * 8
-                store_release(tail_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
+                store_release(
+                    tail_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64)
+                )
             elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
                 ok = ok & False
-                report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, pending & (ready == 0), ranks, PHASE, c,
-                             (head_seen - tag).to(tl.int32), sent - capacity + 1, BLOCK_RANKS)
+                report_error(
+                    host + HOST_ERROR,
+                    stop,
+                    STOP_ALL,
+                    ERR_TIMEOUT,
+                    rank,
+                    pending & (ready == 0),
+                    ranks,
+                    PHASE,
+                    c,
+                    (head_seen - tag).to(tl.int32),
+                    sent - capacity + 1,
+                    BLOCK_RANKS,
+                )
     else:
         # ---------------------------------------------------------------- receiver of channel c
         tokens_per_channel = tl.cdiv(num_tokens, num_channels)
@@ -140,10 +184,18 @@ def _combine_kernel(
         own_first = lane(block_begin + chan_begin, ranks, rank)
         is_self = ranks == rank
         # Where the copy from each source lives: local x for this rank, queue (c, s) otherwise.
-        base_x = tl.where(is_self, x_addr + own_first.to(tl.int64) * ROW_BYTES,
-                          my_base + queue_x + ((c * NUM_RANKS + ranks) * capacity).to(tl.int64) * ROW_BYTES)
-        base_w = tl.where(is_self, topk_weights_addr + own_first.to(tl.int64) * WEIGHT_BYTES,
-                          my_base + queue_topk_weights + ((c * NUM_RANKS + ranks) * capacity).to(tl.int64) * WEIGHT_BYTES)
+        base_x = tl.where(
+            is_self,
+            x_addr + own_first.to(tl.int64) * ROW_BYTES,
+            my_base + queue_x + ((c * NUM_RANKS + ranks) * capacity).to(tl.int64) * ROW_BYTES,
+        )
+        base_w = tl.where(
+            is_self,
+            topk_weights_addr + own_first.to(tl.int64) * WEIGHT_BYTES,
+            my_base
+            + queue_topk_weights
+            + ((c * NUM_RANKS + ranks) * capacity).to(tl.int64) * WEIGHT_BYTES,
+        )
         tails = (my_base + TAILS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
         tail_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64)
         hs = tl.arange(0, BLOCK_H)
@@ -160,8 +212,22 @@ def _combine_kernel(
                 poll = is_peer & (need > tag) & (tail_seen < need)
                 if tl.sum(poll.to(tl.int32), axis=0) > 0:
                     tail_seen, ok = wait_for_peers(
-                        tails, need, poll, tail_seen, tag, deadline, clock_addr, host + HOST_ERROR, stop, ERR_TIMEOUT,
-                        rank, ranks, PHASE, c, BLOCK_RANKS, USE_GLOBALTIMER,
+                        tails,
+                        need,
+                        poll,
+                        tail_seen,
+                        tag,
+                        deadline,
+                        clock_addr,
+                        host + HOST_ERROR,
+                        stop,
+                        ERR_TIMEOUT,
+                        rank,
+                        ranks,
+                        PHASE,
+                        c,
+                        BLOCK_RANKS,
+                        USE_GLOBALTIMER,
                     )
                 if ok:
                     slot = tl.where(is_self[None, :], position, position % capacity).to(tl.int64)
@@ -171,23 +237,49 @@ def _combine_kernel(
                         m2 = valid[:, None] & col_ok[None, :]
                         acc = tl.zeros([TILE, BLOCK_H], dtype=tl.float32)
                         if HAS_BIAS0:
-                            acc += tl.load(bias0_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                            acc += tl.load(
+                                bias0_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                                mask=m2,
+                                other=0.0,
+                            ).to(tl.float32)
                         if HAS_BIAS1:
-                            acc += tl.load(bias1_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                            acc += tl.load(
+                                bias1_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                                mask=m2,
+                                other=0.0,
+                            ).to(tl.float32)
                         for src in tl.static_range(NUM_RANKS):
                             pos = column(position, ranks, src)
-                            row_addr = lane(base_x, ranks, src) + column(slot, ranks, src) * ROW_BYTES
+                            row_addr = (
+                                lane(base_x, ranks, src) + column(slot, ranks, src) * ROW_BYTES
+                            )
                             m = (valid & (pos >= 0))[:, None] & col_ok[None, :]
-                            vals = tl.load(row_block(row_addr, cols, DTYPE, BLOCK_H), mask=m, other=0.0, cache_modifier=".cg")
+                            vals = tl.load(
+                                row_block(row_addr, cols, DTYPE, BLOCK_H),
+                                mask=m,
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
                             acc += vals.to(tl.float32)
-                        tl.store(out_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :], round_to(acc, DTYPE, INTERPRETED), mask=m2)
+                        tl.store(
+                            out_ptr + rows[:, None].to(tl.int64) * HIDDEN + cols[None, :],
+                            round_to(acc, DTYPE, INTERPRETED),
+                            mask=m2,
+                        )
                     if HAS_WEIGHTS:
                         wacc = tl.zeros([TILE, BLOCK_TOPK], dtype=tl.float32)
                         for src in tl.static_range(NUM_RANKS):
                             pos = column(position, ranks, src)
-                            w_rows = (lane(base_w, ranks, src) + column(slot, ranks, src) * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                            w_rows = (
+                                lane(base_w, ranks, src) + column(slot, ranks, src) * WEIGHT_BYTES
+                            ).to(tl.pointer_type(tl.float32))
                             m = (valid & (pos >= 0))[:, None] & (ks[None, :] < NUM_TOPK)
-                            wacc += tl.load(w_rows[:, None] + ks[None, :], mask=m, other=0.0, cache_modifier=".cg")
+                            wacc += tl.load(
+                                w_rows[:, None] + ks[None, :],
+                                mask=m,
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
                         tl.store(
                             out_weights_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
                             wacc,
@@ -196,7 +288,13 @@ def _combine_kernel(
                     # Hand the consumed slots back to their senders.
                     tl.debug_barrier()
                     head_addr = peer_bases + HEADS + (c * NUM_RANKS + rank) * 8
-                    tl.atomic_xchg(head_addr.to(tl.pointer_type(tl.int64)), need, mask=is_peer & (need > tag), sem="release", scope="sys")
+                    tl.atomic_xchg(
+                        head_addr.to(tl.pointer_type(tl.int64)),
+                        need,
+                        mask=is_peer & (need > tag),
+                        sem="release",
+                        scope="sys",
+                    )
 
 
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -210,16 +308,38 @@ class CombinePlan:
     given, and the program shape (`tile_words` bounds the `[tile, BLOCK_H]` fp32 accumulator).
     """
 
-    def __init__(self, ctx, queues, *, num_channels: int, chunk: int, tile: int, hidden: int, dtype: torch.dtype,
-                 num_topk: int, has_bias: tuple[bool, bool], num_warps: int, tile_words: int, prefetch: bool):
+    def __init__(
+        self,
+        ctx,
+        queues,
+        *,
+        num_channels: int,
+        chunk: int,
+        tile: int,
+        hidden: int,
+        dtype: torch.dtype,
+        num_topk: int,
+        has_bias: tuple[bool, bool],
+        num_warps: int,
+        tile_words: int,
+        prefetch: bool,
+    ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
         self._ctx = ctx
         self.num_channels = num_channels
         self._has_weights = num_topk > 0
         self._static = (ctx.peer_bases, ctx.rank)
-        self._queues = (num_channels, q + queues.x, q + queues.topk_weights, queues.capacity, chunk, ctx.host_addr,
-                        ctx.clock_addr, ctx.timeout_ns)
+        self._queues = (
+            num_channels,
+            q + queues.x,
+            q + queues.topk_weights,
+            queues.capacity,
+            chunk,
+            ctx.host_addr,
+            ctx.clock_addr,
+            ctx.timeout_ns,
+        )
         self._kernel = KernelLaunch(
             _combine_kernel,
             NUM_RANKS=ctx.num_ranks,
@@ -247,16 +367,35 @@ class CombinePlan:
             launch_cooperative_grid=True,
         )
 
-    def launch(self, stream, x, topk_weights, bias0, bias1, rank_prefix_matrix, recv_channel_prefix_matrix,
-               send_head, out, out_weights) -> None:
-        """`2 * num_channels` programs on `stream`; `out [N, H]` / `out_weights [N, K]` are filled."""
+    def launch(
+        self,
+        stream,
+        x,
+        topk_weights,
+        bias0,
+        bias1,
+        rank_prefix_matrix,
+        recv_channel_prefix_matrix,
+        send_head,
+        out,
+        out_weights,
+    ) -> None:
+        """`2 * num_channels` programs on `stream`; `out [N, H]` / `out_weights [N, K]` are
+        filled."""
         self._kernel.launch(
-            (2 * self.num_channels,), stream,
+            (2 * self.num_channels,),
+            stream,
             x.data_ptr(),
             topk_weights.data_ptr() if self._has_weights else 0,
             bias0 if bias0 is not None else out,
             bias1 if bias1 is not None else out,
-            rank_prefix_matrix, recv_channel_prefix_matrix, send_head, out,
+            rank_prefix_matrix,
+            recv_channel_prefix_matrix,
+            send_head,
+            out,
             out_weights if self._has_weights else out,
-            self._ctx.rank_mask, *self._static, send_head.shape[0], *self._queues,
+            self._ctx.rank_mask,
+            *self._static,
+            send_head.shape[0],
+            *self._queues,
         )

@@ -1,6 +1,7 @@
 """Intranode dispatch: move every token row to each rank that hosts one of its experts.
 
-Problem: rank r holds `x [N, H]`; rank j must receive the rows with `is_token_in_rank[t, j]`, ordered
+Problem: rank r holds `x [N, H]`; rank j must receive the rows with `is_token_in_rank[t, j]`,
+ordered
 by source rank, then token, plus their source index, top-k ids rebased to j's local experts (others
 -1), top-k weights (0 where the id is -1) and FP8 scales.
 
@@ -17,10 +18,12 @@ Algorithm (one persistent launch of `2C` programs, C = num_channels):
   Because receivers never wait on a particular source and each chunk fits a queue, the ring cannot
   deadlock. Senders have lower program ids than receivers, so the interpreter (which runs programs
   one after another) works whenever queues hold a whole channel.
-* worst-case mode: receivers also write the padding rows `[M, num_worst_tokens)` (top-k -1, weight 0).
+* worst-case mode: receivers also write the padding rows `[M, num_worst_tokens)` (top-k -1, weight
+0).
 
 Sync protocol: data stores, barrier, release of `tail = epoch << 32 | count` at system scope;
-receivers acquire tails, copy, barrier, release heads. Every wait ends at the call's deadline with an
+receivers acquire tails, copy, barrier, release heads. Every wait ends at the call's deadline with
+an
 error record (see `sync.py`).
 
 Example:
@@ -36,14 +39,30 @@ from ... import protocol
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
 from ..common.sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
-from ..common.tiles import _load_block, column, copy_rows, cumsum_rows, lane, received_blocks, row_block
+from ..common.tiles import (
+    _load_block,
+    column,
+    copy_rows,
+    cumsum_rows,
+    lane,
+    received_blocks,
+    row_block,
+)
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 
 
 @triton.jit
-def _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
-                           NUM_RANKS: tl.constexpr):
+def _store_to_destinations(
+    vals,
+    words,
+    dst_rows,
+    deliver,
+    ranks,
+    ROW_WORDS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+):
     """Store one `[TILE, BLOCK_W]` block of rows to every destination that receives them.
 
     dst_rows: `[TILE, R]` byte address of each row's destination row; deliver: `[TILE, R]` flags.
@@ -60,8 +79,9 @@ def _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS: tl.
 
 
 @triton.jit
-def _store_to_destination(vals, words, dst_rows, deliver, ranks, dst, ROW_WORDS: tl.constexpr,
-                          BLOCK_W: tl.constexpr):
+def _store_to_destination(
+    vals, words, dst_rows, deliver, ranks, dst, ROW_WORDS: tl.constexpr, BLOCK_W: tl.constexpr
+):
     row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
     m = row_mask[:, None] & (words[None, :] < ROW_WORDS)
     tl.store(row_block(column(dst_rows, ranks, dst), words, tl.int32, BLOCK_W), vals, mask=m)
@@ -98,26 +118,49 @@ def _copy_fields(
     """
     copy_rows(src_rows_x, dst_rows_x, mask, ROW_WORDS, BLOCK_W, ".cg", PREFETCH)
     if HAS_SRC_IDX:
-        src_idx = tl.load(src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg")
+        src_idx = tl.load(
+            src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg"
+        )
         tl.store(dst_rows_src.to(tl.pointer_type(tl.int32)), src_idx, mask=mask)
     if HAS_TOPK:
         ks = tl.arange(0, BLOCK_TOPK)
         mk = mask[:, None] & (ks[None, :] < NUM_TOPK)
-        idx = tl.load(src_rows_topk.to(tl.pointer_type(TOPK_IDX_TY))[:, None] + ks[None, :], mask=mk, cache_modifier=".cg")
-        tl.store(dst_rows_topk.to(tl.pointer_type(TOPK_IDX_TY))[:, None] + ks[None, :], idx, mask=mk)
-        w = tl.load(src_rows_w.to(tl.pointer_type(tl.float32))[:, None] + ks[None, :], mask=mk, cache_modifier=".cg")
+        idx = tl.load(
+            src_rows_topk.to(tl.pointer_type(TOPK_IDX_TY))[:, None] + ks[None, :],
+            mask=mk,
+            cache_modifier=".cg",
+        )
+        tl.store(
+            dst_rows_topk.to(tl.pointer_type(TOPK_IDX_TY))[:, None] + ks[None, :], idx, mask=mk
+        )
+        w = tl.load(
+            src_rows_w.to(tl.pointer_type(tl.float32))[:, None] + ks[None, :],
+            mask=mk,
+            cache_modifier=".cg",
+        )
         tl.store(dst_rows_w.to(tl.pointer_type(tl.float32))[:, None] + ks[None, :], w, mask=mk)
     if HAS_SCALES:
         ss = tl.arange(0, BLOCK_SCALES)
         ms = mask[:, None] & (ss[None, :] < NUM_SCALES)
-        s = tl.load(src_rows_s.to(tl.pointer_type(tl.int32))[:, None] + ss[None, :], mask=ms, cache_modifier=".cg")
+        s = tl.load(
+            src_rows_s.to(tl.pointer_type(tl.int32))[:, None] + ss[None, :],
+            mask=ms,
+            cache_modifier=".cg",
+        )
         tl.store(dst_rows_s.to(tl.pointer_type(tl.int32))[:, None] + ss[None, :], s, mask=ms)
 
 
 @named_kernel(
     "intranode",
     "dispatch",
-    do_not_specialize=["rank", "num_tokens", "num_recv_rows", "x_row_stride", "scales_stride_row", "scales_stride_col"],
+    do_not_specialize=[
+        "rank",
+        "num_tokens",
+        "num_recv_rows",
+        "x_row_stride",
+        "scales_stride_row",
+        "scales_stride_col",
+    ],
 )
 def _dispatch_kernel(
     x_addr,
@@ -178,7 +221,15 @@ def _dispatch_kernel(
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
-        host_addr, rank_mask_ptr, peer_bases_ptr, rank, clock_addr, timeout_ns, NUM_RANKS, BLOCK_RANKS, USE_GLOBALTIMER,
+        host_addr,
+        rank_mask_ptr,
+        peer_bases_ptr,
+        rank,
+        clock_addr,
+        timeout_ns,
+        NUM_RANKS,
+        BLOCK_RANKS,
+        USE_GLOBALTIMER,
     )
     rank_ok = ranks < NUM_RANKS
     rows_in_tile = tl.arange(0, TILE)
@@ -193,7 +244,13 @@ def _dispatch_kernel(
     c = tl.where(pid < num_channels, pid, pid - num_channels)
     # Where the rows from each source land in this rank's output (channel c of each source).
     block_begin, block_end, chan_begin, chan_end = received_blocks(
-        rank_prefix_matrix_ptr, recv_channel_prefix_matrix_ptr, ranks, rank, c, num_channels, NUM_RANKS
+        rank_prefix_matrix_ptr,
+        recv_channel_prefix_matrix_ptr,
+        ranks,
+        rank,
+        c,
+        num_channels,
+        NUM_RANKS,
     )
     if pid < num_channels:
         # ------------------------------------------------------------------ sender of channel c
@@ -206,9 +263,15 @@ def _dispatch_kernel(
         slot0 = ((c * NUM_RANKS + rank) * capacity).to(tl.int64)
         base_x = tl.where(is_self, recv_x_addr, peer_bases + queue_x + slot0 * ROW_BYTES)
         base_src = tl.where(is_self, recv_src_idx_addr, peer_bases + queue_src_idx + slot0 * 4)
-        base_topk = tl.where(is_self, recv_topk_idx_addr, peer_bases + queue_topk_idx + slot0 * TOPK_BYTES)
-        base_w = tl.where(is_self, recv_topk_weights_addr, peer_bases + queue_topk_weights + slot0 * WEIGHT_BYTES)
-        base_s = tl.where(is_self, recv_scales_addr, peer_bases + queue_scales + slot0 * SCALE_BYTES)
+        base_topk = tl.where(
+            is_self, recv_topk_idx_addr, peer_bases + queue_topk_idx + slot0 * TOPK_BYTES
+        )
+        base_w = tl.where(
+            is_self, recv_topk_weights_addr, peer_bases + queue_topk_weights + slot0 * WEIGHT_BYTES
+        )
+        base_s = tl.where(
+            is_self, recv_scales_addr, peer_bases + queue_scales + slot0 * SCALE_BYTES
+        )
         heads = (my_base + HEADS + (c * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
         tails = (peer_bases + TAILS + (c * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
         is_peer = live & (ranks != rank)
@@ -223,7 +286,9 @@ def _dispatch_kernel(
                     mask=valid[:, None] & live[None, :],
                     other=0,
                 ).to(tl.int32)
-                position = sent[None, :] + cumsum_rows(flags, TILE, False)  # [TILE, R] stream position
+                position = sent[None, :] + cumsum_rows(
+                    flags, TILE, False
+                )  # [TILE, R] stream position
                 count = tl.sum(flags, axis=0)
                 new_sent = sent + count
                 # Room for this chunk in every destination queue (heads carry the epoch).
@@ -231,8 +296,22 @@ def _dispatch_kernel(
                 poll = is_peer & (count > 0) & (head_seen < need)
                 if tl.sum(poll.to(tl.int32), axis=0) > 0:
                     head_seen, ok = wait_for_peers(
-                        heads, need, poll, head_seen, tag, deadline, clock_addr, host + HOST_ERROR, stop, ERR_TIMEOUT,
-                        rank, ranks, PHASE, c, BLOCK_RANKS, USE_GLOBALTIMER,
+                        heads,
+                        need,
+                        poll,
+                        head_seen,
+                        tag,
+                        deadline,
+                        clock_addr,
+                        host + HOST_ERROR,
+                        stop,
+                        ERR_TIMEOUT,
+                        rank,
+                        ranks,
+                        PHASE,
+                        c,
+                        BLOCK_RANKS,
+                        USE_GLOBALTIMER,
                     )
                 if ok:
                     if WRITE_HANDLE:
@@ -241,25 +320,35 @@ def _dispatch_kernel(
                             tl.where(flags > 0, position, -1),
                             mask=valid[:, None] & rank_ok[None, :],
                         )
-                    slot = tl.where(is_self[None, :], own_first + position, position % capacity).to(tl.int64)
+                    slot = tl.where(is_self[None, :], own_first + position, position % capacity).to(
+                        tl.int64
+                    )
                     deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
                     any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
                     src_x = x_addr + rows.to(tl.int64) * x_row_stride * 4
-                    dst_rows = base_x[None, :] + slot * ROW_BYTES  # [TILE, R] destination row addresses
+                    dst_rows = (
+                        base_x[None, :] + slot * ROW_BYTES
+                    )  # [TILE, R] destination row addresses
                     if PREFETCH:
                         words = tl.arange(0, BLOCK_W)
                         vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
                         for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
                             next_words = w0 + tl.arange(0, BLOCK_W)
-                            next_vals = _load_block(src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, "")
-                            _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS)
+                            next_vals = _load_block(
+                                src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
+                            )
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
                             vals = next_vals
                             words = next_words
                     else:
                         for w0 in range(0, ROW_WORDS, BLOCK_W):
                             words = w0 + tl.arange(0, BLOCK_W)
                             vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
-                            _store_to_destinations(vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS)
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
                     if HAS_TOPK:
                         idx = tl.load(
                             topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
@@ -273,14 +362,18 @@ def _dispatch_kernel(
                         )
                     if HAS_SCALES:
                         scales = tl.load(
-                            scales_ptr + rows[:, None].to(tl.int64) * scales_stride_row + ss[None, :] * scales_stride_col,
+                            scales_ptr
+                            + rows[:, None].to(tl.int64) * scales_stride_row
+                            + ss[None, :] * scales_stride_col,
                             mask=valid[:, None] & (ss[None, :] < NUM_SCALES),
                         )
                     for dst in tl.static_range(NUM_RANKS):
                         row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
                         dst_slot = column(slot, ranks, dst)
                         if WRITE_HANDLE:
-                            src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(tl.pointer_type(tl.int32))
+                            src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(
+                                tl.pointer_type(tl.int32)
+                            )
                             tl.store(src_ptrs, rows, mask=row_mask)
                         if HAS_TOPK:
                             local = idx - dst * experts_per_rank
@@ -288,25 +381,40 @@ def _dispatch_kernel(
                             topk_rows = (lane(base_topk, ranks, dst) + dst_slot * TOPK_BYTES).to(
                                 tl.pointer_type(TOPK_IDX_TY)
                             )
-                            w_rows = (lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                            w_rows = (lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(
+                                tl.pointer_type(tl.float32)
+                            )
                             mk = row_mask[:, None] & (ks[None, :] < NUM_TOPK)
-                            tl.store(topk_rows[:, None] + ks[None, :], tl.where(mine, local, -1), mask=mk)
-                            tl.store(w_rows[:, None] + ks[None, :], tl.where(mine, weights, 0.0), mask=mk)
-                        if HAS_SCALES:
-                            s_rows = (lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(tl.pointer_type(tl.int32))
                             tl.store(
-                                s_rows[:, None] + ss[None, :], scales, mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES)
+                                topk_rows[:, None] + ks[None, :], tl.where(mine, local, -1), mask=mk
+                            )
+                            tl.store(
+                                w_rows[:, None] + ks[None, :], tl.where(mine, weights, 0.0), mask=mk
+                            )
+                        if HAS_SCALES:
+                            s_rows = (lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(
+                                tl.pointer_type(tl.int32)
+                            )
+                            tl.store(
+                                s_rows[:, None] + ss[None, :],
+                                scales,
+                                mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES),
                             )
                     # Publish the chunk: every thread's stores first, then the tails.
                     tl.debug_barrier()
                     tl.atomic_xchg(
-                        tails, tag + new_sent.to(tl.int64), mask=is_peer & (count > 0), sem="release", scope="sys"
+                        tails,
+                        tag + new_sent.to(tl.int64),
+                        mask=is_peer & (count > 0),
+                        sem="release",
+                        scope="sys",
                     )
                     sent = new_sent
     else:
         # ---------------------------------------------------------------- receiver of channel c
         if WORST:
-            # Padding rows [M, num_recv_rows): no source, top-k -1, weight 0; split across receivers.
+            # Padding rows [M, num_recv_rows): no source, top-k -1, weight 0; split across
+            # receivers.
             num_recv = lane(block_end, ranks, NUM_RANKS - 1)
             pad_per_channel = tl.cdiv(tl.maximum(num_recv_rows - num_recv, 0), num_channels)
             pad_begin = num_recv + c * pad_per_channel
@@ -314,11 +422,17 @@ def _dispatch_kernel(
             for r0 in range(pad_begin, pad_end, TILE):
                 prow = (r0 + rows_in_tile).to(tl.int64)
                 pmask = prow < pad_end
-                tl.store((recv_src_idx_addr + prow * 4).to(tl.pointer_type(tl.int32)), -1, mask=pmask)
+                tl.store(
+                    (recv_src_idx_addr + prow * 4).to(tl.pointer_type(tl.int32)), -1, mask=pmask
+                )
                 if HAS_TOPK:
                     mk = pmask[:, None] & (ks[None, :] < NUM_TOPK)
-                    topk_rows = (recv_topk_idx_addr + prow * TOPK_BYTES).to(tl.pointer_type(TOPK_IDX_TY))
-                    w_rows = (recv_topk_weights_addr + prow * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
+                    topk_rows = (recv_topk_idx_addr + prow * TOPK_BYTES).to(
+                        tl.pointer_type(TOPK_IDX_TY)
+                    )
+                    w_rows = (recv_topk_weights_addr + prow * WEIGHT_BYTES).to(
+                        tl.pointer_type(tl.float32)
+                    )
                     tl.store(topk_rows[:, None] + ks[None, :], -1, mask=mk)
                     tl.store(w_rows[:, None] + ks[None, :], 0.0, mask=mk)
         is_peer = live & (ranks != rank)
@@ -336,7 +450,9 @@ def _dispatch_kernel(
                 n = tl.minimum(lane(available, ranks, src), TILE)
                 start = lane(consumed, ranks, src)
                 in_chunk = rows_in_tile < n
-                slot = ((c * NUM_RANKS + src) * capacity + (start + rows_in_tile) % capacity).to(tl.int64)
+                slot = ((c * NUM_RANKS + src) * capacity + (start + rows_in_tile) % capacity).to(
+                    tl.int64
+                )
                 out_row = (lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
                 in_chunk = in_chunk & (out_row < num_recv_rows)
                 _copy_fields(
@@ -368,11 +484,25 @@ def _dispatch_kernel(
                 # Release the slots back to the sender once every thread has read them.
                 tl.debug_barrier()
                 head_addr = lane(peer_bases, ranks, src) + HEADS + (c * NUM_RANKS + rank) * 8
-                store_release(head_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64))
+                store_release(
+                    head_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64)
+                )
             elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
                 ok = ok & False
-                report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, consumed < expected, ranks, PHASE, c,
-                             consumed, expected, BLOCK_RANKS)
+                report_error(
+                    host + HOST_ERROR,
+                    stop,
+                    STOP_ALL,
+                    ERR_TIMEOUT,
+                    rank,
+                    consumed < expected,
+                    ranks,
+                    PHASE,
+                    c,
+                    consumed,
+                    expected,
+                    BLOCK_RANKS,
+                )
 
 
 class DispatchPlan:
@@ -385,9 +515,24 @@ class DispatchPlan:
     the previous step's stores).
     """
 
-    def __init__(self, ctx, queues, *, num_channels: int, chunk: int, experts_per_rank: int, row_words: int,
-                 num_topk: int, topk_itemsize: int, num_scales: int, write_handle: bool, worst: bool,
-                 num_warps: int, tile_words: int, prefetch: bool):
+    def __init__(
+        self,
+        ctx,
+        queues,
+        *,
+        num_channels: int,
+        chunk: int,
+        experts_per_rank: int,
+        row_words: int,
+        num_topk: int,
+        topk_itemsize: int,
+        num_scales: int,
+        write_handle: bool,
+        worst: bool,
+        num_warps: int,
+        tile_words: int,
+        prefetch: bool,
+    ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
         self.num_channels = num_channels
@@ -399,9 +544,20 @@ class DispatchPlan:
         self._write_handle = write_handle
         self._scale_bytes = 4 * num_scales
         self._tail = (ctx.peer_bases, ctx.rank)
-        self._static = (num_channels, experts_per_rank, q + queues.x, q + queues.src_idx, q + queues.topk_idx,
-                        q + queues.topk_weights, q + queues.scales, queues.capacity, chunk, ctx.host_addr,
-                        ctx.clock_addr, ctx.timeout_ns)
+        self._static = (
+            num_channels,
+            experts_per_rank,
+            q + queues.x,
+            q + queues.src_idx,
+            q + queues.topk_idx,
+            q + queues.topk_weights,
+            q + queues.scales,
+            queues.capacity,
+            chunk,
+            ctx.host_addr,
+            ctx.clock_addr,
+            ctx.timeout_ns,
+        )
         topk_ty = tl.int32 if topk_itemsize == 4 else tl.int64
         self._kernel = KernelLaunch(
             _dispatch_kernel,
@@ -420,7 +576,8 @@ class DispatchPlan:
             ERR_TIMEOUT=protocol.ERR_TIMEOUT,
             PHASE=protocol.PHASE_DISPATCH,
             TILE=tile,
-            # `tile_words` bounds the [tile, block_w] register tile (8192 words = 32 KB per program).
+            # `tile_words` bounds the [tile, block_w] register tile (8192 words = 32 KB per
+            # program).
             BLOCK_W=min(pow2(row_words), max(16, tile_words // tile)),
             BLOCK_RANKS=pow2(ctx.num_ranks),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
@@ -434,12 +591,27 @@ class DispatchPlan:
             launch_cooperative_grid=True,
         )
 
-    def launch(self, stream, x, scales, topk_idx, topk_weights, is_token_in_rank, rank_prefix_matrix,
-               recv_channel_prefix_matrix, send_head, recv_x, recv_src_idx, recv_topk_idx, recv_topk_weights,
-               recv_scales) -> None:
+    def launch(
+        self,
+        stream,
+        x,
+        scales,
+        topk_idx,
+        topk_weights,
+        is_token_in_rank,
+        rank_prefix_matrix,
+        recv_channel_prefix_matrix,
+        send_head,
+        recv_x,
+        recv_src_idx,
+        recv_topk_idx,
+        recv_topk_weights,
+        recv_scales,
+    ) -> None:
         """`2 * num_channels` programs on `stream`.
 
-        `x`: `[N, row bytes]` rows of any dtype (16-byte aligned start and row stride, checked by the
+        `x`: `[N, row bytes]` rows of any dtype (16-byte aligned start and row stride, checked by
+        the
         Buffer); `scales`: int32 view of the FP8 scales (any strides) or None; `send_head` /
         `recv_src_idx` None for a cached dispatch (no handle entries written); outputs as the
         dispatch returns them, `recv_scales` an int32 view or None.
@@ -447,14 +619,18 @@ class DispatchPlan:
         has_topk = self._num_topk > 0
         dummy = is_token_in_rank  # a valid pointer for arguments a constexpr switched off
         self._kernel.launch(
-            (2 * self.num_channels,), stream,
-            x.data_ptr(), x.stride(0) * x.element_size() // 4,
+            (2 * self.num_channels,),
+            stream,
+            x.data_ptr(),
+            x.stride(0) * x.element_size() // 4,
             scales if scales is not None else dummy,
             scales.stride(0) if scales is not None else 0,
             scales.stride(1) if scales is not None else 0,
             topk_idx if has_topk else dummy,
             topk_weights if has_topk else dummy,
-            is_token_in_rank, rank_prefix_matrix, recv_channel_prefix_matrix,
+            is_token_in_rank,
+            rank_prefix_matrix,
+            recv_channel_prefix_matrix,
             send_head if self._write_handle else dummy,
             self._ctx.rank_mask,
             recv_x.data_ptr(),
@@ -462,5 +638,8 @@ class DispatchPlan:
             recv_topk_idx.data_ptr() if has_topk else 0,
             recv_topk_weights.data_ptr() if has_topk else 0,
             recv_scales.data_ptr() if recv_scales is not None else 0,
-            recv_x.shape[0], *self._tail, x.shape[0], *self._static,
+            recv_x.shape[0],
+            *self._tail,
+            x.shape[0],
+            *self._static,
         )

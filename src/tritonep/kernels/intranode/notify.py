@@ -8,7 +8,8 @@ Algorithm (one program):
 1. Advance this rank's epoch (device memory, so CUDA-graph replays advance it too).
 2. Counting mode only: build this rank's channel prefix matrix `[R, C]` from `is_token_in_rank`.
 3. Send every rank (itself included) one inbox message: layout key, token count, and in counting
-   mode its rows per destination (counted from `is_token_in_rank`), the channel prefix row for that rank and that rank's slice of
+   mode its rows per destination (counted from `is_token_in_rank`), the channel prefix row for that
+   rank and that rank's slice of
    `num_tokens_per_expert`. Also publish head `(epoch, 0)` of every channel queue this rank
    receives into, telling senders that this rank's previous kernels are done.
 4. Wait for all R messages of this epoch; check the layout keys agree (a rank called with another
@@ -19,7 +20,8 @@ Algorithm (one program):
    token is chosen by the host for this call, so a late write of an earlier call (a worst-case
    dispatch the host did not wait for, or a graph replay) can never pass for this call's.
 
-Sync protocol: message payload stores, barrier, flag release (sys scope); receivers acquire the flags.
+Sync protocol: message payload stores, barrier, flag release (sys scope); receivers acquire the
+flags.
 Buffer regions: signal region (epoch, inbox, heads) and the host block; see `protocol.py`.
 
 Example:
@@ -35,12 +37,29 @@ import triton.language as tl
 from ... import protocol
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
+from ..common.sync import (
+    STOP_ALL,
+    STOP_OFFSET,
+    now_ns,
+    report_error,
+    store_release,
+    wait_all_at_least,
+)
 from ..common.tiles import cumsum_rows
-from ..common.sync import STOP_ALL, STOP_OFFSET, now_ns, report_error, store_release, wait_all_at_least
 
 
 @named_kernel(
-    "intranode", "notify", do_not_specialize=["rank", "layout_key", "num_tokens", "num_worst_tokens", "refuse", "capacity", "ready_token"]
+    "intranode",
+    "notify",
+    do_not_specialize=[
+        "rank",
+        "layout_key",
+        "num_tokens",
+        "num_worst_tokens",
+        "refuse",
+        "capacity",
+        "ready_token",
+    ],
 )
 def _notify_kernel(
     peer_bases_ptr,
@@ -128,14 +147,16 @@ def _notify_kernel(
     for dst in range(0, NUM_RANKS):
         if tl.load(rank_mask_ptr + dst) == 0:
             dst_base = tl.load(peer_bases_ptr + dst)
-            msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(tl.pointer_type(tl.int64))
+            msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(
+                tl.pointer_type(tl.int64)
+            )
             tl.store(msg + 1, layout_key)
             tl.store(msg + 2, num_tokens)
             tl.store(msg + 3, refuse)
             if COUNT:
-                payload = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD).to(
-                    tl.pointer_type(tl.int32)
-                )
+                payload = (
+                    dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD
+                ).to(tl.pointer_type(tl.int32))
                 # Rows per destination as the senders will really send them (masked ranks excluded),
                 # so the receivers' expectations cannot disagree with the data kernel.
                 tl.store(payload + ranks, running, mask=rank_ok)
@@ -145,7 +166,11 @@ def _notify_kernel(
                     num_tokens_per_expert_ptr + dst * experts_per_rank + experts,
                     mask=experts < experts_per_rank,
                 )
-                tl.store(payload + NUM_RANKS + MAX_CHANNELS + experts, expert_counts, mask=experts < experts_per_rank)
+                tl.store(
+                    payload + NUM_RANKS + MAX_CHANNELS + experts,
+                    expert_counts,
+                    mask=experts < experts_per_rank,
+                )
             if dst != rank:
                 heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
                 tl.store(heads + chans * NUM_RANKS + rank, tagged_zero + chans * 0, mask=chan_ok)
@@ -155,26 +180,71 @@ def _notify_kernel(
     # 4. Wait for every rank's message of this epoch and compare layout keys.
     inbox = my_base + INBOX + (parity * NUM_RANKS + ranks) * INBOX_STRIDE  # [R] message addresses
     flags = wait_all_at_least(
-        inbox.to(tl.pointer_type(tl.int64)), epoch + ranks * 0, live, deadline, clock_addr, USE_GLOBALTIMER
+        inbox.to(tl.pointer_type(tl.int64)),
+        epoch + ranks * 0,
+        live,
+        deadline,
+        clock_addr,
+        USE_GLOBALTIMER,
     )
     missing = live & (flags < epoch)
     ok = tl.sum(missing.to(tl.int32), axis=0) == 0
     if not ok:
-        report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_TIMEOUT, rank, missing, ranks, PHASE, -1, flags, epoch,
-                     BLOCK_RANKS)
+        report_error(
+            host + HOST_ERROR,
+            stop,
+            STOP_ALL,
+            ERR_TIMEOUT,
+            rank,
+            missing,
+            ranks,
+            PHASE,
+            -1,
+            flags,
+            epoch,
+            BLOCK_RANKS,
+        )
     else:
-        keys = tl.load((inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True)
-        refusals = tl.load((inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True)
+        keys = tl.load(
+            (inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True
+        )
+        refusals = tl.load(
+            (inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True
+        )
         differ = live & (keys != layout_key)
         refused = live & (refusals > 0)
         if tl.sum(differ.to(tl.int32), axis=0) > 0:
             ok = False
-            report_error(host + HOST_ERROR, stop, STOP_ALL, ERR_LAYOUT_MISMATCH, rank, differ, ranks, PHASE, -1, keys,
-                         layout_key, BLOCK_RANKS)
+            report_error(
+                host + HOST_ERROR,
+                stop,
+                STOP_ALL,
+                ERR_LAYOUT_MISMATCH,
+                rank,
+                differ,
+                ranks,
+                PHASE,
+                -1,
+                keys,
+                layout_key,
+                BLOCK_RANKS,
+            )
         elif tl.sum(refused.to(tl.int32), axis=0) > 0:
             ok = False
-            report_error(host + HOST_ERROR, stop, epoch, ERR_REFUSED, rank, refused, ranks, PHASE, -1, refusals, capacity,
-                         BLOCK_RANKS)
+            report_error(
+                host + HOST_ERROR,
+                stop,
+                epoch,
+                ERR_REFUSED,
+                rank,
+                refused,
+                ranks,
+                PHASE,
+                -1,
+                refusals,
+                capacity,
+                BLOCK_RANKS,
+            )
 
     # 5. Prefix matrices and host-visible counts.
     if COUNT and ok:
@@ -191,7 +261,15 @@ def _notify_kernel(
             rank_prefix,
             mask=rank_ok[:, None] & rank_ok[None, :],
         )
-        num_recv = tl.sum(tl.sum(tl.where((ranks[:, None] == NUM_RANKS - 1) & (ranks[None, :] == rank), rank_prefix, 0), axis=1), axis=0)
+        num_recv = tl.sum(
+            tl.sum(
+                tl.where(
+                    (ranks[:, None] == NUM_RANKS - 1) & (ranks[None, :] == rank), rank_prefix, 0
+                ),
+                axis=1,
+            ),
+            axis=0,
+        )
         # Exclusive channel offsets: the source's inclusive prefix shifted by one channel.
         recv_channel_prefix = tl.load(
             payloads[:, None].to(tl.pointer_type(tl.int32)) + NUM_RANKS + chans[None, :] - 1,
@@ -206,14 +284,21 @@ def _notify_kernel(
         )
         recv_per_expert = tl.sum(
             tl.load(
-                payloads[:, None].to(tl.pointer_type(tl.int32)) + NUM_RANKS + MAX_CHANNELS + experts[None, :],
+                payloads[:, None].to(tl.pointer_type(tl.int32))
+                + NUM_RANKS
+                + MAX_CHANNELS
+                + experts[None, :],
                 mask=live[:, None] & (experts[None, :] < experts_per_rank),
                 other=0,
                 volatile=True,
             ),
             axis=0,
         )
-        tl.store(host + HOST_EXPERT_COUNTS + experts, recv_per_expert.to(tl.int64), mask=experts < experts_per_rank)
+        tl.store(
+            host + HOST_EXPERT_COUNTS + experts,
+            recv_per_expert.to(tl.int64),
+            mask=experts < experts_per_rank,
+        )
         tl.store(host + HOST_NUM_RECV, num_recv.to(tl.int64))
         if (num_worst_tokens > 0) & (num_recv > num_worst_tokens):
             # The data kernel drops the rows beyond num_worst_tokens; the host reports it.
@@ -248,8 +333,15 @@ class NotifyPlan:
     geometry: ranks compare it. `capacity` is the queue capacity a refusal is measured against.
     """
 
-    def __init__(self, ctx, num_channels: int, counting: bool, experts_per_rank: int, layout_key: int,
-                 capacity: int):
+    def __init__(
+        self,
+        ctx,
+        num_channels: int,
+        counting: bool,
+        experts_per_rank: int,
+        layout_key: int,
+        capacity: int,
+    ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
         self._head = (ctx.peer_bases, ctx.rank, layout_key)
@@ -284,14 +376,26 @@ class NotifyPlan:
             num_warps=4,
         )
 
-    def launch(self, stream, refuse: int = 0, ready_token: int = 0, counts: NotifyCounts | None = None) -> None:
+    def launch(
+        self, stream, refuse: int = 0, ready_token: int = 0, counts: NotifyCounts | None = None
+    ) -> None:
         """One program on `stream`. `refuse` > 0 makes every rank fail the call with an error record
         naming this rank (it cannot run it: `refuse` rows would be needed where queues hold
-        `capacity`). `ready_token` (counting) is what the kernel writes to the host's ready slot last."""
+        `capacity`). `ready_token` (counting) is what the kernel writes to the host's ready slot
+        last."""
         if counts is None:
             tail = self._no_counts
         else:
-            tail = (counts.num_tokens, counts.num_worst_tokens, self._experts_per_rank,
-                    counts.num_tokens_per_expert, counts.is_token_in_rank, counts.rank_prefix_matrix,
-                    counts.channel_prefix_matrix, counts.recv_channel_prefix_matrix)
-        self._kernel.launch((1,), stream, *self._head, refuse, self._capacity, ready_token, *self._middle, *tail)
+            tail = (
+                counts.num_tokens,
+                counts.num_worst_tokens,
+                self._experts_per_rank,
+                counts.num_tokens_per_expert,
+                counts.is_token_in_rank,
+                counts.rank_prefix_matrix,
+                counts.channel_prefix_matrix,
+                counts.recv_channel_prefix_matrix,
+            )
+        self._kernel.launch(
+            (1,), stream, *self._head, refuse, self._capacity, ready_token, *self._middle, *tail
+        )

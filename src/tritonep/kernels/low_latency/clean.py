@@ -14,7 +14,6 @@ unmasked peer has set this rank's slot `peer` to b. In shrink mode a peer that t
 Example: R=2, first clean -> each rank writes 1 into the other's barrier array, waits for a 1.
 """
 
-import triton
 import triton.language as tl
 
 from ... import protocol
@@ -59,13 +58,30 @@ def _clean_kernel(
                 slot = (barrier + rank * 8).to(tl.pointer_type(tl.int64))
                 device.signal_op(slot, epoch, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
         ranks = tl.arange(0, BLOCK_R)
-        live = (ranks < NUM_RANKS) & (tl.load(mask_ptr + ranks, mask=ranks < NUM_RANKS, other=1) == 0)
+        live = (ranks < NUM_RANKS) & (
+            tl.load(mask_ptr + ranks, mask=ranks < NUM_RANKS, other=1) == 0
+        )
         slots = (barrier + ranks * 8).to(tl.pointer_type(tl.int64))
         values, late, _ = wait_signals(slots, live, epoch, deadline, clock_addr, USE_GLOBALTIMER)
         late = late & live
         if tl.sum(late.to(tl.int32), axis=0) > 0:
-            give_up_on(late, ranks, mask_ptr, ws, host, rank, values, epoch, PHASE, -1, SHRINK, HOST_ERROR,
-                       HOST_SHRUNK, ERR_TIMEOUT, BLOCK_R)
+            give_up_on(
+                late,
+                ranks,
+                mask_ptr,
+                ws,
+                host,
+                rank,
+                values,
+                epoch,
+                PHASE,
+                -1,
+                SHRINK,
+                HOST_ERROR,
+                HOST_SHRUNK,
+                ERR_TIMEOUT,
+                BLOCK_R,
+            )
         tl.store(ws + WS_BARRIER, epoch)
 
 
@@ -89,8 +105,14 @@ class CleanPlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             num_warps=1,
         )
-        self._args = (memory.rdma_routes, memory.rdma_base, ctx.rank, ctx.host_addr, ctx.clock_addr,
-                      ctx.timeout_ns)
+        self._args = (
+            memory.rdma_routes,
+            memory.rdma_base,
+            ctx.rank,
+            ctx.host_addr,
+            ctx.clock_addr,
+            ctx.timeout_ns,
+        )
 
     def launch(self, stream, mask, workspace) -> None:
         self._kernel.launch((1,), stream, mask, workspace, *self._args)

@@ -21,7 +21,6 @@ Example: R=2, L=1, token 0 of rank 0 selected experts [0, 1] with weights [0.5, 
 """
 
 import torch
-import triton
 import triton.language as tl
 
 from ... import _env, protocol
@@ -113,7 +112,8 @@ def _combine_kernel(
     groups = tl.arange(0, BLOCK_G)
 
     if (ROLE != ROLE_RECV) & (pid < NUM_SENDERS):
-        # ------------------------------------------------------------- sender: (expert, rank) blocks
+        # ------------------------------------------------------------- sender: (expert, rank)
+        # blocks
         rows_in_tile = tl.arange(0, ROWS)
         staged = pid * 0  # LogFMT rows this program staged (its ring position)
         for b in range(pid, L * NUM_RANKS, NUM_SENDERS):
@@ -133,16 +133,31 @@ def _combine_kernel(
                         xp, xm = group_tile(x_addr + row * ROW_BYTES, BLOCK_G, G, tl.bfloat16)
                         wire, meta = logfmt_encode(tl.load(xp, mask=xm, other=0.0), INTERPRETED)
                         if direct:
-                            logfmt_store(slot + delta + groups * 0, groups, groups < G, wire, meta, HIDDEN)
+                            logfmt_store(
+                                slot + delta + groups * 0, groups, groups < G, wire, meta, HIDDEN
+                            )
                         else:
-                            # A ring of STAGE_ROWS staging rows per program: before one is reused, the
+                            # A ring of STAGE_ROWS staging rows per program: before one is reused,
+                            # the
                             # put that read it must be complete.
                             if (staged % STAGE_ROWS == 0) & (staged > 0):
                                 device.quiet(TRANSPORT)
-                            stage = send + tl.cast(pid * STAGE_ROWS + staged % STAGE_ROWS, tl.int64) * SLOT_BYTES
+                            stage = (
+                                send
+                                + tl.cast(pid * STAGE_ROWS + staged % STAGE_ROWS, tl.int64)
+                                * SLOT_BYTES
+                            )
                             logfmt_store(stage + groups * 0, groups, groups < G, wire, meta, HIDDEN)
-                            device.put_nbi_block(slot.to(tl.pointer_type(tl.int32)), stage.to(tl.pointer_type(tl.int32)),
-                                                 SLOT_BYTES // 4, pe, delta, direct, TRANSPORT, BLOCK_W)
+                            device.put_nbi_block(
+                                slot.to(tl.pointer_type(tl.int32)),
+                                stage.to(tl.pointer_type(tl.int32)),
+                                SLOT_BYTES // 4,
+                                pe,
+                                delta,
+                                direct,
+                                TRANSPORT,
+                                BLOCK_W,
+                            )
                             staged += 1
                 else:
                     for j0 in range(0, count, ROWS):
@@ -151,24 +166,53 @@ def _combine_kernel(
                         row = tl.cast(e * SLOTS + begin + j, tl.int64)
                         t = tl.load(src_info_ptr + row, mask=row_ok, other=0)
                         slot = recv + tl.cast(g * MAX_TOKENS + t, tl.int64) * SLOT_BYTES
-                        # Zero-copy rows (and staged ones) sit in the send region at their place in x.
+                        # Zero-copy rows (and staged ones) sit in the send region at their place in
+                        # x.
                         staged_rows = send + row * ROW_BYTES
                         source = staged_rows if ZERO_COPY else x_addr + row * ROW_BYTES
                         if direct:
-                            copy_rows(source, slot + delta, row_ok, ROW_BYTES // 4, BLOCK_W, "", False, ALIGNED)
+                            copy_rows(
+                                source,
+                                slot + delta,
+                                row_ok,
+                                ROW_BYTES // 4,
+                                BLOCK_W,
+                                "",
+                                False,
+                                ALIGNED,
+                            )
                         else:
                             if not ZERO_COPY:
-                                copy_rows(source, staged_rows, row_ok, ROW_BYTES // 4, BLOCK_W, "", False, True)
+                                copy_rows(
+                                    source,
+                                    staged_rows,
+                                    row_ok,
+                                    ROW_BYTES // 4,
+                                    BLOCK_W,
+                                    "",
+                                    False,
+                                    True,
+                                )
                             for r in tl.static_range(ROWS):
                                 if lane(row_ok.to(tl.int32), rows_in_tile, r) > 0:
                                     device.put_nbi_block(
                                         lane(slot, rows_in_tile, r).to(tl.pointer_type(tl.int32)),
-                                        lane(staged_rows, rows_in_tile, r).to(tl.pointer_type(tl.int32)),
-                                        ROW_BYTES // 4, pe, delta, direct, TRANSPORT, BLOCK_W)
+                                        lane(staged_rows, rows_in_tile, r).to(
+                                            tl.pointer_type(tl.int32)
+                                        ),
+                                        ROW_BYTES // 4,
+                                        pe,
+                                        delta,
+                                        direct,
+                                        TRANSPORT,
+                                        BLOCK_W,
+                                    )
                 if direct:
                     pass
                 else:
-                    device.quiet(TRANSPORT)  # the signal must not overtake rows put by this block's threads
+                    device.quiet(
+                        TRANSPORT
+                    )  # the signal must not overtake rows put by this block's threads
                 sig = (signals + g * 8).to(tl.pointer_type(tl.int64))
                 device.signal_op(sig, tag + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
     else:
@@ -186,11 +230,28 @@ def _combine_kernel(
                 valid = (idx >= 0) & (idx < NUM_EXPERTS)
                 valid = valid & (tl.load(mask_ptr + owner, mask=valid, other=1) == 0)
                 sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(tl.pointer_type(tl.int64))
-                values, late, waited = wait_signals(sigs, valid, tag + 1, deadline, clock_addr, USE_GLOBALTIMER)
+                values, late, waited = wait_signals(
+                    sigs, valid, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
+                )
                 late = late & valid
                 if tl.sum(late.to(tl.int32), axis=0) > 0:
-                    give_up_on(late, owner, mask_ptr, ws, host, rank, (values - tag).to(tl.int32), 1, PHASE, -1,
-                               SHRINK, HOST_ERROR, HOST_SHRUNK, ERR_TIMEOUT, BLOCK_K)
+                    give_up_on(
+                        late,
+                        owner,
+                        mask_ptr,
+                        ws,
+                        host,
+                        rank,
+                        (values - tag).to(tl.int32),
+                        1,
+                        PHASE,
+                        -1,
+                        SHRINK,
+                        HOST_ERROR,
+                        HOST_SHRUNK,
+                        ERR_TIMEOUT,
+                        BLOCK_K,
+                    )
                     ok = ok & SHRINK  # without shrink mode the error record stops this call
                 if HAS_WAIT_STATS:
                     tl.atomic_add(wait_stats_ptr + owner, waited, mask=valid, sem="relaxed")
@@ -208,7 +269,9 @@ def _combine_kernel(
                             yp, ym = group_tile(slot, BLOCK_G, G, tl.bfloat16)
                             y = tl.load(yp, mask=ym, other=0.0, cache_modifier=".cg").to(tl.float32)
                         acc = acc + w * y
-                op, om = group_tile(out_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                op, om = group_tile(
+                    out_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
+                )
                 tl.store(op, round_to(acc, tl.bfloat16, INTERPRETED), mask=om)
     finish_launch(ws, parity, epoch, ROLE)
 
@@ -216,9 +279,20 @@ def _combine_kernel(
 class CombinePlan:
     """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`)."""
 
-    def __init__(self, memory, ctx, regions: LowLatencyRegions, *, num_topk: int, use_logfmt: bool,
-                 zero_copy: bool, grids: dict, shrink: bool, has_wait_stats: bool,
-                 num_warps: int):
+    def __init__(
+        self,
+        memory,
+        ctx,
+        regions: LowLatencyRegions,
+        *,
+        num_topk: int,
+        use_logfmt: bool,
+        zero_copy: bool,
+        grids: dict,
+        shrink: bool,
+        has_wait_stats: bool,
+        num_warps: int,
+    ):
         self.grids = grids
         self.max_senders = max(senders for senders, _ in grids.values())
         common_args = dict(
@@ -257,18 +331,50 @@ class CombinePlan:
         )
         self._kernels = {
             # Receivers wait for senders: the fused grid must be resident at once (cooperative).
-            role: KernelLaunch(_combine_kernel, wrap=memory.device_wrapper, ROLE=role, NUM_SENDERS=senders, NUM_RECEIVERS=receivers,
-                               launch_cooperative_grid=role == ROLE_BOTH.value, **common_args)
+            role: KernelLaunch(
+                _combine_kernel,
+                wrap=memory.device_wrapper,
+                ROLE=role,
+                NUM_SENDERS=senders,
+                NUM_RECEIVERS=receivers,
+                launch_cooperative_grid=role == ROLE_BOTH.value,
+                **common_args,
+            )
             for role, (senders, receivers) in grids.items()
         }
         self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
         self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
-    def launch(self, role: int, stream, parity: int, x: torch.Tensor, topk_idx, topk_weights, src_info,
-               layout_range, mask, out, wait_stats, workspace) -> None:
+    def launch(
+        self,
+        role: int,
+        stream,
+        parity: int,
+        x: torch.Tensor,
+        topk_idx,
+        topk_weights,
+        src_info,
+        layout_range,
+        mask,
+        out,
+        wait_stats,
+        workspace,
+    ) -> None:
         grid = sum(self.grids[role])
         self._kernels[role].launch(
-            (grid,), stream, x.data_ptr(), topk_idx, topk_weights, src_info, layout_range, mask, out,
-            wait_stats if wait_stats is not None else layout_range, workspace, *self._static,
-            topk_idx.shape[0], parity, *self._host,
+            (grid,),
+            stream,
+            x.data_ptr(),
+            topk_idx,
+            topk_weights,
+            src_info,
+            layout_range,
+            mask,
+            out,
+            wait_stats if wait_stats is not None else layout_range,
+            workspace,
+            *self._static,
+            topk_idx.shape[0],
+            parity,
+            *self._host,
         )

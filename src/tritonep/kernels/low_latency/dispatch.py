@@ -41,6 +41,7 @@ from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns
 from ..common.tiles import copy_rows
+from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
     ROLE_BOTH,
     ROLE_RECV,
@@ -50,14 +51,14 @@ from .sync import (
     open_launch,
     wait_signals,
 )
-from .regions import HEADER_BYTES, LowLatencyRegions
 
 _HEADER = tl.constexpr(HEADER_BYTES)
 
 
 @triton.jit
 def group_tile(row_addr, BLOCK_G: tl.constexpr, G: tl.constexpr, ELEM_TY: tl.constexpr):
-    """Pointers `[BLOCK_G, 128]` to the 128-channel groups of the row at `row_addr`, and their mask."""
+    """Pointers `[BLOCK_G, 128]` to the 128-channel groups of the row at `row_addr`, and their
+    mask."""
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, 128)
     ptrs = row_addr.to(tl.pointer_type(ELEM_TY)) + groups[:, None] * 128 + cols[None, :]
@@ -148,10 +149,14 @@ def _dispatch_kernel(
                 count = 0
                 for p0 in range(0, num_tokens * NUM_TOPK, CHUNK):
                     positions = p0 + flat
-                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1)
+                    ids = tl.load(
+                        topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1
+                    )
                     match = ids == e
                     order = tl.cumsum(match.to(tl.int32), axis=0) - 1 + count
-                    tl.store(scratch + order, positions // NUM_TOPK, mask=match & (order < MAX_TOKENS))
+                    tl.store(
+                        scratch + order, positions // NUM_TOPK, mask=match & (order < MAX_TOKENS)
+                    )
                     count += tl.sum(match.to(tl.int32), axis=0)
                 tl.debug_barrier()  # scratch written by all threads is read back below
                 # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are not
@@ -159,11 +164,16 @@ def _dispatch_kernel(
                 block = ((e % L) * NUM_RANKS + rank) * MAX_TOKENS
                 for j in range(0, tl.minimum(count, MAX_TOKENS)):
                     t = tl.load(scratch + j)
-                    xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                    xp, xm = group_tile(
+                        x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
+                    )
                     x = tl.load(xp, mask=xm, other=0.0)
                     slot = recv + tl.cast(block + j, tl.int64) * SLOT_BYTES
-                    # The message goes to the owner's slot, or to this rank's staging slot of token t.
-                    dst = tl.where(direct, slot + delta, staging + tl.cast(t, tl.int64) * SLOT_BYTES)
+                    # The message goes to the owner's slot, or to this rank's staging slot of token
+                    # t.
+                    dst = tl.where(
+                        direct, slot + delta, staging + tl.cast(t, tl.int64) * SLOT_BYTES
+                    )
                     tl.store(dst.to(tl.pointer_type(tl.int32)), t)
                     payload = dst + _HEADER
                     if USE_FP8:
@@ -171,23 +181,45 @@ def _dispatch_kernel(
                         vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv)
                         tl.store(vp, values, mask=vm)
                         groups = tl.arange(0, BLOCK_G)
-                        tl.store((payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32)) + groups, scale_inv,
-                                 mask=groups < G)
+                        tl.store(
+                            (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32)) + groups,
+                            scale_inv,
+                            mask=groups < G,
+                        )
                     else:
                         vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16)
                         tl.store(vp, x, mask=vm)
                     if direct:
                         pass
                     else:
-                        device.put_nbi_block(slot.to(tl.pointer_type(tl.int32)), dst.to(tl.pointer_type(tl.int32)),
-                                             MESSAGE_WORDS, pe, delta, direct, TRANSPORT, BLOCK_W)
+                        device.put_nbi_block(
+                            slot.to(tl.pointer_type(tl.int32)),
+                            dst.to(tl.pointer_type(tl.int32)),
+                            MESSAGE_WORDS,
+                            pe,
+                            delta,
+                            direct,
+                            TRANSPORT,
+                            BLOCK_W,
+                        )
                 if direct:
                     pass
                 else:
-                    device.quiet(TRANSPORT)  # the count must not overtake rows put by this block's threads
-                # The count, after the data (the device layer orders it behind this program's writes).
+                    device.quiet(
+                        TRANSPORT
+                    )  # the count must not overtake rows put by this block's threads
+                # The count, after the data (the device layer orders it behind this program's
+                # writes).
                 sig = (signals + ((e % L) * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
-                device.signal_op(sig, tag + tl.cast(count, tl.int64) + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
+                device.signal_op(
+                    sig,
+                    tag + tl.cast(count, tl.int64) + 1,
+                    pe,
+                    delta,
+                    direct,
+                    device.SIGNAL_SET,
+                    TRANSPORT,
+                )
     else:
         # ---------------------------------------------------------- receiver: local experts
         rpid = pid - NUM_SENDERS
@@ -200,11 +232,28 @@ def _dispatch_kernel(
             if ok:
                 sigs = (signals + (e * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
                 live = rank_ok & (tl.load(mask_ptr + ranks, mask=rank_ok, other=1) == 0)
-                values, late, waited = wait_signals(sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER)
+                values, late, waited = wait_signals(
+                    sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
+                )
                 late = late & live
                 if tl.sum(late.to(tl.int32), axis=0) > 0:
-                    give_up_on(late, ranks, mask_ptr, ws, host, rank, (values - tag).to(tl.int32), 1, PHASE, e,
-                               SHRINK, HOST_ERROR, HOST_SHRUNK, ERR_TIMEOUT, BLOCK_R)
+                    give_up_on(
+                        late,
+                        ranks,
+                        mask_ptr,
+                        ws,
+                        host,
+                        rank,
+                        (values - tag).to(tl.int32),
+                        1,
+                        PHASE,
+                        e,
+                        SHRINK,
+                        HOST_ERROR,
+                        HOST_SHRUNK,
+                        ERR_TIMEOUT,
+                        BLOCK_R,
+                    )
                     ok = ok & SHRINK  # without shrink mode the error record stops this call
                 if HAS_WAIT_STATS:
                     tl.atomic_add(wait_stats_ptr + ranks, waited, mask=live, sem="relaxed")
@@ -213,40 +262,83 @@ def _dispatch_kernel(
                 total = tl.sum(kept, axis=0)
                 begin = tl.cumsum(kept, axis=0) - kept
                 tl.store(recv_count_ptr + e, total)
-                tl.store(layout_range_ptr + e * NUM_RANKS + ranks, (begin.to(tl.int64) << 32) | kept.to(tl.int64),
-                         mask=rank_ok)
+                tl.store(
+                    layout_range_ptr + e * NUM_RANKS + ranks,
+                    (begin.to(tl.int64) << 32) | kept.to(tl.int64),
+                    mask=rank_ok,
+                )
                 if HAS_CUMULATIVE:
                     tl.store(cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total)
-                # Row i of the expert came from the source whose block holds it: ROWS rows at a time.
+                # Row i of the expert came from the source whose block holds it: ROWS rows at a
+                # time.
                 for i0 in range(0, total, ROWS):
                     i = i0 + rows_in_tile
                     row_ok = i < total
                     holds = (i[:, None] >= begin[None, :]) & (kept[None, :] > 0)
                     src = tl.maximum(tl.max(tl.where(holds, ranks[None, :], -1), axis=1), 0)
-                    src_begin = tl.sum(tl.where(ranks[None, :] == src[:, None], begin[None, :], 0), axis=1)
-                    slot = recv + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + i - src_begin, tl.int64) * SLOT_BYTES
+                    src_begin = tl.sum(
+                        tl.where(ranks[None, :] == src[:, None], begin[None, :], 0), axis=1
+                    )
+                    slot = (
+                        recv
+                        + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + i - src_begin, tl.int64)
+                        * SLOT_BYTES
+                    )
                     out_row = tl.cast(e * SLOTS + i, tl.int64)
-                    tl.store(src_info_ptr + out_row, tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok),
-                             mask=row_ok)
-                    copy_rows(slot + _HEADER, recv_x_addr + out_row * PAYLOAD_BYTES, row_ok, PAYLOAD_BYTES // 4,
-                              BLOCK_W, ".cg", False, ALIGNED)
+                    tl.store(
+                        src_info_ptr + out_row,
+                        tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok),
+                        mask=row_ok,
+                    )
+                    copy_rows(
+                        slot + _HEADER,
+                        recv_x_addr + out_row * PAYLOAD_BYTES,
+                        row_ok,
+                        PAYLOAD_BYTES // 4,
+                        BLOCK_W,
+                        ".cg",
+                        False,
+                        ALIGNED,
+                    )
                     if USE_FP8:
                         groups = tl.arange(0, BLOCK_G)
                         in_scale = row_ok[:, None] & (groups[None, :] < G)
-                        scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
-                        scales = tl.load(scale_rows[:, None] + groups[None, :], mask=in_scale, other=0.0,
-                                         cache_modifier=".cg")
-                        # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T] tensor.
+                        scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(
+                            tl.pointer_type(tl.float32)
+                        )
+                        scales = tl.load(
+                            scale_rows[:, None] + groups[None, :],
+                            mask=in_scale,
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T]
+                        # tensor.
                         if USE_UE8M0:
                             P: tl.constexpr = (G + 3) // 4
-                            words = tl.reshape(ue8m0_pack(tl.reshape(scales, [ROWS * BLOCK_G]),
-                                                          tl.reshape(in_scale, [ROWS * BLOCK_G])), [ROWS, BLOCK_G // 4])
+                            words = tl.reshape(
+                                ue8m0_pack(
+                                    tl.reshape(scales, [ROWS * BLOCK_G]),
+                                    tl.reshape(in_scale, [ROWS * BLOCK_G]),
+                                ),
+                                [ROWS, BLOCK_G // 4],
+                            )
                             w = tl.arange(0, BLOCK_G // 4)
-                            tl.store(recv_scales_ptr + tl.cast(e * P + w[None, :], tl.int64) * SLOTS + i[:, None], words,
-                                     mask=row_ok[:, None] & (w[None, :] < P))
+                            tl.store(
+                                recv_scales_ptr
+                                + tl.cast(e * P + w[None, :], tl.int64) * SLOTS
+                                + i[:, None],
+                                words,
+                                mask=row_ok[:, None] & (w[None, :] < P),
+                            )
                         else:
-                            tl.store(recv_scales_ptr + tl.cast(e * G + groups[None, :], tl.int64) * SLOTS + i[:, None],
-                                     scales, mask=in_scale)
+                            tl.store(
+                                recv_scales_ptr
+                                + tl.cast(e * G + groups[None, :], tl.int64) * SLOTS
+                                + i[:, None],
+                                scales,
+                                mask=in_scale,
+                            )
     finish_launch(ws, parity, epoch, ROLE)
 
 
@@ -257,9 +349,22 @@ class DispatchPlan:
     grid), `ROLE_SEND` / `ROLE_RECV` the two launches of a hooked call.
     """
 
-    def __init__(self, memory, ctx, regions: LowLatencyRegions, *, num_topk: int, use_fp8: bool,
-                 round_scale: bool, use_ue8m0: bool, grids: dict, shrink: bool,
-                 has_cumulative: bool, has_wait_stats: bool, num_warps: int):
+    def __init__(
+        self,
+        memory,
+        ctx,
+        regions: LowLatencyRegions,
+        *,
+        num_topk: int,
+        use_fp8: bool,
+        round_scale: bool,
+        use_ue8m0: bool,
+        grids: dict,
+        shrink: bool,
+        has_cumulative: bool,
+        has_wait_stats: bool,
+        num_warps: int,
+    ):
         self._ctx = ctx
         self.grids = grids
         self.max_senders = max(senders for senders, _ in grids.values())
@@ -301,22 +406,57 @@ class DispatchPlan:
         wrap = memory.device_wrapper
         self._kernels = {
             # Receivers wait for senders: the fused grid must be resident at once (cooperative).
-            role: KernelLaunch(_dispatch_kernel, wrap=wrap, ROLE=role, NUM_SENDERS=senders, NUM_RECEIVERS=receivers,
-                               launch_cooperative_grid=role == ROLE_BOTH.value, **common_args)
+            role: KernelLaunch(
+                _dispatch_kernel,
+                wrap=wrap,
+                ROLE=role,
+                NUM_SENDERS=senders,
+                NUM_RECEIVERS=receivers,
+                launch_cooperative_grid=role == ROLE_BOTH.value,
+                **common_args,
+            )
             for role, (senders, receivers) in grids.items()
         }
         self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
         self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
-    def launch(self, role: int, stream, parity: int, x: torch.Tensor, topk_idx: torch.Tensor, mask, recv_x,
-               recv_scales, src_info, layout_range, recv_count, cumulative_stats, wait_stats, workspace,
-               scratch) -> None:
+    def launch(
+        self,
+        role: int,
+        stream,
+        parity: int,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        mask,
+        recv_x,
+        recv_scales,
+        src_info,
+        layout_range,
+        recv_count,
+        cumulative_stats,
+        wait_stats,
+        workspace,
+        scratch,
+    ) -> None:
         """One launch on `stream`. `scratch`: int32, `num_senders * T` entries (this parity's)."""
         grid = sum(self.grids[role])
         self._kernels[role].launch(
-            (grid,), stream, x, topk_idx, mask, recv_x.data_ptr(),
-            recv_scales if recv_scales is not None else recv_count, src_info, layout_range, recv_count,
+            (grid,),
+            stream,
+            x,
+            topk_idx,
+            mask,
+            recv_x.data_ptr(),
+            recv_scales if recv_scales is not None else recv_count,
+            src_info,
+            layout_range,
+            recv_count,
             cumulative_stats if cumulative_stats is not None else recv_count,
             wait_stats if wait_stats is not None else layout_range,
-            workspace, scratch, *self._static, x.shape[0], parity, *self._host,
+            workspace,
+            scratch,
+            *self._static,
+            x.shape[0],
+            parity,
+            *self._host,
         )

@@ -78,7 +78,9 @@ class LowLatencyRegions:
 
     @property
     def send_stride(self) -> int:
-        return max(self.num_experts * self.max_tokens * 2 * self.hidden, self.max_tokens * self.slot_bytes)
+        return max(
+            self.num_experts * self.max_tokens * 2 * self.hidden, self.max_tokens * self.slot_bytes
+        )
 
     @property
     def num_bytes(self) -> int:

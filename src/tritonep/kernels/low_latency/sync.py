@@ -58,7 +58,9 @@ def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.c
     while (pending > 0) & (now < deadline):
         now = now_ns(clock_addr, USE_GLOBALTIMER)
         missing = values < target
-        polled = tl.atomic_add(sigs, 0, mask=missing, sem="acquire", scope="sys")  # the data behind it
+        polled = tl.atomic_add(
+            sigs, 0, mask=missing, sem="acquire", scope="sys"
+        )  # the data behind it
         fresh = missing & (polled >= target)
         values = tl.where(fresh, polled, values)
         waited = tl.where(fresh, now - start, waited)
@@ -67,16 +69,51 @@ def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.c
 
 
 @triton.jit
-def give_up_on(late, peers, mask_ptr, ws, host, rank, observed, expected, phase, expert, SHRINK: tl.constexpr,
-               HOST_ERROR: tl.constexpr, HOST_SHRUNK: tl.constexpr, ERR_TIMEOUT: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """After a timed-out wait on the ranks `peers` where `late`: in shrink mode mask them and carry on
+def give_up_on(
+    late,
+    peers,
+    mask_ptr,
+    ws,
+    host,
+    rank,
+    observed,
+    expected,
+    phase,
+    expert,
+    SHRINK: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    HOST_SHRUNK: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """After a timed-out wait on the ranks `peers` where `late`: in shrink mode mask them and carry
+    on
     (the host warns about the ranks recorded in its shrink slot); otherwise record a timeout error
     naming the first late rank and stop the buffer."""
     if SHRINK:
-        tl.atomic_xchg(mask_ptr + peers, 1, mask=late)  # masked from now on: not sent to, not waited for
+        tl.atomic_xchg(
+            mask_ptr + peers, 1, mask=late
+        )  # masked from now on: not sent to, not waited for
         bits = tl.full(peers.shape, 1, tl.int64) << peers.to(tl.int64)
-        tl.atomic_or(host + HOST_SHRUNK + peers * 0, bits, mask=late & (peers < 64), sem="relaxed", scope="sys")
+        tl.atomic_or(
+            host + HOST_SHRUNK + peers * 0,
+            bits,
+            mask=late & (peers < 64),
+            sem="relaxed",
+            scope="sys",
+        )
     else:
-        report_error(host + HOST_ERROR, ws + WS_STOP, 1, ERR_TIMEOUT, rank, late, peers, phase, expert,
-                     observed, expected, BLOCK)
+        report_error(
+            host + HOST_ERROR,
+            ws + WS_STOP,
+            1,
+            ERR_TIMEOUT,
+            rank,
+            late,
+            peers,
+            phase,
+            expert,
+            observed,
+            expected,
+            BLOCK,
+        )
