@@ -23,20 +23,20 @@ Example: R=2, L=1, token 0 of rank 0 selected experts [0, 1] with weights [0.5, 
 import torch
 import triton.language as tl
 
-from ... import _env, protocol
+from ... import protocol
 from ...transport import device
 from ..common.casting import round_to
 from ..common.codecs import logfmt_decode, logfmt_encode, logfmt_load, logfmt_store
-from ..common.launch import KernelLaunch, pow2
+from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns
 from ..common.tiles import copy_rows, lane
 from .dispatch import group_tile
 from .regions import LowLatencyRegions
 from .sync import (
-    ROLE_BOTH,
     ROLE_RECV,
     WS_STOP,
+    RolePlan,
     finish_launch,
     give_up_on,
     open_launch,
@@ -276,7 +276,7 @@ def _combine_kernel(
     finish_launch(ws, parity, epoch, ROLE)
 
 
-class CombinePlan:
+class CombinePlan(RolePlan):
     """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`)."""
 
     def __init__(
@@ -293,57 +293,28 @@ class CombinePlan:
         has_wait_stats: bool,
         num_warps: int,
     ):
-        self.grids = grids
-        self.max_senders = max(senders for senders, _ in grids.values())
-        common_args = dict(
-            NUM_RANKS=regions.num_ranks,
-            NUM_EXPERTS=regions.num_experts,
-            MAX_TOKENS=regions.max_tokens,
-            HIDDEN=regions.hidden,
+        max_senders = max(senders for senders, _ in grids.values())
+        super().__init__(
+            _combine_kernel,
+            memory,
+            ctx,
+            regions,
+            grids,
+            shrink,
+            protocol.PHASE_LL_COMBINE,
             NUM_TOPK=num_topk,
             USE_LOGFMT=use_logfmt,
             ZERO_COPY=zero_copy,
-            SIGNALS0=regions.signals0,
-            SIGNALS_STRIDE=regions.signals_stride,
-            RECV0=regions.recv0,
-            RECV_STRIDE=regions.recv_stride,
-            SEND0=regions.send0,
-            SEND_STRIDE=regions.send_stride,
-            SLOT_BYTES=regions.slot_bytes,
-            STAGE_ROWS=max(1, regions.send_stride // regions.slot_bytes // self.max_senders),
-            TRANSPORT=memory.rdma_transport,
-            FORCE_PUT=memory.rdma_force_put,
-            SHRINK=shrink,
+            STAGE_ROWS=max(1, regions.send_stride // regions.slot_bytes // max_senders),
             HAS_WAIT_STATS=has_wait_stats,
-            HOST_ERROR=protocol.HOST_ERROR,
-            HOST_SHRUNK=protocol.HOST_SHRUNK,
-            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
-            PHASE=protocol.PHASE_LL_COMBINE,
             ROWS=4,
             BLOCK_G=max(pow2(regions.num_groups), 4),
             BLOCK_K=pow2(num_topk),
             BLOCK_W=min(2048, pow2(regions.hidden // 2)),
-            USE_GLOBALTIMER=ctx.use_globaltimer,
-            INTERPRETED=_env.interpret_enabled(),
             num_warps=num_warps,
             # Sums in the reference's order with separate roundings, so results are bit-exact.
             enable_fp_fusion=False,
         )
-        self._kernels = {
-            # Receivers wait for senders: the fused grid must be resident at once (cooperative).
-            role: KernelLaunch(
-                _combine_kernel,
-                wrap=memory.device_wrapper,
-                ROLE=role,
-                NUM_SENDERS=senders,
-                NUM_RECEIVERS=receivers,
-                launch_cooperative_grid=role == ROLE_BOTH.value,
-                **common_args,
-            )
-            for role, (senders, receivers) in grids.items()
-        }
-        self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
-        self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
     def launch(
         self,
@@ -360,10 +331,7 @@ class CombinePlan:
         wait_stats,
         workspace,
     ) -> None:
-        grid = sum(self.grids[role])
-        self._kernels[role].launch(
-            (grid,),
-            stream,
+        head = (
             x.data_ptr(),
             topk_idx,
             topk_weights,
@@ -373,8 +341,5 @@ class CombinePlan:
             out,
             wait_stats if wait_stats is not None else layout_range,
             workspace,
-            *self._static,
-            topk_idx.shape[0],
-            parity,
-            *self._host,
         )
+        self._launch(role, stream, head, topk_idx.shape[0], parity)

@@ -34,18 +34,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import _env, protocol
+from ... import protocol
 from ...transport import device
 from ..common.codecs import fp8_quantize, ue8m0_pack
-from ..common.launch import KernelLaunch, pow2
+from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns
 from ..common.tiles import copy_rows
 from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
-    ROLE_BOTH,
     ROLE_RECV,
     WS_STOP,
+    RolePlan,
     finish_launch,
     give_up_on,
     open_launch,
@@ -342,7 +342,7 @@ def _dispatch_kernel(
     finish_launch(ws, parity, epoch, ROLE)
 
 
-class DispatchPlan:
+class DispatchPlan(RolePlan):
     """The LL dispatch launches of one geometry on one Buffer (`regions`: its `LowLatencyRegions`).
 
     `launch(role, ...)`: `ROLE_BOTH` is the fused call (senders then receivers in one cooperative
@@ -365,60 +365,27 @@ class DispatchPlan:
         has_wait_stats: bool,
         num_warps: int,
     ):
-        self._ctx = ctx
-        self.grids = grids
-        self.max_senders = max(senders for senders, _ in grids.values())
-        G = regions.num_groups
-        common_args = dict(
-            NUM_RANKS=regions.num_ranks,
-            NUM_EXPERTS=regions.num_experts,
-            MAX_TOKENS=regions.max_tokens,
-            HIDDEN=regions.hidden,
+        super().__init__(
+            _dispatch_kernel,
+            memory,
+            ctx,
+            regions,
+            grids,
+            shrink,
+            protocol.PHASE_LL_DISPATCH,
             NUM_TOPK=num_topk,
             USE_FP8=use_fp8,
             ROUND_SCALE=round_scale,
             USE_UE8M0=use_ue8m0,
-            SIGNALS0=regions.signals0,
-            SIGNALS_STRIDE=regions.signals_stride,
-            RECV0=regions.recv0,
-            RECV_STRIDE=regions.recv_stride,
-            SEND0=regions.send0,
-            SEND_STRIDE=regions.send_stride,
-            SLOT_BYTES=regions.slot_bytes,
-            TRANSPORT=memory.rdma_transport,
-            FORCE_PUT=memory.rdma_force_put,
-            SHRINK=shrink,
             HAS_CUMULATIVE=has_cumulative,
             HAS_WAIT_STATS=has_wait_stats,
-            HOST_ERROR=protocol.HOST_ERROR,
-            HOST_SHRUNK=protocol.HOST_SHRUNK,
-            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
-            PHASE=protocol.PHASE_LL_DISPATCH,
             CHUNK=min(1024, pow2(regions.max_tokens * num_topk)),
             ROWS=4,
-            BLOCK_G=max(pow2(G), 4),
+            BLOCK_G=max(pow2(regions.num_groups), 4),
             BLOCK_R=pow2(regions.num_ranks),
             BLOCK_W=min(2048, pow2(regions.hidden // (4 if use_fp8 else 2))),
-            USE_GLOBALTIMER=ctx.use_globaltimer,
-            INTERPRETED=_env.interpret_enabled(),
             num_warps=num_warps,
         )
-        wrap = memory.device_wrapper
-        self._kernels = {
-            # Receivers wait for senders: the fused grid must be resident at once (cooperative).
-            role: KernelLaunch(
-                _dispatch_kernel,
-                wrap=wrap,
-                ROLE=role,
-                NUM_SENDERS=senders,
-                NUM_RECEIVERS=receivers,
-                launch_cooperative_grid=role == ROLE_BOTH.value,
-                **common_args,
-            )
-            for role, (senders, receivers) in grids.items()
-        }
-        self._static = (memory.rdma_routes, memory.rdma_base, ctx.rank)
-        self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
     def launch(
         self,
@@ -438,11 +405,8 @@ class DispatchPlan:
         workspace,
         scratch,
     ) -> None:
-        """One launch on `stream`. `scratch`: int32, `num_senders * T` entries (this parity's)."""
-        grid = sum(self.grids[role])
-        self._kernels[role].launch(
-            (grid,),
-            stream,
+        """One launch on `stream`. `scratch`: int32, `max_senders * T` entries (this parity's)."""
+        head = (
             x,
             topk_idx,
             mask,
@@ -455,8 +419,5 @@ class DispatchPlan:
             wait_stats if wait_stats is not None else layout_range,
             workspace,
             scratch,
-            *self._static,
-            x.shape[0],
-            parity,
-            *self._host,
         )
+        self._launch(role, stream, head, x.shape[0], parity)

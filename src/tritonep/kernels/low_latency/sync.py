@@ -8,6 +8,8 @@ every tag (`epoch << 32`) is above zeroed memory.
 import triton
 import triton.language as tl
 
+from ... import _env, protocol
+from ..common.launch import KernelLaunch
 from ..common.sync import now_ns, report_error
 
 # The `ROLE` constexpr: the fused call, the send phase of a hooked call, its receive phase (hook).
@@ -116,4 +118,60 @@ def give_up_on(
             observed,
             expected,
             BLOCK,
+        )
+
+
+class RolePlan:
+    """What the launch plans of the LL data kernels share: one `KernelLaunch` per role of `grids`
+    (`{role: (senders, receivers)}`; the fused role cooperative, since its receivers wait for its
+    senders), the constexprs of the memory layout, transport and error reporting, and the fixed
+    trailing arguments (routes, RDMA base, rank; host block, clock, timeout)."""
+
+    def __init__(
+        self, kernel, memory, ctx, regions, grids: dict, shrink: bool, phase: int, **constexprs
+    ):
+        self.grids = grids
+        self.max_senders = max(senders for senders, _ in grids.values())
+        shared = dict(
+            NUM_RANKS=regions.num_ranks,
+            NUM_EXPERTS=regions.num_experts,
+            MAX_TOKENS=regions.max_tokens,
+            HIDDEN=regions.hidden,
+            SIGNALS0=regions.signals0,
+            SIGNALS_STRIDE=regions.signals_stride,
+            RECV0=regions.recv0,
+            RECV_STRIDE=regions.recv_stride,
+            SEND0=regions.send0,
+            SEND_STRIDE=regions.send_stride,
+            SLOT_BYTES=regions.slot_bytes,
+            TRANSPORT=memory.rdma_transport,
+            FORCE_PUT=memory.rdma_force_put,
+            SHRINK=shrink,
+            HOST_ERROR=protocol.HOST_ERROR,
+            HOST_SHRUNK=protocol.HOST_SHRUNK,
+            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
+            PHASE=phase,
+            USE_GLOBALTIMER=ctx.use_globaltimer,
+            INTERPRETED=_env.interpret_enabled(),
+        )
+        self._kernels = {
+            role: KernelLaunch(
+                kernel,
+                wrap=memory.device_wrapper,
+                ROLE=role,
+                NUM_SENDERS=senders,
+                NUM_RECEIVERS=receivers,
+                launch_cooperative_grid=role == ROLE_BOTH.value,
+                **shared,
+                **constexprs,
+            )
+            for role, (senders, receivers) in grids.items()
+        }
+        self._routes = (memory.rdma_routes, memory.rdma_base, ctx.rank)
+        self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
+
+    def _launch(self, role: int, stream, head: tuple, num_tokens: int, parity: int) -> None:
+        """`head`: the kernel's own leading arguments; the shared ones follow."""
+        self._kernels[role].launch(
+            (sum(self.grids[role]),), stream, *head, *self._routes, num_tokens, parity, *self._host
         )
