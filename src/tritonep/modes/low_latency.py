@@ -139,6 +139,19 @@ class LowLatencyMode:
 
         return hook
 
+    def _issue(self, op: str, launch, call, stream, call_index: int, kept: tuple):
+        """Launch one call: the fused kernel, or (`call` None: hooked) the send phase now and a hook
+        for the receive phase. Returns (event, hook); `kept` rides on an async call's event."""
+        roles = self._kernels.low_latency.sync
+        if call is None:
+            launch(roles.ROLE_SEND.value, stream)
+            self._after_launch(op)
+            receive = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
+            return EventOverlap(None, None), receive
+        launch(roles.ROLE_BOTH.value, stream)
+        self._after_launch(op)
+        return call.finish(kept, keep_alive="extra_tensors"), None
+
     def _after_launch(self, op: str) -> None:
         if not self._gpu:  # the interpreter has finished: a report belongs to this call
             self._host.check(op)
@@ -283,23 +296,22 @@ class LowLatencyMode:
                 scratch,
             )
 
-        roles = self._kernels.low_latency.sync
         handle = (src_info, layout_range, max_tokens, hidden, num_experts)
         received = (recv_x, recv_scales) if use_fp8 else recv_x
-        if return_recv_hook:
-            launch(roles.ROLE_SEND.value, stream)
-            self._after_launch(op)
-            hook = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
-            return received, recv_count, handle, EventOverlap(None, None), hook
-        launch(roles.ROLE_BOTH.value, stream)
-        self._after_launch(op)
-        event = call.finish(
-            (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats)
-            if async_finish
-            else (),
-            keep_alive="extra_tensors",
+        kept = (
+            x,
+            topk_idx,
+            recv_x,
+            recv_scales,
+            recv_count,
+            src_info,
+            layout_range,
+            cumulative_stats,
         )
-        return received, recv_count, handle, event, None
+        event, hook = self._issue(
+            op, launch, call, stream, call_index, kept if async_finish else ()
+        )
+        return received, recv_count, handle, event, hook
 
     # ----------------------------------------------------------------------------- combine
     def _check_handle(self, op: str, handle):
@@ -435,22 +447,11 @@ class LowLatencyMode:
                 self._workspace,
             )
 
-        roles = self._kernels.low_latency.sync
-        if return_recv_hook:
-            launch(roles.ROLE_SEND.value, stream)
-            self._after_launch(op)
-            return (
-                combined,
-                EventOverlap(None, None),
-                self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream)),
-            )
-        launch(roles.ROLE_BOTH.value, stream)
-        self._after_launch(op)
-        event = call.finish(
-            (x, topk_idx, topk_weights, src_info, layout_range, combined) if async_finish else (),
-            keep_alive="extra_tensors",
+        kept = (x, topk_idx, topk_weights, src_info, layout_range, combined)
+        event, hook = self._issue(
+            op, launch, call, stream, call_index, kept if async_finish else ()
         )
-        return combined, event, None
+        return combined, event, hook
 
     def next_combine_buffer(self, op: str, handle) -> torch.Tensor:
         """bf16 `[L, R*T, H]` view of the send region of the set the next call uses (zero copy)."""
