@@ -3,7 +3,7 @@
 On the CPU backend there are no streams: handles carry `event = None` and every wait is a no-op, so
 V1 code that waits on events runs unchanged (the CPU backend finishes its work before returning).
 
-`wait_for` and `previous_handle` are internal helpers for the Buffer's stream rules (spec §14.5).
+`previous_handle` resolves a `previous_event` argument for the Buffer's stream rules (spec §14.5).
 """
 
 from collections.abc import Callable
@@ -157,20 +157,3 @@ def previous_handle(previous_event: Any, op: str) -> EventHandle | None:
         f"got {type(previous_event).__name__}"
         + (f" holding {type(handle).__name__}" if handle is not previous_event else "")
     )
-
-
-def wait_for(
-    previous_event: Any, stream: torch.cuda.Stream | None, op: str = "wait_for"
-) -> EventHandle | None:
-    """Order `stream` after `previous_event`, else after the current stream (§14.5 rule 1).
-
-    Asynchronous (no host block). `stream` None (CPU backend) only validates `previous_event`.
-    Returns the resolved handle (None when absent) so callers can apply rule 2 without re-parsing.
-    """
-    handle = previous_handle(previous_event, op)
-    if stream is not None:
-        if handle is not None and handle.event is not None:
-            stream.wait_event(handle.event)
-        else:
-            stream.wait_stream(torch.cuda.current_stream())
-    return handle

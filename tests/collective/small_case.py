@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import re
-
 import torch
 
 import tritonep
-from tritonep.testing.dist import sweep_shm
+from tritonep.transport.shm import process_alive as pid_alive
+from tritonep.transport.shm import tritonep_files
 
 NUM_TOKENS, NUM_TOPK, NUM_EXPERTS = 6, 2, 4
-_SHM_NAME = re.compile(r"^tritonep-.*-p(\d+)$")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shm_leaks(own_pids=()) -> list[str]:
-    """`sweep_shm()`, minus files a *live* process of another test session is creating right now.
-
-    A file counts as leaked if its creator is one of `own_pids`, if its creator no longer exists, or
-    if its name does not carry a creator pid at all.
+    """tritonep's /dev/shm files, minus those a *live* process of another test session is creating
+    right now. A file counts as leaked if its creator is one of `own_pids`, if its creator no
+    longer exists, or if its name does not carry a creator pid at all.
     """
-    leaks = []
-    for path in sweep_shm():
-        match = _SHM_NAME.match(os.path.basename(path))
-        if match is not None:
-            pid = int(match.group(1))
-            if pid not in own_pids and pid_alive(pid):
-                continue
-        leaks.append(path)
-    return leaks
+    return [
+        path
+        for path, pid in tritonep_files()
+        if pid is None or pid in own_pids or not pid_alive(pid)
+    ]
 
 
 def routing(rank: int, seed: int) -> torch.Tensor:

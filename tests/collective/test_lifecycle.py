@@ -25,7 +25,8 @@ import torch
 from small_case import NUM_EXPERTS, in_rank, routing, shm_leaks, tokens
 
 import tritonep
-from tritonep.testing.dist import close_all_pools, sweep_shm
+from tritonep.testing.dist import close_all_pools
+from tritonep.transport.shm import tritonep_files
 
 SMALL, LARGE = 1 << 20, 2 << 20  # num_nvl_bytes of the two buffer sizes used below
 ITERATIONS = 20
@@ -111,7 +112,7 @@ def _all_pids(ctx) -> list[int]:
 
 
 def _own_files(pids) -> list[str]:
-    return [p for p in sweep_shm() if any(p.endswith(f"-p{pid}") for pid in pids)]
+    return [path for path, pid in tritonep_files() if pid in pids]
 
 
 # ------------------------------------------------------------------------------------------ tasks

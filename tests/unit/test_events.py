@@ -16,7 +16,7 @@ import torch
 import tritonep
 from tritonep import EPInvalidArgument, EPStateError, EventHandle, EventOverlap, _device
 from tritonep import event as event_mod
-from tritonep.event import previous_handle, wait_for
+from tritonep.event import previous_handle
 
 # conftest may also skip `gpu` tests; the skipif keeps this file self-contained.
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -200,12 +200,13 @@ def test_previous_handle_rejects_other_types(bad):
         previous_handle(EventOverlap(bad), "dispatch")
 
 
-def test_wait_for_without_stream_only_validates():
+def test_previous_handle_resolves_overlaps_and_handles():
     handle = EventHandle._on_stream(None)
-    assert wait_for(EventOverlap(handle), None, "combine") is handle
-    assert wait_for(None, None, "combine") is None
+    assert previous_handle(EventOverlap(handle), "combine") is handle
+    assert previous_handle(handle, "combine") is handle
+    assert previous_handle(None, "combine") is None
     with pytest.raises(EPInvalidArgument, match="combine: previous_event"):
-        wait_for(3.0, None, "combine")
+        previous_handle(3.0, "combine")
 
 
 # ---------------------------------------------------------------- device helpers
@@ -371,7 +372,7 @@ def test_cuda_event_handle_records_and_waits():
 def test_cuda_stream_ordering_through_events():
     side = torch.cuda.Stream()
     x = torch.zeros(1 << 20, device="cuda")
-    wait_for(None, side, "test")  # side stream ordered after the zero-fill
+    side.wait_stream(torch.cuda.current_stream())  # side stream ordered after the zero-fill
     with torch.cuda.stream(side):
         torch.cuda._sleep(1_000_000)
         x.add_(1)
@@ -380,8 +381,6 @@ def test_cuda_stream_ordering_through_events():
         pass  # current stream now waits for `side`
     y = x.sum()  # enqueued on the current stream after the wait
     assert y.item() == x.numel()
-    ev2 = EventOverlap(EventHandle())
-    assert wait_for(ev2, side, "test") is ev2.event
     torch.cuda.synchronize()
 
 

@@ -24,6 +24,7 @@ from .. import protocol
 from .._validate import fail
 from ..config import Config
 from ..handles import IntranodeHandle
+from ..kernels.intranode.queues import IntranodeQueues
 from ..runtime.host import HostBlock
 from ..runtime.streams import CommStreams
 
@@ -135,7 +136,7 @@ class IntranodeMode:
             topk_itemsize,
         )
         if queues.capacity < min_capacity:
-            slot = protocol.QueueLayout.slot_bytes(
+            slot = IntranodeQueues.slot_bytes(
                 row_bytes, has_src_idx, num_topk_idx, num_topk_weights, num_scales, topk_itemsize
             )
             needed = (
@@ -529,4 +530,4 @@ class IntranodeMode:
 
 
 # The queue layout of a geometry never changes; computing it is pure.
-_fit_queues = functools.lru_cache(maxsize=1024)(protocol.QueueLayout.fit)
+_fit_queues = functools.lru_cache(maxsize=1024)(IntranodeQueues.fit)

@@ -82,6 +82,7 @@ def _cases(kernels):
     Buffer's GPU program shapes."""
     from tritonep import protocol
     from tritonep.kernels.common.context import LaunchContext
+    from tritonep.kernels.intranode.queues import IntranodeQueues
     from tritonep.modes.intranode import program_shape
 
     for num_ranks in (2, 8):
@@ -128,7 +129,7 @@ def _cases(kernels):
         for fp8 in (False, True):
             row_bytes = hidden * (1 if fp8 else 2)
             scales = torch.zeros((hidden // 128, tokens), dtype=torch.int32).T if fp8 else None
-            queues = protocol.QueueLayout.fit(
+            queues = IntranodeQueues.fit(
                 1 << 30,
                 channels,
                 num_ranks,
@@ -174,7 +175,7 @@ def _cases(kernels):
                 weights,
                 torch.zeros((tokens, hidden // 128), dtype=torch.int32) if fp8 else None,
             )
-        queues = protocol.QueueLayout.fit(
+        queues = IntranodeQueues.fit(
             1 << 30, channels, num_ranks, 256, hidden * 2, False, 0, topk, 0
         )
         y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)

@@ -395,17 +395,15 @@ def close_all_pools() -> None:
         pool.close()
 
 
-def sweep_shm(prefix: str = "tritonep-", shm_dir: str = "/dev/shm") -> list[str]:
-    """List (never delete) leftover files in `shm_dir` whose name starts with `prefix`.
+def sweep_shm() -> list[str]:
+    """List (never delete) tritonep's files left in /dev/shm (`transport.shm.tritonep_files`).
 
     Returns sorted absolute paths; tests assert it is empty after their pool closed. Files of other
     concurrently running test sessions match too.
     """
-    try:
-        names = os.listdir(shm_dir)
-    except FileNotFoundError:
-        return []
-    return sorted(os.path.join(shm_dir, n) for n in names if n.startswith(prefix))
+    from tritonep.transport.shm import tritonep_files
+
+    return [path for path, _ in tritonep_files()]
 
 
 atexit.register(close_all_pools)

@@ -42,28 +42,38 @@ def _unlink_created() -> None:
         _unlink_quietly(path)
 
 
+def tritonep_files(shm_dir: str = SHM_DIR) -> list[tuple[str, int | None]]:
+    """Every file of `shm_dir` named `tritonep-*`: (path, creator pid, or None when the name does
+    not carry one as this module's names do). The one place that knows the naming scheme."""
+    try:
+        names = sorted(os.listdir(shm_dir))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if name.startswith(PREFIX):
+            match = _NAME.match(name)
+            found.append((os.path.join(shm_dir, name), int(match.group(1)) if match else None))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def sweep_stale_files() -> list[str]:
     """Remove tritonep files whose creating process no longer exists; return what was removed."""
     removed = []
-    try:
-        names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        match = _NAME.match(name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        try:
-            os.kill(pid, 0)
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        path = os.path.join(SHM_DIR, name)
-        _unlink_quietly(path)
-        removed.append(path)
+    for path, pid in tritonep_files():
+        if pid is not None and not process_alive(pid):
+            _unlink_quietly(path)
+            removed.append(path)
     return removed
 
 

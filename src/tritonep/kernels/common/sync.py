@@ -31,9 +31,9 @@ def now_ns(clock_addr, USE_GLOBALTIMER: tl.constexpr):
 
 
 @triton.jit
-def load_acquire(ptr):
+def load_acquire(ptr, mask=None):
     """Acquire-load at system scope (peers write these counters over NVLink or shared memory)."""
-    return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+    return tl.atomic_add(ptr, 0, mask=mask, sem="acquire", scope="sys")
 
 
 @triton.jit
@@ -48,12 +48,10 @@ def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER
 
     Returns the last values read (lanes outside `mask` read as their target).
     """
-    values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
+    values = tl.where(mask, load_acquire(ptrs, mask), targets)
     pending = tl.sum((values < targets).to(tl.int32), axis=0)
     while (pending > 0) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
-        values = tl.where(
-            mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets
-        )
+        values = tl.where(mask, load_acquire(ptrs, mask), targets)
         pending = tl.sum((values < targets).to(tl.int32), axis=0)
     return values
 

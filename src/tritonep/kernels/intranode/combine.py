@@ -30,8 +30,17 @@ from ... import _env, protocol
 from ..common.casting import round_to
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
-from ..common.tiles import column, copy_rows, lane, received_blocks, row_block
+from ..common.sync import (
+    STOP_ALL,
+    load_acquire,
+    now_ns,
+    open_call,
+    report_error,
+    store_release,
+    wait_for_peers,
+)
+from ..common.tiles import column, copy_rows, lane, row_block
+from .blocks import received_blocks
 
 
 @named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
@@ -119,7 +128,7 @@ def _combine_kernel(
             pending = sent < total
             # Re-read the heads of destinations whose queues looked full.
             stale = pending & ((head_seen - tag).to(tl.int32) + capacity <= sent)
-            polled = tl.atomic_add(heads, 0, mask=stale, sem="acquire", scope="sys")
+            polled = load_acquire(heads, stale)
             head_seen = tl.where(stale & (polled > head_seen), polled, head_seen)
             room = tl.where(head_seen >= tag, (head_seen - tag).to(tl.int32) + capacity - sent, 0)
             ready = tl.where(pending, tl.minimum(total - sent, room), 0)

@@ -38,16 +38,24 @@ import triton.language as tl
 from ... import protocol
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import STOP_ALL, now_ns, open_call, report_error, store_release, wait_for_peers
+from ..common.sync import (
+    STOP_ALL,
+    load_acquire,
+    now_ns,
+    open_call,
+    report_error,
+    store_release,
+    wait_for_peers,
+)
 from ..common.tiles import (
     _load_block,
     column,
     copy_rows,
     cumsum_rows,
     lane,
-    received_blocks,
     row_block,
 )
+from .blocks import received_blocks
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 
@@ -443,7 +451,7 @@ def _dispatch_kernel(
         remaining = tl.sum(expected, axis=0)
         while (remaining > 0) & ok:
             pending = consumed < expected
-            seen = tl.atomic_add(tails, 0, mask=pending, sem="acquire", scope="sys")
+            seen = load_acquire(tails, pending)
             available = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - consumed, 0)
             if tl.max(available, axis=0) > 0:
                 src = tl.argmax(available, axis=0)
@@ -508,7 +516,7 @@ def _dispatch_kernel(
 class DispatchPlan:
     """The dispatch launch of one call geometry on one Buffer.
 
-    Fixed per plan: the queue layout (`queues`, a `protocol.QueueLayout`), channels, send chunk,
+    Fixed per plan: the queue layout (`queues`, an `IntranodeQueues`), channels, send chunk,
     local experts, row words, top-k width and id dtype, scale columns, whether handle entries are
     written (non-cached) and padded (worst case), and the program shape (`num_warps`, `tile_words`:
     register budget of one copy step in 4-byte words, `prefetch`: overlap each step's loads with

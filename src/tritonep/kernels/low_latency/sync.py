@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ... import _env, protocol
 from ..common.launch import KernelLaunch
-from ..common.sync import now_ns, report_error
+from ..common.sync import load_acquire, now_ns, report_error
 
 # The `ROLE` constexpr: the fused call, the send phase of a hooked call, its receive phase (hook).
 ROLE_BOTH = tl.constexpr(0)
@@ -53,16 +53,14 @@ def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.c
     """Spin until every `live` lane of the signals `sigs` reaches `target` (lanes or scalar), or
     until `deadline` (ns). Returns (values, late lanes, ns each lane waited; 0 for late or dead)."""
     start = now_ns(clock_addr, USE_GLOBALTIMER)
-    values = tl.where(live, tl.atomic_add(sigs, 0, mask=live, sem="acquire", scope="sys"), target)
+    values = tl.where(live, load_acquire(sigs, live), target)
     waited = tl.zeros(values.shape, dtype=tl.int64)
     pending = tl.sum((values < target).to(tl.int32), axis=0)
     now = start
     while (pending > 0) & (now < deadline):
         now = now_ns(clock_addr, USE_GLOBALTIMER)
         missing = values < target
-        polled = tl.atomic_add(
-            sigs, 0, mask=missing, sem="acquire", scope="sys"
-        )  # the data behind it
+        polled = load_acquire(sigs, missing)  # the data behind a signal is visible once it is seen
         fresh = missing & (polled >= target)
         values = tl.where(fresh, polled, values)
         waited = tl.where(fresh, now - start, waited)
