@@ -7,6 +7,7 @@
 | `TRITONEP_NVL_DOMAIN_SIZE` | min(R, 8) | at Buffer construction | ranks per node (NVLink domain) |
 | `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda` or `cpu` (interpreter); auto: `cuda` where CUDA is usable |
 | `TRITONEP_FORCE_PUT` | 0 | at Buffer construction | 1: RDMA-memory traffic takes the put path (NVSHMEM, or its CPU emulation) even to peers that stores reach (tests the remote path on one host) |
+| `TRITONEP_CONFIG_FILE` | unset | at the first `get_dispatch_config` / `get_combine_config` (also `dispatch` / `combine` without `config`) | JSON file written by `tritonep tune`: its entries replace V1's tuned tables for the rank and SM counts it lists; unset: V1's tables |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
 Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
@@ -53,14 +54,13 @@ def timeout_s() -> float:
 def nvl_domain_size(num_ranks: int) -> int:
     if not os.environ.get("TRITONEP_NVL_DOMAIN_SIZE") and num_ranks > 8 and num_ranks % 8 != 0:
         raise EPUnsupported(
-            f"Buffer: more than 8 ranks must be a multiple of 8 (V1's nodes of 8 GPUs), got "
-            f"{num_ranks}; "
-            "TRITONEP_NVL_DOMAIN_SIZE sets another node size"
+            "Buffer: more than 8 ranks must be a multiple of 8 (V1's nodes of 8 GPUs), got "
+            f"{num_ranks}; TRITONEP_NVL_DOMAIN_SIZE sets another node size"
         )
     size = _int("TRITONEP_NVL_DOMAIN_SIZE", min(num_ranks, 8))
     if size <= 0 or num_ranks % size != 0:
         raise EPInvalidArgument(
-            f"environment: TRITONEP_NVL_DOMAIN_SIZE must be a positive divisor of the rank count "
+            "environment: TRITONEP_NVL_DOMAIN_SIZE must be a positive divisor of the rank count "
             f"{num_ranks}, got {size}"
         )
     return size
@@ -80,6 +80,12 @@ def force_put() -> bool:
     emulation
     on the CPU) even between peers plain stores reach, so the remote path runs on one host."""
     return _int("TRITONEP_FORCE_PUT", 0) != 0
+
+
+def config_file() -> str | None:
+    """`TRITONEP_CONFIG_FILE`: path of a `tritonep tune` config file, or None when unset/empty."""
+    path = os.environ.get("TRITONEP_CONFIG_FILE", "").strip()
+    return path or None
 
 
 def nvshmem_qp_depth() -> int:

@@ -17,12 +17,30 @@ them, and tritonep guarantees that buffers of at least these sizes run every cal
 The tables of §6.3 are V1's tuned entries. V1 rejects other rank counts; tritonep substitutes the
 nearest listed count of the same mode (intranode entries for R <= 8, internode entries for R > 8,
 ties to the larger count, whose queue capacities are never smaller) and warns once.
+
+Tuned files: V1's entries were tuned on V1's kernels and machines. `tritonep tune` measures chunk
+sizes on this machine and writes a JSON file; pointing `TRITONEP_CONFIG_FILE` at it makes
+`get_dispatch_config` / `get_combine_config` (and so `dispatch` / `combine` called without a
+config) use its entries. The file maps rank count -> SM count -> the four chunk values:
+
+    {"format": "tritonep-config/1",
+     "dispatch": {"2": {"24": [nvl_send, nvl_recv, rdma_send, rdma_recv], ...}, ...},
+     "combine":  {...}, "measured": {...}}
+
+`num_sms` stays the caller's budget (`Buffer.num_sms`): the entry of that SM count is used, or of
+the nearest listed one (ties to the larger) when the file has the rank count but not that SM count;
+rank counts the file does not list fall back to V1's tables. The file is read once per process and
+path (the hot path must not touch the file system); a malformed file raises `EPInvalidArgument`
+naming the file and the entry.
 """
 
+import functools
+import json
 import operator
 import warnings
 from dataclasses import dataclass, fields
 
+from . import _env
 from .errors import EPInvalidArgument
 
 # V1 constants of the HT buffer layout: top-k and scale columns the hints reserve room for (MAX_TOPK
@@ -106,8 +124,8 @@ class Config:
         if not (rdma_send < rounded and rdma_send <= rounded // 2):
             raise EPInvalidArgument(
                 "Config: num_max_rdma_chunked_send_tokens must be < and at most half of "
-                f"num_max_rdma_chunked_recv_tokens ({rdma_recv}, rounded up to {rounded}), "
-                f"got {rdma_send}"
+                f"num_max_rdma_chunked_recv_tokens ({rdma_recv}, rounded up to {rounded}), got "
+                f"{rdma_send}"
             )
         object.__setattr__(self, "num_max_rdma_chunked_recv_tokens", rounded)
 
@@ -125,8 +143,8 @@ class Config:
         """
         if not (num_ranks < 8 or num_ranks % 8 == 0):
             raise EPInvalidArgument(
-                "get_nvl_buffer_size_hint: num_ranks must be < 8 or a multiple of 8, "
-                f"got {num_ranks}"
+                "get_nvl_buffer_size_hint: num_ranks must be < 8 or a multiple of 8, got "
+                f"{num_ranks}"
             )
         if not (num_ranks <= 8 or self.num_sms % 2 == 0):
             raise EPInvalidArgument(
@@ -153,13 +171,13 @@ class Config:
             return 0
         if num_ranks % 8 != 0:
             raise EPInvalidArgument(
-                "get_rdma_buffer_size_hint: num_ranks must be a multiple of 8 when > 8, "
-                f"got {num_ranks}"
+                "get_rdma_buffer_size_hint: num_ranks must be a multiple of 8 when > 8, got "
+                f"{num_ranks}"
             )
         if self.num_sms % 2 != 0:
             raise EPInvalidArgument(
-                f"get_rdma_buffer_size_hint: num_sms must be even when num_ranks ({num_ranks}) "
-                f"> 8, got {self.num_sms}"
+                f"get_rdma_buffer_size_hint: num_sms must be even when num_ranks ({num_ranks}) > "
+                f"8, got {self.num_sms}"
             )
         tb = _topk_idx_bytes()
         rd, c = num_ranks // 8, self.num_sms // 2
@@ -227,10 +245,78 @@ COMBINE_TABLE: dict[int, tuple[int, int, int, int]] = {
 _warned: set[tuple[str, int]] = set()
 
 
+CONFIG_FILE_FORMAT = "tritonep-config/1"
+_KINDS = ("dispatch", "combine")
+
+
+@functools.lru_cache(maxsize=4)
+def load_config_file(path: str) -> dict[str, dict[int, dict[int, tuple[int, int, int, int]]]]:
+    """The tuned entries of a `tritonep tune` file: kind -> num_ranks -> num_sms -> chunk values.
+
+    Every entry is validated by building its `Config`, so a bad file fails here, naming the entry,
+    and never inside a collective call. Cached per path: call `load_config_file.cache_clear()` after
+    rewriting a file in the same process.
+    """
+    where = f"TRITONEP_CONFIG_FILE={path}"
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise EPInvalidArgument(f"{where}: cannot read the file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise EPInvalidArgument(f"{where}: not JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != CONFIG_FILE_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise EPInvalidArgument(
+            f"{where}: expected a {CONFIG_FILE_FORMAT!r} file from `tritonep tune`, got {found!r}"
+        )
+    tables: dict[str, dict[int, dict[int, tuple[int, int, int, int]]]] = {}
+    for kind in _KINDS:
+        tables[kind] = {}
+        by_ranks = raw.get(kind, {})
+        if not isinstance(by_ranks, dict):
+            raise EPInvalidArgument(f"{where}: {kind} must map rank counts to entries")
+        for ranks_key, by_sms in by_ranks.items():
+            if not isinstance(by_sms, dict):
+                raise EPInvalidArgument(
+                    f"{where}: {kind}[{ranks_key}] must map SM counts to entries"
+                )
+            for sms_key, values in by_sms.items():
+                entry = f"{where}: {kind}[{ranks_key}][{sms_key}]"
+                try:
+                    num_ranks, num_sms = int(ranks_key), int(sms_key)
+                    chunks = tuple(values)
+                    if len(chunks) != 4:
+                        raise EPInvalidArgument(f"4 chunk values expected, got {len(chunks)}")
+                    Config(num_sms, *chunks)
+                except (TypeError, ValueError) as e:  # EPInvalidArgument is a ValueError
+                    raise EPInvalidArgument(f"{entry}: {e}") from None
+                if num_ranks < 1 or num_sms < 2 or num_sms % 2:
+                    raise EPInvalidArgument(
+                        f"{entry}: needs num_ranks >= 1 and an even num_sms >= 2"
+                    )
+                tables[kind].setdefault(num_ranks, {})[num_sms] = chunks
+    return tables
+
+
+def _tuned_entry(kind: str, num_ranks: int, num_sms: int) -> tuple[int, int, int, int] | None:
+    """The tuned file's entry for (num_ranks, num_sms), nearest SM count; None without one."""
+    path = _env.config_file()
+    if path is None:
+        return None
+    by_sms = load_config_file(path)[kind].get(num_ranks)
+    if not by_sms:
+        return None
+    return by_sms[min(by_sms, key=lambda sms: (abs(sms - num_sms), -sms))]
+
+
 def _table_config(kind: str, table: dict, num_ranks: int, num_sms: int) -> Config:
     num_ranks = _as_int(f"{kind}_config", "num_ranks", num_ranks)
     if num_ranks < 1:
         raise EPInvalidArgument(f"{kind}_config: num_ranks must be >= 1, got {num_ranks}")
+    tuned = _tuned_entry(kind, num_ranks, num_sms)
+    if tuned is not None:
+        return Config(num_sms, *tuned)
     listed = num_ranks
     if num_ranks not in table:
         same_mode = [n for n in table if (n <= 8) == (num_ranks <= 8)]
@@ -247,10 +333,12 @@ def _table_config(kind: str, table: dict, num_ranks: int, num_sms: int) -> Confi
 
 
 def dispatch_config(num_ranks: int, num_sms: int) -> Config:
-    """A new dispatch `Config(num_sms, ...)` from the §6.3 table (nearest entry if unlisted)."""
+    """A new dispatch `Config(num_sms, ...)`: the tuned file's entry if `TRITONEP_CONFIG_FILE`
+    lists `num_ranks`, else the §6.3 table (nearest entry if unlisted)."""
     return _table_config("dispatch", DISPATCH_TABLE, num_ranks, num_sms)
 
 
 def combine_config(num_ranks: int, num_sms: int) -> Config:
-    """A new combine `Config(num_sms, ...)` from the §6.3 table (nearest entry if unlisted)."""
+    """A new combine `Config(num_sms, ...)`: the tuned file's entry if `TRITONEP_CONFIG_FILE`
+    lists `num_ranks`, else the §6.3 table (nearest entry if unlisted)."""
     return _table_config("combine", COMBINE_TABLE, num_ranks, num_sms)
