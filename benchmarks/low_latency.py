@@ -291,8 +291,7 @@ def main(argv=None) -> int:
     for r in ranks:
         print(
             f"rank {r['rank']}: checked {r.get('checked_combinations', 0)} combos, graph replays "
-            f"wrong "
-            f"{r['graph_replays_wrong']}/{r['graph_replays']}; "
+            f"wrong {r['graph_replays_wrong']}/{r['graph_replays']}; "
             + ", ".join(f"{k} {r[k]:.1f}" for k in keys)
         )
     if args.json:

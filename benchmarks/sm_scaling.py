@@ -94,8 +94,8 @@ def measure(buffer, gen, tag, tokens=4096, sms=(24, 48, 132), chunk=24, fp8=Fals
         rows.append(row)
         print(
             f"{tag:<28} {num_sms:>4} SMs  dispatch {dispatch_us:7.1f} us "
-            f"{row['dispatch_GBps']:6.0f} GB/s"
-            f"   combine {combine_us:7.1f} us {row['combine_GBps']:6.0f} GB/s",
+            f"{row['dispatch_GBps']:6.0f} GB/s   combine {combine_us:7.1f} us "
+            f"{row['combine_GBps']:6.0f} GB/s",
             flush=True,
         )
     buffer._intranode.set_shape(base_shape)

@@ -319,15 +319,15 @@ def _summary(world: int, replies: dict) -> tuple[list[str], bool]:
         found += cases.fetch_add_problems([o[path]["results"] for o in outs])
         passed &= not found
         lines.append(
-            f"R={world} {path}: {'PASS' if not found else 'FAIL ' + '; '.join(found[:6])}"
-            f" ({outs[0][path]['seconds']:.1f} s)"
+            f"R={world} {path}: {'PASS' if not found else 'FAIL ' + '; '.join(found[:6])} "
+            f"({outs[0][path]['seconds']:.1f} s)"
         )
     for path in ("ping_stores", "ping_puts"):
         ping = outs[0][path]
         passed &= ping["bad"] == 0 and ping["rounds"] == outs[0]["rounds"]
         lines.append(
-            f"R={world} {path}: {ping['rounds']} round trips of {ping['payload_bytes']} B, "
-            f"bad {ping['bad']}, mean {ping['mean_round_trip_us']:.2f} us"
+            f"R={world} {path}: {ping['rounds']} round trips of {ping['payload_bytes']} B, bad "
+            f"{ping['bad']}, mean {ping['mean_round_trip_us']:.2f} us"
         )
     cycles = outs[0]["cycles"]
     passed &= cycles["growth_mib"] < cycles["buffer_mib"]

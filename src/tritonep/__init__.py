@@ -46,8 +46,8 @@ def as_deep_ep(force: bool = False, register_cpp: bool = True) -> types.ModuleTy
             present = sys.modules.get(name)
             if present is not None and present is not module:
                 raise EPStateError(
-                    f"as_deep_ep: sys.modules[{name!r}] already holds {present!r}; "
-                    "pass force=True to replace it"
+                    f"as_deep_ep: sys.modules[{name!r}] already holds {present!r}; pass force=True "
+                    "to replace it"
                 )
     sys.modules.update(aliases)
     return this

@@ -102,8 +102,7 @@ class _Resources:
         if self.warn_if_open and self.memory is not None:
             print(
                 f"tritonep: Buffer on rank {self.rank} was created with explicitly_destroy=True "
-                f"but "
-                "destroy() was never called; resources may leak",
+                "but destroy() was never called; resources may leak",
                 file=sys.stderr,
             )
         if self.memory is not None:
@@ -221,9 +220,8 @@ class Buffer:
         if num_rdma_bytes > 0 and not (topology.is_internode or low_latency_mode):
             fail(
                 op,
-                f"num_rdma_bytes > 0 needs more than one node or low_latency_mode, got "
-                f"{num_rdma_bytes} with "
-                f"{num_ranks} ranks in nodes of {topology.ranks_per_node}",
+                "num_rdma_bytes > 0 needs more than one node or low_latency_mode, got "
+                f"{num_rdma_bytes} with {num_ranks} ranks in nodes of {topology.ranks_per_node}",
             )
         if (topology.is_internode or low_latency_mode) and check_int(
             op, "num_qps_per_rank", num_qps_per_rank
@@ -655,9 +653,8 @@ class Buffer:
                 fail(
                     op,
                     f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x "
-                    f"{num_ranks} entries "
-                    f"({protocol.MAX_LOCAL_EXPERTS} experts per rank), got {num_experts} "
-                    f"({num_experts // num_ranks} per rank)",
+                    f"{num_ranks} entries ({protocol.MAX_LOCAL_EXPERTS} experts per rank), got "
+                    f"{num_experts} ({num_experts // num_ranks} per rank)",
                 )
             if (topk_idx is None) != (topk_weights is None):
                 fail(op, "topk_idx and topk_weights must be given together")

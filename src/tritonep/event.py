@@ -121,8 +121,8 @@ class EventOverlap:
         """
         if self._hook is not None:
             raise EPStateError(
-                "EventOverlap.register_hook_after_wait: a hook is already registered, "
-                f"got another one {fn!r}"
+                "EventOverlap.register_hook_after_wait: a hook is already registered, got another "
+                f"one {fn!r}"
             )
         self._hook = fn
 
@@ -153,7 +153,7 @@ def previous_handle(previous_event: Any, op: str) -> EventHandle | None:
     if handle is None or isinstance(handle, EventHandle):
         return handle
     raise EPInvalidArgument(
-        f"{op}: previous_event must be an EventOverlap, an EventHandle or None, "
-        f"got {type(previous_event).__name__}"
+        f"{op}: previous_event must be an EventOverlap, an EventHandle or None, got "
+        f"{type(previous_event).__name__}"
         + (f" holding {type(handle).__name__}" if handle is not previous_event else "")
     )

@@ -201,8 +201,8 @@ def test_stalled_rank_times_out(cpu_pool, op):
     error = first["error"]
     print(f"[{op}] rank 0 after {first['seconds']:.2f} s: {error}")
     assert error is not None, (
-        f"{op}: rank 0 returned normally although rank 1 never called "
-        f"(after {first['seconds']:.2f} s)"
+        f"{op}: rank 0 returned normally although rank 1 never called (after "
+        f"{first['seconds']:.2f} s)"
     )
     described = f"{error['type']} after {first['seconds']:.2f} s: {error['message']}"
     assert error["timeout"], f"{op}: expected EPTimeoutError, got {described}"
@@ -237,12 +237,12 @@ def test_mismatched_geometry_raises_on_every_rank(cpu_pool):
     for r in results:
         first, error = r["first"], r["first"]["error"]
         print(
-            f"[mismatch] rank {r['rank']} (hidden {r['hidden']}) "
-            f"after {first['seconds']:.2f} s: {error}"
+            f"[mismatch] rank {r['rank']} (hidden {r['hidden']}) after {first['seconds']:.2f} s: "
+            f"{error}"
         )
         assert error is not None, (
-            f"rank {r['rank']}: dispatch with hidden={r['hidden']} "
-            "against a peer's other hidden size returned normally"
+            f"rank {r['rank']}: dispatch with hidden={r['hidden']} against a peer's other hidden "
+            "size returned normally"
         )
         described = f"{error['type']} after {first['seconds']:.2f} s: {error['message']}"
         assert error["invalid"] and not error["timeout"], (

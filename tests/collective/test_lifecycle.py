@@ -282,9 +282,8 @@ def test_create_destroy_loop_does_not_leak(cpu_pool):
             f"/dev/shm files of the ranks remain after destroy(): {info}"
         )
         assert r["maps"] == [r["maps_before"]] * ITERATIONS, (
-            f"peer-memory mappings remain after destroy() (count per iteration vs "
-            f"{r['maps_before']} before "
-            f"the first Buffer): {r['maps']}; left: {r['maps_left']}"
+            "peer-memory mappings remain after destroy() (count per iteration vs "
+            f"{r['maps_before']} before the first Buffer): {r['maps']}; left: {r['maps_left']}"
         )
         assert max(r["fds"]) <= r["fds"][0], (
             f"open file descriptors grow across create/destroy: {r['fds']}"
@@ -306,8 +305,8 @@ def test_two_buffers_alternate_destroy_and_recreate(cpu_pool):
         for name, error in r["errors"].items():
             assert error is not None, f"rank {rank}: {name} on a destroyed buffer did not raise"
             assert error[0], (
-                f"rank {rank}: {name} on a destroyed buffer must raise EPStateError, "
-                f"got {error[1:]}"
+                f"rank {rank}: {name} on a destroyed buffer must raise EPStateError, got "
+                f"{error[1:]}"
             )
             assert "destroy" in error[2], (
                 f"rank {rank}: {name}: message should say the buffer is destroyed: {error[2]}"

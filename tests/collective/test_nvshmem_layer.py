@@ -125,8 +125,7 @@ def _aot(transport: int, force_put: bool, lib: str | None) -> dict:
     libs = {"libnvshmem_device": lib} if lib else None
     code = (
         f"import json, nvshmem_cases; print(json.dumps(nvshmem_cases.aot_compile({transport}, "
-        f"{force_put}, "
-        f"{libs!r})))"
+        f"{force_put}, {libs!r})))"
     )
     here = os.path.dirname(__file__)
     out = subprocess.run(

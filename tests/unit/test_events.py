@@ -341,13 +341,10 @@ def _run_python(code: str) -> str:
 
 def test_import_initialises_no_cuda_and_sets_no_env():
     code = (
-        "import json, os, torch\n"
-        "before = dict(os.environ)\n"
-        "import tritonep\n"
-        "after = dict(os.environ)\n"
-        "print(json.dumps({'cuda': torch.cuda.is_initialized(),\n"
-        "                  'changed': sorted(k for k in before.keys() | after.keys()\n"
-        "                                    if before.get(k) != after.get(k))}))\n"
+        "import json, os, torch\nbefore = dict(os.environ)\nimport tritonep\nafter = "
+        "dict(os.environ)\nprint(json.dumps({'cuda': torch.cuda.is_initialized(),\n                "
+        "  'changed': sorted(k for k in before.keys() | after.keys()\n                             "
+        "       if before.get(k) != after.get(k))}))\n"
     )
     report = json.loads(_run_python(code).strip().splitlines()[-1])
     assert report == {"cuda": False, "changed": []}

@@ -37,16 +37,15 @@ def load_kernels(backend: str):
             # Never overwrite a value the user chose, nor switch after kernels were compiled.
             raise EPStateError(
                 "Buffer: the CPU backend runs kernels in the Triton interpreter, which needs "
-                f"TRITON_INTERPRET=1 before tritonep's kernels are first used; got "
+                "TRITON_INTERPRET=1 before tritonep's kernels are first used; got "
                 f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}"
                 + (" and kernels already compiled for the GPU in this process" if imported else "")
             )
         os.environ["TRITON_INTERPRET"] = "1"
     elif backend != "cpu" and interpreted:
         raise EPStateError(
-            "Buffer: TRITON_INTERPRET=1 is set, so kernels run in the CPU interpreter; unset it to "
-            "use "
-            f"the {backend!r} backend"
+            "Buffer: TRITON_INTERPRET=1 is set, so kernels run in the CPU interpreter; unset it "
+            f"to use the {backend!r} backend"
         )
     for name in _MODULES:
         importlib.import_module(f"{__name__}.{name}")

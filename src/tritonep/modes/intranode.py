@@ -145,10 +145,8 @@ class IntranodeMode:
             fail(
                 op,
                 f"num_nvl_bytes={self._num_nvl_bytes} is too small for this call: "
-                f"{config.num_channels} "
-                f"channels x {self._ctx.num_ranks} ranks x {min_capacity} slots of {slot} bytes "
-                f"need at least "
-                f"{needed} bytes",
+                f"{config.num_channels} channels x {self._ctx.num_ranks} ranks x {min_capacity} "
+                f"slots of {slot} bytes need at least {needed} bytes",
             )
         return queues
 

@@ -97,8 +97,7 @@ class LowLatencyMode:
             fail(
                 op,
                 f"num_rdma_bytes={self._num_rdma_bytes} is too small for T={max_tokens}, "
-                f"hidden={hidden}, "
-                f"num_experts={num_experts}: it needs {regions.num_bytes} bytes "
+                f"hidden={hidden}, num_experts={num_experts}: it needs {regions.num_bytes} bytes "
                 f"(Buffer.get_low_latency_rdma_size_hint gives {hint})",
             )
         self._plans[key] = regions
@@ -128,9 +127,8 @@ class LowLatencyMode:
             if self._calls - call_index > 2:
                 raise EPStateError(
                     f"{op} hook: stale, {self._calls - call_index - 1} low-latency calls were "
-                    f"issued after its call "
-                    "and its buffer set is reused from the second one on (at most two results "
-                    "outstanding)"
+                    "issued after its call and its buffer set is reused from the second one on "
+                    "(at most two results outstanding)"
                 )
             done.append(True)
             with torch._C.DisableTorchFunction():
@@ -376,8 +374,7 @@ class LowLatencyMode:
             fail(
                 op,
                 f"topk_idx must have shape [N, K] with N <= {max_tokens} and 1 <= K <= "
-                f"{MAX_LL_TOPK}, got "
-                f"{tuple(topk_idx.shape)}",
+                f"{MAX_LL_TOPK}, got {tuple(topk_idx.shape)}",
             )
         check_tensor(
             op,

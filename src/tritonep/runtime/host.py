@@ -79,9 +79,8 @@ class HostBlock:
             slots[protocol.HOST_OVERFLOW] = 0
             raise EPInvalidArgument(
                 f"{op}: rank {self.rank}: a worst-case dispatch received {overflow} rows but "
-                f"num_worst_tokens "
-                f"was {self.num_worst_tokens}; the rows beyond it were dropped (raise "
-                f"num_worst_tokens)"
+                f"num_worst_tokens was {self.num_worst_tokens}; the rows beyond it were dropped "
+                "(raise num_worst_tokens)"
             )
         bad_token = int(slots[protocol.HOST_BAD_EXPERT])
         if bad_token:
@@ -91,8 +90,7 @@ class HostBlock:
             raise EPInvalidArgument(
                 f"{op}: rank {self.rank}: an earlier get_dispatch_layout on this buffer got "
                 f"topk_idx[{bad_token - 1}, {k}] = {value}, which is not below "
-                f"num_experts={num_experts}; "
-                "it was counted as -1 (no expert)"
+                f"num_experts={num_experts}; it was counted as -1 (no expert)"
             )
         shrunk = int(slots[protocol.HOST_SHRUNK])
         if shrunk:
@@ -100,8 +98,7 @@ class HostBlock:
             ranks = [s for s in range(64) if shrunk >> s & 1]
             warnings.warn(
                 f"tritonep: {op}: rank {self.rank}: a low-latency wait timed out on rank(s) "
-                f"{ranks}, "
-                "which are now masked (shrink mode); the calls completed without them",
+                f"{ranks}, which are now masked (shrink mode); the calls completed without them",
                 stacklevel=3,
             )
         code = int(slots[protocol.HOST_ERROR_CODE])
@@ -120,26 +117,23 @@ class HostBlock:
         if code == protocol.ERR_TIMEOUT:
             message = (
                 f"rank {rank} timed out after {self.timeout_s:g} s in the {where} waiting for rank "
-                f"{peer} "
-                f"(progress seen {observed}, needed {expected}); TRITONEP_TIMEOUT_S sets the limit"
+                f"{peer} (progress seen {observed}, needed {expected}); TRITONEP_TIMEOUT_S sets "
+                "the limit"
             )
             error = EPTimeoutError
         elif code == protocol.ERR_LAYOUT_MISMATCH:
             message = (
                 f"rank {rank} found in the {where} that rank {peer} made this call with a "
-                f"different "
-                f"geometry (hidden size, top-k, scales, dtype or config; fingerprint {observed} vs "
-                f"{expected})"
+                "different geometry (hidden size, top-k, scales, dtype or config; fingerprint "
+                f"{observed} vs {expected})"
             )
             error = EPInvalidArgument
         elif code == protocol.ERR_REFUSED:
             slots[protocol.HOST_ERROR : protocol.HOST_ERROR + protocol.ERROR_SLOTS] = 0
             raise EPUnsupported(
                 f"{op}: the CPU backend runs a launch's programs one after another, so a queue "
-                f"must hold a "
-                f"whole channel; rank {peer} needs {observed} rows but queues hold {expected}: "
-                f"raise "
-                "num_nvl_bytes, num_max_nvl_chunked_recv_tokens or num_sms"
+                f"must hold a whole channel; rank {peer} needs {observed} rows but queues hold "
+                f"{expected}: raise num_nvl_bytes, num_max_nvl_chunked_recv_tokens or num_sms"
             )
         else:
             message = f"rank {rank}: device error code {code} in the {where}"
@@ -177,9 +171,8 @@ class HostBlock:
                     self.poison = f"rank {self.rank}: host wait for the received counts timed out"
                     raise EPTimeoutError(
                         f"{op}: rank {self.rank} timed out after {self.timeout_s:g} s waiting for "
-                        f"the notify "
-                        "kernel to publish the received token counts (some rank has not joined "
-                        "this dispatch)"
+                        "the notify kernel to publish the received token counts (some rank has "
+                        "not joined this dispatch)"
                     )
         self.check(op, include_overflow=False)
         first = protocol.HOST_EXPERT_COUNTS

@@ -155,8 +155,7 @@ class BufferMemory:
             fail(
                 op,
                 f"size {tuple(size)} needs {size.numel() * itemsize} bytes, only "
-                f"{view.numel() * itemsize} "
-                f"from offset {offset}",
+                f"{view.numel() * itemsize} from offset {offset}",
             )
         return view[: size.numel()].view(size)
 

@@ -222,8 +222,8 @@ class RankPool:
             payload = pickle.dumps((fn, args, kwargs))
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             raise TypeError(
-                f"run: fn and its arguments must be picklable (module-level function), "
-                f"got fn={fn!r}: {e}"
+                "run: fn and its arguments must be picklable (module-level function), got "
+                f"fn={fn!r}: {e}"
             ) from e
         name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
         with self._lock:

@@ -20,8 +20,7 @@ class Bootstrap:
         if group is None and comm is None:
             raise EPInvalidArgument(
                 "Buffer: a torch process group (group) or an mpi4py communicator (comm) is "
-                "required, "
-                "got group=None and comm=None"
+                "required, got group=None and comm=None"
             )
         self.group = group
         self.comm = comm if group is None else None

@@ -101,8 +101,7 @@ def nvshmem_device_library() -> str:
         raise EPUnsupported(
             "NVSHMEM transport: the NVSHMEM device library (libnvshmem_device.bc) was not found; "
             "install the nvidia-nvshmem-cu12 / nvidia-nvshmem-cu13 wheel matching your CUDA, or "
-            "point "
-            f"NVSHMEM_LIB_DIR at the directory holding it ({e})"
+            f"point NVSHMEM_LIB_DIR at the directory holding it ({e})"
         ) from e
 
 
@@ -223,16 +222,14 @@ class NvshmemPeerMemory(HeapMemory):
         if not symm_mem.is_nvshmem_available():
             raise EPUnsupported(
                 "NVSHMEM memory: this torch build cannot use NVSHMEM "
-                "(symm_mem.is_nvshmem_available() is "
-                "False); install a CUDA build of torch >= 2.8 and the nvidia-nvshmem-cu12 / -cu13 "
-                "wheel"
+                "(symm_mem.is_nvshmem_available() is False); install a CUDA build of torch >= 2.8 "
+                "and the nvidia-nvshmem-cu12 / -cu13 wheel"
             )
         if bootstrap.world_size != dist.get_world_size():
             raise EPUnsupported(
                 f"NVSHMEM memory: the group has {bootstrap.world_size} ranks but the default group "
-                f"has "
-                f"{dist.get_world_size()}; NVSHMEM spans the default group, so every rank must "
-                f"take part"
+                f"has {dist.get_world_size()}; NVSHMEM spans the default group, so every rank must "
+                "take part"
             )
         self.rank = bootstrap.rank
         self.world_size = bootstrap.world_size
@@ -251,10 +248,8 @@ class NvshmemPeerMemory(HeapMemory):
             raise EPUnsupported(
                 "NVSHMEM memory: ranks sharing a GPU need MPS (nvidia-cuda-mps-control -d) and "
                 "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE values adding up to <= 100 per GPU (e.g. 50 "
-                "each for "
-                f"2 ranks; unset counts as 100); got {oversubscribed}. Without that NVSHMEM starts "
-                f"in a "
-                "limited mode whose collectives exit the process"
+                f"each for 2 ranks; unset counts as 100); got {oversubscribed}. Without that "
+                "NVSHMEM starts in a limited mode whose collectives exit the process"
             )
         nvshmem_environment(len({p["host"] for p in peers}) == 1, num_qps_per_rank)
         try:
@@ -262,8 +257,7 @@ class NvshmemPeerMemory(HeapMemory):
         except RuntimeError as e:
             raise EPStateError(
                 "NVSHMEM memory: this process already allocated symmetric memory with another "
-                "backend "
-                f"({symm_mem.get_backend(dev)}); torch allows one backend per process ({e})"
+                f"backend ({symm_mem.get_backend(dev)}); torch allows one backend per process ({e})"
             ) from e
         try:
             self._tensor = symm_mem.empty(max(num_bytes, 128), dtype=torch.uint8, device=dev)
@@ -271,11 +265,9 @@ class NvshmemPeerMemory(HeapMemory):
         except RuntimeError as e:
             raise EPUnsupported(
                 f"NVSHMEM memory: NVSHMEM could not start or allocate {num_bytes} bytes ({e}). "
-                f"Check "
-                "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (an interface connecting the ranks), "
-                "NVSHMEM_SYMMETRIC_SIZE "
-                "(heap size), and MPS when ranks share a GPU; NVSHMEM_DEBUG=INFO explains its "
-                "choices"
+                "Check NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME (an interface connecting the ranks), "
+                "NVSHMEM_SYMMETRIC_SIZE (heap size), and MPS when ranks share a GPU; "
+                "NVSHMEM_DEBUG=INFO explains its choices"
             ) from e
         self.local = self._tensor[:num_bytes]
         peer_ptrs = [int(p) for p in self._handle.buffer_ptrs]
@@ -306,9 +298,8 @@ class EmulatedPeerMemory(HeapMemory):
 
         if ranks_per_node <= 0 or bootstrap.world_size % ranks_per_node != 0:
             raise EPInvalidArgument(
-                f"EmulatedPeerMemory: ranks_per_node must divide the rank count "
-                f"{bootstrap.world_size}, "
-                f"got {ranks_per_node}"
+                "EmulatedPeerMemory: ranks_per_node must divide the rank count "
+                f"{bootstrap.world_size}, got {ranks_per_node}"
             )
         self._shm = ShmPeerMemory(bootstrap, num_bytes)
         self.rank = bootstrap.rank
