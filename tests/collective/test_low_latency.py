@@ -64,7 +64,7 @@ def test_low_latency_odd_shapes_cpu(cpu_pool):
 def test_low_latency_is_repeatable_cpu(cpu_pool):
     digests = cpu_pool(2).run(
         ll.check_low_latency_repeatable,
-        repeats=6,
+        repeats=20,
         num_tokens=6,
         hidden=256,
         num_topk=2,
