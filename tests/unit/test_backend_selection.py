@@ -16,6 +16,8 @@ from tritonep import _env
 SCRIPT = textwrap.dedent(
     """
     import os, torch, torch.distributed as dist
+    if os.environ.get("IMPORT_TRITON_FIRST"):
+        import triton.language
     import tritonep
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=0,
     world_size=1)
@@ -44,6 +46,11 @@ def _run(env_update):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
+
+
+def test_triton_imported_before_the_interpreter_is_a_clear_error():
+    line = _run({"IMPORT_TRITON_FIRST": "1"})
+    assert line.startswith("STATE") and "TRITON_INTERPRET=1 before importing triton" in line, line
 
 
 def test_no_cuda_selects_the_cpu_backend_and_the_interpreter_by_itself():

@@ -41,6 +41,14 @@ def load_kernels(backend: str):
                 f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}"
                 + (" and kernels already compiled for the GPU in this process" if imported else "")
             )
+        if "triton.language" in sys.modules:
+            # Triton's own library functions were defined for compilation: interpreted kernels
+            # calling them fail with "Cannot call @triton.jit'd outside of the scope of a kernel".
+            raise EPStateError(
+                "Buffer: the CPU backend runs kernels in the Triton interpreter, but triton was "
+                "imported before TRITON_INTERPRET=1 was set; set TRITON_INTERPRET=1 before "
+                "importing triton (or anything that imports it)"
+            )
         os.environ["TRITON_INTERPRET"] = "1"
     elif backend != "cpu" and interpreted:
         raise EPStateError(
