@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -97,7 +98,7 @@ def single_rank_buffer(port: int) -> tritonep.Buffer:
     return tritonep.Buffer(dist.group.WORLD, num_nvl_bytes=int(2e9))
 
 
-def main():
+def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -107,6 +108,14 @@ def main():
     )
     parser.add_argument("--json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        # Everything below is GPU host path: CUDA events, graphs, the profiler's device times.
+        print(
+            "host_overhead.py times the host path of GPU calls and needs a CUDA GPU; torch sees "
+            "none here. On the CPU backend, `tritonep bench` checks and times the same calls.",
+            file=sys.stderr,
+        )
+        return 2
     buffer = single_rank_buffer(29555)
     num_tokens, hidden, num_topk, num_experts = 4096, 7168, 8, 256
     gen = torch.Generator().manual_seed(0)
@@ -199,7 +208,7 @@ def main():
                 for name in ("dispatch (cached, BF16)", "combine"):
                     print(
                         f"\ncProfile of {name}, top functions by own time (inflated by the "
-                        f"profiler):"
+                        "profiler):"
                     )
                     print_profile(ops[name])
     torch.set_default_device(None)
@@ -228,7 +237,8 @@ def main():
             )
     buffer = None  # release peer memory before the process group goes
     dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -310,6 +310,20 @@ def _tuned_entry(kind: str, num_ranks: int, num_sms: int) -> tuple[int, int, int
     return by_sms[min(by_sms, key=lambda sms: (abs(sms - num_sms), -sms))]
 
 
+def v1_rank_count(table: dict, num_ranks: int) -> int:
+    """The rank count whose V1 entry serves `num_ranks`: itself if listed, else the nearest of the
+    same mode (ties to the larger)."""
+    if num_ranks in table:
+        return num_ranks
+    same_mode = [n for n in table if (n <= 8) == (num_ranks <= 8)]
+    return min(same_mode, key=lambda n: (abs(n - num_ranks), -n))
+
+
+def v1_entry(table: dict, num_ranks: int) -> tuple[int, int, int, int]:
+    """V1's chunk values for `num_ranks` (nearest listed count), whatever a tuned file says."""
+    return table[v1_rank_count(table, num_ranks)]
+
+
 def _table_config(kind: str, table: dict, num_ranks: int, num_sms: int) -> Config:
     num_ranks = _as_int(f"{kind}_config", "num_ranks", num_ranks)
     if num_ranks < 1:
@@ -317,10 +331,7 @@ def _table_config(kind: str, table: dict, num_ranks: int, num_sms: int) -> Confi
     tuned = _tuned_entry(kind, num_ranks, num_sms)
     if tuned is not None:
         return Config(num_sms, *tuned)
-    listed = num_ranks
-    if num_ranks not in table:
-        same_mode = [n for n in table if (n <= 8) == (num_ranks <= 8)]
-        listed = min(same_mode, key=lambda n: (abs(n - num_ranks), -n))
+    listed = v1_rank_count(table, num_ranks)
     config = Config(num_sms, *table[listed])
     if listed != num_ranks and (kind, num_ranks) not in _warned:
         _warned.add((kind, num_ranks))
