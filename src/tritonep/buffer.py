@@ -33,7 +33,7 @@ from ._validate import check_int, check_rows_aligned, check_tensor, fail
 from .config import MAX_TOPK, Config
 from .errors import EPStateError, EPUnsupported
 from .event import EventHandle, EventOverlap
-from .handles import IntranodeHandle
+from .handles import InternodeHandle, IntranodeHandle
 from .kernels.common.context import LaunchContext
 from .modes.intranode import IntranodeMode
 from .modes.layout import RoutingLayout
@@ -320,6 +320,13 @@ class Buffer:
         self._intranode = IntranodeMode(
             self._kernels, ctx, self._host, self._streams, self._backend, num_nvl_bytes
         )
+        self._internode = None
+        if topology.is_internode:
+            from .modes.internode import InternodeMode
+
+            self._internode = InternodeMode(
+                self._kernels, ctx, self._memory, self._host, self._streams, self._backend, topology
+            )
         self._low_latency = None
         if low_latency_mode:
             from .modes.low_latency import LowLatencyMode
@@ -569,7 +576,8 @@ class Buffer:
         op = "dispatch"
         self._check_usable(op)
         if self._topology.is_internode:
-            return self.internode_dispatch(
+            return self._internode_dispatch(
+                op,
                 x,
                 handle,
                 num_tokens_per_rank,
@@ -733,7 +741,8 @@ class Buffer:
         op = "combine"
         self._check_usable(op)
         if self._topology.is_internode:
-            return self.internode_combine(
+            return self._internode_combine(
+                op,
                 x,
                 handle,
                 topk_weights,
@@ -788,25 +797,314 @@ class Buffer:
         )
 
     # ---------------------------------------------------------------------- internode (R_n > 1)
-    def internode_dispatch(self, *args, **kwargs):
-        """Internode dispatch (ranks on more than one node): not available in this build."""
-        self._refuse_internode("internode_dispatch")
+    @_plain_torch
+    def internode_dispatch(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        handle: tuple | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """`dispatch` across nodes (spec §11): the same arguments and returns, `config` required.
 
-    def internode_combine(self, *args, **kwargs):
-        """Internode combine (ranks on more than one node): not available in this build."""
-        self._refuse_internode("internode_combine")
+        Each token crosses to each destination node once (to the rank with this rank's local
+        index there), which stores it into every rank of its node that receives it. Non-cached
+        calls also need `num_tokens_per_rdma_rank` (int32 `[R_n]`, from `get_dispatch_layout`) and
+        return the 10-tuple handle of spec §12.2. `dispatch` routes here when the ranks span
+        several nodes.
+        """
+        op = "internode_dispatch"
+        self._check_internode(op)
+        if config is None:
+            fail(op, "config must be given (V1's internode entry points have no default), got None")
+        return self._internode_dispatch(
+            op,
+            x,
+            handle,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
-    def _refuse_internode(self, op: str):
+    @_plain_torch
+    def internode_combine(
+        self,
+        x: torch.Tensor,
+        handle: tuple,
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """`combine` across nodes (spec §11): the same arguments and returns, `config` required.
+
+        Copies are summed inside each node first (fp32, rounded to x's dtype for the crossing),
+        then across nodes in ascending order after the biases (fp32, rounded once). `combine`
+        routes here when the ranks span several nodes.
+        """
+        op = "internode_combine"
+        self._check_internode(op)
+        if config is None:
+            fail(op, "config must be given (V1's internode entry points have no default), got None")
+        return self._internode_combine(
+            op,
+            x,
+            handle,
+            topk_weights,
+            bias,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
+
+    def _check_internode(self, op: str) -> None:
         self._check_usable(op)
-        if not self._topology.is_internode:
+        if self._internode is None:
             raise EPStateError(
                 f"{op}: only valid when the ranks span several nodes (V1: more than 8 ranks), got "
                 f"{self.group_size} ranks in one node of {self._topology.ranks_per_node}"
             )
-        raise EPUnsupported(
-            f"{op}: the internode high-throughput mode ({self._topology.num_nodes} nodes of "
-            f"{self._topology.ranks_per_node} ranks) is not available in this build of tritonep"
+
+    def _internode_dispatch(
+        self,
+        op,
+        x,
+        handle,
+        num_tokens_per_rank,
+        num_tokens_per_rdma_rank,
+        is_token_in_rank,
+        num_tokens_per_expert,
+        topk_idx,
+        topk_weights,
+        expert_alignment,
+        num_worst_tokens,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
+        config = self._resolve_config(op, config, Buffer.get_dispatch_config)
+        if self.num_rdma_bytes == 0:
+            raise EPStateError(f"{op}: the buffer has no RDMA memory (num_rdma_bytes=0)")
+        x_data, x_scales = self._check_dispatch_x(op, x)
+        num_tokens, num_ranks = x_data.size(0), self.group_size
+        check_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
+        if handle is not None:
+            handle = self._check_internode_handle(op, handle, config.num_channels)
+            if topk_idx is not None or topk_weights is not None:
+                fail(
+                    op,
+                    "topk_idx and topk_weights must be None for a cached dispatch (handle given)",
+                )
+            if handle.is_token_in_rank.size(0) != num_tokens:
+                fail(
+                    op,
+                    f"x must have the handle's {handle.is_token_in_rank.size(0)} tokens, got "
+                    f"{num_tokens}",
+                )
+            is_token_in_rank = handle.is_token_in_rank
+        else:
+            check_int(op, "expert_alignment", expert_alignment, minimum=1)
+            counts = (
+                ("num_tokens_per_rank", num_tokens_per_rank, (num_ranks,), torch.int32),
+                (
+                    "num_tokens_per_rdma_rank",
+                    num_tokens_per_rdma_rank,
+                    (self._topology.num_nodes,),
+                    torch.int32,
+                ),
+                ("is_token_in_rank", is_token_in_rank, (num_tokens, num_ranks), torch.bool),
+                ("num_tokens_per_expert", num_tokens_per_expert, (None,), torch.int32),
+            )
+            for name, value, shape, dtype in counts:
+                if value is None:
+                    fail(
+                        op,
+                        f"{name} is required for a non-cached dispatch (no handle given), got None",
+                    )
+                check_tensor(op, name, value, device=self._device, dtypes=(dtype,), shape=shape)
+            num_experts = num_tokens_per_expert.size(0)
+            if num_experts == 0 or num_experts % num_ranks != 0:
+                fail(
+                    op,
+                    f"num_tokens_per_expert must have a positive multiple of {num_ranks} entries, "
+                    f"got {num_experts}",
+                )
+            if num_experts // num_ranks > protocol.MAX_LOCAL_EXPERTS:
+                fail(
+                    op,
+                    f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x "
+                    f"{num_ranks} entries, got {num_experts}",
+                )
+            if (topk_idx is None) != (topk_weights is None):
+                fail(op, "topk_idx and topk_weights must be given together")
+            if topk_idx is not None:
+                check_tensor(
+                    op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32)
+                )
+                if topk_idx.dim() != 2 or topk_idx.size(0) != num_tokens:
+                    fail(
+                        op,
+                        f"topk_idx must have shape [{num_tokens}, K], got {tuple(topk_idx.shape)}",
+                    )
+                if not 0 < topk_idx.size(1) <= MAX_TOPK:
+                    fail(op, f"topk_idx must have 1 <= K <= {MAX_TOPK}, got {topk_idx.size(1)}")
+                check_tensor(
+                    op,
+                    "topk_weights",
+                    topk_weights,
+                    device=self._device,
+                    dtypes=(torch.float32,),
+                    shape=tuple(topk_idx.shape),
+                )
+        return self._internode.dispatch(
+            op,
+            config,
+            x_data,
+            x_scales,
+            handle,
+            num_tokens_per_expert,
+            is_token_in_rank,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
         )
+
+    def _internode_combine(
+        self,
+        op,
+        x,
+        handle,
+        topk_weights,
+        bias,
+        config,
+        previous_event,
+        async_finish,
+        allocate_on_comm_stream,
+    ):
+        config = self._resolve_config(op, config, Buffer.get_combine_config)
+        if self.num_rdma_bytes == 0:
+            raise EPStateError(f"{op}: the buffer has no RDMA memory (num_rdma_bytes=0)")
+        handle = self._check_internode_handle(op, handle, config.num_channels)
+        num_rows, num_tokens = handle.recv_src_meta.size(0), handle.is_token_in_rank.size(0)
+        check_tensor(
+            op, "x", x, device=self._device, dtypes=(torch.bfloat16, torch.float16, torch.float32)
+        )
+        if x.dim() != 2 or x.size(0) != num_rows:
+            fail(op, f"x must have shape [{num_rows}, H] (the handle's rows), got {tuple(x.shape)}")
+        check_rows_aligned(op, "x", x)
+        if topk_weights is not None:
+            check_tensor(
+                op, "topk_weights", topk_weights, device=self._device, dtypes=(torch.float32,)
+            )
+            if (
+                topk_weights.dim() != 2
+                or topk_weights.size(0) != num_rows
+                or not 0 < topk_weights.size(1) <= MAX_TOPK
+            ):
+                fail(
+                    op,
+                    f"topk_weights must have shape [{num_rows}, K] with 1 <= K <= {MAX_TOPK}, got "
+                    f"{tuple(topk_weights.shape)}",
+                )
+        biases = self._check_bias(op, bias, num_tokens, x.size(1), x.dtype)
+        return self._internode.combine(
+            op,
+            config,
+            x,
+            handle,
+            topk_weights,
+            biases,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
+
+    def _check_internode_handle(self, op: str, handle, num_channels: int) -> InternodeHandle:
+        key = (id(handle), num_channels)
+        hit = self._validated_handles.get(key)
+        if hit is not None and hit[0] is handle:
+            return hit[1]
+        checked = self._validate_internode_handle(op, handle, num_channels)
+        if isinstance(handle, tuple):
+            if len(self._validated_handles) >= 8:  # forget the oldest (dicts keep insertion order)
+                del self._validated_handles[next(iter(self._validated_handles))]
+            self._validated_handles[key] = (handle, checked)
+        return checked
+
+    def _validate_internode_handle(self, op: str, handle, num_channels: int) -> InternodeHandle:
+        if not isinstance(handle, (tuple, list)) or len(handle) != 10:
+            kind = (
+                f"a {type(handle).__name__} of {len(handle)}"
+                if isinstance(handle, (tuple, list))
+                else type(handle).__name__
+            )
+            fail(op, f"handle must be the 10-tuple of an internode dispatch, got {kind}")
+        handle = InternodeHandle(*handle)
+        num_ranks, num_nodes = self.group_size, self._topology.num_nodes
+        check_tensor(
+            op,
+            "handle[0] (is_token_in_rank)",
+            handle.is_token_in_rank,
+            device=self._device,
+            dtypes=(torch.bool,),
+            shape=(None, num_ranks),
+        )
+        handle_channels = handle.rdma_channel_prefix_matrix.size(-1)
+        if handle_channels != num_channels:
+            fail(
+                op,
+                f"config has {num_channels} channels (num_sms={2 * num_channels}) but the handle "
+                f"was made with {handle_channels} (num_sms={2 * handle_channels})",
+            )
+        num_tokens = handle.is_token_in_rank.size(0)
+        entries = (
+            (1, "rdma_channel_prefix_matrix", (num_nodes, num_channels), torch.int32),
+            (2, "gbl_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
+            (3, "recv_rdma_channel_prefix_matrix", (num_nodes, num_channels), torch.int32),
+            (4, "recv_rdma_rank_prefix_sum", (num_nodes,), torch.int32),
+            (5, "recv_gbl_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
+            (6, "recv_gbl_rank_prefix_sum", (num_ranks,), torch.int32),
+            (7, "recv_src_meta", (None, 8), torch.uint8),
+            (8, "send_rdma_head", (num_tokens, num_nodes), torch.int32),
+            (9, "send_nvl_head", (None, self._topology.ranks_per_node), torch.int32),
+        )
+        for index, name, shape, dtype in entries:
+            check_tensor(
+                op,
+                f"handle[{index}] ({name})",
+                handle[index],
+                device=self._device,
+                dtypes=(dtype,),
+                shape=shape,
+            )
+        return handle
 
     # --------------------------------------------------------------------------- low latency
     def _ll(self, op: str):

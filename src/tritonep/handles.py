@@ -23,3 +23,34 @@ class IntranodeHandle(NamedTuple):
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
     send_head: torch.Tensor
+
+
+class InternodeHandle(NamedTuple):
+    """10-tuple returned by a non-cached internode dispatch (spec §12.2); R_n nodes, C channels.
+
+    is_token_in_rank: bool `[N, R]`, the caller's mask.
+    rdma_channel_prefix_matrix: int32 `[R_n, C]`, this rank's tokens of channels `<= c` to node n.
+    gbl_channel_prefix_matrix: int32 `[R, C]`, this rank's tokens of channels `<= c` to rank j.
+    recv_rdma_channel_prefix_matrix: int32 `[R_n, C]`, tokens of channels `<= c` that reach this
+        node from node n's rank with this rank's local index (they pass through this rank).
+    recv_rdma_rank_prefix_sum: int32 `[R_n]`, inclusive prefix over nodes of those token counts.
+    recv_gbl_channel_prefix_matrix: int32 `[R, C]`, first output row of (source rank j, channel c).
+    recv_gbl_rank_prefix_sum: int32 `[R]`, inclusive prefix over source ranks of received rows.
+    recv_src_meta: uint8 `[X, 8]`, per received row: int32 source node, int32 mask of the ranks of
+        this node that received the token (little-endian).
+    send_rdma_head: int32 `[N, R_n]`, token t's index in its channel's stream to node n, -1 if it
+        does not go there.
+    send_nvl_head: int32 `[X_rdma, d]`, for each token forwarded by this rank, its index in the
+        combine stream of each local rank, -1 where that rank did not receive it.
+    """
+
+    is_token_in_rank: torch.Tensor
+    rdma_channel_prefix_matrix: torch.Tensor
+    gbl_channel_prefix_matrix: torch.Tensor
+    recv_rdma_channel_prefix_matrix: torch.Tensor
+    recv_rdma_rank_prefix_sum: torch.Tensor
+    recv_gbl_channel_prefix_matrix: torch.Tensor
+    recv_gbl_rank_prefix_sum: torch.Tensor
+    recv_src_meta: torch.Tensor
+    send_rdma_head: torch.Tensor
+    send_nvl_head: torch.Tensor
