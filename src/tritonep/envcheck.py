@@ -412,8 +412,10 @@ def _check_choice(found: Findings, num_ranks: int, num_gpus: int) -> tuple[str, 
         )
     else:
         mode = "internode"
-        # The internode mode ships as modes/internode.py; builds without it refuse the calls.
-        if has_module("tritonep.modes.internode"):
+        # Builds without the internode mode refuse its calls (Buffer._refuse_internode).
+        from .buffer import Buffer
+
+        if has_module("tritonep.modes.internode") and not hasattr(Buffer, "_refuse_internode"):
             found.add(
                 section,
                 "high-throughput mode",
