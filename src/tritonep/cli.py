@@ -93,10 +93,6 @@ class Plan:
         return (self.check != "none") + 1 + len(self.points) + self.nccl
 
 
-def _gpu_defaults(backend: str) -> bool:
-    return backend == "cuda"
-
-
 def _resolve_common(args: argparse.Namespace) -> None:
     """Fill backend, ranks, shape and memory defaults that depend on the machine."""
     import torch
@@ -105,7 +101,7 @@ def _resolve_common(args: argparse.Namespace) -> None:
         from .runtime.topology import select_backend
 
         args.backend = select_backend()
-    gpu = _gpu_defaults(args.backend)
+    gpu = args.backend == "cuda"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("tritonep: --backend cuda, but torch sees no usable CUDA device")
     if not args.ranks:
@@ -123,15 +119,11 @@ def _shape(args: argparse.Namespace) -> Shape:
 
 
 def _default_configs(num_ranks: int, num_sms: int):
-    """The dispatch and combine configs a Buffer uses by default (tuned file or V1 tables)."""
-    import tritonep
+    """The dispatch and combine configs a Buffer uses by default at `num_sms` (the tuned file's
+    entries where `TRITONEP_CONFIG_FILE` lists them, else V1's tables)."""
+    from . import config
 
-    dispatch = tritonep.Buffer.get_dispatch_config(num_ranks)
-    combine = tritonep.Buffer.get_combine_config(num_ranks)
-    return (
-        dataclasses.replace(dispatch, num_sms=num_sms),
-        dataclasses.replace(combine, num_sms=num_sms),
-    )
+    return config.dispatch_config(num_ranks, num_sms), config.combine_config(num_ranks, num_sms)
 
 
 def _config_source() -> str:
@@ -755,8 +747,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     ranks = _run_ranks(_rank_main, (plan,), args.ranks, plan.steps(), title, args.quiet)
     meta = _meta(args, "tune")
     meta["configs_from"] = "swept (V1's tables as the baseline)"
-    # A config must suit every rank: rank r's time of a call is the same collective as rank 0's,
-    # so take the slowest rank's time per point.
+    # A collective is as fast as its slowest rank: judge each config by the slowest rank's time.
     worst = [max(r["points"][i]["us"] for r in ranks) for i in range(len(points))]
     merged = [dict(p, us=w) for p, w in zip(ranks[0]["points"], worst, strict=True)]
     for p in merged:
