@@ -188,7 +188,7 @@ def _time_point(buffer, inputs: dict, point: Point, handles: dict, plan: Plan) -
 
 def _rank_main(rank: int, world_size: int, port: int, plan: Plan, path: str, queue) -> None:
     """One rank of `bench` / `tune`: run the plan's steps, report each to the parent (rank 0)."""
-    from tritonep.bench import _Ctx, bench_events, gpus_shared, join_group, nccl_baseline
+    from tritonep.bench import _Ctx, bench_events, join_group, nccl_baseline
 
     group = join_group(rank, world_size, port, plan.backend)
     import torch
@@ -253,7 +253,7 @@ def _rank_main(rank: int, world_size: int, port: int, plan: Plan, path: str, que
     for point in plan.points:
         record["points"].append(_time_point(buffer, inputs, point, handles, plan))
         done(point.label)
-    if plan.nccl and not gpus_shared(plan.backend, world_size):
+    if plan.nccl:
         record["nccl"] = nccl_baseline(group, x, itr)
         done("NCCL baseline")
 
@@ -425,6 +425,8 @@ def _bench_points(args: argparse.Namespace) -> tuple[Point, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import gpus_shared
+
     _resolve_common(args)
     gpu = args.backend == "cuda"
     if args.num_sms is None:
@@ -451,7 +453,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ),
         points=_bench_points(args),
         kernel_times=gpu,
-        nccl=gpu and args.ranks > 1,
+        nccl=gpu and args.ranks > 1 and not gpus_shared(args.backend, args.ranks),
     )
     title = f"bench: {args.ranks} ranks, {args.backend}"
     ranks = _run_ranks(_rank_main, (plan,), args.ranks, plan.steps(), title, args.quiet)
