@@ -44,7 +44,8 @@ def _split_hook_times(prof, word: str) -> tuple[float, float]:
 
 
 def _rank_main(rank, world_size, port, args, results_path):
-    from tritonep.bench import _Ctx, bench_events, bench_kernels, join_group
+    from tritonep.bench import bench_events, bench_kernels, join_group
+    from tritonep.testing.dist import RankContext
 
     group = join_group(rank, world_size, port, "cuda")
     import torch
@@ -54,7 +55,7 @@ def _rank_main(rank, world_size, port, args, results_path):
     from tritonep.testing import low_latency as ll
     from tritonep.testing.checks import make_routing
 
-    ctx = _Ctx(rank, world_size, group)
+    ctx = RankContext(rank, world_size, group)
     shape = dict(
         num_tokens=args.tokens,
         hidden=args.hidden,
@@ -242,12 +243,12 @@ def main(argv=None) -> int:
     import torch
     import torch.multiprocessing as mp
 
-    from tritonep.bench import _free_port, git_commit, gpus_shared
+    from tritonep.bench import free_port, git_commit, gpus_shared
 
     results_path = f"/tmp/tritonep-ll-{os.getpid()}.json"
     mp.spawn(
         _rank_main,
-        args=(args.ranks, _free_port(), args, results_path),
+        args=(args.ranks, free_port(), args, results_path),
         nprocs=args.ranks,
         join=True,
     )

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: GPU tests, layout and host-path timings, dispatch/combine benchmark,
-# GPU pressure run. Results land in $OUT (the device tool fetches them); the short table comes last.
+# The GPU tests and benchmarks in one script: GPU tests, layout and host-path timings,
+# dispatch/combine benchmark, low-latency benchmark, NVSHMEM layer check, pressure run. Results land
+# in $OUT (default /tmp/tritonep-gpu); each stage ends with a short table.
 #
 #   STAGES="tests layout host scaling bench ll nvshmem pressure" (default: all)   which parts to
-#       run; together they take longer than 10 minutes on 2 GPUs: split them, e.g.
-#       STAGES="ll nvshmem", then STAGES="tests layout bench", then STAGES="host scaling pressure"
+#       run; all of them take 15-20 minutes on 2 GPUs, so a machine with a time limit per command
+#       may want them split, e.g. STAGES="ll nvshmem", then "tests layout bench", then the rest
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
-#   VARIANTS='[...]'         program-shape variants compared by the bench stage
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -51,18 +51,16 @@ if has scaling; then
   timeout 200 python3 benchmarks/sm_scaling.py --json "$OUT/sm-scaling.json" 2>&1 | grep -v "Warning\|warn"
 fi
 
-# Program-shape variants compared in the same run (see Buffer._tuning).
-VARIANTS=${VARIANTS:-'[{"prefetch": false}, {"dispatch_warps": 4, "combine_warps": 4}, {"dispatch_tile_words": 16384, "combine_tile_words": 16384}, {"combine_tile": 16}]'}
 if has bench; then
   if [ "$NGPU" -ge 2 ]; then
     echo "== dispatch/combine benchmark, EP$NGPU"
-    timeout 420 python3 -m tritonep.bench --sweep --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU.json" 2>&1 | tail -45
+    timeout 420 python3 -m tritonep bench --sweep --quiet ${BENCH_ARGS:-} --json "$OUT/bench-ep$NGPU.json" 2>&1 | tail -45
   else
     echo "== one GPU: local copy path (EP1)"
-    timeout 200 python3 -m tritonep.bench --ranks 1 --no-check --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep1.json" 2>&1 | tail -40
+    timeout 200 python3 -m tritonep bench --ranks 1 --check none --quiet ${BENCH_ARGS:-} --json "$OUT/bench-ep1.json" 2>&1 | tail -40
     if mps_start; then
       echo "== one GPU, two ranks under MPS (queue protocol over HBM; not an NVLink figure)"
-      TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep.bench --ranks 2 --variants "$VARIANTS" ${BENCH_ARGS:-} --json "$OUT/bench-ep2-mps.json" 2>&1 | tail -40
+      TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep bench --ranks 2 --quiet ${BENCH_ARGS:-} --json "$OUT/bench-ep2-mps.json" 2>&1 | tail -40
       mps_stop
     else
       echo "(no MPS daemon: skipping the two-ranks-on-one-GPU benchmark)"

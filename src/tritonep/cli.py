@@ -188,7 +188,8 @@ def _time_point(buffer, inputs: dict, point: Point, handles: dict, plan: Plan) -
 
 def _rank_main(rank: int, world_size: int, port: int, plan: Plan, path: str, queue) -> None:
     """One rank of `bench` / `tune`: run the plan's steps, report each to the parent (rank 0)."""
-    from tritonep.bench import _Ctx, bench_events, join_group, nccl_baseline
+    from tritonep.bench import bench_events, join_group, nccl_baseline
+    from tritonep.testing.dist import RankContext
 
     group = join_group(rank, world_size, port, plan.backend)
     import torch
@@ -204,7 +205,7 @@ def _rank_main(rank: int, world_size: int, port: int, plan: Plan, path: str, que
     if plan.backend == "cuda":
         # DeepEP's tests time under a default CUDA device; so do we, for comparable figures.
         torch.set_default_device("cuda")
-    ctx = _Ctx(rank, world_size, group)
+    ctx = RankContext(rank, world_size, group)
     buffer = tritonep.Buffer(group, num_nvl_bytes=plan.nvl_bytes)
     ctx.state[("buffer", plan.nvl_bytes)] = buffer
     record: dict[str, Any] = {"rank": rank, "checks": None, "points": [], "nccl": None}
@@ -276,13 +277,13 @@ def _run_ranks(target: Callable, args: tuple, num_ranks: int, total: int, title:
     draw rank 0's progress; return what rank 0 wrote to `path` (every rank's record)."""
     import torch.multiprocessing as mp
 
-    from .bench import _free_port
+    from .bench import free_port
 
     path = os.path.join("/tmp", f"tritonep-cli-{os.getpid()}.json")
     queue = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
         target,
-        args=(num_ranks, _free_port(), *args, path, queue),
+        args=(num_ranks, free_port(), *args, path, queue),
         nprocs=num_ranks,
         join=False,
         start_method="spawn",
@@ -882,10 +883,11 @@ def _pressure_rank(
 
     import torch.distributed as dist
 
-    from tritonep.bench import _Ctx, join_group
+    from tritonep.bench import join_group
     from tritonep.testing import checks, pressure
+    from tritonep.testing.dist import RankContext
 
-    ctx = _Ctx(rank, world_size, join_group(rank, world_size, port, backend))
+    ctx = RankContext(rank, world_size, join_group(rank, world_size, port, backend))
     space = pressure.GPU_SPACE if backend == "cuda" else pressure.CPU_SPACE
     overall, failures, done = hashlib.sha256(), [], 0
     started = time.perf_counter()

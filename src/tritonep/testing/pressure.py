@@ -217,9 +217,10 @@ def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: floa
 def _rank_main(rank, world_size, port, args, path):
     import torch.distributed as dist
 
-    from tritonep.bench import _Ctx, join_group
+    from tritonep.bench import join_group
+    from tritonep.testing.dist import RankContext
 
-    ctx = _Ctx(rank, world_size, join_group(rank, world_size, port, args.backend))
+    ctx = RankContext(rank, world_size, join_group(rank, world_size, port, args.backend))
     result = run_rounds(
         ctx,
         args.seed,
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
 
-    from tritonep.bench import _free_port, git_commit, gpus_shared
+    from tritonep.bench import free_port, git_commit, gpus_shared
 
     if args.backend == "auto":
         args.backend = (
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
         args.ranks = torch.cuda.device_count() if args.backend == "cuda" else 2
     path = f"/tmp/tritonep-pressure-{os.getpid()}.json"
     started = time.perf_counter()
-    mp.spawn(_rank_main, args=(args.ranks, _free_port(), args, path), nprocs=args.ranks, join=True)
+    mp.spawn(_rank_main, args=(args.ranks, free_port(), args, path), nprocs=args.ranks, join=True)
     with open(path) as f:
         ranks = json.load(f)
     os.unlink(path)
