@@ -102,7 +102,7 @@ if has pressure; then
   RANKS=$(( NGPU >= 2 ? NGPU : 2 ))
   echo "== pressure, $RANKS ranks"
   [ "$NGPU" -ge 2 ] || mps_start || true
-  timeout $(( ${PRESSURE_SECONDS:-240} + 60 )) python3 -m tritonep.testing.pressure --ranks "$RANKS" --rounds 10000 \
+  timeout $(( ${PRESSURE_SECONDS:-240} + 60 )) python3 -m tritonep pressure --quiet --ranks "$RANKS" --rounds 10000 \
     --seconds "${PRESSURE_SECONDS:-240}" --json "$OUT/pressure.json" 2>&1 | tail -8
   [ "$NGPU" -ge 2 ] || mps_stop
 fi

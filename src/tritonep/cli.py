@@ -874,41 +874,20 @@ def _pressure_rank(
     path: str,
     queue,
 ) -> None:
-    """One rank of `pressure`: `tritonep.testing.pressure`'s rounds, reported one by one.
-
-    Same rounds, stop rules and digest as `pressure.run_rounds` (sha256 over the round hashes, so
-    equal seeds give equal digests in both tools); this loop only adds the progress report.
-    """
-    import hashlib
-
+    """One rank of `pressure`: `tritonep.testing.pressure.run_rounds`, reported round by round."""
     import torch.distributed as dist
 
     from tritonep.bench import join_group
-    from tritonep.testing import checks, pressure
+    from tritonep.testing import pressure
     from tritonep.testing.dist import RankContext
+
+    def report(seed: int, failed: bool) -> None:
+        if rank == 0:
+            queue.put(f"seed {seed}" + (" FAILED" if failed else ""))
 
     ctx = RankContext(rank, world_size, join_group(rank, world_size, port, backend))
     space = pressure.GPU_SPACE if backend == "cuda" else pressure.CPU_SPACE
-    overall, failures, done = hashlib.sha256(), [], 0
-    started = time.perf_counter()
-    for seed in range(first_seed, first_seed + rounds):
-        if seconds > 0 and checks.gather(ctx.group, time.perf_counter() - started > seconds)[0]:
-            break
-        done += 1
-        try:
-            overall.update(pressure.pressure_round(ctx, seed, space).encode())
-        except AssertionError as e:
-            failures.append(str(e)[:500])
-        if rank == 0:
-            queue.put(f"seed {seed}" + (" FAILED" if failures else ""))
-        if len(failures) >= 5:
-            break
-    result = {
-        "rounds": done,
-        "failures": failures,
-        "digest": overall.hexdigest()[:16],
-        "seconds": time.perf_counter() - started,
-    }
+    result = pressure.run_rounds(ctx, first_seed, rounds, space, seconds, on_round=report)
     everyone = [None] * world_size
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -920,6 +899,8 @@ def _pressure_rank(
 
 def cmd_pressure(args: argparse.Namespace) -> int:
     import torch
+
+    from .bench import gpus_shared
 
     if args.backend == "auto":
         from .runtime.topology import select_backend
@@ -971,7 +952,7 @@ def cmd_pressure(args: argparse.Namespace) -> int:
         print(
             _wrap(
                 "digest per rank: sha256 over its round hashes; the same seeds, backend and rank "
-                "count give the same digests, here and in `python -m tritonep.testing.pressure`"
+                "count give the same digests"
             )
         )
         print(
@@ -989,6 +970,7 @@ def cmd_pressure(args: argparse.Namespace) -> int:
             "first_seed": args.seed,
             "requested_rounds": args.rounds,
             "seconds_limit": args.seconds,
+            "gpus_shared_by_ranks": gpus_shared(args.backend, args.ranks),
             "commit": _commit(),
             "device": torch.cuda.get_device_name(0) if gpu else "cpu",
             "seconds": elapsed,

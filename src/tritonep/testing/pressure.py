@@ -1,7 +1,7 @@
 """Pressure test: many randomized dispatch/combine rounds, each checked and hashed twice.
 
-    python -m tritonep.testing.pressure --rounds 10000 --json benchmarks/results/pressure.json
-    python -m tritonep.testing.pressure --rounds 20 --backend cpu --ranks 3
+    tritonep pressure --rounds 10000 --json benchmarks/results/pressure.json
+    python -m tritonep.testing.pressure --rounds 20 --backend cpu --ranks 3   # the same command
 
 Every round draws a geometry from its seed (tokens, hidden size, top-k, experts, SM count, chunk,
 queue capacity; BF16 or FP8; routing with -1 slots and skewed experts; non-cached, cached or
@@ -13,13 +13,11 @@ all round hashes, which is identical for identical seeds.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
 import random
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -187,10 +185,19 @@ def pressure_round(ctx, seed: int, space: dict) -> str:
     return digest
 
 
-def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: float = 0.0) -> dict:
+def run_rounds(
+    ctx,
+    first_seed: int,
+    num_rounds: int,
+    space: dict,
+    seconds: float = 0.0,
+    on_round: Callable[[int, bool], None] | None = None,
+) -> dict:
     """Run rounds [first_seed, first_seed + num_rounds); returns count, failures and a digest.
 
     `seconds` > 0: no round starts once rank 0 has spent that long (the ranks agree each round).
+    `on_round(seed, failed_so_far)` runs after each round (the CLI's progress report). Five
+    failures stop the run.
     """
     overall = hashlib.sha256()
     failures = []
@@ -204,8 +211,10 @@ def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: floa
             overall.update(pressure_round(ctx, seed, space).encode())
         except AssertionError as e:
             failures.append(str(e)[:500])
-            if len(failures) >= 5:
-                break
+        if on_round is not None:
+            on_round(seed, bool(failures))
+        if len(failures) >= 5:
+            break
     return {
         "rounds": rounds,
         "failures": failures,
@@ -214,87 +223,7 @@ def run_rounds(ctx, first_seed: int, num_rounds: int, space: dict, seconds: floa
     }
 
 
-def _rank_main(rank, world_size, port, args, path):
-    import torch.distributed as dist
-
-    from tritonep.bench import join_group
-    from tritonep.testing.dist import RankContext
-
-    ctx = RankContext(rank, world_size, join_group(rank, world_size, port, args.backend))
-    result = run_rounds(
-        ctx,
-        args.seed,
-        args.rounds,
-        GPU_SPACE if args.backend == "cuda" else CPU_SPACE,
-        args.seconds,
-    )
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, result)
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(everyone, f)
-    ctx.state.clear()
-    dist.destroy_process_group()
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ranks", type=int, default=0)
-    parser.add_argument("--backend", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=0.0,
-        help="stop starting rounds after this long (0: no limit)",
-    )
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
-    import torch.multiprocessing as mp
-
-    from tritonep.bench import free_port, git_commit, gpus_shared
-
-    if args.backend == "auto":
-        args.backend = (
-            "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
-        )
-    if not args.ranks:
-        args.ranks = torch.cuda.device_count() if args.backend == "cuda" else 2
-    path = f"/tmp/tritonep-pressure-{os.getpid()}.json"
-    started = time.perf_counter()
-    mp.spawn(_rank_main, args=(args.ranks, free_port(), args, path), nprocs=args.ranks, join=True)
-    with open(path) as f:
-        ranks = json.load(f)
-    os.unlink(path)
-    summary = {
-        "backend": args.backend,
-        "ranks": args.ranks,
-        "first_seed": args.seed,
-        "requested_rounds": args.rounds,
-        "seconds_limit": args.seconds,
-        "gpus_shared_by_ranks": gpus_shared(args.backend, args.ranks),
-        "commit": git_commit(),
-        "device": torch.cuda.get_device_name(0) if args.backend == "cuda" else "cpu",
-        "seconds": time.perf_counter() - started,
-        "per_rank": ranks,
-    }
-    ok = all(not r["failures"] and (r["rounds"] == args.rounds or args.seconds > 0) for r in ranks)
-    print(
-        f"pressure: {ranks[0]['rounds']} rounds on {args.ranks} ranks ({args.backend}), "
-        f"{'all exact and reproducible' if ok else 'FAILURES'}; digests "
-        f"{[r['digest'] for r in ranks]}"
-    )
-    for r in ranks:
-        for failure in r["failures"]:
-            print("  ", failure)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from tritonep.cli import main
+
+    sys.exit(main(["pressure", *sys.argv[1:]]))
