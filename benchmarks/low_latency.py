@@ -273,7 +273,7 @@ def main(argv=None) -> int:
             "experts": args.experts,
         },
         "method": "kernel: profiler device time per call; pair and graph: CUDA events, DeepEP's "
-        "bench (spec §17.3)",
+        "bench (benchmarks §2)",
     }
     print(
         f"low-latency, {args.ranks} ranks on {meta['gpus']} GPU(s), force_put={meta['force_put']}, "

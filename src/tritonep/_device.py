@@ -1,4 +1,4 @@
-"""Device queries shared by `Buffer` and `deep_ep_cpp` (spec/API.md §1.2, §6.1).
+"""Device queries shared by `Buffer` and `deep_ep_cpp` (reference §1.2, §6.1).
 
 Nothing here runs at import time: `import tritonep` must not touch the CUDA driver.
 """
@@ -20,9 +20,9 @@ def cuda_available() -> bool:
 def is_sm90_compiled() -> bool:
     """True iff FP8 / Hopper-class paths are usable: CUDA present, current device capability >= 9.0.
 
-    False without CUDA and when `TRITONEP_BACKEND=cpu` (V1 tests then skip FP8 inputs, spec §1.2).
-    Never raises on a machine without CUDA; on a CUDA machine an invalid `TRITONEP_BACKEND` raises
-    `EPInvalidArgument`, as Buffer construction would.
+    False without CUDA and when `TRITONEP_BACKEND=cpu` (V1 tests then skip FP8 inputs, reference
+    §1.2). Never raises on a machine without CUDA; on a CUDA machine an invalid `TRITONEP_BACKEND`
+    raises `EPInvalidArgument`, as Buffer construction would.
     """
     if not cuda_available():
         return False

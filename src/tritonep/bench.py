@@ -7,7 +7,7 @@ warm-ups, L2 flushed once by zeroing 256 MB, 50 timed calls, first dropped, mean
 call on the CPU backend), the profiler's kernel-only time beside it (`bench_kernels`), the set-up of
 a spawned rank (`join_group`: backend, device, process group), the plain NCCL pipeline a user would
 write without tritonep (`nccl_baseline`), and the commit recorded in result files (`git_commit`).
-Bandwidths follow spec §17.1: bytes received by the rank (own rows included) / time; FP8 rows
+Bandwidths follow benchmarks §2: bytes received by the rank (own rows included) / time; FP8 rows
 count `hidden * (1 + 4/128)` bytes (`FP8_FACTOR` relative to BF16).
 """
 

@@ -1,4 +1,4 @@
-"""`Buffer`: DeepEP V1's communication buffer (spec §5-§14): the public surface.
+"""`Buffer`: DeepEP V1's communication buffer (reference §5-§14): the public surface.
 
 This module holds what a DeepEP user touches: construction and its rules, attributes, argument
 checks, and the routing of each call to the mode that serves it. The work happens below:
@@ -56,7 +56,7 @@ def _plain_torch(method):
 
 
 class _Runtime:
-    """The subset of V1's C++ runtime object that user code calls directly (spec §7.3)."""
+    """The subset of V1's C++ runtime object that user code calls directly (reference §7.3)."""
 
     def __init__(self, buffer: Buffer):
         self._buffer = weakref.ref(buffer)
@@ -415,7 +415,7 @@ class Buffer:
     def get_low_latency_rdma_size_hint(
         num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
     ) -> int:
-        """V1's exact `num_rdma_bytes` recommendation for the low-latency mode (spec §6.5)."""
+        """V1's exact `num_rdma_bytes` recommendation for the low-latency mode (reference §6.5)."""
         return _config.get_low_latency_rdma_size_hint(
             num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
         )
@@ -501,7 +501,7 @@ class Buffer:
         Arguments:
             topk_idx: `[N, K]` int64 (or int32), the experts each token selects; negative = none.
             num_experts: total experts E, divisible by the rank count.
-            previous_event, async_finish, allocate_on_comm_stream: stream rules of spec §14.5.
+            previous_event, async_finish, allocate_on_comm_stream: stream rules of reference §14.5.
 
         Returns:
             num_tokens_per_rank: int32 `[R]`; num_tokens_per_rdma_rank: int32 `[R // nvl domain]`
@@ -563,7 +563,7 @@ class Buffer:
             num_worst_tokens: if > 0, outputs get exactly this many rows and the host never blocks
                 (padding rows carry top-k -1 and weight 0).
             config: `Config`; None means `get_dispatch_config(R)`.
-            previous_event, async_finish, allocate_on_comm_stream: stream rules of spec §14.5.
+            previous_event, async_finish, allocate_on_comm_stream: stream rules of reference §14.5.
 
         Returns:
             (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
@@ -730,7 +730,7 @@ class Buffer:
             topk_weights: optional float32 `[X, K]`, summed alongside (no bias).
             bias: None, a tensor or a pair of tensors `[N, H]` with x's dtype, added once per token.
             config: `Config` with the handle's `num_sms`; None means `get_combine_config(R)`.
-            previous_event, async_finish, allocate_on_comm_stream: stream rules of spec §14.5.
+            previous_event, async_finish, allocate_on_comm_stream: stream rules of reference §14.5.
 
         Returns:
             (combined_x `[N, H]`, combined_topk_weights `[N, K]` or None, event). The sum is
@@ -815,12 +815,12 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """`dispatch` across nodes (spec §11): the same arguments and returns, `config` required.
+        """`dispatch` across nodes (reference §11): same arguments and returns, `config` required.
 
         Each token crosses to each destination node once (to the rank with this rank's local
         index there), which stores it into every rank of its node that receives it. Non-cached
         calls also need `num_tokens_per_rdma_rank` (int32 `[R_n]`, from `get_dispatch_layout`) and
-        return the 10-tuple handle of spec §12.2. `dispatch` routes here when the ranks span
+        return the 10-tuple handle of reference §12.2. `dispatch` routes here when the ranks span
         several nodes.
         """
         op = "internode_dispatch"
@@ -857,7 +857,7 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ):
-        """`combine` across nodes (spec §11): the same arguments and returns, `config` required.
+        """`combine` across nodes (reference §11): same arguments and returns, `config` required.
 
         Copies are summed inside each node first (fp32, rounded to x's dtype for the crossing),
         then across nodes in ascending order after the biases (fp32, rounded once). `combine`

@@ -1,6 +1,6 @@
 """`Config` of the high-throughput (HT) kernels, V1's buffer size hints, and per-rank-count tables.
 
-What a Config means in tritonep (spec/API.md §3):
+What a Config means in tritonep (reference §3):
   * `num_sms` is the program budget of the HT data kernels: their persistent grids never hold
     more than `num_sms` programs, so the remaining SMs stay free for overlapped compute. The work
     is split into `C = num_sms // 2` channels (V1 runs a sender and a receiver block per channel);
@@ -88,7 +88,7 @@ class Config:
         num_max_rdma_chunked_recv_tokens: inter-node queue capacity, `> 0`; stored rounded up to a
             multiple of the rdma send chunk, which must then be at most half of it.
 
-    Raises `EPInvalidArgument` naming the first argument that breaks a rule (spec §3 order).
+    Raises `EPInvalidArgument` naming the first argument that breaks a rule (reference §3 order).
     Instances are immutable, hashable, comparable and picklable.
     """
 
@@ -135,7 +135,7 @@ class Config:
         return self.num_sms // 2
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of `num_nvl_bytes` that V1 asks for HT calls with this config (spec §3.1).
+        """Bytes of `num_nvl_bytes` that V1 asks for HT calls with this config (reference §3.1).
 
         Args:
             hidden_bytes: bytes of one token row, `H * element_size` (V1 tests pass `H * 2`).
@@ -160,7 +160,7 @@ class Config:
         return _align128(c * nv * (2 * rd + 3) * 4 + rows * row_bytes)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of `num_rdma_bytes` that V1 asks for HT calls with this config (spec §3.1).
+        """Bytes of `num_rdma_bytes` that V1 asks for HT calls with this config (reference §3.1).
 
         Args:
             hidden_bytes: bytes of one token row, `H * element_size`.
@@ -193,7 +193,7 @@ class Config:
 def get_low_latency_rdma_size_hint(
     num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
 ) -> int:
-    """Bytes of `num_rdma_bytes` that V1 asks for low-latency mode (spec §6.5).
+    """Bytes of `num_rdma_bytes` that V1 asks for low-latency mode (reference §6.5).
 
     Two buffer sets, each with a send half, a receive half and a signal half. A dispatch message is
     a 16-byte header plus the larger of a BF16 row and an FP8 row with one float scale per 128
@@ -211,7 +211,7 @@ def get_low_latency_rdma_size_hint(
     return (total // 128 + 1) * 128
 
 
-# num_ranks -> (nvl_send, nvl_recv, rdma_send, rdma_recv), V1's tuned entries (spec §6.3).
+# num_ranks -> (nvl_send, nvl_recv, rdma_send, rdma_recv), V1's tuned entries (reference §6.3).
 DISPATCH_TABLE: dict[int, tuple[int, int, int, int]] = {
     2: (24, 256, 6, 128),
     4: (6, 256, 6, 128),

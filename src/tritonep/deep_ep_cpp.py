@@ -1,4 +1,4 @@
-"""Stand-in for V1's compiled extension module `deep_ep_cpp` (spec §1.1).
+"""Stand-in for V1's compiled extension module `deep_ep_cpp` (reference §1.1).
 
 V1 code imports a few names from it directly; `as_deep_ep()` also registers this module as
 `deep_ep_cpp`. `is_sm90_compiled` lives in `tritonep._device` so `Buffer` shares it.

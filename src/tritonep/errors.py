@@ -1,4 +1,4 @@
-"""Exception classes of tritonep (spec/API.md §2).
+"""Exception classes of tritonep (reference §2).
 
 Each class also derives from the exception family DeepEP V1 raised for the same failure
 (`AssertionError` for Python-side checks, `RuntimeError` for C++ checks), so V1-era `except`

@@ -1,9 +1,10 @@
-"""Events: `EventHandle` (a recorded CUDA event) and `EventOverlap` (DeepEP's wrapper), spec §4.
+"""Events (reference §4): `EventHandle` (a recorded CUDA event), `EventOverlap` (DeepEP's wrapper).
 
 On the CPU backend there are no streams: handles carry `event = None` and every wait is a no-op, so
 V1 code that waits on events runs unchanged (the CPU backend finishes its work before returning).
 
-`previous_handle` resolves a `previous_event` argument for the Buffer's stream rules (spec §14.5).
+`previous_handle` resolves a `previous_event` argument for the Buffer's stream rules
+(reference §14.5).
 """
 
 from collections.abc import Callable

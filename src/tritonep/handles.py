@@ -1,4 +1,4 @@
-"""Handle tuples in DeepEP V1's field order (spec §12). NamedTuples are tuples: `handle[0]`
+"""Handle tuples in DeepEP V1's field order (reference §12). NamedTuples are tuples: `handle[0]`
 works."""
 
 from typing import NamedTuple
@@ -26,7 +26,8 @@ class IntranodeHandle(NamedTuple):
 
 
 class InternodeHandle(NamedTuple):
-    """10-tuple returned by a non-cached internode dispatch (spec §12.2); R_n nodes, C channels.
+    """10-tuple returned by a non-cached internode dispatch (reference §12.2); R_n nodes, C
+    channels.
 
     is_token_in_rank: bool `[N, R]`, the caller's mask.
     rdma_channel_prefix_matrix: int32 `[R_n, C]`, this rank's tokens of channels `<= c` to node n.

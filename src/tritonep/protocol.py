@@ -43,10 +43,10 @@ import functools
 from dataclasses import dataclass
 
 MAX_CHANNELS = 128  # num_sms <= 256
-MAX_LOCAL_EXPERTS = 1024  # spec §15.1: E / R <= 1024
+MAX_LOCAL_EXPERTS = 1024  # reference §15.1: E / R <= 1024
 ALIGN = 128
 
-# Phases named in device error records (spec §14.7), and what the record's "channel" slot holds.
+# Phases named in device error records (reference §14.7), and what the record's "channel" slot holds.
 PHASE_NOTIFY, PHASE_DISPATCH, PHASE_COMBINE = 1, 2, 3
 PHASE_LL_DISPATCH, PHASE_LL_COMBINE, PHASE_LL_CLEAN = 5, 6, 7
 PHASE_NAMES = {

@@ -1,4 +1,5 @@
-"""CUDA graphs (spec §14.8): cached dispatch, combine and worst-case dispatch capture and replay.
+"""CUDA graphs (reference §14.8): cached dispatch, combine and worst-case dispatch capture and
+replay.
 
 The notify kernel advances the epoch in device memory, so replays of one captured call keep the
 ranks' queue counters consistent; every replay is checked against the reference.

@@ -1,4 +1,4 @@
-"""Faults on the CPU backend (spec §14.6, §14.7): no hangs, no silent corruption, clear errors.
+"""Faults on the CPU backend (reference §14.6, §14.7): no hangs, no silent corruption, clear errors.
 
 - a stalled rank (alive, never makes the call): the waiting rank raises `EPTimeoutError` after
   `TRITONEP_TIMEOUT_S` naming itself, the phase and the missing peer; its buffer is poisoned

@@ -1,5 +1,5 @@
-"""Buffer lifetime on the CPU backend (spec §5.2, §5.5, §14.13): create/destroy, several buffers
-per process, garbage collection, the never-destroyed warning, and no leaked peer memory.
+"""Buffer lifetime on the CPU backend (reference §5.2, §5.5, §14.13): create/destroy, several
+buffers per process, garbage collection, the never-destroyed warning, and no leaked peer memory.
 
 Each task runs on 2 rank processes (Triton interpreter, `/dev/shm` peer memory). Leak checks:
 - `/dev/shm/tritonep-*` files: none may remain (each rank unlinks its file right after every rank
@@ -80,7 +80,7 @@ def roundtrip(buffer, rank: int, num_ranks: int, seed: int, hidden: int = 32):
         topk_weights=weights,
         config=config,
     )
-    # Rows arrive by source rank, then source token (spec §14.1).
+    # Rows arrive by source rank, then source token (reference §14.1).
     want = torch.cat(
         [tokens(s, hidden)[in_rank(routing(s, seed), num_ranks)[:, rank]] for s in range(num_ranks)]
     )

@@ -1,4 +1,5 @@
-"""Profiling-name contract (spec §16): DeepEP's `bench_kineto` harness finds each kernel by name.
+"""Profiling-name contract (reference §16): DeepEP's `bench_kineto` harness finds each kernel by
+name.
 
 Replays the harness: profile `fn()` with torch.profiler (CUDA activity), 30 calls per step, record
 the second step, read `key_averages().table(sort_by='cuda_time_total', max_name_column_width=100)`

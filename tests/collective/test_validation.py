@@ -1,4 +1,4 @@
-"""Every validation rule of the public API, table-driven, on the CPU backend (spec/API.md §2).
+"""Every validation rule of the public API, table-driven, on the CPU backend (reference §2).
 
 Each case makes one API call with one bad argument on every rank and expects:
   * exactly the error class the spec names (`EPInvalidArgument`, `EPUnsupported`, `EPStateError`);

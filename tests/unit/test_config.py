@@ -1,4 +1,4 @@
-"""Config validation, V1 size hints and per-rank-count tables (spec/API.md §3, §3.1, §6.3, §6.5)."""
+"""Config validation, V1 size hints and per-rank-count tables (reference §3, §3.1, §6.3, §6.5)."""
 
 import dataclasses
 import pickle
@@ -285,7 +285,7 @@ def test_low_latency_hint_adds_unit_when_aligned():
 # --- tables (§6.3) ------------------------------------------------------------------------------
 
 EXPECTED_TABLE = {
-    # num_ranks: (dispatch entry, combine entry), copied from spec §6.3
+    # num_ranks: (dispatch entry, combine entry), copied from reference §6.3
     2: ((24, 256, 6, 128), (10, 256, 6, 128)),
     4: ((6, 256, 6, 128), (9, 256, 6, 128)),
     8: ((6, 256, 6, 128), (4, 256, 6, 128)),

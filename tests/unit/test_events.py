@@ -1,4 +1,4 @@
-"""EventHandle / EventOverlap semantics (spec §4), deep_ep aliases (§1.3), import hygiene (§1.2).
+"""EventHandle / EventOverlap (reference §4), deep_ep aliases (§1.3), import hygiene (§1.2).
 
 CPU tests use no-op handles or a fake handle that counts waits; CUDA tests are marked `gpu`.
 """

@@ -1,4 +1,4 @@
-"""LL codecs and LL reference semantics (spec §13.2, §13.3, §14.9, §14.10).
+"""LL codecs and LL reference semantics (reference §13.2, §13.3, §14.9, §14.10).
 
 - `interpreter`: the device functions of `tritonep.kernels.common.codecs` run in the Triton
   interpreter (a one-rank CPU pool: TRITON_INTERPRET=1 before any kernel is defined) and must give

@@ -1,6 +1,6 @@
-"""The low-latency layout fits V1's size hint for every geometry (spec §6.5): a V1 user who sizes
-`num_rdma_bytes` with `Buffer.get_low_latency_rdma_size_hint` can run every call of that geometry,
-lifted hidden sizes and top-k included."""
+"""The low-latency layout fits V1's size hint for every geometry (reference §6.5): a V1 user who
+sizes `num_rdma_bytes` with `Buffer.get_low_latency_rdma_size_hint` can run every call of that
+geometry, lifted hidden sizes and top-k included."""
 
 import pytest
 

@@ -18,9 +18,9 @@ Example:
     -> is_token_in_rank=[[1, 1], [1, 0], [0, 0]], num_tokens_per_rank=[2, 1],
        num_tokens_per_expert=[1, 1, 0, 1]
 
-Constraints: ids >= E are treated as -1 (spec §0) and the first one is recorded in the host block
-(`protocol.HOST_BAD_EXPERT`); the Buffer raises about it on its next call. Any R, any E divisible
-by R.
+Constraints: ids >= E are treated as -1 (reference §0) and the first one is recorded in the host
+block (`protocol.HOST_BAD_EXPERT`); the Buffer raises about it on its next call. Any R, any E
+divisible by R.
 """
 
 import torch
@@ -71,7 +71,7 @@ def _route_stats_kernel(
         mask=token_ok[:, None] & (ks[None, :] < NUM_TOPK),
         other=-1,
     )
-    # An id >= E is a caller error: count it as -1 (spec §0) and record the first one met, for
+    # An id >= E is a caller error: count it as -1 (reference §0) and record the first one met, for
     # the host to report at its next look at the host block (no host synchronisation here).
     too_big = raw >= NUM_EXPERTS
     if tl.sum(too_big.to(tl.int32), axis=None) > 0:

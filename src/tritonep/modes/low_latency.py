@@ -1,4 +1,4 @@
-"""Low-latency mode: decode-time dispatch and combine (spec §13, §14.4), orchestration.
+"""Low-latency mode: decode-time dispatch and combine (reference §13, §14.4), orchestration.
 
 Each call is one launch (`kernels/low_latency/`), or two with `return_recv_hook` (send now, receive
 in `hook()`), into fresh outputs, with no host synchronisation: every call is capturable in a

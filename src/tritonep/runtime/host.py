@@ -68,7 +68,7 @@ class HostBlock:
         self.check(op)
 
     def check(self, op: str, include_overflow: bool = True) -> None:
-        """Turn a device report into an exception (spec §14.7).
+        """Turn a device report into an exception (reference §14.7).
 
         An error record poisons the buffer, except a refusal (no kernel acted on it). A worst-case
         overflow and an expert id out of range are caller errors that stop nothing: they raise once.

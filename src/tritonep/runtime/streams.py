@@ -1,5 +1,5 @@
-"""Stream and event rules of the high-throughput calls (spec §14.5), with the hand-offs that cost
-host time only where the caller's arguments need them.
+"""Stream and event rules of the high-throughput calls (reference §14.5), with the hand-offs that
+cost host time only where the caller's arguments need them.
 
 Spec: the comm stream first waits for `previous_event` (or the caller's current stream), all
 kernels run on the comm stream, and then either the caller's stream waits for the comm stream

@@ -1,10 +1,10 @@
 """Low-latency codecs on register tiles: FP8 per-128-channel quantisation, UE8M0 scale packing and
 LogFMT-10, identical on the GPU and in the Triton interpreter where the spec asks for bits.
 
-Problem: LL dispatch sends each BF16 token as FP8 with one scale per 128 channels (spec §14.9), and
-LL combine may send each returned row as LogFMT-10 (§14.10). Both must match DeepEP V1 bit for bit
-(FP8 bytes, scales) or as closely as its own arithmetic allows (LogFMT), and the CPU suite runs the
-very same functions in the interpreter.
+Problem: LL dispatch sends each BF16 token as FP8 with one scale per 128 channels (reference §14.9),
+and LL combine may send each returned row as LogFMT-10 (§14.10). Both must match DeepEP V1 bit for
+bit (FP8 bytes, scales) or as closely as its own arithmetic allows (LogFMT), and the CPU suite runs
+the very same functions in the interpreter.
 
 Tile convention: every function works on a `[NG, 128]` tile whose tile rows are 128-channel
 groups. A kernel holding one token row of hidden H loads it as `[BLOCK_G, 128]` (BLOCK_G = next
@@ -73,7 +73,7 @@ import triton.language as tl
 
 from .tiles import row_block
 
-GROUP = tl.constexpr(128)  # channels per scale / LogFMT group (spec §14.9, §14.10)
+GROUP = tl.constexpr(128)  # channels per scale / LogFMT group (reference §14.9, §14.10)
 _E4M3_MAX_INV = tl.constexpr(1.0 / 448.0)  # rounded to fp32 once, as V1's constant is
 _E4M3_MAX_BITS = tl.constexpr(0x43E00000)  # 448.0f
 _AMAX_FLOOR = tl.constexpr(1e-4)
@@ -131,7 +131,7 @@ def _e4m3_bits(y):
 
 @triton.jit
 def fp8_quantize(x, ROUND_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Quantise each 128-channel group of `x` `[NG, 128]` (bf16 or fp32) to e4m3 (spec §14.9).
+    """Quantise each 128-channel group of `x` `[NG, 128]` (bf16 or fp32) to e4m3 (reference §14.9).
 
     Returns `(values [NG, 128] float8e4nv, scale_inv [NG] fp32)`; dequantise as
     `values * scale_inv[:, None]`. Padding channels must hold 0 (they do not raise amax).
@@ -162,7 +162,7 @@ def fp8_quantize(x, ROUND_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def ue8m0_pack(scale_inv, valid):
-    """Pack power-of-two scales `[NG]` fp32 into `[NG // 4]` int32 UE8M0 words (spec §14.9).
+    """Pack power-of-two scales `[NG]` fp32 into `[NG // 4]` int32 UE8M0 words (reference §14.9).
 
     Word p holds the biased exponents of groups 4p..4p+3, group 4p in the low byte; groups where
     `valid` `[NG]` is false give 0 bytes.
@@ -218,7 +218,7 @@ def _logfmt_range(amax, amin, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def logfmt_encode(x, INTERPRETED: tl.constexpr):
-    """LogFMT-10 wire values of each 128-channel group of `x` `[NG, 128]` (spec §14.10).
+    """LogFMT-10 wire values of each 128-channel group of `x` `[NG, 128]` (reference §14.10).
 
     `x` holds BF16 values (a bf16 tile or its exact fp32 widening). Returns `(wire [NG, 128]
     int32, meta [NG] int32)` in the format of the module docstring; store them with `logfmt_store`.

@@ -1,4 +1,4 @@
-"""Profiler-visible kernel names (spec §16).
+"""Profiler-visible kernel names (reference §16).
 
 Triton names a kernel after its Python function. A function named with an Itanium-mangled symbol
 (`_ZN8tritonep9intranode8dispatchEv`) keeps that symbol in the PTX, and the profiler demangles it

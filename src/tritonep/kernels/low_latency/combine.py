@@ -3,7 +3,7 @@
 Problem: after an LL dispatch with handle h, local expert e of rank r holds `x[e] [R*T, H]` bf16,
 row i answering row i of the dispatch. Token t of rank s must become
 `bf16(sum_k w[t, k] * y(topk_idx[t, k], t))` in fp32, over the k whose expert is selected and
-whose owner is not masked (spec §13.3), rows optionally sent as LogFMT-10 (§14.10).
+whose owner is not masked (reference §13.3), rows optionally sent as LogFMT-10 (§14.10).
 
 Algorithm (one persistent launch; `ROLE` as in dispatch):
 * senders (programs `[0, S)`) own blocks `(e, s)` of the handle's layout ranges: rows

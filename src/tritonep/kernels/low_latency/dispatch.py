@@ -3,7 +3,7 @@
 Problem: rank r holds `x [N, H]` bf16 (N <= T) and `topk_idx [N, K]`. Local expert e of rank d
 must receive one row per pair (t, k) with `topk_idx[t, k] == d * L + e` (duplicates included),
 in blocks by ascending source rank and ascending token inside a block, optionally quantised to FP8
-with per-128-channel scales (spec §13.2, §14.9), with counts, source indices and
+with per-128-channel scales (reference §13.2, §14.9), with counts, source indices and
 `(begin << 32) | count` layout ranges. No host synchronisation.
 
 Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`):

@@ -1,7 +1,7 @@
 """Where the low-latency structures sit in the RDMA memory, for one geometry (T, H, E, R).
 
 All offsets are bytes from this rank's RDMA base (identical on every rank). Two buffer sets are
-used in turn (spec §14.4); set p holds:
+used in turn (reference §14.4); set p holds:
 
 | region | size | written by | holds |
 |---|---|---|---|
