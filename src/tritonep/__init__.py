@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 topk_idx_t: torch.dtype = torch.int64 if _env.topk_idx_bits() == 64 else torch.int32
 
-# Unit of the low-latency wait-cost statistics (docs/reference.md §13.2): nanoseconds. The kernels
-# read `%globaltimer` (the interpreter: a host clock), which counts ns, not SM clock cycles as V1 does.
+# Unit of the low-latency wait-cost statistics (reference §13.2): nanoseconds. The kernels read
+# `%globaltimer` (the interpreter: a host clock), which counts ns, not SM clock cycles as V1 does.
 WAIT_COST_UNIT = "ns"
 
 from . import buffer, deep_ep_cpp, utils  # noqa: E402
