@@ -200,6 +200,34 @@ def full_matrix() -> list[dict]:
     ]
 
 
+def pairwise_matrix() -> list[dict]:
+    """The 12 of `full_matrix()`'s 96 combinations in which every pair of option values still
+    meets (a greedy all-pairs cover): a failure two options cause together shows up in an eighth
+    of the time. The CPU suite's choice; the GPU suite runs the full product."""
+    combos = full_matrix()
+    factors = [
+        lambda c: DISPATCH_FORMATS.index(
+            {k: c[k] for k in ("use_fp8", "round_scale", "use_ue8m0") if k in c}
+        ),
+        lambda c: c["hook"],
+        lambda c: c["twice"],
+        lambda c: COMBINE_KINDS.index({k: c[k] for k in ("zero_copy", "use_logfmt") if k in c}),
+        lambda c: c["with_out"],
+    ]
+
+    def pairs(combo):
+        values = [f(combo) for f in factors]
+        return {(i, values[i], j, values[j]) for i in range(5) for j in range(i + 1, 5)}
+
+    uncovered = set().union(*(pairs(c) for c in combos))
+    chosen = []
+    while uncovered:
+        best = max(combos, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
 def check_low_latency_matrix(ctx, combos: list[dict], **shape) -> int:
     """`check_low_latency` for each of `combos` (the same list on every rank); returns the count."""
     for seed, combo in enumerate(combos):
