@@ -332,3 +332,118 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double().cpu() + 1, y.double().cpu() + 1
     denominator = (x * x + y * y).sum()
     return float(1 - 2 * (x * y).sum() / denominator)
+
+
+# ------------------------------------------------------------------------------------ internode
+# Spec §12.2 (the 10-tuple handle) and §10 with tritonep's internode reduction order.
+
+
+def channel_ranges(num_tokens: int, num_channels: int) -> list[tuple[int, int]]:
+    """Spec §12: channel c of a rank holding `num_tokens` tokens is `[min(c*w, N), min(c*w+w, N))`,
+    `w = ceil(N / C)`."""
+    width = -(-num_tokens // num_channels)
+    return [
+        (min(c * width, num_tokens), min(c * width + width, num_tokens))
+        for c in range(num_channels)
+    ]
+
+
+def _channel_prefix(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """int32 `[columns, C]`: inclusive prefix over channels of the rows set in each column."""
+    per_channel = [mask[b:e].sum(0) for b, e in channel_ranges(mask.size(0), num_channels)]
+    return torch.stack(per_channel, dim=1).cumsum(1).to(torch.int32)
+
+
+def node_mask(is_token_in_rank: torch.Tensor, ranks_per_node: int) -> torch.Tensor:
+    """bool `[N, R_n]`: token t goes to at least one rank of node n."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    return is_token_in_rank.view(num_tokens, num_ranks // ranks_per_node, ranks_per_node).any(2)
+
+
+def internode_handle(
+    rank: int, ranks_per_node: int, num_channels: int, is_token_in_rank
+) -> dict[str, torch.Tensor]:
+    """Entries 1-7 of the internode handle rank `rank` must return (spec §12.2), by name, from the
+    `is_token_in_rank` every rank passed (list indexed by rank; CPU tensors).
+
+    Example: 2 nodes x 1 rank, C = 1; rank 0 sends 3 tokens to itself and 2 to rank 1, rank 1
+    sends 1 and 4 -> rank 1: recv_gbl_rank_prefix_sum = [2, 6], recv_rdma_rank_prefix_sum = [2, 6],
+    recv_gbl_channel_prefix_matrix = [[0], [2]].
+    """
+    d = ranks_per_node
+    node, local = rank // d, rank % d
+    num_ranks = len(is_token_in_rank)
+    masks = [m.cpu() for m in is_token_in_rank]
+    gbl = [_channel_prefix(m, num_channels) for m in masks]  # [R, C] per source
+    rdma = [_channel_prefix(node_mask(m, d), num_channels) for m in masks]  # [R_n, C] per source
+    column = [n * d + local for n in range(num_ranks // d)]
+    recv_rdma = torch.stack([rdma[s][node] for s in column])
+    received = torch.tensor([int(gbl[s][rank, -1]) for s in range(num_ranks)], dtype=torch.int64)
+    recv_gbl_sum = received.cumsum(0)
+    before = recv_gbl_sum - received
+    recv_gbl = torch.stack(
+        [
+            before[s] + torch.cat([torch.zeros(1, dtype=torch.int64), gbl[s][rank, :-1].long()])
+            for s in range(num_ranks)
+        ]
+    )
+    meta = []
+    for s in range(num_ranks):
+        rows = masks[s][masks[s][:, rank]][:, node * d : node * d + d].long()
+        bits = (rows << torch.arange(d)).sum(1)
+        meta.append(torch.stack([torch.full_like(bits, s // d), bits], dim=1))
+    recv_src_meta = (
+        torch.cat(meta).to(torch.int32) if meta else torch.zeros((0, 2), dtype=torch.int32)
+    )
+    return {
+        "rdma_channel_prefix_matrix": rdma[rank],
+        "gbl_channel_prefix_matrix": gbl[rank],
+        "recv_rdma_channel_prefix_matrix": recv_rdma,
+        "recv_rdma_rank_prefix_sum": recv_rdma[:, -1].cumsum(0).to(torch.int32),
+        "recv_gbl_channel_prefix_matrix": recv_gbl.to(torch.int32),
+        "recv_gbl_rank_prefix_sum": recv_gbl_sum.to(torch.int32),
+        "recv_src_meta": recv_src_meta.contiguous().view(torch.uint8).view(-1, 8),
+    }
+
+
+def internode_combine(
+    rank: int, ranks_per_node: int, returned, blocks, num_tokens: int, biases=(), weights=None
+):
+    """Combined rows for rank `rank` in tritonep's internode order (spec §10 allows the per-node
+    rounding): for each token, `acc = fp32(bias0) + fp32(bias1)`, then for each node n ascending
+    `acc += fp32(round(sum over ranks (n, l) ascending of fp32(row)))`, rounded once to the rows'
+    dtype. Weights: the same sums without any rounding.
+
+    `returned[j]`: `[X_j, H]` rows rank j passes to combine; `blocks[j]`: (first_row, src_idx), the
+    rows of rank j that came from `rank` (as `combine` of the intranode reference);
+    `weights`: optional list of `[X_j, K]` float32.
+
+    Example: 2 nodes x 2 ranks, bf16; a token of rank 0 comes back as 1.0 from rank 0, 2**-8 from
+    rank 1 and 2**-8 from rank 2 -> node 0's partial bf16(1 + 2**-8) = 1.0 (a tie, to even), the
+    result bf16(1.0 + 2**-8) = 1.0, where one flat fp32 sum would give bf16(1 + 2**-7) = 1.0078125.
+    """
+    d = ranks_per_node
+    dtype = returned[0].dtype
+    hidden = returned[0].size(1)
+    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    for b in biases:
+        if b is not None:
+            acc += b.cpu().float()
+    wacc = None
+    if weights is not None:
+        wacc = torch.zeros((num_tokens, weights[0].size(1)), dtype=torch.float32)
+    for n in range(len(returned) // d):
+        part = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+        wpart = torch.zeros_like(wacc) if wacc is not None else None
+        for j in range(n * d, n * d + d):
+            first, src = blocks[j]
+            rows = returned[j].cpu()[first : first + src.numel()].float()
+            part.index_add_(0, src.long().cpu(), rows)
+            if wpart is not None:
+                wpart.index_add_(
+                    0, src.long().cpu(), weights[j].cpu()[first : first + src.numel()].float()
+                )
+        acc += part.to(dtype).float()
+        if wacc is not None:
+            wacc += wpart
+    return acc.to(dtype), wacc

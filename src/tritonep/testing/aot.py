@@ -197,6 +197,7 @@ def _cases(kernels):
             combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights
         )
     yield from _low_latency_cases(kernels)
+    yield from _internode_cases(kernels)
 
 
 def _low_latency_cases(kernels):
@@ -314,6 +315,146 @@ def _low_latency_cases(kernels):
     yield functools.partial(clean.launch, None, mask, workspace)
 
 
+def _internode_cases(kernels):
+    """Internode launches at DeepEP's EP16 shape (2 nodes x 8 ranks, 4096 tokens, hidden 7168,
+    top-8 of 256, 12 channels) over plain stores with the GPU program shape: both notify kinds,
+    BF16 dispatch with top-k writing the handle (worst case), FP8 cached dispatch, BF16 combine with
+    weights and a bias."""
+    from types import SimpleNamespace
+
+    from tritonep import protocol
+    from tritonep.kernels.common.context import LaunchContext
+    from tritonep.modes.internode import program_shape
+
+    k = kernels.internode
+    shape = program_shape("cuda")
+    num_ranks, d, tokens, hidden, topk, experts, channels = 16, 8, 4096, 7168, 8, 256, 12
+    num_nodes = num_ranks // d
+    memory = SimpleNamespace(
+        rdma_transport=0,
+        rdma_force_put=False,
+        device_wrapper=None,
+        rdma_routes=torch.zeros((num_ranks, 3), dtype=torch.int64),
+        rdma_base=1 << 40,
+    )
+    ctx = LaunchContext(
+        peer_bases=torch.zeros(num_ranks, dtype=torch.int64),
+        rank=9,
+        num_ranks=num_ranks,
+        data_offset=protocol.signal_layout(num_ranks).num_bytes,
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        host_addr=1 << 40,
+        clock_addr=0,
+        timeout_ns=100 * 10**9,
+        use_globaltimer=True,
+    )
+    signals = k.regions.SignalArea(num_nodes, d)
+    i32 = torch.int32
+    mask = torch.zeros((tokens, num_ranks), dtype=torch.bool)
+    node_matrix = torch.zeros((num_nodes, channels), dtype=i32)
+    rank_matrix = torch.zeros((num_ranks, channels), dtype=i32)
+    node_sum = torch.zeros(num_nodes, dtype=i32)
+    rank_sum = torch.zeros(num_ranks, dtype=i32)
+    send_rdma_head = torch.zeros((tokens, num_nodes), dtype=i32)
+    send_nvl_head = torch.zeros((tokens, d), dtype=i32)
+    topk_idx = torch.zeros((tokens, topk), dtype=torch.int64)
+    weights = torch.zeros((tokens, topk), dtype=torch.float32)
+    for fp8 in (False, True):
+        row_bytes = hidden * (1 if fp8 else 2)
+        num_scales = hidden // 128 if fp8 else 0
+        slot = k.regions.SlotLayout(row_bytes, num_scales, 0 if fp8 else topk, 8, d)
+        layout = k.regions.fit(
+            signals, channels, experts // num_ranks, slot, 1 << 30, 1 << 30, 128, 256
+        )
+        notify = k.notify.NotifyPlan(ctx, memory, layout, not fp8, 12345)
+        counts = k.notify.NotifyCounts(
+            tokens,
+            0,
+            torch.zeros(experts, dtype=i32),
+            mask,
+            node_matrix,
+            rank_matrix,
+            node_matrix,
+            node_sum,
+            rank_matrix,
+            rank_sum,
+        )
+        yield functools.partial(notify.launch, None, 1, None if fp8 else counts)
+        dispatch = k.dispatch.DispatchPlan(
+            ctx,
+            memory,
+            layout,
+            rdma_chunk=20,
+            nvl_chunk=36,
+            experts_per_rank=experts // num_ranks,
+            num_topk=0 if fp8 else topk,
+            topk_itemsize=8,
+            num_scales=num_scales,
+            write_handle=not fp8,
+            worst=not fp8,
+            fused=shape.fused,
+            num_warps=shape.warps,
+            tile_words=shape.tile_words,
+            prefetch=shape.prefetch,
+        )
+        x = torch.zeros((tokens, row_bytes // 4), dtype=i32)
+        scales = torch.zeros((num_scales, tokens), dtype=i32).T if fp8 else None
+        yield functools.partial(
+            dispatch.launch,
+            None,
+            x,
+            scales,
+            None if fp8 else topk_idx,
+            None if fp8 else weights,
+            mask,
+            node_matrix,
+            node_sum,
+            rank_matrix,
+            rank_sum,
+            None if fp8 else send_rdma_head,
+            None if fp8 else send_nvl_head,
+            None if fp8 else torch.zeros((tokens, 2), dtype=i32),
+            x,
+            torch.zeros((tokens, num_scales), dtype=i32) if fp8 else None,
+            None if fp8 else topk_idx,
+            None if fp8 else weights,
+        )
+    slot = k.regions.SlotLayout(hidden * 2, 0, topk, 0, 0)
+    layout = k.regions.fit(signals, channels, 1, slot, 1 << 30, 1 << 30, 128, 256)
+    y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
+    combine = k.combine.CombinePlan(
+        ctx,
+        memory,
+        layout,
+        rdma_chunk=12,
+        nvl_chunk=4,
+        hidden=hidden,
+        dtype=torch.bfloat16,
+        num_topk=topk,
+        has_bias=(True, False),
+        fused=shape.fused,
+        num_warps=shape.warps,
+        tile_words=shape.tile_words,
+        prefetch=shape.prefetch,
+    )
+    yield functools.partial(
+        combine.launch,
+        None,
+        y,
+        weights,
+        y,
+        None,
+        node_matrix,
+        node_sum,
+        rank_matrix,
+        rank_sum,
+        send_rdma_head,
+        send_nvl_head,
+        y,
+        weights,
+    )
+
+
 def _resource_usage(cubin: bytes) -> dict:
     """Registers and stack bytes (spills) per thread of a cubin, read with Triton's cuobjdump."""
     import os
@@ -345,6 +486,9 @@ KERNELS = {
     "low_latency.dispatch": "_dispatch_kernel",
     "low_latency.combine": "_combine_kernel",
     "low_latency.clean": "_clean_kernel",
+    "internode.notify": "_notify_kernel",
+    "internode.dispatch": "_dispatch_kernel",
+    "internode.combine": "_combine_kernel",
 }
 
 

@@ -34,22 +34,37 @@ Example:
 """
 
 import torch
-import triton
 import triton.language as tl
 
 from ... import _env, protocol
 from ...transport import device
-from ..common.casting import round_to
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import open_call
-from ..common.tiles import column, copy_rows, lane, row_block
-from .rings import idle, poll, put_slots, signal_peer
+from .rings import (
+    column,
+    copy_rows,
+    helper,
+    idle,
+    lane,
+    open_call,
+    open_peer,
+    poll,
+    put_slots,
+    quiet,
+    round_to,
+    row_block,
+    signal_op,
+    signal_peer,
+    targmax,
+    tmax,
+    tmin,
+    tsum,
+)
 
 MAX_TILE = 64
 
 
-@triton.jit
+@helper
 def _return_step(
     c,
     cs_sent,
@@ -98,22 +113,22 @@ def _return_step(
     pending = cs_stream < cs_total
     room = (cs_head - tag).to(tl.int32) + nvl_capacity - cs_stream
     stale = pending & (room < tl.minimum(cs_total - cs_stream, chunk))
-    if tl.sum(stale.to(tl.int32), axis=0) > 0:
+    if tsum(stale.to(tl.int32), axis=0) > 0:
         cs_head = poll(
             (my_nvl + NVL_HEADS + (c * D + locs) * 8).to(tl.pointer_type(tl.int64)), cs_head, stale
         )
         room = (cs_head - tag).to(tl.int32) + nvl_capacity - cs_stream
     ready = tl.where(pending, tl.minimum(cs_total - cs_stream, room), 0)
     waiting = tl.where(
-        tl.sum(pending.to(tl.int32), axis=0) > 0,
-        node * D + tl.min(tl.where(pending, locs, BLOCK_LOCAL), axis=0),
+        tsum(pending.to(tl.int32), axis=0) > 0,
+        node * D + tmin(tl.where(pending, locs, BLOCK_LOCAL), axis=0),
         -1,
     )
-    if tl.max(ready, axis=0) > 0:
-        dst = tl.argmax(ready, axis=0)
+    if tmax(ready, axis=0) > 0:
+        dst = targmax(ready, axis=0)
         # The stream to forwarder dst: sources j = (n', dst) by ascending n', rows in order.
         candidates = rank_ok & ((ranks % D) == dst) & (cs_sent < counts)
-        j = tl.min(tl.where(candidates, ranks, BLOCK_RANKS), axis=0)
+        j = tmin(tl.where(candidates, ranks, BLOCK_RANKS), axis=0)
         k = tl.minimum(tl.minimum(lane(ready, locs, dst), lane(counts - cs_sent, ranks, j)), chunk)
         src_row = (lane(starts + cs_sent, ranks, j) + i).to(tl.int64)
         position = lane(cs_stream, locs, dst)
@@ -157,7 +172,7 @@ def _return_step(
     return cs_sent, cs_stream, cs_head, moved, waiting
 
 
-@triton.jit
+@helper
 def _reduce_step(
     c,
     f_node,
@@ -242,16 +257,16 @@ def _reduce_step(
                 other=-1,
             )
             idx = tl.where(node_live[None, :], idx, -1)
-            need = tl.max(idx, axis=0) + 1  # rows of each local rank's stream this tile needs
+            need = tmax(idx, axis=0) + 1  # rows of each local rank's stream this tile needs
             short = (tag + need.to(tl.int64)) > f_nvl_seen
-            if tl.sum(short.to(tl.int32), axis=0) > 0:
+            if tsum(short.to(tl.int32), axis=0) > 0:
                 tails = (my_nvl + NVL_TAILS + (c * D + locs) * 8).to(tl.pointer_type(tl.int64))
                 f_nvl_seen = poll(tails, f_nvl_seen, short)
                 short = (tag + need.to(tl.int64)) > f_nvl_seen
-            if tl.sum(short.to(tl.int32), axis=0) > 0:
-                waiting = node * D + tl.min(tl.where(short, locs, BLOCK_LOCAL), axis=0)
+            if tsum(short.to(tl.int32), axis=0) > 0:
+                waiting = node * D + tmin(tl.where(short, locs, BLOCK_LOCAL), axis=0)
             else:
-                pe, delta, direct = device.open_peer(
+                pe, delta, direct = open_peer(
                     routes_ptr, rank, f_node * D + local, TRANSPORT, FORCE_PUT
                 )
                 ring = (
@@ -332,7 +347,7 @@ def _reduce_step(
                         PUT_BLOCK,
                     )
                 # The tail, ordered after the partials by the device layer.
-                device.signal_op(
+                signal_op(
                     (rdma_base + RDMA_TAILS + (c * NUM_NODES + node) * 8).to(
                         tl.pointer_type(tl.int64)
                     ),
@@ -363,7 +378,7 @@ def _reduce_step(
     return f_node, f_done, f_nvl_seen, f_nvl_used, f_rdma_head, moved, waiting
 
 
-@triton.jit
+@helper
 def _receive_step(
     c,
     cr_next,
@@ -422,14 +437,14 @@ def _receive_step(
         other=-1,
     )
     idx = tl.where(col_live[None, :], idx, -1)
-    need = tl.max(idx, axis=0) + 1  # partials of each node's stream this tile needs
+    need = tmax(idx, axis=0) + 1  # partials of each node's stream this tile needs
     short = (tag + need.to(tl.int64)) > cr_seen
-    if tl.sum(short.to(tl.int32), axis=0) > 0:
+    if tsum(short.to(tl.int32), axis=0) > 0:
         tails = (rdma_base + RDMA_TAILS + (c * NUM_NODES + nodes) * 8).to(tl.pointer_type(tl.int64))
         cr_seen = poll(tails, cr_seen, short)
         short = (tag + need.to(tl.int64)) > cr_seen
-    blocked = tl.sum(short.to(tl.int32), axis=0) > 0
-    waiting = tl.where(blocked, tl.min(tl.where(short, nodes, BLOCK_NODES), axis=0) * D + local, -1)
+    blocked = tsum(short.to(tl.int32), axis=0) > 0
+    waiting = tl.where(blocked, tmin(tl.where(short, nodes, BLOCK_NODES), axis=0) * D + local, -1)
     if not blocked:
         hs = tl.arange(0, BLOCK_H)
         for h0 in range(0, HIDDEN, BLOCK_H):
@@ -619,7 +634,7 @@ def _combine_kernel(
     )
     forwarder_live = tl.load(rank_mask_ptr + node * D + ranks % D, mask=rank_ok, other=1) == 0
     counts = tl.where(sends & rank_ok & forwarder_live, ends - starts, 0)
-    cs_total = tl.sum(tl.where((ranks[None, :] % D) == locs[:, None], counts[None, :], 0), 1)
+    cs_total = tsum(tl.where((ranks[None, :] % D) == locs[:, None], counts[None, :], 0), 1)
     cs_sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
     cs_stream = tl.zeros([BLOCK_LOCAL], dtype=tl.int32)
     cs_head = tl.zeros([BLOCK_LOCAL], dtype=tl.int64) + tag
@@ -654,13 +669,13 @@ def _combine_kernel(
     cr_next = tl.where(sends, cr_begin, cr_end)
     cr_seen = tl.zeros([BLOCK_NODES], dtype=tl.int64) + tag
 
-    f_left = tl.sum(f_count, axis=0)
-    busy = (tl.sum((cs_stream < cs_total).to(tl.int32), axis=0) > 0) | (f_left > 0)
+    f_left = tsum(f_count, axis=0)
+    busy = (tsum((cs_stream < cs_total).to(tl.int32), axis=0) > 0) | (f_left > 0)
     busy = busy | (cr_next < cr_end)
     while busy & ok:
         progress = tl.zeros([], dtype=tl.int32)
         waiting = tl.full([], -1, tl.int32)
-        if tl.sum((cs_stream < cs_total).to(tl.int32), axis=0) > 0:
+        if tsum((cs_stream < cs_total).to(tl.int32), axis=0) > 0:
             cs_sent, cs_stream, cs_head, moved, waited = _return_step(
                 c,
                 cs_sent,
@@ -746,7 +761,7 @@ def _combine_kernel(
             )
             progress += moved
             waiting = tl.where((waiting >= 0) | (moved > 0), waiting, waited)
-            f_left = tl.sum(tl.where(nodes >= f_node, f_count, 0), axis=0) - f_done
+            f_left = tsum(tl.where(nodes >= f_node, f_count, 0), axis=0) - f_done
         if cr_next < cr_end:
             cr_next, cr_seen, moved, waited = _receive_step(
                 c,
@@ -788,7 +803,7 @@ def _combine_kernel(
             )
             progress += moved
             waiting = tl.where((waiting >= 0) | (moved > 0), waiting, waited)
-        busy = (tl.sum((cs_stream < cs_total).to(tl.int32), axis=0) > 0) | (f_left > 0)
+        busy = (tsum((cs_stream < cs_total).to(tl.int32), axis=0) > 0) | (f_left > 0)
         busy = busy | (cr_next < cr_end)
         if busy & (progress == 0):
             ok = idle(
@@ -804,12 +819,12 @@ def _combine_kernel(
                 ranks,
                 PHASE,
                 c,
-                tl.sum(cs_stream, axis=0) + f_done + (cr_next - cr_begin),
-                tl.sum(cs_total, axis=0) + f_left + (cr_end - cr_begin),
+                tsum(cs_stream, axis=0) + f_done + (cr_next - cr_begin),
+                tsum(cs_total, axis=0) + f_left + (cr_end - cr_begin),
                 BLOCK_RANKS,
                 USE_GLOBALTIMER,
             )
-    device.quiet(TRANSPORT)  # every put of this program is complete before the kernel ends
+    quiet(TRANSPORT)  # every put of this program is complete before the kernel ends
 
 
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}

@@ -41,23 +41,38 @@ Example:
     -> one copy of t crosses to rank 2 (rank 0's local index), which stores it into ranks 2 and 3.
 """
 
-import triton
 import triton.language as tl
 
 from ... import protocol
 from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import open_call
-from ..common.tiles import column, copy_rows, cumsum_rows, lane
 from . import regions
-from .rings import idle, poll, put_slots, signal_peer
+from .rings import (
+    column,
+    copy_rows,
+    cumsum_rows,
+    helper,
+    idle,
+    lane,
+    open_call,
+    open_peer,
+    poll,
+    put_slots,
+    quiet,
+    signal_op,
+    signal_peer,
+    targmax,
+    tmax,
+    tmin,
+    tsum,
+)
 
 _HEADER = tl.constexpr(regions.HEADER_BYTES)
 MAX_TILE = 64  # rows per step of any role; prefix sums in a step are [TILE, TILE, lanes] reductions
 
 
-@triton.jit
+@helper
 def _send_step(
     c,
     s_next,
@@ -145,17 +160,17 @@ def _send_step(
             other=0,
         ).to(tl.int32)
         hits = tl.maximum(hits, hit)
-    count_n = tl.sum(hits, axis=0)
+    count_n = tsum(hits, axis=0)
     new_sent_n = s_sent_n + count_n
     # Room for the whole chunk in every destination ring (heads carry the epoch).
     need = tag + tl.maximum(new_sent_n - capacity, 0).to(tl.int64)
     short = (count_n > 0) & (s_head < need)
-    if tl.sum(short.to(tl.int32), axis=0) > 0:
+    if tsum(short.to(tl.int32), axis=0) > 0:
         heads = (rdma_base + RDMA_HEADS + (c * NUM_NODES + nodes) * 8).to(tl.pointer_type(tl.int64))
         s_head = poll(heads, s_head, short)
         short = (count_n > 0) & (s_head < need)
-    blocked = tl.sum(short.to(tl.int32), axis=0) > 0
-    wait_node = tl.min(tl.where(short, nodes, BLOCK_NODES), axis=0)
+    blocked = tsum(short.to(tl.int32), axis=0) > 0
+    wait_node = tmin(tl.where(short, nodes, BLOCK_NODES), axis=0)
     moved = tl.zeros([], dtype=tl.int32)
     if not blocked:
         pos_n = s_sent_n[None, :] + cumsum_rows(hits, TILE, False)  # [TILE, R_n] ring positions
@@ -178,7 +193,7 @@ def _send_step(
                 mask=valid[:, None] & (ss[None, :] < NUM_SCALES),
             )
         peers = tl.where(node_ok, nodes * D + local, rank)
-        pe, delta, direct = device.open_peer(routes_ptr, rank, peers, TRANSPORT, FORCE_PUT)
+        pe, delta, direct = open_peer(routes_ptr, rank, peers, TRANSPORT, FORCE_PUT)
         direct_i = direct.to(tl.int32)
         # The destination ring of this rank's node on every forwarder (local symmetric address).
         ring = rdma_base + RDMA_RING + ((c * NUM_NODES + node) * capacity).to(tl.int64) * SLOT_BYTES
@@ -230,9 +245,7 @@ def _send_step(
                     mask=valid[:, None] & j_live[None, :],
                     other=0,
                 ).to(tl.int32)
-                j_sent = tl.sum(
-                    tl.where(ranks[None, :] == j[:, None], s_sent_r[None, :], 0), axis=1
-                )
+                j_sent = tsum(tl.where(ranks[None, :] == j[:, None], s_sent_r[None, :], 0), axis=1)
                 j_pos = j_sent[None, :] + cumsum_rows(j_flags, TILE, False)
                 tl.store(
                     (slots + OFF_META).to(tl.pointer_type(tl.int32))[:, None] + locs[None, :],
@@ -254,7 +267,7 @@ def _send_step(
                         PUT_BLOCK,
                     )
                 # The tail, ordered after the slots by the device layer.
-                device.signal_op(
+                signal_op(
                     (rdma_base + RDMA_TAILS + (c * NUM_NODES + node) * 8).to(
                         tl.pointer_type(tl.int64)
                     ),
@@ -265,14 +278,14 @@ def _send_step(
                     device.SIGNAL_SET,
                     TRANSPORT,
                 )
-        s_sent_r += tl.sum(flags, axis=0)
+        s_sent_r += tsum(flags, axis=0)
         s_sent_n = new_sent_n
         s_next = s_next + tl.minimum(chunk, s_end - s_next)
         moved += 1
     return s_next, s_sent_r, s_sent_n, s_head, moved, tl.where(blocked, wait_node, -1)
 
 
-@triton.jit
+@helper
 def _forward_step(
     c,
     f_consumed,
@@ -329,8 +342,8 @@ def _forward_step(
     tails = (rdma_base + RDMA_TAILS + (c * NUM_NODES + nodes) * 8).to(tl.pointer_type(tl.int64))
     seen = tl.atomic_add(tails, 0, mask=pending, sem="acquire", scope="sys")  # the data behind it
     avail = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - f_consumed, 0)
-    if tl.max(avail, axis=0) > 0:
-        src = tl.argmax(avail, axis=0)
+    if tmax(avail, axis=0) > 0:
+        src = targmax(avail, axis=0)
         k = tl.minimum(lane(avail, nodes, src), chunk)
         start = lane(f_consumed, nodes, src)
         in_chunk = i < k
@@ -348,16 +361,16 @@ def _forward_step(
         )
         dest = (pos >= 0) & node_live[None, :]
         dest_i = dest.to(tl.int32)
-        cnt_l = tl.sum(dest_i, axis=0)
+        cnt_l = tsum(dest_i, axis=0)
         need = tag + tl.maximum(f_sent + cnt_l - nvl_capacity, 0).to(tl.int64)
         short = (cnt_l > 0) & (f_head < need)
-        if tl.sum(short.to(tl.int32), axis=0) > 0:
+        if tsum(short.to(tl.int32), axis=0) > 0:
             heads = (my_nvl + NVL_HEADS + (c * D + locs) * 8).to(tl.pointer_type(tl.int64))
             f_head = poll(heads, f_head, short)
             short = (cnt_l > 0) & (f_head < need)
-        if tl.sum(short.to(tl.int32), axis=0) == 0:
+        if tsum(short.to(tl.int32), axis=0) == 0:
             npos = f_sent[None, :] + cumsum_rows(dest_i, TILE, False)
-            bits = tl.sum(tl.where(dest, 1 << locs[None, :], 0), axis=1)
+            bits = tsum(tl.where(dest, 1 << locs[None, :], 0), axis=1)
             for l2 in range(D):
                 cl = lane(cnt_l, locs, l2)
                 if cl > 0:
@@ -389,7 +402,7 @@ def _forward_step(
                     )
             if WRITE_HANDLE:
                 row = (lane(f_rowbase, nodes, src) + start + i).to(tl.int64)
-                base = tl.sum(tl.where(nodes[:, None] == src, combine_base, 0), axis=0)
+                base = tsum(tl.where(nodes[:, None] == src, combine_base, 0), axis=0)
                 tl.store(
                     send_nvl_head_ptr + row[:, None] * D + locs[None, :],
                     tl.where(dest, base[None, :] + pos, -1),
@@ -411,7 +424,7 @@ def _forward_step(
     return f_consumed, f_sent, f_head, moved
 
 
-@triton.jit
+@helper
 def _receive_step(
     c,
     r_consumed,
@@ -468,8 +481,8 @@ def _receive_step(
     tails = (my_nvl + NVL_TAILS + (c * D + locs) * 8).to(tl.pointer_type(tl.int64))
     seen = tl.atomic_add(tails, 0, mask=pending, sem="acquire", scope="sys")  # the data behind it
     avail = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - r_consumed, 0)
-    if tl.max(avail, axis=0) > 0:
-        src_l = tl.argmax(avail, axis=0)
+    if tmax(avail, axis=0) > 0:
+        src_l = targmax(avail, axis=0)
         k = tl.minimum(lane(avail, locs, src_l), TILE)
         start = lane(r_consumed, locs, src_l)
         in_chunk = i < k
@@ -717,7 +730,7 @@ def _dispatch_kernel(
         ),
     )
     per_source = tl.where(rank_ok, ends - starts, 0)
-    r_expected = tl.sum(tl.where((ranks[None, :] % D) == locs[:, None], per_source[None, :], 0), 1)
+    r_expected = tsum(tl.where((ranks[None, :] % D) == locs[:, None], per_source[None, :], 0), 1)
     r_expected = tl.where(sends & node_live, r_expected, 0)
     r_consumed = tl.zeros([BLOCK_LOCAL], dtype=tl.int32)
 
@@ -810,12 +823,12 @@ def _dispatch_kernel(
 
     busy = (
         (s_next < s_end)
-        | (tl.sum((f_consumed < f_expected).to(tl.int32), axis=0) > 0)
-        | (tl.sum((r_consumed < r_expected).to(tl.int32), axis=0) > 0)
+        | (tsum((f_consumed < f_expected).to(tl.int32), axis=0) > 0)
+        | (tsum((r_consumed < r_expected).to(tl.int32), axis=0) > 0)
     )
     while busy & ok:
         progress = tl.zeros([], dtype=tl.int32)
-        if tl.sum((r_consumed < r_expected).to(tl.int32), axis=0) > 0:
+        if tsum((r_consumed < r_expected).to(tl.int32), axis=0) > 0:
             r_consumed, moved = _receive_step(
                 c,
                 r_consumed,
@@ -860,7 +873,7 @@ def _dispatch_kernel(
                 PREFETCH,
             )
             progress += moved
-        if tl.sum((f_consumed < f_expected).to(tl.int32), axis=0) > 0:
+        if tsum((f_consumed < f_expected).to(tl.int32), axis=0) > 0:
             f_consumed, f_sent, f_head, moved = _forward_step(
                 c,
                 f_consumed,
@@ -962,19 +975,19 @@ def _dispatch_kernel(
         f_pending = f_consumed < f_expected
         busy = (
             (s_next < s_end)
-            | (tl.sum(r_pending.to(tl.int32), axis=0) > 0)
-            | (tl.sum(f_pending.to(tl.int32), axis=0) > 0)
+            | (tsum(r_pending.to(tl.int32), axis=0) > 0)
+            | (tsum(f_pending.to(tl.int32), axis=0) > 0)
         )
         if busy & (progress == 0):
             # Name what this program waits for: rows from a forwarder of this node, tokens from
             # a column peer, or room in a forwarder's ring.
-            if tl.sum(r_pending.to(tl.int32), axis=0) > 0:
-                first = tl.min(tl.where(r_pending, locs, BLOCK_LOCAL), axis=0)
+            if tsum(r_pending.to(tl.int32), axis=0) > 0:
+                first = tmin(tl.where(r_pending, locs, BLOCK_LOCAL), axis=0)
                 peer = node * D + first
                 observed = lane(r_consumed, locs, first)
                 expected = lane(r_expected, locs, first)
-            elif tl.sum(f_pending.to(tl.int32), axis=0) > 0:
-                first = tl.min(tl.where(f_pending, nodes, BLOCK_NODES), axis=0)
+            elif tsum(f_pending.to(tl.int32), axis=0) > 0:
+                first = tmin(tl.where(f_pending, nodes, BLOCK_NODES), axis=0)
                 peer = first * D + local
                 observed = lane(f_consumed, nodes, first)
                 expected = lane(f_expected, nodes, first)
@@ -1000,7 +1013,7 @@ def _dispatch_kernel(
                 BLOCK_RANKS,
                 USE_GLOBALTIMER,
             )
-    device.quiet(TRANSPORT)  # every put of this program is complete before the kernel ends
+    quiet(TRANSPORT)  # every put of this program is complete before the kernel ends
 
 
 class DispatchPlan:

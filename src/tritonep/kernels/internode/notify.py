@@ -44,9 +44,21 @@ from ... import protocol
 from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import STOP_ALL, STOP_OFFSET, now_ns, report_error, wait_all_at_least
-from ..common.tiles import lane
+from ..common.sync import STOP_ALL, STOP_OFFSET
 from . import regions
+from .rings import (
+    lane,
+    now_ns,
+    open_peer,
+    put_nbi_block,
+    quiet,
+    report_error,
+    signal_op,
+    tcumsum,
+    tmin,
+    tsum,
+    wait_at_least,
+)
 
 _HEADER = tl.constexpr(regions.HEADER_BYTES)
 
@@ -136,7 +148,7 @@ def _notify_kernel(
     col_live = node_ok & (tl.load(rank_mask_ptr + col_peers, mask=node_ok, other=1) == 0)
     node_peers = node * D + locs
     node_live = loc_ok & (tl.load(rank_mask_ptr + node_peers, mask=loc_ok, other=1) == 0)
-    pe, delta, direct = device.open_peer(routes_ptr, rank, col_peers, TRANSPORT, FORCE_PUT)
+    pe, delta, direct = open_peer(routes_ptr, rank, col_peers, TRANSPORT, FORCE_PUT)
     direct_i = direct.to(tl.int32)
 
     my_base = tl.load(peer_bases_ptr + rank)
@@ -147,14 +159,16 @@ def _notify_kernel(
     tag = epoch << 32
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     my_nvl = my_base + NVL_DATA
-    msg_ints = (_HEADER + 4 * num_channels * (1 + D) + 4 * D * experts_per_rank) // 4
-    if not COUNT:
-        msg_ints = _HEADER // 4
+    nvl_inbox = my_nvl + NVL_INBOX + locs * NVL_MSG_BYTES  # [d] node messages to this rank
+    if COUNT:
+        msg_ints = (_HEADER + 4 * num_channels * (1 + D) + 4 * D * experts_per_rank) // 4
+    else:
+        msg_ints = _HEADER // 4 + num_channels * 0
 
     # 1. This rank's payload areas of the previous call are free: tell the peers that write them.
     for n in range(NUM_NODES):
         if lane(col_live.to(tl.int32), nodes, n) > 0:
-            device.signal_op(
+            signal_op(
                 (rdma_base + RDMA_STARTED + node * 8).to(tl.pointer_type(tl.int64)),
                 tag,
                 lane(pe, nodes, n),
@@ -197,7 +211,7 @@ def _notify_kernel(
                     mask=row_ok[:, None] & live_dest[None, :],
                     other=0,
                 ).to(tl.int32)
-                running += tl.sum(flags, axis=0)
+                running += tsum(flags, axis=0)
                 hits = tl.zeros([BLOCK_TOKENS, BLOCK_NODES], dtype=tl.int32)
                 for l2 in range(D):
                     j = nodes * D + l2
@@ -208,7 +222,7 @@ def _notify_kernel(
                         other=0,
                     ).to(tl.int32)
                     hits = tl.maximum(hits, hit)
-                running_nodes += tl.sum(hits, axis=0)
+                running_nodes += tsum(hits, axis=0)
             tl.store(gbl_channel_prefix_ptr + ranks * num_channels + c, running, mask=rank_ok)
             tl.store(
                 rdma_channel_prefix_ptr + nodes * num_channels + c, running_nodes, mask=node_ok
@@ -216,7 +230,7 @@ def _notify_kernel(
         tl.debug_barrier()  # the matrices are read back below by other threads of this program
 
     # 3. Every column peer started this epoch: send each its message.
-    started = wait_all_at_least(
+    started = wait_at_least(
         (rdma_base + RDMA_STARTED + nodes * 8).to(tl.pointer_type(tl.int64)),
         tag + nodes * 0,
         col_live,
@@ -225,7 +239,7 @@ def _notify_kernel(
         USE_GLOBALTIMER,
     )
     late = col_live & (started < tag)
-    ok = tl.sum(late.to(tl.int32), axis=0) == 0
+    ok = tsum(late.to(tl.int32), axis=0) == 0
     if not ok:
         report_error(
             host + HOST_ERROR,
@@ -275,7 +289,7 @@ def _notify_kernel(
                             payload + num_channels * (1 + D) + es, counts, mask=es < node_experts
                         )
                 tl.debug_barrier()  # every thread's part of the message is in place
-                device.put_nbi_block(
+                put_nbi_block(
                     (rdma_base + RDMA_INBOX + node * RDMA_MSG_BYTES).to(tl.pointer_type(tl.int32)),
                     msg.to(tl.pointer_type(tl.int32)),
                     msg_ints,
@@ -286,7 +300,7 @@ def _notify_kernel(
                     PUT_BLOCK,
                 )
                 # Ordered after the message by the device layer: whoever sees it sees the data.
-                device.signal_op(
+                signal_op(
                     (rdma_base + RDMA_FLAGS + node * 8).to(tl.pointer_type(tl.int64)),
                     tag,
                     lane(pe, nodes, n),
@@ -297,7 +311,7 @@ def _notify_kernel(
                 )
 
         # 4. The column peers' messages, then the node peers' start, then one message to each.
-        flags = wait_all_at_least(
+        flags = wait_at_least(
             (rdma_base + RDMA_FLAGS + nodes * 8).to(tl.pointer_type(tl.int64)),
             tag + nodes * 0,
             col_live,
@@ -306,7 +320,7 @@ def _notify_kernel(
             USE_GLOBALTIMER,
         )
         late = col_live & (flags < tag)
-        ok = tl.sum(late.to(tl.int32), axis=0) == 0
+        ok = tsum(late.to(tl.int32), axis=0) == 0
         if not ok:
             report_error(
                 host + HOST_ERROR,
@@ -324,7 +338,7 @@ def _notify_kernel(
             )
     if ok:
         tl.debug_barrier()  # the acquired flags order the inbox reads of every thread
-        nvl_started = wait_all_at_least(
+        nvl_started = wait_at_least(
             (my_nvl + NVL_STARTED + locs * 8).to(tl.pointer_type(tl.int64)),
             tag + locs * 0,
             node_live,
@@ -332,8 +346,8 @@ def _notify_kernel(
             clock_addr,
             USE_GLOBALTIMER,
         )
-        late = node_live & (nvl_started < tag)
-        ok = tl.sum(late.to(tl.int32), axis=0) == 0
+        late_peers = node_live & (nvl_started < tag)
+        ok = tsum(late_peers.to(tl.int32), axis=0) == 0
         if not ok:
             report_error(
                 host + HOST_ERROR,
@@ -341,7 +355,7 @@ def _notify_kernel(
                 STOP_ALL,
                 ERR_TIMEOUT,
                 rank,
-                late,
+                late_peers,
                 node_peers,
                 PHASE,
                 -1,
@@ -387,7 +401,7 @@ def _notify_kernel(
                             volatile=True,
                         )
                         tl.store(
-                            body + NUM_NODES * num_channels + es, tl.sum(counts, axis=0), mask=e_ok
+                            body + NUM_NODES * num_channels + es, tsum(counts, axis=0), mask=e_ok
                         )
                 tl.debug_barrier()  # the whole message first
                 tl.atomic_xchg(
@@ -398,7 +412,7 @@ def _notify_kernel(
                 )  # publishes the message stored above
 
         # 5. The node peers' messages: the key of every rank.
-        nvl_flags = wait_all_at_least(
+        nvl_flags = wait_at_least(
             (my_nvl + NVL_FLAGS + locs * 8).to(tl.pointer_type(tl.int64)),
             tag + locs * 0,
             node_live,
@@ -406,8 +420,8 @@ def _notify_kernel(
             clock_addr,
             USE_GLOBALTIMER,
         )
-        late = node_live & (nvl_flags < tag)
-        ok = tl.sum(late.to(tl.int32), axis=0) == 0
+        late_messages = node_live & (nvl_flags < tag)
+        ok = tsum(late_messages.to(tl.int32), axis=0) == 0
         if not ok:
             report_error(
                 host + HOST_ERROR,
@@ -415,7 +429,7 @@ def _notify_kernel(
                 STOP_ALL,
                 ERR_TIMEOUT,
                 rank,
-                late,
+                late_messages,
                 node_peers,
                 PHASE,
                 -1,
@@ -425,7 +439,6 @@ def _notify_kernel(
             )
     if ok:
         tl.debug_barrier()  # the acquired flags order the inbox reads of every thread
-        nvl_inbox = my_nvl + NVL_INBOX + locs * NVL_MSG_BYTES  # [d] message addresses
         all_keys = tl.load(
             nvl_inbox.to(tl.pointer_type(tl.int64))[:, None] + nodes[None, :],
             mask=node_live[:, None] & node_ok[None, :],
@@ -434,10 +447,10 @@ def _notify_kernel(
         )  # [local index l'', node n'] = key of rank (n', l'')
         grid = nodes[None, :] * D + locs[:, None]
         differ = (all_keys != -1) & (all_keys != layout_key)
-        if tl.sum(tl.sum(differ.to(tl.int32), axis=1), axis=0) > 0:
+        if tsum(tsum(differ.to(tl.int32), axis=1), axis=0) > 0:
             ok = False
-            first = tl.min(tl.min(tl.where(differ, grid, NUM_RANKS), axis=1), axis=0)
-            seen = tl.sum(tl.sum(tl.where(grid == first, all_keys, 0), axis=1), axis=0)
+            first = tmin(tmin(tl.where(differ, grid, NUM_RANKS), axis=1), axis=0)
+            seen = tsum(tsum(tl.where(grid == first, all_keys, 0), axis=1), axis=0)
             report_error(
                 host + HOST_ERROR,
                 stop,
@@ -476,7 +489,7 @@ def _notify_kernel(
             other=0,
             volatile=True,
         )
-        prefix = tl.cumsum(total, axis=0)
+        prefix = tcumsum(total, axis=0)
         tl.store(recv_gbl_rank_prefix_sum_ptr + ranks, prefix, mask=rank_ok)
         shifted = tl.load(
             j_rows.to(tl.pointer_type(tl.int32))[:, None] + chans[None, :] - 1,
@@ -489,7 +502,7 @@ def _notify_kernel(
             (prefix - total)[:, None] + shifted,
             mask=rank_ok[:, None] & chan_ok[None, :],
         )
-        num_recv = tl.sum(total, axis=0)
+        num_recv = tsum(total, axis=0)
         # Tokens reaching this node through this rank: its own inbox, one message per column peer.
         inbox = rdma_base + RDMA_INBOX + nodes * RDMA_MSG_BYTES + _HEADER
         node_rows = tl.load(
@@ -509,8 +522,8 @@ def _notify_kernel(
             other=0,
             volatile=True,
         )
-        tl.store(recv_rdma_rank_prefix_sum_ptr + nodes, tl.cumsum(node_total, axis=0), mask=node_ok)
-        num_rdma_recv = tl.sum(node_total, axis=0)
+        tl.store(recv_rdma_rank_prefix_sum_ptr + nodes, tcumsum(node_total, axis=0), mask=node_ok)
+        num_rdma_recv = tsum(node_total, axis=0)
         for e0 in range(0, experts_per_rank, BLOCK_EXPERTS):
             es = e0 + tl.arange(0, BLOCK_EXPERTS)
             e_ok = es < experts_per_rank
@@ -523,7 +536,7 @@ def _notify_kernel(
                 other=0,
                 volatile=True,
             )
-            tl.store(host + HOST_EXPERT_COUNTS + es, tl.sum(counts, axis=0).to(tl.int64), mask=e_ok)
+            tl.store(host + HOST_EXPERT_COUNTS + es, tsum(counts, axis=0).to(tl.int64), mask=e_ok)
         tl.store(host + HOST_NUM_RECV, (num_rdma_recv.to(tl.int64) << 32) | num_recv.to(tl.int64))
         most = tl.maximum(num_recv, num_rdma_recv)
         if (num_worst_tokens > 0) & (most > num_worst_tokens):
@@ -532,7 +545,7 @@ def _notify_kernel(
         tl.debug_barrier()
         # Publishes the counts stored above to the host.
         tl.atomic_xchg(host + HOST_READY, ready_token, sem="release", scope="sys")
-    device.quiet(TRANSPORT)  # the message puts are complete before the staging area is reused
+    quiet(TRANSPORT)  # the message puts are complete before the staging area is reused
 
 
 @dataclass(frozen=True)

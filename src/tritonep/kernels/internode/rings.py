@@ -1,5 +1,6 @@
 """Device helpers shared by the internode data kernels: ring addressing, puts of slot ranges,
-polling of epoch-tagged counters, and the per-launch failure path.
+polling of epoch-tagged counters, the per-launch failure path, and `direct` (fast helper calls in
+the interpreter).
 
 Every counter is `epoch << 32 | count` (see `regions.py`); a value below the call's tag belongs to
 an earlier call and reads as count 0 (the notify handshake guarantees that the earlier call is over
@@ -9,18 +10,148 @@ on the peer that owns the ring).
 import triton
 import triton.language as tl
 
+from ... import _env
 from ...transport import device
-from ..common.sync import STOP_ALL, load_acquire, now_ns, report_error
+from ..common import casting, sync, tiles
+from ..common.sync import STOP_ALL
 
 
-@triton.jit
+class _Direct:
+    """Interpreter only: a `@triton.jit` helper called as its rewritten Python function.
+
+    Triton's interpreter re-patches `triton.language` on every device-function call
+    (`InterpretedFunction.__call__` -> `_patch_lang`: `inspect.getmembers` over four modules),
+    about 250 us per call on the CI machine, while the kernel that runs the helper has patched the
+    very same modules already. The internode kernels call small helpers thousands of times per
+    launch (measured: 43% of a cached dispatch's time went to that patching), so they call them
+    through this wrapper, which skips the redundant patching. Compiled kernels see the helper
+    itself (`direct` returns it unchanged), so GPU code is untouched.
+    """
+
+    __slots__ = ("fn", "_call")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._call = None
+
+    def __call__(self, *args, **kwargs):
+        call = self._call
+        if call is None:
+            call = self._call = self.fn.rewrite()
+        return call(*args, **kwargs)
+
+
+def direct(fn):
+    """`fn` (a `@triton.jit` helper) as the internode kernels call it: see `_Direct`."""
+    return _Direct(fn) if _env.interpret_enabled() else fn
+
+
+def helper(fn):
+    """`@triton.jit` for the internode kernels' own helpers, called through `direct`."""
+    return direct(triton.jit(fn))
+
+
+# Triton's reductions are `@jit` functions of its standard library: each call is a device-function
+# call in the interpreter. Shared helpers of other modules likewise.
+tsum = direct(tl.sum)
+tmax = direct(tl.max)
+tmin = direct(tl.min)
+targmax = direct(tl.argmax)
+tcumsum = direct(tl.cumsum)
+row_block = direct(tiles.row_block)
+now_ns = direct(sync.now_ns)
+open_call = direct(sync.open_call)
+report_error = direct(sync.report_error)
+open_peer = direct(device.open_peer)
+put_nbi_block = direct(device.put_nbi_block)
+signal_op = direct(device.signal_op)
+quiet = direct(device.quiet)
+round_to = direct(casting.round_to)
+
+
+@helper
+def lane(vector, lanes, j):
+    """`vector[j]` of a `[lanes]` vector (`tiles.lane` over `tsum`)."""
+    return tsum(tl.where(lanes == j, vector, 0), axis=0)
+
+
+@helper
+def column(matrix, lanes, j):
+    """`matrix[:, j]` of a `[rows, lanes]` tile (`tiles.column` over `tsum`)."""
+    return tsum(tl.where(lanes[None, :] == j, matrix, 0), axis=1)
+
+
+@helper
+def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
+    """Prefix sums down the rows of a small `[ROWS, lanes]` integer tile (`tiles.cumsum_rows`,
+    a masked reduction instead of `tcumsum(axis=0)`, whose lowering fails in triton 3.6 for some
+    tile layouts)."""
+    rows = tl.arange(0, ROWS)
+    below = rows[:, None] >= rows[None, :] if INCLUSIVE else rows[:, None] > rows[None, :]
+    return tsum(tl.where(below[:, :, None], matrix[None, :, :], 0), axis=1)
+
+
+@helper
+def wait_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
+    """`sync.wait_all_at_least` (spin until every masked `*ptrs >= targets` or the deadline; returns
+    the last values, unmasked lanes read as their target) with the clock read inline: in the
+    interpreter a spin iteration then costs no device-function call."""
+    values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
+    pending = tsum((values < targets).to(tl.int32), axis=0)
+    now = deadline - deadline
+    while (pending > 0) & (now < deadline):
+        if USE_GLOBALTIMER:
+            now = tl.extra.cuda.globaltimer()
+        else:
+            now = tl.load(clock_addr.to(tl.pointer_type(tl.int64)), volatile=True)
+        values = tl.where(
+            mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets
+        )  # acquires what the signal publishes
+        pending = tsum((values < targets).to(tl.int32), axis=0)
+    return values
+
+
+@helper
+def copy_rows(
+    src_rows,
+    dst_rows,
+    mask,
+    ROW_WORDS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    CACHE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """`tiles.copy_rows` (copy `ROW_WORDS` 4-byte words of each masked row between 16-byte aligned
+    row addresses, optionally loading block i+1 before storing block i) written without nested
+    device-function calls, for the interpreter's sake (see `_Direct`)."""
+    words = tl.arange(0, BLOCK_W)
+    src = src_rows.to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
+    dst = dst_rows.to(tl.pointer_type(tl.int32))[:, None] + words[None, :]
+    src = tl.max_contiguous(tl.multiple_of(src, [16, 16]), [1, BLOCK_W])
+    dst = tl.max_contiguous(tl.multiple_of(dst, [16, 16]), [1, BLOCK_W])
+    if PREFETCH:
+        m = mask[:, None] & (words[None, :] < ROW_WORDS)
+        vals = tl.load(src, mask=m, cache_modifier=CACHE)
+        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
+            next_m = mask[:, None] & (words[None, :] + w0 < ROW_WORDS)
+            next_vals = tl.load(src + w0, mask=next_m, cache_modifier=CACHE)
+            tl.store(dst + (w0 - BLOCK_W), vals, mask=m)
+            vals = next_vals
+            m = next_m
+    else:
+        for w0 in range(0, ROW_WORDS, BLOCK_W):
+            m = mask[:, None] & (words[None, :] + w0 < ROW_WORDS)
+            tl.store(dst + w0, tl.load(src + w0, mask=m, cache_modifier=CACHE), mask=m)
+
+
+@helper
 def poll(ptrs, seen, mask):
     """`seen` with the masked lanes raised to a fresh acquire-read of `ptrs` (never lowered)."""
     polled = tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
     return tl.where(mask & (polled > seen), polled, seen)
 
 
-@triton.jit
+@helper
 def put_slots(
     ring,
     staging,
@@ -39,7 +170,7 @@ def put_slots(
     addresses): one put, or two when the range wraps. Block scope: every thread calls it."""
     q0 = first % capacity
     head = tl.minimum(count, capacity - q0)
-    device.put_nbi_block(
+    put_nbi_block(
         (ring + q0.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int32)),
         (staging + q0.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int32)),
         head * (SLOT_BYTES // 4),
@@ -50,7 +181,7 @@ def put_slots(
         PUT_BLOCK,
     )
     if count > head:
-        device.put_nbi_block(
+        put_nbi_block(
             ring.to(tl.pointer_type(tl.int32)),
             staging.to(tl.pointer_type(tl.int32)),
             (count - head) * (SLOT_BYTES // 4),
@@ -62,19 +193,19 @@ def put_slots(
         )
 
 
-@triton.jit
+@helper
 def signal_peer(
     routes_ptr, rank, peer, sig, value, TRANSPORT: tl.constexpr, FORCE_PUT: tl.constexpr
 ):
     """Set the 64-bit signal `sig` (local symmetric address) of RDMA peer `peer` to `value`, ordered
     after everything this program stored or put to that peer before."""
-    pe, delta, direct = device.open_peer(routes_ptr, rank, peer, TRANSPORT, FORCE_PUT)
-    device.signal_op(
-        sig.to(tl.pointer_type(tl.int64)), value, pe, delta, direct, device.SIGNAL_SET, TRANSPORT
+    pe, delta, is_direct = open_peer(routes_ptr, rank, peer, TRANSPORT, FORCE_PUT)
+    signal_op(
+        sig.to(tl.pointer_type(tl.int64)), value, pe, delta, is_direct, device.SIGNAL_SET, TRANSPORT
     )
 
 
-@triton.jit
+@helper
 def idle(
     ok,
     stop,
@@ -114,6 +245,3 @@ def idle(
             BLOCK_RANKS,
         )
     return ok
-
-
-__all__ = ["idle", "load_acquire", "poll", "put_slots", "signal_peer"]
