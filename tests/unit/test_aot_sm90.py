@@ -37,6 +37,9 @@ def test_profiler_names_are_namespaced(report):
         "low_latency.dispatch": "_ZN8tritonep2ll8dispatchEv",
         "low_latency.combine": "_ZN8tritonep2ll7combineEv",
         "low_latency.clean": "_ZN8tritonep2ll12clean_bufferEv",
+        "internode.notify": "_ZN8tritonep9internode6notifyEv",
+        "internode.dispatch": "_ZN8tritonep9internode8dispatchEv",
+        "internode.combine": "_ZN8tritonep9internode7combineEv",
     }
 
 
