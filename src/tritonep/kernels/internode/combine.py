@@ -125,6 +125,7 @@ def _return_step(
         -1,
     )
     if tmax(ready, axis=0) > 0:
+        tl.debug_barrier()  # slots are overwritten only after the acquired heads freed them
         dst = targmax(ready, axis=0)
         # The stream to forwarder dst: sources j = (n', dst) by ascending n', rows in order.
         candidates = rank_ok & ((ranks % D) == dst) & (cs_sent < counts)
@@ -266,6 +267,7 @@ def _reduce_step(
             if tsum(short.to(tl.int32), axis=0) > 0:
                 waiting = node * D + tmin(tl.where(short, locs, BLOCK_LOCAL), axis=0)
             else:
+                tl.debug_barrier()  # rows and free slots acquired by one thread, used by all
                 pe, delta, direct = open_peer(
                     routes_ptr, rank, f_node * D + local, TRANSPORT, FORCE_PUT
                 )
@@ -446,6 +448,7 @@ def _receive_step(
     blocked = tsum(short.to(tl.int32), axis=0) > 0
     waiting = tl.where(blocked, tmin(tl.where(short, nodes, BLOCK_NODES), axis=0) * D + local, -1)
     if not blocked:
+        tl.debug_barrier()  # the partials acquired by one thread are read by all
         hs = tl.arange(0, BLOCK_H)
         for h0 in range(0, HIDDEN, BLOCK_H):
             cols = h0 + hs

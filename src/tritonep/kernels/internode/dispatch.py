@@ -173,6 +173,7 @@ def _send_step(
     wait_node = tmin(tl.where(short, nodes, BLOCK_NODES), axis=0)
     moved = tl.zeros([], dtype=tl.int32)
     if not blocked:
+        tl.debug_barrier()  # slots are overwritten only after the acquired heads freed them
         pos_n = s_sent_n[None, :] + cumsum_rows(hits, TILE, False)  # [TILE, R_n] ring positions
         if WRITE_HANDLE:
             tl.store(
@@ -343,6 +344,7 @@ def _forward_step(
     seen = tl.atomic_add(tails, 0, mask=pending, sem="acquire", scope="sys")  # the data behind it
     avail = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - f_consumed, 0)
     if tmax(avail, axis=0) > 0:
+        tl.debug_barrier()  # every thread reads the slots after the acquiring thread's load
         src = targmax(avail, axis=0)
         k = tl.minimum(lane(avail, nodes, src), chunk)
         start = lane(f_consumed, nodes, src)
@@ -369,6 +371,7 @@ def _forward_step(
             f_head = poll(heads, f_head, short)
             short = (cnt_l > 0) & (f_head < need)
         if tsum(short.to(tl.int32), axis=0) == 0:
+            tl.debug_barrier()  # NVL slots are overwritten only after the acquired heads
             npos = f_sent[None, :] + cumsum_rows(dest_i, TILE, False)
             bits = tsum(tl.where(dest, 1 << locs[None, :], 0), axis=1)
             for l2 in range(D):
@@ -482,6 +485,7 @@ def _receive_step(
     seen = tl.atomic_add(tails, 0, mask=pending, sem="acquire", scope="sys")  # the data behind it
     avail = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - r_consumed, 0)
     if tmax(avail, axis=0) > 0:
+        tl.debug_barrier()  # every thread reads the slots after the acquiring thread's load
         src_l = targmax(avail, axis=0)
         k = tl.minimum(lane(avail, locs, src_l), TILE)
         start = lane(r_consumed, locs, src_l)
