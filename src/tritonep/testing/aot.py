@@ -4,7 +4,7 @@ The launchers are run with a recording stand-in for each kernel, so the compiled
 constexprs and specialisations are exactly what a real launch would produce; each recorded launch
 is then compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
 
-    python -m tritonep.testing.aot      # prints one line per compiled kernel
+    tritonep aot [--json PATH]    # a table of the compiled kernels (also: python -m this module)
 
 Must run in a process where `TRITON_INTERPRET` is unset (the interpreter compiles nothing).
 """
@@ -537,5 +537,6 @@ def compile_all() -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in compile_all():
-        print(row)
+    from tritonep.cli import main
+
+    sys.exit(main(["aot", *sys.argv[1:]]))
