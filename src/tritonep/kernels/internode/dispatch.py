@@ -63,6 +63,7 @@ from .rings import (
     signal_op,
     signal_peer,
     targmax,
+    tcumsum,
     tmax,
     tmin,
     tsum,
@@ -91,7 +92,6 @@ def _send_step(
     is_token_in_rank_ptr,
     send_rdma_head_ptr,
     rank_mask_ptr,
-    live_dest,
     routes_ptr,
     rdma_base,
     rank,
@@ -143,11 +143,6 @@ def _send_step(
     rows = s_next + i
     valid = (i < chunk) & (rows < s_end)
     rows64 = rows.to(tl.int64)
-    flags = tl.load(
-        is_token_in_rank_ptr + rows64[:, None] * NUM_RANKS + ranks[None, :],
-        mask=valid[:, None] & live_dest[None, :],
-        other=0,
-    ).to(tl.int32)
     # A token goes to node n if it goes to a live rank of n whose forwarder is live here.
     fwd_live = node_ok & (tl.load(rank_mask_ptr + nodes * D + local, mask=node_ok, other=1) == 0)
     hits = tl.zeros([TILE, BLOCK_NODES], dtype=tl.int32)
@@ -174,12 +169,12 @@ def _send_step(
     moved = tl.zeros([], dtype=tl.int32)
     if not blocked:
         tl.debug_barrier()  # slots are overwritten only after the acquired heads freed them
-        pos_n = s_sent_n[None, :] + cumsum_rows(hits, TILE, False)  # [TILE, R_n] ring positions
         if WRITE_HANDLE:
+            # -1 for every node first; each destination node's positions are stored below.
             tl.store(
                 send_rdma_head_ptr + rows64[:, None] * NUM_NODES + nodes[None, :],
-                tl.where(hits > 0, pos_n, -1),
-                mask=valid[:, None] & node_ok[None, :],
+                -1,
+                mask=valid[:, None] & node_ok[None, :] & (hits == 0),
             )
         src_x = x_addr + rows64 * x_row_stride * 4
         ks = tl.arange(0, BLOCK_TOPK)
@@ -205,8 +200,14 @@ def _send_step(
                 n_pe = lane(pe, nodes, n)
                 n_delta = lane(delta, nodes, n)
                 n_direct = lane(direct_i, nodes, n) > 0
-                to_n = column(hits, nodes, n) > 0
-                q = (column(pos_n, nodes, n) % capacity).to(tl.int64)
+                hit_n = column(hits, nodes, n)
+                to_n = hit_n > 0
+                # Ring positions of this chunk's tokens for node n: an exclusive scan (1-D: the
+                # [TILE, TILE, R_n] masked reduction would not fit registers at 20 nodes).
+                pos = first + tcumsum(hit_n, axis=0) - hit_n
+                if WRITE_HANDLE:
+                    tl.store(send_rdma_head_ptr + rows64 * NUM_NODES + n, pos, mask=to_n)
+                q = (pos % capacity).to(tl.int64)
                 stage = (
                     rdma_base
                     + RDMA_STAGING
@@ -246,8 +247,11 @@ def _send_step(
                     mask=valid[:, None] & j_live[None, :],
                     other=0,
                 ).to(tl.int32)
-                j_sent = tsum(tl.where(ranks[None, :] == j[:, None], s_sent_r[None, :], 0), axis=1)
+                in_node = ranks[None, :] == j[:, None]  # [d, R]: rank j = (n, l) of lane l
+                j_sent = tsum(tl.where(in_node, s_sent_r[None, :], 0), axis=1)
                 j_pos = j_sent[None, :] + cumsum_rows(j_flags, TILE, False)
+                # This node's ranks' streams advance by the chunk's tokens for them.
+                s_sent_r += tsum(tl.where(in_node, tsum(j_flags, axis=0)[:, None], 0), axis=0)
                 tl.store(
                     (slots + OFF_META).to(tl.pointer_type(tl.int32))[:, None] + locs[None, :],
                     tl.where(j_flags > 0, j_pos, -1),
@@ -279,7 +283,6 @@ def _send_step(
                     device.SIGNAL_SET,
                     TRANSPORT,
                 )
-        s_sent_r += tsum(flags, axis=0)
         s_sent_n = new_sent_n
         s_next = s_next + tl.minimum(chunk, s_end - s_next)
         moved += 1
@@ -714,8 +717,6 @@ def _dispatch_kernel(
     s_begin = tl.minimum(c * tokens_per_channel, num_tokens)
     s_end = tl.minimum(s_begin + tokens_per_channel, num_tokens)
     s_next = tl.where(sends, s_begin, s_end)
-    fwd_live = tl.load(rank_mask_ptr + (ranks // D) * D + local, mask=rank_ok, other=1) == 0
-    live_dest = live & fwd_live
     s_sent_r = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
     s_sent_n = tl.zeros([BLOCK_NODES], dtype=tl.int32)
     s_head = tl.zeros([BLOCK_NODES], dtype=tl.int64) + tag
@@ -938,7 +939,6 @@ def _dispatch_kernel(
                 is_token_in_rank_ptr,
                 send_rdma_head_ptr,
                 rank_mask_ptr,
-                live_dest,
                 routes_ptr,
                 rdma_base,
                 rank,

@@ -42,8 +42,11 @@ class _Direct:
 
 
 def direct(fn):
-    """`fn` (a `@triton.jit` helper) as the internode kernels call it: see `_Direct`."""
-    return _Direct(fn) if _env.interpret_enabled() else fn
+    """`fn` (a `@triton.jit` helper) as the internode kernels call it: see `_Direct`. Unchanged
+    when compiling, and on interpreters without `rewrite` (then calls simply cost more)."""
+    if _env.interpret_enabled() and callable(getattr(fn, "rewrite", None)):
+        return _Direct(fn)
+    return fn
 
 
 def helper(fn):
