@@ -306,9 +306,22 @@ def validation_task(ctx) -> list:
         "x must have shape",
         lambda: buffer.combine(args["x"][:1], handle, config=args["config"]),
     )
+    # A worst-case dispatch receiving more than num_worst_tokens rows reports it (no hang, no
+    # write past the outputs) and leaves the buffer usable.
+    received = int(handle[6][-1])
+    if max(received, int(handle[4][-1])) > 1:  # rows, or tokens forwarded (both are bounded)
+        expect(
+            tritonep.EPInvalidArgument,
+            "num_worst_tokens",
+            lambda: buffer.dispatch(**args, num_worst_tokens=1),
+        )
+    else:
+        buffer.dispatch(**args, num_worst_tokens=1)
+        seen.append("num_worst_tokens")
+    assert buffer.dispatch(**args)[4][6][-1] == received
     return seen
 
 
 def test_internode_argument_checks_cpu(cpu_pool):
     results = cpu_pool(4, **_nodes(2)).run(validation_task, timeout=300)
-    assert all(len(r) == 5 for r in results), results
+    assert all(len(r) == 6 for r in results), results

@@ -372,12 +372,13 @@ def _check_combines(
 
 
 def _check_ue8m0(ctx, buffer, config, x, handle, all_itr):
-    """Cached FP8 dispatch with packed UE8M0 scales (int32, ceil(H / 512) columns, row-major)."""
+    """Cached FP8 dispatch with packed UE8M0 scales (int32, ceil(H / 512) columns), column-major
+    as DeepEP passes them (`s.T.contiguous().T`: arbitrary strides are honoured)."""
     group, rank = ctx.group, ctx.rank
     data, _ = per_token_cast_to_fp8(x)
     words = -(-x.size(1) // 512)
-    scales = torch.arange(x.size(0) * words, dtype=torch.int32).view(x.size(0), words) + rank
-    scales = scales.to(x.device)
+    scales = torch.arange(x.size(0) * words, dtype=torch.int32).view(words, x.size(0)) + rank
+    scales = scales.to(x.device).T  # [N, words], strides (1, N)
     recv = buffer.dispatch((data, scales), handle=handle, config=config)[0]
     all_data, all_scales = gather(group, data), gather(group, scales)
     ref = reference.dispatch(rank, 2 * ctx.world_size, all_data, all_itr, scales=all_scales)
