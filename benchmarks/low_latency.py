@@ -1,5 +1,5 @@
-"""Low-latency mode: correctness, CUDA-graph replays and timings in DeepEP's conventions (spec
-§17.3).
+"""Low-latency mode: correctness, CUDA-graph replays and timings in DeepEP's conventions
+(docs/benchmarks.md §2).
 
     python benchmarks/low_latency.py --ranks 2 --json ll.json            # ranks share the GPUs if
     needed

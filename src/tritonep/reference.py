@@ -1,8 +1,9 @@
 """Plain-torch definitions of every op: the oracle for tests and benchmarks.
 
 Each function takes what every rank passed (lists indexed by rank) and returns what one rank must
-get, straight from the spec's definitions, with no clever indexing: the high-throughput ops (spec
-§8-§10, §14.1-§14.3), then the low-latency ones and their codecs (§13, §14.9-§14.10).
+get, straight from the definitions in docs/reference.md, with no clever indexing: the
+high-throughput ops (reference §8-§10, §14.1-§14.3), then the low-latency ones and their codecs
+(§13, §14.9-§14.10).
 """
 
 from __future__ import annotations

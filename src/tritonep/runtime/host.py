@@ -1,5 +1,5 @@
-"""The host block: what kernels tell the host, and the host's bounded waits for it (spec
-§14.6-14.7).
+"""The host block: what kernels tell the host, and the host's bounded waits for it
+(reference §14.6-§14.7).
 
 Each Buffer owns a small int64 block in host-visible memory (pinned on GPUs; layout in
 `protocol.py`). Kernels write into it: the received counts of a counting notify (then `ready`),

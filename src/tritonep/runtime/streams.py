@@ -5,7 +5,7 @@ Spec: the comm stream first waits for `previous_event` (or the caller's current 
 kernels run on the comm stream, and then either the caller's stream waits for the comm stream
 (`async_finish=False`) or an event recorded on the comm stream is returned.
 
-A hand-off costs host time (event record 5.5-7.3 us, a wait 7.8-14.4 us on H200, DESIGN §4),
+A hand-off costs host time (event record 5.5-7.3 us, a wait 7.8-14.4 us, measured on H200),
 twice per call. When a call is synchronous, has no `previous_event`, and the comm stream holds
 nothing that the caller's stream is not already ordered after (the buffer's previous call was a
 synchronous one finished on this same stream), running the kernels on the caller's stream is

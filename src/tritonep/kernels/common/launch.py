@@ -2,7 +2,7 @@
 
 `JITFunction.__getitem__(grid)(...)` re-derives the specialisation of every argument, reads
 environment-backed knobs and looks the kernel up on each call: 10.6 us of host time per launch
-(15.9 under a default device; H200, triton 3.6, DESIGN §4), against 4.9 us for the compiled
+(15.9 under a default device; measured on H200 with triton 3.6), against 4.9 us for the compiled
 kernel's own launcher. A collective call launches two kernels, and a low-latency decode step
 has a budget of tens of microseconds in all, so that difference matters.
 
