@@ -108,7 +108,7 @@ def test_internode_tiny_rings_put_path_cpu(cpu_pool):
     chunks: every ring wraps many times; every peer goes through the emulated put path."""
     results = cpu_pool(2, TRITONEP_FORCE_PUT="1", **_nodes(1)).run(
         inter.check_internode,
-        num_tokens=[11, 6],
+        num_tokens=[8, 5],
         num_experts=4,
         matrix="quick",
         nvl_chunk=1,
@@ -122,6 +122,43 @@ def test_internode_tiny_rings_put_path_cpu(cpu_pool):
         timeout=600,
     )
     assert all(r["dispatches"] == 2 and r["combines"] == 3 for r in results), results
+
+
+# ----------------------------------------------------------------- low-latency compatibility
+def compatibility_task(ctx) -> int:
+    """V1's compatibility flow on one Buffer: internode calls, `clean_low_latency_buffer`, then
+    low-latency calls (which share the RDMA memory), all checked against the references."""
+    from tritonep.testing import low_latency as ll
+
+    T, H, E = 8, 128, 8
+    hint = tritonep.Buffer.get_low_latency_rdma_size_hint(T, H, ctx.world_size, E)
+    size = max(hint, 1 << 20)
+    buffer = tritonep.Buffer(
+        ctx.group, num_nvl_bytes=1 << 20, num_rdma_bytes=size, low_latency_mode=True
+    )
+    ctx.state[("internode buffer", 1 << 20, size)] = buffer  # what both checks will use
+    ctx.state[("ll-buffer", T, H, E, False)] = buffer
+    stats = inter.check_internode(
+        ctx,
+        num_tokens=6,
+        hidden=H,
+        num_topk=3,
+        num_experts=E,
+        matrix="minimal",
+        num_nvl_bytes=1 << 20,
+        num_rdma_bytes=size,
+    )
+    buffer.clean_low_latency_buffer(T, H, E)
+    ll.check_low_latency(
+        ctx, num_tokens=5, hidden=H, num_topk=3, num_experts=E, max_tokens=T, use_fp8=True
+    )
+    del ctx.state[("internode buffer", 1 << 20, size)], ctx.state[("ll-buffer", T, H, E, False)]
+    return stats["combines"]
+
+
+def test_internode_then_low_latency_on_one_buffer_cpu(cpu_pool):
+    results = cpu_pool(4, **_nodes(2)).run(compatibility_task, timeout=600)
+    assert results == [1] * 4, results
 
 
 # ------------------------------------------------------------------------------- masking

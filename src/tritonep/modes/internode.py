@@ -7,10 +7,11 @@ everything that depends only on the geometry (call layout, fingerprint, compiled
 arguments) lives in launch plans cached per geometry.
 
 Memory: the internode structures live in the user's two byte budgets: a fixed signal area at the
-start of the RDMA memory and of the NVL data region (zeroed here, at Buffer construction, before
-the Buffer's closing barrier), then per-call notify messages and rings (`kernels/internode/
-regions.py`). Ring capacities are the config's `num_max_*_chunked_recv_tokens`, reduced until the
-rings fit; a call whose rings cannot hold one chunk per ring is refused with the sizes needed.
+top of the RDMA memory and at the start of the NVL data region (zeroed here, at Buffer
+construction, before the Buffer's closing barrier), then per-call notify messages and rings
+(`kernels/internode/regions.py`). Ring capacities are the config's
+`num_max_*_chunked_recv_tokens`, reduced until the rings fit; a call whose rings cannot hold one
+slot each is refused with the sizes needed.
 
 Host-visible counts: the notify kernel packs `X_rdma << 32 | M` into the host block's received-row
 slot (M rows this rank receives, X_rdma tokens it forwards: the row count of `send_nvl_head`).
@@ -99,17 +100,20 @@ class InternodeMode:
         self.shape = program_shape(backend)
         regions = kernels.internode.regions
         self._regions = regions
-        self.signals = regions.SignalArea(topology.num_nodes, topology.ranks_per_node)
+        self.signals = regions.SignalArea(
+            topology.num_nodes, topology.ranks_per_node, memory.num_rdma_bytes
+        )
         self._num_nvl_bytes = memory.num_nvl_bytes
         self._num_rdma_bytes = memory.num_rdma_bytes
         # Signal words must start below every epoch: the NVL data region is not zeroed otherwise
         # (the RDMA memory is). Peers signal here only after the Buffer's closing barrier.
-        for rdma, size, total in (
-            (False, self.signals.nvl_bytes, self._num_nvl_bytes),
-            (True, self.signals.rdma_bytes, self._num_rdma_bytes),
+        signals = self.signals
+        for rdma, offset, size, total in (
+            (False, 0, signals.nvl_bytes, self._num_nvl_bytes),
+            (True, signals.rdma_started, signals.rdma_bytes, self._num_rdma_bytes),
         ):
             if total >= size:
-                memory.local_view("Buffer", torch.int64, (size // 8,), 0, rdma).zero_()
+                memory.local_view("Buffer", torch.int64, (size // 8,), offset, rdma).zero_()
         self._plans: dict = {}
 
     def set_shape(self, shape: ProgramShape) -> None:
@@ -138,7 +142,6 @@ class InternodeMode:
             config.num_channels,
             experts_per_rank,
             slot,
-            self._num_rdma_bytes,
             self._num_nvl_bytes,
             config.num_max_rdma_chunked_recv_tokens,
             config.num_max_nvl_chunked_recv_tokens,

@@ -348,7 +348,7 @@ def _internode_cases(kernels):
         timeout_ns=100 * 10**9,
         use_globaltimer=True,
     )
-    signals = k.regions.SignalArea(num_nodes, d)
+    signals = k.regions.SignalArea(num_nodes, d, 1 << 30)
     i32 = torch.int32
     mask = torch.zeros((tokens, num_ranks), dtype=torch.bool)
     node_matrix = torch.zeros((num_nodes, channels), dtype=i32)
@@ -363,9 +363,7 @@ def _internode_cases(kernels):
         row_bytes = hidden * (1 if fp8 else 2)
         num_scales = hidden // 128 if fp8 else 0
         slot = k.regions.SlotLayout(row_bytes, num_scales, 0 if fp8 else topk, 8, d)
-        layout = k.regions.fit(
-            signals, channels, experts // num_ranks, slot, 1 << 30, 1 << 30, 128, 256
-        )
+        layout = k.regions.fit(signals, channels, experts // num_ranks, slot, 1 << 30, 128, 256)
         notify = k.notify.NotifyPlan(ctx, memory, layout, not fp8, 12345)
         counts = k.notify.NotifyCounts(
             tokens,
@@ -420,7 +418,7 @@ def _internode_cases(kernels):
             None if fp8 else weights,
         )
     slot = k.regions.SlotLayout(hidden * 2, 0, topk, 0, 0)
-    layout = k.regions.fit(signals, channels, 1, slot, 1 << 30, 1 << 30, 128, 256)
+    layout = k.regions.fit(signals, channels, 1, slot, 1 << 30, 128, 256)
     y = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
     combine = k.combine.CombinePlan(
         ctx,

@@ -66,7 +66,7 @@ def rows_crossed(buffer) -> list[int]:
     from tritonep.kernels.internode.regions import MAX_CHANNELS, SignalArea
 
     num_nodes = buffer.num_rdma_ranks
-    signals = SignalArea(num_nodes, buffer.num_nvl_ranks)
+    signals = SignalArea(num_nodes, buffer.num_nvl_ranks, buffer.num_rdma_bytes)
     words = buffer.get_local_buffer_tensor(torch.int64, use_rdma_buffer=True).cpu()
     epoch = int(words[signals.rdma_started // 8 + buffer.rdma_rank]) >> 32  # this rank's own
     first = signals.rdma_tails // 8

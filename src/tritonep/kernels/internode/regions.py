@@ -1,10 +1,16 @@
 """Where the internode structures sit in a Buffer's two memories (host side, plain Python).
 
-Both memories start with a **fixed signal area** whose layout depends only on the Buffer's
-topology (`R_n` nodes of `d` ranks), never on a call's geometry. Every other byte is carved per
-call geometry (`CallLayout`), from the end of the signal area on. Offsets are bytes from the start
-of the RDMA memory (identical on every rank: a local symmetric address is `rdma_base + offset`)
-and from the start of the NVL *data region* (`peer_bases[j] + data_offset + offset`).
+Both memories hold a **fixed signal area** whose layout depends only on the Buffer (`R_n` nodes
+of `d` ranks, its memory sizes), never on a call's geometry: at the *top* of the RDMA memory and at
+the start of the NVL data region. Every other byte is carved per call geometry (`CallLayout`):
+below the RDMA signals, after the NVL ones. Offsets are bytes from the start of the RDMA memory
+(identical on every rank: a local symmetric address is `rdma_base + offset`) and from the start of
+the NVL *data region* (`peer_bases[j] + data_offset + offset`).
+
+Why the top of the RDMA memory: the low-latency mode shares it (a Buffer made with
+`low_latency_mode=True`) and keeps its signal words at the bottom; V1 code runs internode calls,
+then `clean_low_latency_buffer`, then low-latency calls. Growing from the top, internode calls never
+write those words as long as both layouts fit the memory, which they do at V1's size hints.
 
 Fixed signal areas (int64 words, epoch-tagged `epoch << 32 | value`, zeroed at Buffer
 construction, only ever growing):
@@ -53,19 +59,25 @@ def _align(value: int, alignment: int = 128) -> int:
 
 @dataclass(frozen=True)
 class SignalArea:
-    """Fixed signal words of `num_nodes` nodes of `ranks_per_node` ranks (byte offsets)."""
+    """Fixed signal words of `num_nodes` nodes of `ranks_per_node` ranks (byte offsets), at the top
+    of an RDMA memory of `num_rdma_bytes` and at the start of the NVL data region."""
 
     num_nodes: int
     ranks_per_node: int
+    num_rdma_bytes: int
 
-    # RDMA memory
+    # RDMA memory: the top `rdma_bytes`
+    @property
+    def rdma_bytes(self) -> int:
+        return 2 * _align(8 * self.num_nodes) + 2 * _align(8 * MAX_CHANNELS * self.num_nodes)
+
     @property
     def rdma_started(self) -> int:
-        return 0
+        return self.num_rdma_bytes - self.rdma_bytes
 
     @property
     def rdma_flags(self) -> int:
-        return _align(8 * self.num_nodes)
+        return self.rdma_started + _align(8 * self.num_nodes)
 
     @property
     def rdma_tails(self) -> int:
@@ -74,10 +86,6 @@ class SignalArea:
     @property
     def rdma_heads(self) -> int:
         return self.rdma_tails + _align(8 * MAX_CHANNELS * self.num_nodes)
-
-    @property
-    def rdma_bytes(self) -> int:
-        return self.rdma_heads + _align(8 * MAX_CHANNELS * self.num_nodes)
 
     # NVL data region
     @property
@@ -169,29 +177,47 @@ class CallLayout:
         n, c, e = self.signals.num_nodes, self.num_channels, self.experts_per_rank
         return _align(8 * n + 4 * (n * c + e), 16)
 
+    # RDMA areas, from the bottom of the call's block up; the block ends where the signals begin.
     @property
-    def rdma_inbox(self) -> int:
-        return self.signals.rdma_bytes
+    def _rdma_staging_rel(self) -> int:
+        return _align(self.signals.num_nodes * self.rdma_msg_bytes)
 
     @property
-    def rdma_msg_staging(self) -> int:
-        return _align(self.rdma_inbox + self.signals.num_nodes * self.rdma_msg_bytes)
-
-    @property
-    def rdma_ring(self) -> int:
-        return _align(self.rdma_msg_staging + self.signals.num_nodes * self.rdma_msg_bytes)
+    def _rdma_ring_rel(self) -> int:
+        return self._rdma_staging_rel + _align(self.signals.num_nodes * self.rdma_msg_bytes)
 
     @property
     def rdma_ring_bytes(self) -> int:
         return self.num_channels * self.signals.num_nodes * self.rdma_capacity * self.slot.num_bytes
 
     @property
+    def _rdma_data_staging_rel(self) -> int:
+        return self._rdma_ring_rel + _align(self.rdma_ring_bytes)
+
+    @property
+    def _rdma_block(self) -> int:
+        return self._rdma_data_staging_rel + _align(self.rdma_ring_bytes)
+
+    @property
+    def rdma_inbox(self) -> int:
+        return self.signals.rdma_started - self._rdma_block
+
+    @property
+    def rdma_msg_staging(self) -> int:
+        return self.rdma_inbox + self._rdma_staging_rel
+
+    @property
+    def rdma_ring(self) -> int:
+        return self.rdma_inbox + self._rdma_ring_rel
+
+    @property
     def rdma_staging(self) -> int:
-        return _align(self.rdma_ring + self.rdma_ring_bytes)
+        return self.rdma_inbox + self._rdma_data_staging_rel
 
     @property
     def rdma_bytes(self) -> int:
-        return _align(self.rdma_staging + self.rdma_ring_bytes)
+        """RDMA bytes this call uses (the top of the memory)."""
+        return self.signals.rdma_bytes + self._rdma_block
 
     @property
     def nvl_inbox(self) -> int:
@@ -218,7 +244,6 @@ def fit(
     num_channels: int,
     experts_per_rank: int,
     slot: SlotLayout,
-    num_rdma_bytes: int,
     num_nvl_bytes: int,
     max_rdma_capacity: int,
     max_nvl_capacity: int,
@@ -228,7 +253,7 @@ def fit(
     probe = CallLayout(signals, num_channels, experts_per_rank, slot, 0, 0)
     rdma_rings = 2 * num_channels * signals.num_nodes * slot.num_bytes
     nvl_rings = num_channels * signals.ranks_per_node * slot.num_bytes
-    rdma_free = num_rdma_bytes - probe.rdma_ring - 2 * 128  # two areas, each 128-byte aligned
+    rdma_free = signals.num_rdma_bytes - probe.rdma_bytes - 2 * 128  # two 128-aligned areas
     nvl_free = num_nvl_bytes - probe.nvl_ring - 128
     rdma_capacity = max(0, min(max_rdma_capacity, rdma_free // rdma_rings))
     nvl_capacity = max(0, min(max_nvl_capacity, nvl_free // nvl_rings))
