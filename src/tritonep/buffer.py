@@ -6,7 +6,7 @@ checks, and the routing of each call to the mode that serves it. The work happen
 * `runtime/`: topology (nodes, which mode, which backend), the comm stream and its hand-offs, the
   host block with its bounded waits and error records, the NVL and RDMA memories;
 * `modes/`: one orchestration module per mode (`layout` for `get_dispatch_layout`, `intranode`,
-  `low_latency`); internode high-throughput is refused with `EPUnsupported` until it exists;
+  `internode`, `low_latency`);
 * `kernels/` and `transport/`: the Triton kernels and where peer memory comes from.
 
 Every public method runs with torch-function modes disabled (`_plain_torch`): DeepEP-style scripts
@@ -294,6 +294,11 @@ class Buffer:
             num_rdma_bytes,
             force_put,
             num_qps_per_rank,
+            rdma_reserved_bytes=(
+                self._kernels.internode.regions.signal_reserve(topology)
+                if topology.is_internode
+                else 0
+            ),
         )
         self._streams = CommStreams(self._device if self._backend == "cuda" else None)
         if self._backend == "cuda":

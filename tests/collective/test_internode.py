@@ -125,19 +125,25 @@ def test_internode_tiny_rings_put_path_cpu(cpu_pool):
 
 
 # ----------------------------------------------------------------- low-latency compatibility
-def compatibility_task(ctx) -> int:
+def compatibility_task(ctx, low_latency_first: bool) -> int:
     """V1's compatibility flow on one Buffer: internode calls, `clean_low_latency_buffer`, then
-    low-latency calls (which share the RDMA memory), all checked against the references."""
+    low-latency calls (which share the RDMA memory), all checked against the references. With
+    `low_latency_first`, low-latency calls come first too, on an RDMA memory of exactly V1's
+    low-latency hint: their layout then reaches the top of the user's bytes, right below the
+    internode signal words, which must survive it."""
     from tritonep.testing import low_latency as ll
 
-    T, H, E = 8, 128, 8
+    T, H, E = (32 if low_latency_first else 8), 128, 8
     hint = tritonep.Buffer.get_low_latency_rdma_size_hint(T, H, ctx.world_size, E)
-    size = max(hint, 1 << 20)
+    size = hint if low_latency_first else max(hint, 1 << 20)
     buffer = tritonep.Buffer(
         ctx.group, num_nvl_bytes=1 << 20, num_rdma_bytes=size, low_latency_mode=True
     )
     ctx.state[("internode buffer", 1 << 20, size)] = buffer  # what both checks will use
     ctx.state[("ll-buffer", T, H, E, False)] = buffer
+    low_latency = dict(num_topk=3, num_experts=E, max_tokens=T, use_fp8=True)
+    if low_latency_first:
+        ll.check_low_latency(ctx, num_tokens=T, hidden=H, **low_latency)
     stats = inter.check_internode(
         ctx,
         num_tokens=6,
@@ -149,15 +155,14 @@ def compatibility_task(ctx) -> int:
         num_rdma_bytes=size,
     )
     buffer.clean_low_latency_buffer(T, H, E)
-    ll.check_low_latency(
-        ctx, num_tokens=5, hidden=H, num_topk=3, num_experts=E, max_tokens=T, use_fp8=True
-    )
+    ll.check_low_latency(ctx, num_tokens=5, hidden=H, **low_latency)
     del ctx.state[("internode buffer", 1 << 20, size)], ctx.state[("ll-buffer", T, H, E, False)]
     return stats["combines"]
 
 
-def test_internode_then_low_latency_on_one_buffer_cpu(cpu_pool):
-    results = cpu_pool(4, **_nodes(2)).run(compatibility_task, timeout=600)
+@pytest.mark.parametrize("low_latency_first", [False, True], ids=["v1-order", "ll-first"])
+def test_internode_and_low_latency_on_one_buffer_cpu(cpu_pool, low_latency_first):
+    results = cpu_pool(4, **_nodes(2)).run(compatibility_task, low_latency_first, timeout=600)
     assert results == [1] * 4, results
 
 

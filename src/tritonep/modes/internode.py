@@ -100,20 +100,18 @@ class InternodeMode:
         self.shape = program_shape(backend)
         regions = kernels.internode.regions
         self._regions = regions
+        # The signal area tops the whole RDMA memory, above the user's bytes (`signal_reserve`).
         self.signals = regions.SignalArea(
-            topology.num_nodes, topology.ranks_per_node, memory.num_rdma_bytes
+            topology.num_nodes, topology.ranks_per_node, memory.rdma_capacity
         )
         self._num_nvl_bytes = memory.num_nvl_bytes
         self._num_rdma_bytes = memory.num_rdma_bytes
         # Signal words must start below every epoch: the NVL data region is not zeroed otherwise
         # (the RDMA memory is). Peers signal here only after the Buffer's closing barrier.
-        signals = self.signals
-        for rdma, offset, size, total in (
-            (False, 0, signals.nvl_bytes, self._num_nvl_bytes),
-            (True, signals.rdma_started, signals.rdma_bytes, self._num_rdma_bytes),
-        ):
-            if total >= size:
-                memory.local_view("Buffer", torch.int64, (size // 8,), offset, rdma).zero_()
+        if self._num_nvl_bytes >= self.signals.nvl_bytes:
+            memory.local_view(
+                "Buffer", torch.int64, (self.signals.nvl_bytes // 8,), 0, False
+            ).zero_()
         self._plans: dict = {}
 
     def set_shape(self, shape: ProgramShape) -> None:
@@ -123,11 +121,10 @@ class InternodeMode:
 
     # ------------------------------------------------------------------------------ plans
     def _check_memory(self, op: str) -> None:
-        if self._num_rdma_bytes < self.signals.rdma_bytes:
+        if self._num_rdma_bytes == 0:
             raise EPStateError(
-                f"{op}: internode calls need RDMA memory (num_rdma_bytes >= "
-                f"{self.signals.rdma_bytes}; Config.get_rdma_buffer_size_hint gives V1's size), "
-                f"got {self._num_rdma_bytes}"
+                f"{op}: internode calls need RDMA memory (num_rdma_bytes > 0; "
+                "Config.get_rdma_buffer_size_hint gives V1's size), got 0"
             )
         if self._num_nvl_bytes < self.signals.nvl_bytes:
             raise EPStateError(
@@ -153,7 +150,7 @@ class InternodeMode:
                 f"num_rdma_bytes={self._num_rdma_bytes} / num_nvl_bytes={self._num_nvl_bytes} "
                 f"are too small for this call: {config.num_channels} channels of rings of "
                 f"{slot.num_bytes}-byte slots holding {min_rdma} (RDMA) / {min_nvl} (NVL) tokens "
-                f"need {need.rdma_bytes} / {need.nvl_bytes} bytes",
+                f"need {need.rdma_bytes - self.signals.rdma_bytes} / {need.nvl_bytes} bytes",
             )
         return layout
 

@@ -15,7 +15,11 @@ A Buffer has up to two memories, as in DeepEP V1:
   backend; on the CPU backend, `/dev/shm` files behind the emulated put path).
 
 Extra memory beyond the user's sizes: the signal region (`protocol.signal_layout(R).num_bytes`,
-about 270 KB at R = 8) and the host block (9 KB of pinned host memory).
+about 270 KB at R = 8), the host block (9 KB of pinned host memory) and, across nodes, the
+internode signal words (`rdma_reserved_bytes`, 41 KB at 20 nodes) just above the user's RDMA bytes.
+Why above: the low-latency layout may fill all `num_rdma_bytes` (V1's size hint is exact), and V1
+code may run low-latency calls before internode ones on one Buffer; the internode signal words
+are epoch-tagged and never reset, so low-latency data must never land on them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class BufferMemory:
         it).
         rdma_routes: int64 `[R, 3]` route table of the RDMA memory for `device.open_peer`, or None.
         rdma_base: this rank's RDMA base address (local symmetric address of its offset 0).
+        rdma_capacity: bytes of the RDMA memory: `num_rdma_bytes` then `rdma_reserved_bytes` that
+            only the internode mode uses (none of `get_local_buffer_tensor`'s or the low-latency
+            layout's).
         rdma_transport / rdma_force_put: the device layer's `TRANSPORT` / `FORCE_PUT` constexprs
             for kernels using the RDMA memory; uses_nvshmem: those kernels call NVSHMEM.
     """
@@ -53,11 +60,13 @@ class BufferMemory:
         num_rdma_bytes: int,
         force_put: bool,
         num_qps_per_rank: int,
+        rdma_reserved_bytes: int = 0,
     ):
         self.signal = protocol.signal_layout(topology.num_ranks)
         self.nvl_offset = self.signal.num_bytes
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
+        self.rdma_capacity = num_rdma_bytes + rdma_reserved_bytes if num_rdma_bytes > 0 else 0
         self._peer = None
         self._heap = None
         rdma_in_peer = num_rdma_bytes > 0 and not (topology.is_internode or force_put)
@@ -65,7 +74,9 @@ class BufferMemory:
             protocol.align_up(self.nvl_offset + num_nvl_bytes) if rdma_in_peer else 0
         )
         peer_bytes = (
-            self._rdma_offset + num_rdma_bytes if rdma_in_peer else self.nvl_offset + num_nvl_bytes
+            self._rdma_offset + self.rdma_capacity
+            if rdma_in_peer
+            else self.nvl_offset + num_nvl_bytes
         )
         self.rdma_routes = None
         self.rdma_base = 0
@@ -79,7 +90,13 @@ class BufferMemory:
             # First: torch allows one symmetric-memory backend per process, and NVSHMEM's must be
             # chosen before anything is allocated (the NVL memory then comes from its heap too).
             self._open_heap(
-                bootstrap, topology, backend, device_, num_rdma_bytes, force_put, num_qps_per_rank
+                bootstrap,
+                topology,
+                backend,
+                device_,
+                self.rdma_capacity,
+                force_put,
+                num_qps_per_rank,
             )
         # The signal region exists whenever a mode signals through the NVL memory.
         if num_nvl_bytes > 0 or rdma_in_peer:
@@ -98,7 +115,7 @@ class BufferMemory:
                 device=device_,
             )
             self._rdma_view = self._peer.local[
-                self._rdma_offset : self._rdma_offset + num_rdma_bytes
+                self._rdma_offset : self._rdma_offset + self.rdma_capacity
             ]
             self._rdma_view.zero_()  # signal words must start below every epoch
 
@@ -132,7 +149,7 @@ class BufferMemory:
         if rdma:
             if self.num_rdma_bytes == 0:
                 raise EPStateError(f"{op}: this buffer has no RDMA memory (num_rdma_bytes=0)")
-            raw, total = self._rdma_view, self.num_rdma_bytes
+            raw, total = self._rdma_view[: self.num_rdma_bytes], self.num_rdma_bytes
         else:
             if self._peer is None or self.num_nvl_bytes == 0:
                 raise EPStateError(f"{op}: this buffer has no NVL memory (num_nvl_bytes=0)")

@@ -63,11 +63,12 @@ def make_limited_routing(
 def rows_crossed(buffer) -> list[int]:
     """Token slots each column peer (index = its node) wrote into this rank's RDMA rings during
     the latest call, read from the RDMA tail counters (all channels)."""
-    from tritonep.kernels.internode.regions import MAX_CHANNELS, SignalArea
+    from tritonep.kernels.internode.regions import MAX_CHANNELS
 
     num_nodes = buffer.num_rdma_ranks
-    signals = SignalArea(num_nodes, buffer.num_nvl_ranks, buffer.num_rdma_bytes)
-    words = buffer.get_local_buffer_tensor(torch.int64, use_rdma_buffer=True).cpu()
+    # The signal area lies above the user's bytes, outside `get_local_buffer_tensor`'s view.
+    signals = buffer._internode.signals
+    words = buffer._memory._rdma_view.view(torch.int64).cpu()
     epoch = int(words[signals.rdma_started // 8 + buffer.rdma_rank]) >> 32  # this rank's own
     first = signals.rdma_tails // 8
     tails = words[first : first + MAX_CHANNELS * num_nodes].view(MAX_CHANNELS, num_nodes)

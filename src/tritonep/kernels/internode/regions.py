@@ -10,7 +10,10 @@ the NVL *data region* (`peer_bases[j] + data_offset + offset`).
 Why the top of the RDMA memory: the low-latency mode shares it (a Buffer made with
 `low_latency_mode=True`) and keeps its signal words at the bottom; V1 code runs internode calls,
 then `clean_low_latency_buffer`, then low-latency calls. Growing from the top, internode calls never
-write those words as long as both layouts fit the memory, which they do at V1's size hints.
+write those words as long as both layouts fit the memory, which they do at V1's size hints. The
+signal area itself lies above the user's `num_rdma_bytes` (`signal_reserve`: the runtime allocates
+it there), so low-latency data, which may fill every user byte, never lands on these never-reset
+words when low-latency calls come first.
 
 Fixed signal areas (int64 words, epoch-tagged `epoch << 32 | value`, zeroed at Buffer
 construction, only ever growing):
@@ -107,6 +110,11 @@ class SignalArea:
     @property
     def nvl_bytes(self) -> int:
         return self.nvl_heads + _align(8 * MAX_CHANNELS * self.ranks_per_node)
+
+
+def signal_reserve(topology) -> int:
+    """RDMA bytes the runtime adds above the user's `num_rdma_bytes` for the signal area."""
+    return SignalArea(topology.num_nodes, topology.ranks_per_node, 0).rdma_bytes
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 Problem: V1 requires `clean_low_latency_buffer` between high-throughput and low-latency use of a
 buffer, and when the low-latency geometry changes, to reset its signals. tritonep's LL signals are
-epoch-tagged (`regions.py`): a later call can never mistake a stale value for its own, and the LL
-memory is not shared with the high-throughput queues, so nothing needs resetting. The call stays
+epoch-tagged (`regions.py`): a later call can never mistake a stale value for its own, and the
+high-throughput structures keep off the LL signal words (intranode queues live in the NVL memory;
+internode rings grow from the top of the RDMA memory, their signal words lie above the user's
+bytes), so nothing needs resetting. The call stays
 what V1 code relies on: a device-side barrier of every (unmasked) rank, on the current stream,
 capturable in CUDA graphs.
 
