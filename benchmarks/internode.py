@@ -1,5 +1,5 @@
-"""Internode high-throughput mode: checks, then timings in DeepEP's conventions (spec §17.2), next
-to a plain baseline on the same routing.
+"""Internode high-throughput mode: checks, then timings in DeepEP's conventions
+(docs/benchmarks.md §2), next to a plain baseline on the same routing.
 
     python benchmarks/internode.py --ranks 2 --nodes 2 --json r.json   # 2 x 1 (one or two GPUs)
     python benchmarks/internode.py --ranks 4 --nodes 2                 # 2 x 2
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
             "topk_groups": args.topk_groups,
         },
         "method": "profiler device time per call of the single dispatch/combine kernel of cached "
-        "calls (spec §17.2); notify separately; baseline: CUDA events",
+        "calls (docs/benchmarks.md §2); notify separately; baseline: CUDA events",
     }
     print(
         f"internode, {args.nodes} nodes x {args.ranks // args.nodes} ranks on {meta['gpus']} "

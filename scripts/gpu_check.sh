@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU tests and benchmarks in one script: GPU tests, layout and host-path timings,
-# dispatch/combine benchmark, low-latency benchmark, NVSHMEM layer check, pressure run. Results land
-# in $OUT (default /tmp/tritonep-gpu); each stage ends with a short table.
+# The GPU tests and benchmarks in one script: GPU tests, internode checks and timings, layout and
+# host-path timings, dispatch/combine benchmark, low-latency benchmark, NVSHMEM layer check,
+# pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage ends with a short table.
 #
-#   STAGES="tests layout host scaling bench ll nvshmem pressure" (default: all)   which parts to
-#       run; all of them take 15-20 minutes on 2 GPUs, so a machine with a time limit per command
+#   STAGES="tests internode layout host scaling bench ll nvshmem pressure" (default: all)
+#       which parts to run; all of them take 15-20 minutes on 2 GPUs, so a machine with a time limit per command
 #       may want them split, e.g. STAGES="ll nvshmem", then "tests layout bench", then the rest
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 OUT="${OUT:-/tmp/tritonep-gpu}"
-STAGES="${STAGES:-tests layout host scaling bench ll nvshmem pressure}"
+STAGES="${STAGES:-tests internode layout host scaling bench ll nvshmem pressure}"
 mkdir -p "$OUT"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv > "$OUT/gpus.txt" 2>&1
@@ -34,6 +34,22 @@ mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIP
 if has tests; then
   echo "== GPU tests"
   timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
+fi
+
+# Internode mode: nodes of one rank (TRITONEP_NVL_DOMAIN_SIZE=1), every cross-node byte an NVSHMEM
+# put; one rank per GPU where there are two, and 2 x 2 with 4 ranks sharing GPU 0 under MPS.
+if has internode; then
+  if [ "$NGPU" -ge 2 ]; then
+    echo "== internode 2 nodes x 1 rank, one rank per GPU"
+    TRITONEP_TIMEOUT_S=30 timeout ${INTERNODE_TIMEOUT:-200} python3 benchmarks/internode.py --ranks 2 --nodes 2 \
+      ${INTERNODE_ARGS:-} --json "$OUT/internode-2x1.json" 2>&1 | grep -v "Warning\|warn" | tail -25
+  fi
+  mps_start || echo "(no MPS daemon: NVSHMEM ranks sharing a GPU may fail)"
+  echo "== internode 2 nodes x 2 ranks, 4 ranks sharing GPU 0"
+  CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TRITONEP_TIMEOUT_S=30 \
+    timeout ${INTERNODE_TIMEOUT:-200} python3 benchmarks/internode.py --ranks 4 --nodes 2 --no-baseline \
+    ${INTERNODE_ARGS:-} --json "$OUT/internode-2x2-shared.json" 2>&1 | grep -v "Warning\|warn" | tail -25
+  mps_stop
 fi
 
 if has layout; then

@@ -997,6 +997,7 @@ def cmd_aot(args: argparse.Namespace) -> int:
         progress.advance(f"{len(report)} kernels")
     rows = [
         [
+            r["module"],
             _demangle(r["name"]),
             r["num_ranks"],
             r["registers"],

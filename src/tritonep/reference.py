@@ -100,7 +100,7 @@ def combine(rank: int, returned, blocks, num_tokens: int, biases=(), weights=Non
 
 
 def ll_quantize(x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = False):
-    """LL dispatch's FP8 encoding of bf16 rows `x` `[N, H]` (spec §14.9), on row-major tensors.
+    """LL dispatch's FP8 encoding of bf16 rows `x` `[N, H]` (reference §14.9), on row-major tensors.
 
     Returns `(values, scales)`: `values` float8_e4m3fn `[N, H]`; `scales` float32 `scale_inv`
     `[N, G]` (G = ceil(H / 128), a partial last group counts as one), or with `use_ue8m0` int32
@@ -141,7 +141,7 @@ def ll_quantize(x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = Fa
 
 
 def ll_dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float32 `[..., H]` of FP8 `values` `[..., H]` and their scales (spec §14.9): float32
+    """float32 `[..., H]` of FP8 `values` `[..., H]` and their scales (reference §14.9): float32
     `[..., ceil(H/128)]`, or int32 UE8M0 words `[..., ceil(H/512)]` (byte b means the float with
     bits `b << 23`). Scales may be strided (dispatch returns them column-major)."""
     hidden = values.size(-1)
@@ -157,7 +157,7 @@ def ll_dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def logfmt_codes(x: torch.Tensor):
-    """LogFMT-10 quantisation of bf16 rows `x` `[N, H]` (H % 128 == 0), exactly per spec §14.10.
+    """LogFMT-10 quantisation of bf16 rows `x` `[N, H]` (H % 128 == 0), per reference §14.10.
 
     Returns `(codes, encoded, levels)`: `codes` int32 `[N, H]` (9-bit magnitude codes, 0 in groups
     sent as BF16); `encoded` bool `[N, H // 128]`; `levels` float64 `[N, H]`, the argument of the
@@ -186,9 +186,9 @@ def logfmt_codes(x: torch.Tensor):
 
 
 def logfmt_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """float32 `[N, H]`: bf16 rows `x` after LogFMT-10 encode and decode (spec §14.10): in encoded
-    groups ±2**((c - 1) * step + lm) or ±0 for code 0 (evaluated in float64, rounded once); BF16
-    groups unchanged.
+    """float32 `[N, H]`: bf16 rows `x` after LogFMT-10 encode and decode (reference §14.10): in
+    encoded groups ±2**((c - 1) * step + lm) or ±0 for code 0 (evaluated in float64, rounded
+    once); BF16 groups unchanged.
 
     Example: the group of `logfmt_codes`' example -> 0.5, 126 x 2**-10 * 1.0192, 0.0.
     """
@@ -280,7 +280,7 @@ def ll_combine(
     mask=None,
     use_logfmt: bool = False,
 ) -> torch.Tensor:
-    """What `low_latency_combine` returns on `rank` (spec §13.3): bf16 `[N, H]`.
+    """What `low_latency_combine` returns on `rank` (reference §13.3): bf16 `[N, H]`.
 
     `expert_outputs[o]` `[L, R*T, H]` bf16 is what rank o passes to combine; `src_infos[o]` and
     `layout_ranges[o]` are handle entries 0 and 1 of o's dispatch; `topk_idx`, `topk_weights`
@@ -364,8 +364,8 @@ def node_mask(is_token_in_rank: torch.Tensor, ranks_per_node: int) -> torch.Tens
 def internode_handle(
     rank: int, ranks_per_node: int, num_channels: int, is_token_in_rank
 ) -> dict[str, torch.Tensor]:
-    """Entries 1-7 of the internode handle rank `rank` must return (spec §12.2), by name, from the
-    `is_token_in_rank` every rank passed (list indexed by rank; CPU tensors).
+    """Entries 1-7 of the internode handle rank `rank` must return (reference §12.2), by name, from
+    the `is_token_in_rank` every rank passed (list indexed by rank; CPU tensors).
 
     Example: 2 nodes x 1 rank, C = 1; rank 0 sends 3 tokens to itself and 2 to rank 1, rank 1
     sends 1 and 4 -> rank 1: recv_gbl_rank_prefix_sum = [2, 6], recv_rdma_rank_prefix_sum = [2, 6],
@@ -410,10 +410,10 @@ def internode_handle(
 def internode_combine(
     rank: int, ranks_per_node: int, returned, blocks, num_tokens: int, biases=(), weights=None
 ):
-    """Combined rows for rank `rank` in tritonep's internode order (spec §10 allows the per-node
-    rounding): for each token, `acc = fp32(bias0) + fp32(bias1)`, then for each node n ascending
-    `acc += fp32(round(sum over ranks (n, l) ascending of fp32(row)))`, rounded once to the rows'
-    dtype. Weights: the same sums without any rounding.
+    """Combined rows for rank `rank` in tritonep's internode order (reference §10 allows the
+    per-node rounding): for each token, `acc = fp32(bias0) + fp32(bias1)`, then for each node n
+    ascending `acc += fp32(round(sum over ranks (n, l) ascending of fp32(row)))`, rounded once to
+    the rows' dtype. Weights: the same sums without any rounding.
 
     `returned[j]`: `[X_j, H]` rows rank j passes to combine; `blocks[j]`: (first_row, src_idx), the
     rows of rank j that came from `rank` (as `combine` of the intranode reference);

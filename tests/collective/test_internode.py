@@ -6,7 +6,7 @@ ranks of a node crosses once, counted from the RDMA tail counters), rings of two
 emulated put path (every peer, this rank included, through the put path), buffers far smaller than
 one dispatch, rank masking, a stalled rank (timeout naming rank, nodes and phase), a geometry
 mismatch, argument checks.
-GPU: not run here (no GPU in CI); `benchmarks/internode.py` holds the GPU checks and timings.
+GPU: `test_internode_gpu.py`; `benchmarks/internode.py` checks DeepEP's shape and times it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Problem: after a dispatch with handle h, rank r = (n, l') holds `x_r [X, H]` (ro
 received row); token t of rank s = (n_s, l) must become
 `bias0[t] + bias1[t] + sum over nodes n (ascending) of round(sum over ranks (n, l') of node n that
 received t (ascending l') of x_(n,l')[row of t])`, all sums in fp32, the per-node partial rounded to
-x's dtype for the crossing (spec §10 allows it), the result rounded once; top-k weights likewise
-but never rounded.
+x's dtype for the crossing (reference §10 allows it), the result rounded once; top-k weights
+likewise but never rounded.
 
 Algorithm (one persistent launch, channels as in dispatch, every flow the reverse of dispatch's):
 * NVL sender (rank (n, l'), channel c): returns to each forwarder (n, l) of its node the rows it

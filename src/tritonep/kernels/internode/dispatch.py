@@ -1,11 +1,11 @@
 """Internode dispatch: every token crosses to each destination node once, then fans out over NVLink.
 
 Problem: rank s = (n_s, l) holds `x [N, H]`; rank r = (n, l') must receive the rows with
-`is_token_in_rank[t, r]`, ordered by source rank, then token (spec §14.1), with top-k ids rebased
-to r's local experts (-1 elsewhere, weight 0) and FP8 scales; a token bound for several ranks of
-one node crosses between nodes once.
+`is_token_in_rank[t, r]`, ordered by source rank, then token (reference §14.1), with top-k ids
+rebased to r's local experts (-1 elsewhere, weight 0) and FP8 scales; a token bound for several
+ranks of one node crosses between nodes once.
 
-Algorithm (one persistent launch; channel c = a contiguous token range of each rank, spec §12):
+Algorithm (one persistent launch; channel c = a contiguous token range of each rank, reference §12):
 * RDMA sender (rank s, channel c): walks its channel's tokens in chunks. A token goes to node n if
   it goes to any rank of n; it is written once per such node into slot `position % capacity` of
   ring (c, n_s) of rank (n, l) -- the forwarder: the rank of node n with s's local index -- with
