@@ -95,20 +95,27 @@ def _baseline(group, x, is_token_in_rank) -> dict:
         capacity = int(most) * world * hidden
         send = symm_mem.empty(capacity, dtype=x.dtype, device=device)
         recv = symm_mem.empty(capacity, dtype=x.dtype, device=device)
-        splits = symm_mem.empty((3, world), dtype=torch.int64, device=device)
-        splits[0].copy_(torch.bincount(dests, minlength=world) * hidden)
+        # Splits in elements: what goes to each peer, and what came from each peer with offsets.
+        in_splits = symm_mem.empty(world, dtype=torch.int64, device=device)
+        out_splits = symm_mem.empty((2, world), dtype=torch.int64, device=device)
+        back_in_splits = symm_mem.empty(world, dtype=torch.int64, device=device)
+        back_out_splits = symm_mem.empty((2, world), dtype=torch.int64, device=device)
+        for tensor in (send, recv, in_splits, out_splits, back_in_splits, back_out_splits):
+            symm_mem.rendezvous(tensor, group.group_name)
+        in_splits.copy_(torch.bincount(dests, minlength=world) * hidden)
         send[: rows * hidden].copy_(x.index_select(0, tokens).flatten())
-        back_splits = symm_mem.empty((3, world), dtype=torch.int64, device=device)
 
         def dispatch():
-            torch.ops.symm_mem.all_to_all_vdev(send, recv, splits, group.group_name)
+            torch.ops.symm_mem.all_to_all_vdev(send, recv, in_splits, out_splits, group.group_name)
 
         dispatch()
-        back_splits[0].copy_(splits[1])
-        received = int(splits[1].sum()) // hidden
+        back_in_splits.copy_(out_splits[0])  # received rows go back, packed by source rank
+        received = int(out_splits[0].sum()) // hidden
 
         def combine():
-            torch.ops.symm_mem.all_to_all_vdev(recv, send, back_splits, group.group_name)
+            torch.ops.symm_mem.all_to_all_vdev(
+                recv, send, back_in_splits, back_out_splits, group.group_name
+            )
             out = torch.zeros((x.size(0), hidden), dtype=torch.float32, device=device)
             out.index_add_(0, tokens, send[: rows * hidden].view(rows, hidden).float())
             return out.to(x.dtype)

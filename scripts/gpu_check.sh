@@ -31,9 +31,14 @@ mps_start() {
 }
 mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; }
 
+# Under MPS: the tests with ranks sharing GPU 0 spin in their kernels, and time-slicing makes them
+# crawl (the low-latency one ran past 150 s without it); NVSHMEM ranks sharing a GPU need it too.
 if has tests; then
   echo "== GPU tests"
-  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -15
+  mps_start || echo "(no MPS daemon: tests with ranks sharing a GPU time-slice or skip)"
+  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -m gpu -q -rs --durations=0 -p no:cacheprovider \
+    ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
+  mps_stop
 fi
 
 # Internode mode: nodes of one rank (TRITONEP_NVL_DOMAIN_SIZE=1), every cross-node byte an NVSHMEM
