@@ -20,7 +20,7 @@ SHARED_GPU_ENV = {
 
 @pytest.mark.gpu
 def test_low_latency_deepep_shape_two_ranks_on_one_gpu(cpu_pool):
-    combos = [c for c in ll.full_matrix() if not c["with_out"] or c["use_fp8"]]
+    combos = ll.pairwise_matrix()
     results = cpu_pool(2, **SHARED_GPU_ENV).run(
         ll.check_low_latency_matrix,
         combos,
