@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tests and benchmarks in one script: GPU tests, internode checks and timings, layout and
 # host-path timings, dispatch/combine benchmark, low-latency benchmark, NVSHMEM layer check,
-# pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage ends with a short table.
+# pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage prints its figures and
+# the script ends with a one-line-per-record table (scripts/gpu_summary.py).
 #
 #   STAGES="tests internode layout host scaling bench ll nvshmem pressure" (default: all)
 #       which parts to run; all of them take 15-20 minutes on 2 GPUs, so a machine with a time limit per command
@@ -41,8 +42,8 @@ if has tests; then
   mps_stop
 fi
 
-# Internode mode: nodes of one rank (TRITONEP_NVL_DOMAIN_SIZE=1), every cross-node byte an NVSHMEM
-# put; one rank per GPU where there are two, and 2 x 2 with 4 ranks sharing GPU 0 under MPS.
+# Internode mode: 2 x 1 with one rank per GPU where there are two (cross-node bytes: stores to
+# NVSHMEM-mapped peers), and 2 x 2 with 4 ranks sharing GPU 0 under MPS, NVSHMEM puts forced.
 if has internode; then
   if [ "$NGPU" -ge 2 ]; then
     echo "== internode 2 nodes x 1 rank, one rank per GPU"
@@ -50,10 +51,10 @@ if has internode; then
       ${INTERNODE_ARGS:-} --json "$OUT/internode-2x1.json" 2>&1 | grep -v "Warning\|warn" | tail -25
   fi
   mps_start || echo "(no MPS daemon: NVSHMEM ranks sharing a GPU may fail)"
-  echo "== internode 2 nodes x 2 ranks, 4 ranks sharing GPU 0"
-  CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TRITONEP_TIMEOUT_S=30 \
+  echo "== internode 2 nodes x 2 ranks, 4 ranks sharing GPU 0, NVSHMEM puts between the nodes"
+  CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25 TRITONEP_TIMEOUT_S=30 TRITONEP_FORCE_PUT=1 \
     timeout ${INTERNODE_TIMEOUT:-200} python3 benchmarks/internode.py --ranks 4 --nodes 2 --no-baseline \
-    ${INTERNODE_ARGS:-} --json "$OUT/internode-2x2-shared.json" 2>&1 | grep -v "Warning\|warn" | tail -25
+    ${INTERNODE_ARGS:-} --json "$OUT/internode-2x2-shared-put.json" 2>&1 | grep -v "Warning\|warn" | tail -25
   mps_stop
 fi
 
@@ -127,4 +128,4 @@ if has pressure; then
     --seconds "${PRESSURE_SECONDS:-240}" --json "$OUT/pressure.json" 2>&1 | tail -8
   [ "$NGPU" -ge 2 ] || mps_stop
 fi
-ls -la "$OUT"
+python3 scripts/gpu_summary.py "$OUT"
