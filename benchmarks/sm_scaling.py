@@ -49,8 +49,8 @@ CASES = [
 
 
 def measure(buffer, gen, tag, tokens=4096, sms=(24, 48, 132), chunk=24, fp8=False, tuning=None):
-    base_shape = buffer._intranode.shape
-    buffer._intranode.set_shape(dataclasses.replace(base_shape, **(tuning or {})))
+    base_shape = buffer._throughput_mode.shape
+    buffer._throughput_mode.set_shape(dataclasses.replace(base_shape, **(tuning or {})))
     hidden = 7168
     topk_idx, _ = checks.make_routing(tokens, 256, 8, gen, "cuda", drop=0.0)
     x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
@@ -98,7 +98,7 @@ def measure(buffer, gen, tag, tokens=4096, sms=(24, 48, 132), chunk=24, fp8=Fals
             f"{row['combine_GBps']:6.0f} GB/s",
             flush=True,
         )
-    buffer._intranode.set_shape(base_shape)
+    buffer._throughput_mode.set_shape(base_shape)
     return rows
 
 

@@ -322,15 +322,16 @@ class Buffer:
         self._layout = RoutingLayout(
             self._kernels, topology, self._host, self._streams, self._rank_mask, self._device
         )
-        self._intranode = IntranodeMode(
-            self._kernels, ctx, self._host, self._streams, self._backend, num_nvl_bytes
-        )
-        self._internode = None
+        # The mode serving dispatch / combine: more than one node -> internode.
         if topology.is_internode:
             from .modes.internode import InternodeMode
 
-            self._internode = InternodeMode(
+            self._throughput_mode = InternodeMode(
                 self._kernels, ctx, self._memory, self._host, self._streams, self._backend, topology
+            )
+        else:
+            self._throughput_mode = IntranodeMode(
+                self._kernels, ctx, self._host, self._streams, self._backend, num_nvl_bytes
             )
         self._low_latency = None
         if low_latency_mode:
@@ -580,133 +581,19 @@ class Buffer:
         """
         op = "dispatch"
         self._check_usable(op)
-        if self._topology.is_internode:
-            return self._internode_dispatch(
-                op,
-                x,
-                handle,
-                num_tokens_per_rank,
-                num_tokens_per_rdma_rank,
-                is_token_in_rank,
-                num_tokens_per_expert,
-                topk_idx,
-                topk_weights,
-                expert_alignment,
-                num_worst_tokens,
-                config,
-                previous_event,
-                async_finish,
-                allocate_on_comm_stream,
-            )
-        config = self._resolve_config(op, config, Buffer.get_dispatch_config)
-        num_channels = config.num_channels
-        x_data, x_scales = self._check_dispatch_x(op, x)
-        num_tokens = x_data.size(0)
-        num_ranks = self.group_size
-        check_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
-        cached = handle is not None
-        if cached:
-            handle = self._check_intranode_handle(op, handle, num_channels)
-            if topk_idx is not None or topk_weights is not None:
-                fail(
-                    op,
-                    "topk_idx and topk_weights must be None for a cached dispatch (handle given)",
-                )
-            if handle.is_token_in_rank.size(0) != num_tokens:
-                fail(
-                    op,
-                    f"x must have the handle's {handle.is_token_in_rank.size(0)} tokens, got "
-                    f"{num_tokens}",
-                )
-            is_token_in_rank = handle.is_token_in_rank
-        else:
-            check_int(op, "expert_alignment", expert_alignment, minimum=1)
-            for name, value in (
-                ("num_tokens_per_rank", num_tokens_per_rank),
-                ("is_token_in_rank", is_token_in_rank),
-                ("num_tokens_per_expert", num_tokens_per_expert),
-            ):
-                if value is None:
-                    fail(
-                        op,
-                        f"{name} is required for a non-cached dispatch (no handle given), got None",
-                    )
-            check_tensor(
-                op,
-                "num_tokens_per_rank",
-                num_tokens_per_rank,
-                device=self._device,
-                dtypes=(torch.int32,),
-                shape=(num_ranks,),
-            )
-            check_tensor(
-                op,
-                "is_token_in_rank",
-                is_token_in_rank,
-                device=self._device,
-                dtypes=(torch.bool,),
-                shape=(num_tokens, num_ranks),
-            )
-            check_tensor(
-                op,
-                "num_tokens_per_expert",
-                num_tokens_per_expert,
-                device=self._device,
-                dtypes=(torch.int32,),
-                dim=1,
-            )
-            num_experts = num_tokens_per_expert.size(0)
-            if num_experts == 0 or num_experts % num_ranks != 0:
-                fail(
-                    op,
-                    f"num_tokens_per_expert must have a positive multiple of {num_ranks} entries, "
-                    f"got {num_experts}",
-                )
-            if num_experts // num_ranks > protocol.MAX_LOCAL_EXPERTS:
-                fail(
-                    op,
-                    f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x "
-                    f"{num_ranks} entries ({protocol.MAX_LOCAL_EXPERTS} experts per rank), got "
-                    f"{num_experts} ({num_experts // num_ranks} per rank)",
-                )
-            if (topk_idx is None) != (topk_weights is None):
-                fail(op, "topk_idx and topk_weights must be given together")
-            if topk_idx is not None:
-                check_tensor(
-                    op,
-                    "topk_idx",
-                    topk_idx,
-                    device=self._device,
-                    dtypes=(torch.int64, torch.int32),
-                    dim=2,
-                )
-                if topk_idx.size(0) != num_tokens or not 0 < topk_idx.size(1) <= MAX_TOPK:
-                    fail(
-                        op,
-                        f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_TOPK}, "
-                        f"got {tuple(topk_idx.shape)}",
-                    )
-                check_tensor(
-                    op,
-                    "topk_weights",
-                    topk_weights,
-                    device=self._device,
-                    dtypes=(torch.float32,),
-                    shape=tuple(topk_idx.shape),
-                )
-
-        return self._intranode.dispatch(
+        return self._dispatch(
             op,
-            config,
-            x_data,
-            x_scales,
+            x,
             handle,
-            num_tokens_per_expert,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
             is_token_in_rank,
+            num_tokens_per_expert,
             topk_idx,
             topk_weights,
             expert_alignment,
             num_worst_tokens,
+            config,
             previous_event,
             async_finish,
             allocate_on_comm_stream,
@@ -745,57 +632,13 @@ class Buffer:
         """
         op = "combine"
         self._check_usable(op)
-        if self._topology.is_internode:
-            return self._internode_combine(
-                op,
-                x,
-                handle,
-                topk_weights,
-                bias,
-                config,
-                previous_event,
-                async_finish,
-                allocate_on_comm_stream,
-            )
-        config = self._resolve_config(op, config, Buffer.get_combine_config)
-        handle = self._check_intranode_handle(op, handle, config.num_channels)
-        num_rows = handle.recv_src_idx.size(0)
-        num_tokens = handle.is_token_in_rank.size(0)
-        check_tensor(
+        return self._combine(
             op,
-            "x",
-            x,
-            device=self._device,
-            dtypes=(torch.bfloat16, torch.float16, torch.float32),
-            dim=2,
-        )
-        if x.size(0) != num_rows:
-            fail(op, f"x must have the handle's {num_rows} rows, got {x.size(0)}")
-        check_rows_aligned(op, "x", x)
-        hidden = x.size(1)
-        if topk_weights is not None:
-            check_tensor(
-                op,
-                "topk_weights",
-                topk_weights,
-                device=self._device,
-                dtypes=(torch.float32,),
-                dim=2,
-            )
-            if topk_weights.size(0) != num_rows or not 0 < topk_weights.size(1) <= MAX_TOPK:
-                fail(
-                    op,
-                    f"topk_weights must have shape [{num_rows}, K] with 1 <= K <= {MAX_TOPK}, got "
-                    f"{tuple(topk_weights.shape)}",
-                )
-        biases = self._check_bias(op, bias, num_tokens, hidden, x.dtype)
-        return self._intranode.combine(
-            op,
-            config,
             x,
             handle,
             topk_weights,
-            biases,
+            bias,
+            config,
             previous_event,
             async_finish,
             allocate_on_comm_stream,
@@ -832,7 +675,7 @@ class Buffer:
         self._check_internode(op)
         if config is None:
             fail(op, "config must be given (V1's internode entry points have no default), got None")
-        return self._internode_dispatch(
+        return self._dispatch(
             op,
             x,
             handle,
@@ -872,7 +715,7 @@ class Buffer:
         self._check_internode(op)
         if config is None:
             fail(op, "config must be given (V1's internode entry points have no default), got None")
-        return self._internode_combine(
+        return self._combine(
             op,
             x,
             handle,
@@ -886,13 +729,14 @@ class Buffer:
 
     def _check_internode(self, op: str) -> None:
         self._check_usable(op)
-        if self._internode is None:
+        if not self._topology.is_internode:
             raise EPStateError(
                 f"{op}: only valid when the ranks span several nodes (V1: more than 8 ranks), got "
                 f"{self.group_size} ranks in one node of {self._topology.ranks_per_node}"
             )
 
-    def _internode_dispatch(
+    # ------------------------------------------------- dispatch / combine of either mode
+    def _dispatch(
         self,
         op,
         x,
@@ -910,14 +754,13 @@ class Buffer:
         async_finish,
         allocate_on_comm_stream,
     ):
+        """Checks shared by both high-throughput modes, then the mode of this topology."""
         config = self._resolve_config(op, config, Buffer.get_dispatch_config)
-        if self.num_rdma_bytes == 0:
-            raise EPStateError(f"{op}: the buffer has no RDMA memory (num_rdma_bytes=0)")
         x_data, x_scales = self._check_dispatch_x(op, x)
         num_tokens, num_ranks = x_data.size(0), self.group_size
         check_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
         if handle is not None:
-            handle = self._check_internode_handle(op, handle, config.num_channels)
+            handle = self._check_handle(op, handle, config.num_channels)
             if topk_idx is not None or topk_weights is not None:
                 fail(
                     op,
@@ -932,17 +775,16 @@ class Buffer:
             is_token_in_rank = handle.is_token_in_rank
         else:
             check_int(op, "expert_alignment", expert_alignment, minimum=1)
-            counts = (
+            counts = [
                 ("num_tokens_per_rank", num_tokens_per_rank, (num_ranks,), torch.int32),
-                (
-                    "num_tokens_per_rdma_rank",
-                    num_tokens_per_rdma_rank,
-                    (self._topology.num_nodes,),
-                    torch.int32,
-                ),
                 ("is_token_in_rank", is_token_in_rank, (num_tokens, num_ranks), torch.bool),
                 ("num_tokens_per_expert", num_tokens_per_expert, (None,), torch.int32),
-            )
+            ]
+            if self._topology.is_internode:  # one node: V1 ignores it
+                nodes = (self._topology.num_nodes,)
+                counts.append(
+                    ("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, nodes, torch.int32)
+                )
             for name, value, shape, dtype in counts:
                 if value is None:
                     fail(
@@ -961,21 +803,26 @@ class Buffer:
                 fail(
                     op,
                     f"num_tokens_per_expert must have at most {protocol.MAX_LOCAL_EXPERTS} x "
-                    f"{num_ranks} entries, got {num_experts}",
+                    f"{num_ranks} entries ({protocol.MAX_LOCAL_EXPERTS} experts per rank), got "
+                    f"{num_experts} ({num_experts // num_ranks} per rank)",
                 )
             if (topk_idx is None) != (topk_weights is None):
                 fail(op, "topk_idx and topk_weights must be given together")
             if topk_idx is not None:
                 check_tensor(
-                    op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32)
+                    op,
+                    "topk_idx",
+                    topk_idx,
+                    device=self._device,
+                    dtypes=(torch.int64, torch.int32),
+                    dim=2,
                 )
-                if topk_idx.dim() != 2 or topk_idx.size(0) != num_tokens:
+                if topk_idx.size(0) != num_tokens or not 0 < topk_idx.size(1) <= MAX_TOPK:
                     fail(
                         op,
-                        f"topk_idx must have shape [{num_tokens}, K], got {tuple(topk_idx.shape)}",
+                        f"topk_idx must have shape [{num_tokens}, K] with 1 <= K <= {MAX_TOPK}, "
+                        f"got {tuple(topk_idx.shape)}",
                     )
-                if not 0 < topk_idx.size(1) <= MAX_TOPK:
-                    fail(op, f"topk_idx must have 1 <= K <= {MAX_TOPK}, got {topk_idx.size(1)}")
                 check_tensor(
                     op,
                     "topk_weights",
@@ -984,7 +831,7 @@ class Buffer:
                     dtypes=(torch.float32,),
                     shape=tuple(topk_idx.shape),
                 )
-        return self._internode.dispatch(
+        return self._throughput_mode.dispatch(
             op,
             config,
             x_data,
@@ -1001,7 +848,7 @@ class Buffer:
             allocate_on_comm_stream,
         )
 
-    def _internode_combine(
+    def _combine(
         self,
         op,
         x,
@@ -1013,33 +860,38 @@ class Buffer:
         async_finish,
         allocate_on_comm_stream,
     ):
+        """Checks shared by both high-throughput modes, then the mode of this topology."""
         config = self._resolve_config(op, config, Buffer.get_combine_config)
-        if self.num_rdma_bytes == 0:
-            raise EPStateError(f"{op}: the buffer has no RDMA memory (num_rdma_bytes=0)")
-        handle = self._check_internode_handle(op, handle, config.num_channels)
-        num_rows, num_tokens = handle.recv_src_meta.size(0), handle.is_token_in_rank.size(0)
+        handle = self._check_handle(op, handle, config.num_channels)
+        num_rows, num_tokens = handle.num_recv_rows, handle.is_token_in_rank.size(0)
         check_tensor(
-            op, "x", x, device=self._device, dtypes=(torch.bfloat16, torch.float16, torch.float32)
+            op,
+            "x",
+            x,
+            device=self._device,
+            dtypes=(torch.bfloat16, torch.float16, torch.float32),
+            dim=2,
         )
-        if x.dim() != 2 or x.size(0) != num_rows:
+        if x.size(0) != num_rows:
             fail(op, f"x must have shape [{num_rows}, H] (the handle's rows), got {tuple(x.shape)}")
         check_rows_aligned(op, "x", x)
         if topk_weights is not None:
             check_tensor(
-                op, "topk_weights", topk_weights, device=self._device, dtypes=(torch.float32,)
+                op,
+                "topk_weights",
+                topk_weights,
+                device=self._device,
+                dtypes=(torch.float32,),
+                dim=2,
             )
-            if (
-                topk_weights.dim() != 2
-                or topk_weights.size(0) != num_rows
-                or not 0 < topk_weights.size(1) <= MAX_TOPK
-            ):
+            if topk_weights.size(0) != num_rows or not 0 < topk_weights.size(1) <= MAX_TOPK:
                 fail(
                     op,
                     f"topk_weights must have shape [{num_rows}, K] with 1 <= K <= {MAX_TOPK}, got "
                     f"{tuple(topk_weights.shape)}",
                 )
         biases = self._check_bias(op, bias, num_tokens, x.size(1), x.dtype)
-        return self._internode.combine(
+        return self._throughput_mode.combine(
             op,
             config,
             x,
@@ -1051,65 +903,23 @@ class Buffer:
             allocate_on_comm_stream,
         )
 
-    def _check_internode_handle(self, op: str, handle, num_channels: int) -> InternodeHandle:
+    def _check_handle(self, op: str, handle, num_channels: int):
+        """The handle of this topology's mode (`IntranodeHandle` or `InternodeHandle`), checked.
+
+        Loops reuse one handle for many cached dispatches and combines: the last few validated
+        ones are remembered (tuples are immutable and their tensors' metadata cannot change).
+        """
         key = (id(handle), num_channels)
         hit = self._validated_handles.get(key)
         if hit is not None and hit[0] is handle:
             return hit[1]
-        checked = self._validate_internode_handle(op, handle, num_channels)
+        handle_type = InternodeHandle if self._topology.is_internode else IntranodeHandle
+        checked = handle_type.checked(op, handle, num_channels, self._device, self._topology)
         if isinstance(handle, tuple):
             if len(self._validated_handles) >= 8:  # forget the oldest (dicts keep insertion order)
                 del self._validated_handles[next(iter(self._validated_handles))]
             self._validated_handles[key] = (handle, checked)
         return checked
-
-    def _validate_internode_handle(self, op: str, handle, num_channels: int) -> InternodeHandle:
-        if not isinstance(handle, (tuple, list)) or len(handle) != 10:
-            kind = (
-                f"a {type(handle).__name__} of {len(handle)}"
-                if isinstance(handle, (tuple, list))
-                else type(handle).__name__
-            )
-            fail(op, f"handle must be the 10-tuple of an internode dispatch, got {kind}")
-        handle = InternodeHandle(*handle)
-        num_ranks, num_nodes = self.group_size, self._topology.num_nodes
-        check_tensor(
-            op,
-            "handle[0] (is_token_in_rank)",
-            handle.is_token_in_rank,
-            device=self._device,
-            dtypes=(torch.bool,),
-            shape=(None, num_ranks),
-        )
-        handle_channels = handle.rdma_channel_prefix_matrix.size(-1)
-        if handle_channels != num_channels:
-            fail(
-                op,
-                f"config has {num_channels} channels (num_sms={2 * num_channels}) but the handle "
-                f"was made with {handle_channels} (num_sms={2 * handle_channels})",
-            )
-        num_tokens = handle.is_token_in_rank.size(0)
-        entries = (
-            (1, "rdma_channel_prefix_matrix", (num_nodes, num_channels), torch.int32),
-            (2, "gbl_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
-            (3, "recv_rdma_channel_prefix_matrix", (num_nodes, num_channels), torch.int32),
-            (4, "recv_rdma_rank_prefix_sum", (num_nodes,), torch.int32),
-            (5, "recv_gbl_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
-            (6, "recv_gbl_rank_prefix_sum", (num_ranks,), torch.int32),
-            (7, "recv_src_meta", (None, 8), torch.uint8),
-            (8, "send_rdma_head", (num_tokens, num_nodes), torch.int32),
-            (9, "send_nvl_head", (None, self._topology.ranks_per_node), torch.int32),
-        )
-        for index, name, shape, dtype in entries:
-            check_tensor(
-                op,
-                f"handle[{index}] ({name})",
-                handle[index],
-                device=self._device,
-                dtypes=(dtype,),
-                shape=shape,
-            )
-        return handle
 
     # --------------------------------------------------------------------------- low latency
     def _ll(self, op: str):
@@ -1318,87 +1128,6 @@ class Buffer:
         check_tensor(op, "x", x, device=self._device, dim=2, contiguous=False)
         check_rows_aligned(op, "x", x)
         return x, None
-
-    def _check_intranode_handle(self, op: str, handle, num_channels: int) -> IntranodeHandle:
-        # Loops reuse one handle for many cached dispatches and combines: remember the last few
-        # validated ones (tuples are immutable and their tensors' metadata cannot change).
-        key = (id(handle), num_channels)
-        hit = self._validated_handles.get(key)
-        if hit is not None and hit[0] is handle:
-            return hit[1]
-        checked = self._validate_intranode_handle(op, handle, num_channels)
-        if isinstance(handle, tuple):
-            if len(self._validated_handles) >= 8:  # forget the oldest (dicts keep insertion order)
-                del self._validated_handles[next(iter(self._validated_handles))]
-            self._validated_handles[key] = (handle, checked)
-        return checked
-
-    def _validate_intranode_handle(self, op: str, handle, num_channels: int) -> IntranodeHandle:
-        if not isinstance(handle, (tuple, list)) or len(handle) != 6:
-            kind = (
-                f"a {type(handle).__name__} of {len(handle)}"
-                if isinstance(handle, (tuple, list))
-                else type(handle).__name__
-            )
-            fail(op, f"handle must be the 6-tuple of an intranode dispatch, got {kind}")
-        handle = IntranodeHandle(*handle)
-        num_ranks = self.group_size
-        check_tensor(
-            op,
-            "handle[0] (rank_prefix_matrix)",
-            handle.rank_prefix_matrix,
-            device=self._device,
-            dtypes=(torch.int32,),
-            shape=(num_ranks, num_ranks),
-        )
-        check_tensor(
-            op,
-            "handle[1] (channel_prefix_matrix)",
-            handle.channel_prefix_matrix,
-            device=self._device,
-            dtypes=(torch.int32,),
-            shape=(num_ranks, None),
-        )
-        handle_channels = handle.channel_prefix_matrix.size(1)
-        if handle_channels != num_channels:
-            fail(
-                op,
-                f"config has {num_channels} channels (num_sms={2 * num_channels}) but the handle "
-                f"was made with {handle_channels} (num_sms={2 * handle_channels})",
-            )
-        check_tensor(
-            op,
-            "handle[2] (recv_channel_prefix_matrix)",
-            handle.recv_channel_prefix_matrix,
-            device=self._device,
-            dtypes=(torch.int32,),
-            shape=(num_ranks, num_channels),
-        )
-        check_tensor(
-            op,
-            "handle[3] (recv_src_idx)",
-            handle.recv_src_idx,
-            device=self._device,
-            dtypes=(torch.int32,),
-            dim=1,
-        )
-        check_tensor(
-            op,
-            "handle[4] (is_token_in_rank)",
-            handle.is_token_in_rank,
-            device=self._device,
-            dtypes=(torch.bool,),
-            shape=(None, num_ranks),
-        )
-        check_tensor(
-            op,
-            "handle[5] (send_head)",
-            handle.send_head,
-            device=self._device,
-            dtypes=(torch.int32,),
-            shape=(handle.is_token_in_rank.size(0), num_ranks),
-        )
-        return handle
 
     def _check_bias(self, op: str, bias, num_tokens: int, hidden: int, dtype: torch.dtype):
         if bias is None:

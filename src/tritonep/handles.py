@@ -1,9 +1,43 @@
 """Handle tuples in DeepEP V1's field order (reference §12). NamedTuples are tuples: `handle[0]`
-works."""
+works. `checked` turns what a user passed back into a handle, after checking every entry's dtype,
+device and shape against this Buffer's topology and the call's channel count."""
 
 from typing import NamedTuple
 
 import torch
+
+from ._validate import check_tensor, fail
+
+
+def _check_arity(op: str, handle, size: int, mode: str) -> None:
+    if not isinstance(handle, (tuple, list)) or len(handle) != size:
+        kind = (
+            f"a {type(handle).__name__} of {len(handle)}"
+            if isinstance(handle, (tuple, list))
+            else type(handle).__name__
+        )
+        fail(op, f"handle must be the {size}-tuple of an {mode} dispatch, got {kind}")
+
+
+def _check_channels(op: str, handle_channels: int, num_channels: int) -> None:
+    if handle_channels != num_channels:
+        fail(
+            op,
+            f"config has {num_channels} channels (num_sms={2 * num_channels}) but the handle "
+            f"was made with {handle_channels} (num_sms={2 * handle_channels})",
+        )
+
+
+def _check_entries(op: str, handle, device, entries) -> None:
+    for index, name, shape, dtype in entries:
+        check_tensor(
+            op,
+            f"handle[{index}] ({name})",
+            handle[index],
+            device=device,
+            dtypes=(dtype,),
+            shape=shape,
+        )
 
 
 class IntranodeHandle(NamedTuple):
@@ -23,6 +57,39 @@ class IntranodeHandle(NamedTuple):
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
     send_head: torch.Tensor
+
+    @property
+    def num_recv_rows(self) -> int:
+        return self.recv_src_idx.size(0)
+
+    @classmethod
+    def checked(cls, op: str, handle, num_channels: int, device, topology) -> "IntranodeHandle":
+        _check_arity(op, handle, 6, "intranode")
+        handle = cls(*handle)
+        num_ranks = topology.num_ranks
+        _check_entries(
+            op,
+            handle,
+            device,
+            [
+                (0, "rank_prefix_matrix", (num_ranks, num_ranks), torch.int32),
+                (1, "channel_prefix_matrix", (num_ranks, None), torch.int32),
+            ],
+        )
+        _check_channels(op, handle.channel_prefix_matrix.size(1), num_channels)
+        _check_entries(
+            op,
+            handle,
+            device,
+            [
+                (2, "recv_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
+                (3, "recv_src_idx", (None,), torch.int32),
+                (4, "is_token_in_rank", (None, num_ranks), torch.bool),
+            ],
+        )
+        num_tokens = handle.is_token_in_rank.size(0)
+        _check_entries(op, handle, device, [(5, "send_head", (num_tokens, num_ranks), torch.int32)])
+        return handle
 
 
 class InternodeHandle(NamedTuple):
@@ -55,3 +122,40 @@ class InternodeHandle(NamedTuple):
     recv_src_meta: torch.Tensor
     send_rdma_head: torch.Tensor
     send_nvl_head: torch.Tensor
+
+    @property
+    def num_recv_rows(self) -> int:
+        return self.recv_src_meta.size(0)
+
+    @classmethod
+    def checked(cls, op: str, handle, num_channels: int, device, topology) -> "InternodeHandle":
+        _check_arity(op, handle, 10, "internode")
+        handle = cls(*handle)
+        num_ranks, num_nodes = topology.num_ranks, topology.num_nodes
+        _check_entries(
+            op,
+            handle,
+            device,
+            [
+                (0, "is_token_in_rank", (None, num_ranks), torch.bool),
+                (1, "rdma_channel_prefix_matrix", (num_nodes, None), torch.int32),
+            ],
+        )
+        _check_channels(op, handle.rdma_channel_prefix_matrix.size(-1), num_channels)
+        num_tokens = handle.is_token_in_rank.size(0)
+        _check_entries(
+            op,
+            handle,
+            device,
+            [
+                (2, "gbl_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
+                (3, "recv_rdma_channel_prefix_matrix", (num_nodes, num_channels), torch.int32),
+                (4, "recv_rdma_rank_prefix_sum", (num_nodes,), torch.int32),
+                (5, "recv_gbl_channel_prefix_matrix", (num_ranks, num_channels), torch.int32),
+                (6, "recv_gbl_rank_prefix_sum", (num_ranks,), torch.int32),
+                (7, "recv_src_meta", (None, 8), torch.uint8),
+                (8, "send_rdma_head", (num_tokens, num_nodes), torch.int32),
+                (9, "send_nvl_head", (None, topology.ranks_per_node), torch.int32),
+            ],
+        )
+        return handle

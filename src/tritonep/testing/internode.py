@@ -67,7 +67,7 @@ def rows_crossed(buffer) -> list[int]:
 
     num_nodes = buffer.num_rdma_ranks
     # The signal area lies above the user's bytes, outside `get_local_buffer_tensor`'s view.
-    signals = buffer._internode.signals
+    signals = buffer._throughput_mode.signals
     words = buffer._memory._rdma_view.view(torch.int64).cpu()
     epoch = int(words[signals.rdma_started // 8 + buffer.rdma_rank]) >> 32  # this rank's own
     first = signals.rdma_tails // 8
