@@ -33,6 +33,7 @@ from ..handles import InternodeHandle
 from ..runtime.host import HostBlock
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
+from .plan_keys import CombineKey, DispatchKey
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class InternodeMode:
             )
         return layout
 
-    def _dispatch_plans(self, op: str, key: tuple) -> _Plans:
+    def _dispatch_plans(self, op: str, key: DispatchKey) -> _Plans:
         plans = self._plans.get(key)
         if plans is not None:
             return plans
@@ -206,7 +207,7 @@ class InternodeMode:
         self._plans[key] = plans
         return plans
 
-    def _combine_plans(self, op: str, key: tuple) -> _Plans:
+    def _combine_plans(self, op: str, key: CombineKey) -> _Plans:
         plans = self._plans.get(key)
         if plans is not None:
             return plans
@@ -300,26 +301,23 @@ class InternodeMode:
         d = self._topology.ranks_per_node
         num_channels = config.num_channels
         num_tokens = x_data.size(0)
-        num_topk = topk_idx.size(1) if topk_idx is not None else 0
-        num_scales = x_scales.size(1) if x_scales is not None else 0
-        topk_itemsize = topk_idx.element_size() if topk_idx is not None else 8
-        experts = 1 if cached else num_tokens_per_expert.size(0) // num_ranks
-        worst = num_worst_tokens > 0 and not cached
-        row_bytes = x_data.size(1) * x_data.element_size()
-        plans = self._dispatch_plans(
-            op,
-            (
-                "dispatch",
-                cached,
-                config,
-                row_bytes,
-                num_topk,
-                topk_itemsize,
-                num_scales,
-                experts,
-                worst,
-            ),
+        key = DispatchKey.of(
+            config,
+            x_data,
+            x_scales,
+            topk_idx,
+            num_tokens_per_expert,
+            num_ranks,
+            num_worst_tokens,
+            cached,
         )
+        num_topk, num_scales, experts, worst = (
+            key.num_topk,
+            key.num_scales,
+            key.experts_per_rank,
+            key.worst,
+        )
+        plans = self._dispatch_plans(op, key)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         device = self._device
         i32 = torch.int32
@@ -470,18 +468,9 @@ class InternodeMode:
         """Combine checked arguments; returns (combined_x, combined_topk_weights, event)."""
         self._check_memory(op)
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
-        num_topk = topk_weights.size(1) if topk_weights is not None else 0
-        plans = self._combine_plans(
-            op,
-            (
-                "combine",
-                config,
-                hidden,
-                x.dtype,
-                num_topk,
-                (biases[0] is not None, biases[1] is not None),
-            ),
-        )
+        key = CombineKey.of(config, x, topk_weights, biases)
+        num_topk = key.num_topk
+        plans = self._combine_plans(op, key)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with streams.allocation():
             combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=self._device)

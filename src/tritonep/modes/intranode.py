@@ -27,6 +27,7 @@ from ..handles import IntranodeHandle
 from ..kernels.intranode.queues import IntranodeQueues
 from ..runtime.host import HostBlock
 from ..runtime.streams import CommStreams
+from .plan_keys import CombineKey, DispatchKey
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class IntranodeMode:
             )
         return queues
 
-    def _dispatch_plans(self, op: str, key: tuple) -> _DispatchPlans:
+    def _dispatch_plans(self, op: str, key: DispatchKey) -> _DispatchPlans:
         plans = self._plans.get(key)
         if plans is not None:
             return plans
@@ -221,7 +222,7 @@ class IntranodeMode:
         self._plans[key] = plans
         return plans
 
-    def _combine_plans(self, op: str, key: tuple) -> _CombinePlans:
+    def _combine_plans(self, op: str, key: CombineKey) -> _CombinePlans:
         plans = self._plans.get(key)
         if plans is not None:
             return plans
@@ -322,26 +323,23 @@ class IntranodeMode:
         num_ranks = self._ctx.num_ranks
         num_channels = config.num_channels
         num_tokens = x_data.size(0)
-        num_topk = topk_idx.size(1) if topk_idx is not None else 0
-        num_scales = x_scales.size(1) if x_scales is not None else 0
-        topk_itemsize = topk_idx.element_size() if topk_idx is not None else 8
-        experts_per_rank = 1 if cached else num_tokens_per_expert.size(0) // num_ranks
-        worst = num_worst_tokens > 0 and not cached
-        row_bytes = x_data.size(1) * x_data.element_size()
-        plans = self._dispatch_plans(
-            op,
-            (
-                "dispatch",
-                cached,
-                config,
-                row_bytes,
-                num_topk,
-                topk_itemsize,
-                num_scales,
-                experts_per_rank,
-                worst,
-            ),
+        key = DispatchKey.of(
+            config,
+            x_data,
+            x_scales,
+            topk_idx,
+            num_tokens_per_expert,
+            num_ranks,
+            num_worst_tokens,
+            cached,
         )
+        num_topk, num_scales, experts_per_rank, worst = (
+            key.num_topk,
+            key.num_scales,
+            key.experts_per_rank,
+            key.worst,
+        )
+        plans = self._dispatch_plans(op, key)
         refuse = self._refusal(is_token_in_rank, num_channels, plans.capacity)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         device = self._device
@@ -483,18 +481,9 @@ class IntranodeMode:
     ):
         """Combine checked arguments; returns (combined_x, combined_topk_weights, event)."""
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
-        num_topk = topk_weights.size(1) if topk_weights is not None else 0
-        plans = self._combine_plans(
-            op,
-            (
-                "combine",
-                config,
-                hidden,
-                x.dtype,
-                num_topk,
-                (biases[0] is not None, biases[1] is not None),
-            ),
-        )
+        key = CombineKey.of(config, x, topk_weights, biases)
+        num_topk = key.num_topk
+        plans = self._combine_plans(op, key)
         refuse = self._refusal(handle.is_token_in_rank, config.num_channels, plans.capacity)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         with streams.allocation():
