@@ -194,7 +194,7 @@ def check_intranode(
     {previous event or not}; "quick" = BF16 random with top-k, sync. Always: layout, cached
     dispatch, combine with/without weights and bias, worst-case dispatch/combine.
     """
-    group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
+    group, rank = ctx.group, ctx.rank
     if isinstance(num_tokens, (list, tuple)):  # a token count per rank
         num_tokens = num_tokens[rank]
     buffer = get_buffer(ctx, num_nvl_bytes)
@@ -213,21 +213,7 @@ def check_intranode(
     stats = {"dispatches": 0, "combines": 0}
 
     # Layout: exact against the definition.
-    with poisoned_allocations(device):
-        ntr, ntn, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-    ref_layout = reference.layout(topk_idx.cpu(), num_experts, num_ranks, buffer.num_nvl_ranks)
-    for name, got, want in zip(
-        (
-            "num_tokens_per_rank",
-            "num_tokens_per_rdma_rank",
-            "num_tokens_per_expert",
-            "is_token_in_rank",
-        ),
-        (ntr, ntn, nte, itr),
-        ref_layout,
-        strict=False,
-    ):
-        _assert_equal(name, got, want)
+    ntr, ntn, nte, itr = checked_layout(buffer, topk_idx, num_experts)
 
     all_itr = gather(group, itr)
     all_idx = gather(group, topk_idx)
@@ -365,38 +351,78 @@ def check_intranode(
 
     stats.update(
         check_worst_case(
-            ctx, buffer, config, x_rand, topk_idx, topk_weights, ntr, itr, nte, num_experts
+            ctx,
+            buffer,
+            config,
+            x_rand,
+            topk_idx,
+            topk_weights,
+            dict(num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte),
+            num_experts,
         )
     )
     stats["num_recv"] = int(handle[3].numel())
     return stats
 
 
+def checked_layout(buffer, topk_idx, num_experts: int):
+    """`get_dispatch_layout` into poisoned outputs, exact against the reference; returns
+    (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank)."""
+    with poisoned_allocations(topk_idx.device):
+        ntr, ntn, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    want = reference.layout(topk_idx.cpu(), num_experts, buffer.group_size, buffer.num_nvl_ranks)
+    names = (
+        "num_tokens_per_rank",
+        "num_tokens_per_rdma_rank",
+        "num_tokens_per_expert",
+        "is_token_in_rank",
+    )
+    for name, got, expected in zip(names, (ntr, ntn, nte, itr), want, strict=False):
+        _assert_equal(name, got, expected)
+    return ntr, ntn, nte, itr
+
+
 def check_worst_case(
-    ctx, buffer, config, x, topk_idx, topk_weights, ntr, itr, nte, num_experts
+    ctx,
+    buffer,
+    config,
+    x,
+    topk_idx,
+    topk_weights,
+    counts: dict,
+    num_experts: int,
+    expected_combine=None,
+    check_handle=None,
 ) -> dict:
     """`num_worst_tokens`: fixed row count, padding rows -1 / 0, rows [0, M) equal to the normal
-    dispatch."""
+    dispatch, cached dispatch and combine work with the worst-case handle. For either
+    high-throughput mode: `counts` holds the layout keyword arguments of the dispatch;
+    `expected_combine(y, handle)` is the reference combine of rows `y` on this rank (collective;
+    default: the intranode one); `check_handle(handle, num_worst)` checks the mode's handle."""
     group, rank = ctx.group, ctx.rank
     device = x.device
     num_worst = max(1, sum(gather(group, x.size(0))))  # the most any rank can receive
-    all_x, all_itr = gather(group, x), gather(group, itr)
+    all_x, all_itr = gather(group, x), gather(group, counts["is_token_in_rank"])
     all_idx, all_w = gather(group, topk_idx), gather(group, topk_weights)
     ref = reference.dispatch(rank, num_experts, all_x, all_itr, all_idx, all_w)
     num_recv = ref["recv_x"].size(0)
     with poisoned_allocations(device):
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+        recv_x, recv_idx, recv_w, per_expert, handle, _ = buffer.dispatch(
             x,
-            num_tokens_per_rank=ntr,
-            is_token_in_rank=itr,
-            num_tokens_per_expert=nte,
+            **counts,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             num_worst_tokens=num_worst,
             config=config,
         )
-    assert counts == [], f"worst-case dispatch: the per-expert list must be [], got {counts}"
-    assert recv_x.size(0) == num_worst and handle[3].size(0) == num_worst
+    assert per_expert == [], (
+        f"worst-case dispatch: the per-expert list must be [], got {per_expert}"
+    )
+    assert recv_x.size(0) == num_worst, (recv_x.size(0), num_worst)
+    if check_handle is None:
+        assert handle[3].size(0) == num_worst, (handle[3].size(0), num_worst)
+    else:
+        check_handle(handle, num_worst)
     _assert_equal("worst recv_x[:M]", recv_x[:num_recv], ref["recv_x"])
     _assert_equal("worst recv_topk_idx[:M]", recv_idx[:num_recv], ref["recv_topk_idx"])
     _assert_equal("worst recv_topk_weights[:M]", recv_w[:num_recv], ref["recv_topk_weights"])
@@ -412,9 +438,12 @@ def check_worst_case(
     # Combine with a worst-case handle: padding rows of the input are ignored.
     y = recv_x.clone()
     y[num_recv:] = float("nan")
-    blocks = combine_blocks(group, rank, handle)
+    if expected_combine is None:
+        blocks = combine_blocks(group, rank, handle)
+        want, _ = reference.combine(rank, gather(group, y), blocks, x.size(0))
+    else:
+        want = expected_combine(y, handle)
     with poisoned_allocations(device):
         combined, _, _ = buffer.combine(y, handle, config=config)
-    want, _ = reference.combine(rank, gather(group, y), blocks, x.size(0))
     _assert_equal("worst combine", combined, want)
     return {"worst_rows": num_worst}

@@ -20,6 +20,8 @@ import tritonep
 from tritonep import reference
 from tritonep.testing.checks import (
     _assert_equal,
+    check_worst_case,
+    checked_layout,
     device_of,
     gather,
     make_routing,
@@ -148,7 +150,7 @@ def check_internode(
     last), worst case (unless minimal), FP8 with packed UE8M0 scales (full and standard).
     `limited_nodes` > 0: group-limited routing to that many nodes per token.
     """
-    group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
+    group, rank = ctx.group, ctx.rank
     if isinstance(num_tokens, (list, tuple)):
         num_tokens = num_tokens[rank]
     buffer = get_buffer(ctx, num_nvl_bytes, num_rdma_bytes)
@@ -173,21 +175,7 @@ def check_internode(
         )
     stats = {"dispatches": 0, "combines": 0}
 
-    with poisoned_allocations(device):
-        ntr, ntn, nte, itr, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-    ref_layout = reference.layout(topk_idx.cpu(), num_experts, num_ranks, d)
-    for name, got, want in zip(
-        (
-            "num_tokens_per_rank",
-            "num_tokens_per_rdma_rank",
-            "num_tokens_per_expert",
-            "is_token_in_rank",
-        ),
-        (ntr, ntn, nte, itr),
-        ref_layout,
-        strict=True,
-    ):
-        _assert_equal(name, got, want)
+    ntr, ntn, nte, itr = checked_layout(buffer, topk_idx, num_experts)
 
     all_itr = gather(group, itr)
     all_idx = gather(group, topk_idx)
@@ -388,47 +376,27 @@ def _check_ue8m0(ctx, buffer, config, x, handle, all_itr):
 
 
 def _check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, ntn, itr, nte, E):
-    """`num_worst_tokens`: fixed row counts (also `send_nvl_head`), padding rows -1 / 0, rows
-    [0, M) equal to the normal dispatch, cached dispatch and combine work with the handle."""
+    """`checks.check_worst_case` with the internode handle: `send_nvl_head` also gets the fixed
+    row count, its rows past the forwarded tokens are -1, and combine follows the node order."""
     group, rank = ctx.group, ctx.rank
-    device = x.device
     d = buffer.num_nvl_ranks
-    num_worst = max(1, sum(gather(group, x.size(0))))  # the most any rank can receive
-    all_x, all_itr = gather(group, x), gather(group, itr)
-    all_idx, all_w = gather(group, topk_idx), gather(group, topk_weights)
-    ref = reference.dispatch(rank, E, all_x, all_itr, all_idx, all_w)
-    num_recv = ref["recv_x"].size(0)
-    with poisoned_allocations(device):
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x,
-            num_tokens_per_rank=ntr,
-            num_tokens_per_rdma_rank=ntn,
-            is_token_in_rank=itr,
-            num_tokens_per_expert=nte,
-            topk_idx=topk_idx,
-            topk_weights=topk_weights,
-            num_worst_tokens=num_worst,
-            config=config,
-        )
-    assert counts == [], f"worst-case dispatch: the per-expert list must be [], got {counts}"
-    assert recv_x.size(0) == num_worst and handle[7].size(0) == num_worst
-    assert tuple(handle[9].shape) == (num_worst, d), tuple(handle[9].shape)
-    _assert_equal("worst recv_x[:M]", recv_x[:num_recv], ref["recv_x"])
-    _assert_equal("worst recv_topk_idx[:M]", recv_idx[:num_recv], ref["recv_topk_idx"])
-    _assert_equal("worst recv_topk_weights[:M]", recv_w[:num_recv], ref["recv_topk_weights"])
-    assert bool((recv_idx[num_recv:] == -1).all()), "worst-case padding rows must have top-k -1"
-    assert bool((recv_w[num_recv:] == 0).all()), "worst-case padding rows must have weight 0"
-    num_rdma = int(handle[4][-1])
-    assert bool((handle[9][num_rdma:] == -1).all()), "worst-case send_nvl_head padding is -1"
-    with poisoned_allocations(device):
-        cached_x = buffer.dispatch(x, handle=handle, config=config)[0]
-    _assert_equal("worst cached recv_x[:M]", cached_x[:num_recv], ref["recv_x"])
-    y = recv_x.clone()
-    y[num_recv:] = float("nan")  # padding rows are ignored
-    with poisoned_allocations(device):
-        combined, _, _ = buffer.combine(y, handle, config=config)
-    want, _ = reference.internode_combine(
-        rank, d, gather(group, y), combine_blocks(group, rank, handle), x.size(0)
+
+    def check_handle(handle, num_worst):
+        assert handle[7].size(0) == num_worst, (handle[7].size(0), num_worst)
+        assert tuple(handle[9].shape) == (num_worst, d), tuple(handle[9].shape)
+        num_rdma = int(handle[4][-1])
+        assert bool((handle[9][num_rdma:] == -1).all()), "worst-case send_nvl_head padding is -1"
+
+    def expected_combine(y, handle):
+        blocks = combine_blocks(group, rank, handle)
+        return reference.internode_combine(rank, d, gather(group, y), blocks, x.size(0))[0]
+
+    counts = dict(
+        num_tokens_per_rank=ntr,
+        num_tokens_per_rdma_rank=ntn,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
     )
-    _assert_equal("worst combine", combined, want)
-    return {"worst_rows": num_worst}
+    return check_worst_case(
+        ctx, buffer, config, x, topk_idx, topk_weights, counts, E, expected_combine, check_handle
+    )
