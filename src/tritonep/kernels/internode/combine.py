@@ -37,23 +37,26 @@ import torch
 import triton.language as tl
 
 from ... import _env, protocol
-from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
 from .rings import (
+    channel_roles,
+    channel_tokens,
     column,
     copy_rows,
+    forwarded_tokens,
     helper,
     idle,
     lane,
     open_call,
     open_peer,
+    peer_lanes,
     poll,
-    put_slots,
+    publish_slots,
     quiet,
+    received_rows,
     round_to,
     row_block,
-    signal_op,
     signal_peer,
     targmax,
     tmax,
@@ -334,31 +337,20 @@ def _reduce_step(
                         wacc,
                         mask=in_chunk[:, None] & (ks[None, :] < NUM_TOPK),
                     )
-                if not direct:
-                    put_slots(
-                        ring,
-                        stage,
-                        f_done,
-                        k,
-                        rdma_capacity,
-                        pe,
-                        delta,
-                        direct,
-                        SLOT_BYTES,
-                        TRANSPORT,
-                        PUT_BLOCK,
-                    )
-                # The tail, ordered after the partials by the device layer.
-                signal_op(
-                    (rdma_base + RDMA_TAILS + (c * NUM_NODES + node) * 8).to(
-                        tl.pointer_type(tl.int64)
-                    ),
-                    tag + (f_done + k).to(tl.int64),
+                publish_slots(
+                    ring,
+                    stage,
+                    rdma_base + RDMA_TAILS + (c * NUM_NODES + node) * 8,
+                    f_done,
+                    k,
+                    rdma_capacity,
+                    tag,
                     pe,
                     delta,
                     direct,
-                    device.SIGNAL_SET,
+                    SLOT_BYTES,
                     TRANSPORT,
+                    PUT_BLOCK,
                 )
                 f_nvl_used = tl.maximum(f_nvl_used, need)
                 tl.debug_barrier()  # every thread read its rows before they go back
@@ -591,7 +583,6 @@ def _combine_kernel(
     D: tl.constexpr = RANKS_PER_NODE
     NUM_NODES: tl.constexpr = NUM_RANKS // RANKS_PER_NODE
     ROW_BYTES: tl.constexpr = HIDDEN * DTYPE.primitive_bitwidth // 8
-    pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
         host_addr,
         rank_mask_ptr,
@@ -604,36 +595,22 @@ def _combine_kernel(
         USE_GLOBALTIMER,
     )
     epoch = tag >> 32
-    node = rank // D
-    local = rank % D
+    node, _, nodes, locs, node_live, col_live = peer_lanes(
+        rank, rank_mask_ptr, NUM_RANKS, RANKS_PER_NODE, BLOCK_NODES, BLOCK_LOCAL
+    )
     rank_ok = ranks < NUM_RANKS
-    nodes = tl.arange(0, BLOCK_NODES)
-    node_ok = nodes < NUM_NODES
-    locs = tl.arange(0, BLOCK_LOCAL)
-    loc_ok = locs < D
     my_nvl = my_base + NVL_DATA
-    if FUSED:
-        c = pid
-        sends = pid >= 0  # every role of channel c
-        forwards = pid >= 0
-    else:
-        c = pid % num_channels
-        sends = pid < num_channels  # NVL sender and receiver of channel c
-        forwards = pid >= num_channels  # forwarder of channel c
-    node_live = loc_ok & (tl.load(rank_mask_ptr + node * D + locs, mask=loc_ok, other=1) == 0)
-    col_live = node_ok & (tl.load(rank_mask_ptr + nodes * D + local, mask=node_ok, other=1) == 0)
+    # sends: the NVL sender and receiver of channel c; forwards: its forwarder.
+    c, sends, forwards = channel_roles(num_channels, FUSED)
 
     # NVL sender: x rows of (source j, channel c), returned to forwarder j % d.
-    starts = tl.load(recv_gbl_channel_prefix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
-    last = c + 1 >= num_channels
-    ends = tl.where(
-        last,
-        tl.load(recv_gbl_rank_prefix_sum_ptr + ranks, mask=rank_ok, other=0),
-        tl.load(
-            recv_gbl_channel_prefix_ptr + ranks * num_channels + c + 1,
-            mask=rank_ok & ~last,
-            other=0,
-        ),
+    starts, ends = received_rows(
+        recv_gbl_channel_prefix_ptr,
+        recv_gbl_rank_prefix_sum_ptr,
+        c,
+        num_channels,
+        NUM_RANKS,
+        BLOCK_RANKS,
     )
     forwarder_live = tl.load(rank_mask_ptr + node * D + ranks % D, mask=rank_ok, other=1) == 0
     counts = tl.where(sends & rank_ok & forwarder_live, ends - starts, 0)
@@ -643,22 +620,15 @@ def _combine_kernel(
     cs_head = tl.zeros([BLOCK_LOCAL], dtype=tl.int64) + tag
 
     # Forwarder: tokens of (column peer (n', l), channel c), rows of send_nvl_head.
-    chan_prev = tl.maximum(c - 1, 0)
-    f_total = tl.load(
-        recv_rdma_channel_prefix_ptr + nodes * num_channels + c, mask=node_ok, other=0
+    f_count, f_rowbase = forwarded_tokens(
+        recv_rdma_channel_prefix_ptr,
+        recv_rdma_rank_prefix_sum_ptr,
+        c,
+        num_channels,
+        forwards & col_live,
+        NUM_NODES,
+        BLOCK_NODES,
     )
-    f_before = tl.load(
-        recv_rdma_channel_prefix_ptr + nodes * num_channels + chan_prev,
-        mask=node_ok & (c > 0),
-        other=0,
-    )
-    node_first = tl.load(
-        recv_rdma_rank_prefix_sum_ptr + tl.maximum(nodes - 1, 0),
-        mask=node_ok & (nodes > 0),
-        other=0,
-    )
-    f_count = tl.where(forwards & col_live, f_total - f_before, 0)
-    f_rowbase = node_first + f_before
     f_node = tl.zeros([], dtype=tl.int32)
     f_done = tl.zeros([], dtype=tl.int32)
     f_nvl_seen = tl.zeros([BLOCK_LOCAL], dtype=tl.int64) + tag
@@ -666,9 +636,7 @@ def _combine_kernel(
     f_rdma_head = tl.zeros([BLOCK_NODES], dtype=tl.int64) + tag
 
     # Receiver: this rank's channel-c tokens.
-    tokens_per_channel = tl.cdiv(num_tokens, num_channels)
-    cr_begin = tl.minimum(c * tokens_per_channel, num_tokens)
-    cr_end = tl.minimum(cr_begin + tokens_per_channel, num_tokens)
+    cr_begin, cr_end = channel_tokens(c, num_tokens, num_channels)
     cr_next = tl.where(sends, cr_begin, cr_end)
     cr_seen = tl.zeros([BLOCK_NODES], dtype=tl.int64) + tag
 

@@ -44,23 +44,26 @@ Example:
 import triton.language as tl
 
 from ... import protocol
-from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
 from . import regions
 from .rings import (
+    channel_roles,
+    channel_tokens,
     column,
     copy_rows,
     cumsum_rows,
+    forwarded_tokens,
     helper,
     idle,
     lane,
     open_call,
     open_peer,
+    peer_lanes,
     poll,
-    put_slots,
+    publish_slots,
     quiet,
-    signal_op,
+    received_rows,
     signal_peer,
     targmax,
     tcumsum,
@@ -257,31 +260,20 @@ def _send_step(
                     tl.where(j_flags > 0, j_pos, -1),
                     mask=to_n[:, None] & loc_ok[None, :],
                 )
-                if not n_direct:
-                    put_slots(
-                        ring,
-                        stage,
-                        first,
-                        cnt,
-                        capacity,
-                        n_pe,
-                        n_delta,
-                        n_direct,
-                        SLOT_BYTES,
-                        TRANSPORT,
-                        PUT_BLOCK,
-                    )
-                # The tail, ordered after the slots by the device layer.
-                signal_op(
-                    (rdma_base + RDMA_TAILS + (c * NUM_NODES + node) * 8).to(
-                        tl.pointer_type(tl.int64)
-                    ),
-                    tag + (first + cnt).to(tl.int64),
+                publish_slots(
+                    ring,
+                    stage,
+                    rdma_base + RDMA_TAILS + (c * NUM_NODES + node) * 8,
+                    first,
+                    cnt,
+                    capacity,
+                    tag,
                     n_pe,
                     n_delta,
                     n_direct,
-                    device.SIGNAL_SET,
+                    SLOT_BYTES,
                     TRANSPORT,
+                    PUT_BLOCK,
                 )
         s_sent_n = new_sent_n
         s_next = s_next + tl.minimum(chunk, s_end - s_next)
@@ -679,7 +671,6 @@ def _dispatch_kernel(
 ):
     D: tl.constexpr = RANKS_PER_NODE
     NUM_NODES: tl.constexpr = NUM_RANKS // RANKS_PER_NODE
-    pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
         host_addr,
         rank_mask_ptr,
@@ -692,30 +683,18 @@ def _dispatch_kernel(
         USE_GLOBALTIMER,
     )
     epoch = tag >> 32
-    node = rank // D
-    local = rank % D
+    node, local, nodes, locs, node_live, col_live = peer_lanes(
+        rank, rank_mask_ptr, NUM_RANKS, RANKS_PER_NODE, BLOCK_NODES, BLOCK_LOCAL
+    )
     rank_ok = ranks < NUM_RANKS
-    nodes = tl.arange(0, BLOCK_NODES)
-    node_ok = nodes < NUM_NODES
-    locs = tl.arange(0, BLOCK_LOCAL)
     loc_ok = locs < D
     i = tl.arange(0, TILE)
     my_nvl = my_base + NVL_DATA
-    if FUSED:
-        c = pid
-        sends = pid >= 0  # every role of channel c
-        forwards = pid >= 0
-    else:
-        c = pid % num_channels
-        sends = pid < num_channels  # RDMA sender and NVL receiver of channel c
-        forwards = pid >= num_channels  # forwarder of channel c
-    node_live = loc_ok & (tl.load(rank_mask_ptr + node * D + locs, mask=loc_ok, other=1) == 0)
-    col_live = node_ok & (tl.load(rank_mask_ptr + nodes * D + local, mask=node_ok, other=1) == 0)
+    # sends: the RDMA sender and NVL receiver of channel c; forwards: its forwarder.
+    c, sends, forwards = channel_roles(num_channels, FUSED)
 
     # RDMA sender: this rank's channel-c tokens.
-    tokens_per_channel = tl.cdiv(num_tokens, num_channels)
-    s_begin = tl.minimum(c * tokens_per_channel, num_tokens)
-    s_end = tl.minimum(s_begin + tokens_per_channel, num_tokens)
+    s_begin, s_end = channel_tokens(c, num_tokens, num_channels)
     s_next = tl.where(sends, s_begin, s_end)
     s_sent_r = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
     s_sent_n = tl.zeros([BLOCK_NODES], dtype=tl.int32)
@@ -723,16 +702,13 @@ def _dispatch_kernel(
     s_wait = tl.full([], -1, tl.int32)
 
     # NVL receiver: rows of (source j, channel c), summed per forwarder l' = j % d.
-    starts = tl.load(recv_gbl_channel_prefix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
-    last = c + 1 >= num_channels
-    ends = tl.where(
-        last,
-        tl.load(recv_gbl_rank_prefix_sum_ptr + ranks, mask=rank_ok, other=0),
-        tl.load(
-            recv_gbl_channel_prefix_ptr + ranks * num_channels + c + 1,
-            mask=rank_ok & ~last,
-            other=0,
-        ),
+    starts, ends = received_rows(
+        recv_gbl_channel_prefix_ptr,
+        recv_gbl_rank_prefix_sum_ptr,
+        c,
+        num_channels,
+        NUM_RANKS,
+        BLOCK_RANKS,
     )
     per_source = tl.where(rank_ok, ends - starts, 0)
     r_expected = tsum(tl.where((ranks[None, :] % D) == locs[:, None], per_source[None, :], 0), 1)
@@ -740,22 +716,15 @@ def _dispatch_kernel(
     r_consumed = tl.zeros([BLOCK_LOCAL], dtype=tl.int32)
 
     # Forwarder: tokens of (column peer (n', l), channel c), and where they sit in send_nvl_head.
-    chan_prev = tl.maximum(c - 1, 0)
-    f_total = tl.load(
-        recv_rdma_channel_prefix_ptr + nodes * num_channels + c, mask=node_ok, other=0
+    f_expected, f_rowbase = forwarded_tokens(
+        recv_rdma_channel_prefix_ptr,
+        recv_rdma_rank_prefix_sum_ptr,
+        c,
+        num_channels,
+        forwards & col_live,
+        NUM_NODES,
+        BLOCK_NODES,
     )
-    f_before = tl.load(
-        recv_rdma_channel_prefix_ptr + nodes * num_channels + chan_prev,
-        mask=node_ok & (c > 0),
-        other=0,
-    )
-    node_first = tl.load(
-        recv_rdma_rank_prefix_sum_ptr + tl.maximum(nodes - 1, 0),
-        mask=node_ok & (nodes > 0),
-        other=0,
-    )
-    f_expected = tl.where(forwards & col_live, f_total - f_before, 0)
-    f_rowbase = node_first + f_before
     f_consumed = tl.zeros([BLOCK_NODES], dtype=tl.int32)
     f_sent = tl.zeros([BLOCK_LOCAL], dtype=tl.int32)
     f_head = tl.zeros([BLOCK_LOCAL], dtype=tl.int64) + tag
@@ -764,6 +733,7 @@ def _dispatch_kernel(
         # Local rank l' returns combine rows to this forwarder source by source (n' ascending), so
         # a token's index in that stream is its position plus the rows l' got from column peers
         # of lower nodes in channel c (their notify messages, still in this rank's inbox).
+        chan_prev = tl.maximum(c - 1, 0)
         rows_of = rdma_base + RDMA_INBOX + nodes * RDMA_MSG_BYTES + _HEADER + 4 * num_channels
         m2 = col_live[:, None] & loc_ok[None, :]
         cur = tl.load(

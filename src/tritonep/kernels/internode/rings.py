@@ -95,6 +95,116 @@ def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @helper
+def peer_lanes(
+    rank,
+    rank_mask_ptr,
+    NUM_RANKS: tl.constexpr,
+    RANKS_PER_NODE: tl.constexpr,
+    BLOCK_NODES: tl.constexpr,
+    BLOCK_LOCAL: tl.constexpr,
+):
+    """Where rank (n, l) sits and which of its peers are live (not masked by this rank).
+
+    Returns (n, l, node lanes n', local lanes l', node_live `[BLOCK_LOCAL]`: node peers (n, l')
+    live, col_live `[BLOCK_NODES]`: column peers (n', l) live).
+    """
+    D: tl.constexpr = RANKS_PER_NODE
+    node = rank // D
+    local = rank % D
+    nodes = tl.arange(0, BLOCK_NODES)
+    node_ok = nodes < NUM_RANKS // D
+    locs = tl.arange(0, BLOCK_LOCAL)
+    loc_ok = locs < D
+    node_live = loc_ok & (tl.load(rank_mask_ptr + node * D + locs, mask=loc_ok, other=1) == 0)
+    col_live = node_ok & (tl.load(rank_mask_ptr + nodes * D + local, mask=node_ok, other=1) == 0)
+    return node, local, nodes, locs, node_live, col_live
+
+
+@helper
+def channel_roles(num_channels, FUSED: tl.constexpr):
+    """(channel c, sends, forwards) of this program of a data kernel: on the GPU program c plays
+    the two end roles of channel c (`sends`) and program C + c its forwarder (`forwards`); FUSED
+    (the interpreter), program c plays all three."""
+    pid = tl.program_id(0)
+    if FUSED:
+        c = pid
+        sends = pid >= 0
+        forwards = pid >= 0
+    else:
+        c = pid % num_channels
+        sends = pid < num_channels
+        forwards = pid >= num_channels
+    return c, sends, forwards
+
+
+@helper
+def channel_tokens(c, num_tokens, num_channels):
+    """`[begin, end)`: the tokens of channel c (a contiguous range of this rank's tokens)."""
+    tokens_per_channel = tl.cdiv(num_tokens, num_channels)
+    begin = tl.minimum(c * tokens_per_channel, num_tokens)
+    return begin, tl.minimum(begin + tokens_per_channel, num_tokens)
+
+
+@helper
+def received_rows(
+    gbl_channel_prefix_ptr,
+    gbl_rank_prefix_sum_ptr,
+    c,
+    num_channels,
+    NUM_RANKS: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+):
+    """(starts, ends) `[BLOCK_RANKS]`: the rows of this rank's receive buffer that came from each
+    source rank in channel c (handle entries `recv_gbl_channel_prefix_matrix` and
+    `recv_gbl_rank_prefix_sum`; 0 beyond NUM_RANKS)."""
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    starts = tl.load(gbl_channel_prefix_ptr + ranks * num_channels + c, mask=rank_ok, other=0)
+    last = c + 1 >= num_channels
+    ends = tl.where(
+        last,
+        tl.load(gbl_rank_prefix_sum_ptr + ranks, mask=rank_ok, other=0),
+        tl.load(
+            gbl_channel_prefix_ptr + ranks * num_channels + c + 1,
+            mask=rank_ok & ~last,
+            other=0,
+        ),
+    )
+    return starts, ends
+
+
+@helper
+def forwarded_tokens(
+    rdma_channel_prefix_ptr,
+    rdma_rank_prefix_sum_ptr,
+    c,
+    num_channels,
+    live,
+    NUM_NODES: tl.constexpr,
+    BLOCK_NODES: tl.constexpr,
+):
+    """What this rank forwards in channel c, per column peer (n', l) (handle entries
+    `recv_rdma_channel_prefix_matrix`, `recv_rdma_rank_prefix_sum`).
+
+    Returns (tokens of (n', c), 0 where `live` is not set; their first row in `send_nvl_head`).
+    """
+    nodes = tl.arange(0, BLOCK_NODES)
+    node_ok = nodes < NUM_NODES
+    total = tl.load(rdma_channel_prefix_ptr + nodes * num_channels + c, mask=node_ok, other=0)
+    before = tl.load(
+        rdma_channel_prefix_ptr + nodes * num_channels + tl.maximum(c - 1, 0),
+        mask=node_ok & (c > 0),
+        other=0,
+    )
+    node_first = tl.load(
+        rdma_rank_prefix_sum_ptr + tl.maximum(nodes - 1, 0),
+        mask=node_ok & (nodes > 0),
+        other=0,
+    )
+    return tl.where(live, total - before, 0), node_first + before
+
+
+@helper
 def wait_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
     """`sync.wait_all_at_least` (spin until every masked `*ptrs >= targets` or the deadline; returns
     the last values, unmasked lanes read as their target) with the clock read inline: in the
@@ -155,12 +265,14 @@ def poll(ptrs, seen, mask):
 
 
 @helper
-def put_slots(
+def publish_slots(
     ring,
     staging,
+    tail,
     first,
     count,
     capacity,
+    tag,
     pe,
     delta,
     direct,
@@ -168,32 +280,45 @@ def put_slots(
     TRANSPORT: tl.constexpr,
     PUT_BLOCK: tl.constexpr,
 ):
-    """Put slots `[first, first + count)` (ring positions, taken modulo `capacity`) of this rank's
-    staging ring `staging` to the same slots of the peer's ring `ring` (both local symmetric
-    addresses): one put, or two when the range wraps. Block scope: every thread calls it."""
-    q0 = first % capacity
-    head = tl.minimum(count, capacity - q0)
-    put_nbi_block(
-        (ring + q0.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int32)),
-        (staging + q0.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int32)),
-        head * (SLOT_BYTES // 4),
-        pe,
-        delta,
-        direct,
-        TRANSPORT,
-        PUT_BLOCK,
-    )
-    if count > head:
+    """Publish slots `[first, first + count)` (ring positions, taken modulo `capacity`) of the
+    peer's ring `ring`: put them from the same slots of this rank's staging ring `staging` (one put,
+    or two when the range wraps) unless this program stored them straight into the ring
+    (`direct`), then set the peer's tail signal `tail` to `tag + first + count`, ordered after the
+    slots by the device layer. Addresses are local symmetric ones. Block scope: every thread calls
+    it."""
+    if not direct:
+        q0 = first % capacity
+        head = tl.minimum(count, capacity - q0)
         put_nbi_block(
-            ring.to(tl.pointer_type(tl.int32)),
-            staging.to(tl.pointer_type(tl.int32)),
-            (count - head) * (SLOT_BYTES // 4),
+            (ring + q0.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int32)),
+            (staging + q0.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int32)),
+            head * (SLOT_BYTES // 4),
             pe,
             delta,
             direct,
             TRANSPORT,
             PUT_BLOCK,
         )
+        if count > head:
+            put_nbi_block(
+                ring.to(tl.pointer_type(tl.int32)),
+                staging.to(tl.pointer_type(tl.int32)),
+                (count - head) * (SLOT_BYTES // 4),
+                pe,
+                delta,
+                direct,
+                TRANSPORT,
+                PUT_BLOCK,
+            )
+    signal_op(
+        tail.to(tl.pointer_type(tl.int64)),
+        tag + (first + count).to(tl.int64),
+        pe,
+        delta,
+        direct,
+        device.SIGNAL_SET,
+        TRANSPORT,
+    )
 
 
 @helper
