@@ -47,9 +47,12 @@ from ..common.naming import named_kernel
 from ..common.sync import STOP_ALL, STOP_OFFSET
 from . import regions
 from .rings import (
+    channel_tokens,
+    helper,
     lane,
     now_ns,
     open_peer,
+    peer_lanes,
     put_nbi_block,
     quiet,
     report_error,
@@ -61,6 +64,55 @@ from .rings import (
 )
 
 _HEADER = tl.constexpr(regions.HEADER_BYTES)
+
+
+@helper
+def _wait_epoch(
+    signals,
+    lanes,
+    live,
+    peers,
+    epoch,
+    deadline,
+    clock_addr,
+    host_error_ptr,
+    stop,
+    rank,
+    ERR_TIMEOUT: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+):
+    """Wait until the signal word (int64, local address `signals + 8 * lane`) of every `live` lane
+    reached this call's epoch; past the deadline record a timeout naming the first late lane's
+    rank (`peers`) with the epochs seen and awaited. Returns ok = no lane was late."""
+    tag = epoch << 32
+    values = wait_at_least(
+        (signals + lanes * 8).to(tl.pointer_type(tl.int64)),
+        tag + lanes * 0,
+        live,
+        deadline,
+        clock_addr,
+        USE_GLOBALTIMER,
+    )
+    late = live & (values < tag)
+    ok = tsum(late.to(tl.int32), axis=0) == 0
+    if not ok:
+        report_error(
+            host_error_ptr,
+            stop,
+            STOP_ALL,
+            ERR_TIMEOUT,
+            rank,
+            late,
+            peers,
+            PHASE,
+            -1,
+            (values >> 32).to(tl.int32),
+            epoch.to(tl.int32),
+            BLOCK_RANKS,
+        )
+    return ok
 
 
 @named_kernel(
@@ -133,21 +185,18 @@ def _notify_kernel(
     D: tl.constexpr = RANKS_PER_NODE
     NUM_NODES: tl.constexpr = NUM_RANKS // RANKS_PER_NODE
     host = host_addr.to(tl.pointer_type(tl.int64))
-    node = rank // D
-    local = rank % D
+    # Column peers (n', l): the ranks this one exchanges RDMA traffic with; node peers (n, l').
+    node, local, nodes, locs, node_live, col_live = peer_lanes(
+        rank, rank_mask_ptr, NUM_RANKS, RANKS_PER_NODE, BLOCK_NODES, BLOCK_LOCAL
+    )
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
-    nodes = tl.arange(0, BLOCK_NODES)
     node_ok = nodes < NUM_NODES
-    locs = tl.arange(0, BLOCK_LOCAL)
     loc_ok = locs < D
     chans = tl.arange(0, BLOCK_CHANNELS)
     chan_ok = chans < num_channels
-    # Column peers (n', l): the ranks this one exchanges RDMA traffic with; node peers (n, l').
     col_peers = tl.where(node_ok, nodes * D + local, rank)
-    col_live = node_ok & (tl.load(rank_mask_ptr + col_peers, mask=node_ok, other=1) == 0)
     node_peers = node * D + locs
-    node_live = loc_ok & (tl.load(rank_mask_ptr + node_peers, mask=loc_ok, other=1) == 0)
     pe, delta, direct = open_peer(routes_ptr, rank, col_peers, TRANSPORT, FORCE_PUT)
     direct_i = direct.to(tl.int32)
 
@@ -196,13 +245,11 @@ def _notify_kernel(
         live_dest = (
             rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0) & fwd_live
         )
-        tokens_per_channel = tl.cdiv(num_tokens, num_channels)
         running = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
         running_nodes = tl.zeros([BLOCK_NODES], dtype=tl.int32)
         rows_in_block = tl.arange(0, BLOCK_TOKENS)
         for c in range(0, num_channels):
-            begin = tl.minimum(c * tokens_per_channel, num_tokens)
-            end = tl.minimum(begin + tokens_per_channel, num_tokens)
+            begin, end = channel_tokens(c, num_tokens, num_channels)
             for t0 in range(begin, end, BLOCK_TOKENS):
                 rows = (t0 + rows_in_block).to(tl.int64)
                 row_ok = rows < end
@@ -230,31 +277,22 @@ def _notify_kernel(
         tl.debug_barrier()  # the matrices are read back below by other threads of this program
 
     # 3. Every column peer started this epoch: send each its message.
-    started = wait_at_least(
-        (rdma_base + RDMA_STARTED + nodes * 8).to(tl.pointer_type(tl.int64)),
-        tag + nodes * 0,
+    ok = _wait_epoch(
+        rdma_base + RDMA_STARTED,
+        nodes,
         col_live,
+        col_peers,
+        epoch,
         deadline,
         clock_addr,
+        host + HOST_ERROR,
+        stop,
+        rank,
+        ERR_TIMEOUT,
+        PHASE,
+        BLOCK_RANKS,
         USE_GLOBALTIMER,
     )
-    late = col_live & (started < tag)
-    ok = tsum(late.to(tl.int32), axis=0) == 0
-    if not ok:
-        report_error(
-            host + HOST_ERROR,
-            stop,
-            STOP_ALL,
-            ERR_TIMEOUT,
-            rank,
-            late,
-            col_peers,
-            PHASE,
-            -1,
-            (started >> 32).to(tl.int32),
-            epoch.to(tl.int32),
-            BLOCK_RANKS,
-        )
     if ok:
         for n in range(NUM_NODES):
             if lane(col_live.to(tl.int32), nodes, n) > 0:
@@ -311,58 +349,40 @@ def _notify_kernel(
                 )
 
         # 4. The column peers' messages, then the node peers' start, then one message to each.
-        flags = wait_at_least(
-            (rdma_base + RDMA_FLAGS + nodes * 8).to(tl.pointer_type(tl.int64)),
-            tag + nodes * 0,
+        ok = _wait_epoch(
+            rdma_base + RDMA_FLAGS,
+            nodes,
             col_live,
+            col_peers,
+            epoch,
             deadline,
             clock_addr,
+            host + HOST_ERROR,
+            stop,
+            rank,
+            ERR_TIMEOUT,
+            PHASE,
+            BLOCK_RANKS,
             USE_GLOBALTIMER,
         )
-        late = col_live & (flags < tag)
-        ok = tsum(late.to(tl.int32), axis=0) == 0
-        if not ok:
-            report_error(
-                host + HOST_ERROR,
-                stop,
-                STOP_ALL,
-                ERR_TIMEOUT,
-                rank,
-                late,
-                col_peers,
-                PHASE,
-                -1,
-                (flags >> 32).to(tl.int32),
-                epoch.to(tl.int32),
-                BLOCK_RANKS,
-            )
     if ok:
         tl.debug_barrier()  # the acquired flags order the inbox reads of every thread
-        nvl_started = wait_at_least(
-            (my_nvl + NVL_STARTED + locs * 8).to(tl.pointer_type(tl.int64)),
-            tag + locs * 0,
+        ok = _wait_epoch(
+            my_nvl + NVL_STARTED,
+            locs,
             node_live,
+            node_peers,
+            epoch,
             deadline,
             clock_addr,
+            host + HOST_ERROR,
+            stop,
+            rank,
+            ERR_TIMEOUT,
+            PHASE,
+            BLOCK_RANKS,
             USE_GLOBALTIMER,
         )
-        late_peers = node_live & (nvl_started < tag)
-        ok = tsum(late_peers.to(tl.int32), axis=0) == 0
-        if not ok:
-            report_error(
-                host + HOST_ERROR,
-                stop,
-                STOP_ALL,
-                ERR_TIMEOUT,
-                rank,
-                late_peers,
-                node_peers,
-                PHASE,
-                -1,
-                (nvl_started >> 32).to(tl.int32),
-                epoch.to(tl.int32),
-                BLOCK_RANKS,
-            )
     if ok:
         inbox = rdma_base + RDMA_INBOX + nodes * RDMA_MSG_BYTES  # [R_n] message addresses
         keys = tl.load(inbox.to(tl.pointer_type(tl.int64)), mask=col_live, other=-1, volatile=True)
@@ -412,31 +432,22 @@ def _notify_kernel(
                 )  # publishes the message stored above
 
         # 5. The node peers' messages: the key of every rank.
-        nvl_flags = wait_at_least(
-            (my_nvl + NVL_FLAGS + locs * 8).to(tl.pointer_type(tl.int64)),
-            tag + locs * 0,
+        ok = _wait_epoch(
+            my_nvl + NVL_FLAGS,
+            locs,
             node_live,
+            node_peers,
+            epoch,
             deadline,
             clock_addr,
+            host + HOST_ERROR,
+            stop,
+            rank,
+            ERR_TIMEOUT,
+            PHASE,
+            BLOCK_RANKS,
             USE_GLOBALTIMER,
         )
-        late_messages = node_live & (nvl_flags < tag)
-        ok = tsum(late_messages.to(tl.int32), axis=0) == 0
-        if not ok:
-            report_error(
-                host + HOST_ERROR,
-                stop,
-                STOP_ALL,
-                ERR_TIMEOUT,
-                rank,
-                late_messages,
-                node_peers,
-                PHASE,
-                -1,
-                (nvl_flags >> 32).to(tl.int32),
-                epoch.to(tl.int32),
-                BLOCK_RANKS,
-            )
     if ok:
         tl.debug_barrier()  # the acquired flags order the inbox reads of every thread
         all_keys = tl.load(
