@@ -283,7 +283,11 @@ class Buffer:
         force_put = _env.force_put() or (low_latency_mode and not allow_nvlink_for_low_latency_mode)
         resources = self._resources
         resources.host = self._host = HostBlock(
-            self.rank, self._backend == "cuda", timeout_s, self.explicitly_destroy
+            self.rank,
+            self._backend == "cuda",
+            timeout_s,
+            self.explicitly_destroy,
+            topology.ranks_per_node if topology.is_internode else None,
         )
         resources.memory = self._memory = BufferMemory(
             bootstrap,

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import protocol
 from .._validate import fail
 from ..config import Config
-from ..errors import EPInvalidArgument, EPStateError, EPTimeoutError
+from ..errors import EPStateError
 from ..handles import InternodeHandle
 from ..runtime.host import HostBlock
 from ..runtime.streams import CommStreams
@@ -253,25 +252,10 @@ class InternodeMode:
         return plans
 
     # ----------------------------------------------------------------------------- errors
-    def _with_nodes(self, call):
-        """Run `call` (a host check or wait); an error record it raises also names the nodes."""
-        try:
-            return call()
-        except (EPTimeoutError, EPInvalidArgument) as e:
-            slots = self._host._slots
-            if slots is None or int(slots[protocol.HOST_ERROR_CODE]) == 0:
-                raise
-            rank, peer = (int(v) for v in slots[protocol.HOST_ERROR + 1 : protocol.HOST_ERROR + 3])
-            d = self._topology.ranks_per_node
-            raise type(e)(
-                f"{e} [nodes of {d} ranks: rank {rank} is on node {rank // d}, rank {peer} on "
-                f"node {peer // d}]"
-            ) from None
-
     def _after_launch(self, op: str, include_overflow: bool = True) -> None:
         # The CPU backend has finished by now, so a device report belongs to this call.
         if self._backend == "cpu":
-            self._with_nodes(lambda: self._host.check(op, include_overflow))
+            self._host.check(op, include_overflow)
 
     # ---------------------------------------------------------------------------- dispatch
     def dispatch(
@@ -367,9 +351,7 @@ class InternodeMode:
                 num_recv = num_rdma_recv = num_worst_tokens
                 recv_counts_list = []
             else:
-                packed, per_expert = self._with_nodes(
-                    lambda: self._host.wait_counts(run_op, experts)
-                )
+                packed, per_expert = self._host.wait_counts(run_op, experts)
                 num_recv, num_rdma_recv = packed & 0xFFFFFFFF, packed >> 32
                 recv_counts_list = [
                     -(-c // expert_alignment) * expert_alignment for c in per_expert

@@ -33,8 +33,17 @@ class HostBlock:
         poison: why the buffer is unusable, or None.
     """
 
-    def __init__(self, rank: int, pinned: bool, timeout_s: float, explicitly_destroy: bool):
+    def __init__(
+        self,
+        rank: int,
+        pinned: bool,
+        timeout_s: float,
+        explicitly_destroy: bool,
+        ranks_per_node: int | None = None,
+    ):
         self.rank = rank
+        # Across nodes, error records also name the nodes of the two ranks (None: one node).
+        self._ranks_per_node = ranks_per_node
         self.timeout_s = timeout_s
         self._explicitly_destroy = explicitly_destroy
         self._tensor = torch.zeros(
@@ -138,6 +147,12 @@ class HostBlock:
         else:
             message = f"rank {rank}: device error code {code} in the {where}"
             error = EPStateError
+        d = self._ranks_per_node
+        if d is not None:
+            message += (
+                f" [nodes of {d} ranks: rank {rank} is on node {rank // d}, rank {peer} on "
+                f"node {peer // d}]"
+            )
         self.poison = message
         print(f"tritonep: {op}: {message}", file=sys.stderr)
         raise error(f"{op}: {message}")
