@@ -84,6 +84,32 @@ def gpu_pool():
     return make
 
 
+# Ranks sharing GPU 0: gloo group, CUDA backend, multicast off. Ranks that spin in their kernels
+# need MPS to run concurrently (`scripts/gpu_check.sh` starts it); NVSHMEM ranks also need MPS
+# shares adding up to at most 100 (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, set per test).
+SHARED_GPU_ENV = {
+    "TRITONEP_BACKEND": "cuda",
+    "TRITON_INTERPRET": "0",
+    "CUDA_VISIBLE_DEVICES": "0",
+    "TRITONEP_TIMEOUT_S": "60",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+@pytest.fixture
+def shared_gpu_pool():
+    """Factory: `shared_gpu_pool(world_size, **env)` -> a cached `RankPool` whose ranks share GPU
+    0."""
+    from tritonep.testing.dist import get_pool
+
+    def make(world_size: int, **env):
+        return get_pool(world_size, {**SHARED_GPU_ENV, **env})
+
+    return make
+
+
 def gpu_count() -> int:
     import torch
 

@@ -37,6 +37,7 @@ from .handles import InternodeHandle, IntranodeHandle
 from .kernels.common.context import LaunchContext
 from .modes.intranode import IntranodeMode
 from .modes.layout import RoutingLayout
+from .modes.plan_keys import CombineKey, DispatchKey
 from .runtime.host import HostBlock
 from .runtime.memory import BufferMemory
 from .runtime.streams import CommStreams
@@ -835,9 +836,19 @@ class Buffer:
                     dtypes=(torch.float32,),
                     shape=tuple(topk_idx.shape),
                 )
+        key = DispatchKey.of(
+            config,
+            x_data,
+            x_scales,
+            topk_idx,
+            num_tokens_per_expert,
+            num_ranks,
+            num_worst_tokens,
+            handle is not None,
+        )
         return self._throughput_mode.dispatch(
             op,
-            config,
+            key,
             x_data,
             x_scales,
             handle,
@@ -897,7 +908,7 @@ class Buffer:
         biases = self._check_bias(op, bias, num_tokens, x.size(1), x.dtype)
         return self._throughput_mode.combine(
             op,
-            config,
+            CombineKey.of(config, x, topk_weights, biases),
             x,
             handle,
             topk_weights,

@@ -21,15 +21,6 @@ import torch
 from tritonep.testing import internode as inter
 
 NODES_OF_ONE = {"TRITONEP_NVL_DOMAIN_SIZE": "1"}
-SHARED_GPU_ENV = {
-    "TRITONEP_BACKEND": "cuda",
-    "TRITON_INTERPRET": "0",
-    "CUDA_VISIBLE_DEVICES": "0",
-    "TRITONEP_TIMEOUT_S": "60",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 TOKENS_PER_RANK = [512, 301, 77, 0]
 MODERATE = dict(
     hidden=2048,
@@ -92,11 +83,10 @@ def test_internode_2x1_one_rank_per_gpu(gpu_pool):
     [(2, 1, "0"), (4, 2, "1")],
     ids=["2x1", "2x2-put"],
 )
-def test_internode_ranks_sharing_one_gpu(cpu_pool, world_size, ranks_per_node, force_put):
+def test_internode_ranks_sharing_one_gpu(shared_gpu_pool, world_size, ranks_per_node, force_put):
     pytest.importorskip("nvidia.nvshmem", reason="needs the nvidia-nvshmem wheel")
-    pool = cpu_pool(
+    pool = shared_gpu_pool(
         world_size,
-        **SHARED_GPU_ENV,
         # MPS shares must add up to at most 100 for NVSHMEM ranks sharing a GPU.
         CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(100 // world_size),
         TRITONEP_NVL_DOMAIN_SIZE=str(ranks_per_node),

@@ -8,20 +8,11 @@ import pytest
 
 from tritonep.testing import low_latency as ll
 
-SHARED_GPU_ENV = {
-    "TRITONEP_BACKEND": "cuda",
-    "TRITON_INTERPRET": "0",
-    "CUDA_VISIBLE_DEVICES": "0",
-    "TRITONEP_TIMEOUT_S": "60",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NCCL_NVLS_ENABLE": "0",
-}
-
 
 @pytest.mark.gpu
-def test_low_latency_deepep_shape_two_ranks_on_one_gpu(cpu_pool):
+def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
     combos = ll.pairwise_matrix()
-    results = cpu_pool(2, **SHARED_GPU_ENV).run(
+    results = shared_gpu_pool(2).run(
         ll.check_low_latency_matrix,
         combos,
         num_tokens=128,

@@ -10,17 +10,10 @@ from test_gpu_hygiene import check_no_growth, create_destroy_cycles_task
 
 from tritonep.testing import checks
 
-SHARED_GPU_ENV = {
-    "TRITONEP_BACKEND": "cuda",
-    "TRITONEP_TIMEOUT_S": "60",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NCCL_NVLS_ENABLE": "0",
-}
-
 
 @pytest.mark.gpu
-def test_two_ranks_on_one_gpu(cpu_pool):
-    pool = cpu_pool(2, TRITON_INTERPRET="0", **SHARED_GPU_ENV)
+def test_two_ranks_on_one_gpu(shared_gpu_pool):
+    pool = shared_gpu_pool(2)
     pool.run(
         checks.check_intranode,
         num_tokens=512,
@@ -50,7 +43,7 @@ def test_two_ranks_on_one_gpu(cpu_pool):
 
 
 @pytest.mark.gpu
-def test_two_ranks_on_one_gpu_release_their_ipc_memory(cpu_pool):
+def test_two_ranks_on_one_gpu_release_their_ipc_memory(shared_gpu_pool):
     """CUDA IPC peer memory: each rank's allocation is freed once both have destroyed the buffer."""
-    pool = cpu_pool(2, TRITON_INTERPRET="0", **SHARED_GPU_ENV)
+    pool = shared_gpu_pool(2)
     check_no_growth(pool.run(create_destroy_cycles_task, cycles=30, timeout=400))

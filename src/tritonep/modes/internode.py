@@ -261,7 +261,7 @@ class InternodeMode:
     def dispatch(
         self,
         op: str,
-        config: Config,
+        key: DispatchKey,
         x_data: torch.Tensor,
         x_scales: torch.Tensor | None,
         handle: InternodeHandle | None,
@@ -278,23 +278,13 @@ class InternodeMode:
         """Dispatch checked arguments (`handle` given: cached mode); returns the V1 6-tuple with
         the 10-tuple handle."""
         self._check_memory(op)
-        cached = handle is not None
+        config, cached = key.config, key.cached
         run_op = f"{op} (cached)" if cached else op  # names the call in runtime errors
         num_ranks = self._ctx.num_ranks
         num_nodes = self._topology.num_nodes
         d = self._topology.ranks_per_node
         num_channels = config.num_channels
         num_tokens = x_data.size(0)
-        key = DispatchKey.of(
-            config,
-            x_data,
-            x_scales,
-            topk_idx,
-            num_tokens_per_expert,
-            num_ranks,
-            num_worst_tokens,
-            cached,
-        )
         num_topk, num_scales, experts, worst = (
             key.num_topk,
             key.num_scales,
@@ -438,7 +428,7 @@ class InternodeMode:
     def combine(
         self,
         op: str,
-        config: Config,
+        key: CombineKey,
         x: torch.Tensor,
         handle: InternodeHandle,
         topk_weights: torch.Tensor | None,
@@ -450,7 +440,6 @@ class InternodeMode:
         """Combine checked arguments; returns (combined_x, combined_topk_weights, event)."""
         self._check_memory(op)
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
-        key = CombineKey.of(config, x, topk_weights, biases)
         num_topk = key.num_topk
         plans = self._combine_plans(op, key)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)

@@ -303,7 +303,7 @@ class IntranodeMode:
     def dispatch(
         self,
         op: str,
-        config: Config,
+        key: DispatchKey,
         x_data: torch.Tensor,
         x_scales: torch.Tensor | None,
         handle: IntranodeHandle | None,
@@ -318,21 +318,11 @@ class IntranodeMode:
         allocate_on_comm_stream: bool,
     ):
         """Dispatch checked arguments (`handle` given: cached mode); returns the V1 6-tuple."""
-        cached = handle is not None
+        config, cached = key.config, key.cached
         run_op = "dispatch (cached)" if cached else op  # names the call in runtime errors
         num_ranks = self._ctx.num_ranks
         num_channels = config.num_channels
         num_tokens = x_data.size(0)
-        key = DispatchKey.of(
-            config,
-            x_data,
-            x_scales,
-            topk_idx,
-            num_tokens_per_expert,
-            num_ranks,
-            num_worst_tokens,
-            cached,
-        )
         num_topk, num_scales, experts_per_rank, worst = (
             key.num_topk,
             key.num_scales,
@@ -470,7 +460,7 @@ class IntranodeMode:
     def combine(
         self,
         op: str,
-        config: Config,
+        key: CombineKey,
         x: torch.Tensor,
         handle: IntranodeHandle,
         topk_weights: torch.Tensor | None,
@@ -480,8 +470,8 @@ class IntranodeMode:
         allocate_on_comm_stream: bool,
     ):
         """Combine checked arguments; returns (combined_x, combined_topk_weights, event)."""
+        config = key.config
         num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
-        key = CombineKey.of(config, x, topk_weights, biases)
         num_topk = key.num_topk
         plans = self._combine_plans(op, key)
         refuse = self._refusal(handle.is_token_in_rank, config.num_channels, plans.capacity)
