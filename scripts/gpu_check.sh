@@ -5,8 +5,10 @@
 # the script ends with a one-line-per-record table (scripts/gpu_summary.py).
 #
 #   STAGES="tests internode layout host scaling bench ll nvshmem pressure" (default: all)
-#       which parts to run; all of them take 15-20 minutes on 2 GPUs, so a machine with a time limit per command
-#       may want them split, e.g. STAGES="ll nvshmem", then "tests layout bench", then the rest
+#       which parts to run; all of them take 20-25 minutes on 2 GPUs (the tests alone about 7), so
+#       a machine with a time limit per command may want them split, e.g. STAGES="tests", then
+#       "internode nvshmem", then "ll bench", then the rest
+#   TESTS_TIMEOUT=540 / INTERNODE_TIMEOUT / LL_TIMEOUT / NVSHMEM_TIMEOUT   per-stage limits (s)
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
 set -uo pipefail
@@ -37,7 +39,7 @@ mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIP
 if has tests; then
   echo "== GPU tests"
   mps_start || echo "(no MPS daemon: tests with ranks sharing a GPU time-slice or skip)"
-  timeout ${TESTS_TIMEOUT:-420} python3 -m pytest tests -m gpu -q -rs --durations=0 -p no:cacheprovider \
+  timeout ${TESTS_TIMEOUT:-540} python3 -m pytest tests -m gpu -q -rs --durations=0 -p no:cacheprovider \
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
   mps_stop
 fi
