@@ -152,7 +152,7 @@ def _rank_main(rank, world_size, port, args, results_path):
             hidden=args.hidden,
             num_topk=args.topk,
             num_experts=args.experts,
-            num_sms=args.num_sms,
+            num_sms=args.num_sms[0],
             nvl_chunk=8,
             nvl_capacity=256,
             rdma_chunk=8,
@@ -196,7 +196,12 @@ def _rank_main(rank, world_size, port, args, results_path):
     record["rdma_tokens_sent"] = rdma_tokens
     dispatch_rows = []
     handle = recv_x = None
-    for config in _configs("dispatch", world_size, args.num_sms, args.sweep):
+    dispatch_configs = [
+        config
+        for num_sms in args.num_sms
+        for config in _configs("dispatch", world_size, num_sms, args.sweep)
+    ]
+    for config in dispatch_configs:
         recv_x, _, _, _, handle, _ = buffer.dispatch(
             x,
             num_tokens_per_rank=ntr,
@@ -225,7 +230,12 @@ def _rank_main(rank, world_size, port, args, results_path):
             )
     record["dispatch"] = dispatch_rows
     combine_rows = []
-    for config in _configs("combine", world_size, args.num_sms, args.sweep):
+    combine_configs = [
+        config
+        for num_sms in args.num_sms
+        for config in _configs("combine", world_size, num_sms, args.sweep)
+    ]
+    for config in combine_configs:
         handle = buffer.dispatch(
             x,
             num_tokens_per_rank=ntr,
@@ -274,7 +284,13 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--topk-groups", type=int, default=4, help="nodes a token may use")
-    parser.add_argument("--num-sms", type=int, default=24)
+    parser.add_argument(
+        "--num-sms",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[24],
+        help="SM counts to time, comma-separated (e.g. 24,48,132: latency- or protocol-bound?); "
+        "the checks use the first",
+    )
     parser.add_argument("--nvl-gb", type=int, default=2, help="num_nvl_bytes in GiB")
     parser.add_argument("--rdma-gb", type=int, default=1, help="num_rdma_bytes in GiB")
     parser.add_argument("--sweep", action="store_true", help="DeepEP's whole config sweep")
