@@ -35,9 +35,9 @@ from .errors import EPStateError, EPUnsupported
 from .event import EventHandle, EventOverlap
 from .handles import InternodeHandle, IntranodeHandle
 from .kernels.common.context import LaunchContext
+from .modes.contract import CombineKey, DispatchKey, ThroughputMode
 from .modes.intranode import IntranodeMode
 from .modes.layout import RoutingLayout
-from .modes.plan_keys import CombineKey, DispatchKey
 from .runtime.host import HostBlock
 from .runtime.memory import BufferMemory
 from .runtime.streams import CommStreams
@@ -328,6 +328,7 @@ class Buffer:
             self._kernels, topology, self._host, self._streams, self._rank_mask, self._device
         )
         # The mode serving dispatch / combine: more than one node -> internode.
+        self._throughput_mode: ThroughputMode
         if topology.is_internode:
             from .modes.internode import InternodeMode
 

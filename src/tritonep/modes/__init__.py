@@ -1,2 +1,2 @@
 """One orchestration module per mode: `layout` (both high-throughput modes), `intranode`,
-`low_latency`."""
+`internode`, `low_latency`; `contract` is what `Buffer` hands the high-throughput modes."""

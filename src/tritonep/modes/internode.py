@@ -32,7 +32,7 @@ from ..handles import InternodeHandle
 from ..runtime.host import HostBlock
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
-from .plan_keys import CombineKey, DispatchKey
+from .contract import CombineKey, DispatchKey
 
 
 @dataclass(frozen=True)

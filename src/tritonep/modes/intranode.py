@@ -27,7 +27,7 @@ from ..handles import IntranodeHandle
 from ..kernels.intranode.queues import IntranodeQueues
 from ..runtime.host import HostBlock
 from ..runtime.streams import CommStreams
-from .plan_keys import CombineKey, DispatchKey
+from .contract import CombineKey, DispatchKey
 
 
 @dataclass(frozen=True)
