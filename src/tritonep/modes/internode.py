@@ -251,12 +251,6 @@ class InternodeMode:
         self._plans[key] = plans
         return plans
 
-    # ----------------------------------------------------------------------------- errors
-    def _after_launch(self, op: str, include_overflow: bool = True) -> None:
-        # The CPU backend has finished by now, so a device report belongs to this call.
-        if self._backend == "cpu":
-            self._host.check(op, include_overflow)
-
     # ---------------------------------------------------------------------------- dispatch
     def dispatch(
         self,
@@ -308,7 +302,7 @@ class InternodeMode:
             )
             send_rdma_head = h.send_rdma_head
             plans.notify.launch(streams.launch)
-            self._after_launch(run_op, include_overflow=False)
+            self._host.after_launch(run_op, include_overflow=False)
             num_recv, num_rdma_recv = h.recv_src_meta.size(0), h.send_nvl_head.size(0)
             recv_counts_list = None
         else:
@@ -336,7 +330,8 @@ class InternodeMode:
                 self._host.num_worst_tokens = num_worst_tokens
             ready_token = self._host.arm_counts()
             plans.notify.launch(streams.launch, ready_token, counts)
-            self._after_launch(run_op, include_overflow=False)  # the data kernel still has to run
+            # No overflow check yet: the data kernel still has to run.
+            self._host.after_launch(run_op, include_overflow=False)
             if worst:
                 num_recv = num_rdma_recv = num_worst_tokens
                 recv_counts_list = []
@@ -387,7 +382,7 @@ class InternodeMode:
             recv_topk_idx,
             recv_topk_weights,
         )
-        self._after_launch(run_op)
+        self._host.after_launch(run_op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
         if cached:
             event = streams.finish(
@@ -451,7 +446,7 @@ class InternodeMode:
                 else None
             )
         plans.notify.launch(streams.launch)
-        self._after_launch(op)
+        self._host.after_launch(op)
         plans.data.launch(
             streams.launch,
             x,
@@ -467,7 +462,7 @@ class InternodeMode:
             combined_x,
             combined_weights,
         )
-        self._after_launch(op)
+        self._host.after_launch(op)
         event = streams.finish(
             (x, topk_weights, *biases, combined_x, combined_weights, *handle)
             if async_finish

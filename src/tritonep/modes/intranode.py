@@ -294,11 +294,6 @@ class IntranodeMode:
         worst = int(demand.max())
         return worst if worst > capacity else 0
 
-    def _after_launch(self, op: str, include_overflow: bool = True) -> None:
-        # The CPU backend has finished by now, so a device report belongs to this call.
-        if self._backend == "cpu":
-            self._host.check(op, include_overflow)
-
     # ---------------------------------------------------------------------------- dispatch
     def dispatch(
         self,
@@ -369,7 +364,7 @@ class IntranodeMode:
                 self._host.num_worst_tokens = num_worst_tokens
         ready_token = 0 if cached else self._host.arm_counts()
         plans.notify.launch(streams.launch, refuse, ready_token, counts)
-        self._after_launch(run_op, include_overflow=False)  # the data kernel still has to run
+        self._host.after_launch(run_op, include_overflow=False)  # the data kernel still has to run
         recv_counts_list = None
         if not cached:
             if worst:
@@ -416,7 +411,7 @@ class IntranodeMode:
             recv_topk_weights,
             recv_scales.view(torch.int32) if recv_scales is not None else None,
         )
-        self._after_launch(run_op)
+        self._host.after_launch(run_op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
         if cached:
             event = streams.finish(
@@ -484,7 +479,7 @@ class IntranodeMode:
                 else None
             )
         plans.notify.launch(streams.launch, refuse)
-        self._after_launch(op)
+        self._host.after_launch(op)
         plans.data.launch(
             streams.launch,
             x,
@@ -497,7 +492,7 @@ class IntranodeMode:
             combined_x,
             combined_weights,
         )
-        self._after_launch(op)
+        self._host.after_launch(op)
         event = streams.finish(
             (x, topk_weights, *biases, combined_x, combined_weights, *handle)
             if async_finish

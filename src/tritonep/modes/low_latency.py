@@ -133,7 +133,7 @@ class LowLatencyMode:
             done.append(True)
             with torch._C.DisableTorchFunction():
                 launch()
-                self._after_launch(op)
+                self._host.after_launch(op)
 
         return hook
 
@@ -143,16 +143,12 @@ class LowLatencyMode:
         roles = self._kernels.low_latency.sync
         if call is None:
             launch(roles.ROLE_SEND.value, stream)
-            self._after_launch(op)
+            self._host.after_launch(op)
             receive = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
             return EventOverlap(None, None), receive
         launch(roles.ROLE_BOTH.value, stream)
-        self._after_launch(op)
+        self._host.after_launch(op)
         return call.finish(kept, keep_alive="extra_tensors"), None
-
-    def _after_launch(self, op: str) -> None:
-        if not self._gpu:  # the interpreter has finished: a report belongs to this call
-            self._host.check(op)
 
     def _check_stats(self, op: str, name: str, stats, length: int, dtype: torch.dtype):
         if stats is None:
@@ -468,7 +464,7 @@ class LowLatencyMode:
                 self._memory, self._ctx, regions.barrier, self._shrink
             )
         plan.launch(self._streams.current() if self._gpu else None, self._mask, self._workspace)
-        self._after_launch(op)
+        self._host.after_launch(op)
 
     # ------------------------------------------------------------------------------- masks
     def update_mask(self, rank_to_mask: int, mask: bool) -> None:

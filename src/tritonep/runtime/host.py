@@ -42,6 +42,7 @@ class HostBlock:
         ranks_per_node: int | None = None,
     ):
         self.rank = rank
+        self._on_gpu = pinned  # a pinned block serves GPU kernels; the CPU backend's is plain
         # Across nodes, error records also name the nodes of the two ranks (None: one node).
         self._ranks_per_node = ranks_per_node
         self.timeout_s = timeout_s
@@ -75,6 +76,13 @@ class HostBlock:
                 f"{op}: buffer is unusable after an earlier device error ({self.poison}); {remedy}"
             )
         self.check(op)
+
+    def after_launch(self, op: str, include_overflow: bool = True) -> None:
+        """After a launch: on the CPU backend (the interpreter) the kernels have finished, so what
+        they reported belongs to this call and is raised now; on GPUs the next call's
+        `check_usable` sees it (no host synchronisation here)."""
+        if not self._on_gpu:
+            self.check(op, include_overflow)
 
     def check(self, op: str, include_overflow: bool = True) -> None:
         """Turn a device report into an exception (reference §14.7).
