@@ -235,26 +235,17 @@ def check_intranode(
         all_x = gather(group, data)
         all_scales = gather(group, x[1]) if isinstance(x, tuple) else None
         for with_topk, async_finish, with_prev in variants:
-            prev = buffer.capture() if with_prev else None
-            with poisoned_allocations(device):
-                recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-                    x,
-                    num_tokens_per_rank=ntr,
-                    is_token_in_rank=itr,
-                    num_tokens_per_expert=nte,
-                    topk_idx=topk_idx if with_topk else None,
-                    topk_weights=topk_weights if with_topk else None,
-                    expert_alignment=expert_alignment,
-                    config=config,
-                    previous_event=prev,
-                    async_finish=async_finish,
-                )
-            if async_finish:
-                event.current_stream_wait()
-            else:
-                assert event.event is None, (
-                    "dispatch: a synchronous call must return an empty event"
-                )
+            recv_x, recv_idx, recv_w, counts, handle = dispatch_variant(
+                buffer,
+                x,
+                dict(num_tokens_per_rank=ntr, is_token_in_rank=itr, num_tokens_per_expert=nte),
+                topk_idx if with_topk else None,
+                topk_weights if with_topk else None,
+                expert_alignment,
+                config,
+                with_prev,
+                async_finish,
+            )
             stats["dispatches"] += 1
             ref = reference.dispatch(
                 rank,
@@ -363,6 +354,40 @@ def check_intranode(
     )
     stats["num_recv"] = int(handle[3].numel())
     return stats
+
+
+def dispatch_variant(
+    buffer,
+    x,
+    layout: dict,
+    topk_idx,
+    topk_weights,
+    expert_alignment: int,
+    config,
+    with_prev: bool,
+    async_finish: bool,
+):
+    """One non-cached dispatch of a test matrix into poisoned outputs, with the stream variant
+    asked for (previous event captured, async or not); waits for it on the current stream and
+    checks that a synchronous call returns an empty event. `layout`: the count keyword arguments
+    (either high-throughput mode). Returns the dispatch's outputs without the event."""
+    prev = buffer.capture() if with_prev else None
+    with poisoned_allocations(device_of(buffer)):
+        *outputs, event = buffer.dispatch(
+            x,
+            **layout,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            expert_alignment=expert_alignment,
+            config=config,
+            previous_event=prev,
+            async_finish=async_finish,
+        )
+    if async_finish:
+        event.current_stream_wait()
+    else:
+        assert event.event is None, "dispatch: a synchronous call must return an empty event"
+    return outputs
 
 
 def checked_layout(buffer, topk_idx, num_experts: int):

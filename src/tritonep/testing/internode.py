@@ -23,6 +23,7 @@ from tritonep.testing.checks import (
     check_worst_case,
     checked_layout,
     device_of,
+    dispatch_variant,
     gather,
     make_routing,
     per_token_cast_to_fp8,
@@ -176,6 +177,12 @@ def check_internode(
     stats = {"dispatches": 0, "combines": 0}
 
     ntr, ntn, nte, itr = checked_layout(buffer, topk_idx, num_experts)
+    layout = dict(
+        num_tokens_per_rank=ntr,
+        num_tokens_per_rdma_rank=ntn,
+        is_token_in_rank=itr,
+        num_tokens_per_expert=nte,
+    )
 
     all_itr = gather(group, itr)
     all_idx = gather(group, topk_idx)
@@ -202,25 +209,17 @@ def check_internode(
         all_x = gather(group, data)
         all_scales = gather(group, x[1]) if isinstance(x, tuple) else None
         for with_topk, async_finish, with_prev in variants:
-            prev = buffer.capture() if with_prev else None
-            with poisoned_allocations(device):
-                recv_x, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
-                    x,
-                    num_tokens_per_rank=ntr,
-                    num_tokens_per_rdma_rank=ntn,
-                    is_token_in_rank=itr,
-                    num_tokens_per_expert=nte,
-                    topk_idx=topk_idx if with_topk else None,
-                    topk_weights=topk_weights if with_topk else None,
-                    expert_alignment=expert_alignment,
-                    config=config,
-                    previous_event=prev,
-                    async_finish=async_finish,
-                )
-            if async_finish:
-                event.current_stream_wait()
-            else:
-                assert event.event is None, "dispatch: a synchronous call returns an empty event"
+            recv_x, recv_idx, recv_w, counts, handle = dispatch_variant(
+                buffer,
+                x,
+                layout,
+                topk_idx if with_topk else None,
+                topk_weights if with_topk else None,
+                expert_alignment,
+                config,
+                with_prev,
+                async_finish,
+            )
             tag = f"dispatch[{kind}, topk={with_topk}, async={async_finish}, prev={with_prev}]"
             if stats["dispatches"] == 0:
                 # Token slots written into this rank's rings, per column peer, by this dispatch.
@@ -294,7 +293,7 @@ def check_internode(
     if matrix != "minimal":
         stats.update(
             _check_worst_case(
-                ctx, buffer, config, x_rand, topk_idx, topk_weights, ntr, ntn, itr, nte, num_experts
+                ctx, buffer, config, x_rand, topk_idx, topk_weights, layout, num_experts
             )
         )
     stats["num_recv"] = int(handle[6][-1])
@@ -375,7 +374,7 @@ def _check_ue8m0(ctx, buffer, config, x, handle, all_itr):
     _assert_equal("ue8m0 cached scales", recv[1], ref["recv_scales"])
 
 
-def _check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, ntn, itr, nte, E):
+def _check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, layout, E):
     """`checks.check_worst_case` with the internode handle: `send_nvl_head` also gets the fixed
     row count, its rows past the forwarded tokens are -1, and combine follows the node order."""
     group, rank = ctx.group, ctx.rank
@@ -391,12 +390,6 @@ def _check_worst_case(ctx, buffer, config, x, topk_idx, topk_weights, ntr, ntn, 
         blocks = combine_blocks(group, rank, handle)
         return reference.internode_combine(rank, d, gather(group, y), blocks, x.size(0))[0]
 
-    counts = dict(
-        num_tokens_per_rank=ntr,
-        num_tokens_per_rdma_rank=ntn,
-        is_token_in_rank=itr,
-        num_tokens_per_expert=nte,
-    )
     return check_worst_case(
-        ctx, buffer, config, x, topk_idx, topk_weights, counts, E, expected_combine, check_handle
+        ctx, buffer, config, x, topk_idx, topk_weights, layout, E, expected_combine, check_handle
     )
