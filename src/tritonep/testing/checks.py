@@ -414,27 +414,27 @@ def check_worst_case(
     x,
     topk_idx,
     topk_weights,
-    counts: dict,
+    layout: dict,
     num_experts: int,
     expected_combine=None,
     check_handle=None,
 ) -> dict:
     """`num_worst_tokens`: fixed row count, padding rows -1 / 0, rows [0, M) equal to the normal
     dispatch, cached dispatch and combine work with the worst-case handle. For either
-    high-throughput mode: `counts` holds the layout keyword arguments of the dispatch;
+    high-throughput mode: `layout` holds the count keyword arguments of the dispatch;
     `expected_combine(y, handle)` is the reference combine of rows `y` on this rank (collective;
     default: the intranode one); `check_handle(handle, num_worst)` checks the mode's handle."""
     group, rank = ctx.group, ctx.rank
     device = x.device
     num_worst = max(1, sum(gather(group, x.size(0))))  # the most any rank can receive
-    all_x, all_itr = gather(group, x), gather(group, counts["is_token_in_rank"])
+    all_x, all_itr = gather(group, x), gather(group, layout["is_token_in_rank"])
     all_idx, all_w = gather(group, topk_idx), gather(group, topk_weights)
     ref = reference.dispatch(rank, num_experts, all_x, all_itr, all_idx, all_w)
     num_recv = ref["recv_x"].size(0)
     with poisoned_allocations(device):
         recv_x, recv_idx, recv_w, per_expert, handle, _ = buffer.dispatch(
             x,
-            **counts,
+            **layout,
             topk_idx=topk_idx,
             topk_weights=topk_weights,
             num_worst_tokens=num_worst,
