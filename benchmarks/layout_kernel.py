@@ -40,17 +40,21 @@ def main():
         )
         topk_idx[torch.rand(tokens, topk, device="cuda") < 0.05] = -1
         no_mask = torch.zeros(ranks, dtype=torch.int32, device="cuda")
-        got = kernels.layout.launch_route_stats(
-            topk_idx, experts, ranks, ranks, scratch, False, no_mask, host_block.data_ptr()
-        )
+        plan = kernels.layout.plan_route_stats(tokens, topk, experts, ranks, ranks, False)
+        stream = torch.cuda.current_stream()
+
+        def layout(plan=plan, topk_idx=topk_idx, tokens=tokens, no_mask=no_mask):
+            outputs = plan.allocate(tokens, topk_idx.device)
+            plan.launch(
+                stream, topk_idx, tokens, scratch, no_mask, host_block.data_ptr(), outputs
+            )
+            return outputs
+
+        got = layout()
         want = reference.layout(topk_idx.cpu(), experts, ranks, ranks)
         for g, w in zip(got, want, strict=False):
             assert (g is None and w is None) or torch.equal(g.cpu(), w), "layout mismatch"
-        t = bench_events(
-            lambda: kernels.layout.launch_route_stats(
-                topk_idx, experts, ranks, ranks, scratch, False, no_mask, host_block.data_ptr()
-            )
-        )[0]
+        t = bench_events(layout)[0]
         rows.append(
             {"tokens": tokens, "topk": topk, "experts": experts, "ranks": ranks, "us": t * 1e6}
         )

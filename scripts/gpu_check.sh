@@ -39,7 +39,7 @@ mps_stop() { echo quit | nvidia-cuda-mps-control 2>/dev/null; unset CUDA_MPS_PIP
 if has tests; then
   echo "== GPU tests"
   mps_start || echo "(no MPS daemon: tests with ranks sharing a GPU time-slice or skip)"
-  timeout ${TESTS_TIMEOUT:-540} python3 -m pytest tests -m gpu -q -rs --durations=0 -p no:cacheprovider \
+  timeout ${TESTS_TIMEOUT:-540} python3 -m pytest tests -m gpu -v -rs --durations=0 -p no:cacheprovider \
     ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
   mps_stop
 fi

@@ -19,16 +19,15 @@ def _rank0(record: dict) -> dict:
 
 
 def _bench(record: dict) -> str:
-    rows = _rank0(record).get("rows", [])
-    if not rows:
-        return "no rows"
-    first = rows[0]  # the table's default config comes first
+    rank = _rank0(record)
+    defaults = {p["op"]: p for p in rank.get("points", []) if p.get("kind") == "default"}
+    if not defaults:
+        return "no default-config points"
     parts = [
-        f"{op} {first[op]['GBps']:.0f} GB/s ({first[op]['us']:.0f} us)"
-        for op in ("dispatch_bf16", "dispatch_fp8", "combine")
-        if op in first
+        f"{op} {point['GBps']:.0f} GB/s ({point['us']:.0f} us)" for op, point in defaults.items()
     ]
-    return "default config: " + ", ".join(parts)
+    layout = f", layout {rank['layout_us']:.0f} us" if "layout_us" in rank else ""
+    return "default config: " + ", ".join(parts) + layout
 
 
 def _internode(record: dict) -> str:
