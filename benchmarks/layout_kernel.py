@@ -45,9 +45,7 @@ def main():
 
         def layout(plan=plan, topk_idx=topk_idx, tokens=tokens, no_mask=no_mask):
             outputs = plan.allocate(tokens, topk_idx.device)
-            plan.launch(
-                stream, topk_idx, tokens, scratch, no_mask, host_block.data_ptr(), outputs
-            )
+            plan.launch(stream, topk_idx, tokens, scratch, no_mask, host_block.data_ptr(), outputs)
             return outputs
 
         got = layout()
