@@ -104,7 +104,7 @@ def main() -> int:
     )
     parser.add_argument("--num-sms", type=int, nargs="*", default=[24, 48, 132])
     parser.add_argument(
-        "--profile", action="store_true", help="also print a cProfile of dispatch and combine"
+        "--profile", action="store_true", help="also print a cProfile of layout, dispatch, combine"
     )
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -153,6 +153,10 @@ def main() -> int:
         "layout plan: allocate outputs": lambda: layout_plan.allocate(num_tokens, x.device),
         "EventOverlap()": tritonep.EventOverlap,
     }
+    # The floor of DeepEP's event timing here: two event records around a call that does nothing.
+    floor_us = bench_events(lambda: None)[0] * 1e6
+    rows.append({"step": "event timing of an empty call", "event_us": floor_us})
+    print(f"event timing of an empty call: {floor_us:.1f} us")
     print(f"{'step':<40}{'host us':>10}")
     for name, fn in steps.items():
         us = host_us(fn)
@@ -205,7 +209,7 @@ def main() -> int:
                     f"{row['graph_us']:>10.1f}   {per_kernel}"
                 )
             if args.profile and num_sms == args.num_sms[0] and default_device is None:
-                for name in ("dispatch (cached, BF16)", "combine"):
+                for name in ("get_dispatch_layout", "dispatch (cached, BF16)", "combine"):
                     print(
                         f"\ncProfile of {name}, top functions by own time (inflated by the "
                         "profiler):"

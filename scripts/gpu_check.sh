@@ -8,6 +8,8 @@
 #       which parts to run; all of them take 20-25 minutes on 2 GPUs (the tests alone about 7), so
 #       a machine with a time limit per command may want them split, e.g. STAGES="tests", then
 #       "internode nvshmem", then "ll bench", then the rest
+#   PYTEST_K="expr"          only the GPU tests whose names match (pytest -k)
+#   HOST_ARGS="--profile"    extra arguments of benchmarks/host_overhead.py
 #   TESTS_TIMEOUT=540 / INTERNODE_TIMEOUT / LL_TIMEOUT / NVSHMEM_TIMEOUT   per-stage limits (s)
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
@@ -40,7 +42,7 @@ if has tests; then
   echo "== GPU tests"
   mps_start || echo "(no MPS daemon: tests with ranks sharing a GPU time-slice or skip)"
   timeout ${TESTS_TIMEOUT:-540} python3 -m pytest tests -m gpu -v -rs --durations=0 -p no:cacheprovider \
-    ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
+    ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest.log" | tail -40
   mps_stop
 fi
 
@@ -67,7 +69,7 @@ fi
 
 if has host; then
   echo "== host path of layout / dispatch / combine"
-  timeout 240 python3 benchmarks/host_overhead.py --num-sms 24 --json "$OUT/host-overhead.json" 2>&1 | grep -v "^$\|Warning"
+  timeout 240 python3 benchmarks/host_overhead.py --num-sms 24 ${HOST_ARGS:-} --json "$OUT/host-overhead.json" 2>&1 | grep -v "^$\|Warning"
 fi
 
 if has scaling; then
