@@ -4,7 +4,7 @@
 # pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage prints its figures and
 # the script ends with a one-line-per-record table (scripts/gpu_summary.py).
 #
-#   STAGES="tests internode layout host scaling bench ll nvshmem pressure" (default: all)
+#   STAGES="tests internode layout host scaling bench shapes ll nvshmem pressure" (default: all but shapes)
 #       which parts to run; all of them take 20-25 minutes on 2 GPUs (the tests alone about 7), so
 #       a machine with a time limit per command may want them split, e.g. STAGES="tests", then
 #       "internode nvshmem", then "ll bench", then the rest
@@ -69,7 +69,8 @@ fi
 
 if has host; then
   echo "== host path of layout / dispatch / combine"
-  timeout 240 python3 benchmarks/host_overhead.py --num-sms 24 ${HOST_ARGS:-} --json "$OUT/host-overhead.json" 2>&1 | grep -v "^$\|Warning"
+  timeout 240 python3 benchmarks/host_overhead.py --num-sms 24 ${HOST_ARGS:-} --json "$OUT/host-overhead.json" 2>&1 \
+    | tee "$OUT/host-overhead.txt" | grep -v "^$\|Warning" | sed -n 1,40p
 fi
 
 if has scaling; then
@@ -92,6 +93,18 @@ if has bench; then
       echo "(no MPS daemon: skipping the two-ranks-on-one-GPU benchmark)"
     fi
   fi
+fi
+
+# Program shapes of the intranode kernels (warps, register tile, prefetch) at the default configs:
+# one benchmark per TRITONEP_PROGRAM_SHAPE value of SHAPES (';'-separated; empty = built-in).
+if has shapes; then
+  IFS=';' read -ra shape_list <<< "${SHAPES:-;dispatch_warps=16;dispatch_tile_words=16384;dispatch_tile_words=4096;combine_tile=4;combine_tile=16;prefetch=0}"
+  for shape in "${shape_list[@]}"; do
+    name=$(echo "${shape:-built-in}" | tr ',=' '-_')
+    echo "== program shape: ${shape:-built-in}"
+    TRITONEP_PROGRAM_SHAPE="$shape" TRITONEP_TIMEOUT_S=30 timeout 120 python3 -m tritonep bench --check none --quiet \
+      ${BENCH_ARGS:-} --json "$OUT/shape-$name.json" 2>&1 | grep "^dispatch\|^combine"
+  done
 fi
 
 # Low-latency mode: ranks sharing GPU 0 under MPS (the one-GPU acceptance setting), one rank per

@@ -8,6 +8,7 @@
 | `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda` or `cpu` (interpreter); auto: `cuda` where CUDA is usable |
 | `TRITONEP_FORCE_PUT` | 0 | at Buffer construction | 1: RDMA-memory traffic takes the put path (NVSHMEM, or its CPU emulation) even to peers that stores reach (tests the remote path on one host) |
 | `TRITONEP_CONFIG_FILE` | unset | at the first `get_dispatch_config` / `get_combine_config` (also `dispatch` / `combine` without `config`) | JSON file written by `tritonep tune`: its entries replace V1's tuned tables for the rank and SM counts it lists; unset: V1's tables |
+| `TRITONEP_PROGRAM_SHAPE` | unset | at Buffer construction | GPU backend, intranode mode: `field=value,...` overrides of the data kernels' program shape (`dispatch_warps`, `dispatch_tile_words`, `combine_warps`, `combine_tile_words`, `combine_tile`, `prefetch`), for tuning sweeps |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
 Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
@@ -86,6 +87,24 @@ def config_file() -> str | None:
     """`TRITONEP_CONFIG_FILE`: path of a `tritonep tune` config file, or None when unset/empty."""
     path = os.environ.get("TRITONEP_CONFIG_FILE", "").strip()
     return path or None
+
+
+def program_shape_overrides() -> dict[str, int]:
+    """`TRITONEP_PROGRAM_SHAPE=dispatch_warps=16,combine_tile_words=8192`: integer field overrides
+    of the intranode program shape (`modes/intranode.py` checks the names)."""
+    raw = os.environ.get("TRITONEP_PROGRAM_SHAPE", "").strip()
+    overrides = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            overrides[name.strip()] = int(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise EPInvalidArgument(
+                f"environment: TRITONEP_PROGRAM_SHAPE entries must be field=integer, got {item!r}"
+            )
+    return overrides
 
 
 def nvshmem_qp_depth() -> int:

@@ -311,6 +311,7 @@ def _meta(args: argparse.Namespace, command: str) -> dict:
 
     from . import __version__
     from .bench import gpus_shared
+    from .modes.intranode import program_shape as intranode_program_shape
 
     gpu = args.backend == "cuda"
     return {
@@ -328,6 +329,7 @@ def _meta(args: argparse.Namespace, command: str) -> dict:
         "shape": dataclasses.asdict(_shape(args)),
         "num_nvl_bytes": args.nvl_bytes,
         "configs_from": _config_source(),
+        "program_shape": dataclasses.asdict(intranode_program_shape(args.backend, args.ranks)),
         "method": _method(args.backend),
     }
 

@@ -1,0 +1,40 @@
+"""`TRITONEP_PROGRAM_SHAPE`: field overrides of the intranode GPU program shape (tuning sweeps);
+the interpreter's shape stays fixed and bad entries fail with the entry named."""
+
+import pytest
+
+from tritonep.errors import EPInvalidArgument
+from tritonep.modes.intranode import program_shape
+
+pytestmark = pytest.mark.unit
+
+
+def test_unset_gives_the_built_in_shapes(monkeypatch):
+    monkeypatch.delenv("TRITONEP_PROGRAM_SHAPE", raising=False)
+    assert program_shape("cuda", 2).combine_warps == 16
+    assert program_shape("cuda", 8).combine_warps == 8
+
+
+def test_overrides_replace_named_fields_with_their_types(monkeypatch):
+    monkeypatch.setenv(
+        "TRITONEP_PROGRAM_SHAPE", "dispatch_warps=16, dispatch_tile_words=4096,prefetch=0"
+    )
+    shape = program_shape("cuda", 4)
+    assert (shape.dispatch_warps, shape.dispatch_tile_words) == (16, 4096)
+    assert shape.prefetch is False
+    assert shape.combine_warps == program_shape("cuda", 8).combine_warps
+    assert program_shape("cpu", 4).dispatch_warps == 1  # the interpreter ignores GPU tuning
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("dispatch_warps", "field=integer"),
+        ("dispatch_warps=x", "field=integer"),
+        ("warps=4", "unknown"),
+    ],
+)
+def test_bad_entries_are_named(monkeypatch, value, words):
+    monkeypatch.setenv("TRITONEP_PROGRAM_SHAPE", value)
+    with pytest.raises(EPInvalidArgument, match=words):
+        program_shape("cuda", 2)
