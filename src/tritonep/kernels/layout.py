@@ -176,6 +176,8 @@ class RouteStatsPlan:
         self.num_nodes = num_ranks // ranks_per_node
         self.with_nodes = with_nodes
         self.block_tokens = block_tokens
+        self.scratch_slots = scratch_slots(num_experts, num_ranks, self.num_nodes)
+        self._count_sizes = [num_experts, num_ranks, self.num_nodes]
         block_topk = pow2(max(num_topk, 1))
         self._kernel = KernelLaunch(
             _route_stats_kernel,
@@ -200,9 +202,8 @@ class RouteStatsPlan:
         counts = torch.empty(
             self.num_ranks + self.num_nodes + self.num_experts, dtype=torch.int32, device=device
         )
-        per_expert, per_rank, per_node = counts.split(
-            [self.num_experts, self.num_ranks, self.num_nodes]
-        )
+        # The C method: `Tensor.split` adds a Python frame and a type dispatch per call.
+        per_expert, per_rank, per_node = counts.split_with_sizes(self._count_sizes)
         is_token_in_rank = torch.empty(
             (num_tokens, self.num_ranks), dtype=torch.bool, device=device
         )

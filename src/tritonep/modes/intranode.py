@@ -54,7 +54,11 @@ _GPU_SHAPE = ProgramShape(8, 8192, 8, 8192)
 # Up to two ranks the combine kernel fits 16 warps x 64 KB tiles without spilling (128 registers),
 # and more bytes in flight per program pay: 24 SMs, two ranks under MPS on one H200, 282 -> 339
 # GB/s (benchmarks/results/2026-11-23-h200-mps-ep2-1dd5e47.json). With more ranks it spills.
-_GPU_SHAPE_TWO_RANKS = dataclasses.replace(_GPU_SHAPE, combine_warps=16, combine_tile_words=16384)
+# Reducing 16 tokens per step instead of 8: combine kernel 365 -> 348 us at 24 SMs on 2xH200
+# (4 per step: 491 us; TRITONEP_PROGRAM_SHAPE sweep, 2026-11-30-h200x2-shapes-f363e47.json).
+_GPU_SHAPE_TWO_RANKS = dataclasses.replace(
+    _GPU_SHAPE, combine_warps=16, combine_tile_words=16384, combine_tile=16
+)
 
 
 def program_shape(backend: str, num_ranks: int) -> ProgramShape:

@@ -66,10 +66,7 @@ class RoutingLayout:
                 topology.is_internode,
             )
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
-        slots = self._kernels.layout.scratch_slots(
-            num_experts, topology.num_ranks, topology.num_nodes
-        )
-        if self._scratch.numel() < slots:
+        if self._scratch.numel() < plan.scratch_slots:
             # Zeroed once, in stream order before the launch; the kernel leaves it zero after every
             # call.
             with (
@@ -77,8 +74,13 @@ class RoutingLayout:
                 if streams.launch is not None
                 else contextlib.nullcontext()
             ):
-                self._scratch = torch.zeros(slots, dtype=torch.int32, device=self._device)
-        with streams.allocation():
+                self._scratch = torch.zeros(
+                    plan.scratch_slots, dtype=torch.int32, device=self._device
+                )
+        if allocate_on_comm_stream:
+            with streams.allocation():
+                outputs = plan.allocate(num_tokens, self._device)
+        else:
             outputs = plan.allocate(num_tokens, self._device)
         plan.launch(
             streams.launch,
