@@ -415,7 +415,8 @@ def _bench_points(args: argparse.Namespace) -> tuple[Point, ...]:
         ]
     if args.sweep:
         points += [
-            Point("dispatch_bf16", args.num_sms, c, cap_d, "dispatch_chunk")
+            Point(op, args.num_sms, c, cap_d, kind)
+            for op, kind in (("dispatch_bf16", "dispatch_chunk"), ("dispatch_fp8", "fp8_chunk"))
             for c in args.sweep_dispatch_chunks
             if c < cap_d
         ]
@@ -573,7 +574,11 @@ def _gpu_sweep_tables(points: list) -> str:
         ]
         parts.append("\nSM sweep (default chunks), GB/s (NVL):")
         parts.append(table(["SMs"] + [OP_NAMES[op] for op in OPS], rows))
-    for kind, name in (("dispatch_chunk", "dispatch BF16"), ("combine_chunk", "combine")):
+    for kind, name in (
+        ("dispatch_chunk", "dispatch BF16"),
+        ("fp8_chunk", "dispatch FP8"),
+        ("combine_chunk", "combine"),
+    ):
         rows = [[p["chunk"], p["us"], p["GBps"]] for p in points if p["kind"] == kind]
         if rows:
             best = max(rows, key=lambda r: r[2])
@@ -663,7 +668,8 @@ def _plot_bench(directory: str, meta: dict, r0: dict) -> None:
         ax.legend()
         written.append(_save(plt, fig, directory, "bandwidth_vs_sms.png"))
     chunk_rows = {
-        k: [p for p in r0["points"] if p["kind"] == k] for k in ("dispatch_chunk", "combine_chunk")
+        k: [p for p in r0["points"] if p["kind"] == k]
+        for k in ("dispatch_chunk", "fp8_chunk", "combine_chunk")
     }
     if gpu and any(chunk_rows.values()):
         fig, ax = plt.subplots(figsize=(7, 4))
