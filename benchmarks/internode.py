@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -132,7 +131,7 @@ def _baseline(group, x, is_token_in_rank) -> dict:
 
 def _rank_main(rank, world_size, port, args, results_path):
     os.environ["TRITONEP_NVL_DOMAIN_SIZE"] = str(world_size // args.nodes)
-    from tritonep.bench import bench_kernels, join_group
+    from tritonep.bench import bench_kernels, gather_records, join_group
     from tritonep.testing.dist import RankContext
 
     group = join_group(rank, world_size, port, "cuda")
@@ -261,11 +260,7 @@ def _rank_main(rank, world_size, port, args, results_path):
     record["combine"] = combine_rows
     dist.barrier(group)
     record["baseline"] = _baseline(group, x, itr) if args.baseline else {"skipped": True}
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, record, group=group)
-    if rank == 0:
-        with open(results_path, "w") as f:
-            json.dump(everyone, f)
+    gather_records(record, group, rank, results_path)
     torch.cuda.synchronize()
     dist.barrier(group)
     ctx.state.clear()
@@ -301,43 +296,22 @@ def main(argv=None) -> int:
     if args.ranks % args.nodes != 0:
         parser.error(f"--ranks {args.ranks} is not a multiple of --nodes {args.nodes}")
 
-    import torch
-    import torch.multiprocessing as mp
+    from tritonep.bench import gpu_run_meta, spawn_ranks
 
-    from tritonep.bench import free_port, git_commit, gpus_shared
-
-    results_path = f"/tmp/tritonep-internode-{os.getpid()}.json"
-    mp.spawn(
-        _rank_main,
-        args=(args.ranks, free_port(), args, results_path),
-        nprocs=args.ranks,
-        join=True,
-    )
-    with open(results_path) as f:
-        ranks = json.load(f)
-    os.unlink(results_path)
-    meta = {
-        "commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "gpus": torch.cuda.device_count(),
-        "ranks": args.ranks,
-        "nodes": args.nodes,
-        "gpus_shared_by_ranks": gpus_shared("cuda", args.ranks),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "force_put": os.environ.get("TRITONEP_FORCE_PUT", "0"),
-        "mps_share": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
-        "shape": {
+    ranks = spawn_ranks(_rank_main, args.ranks, args)
+    meta = gpu_run_meta(
+        args.ranks,
+        {
             "tokens": args.tokens,
             "hidden": args.hidden,
             "topk": args.topk,
             "experts": args.experts,
             "topk_groups": args.topk_groups,
         },
-        "method": "profiler device time per call of the single dispatch/combine kernel of cached "
-        "calls (docs/benchmarks.md §2); notify separately; baseline: CUDA events",
-    }
+        "profiler device time per call of the single dispatch/combine kernel of cached calls "
+        "(docs/benchmarks.md §2); notify separately; baseline: CUDA events",
+        nodes=args.nodes,
+    )
     print(
         f"internode, {args.nodes} nodes x {args.ranks // args.nodes} ranks on {meta['gpus']} "
         f"GPU(s), force_put={meta['force_put']}, {args.tokens} x {args.hidden}, top-{args.topk} "

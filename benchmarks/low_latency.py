@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -44,7 +43,7 @@ def _split_hook_times(prof, word: str) -> tuple[float, float]:
 
 
 def _rank_main(rank, world_size, port, args, results_path):
-    from tritonep.bench import bench_events, bench_kernels, join_group
+    from tritonep.bench import bench_events, bench_kernels, gather_records, join_group
     from tritonep.testing.dist import RankContext
 
     group = join_group(rank, world_size, port, "cuda")
@@ -205,11 +204,7 @@ def _rank_main(rank, world_size, port, args, results_path):
             "selections": selections,
         }
     )
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, record, group=group)
-    if rank == 0:
-        with open(results_path, "w") as f:
-            json.dump(everyone, f)
+    gather_records(record, group, rank, results_path)
     torch.cuda.synchronize()
     dist.barrier(group)
     ctx.state.clear()
@@ -240,41 +235,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    import torch
-    import torch.multiprocessing as mp
+    from tritonep.bench import gpu_run_meta, spawn_ranks
 
-    from tritonep.bench import free_port, git_commit, gpus_shared
-
-    results_path = f"/tmp/tritonep-ll-{os.getpid()}.json"
-    mp.spawn(
-        _rank_main,
-        args=(args.ranks, free_port(), args, results_path),
-        nprocs=args.ranks,
-        join=True,
+    ranks = spawn_ranks(_rank_main, args.ranks, args)
+    meta = gpu_run_meta(
+        args.ranks,
+        {"tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "experts": args.experts},
+        "kernel: profiler device time per call; pair and graph: CUDA events, DeepEP's bench "
+        "(benchmarks §2)",
     )
-    with open(results_path) as f:
-        ranks = json.load(f)
-    os.unlink(results_path)
-    meta = {
-        "commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "gpus": torch.cuda.device_count(),
-        "ranks": args.ranks,
-        "gpus_shared_by_ranks": gpus_shared("cuda", args.ranks),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "force_put": os.environ.get("TRITONEP_FORCE_PUT", "0"),
-        "mps_share": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
-        "shape": {
-            "tokens": args.tokens,
-            "hidden": args.hidden,
-            "topk": args.topk,
-            "experts": args.experts,
-        },
-        "method": "kernel: profiler device time per call; pair and graph: CUDA events, DeepEP's "
-        "bench (benchmarks §2)",
-    }
     print(
         f"low-latency, {args.ranks} ranks on {meta['gpus']} GPU(s), force_put={meta['force_put']}, "
         f"{args.tokens} x {args.hidden}, top-{args.topk} of {args.experts}"

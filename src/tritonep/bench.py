@@ -13,6 +13,7 @@ count `hidden * (1 + 4/128)` bytes (`FP8_FACTOR` relative to BF16).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -154,6 +155,55 @@ def nccl_baseline(group, x, is_token_in_rank) -> dict:
         t = bench_events(fn)[0]
         result[name] = {"us": t * 1e6, "GBps": nbytes / 1e9 / t}
     return result
+
+
+def spawn_ranks(rank_main, num_ranks: int, *args) -> list:
+    """Run `rank_main(rank, num_ranks, port, *args, results_path)` in `num_ranks` spawned processes
+    and return the per-rank records rank 0 wrote to `results_path` (see `gather_records`)."""
+    import torch.multiprocessing as mp
+
+    results_path = f"/tmp/tritonep-ranks-{os.getpid()}.json"
+    mp.spawn(rank_main, args=(num_ranks, free_port(), *args, results_path), nprocs=num_ranks)
+    try:
+        with open(results_path) as f:
+            return json.load(f)
+    finally:
+        os.unlink(results_path)
+
+
+def gather_records(record: dict, group, rank: int, results_path: str) -> None:
+    """Collective: every rank's `record` to rank 0, which writes the list to `results_path`."""
+    import torch.distributed as dist
+
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, record, group=group)
+    if rank == 0:
+        with open(results_path, "w") as f:
+            json.dump(everyone, f)
+
+
+def gpu_run_meta(num_ranks: int, shape: dict, method: str, **extra) -> dict:
+    """What a GPU benchmark record says about its run: commit, date, device, versions, the rank
+    layout (shared GPUs, forced puts, MPS share), the shape and the timing method."""
+    from datetime import datetime, timezone
+
+    import torch
+
+    return {
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "ranks": num_ranks,
+        **extra,
+        "gpus_shared_by_ranks": gpus_shared("cuda", num_ranks),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "force_put": os.environ.get("TRITONEP_FORCE_PUT", "0"),
+        "mps_share": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+        "shape": shape,
+        "method": method,
+    }
 
 
 def git_commit() -> str:
