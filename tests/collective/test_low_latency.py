@@ -102,3 +102,34 @@ def test_low_latency_timeout_names_rank_and_phase_cpu(cpu_pool):
         and "rank 1" in message
     ), message
     assert later_kind == "EPStateError" and "unusable" in later_message, later_message
+
+
+# Row-owning combine senders (S = 2 on the CPU): about 40 rows per sender, so more than one tile
+# of 32 arrivals; rank 1's entries are all -1, so every block from rank 1 is empty and is signalled
+# by block id alone; the emulated put path too.
+ROWS_SHAPE = dict(num_tokens=30, hidden=256, num_topk=7, num_experts=8, max_tokens=32)
+ROWS_COMBOS = [dict(), dict(zero_copy=True, hook=True), dict(use_logfmt=True, with_out=True)]
+
+
+@pytest.mark.parametrize("put", [False, True], ids=["stores", "put"])
+def test_low_latency_combine_rows_cpu(cpu_pool, put):
+    pool = cpu_pool(2, TRITONEP_FORCE_PUT="1") if put else cpu_pool(2)
+    results = pool.run(
+        ll.check_low_latency_matrix, ROWS_COMBOS, **ROWS_SHAPE, drop=[0.2, 1.0], timeout=600
+    )
+    assert results == [len(ROWS_COMBOS)] * 2
+
+
+def test_low_latency_combine_with_rank_masked_after_dispatch_cpu(cpu_pool):
+    results = cpu_pool(3).run(
+        ll.masked_combine_round,
+        masked_rank=2,
+        num_tokens=6,
+        hidden=128,
+        num_topk=3,
+        num_experts=6,
+        max_tokens=8,
+        timeout=600,
+    )
+    for result in results:
+        assert result["masked_ok"] and result["after_ok"], result

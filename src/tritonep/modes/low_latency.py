@@ -67,6 +67,10 @@ class LowLatencyMode:
         # a fused launch's receivers spin until senders run, and ranks sharing a GPU must all stay
         # resident together, which a cooperative launch cannot check across processes.
         self._senders, self._receivers = (64, 32) if self._gpu else (2, 2)
+        # Combine splits the same 96 programs evenly: its senders stream their rows (about 2
+        # read + write steps per 4 rows) while each receiver loads K rows per token, about as many
+        # bytes per program at 48 + 48 (an estimate from the byte counts, to be tuned on the GPU).
+        self._combine_programs = (48, 48) if self._gpu else (2, 2)
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
@@ -160,12 +164,14 @@ class LowLatencyMode:
             fail(op, f"{name} must have shape [{length}], got {tuple(stats.shape)}")
         return stats
 
-    def _grids(self, send_items: int, receive_items: int) -> dict:
-        """Programs of each launch: {role: (senders, receivers)}."""
+    def _grids(self, send_items: int, receive_items: int, programs=None) -> dict:
+        """Programs of each launch: {role: (senders, receivers)}, at most `programs` (default:
+        the dispatch split)."""
         roles = self._kernels.low_latency.sync
+        most_senders, most_receivers = programs or (self._senders, self._receivers)
         senders, receivers = (
-            min(send_items, self._senders),
-            max(1, min(receive_items, self._receivers)),
+            min(send_items, most_senders),
+            max(1, min(receive_items, most_receivers)),
         )
         return {
             roles.ROLE_BOTH.value: (senders, receivers),
@@ -412,7 +418,8 @@ class LowLatencyMode:
                 num_topk=num_topk,
                 use_logfmt=key[3],
                 zero_copy=key[4],
-                grids=self._grids(num_experts, max_tokens),
+                # Senders own rows: up to T from each rank for each of the L local experts.
+                grids=self._grids(num_experts * max_tokens, max_tokens, self._combine_programs),
                 shrink=self._shrink,
                 has_wait_stats=key[5],
                 num_warps=self._num_warps,

@@ -58,10 +58,12 @@ def check_low_latency(
     seed: int = 0,
 ) -> dict:
     """One checked dispatch + combine; `twice` issues the dispatch twice in a row (two buffer
-    sets)."""
+    sets). `num_tokens` and `drop` (the share of -1 entries) may be per-rank lists."""
     group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
     if isinstance(num_tokens, (list, tuple)):
         num_tokens = num_tokens[rank]
+    if isinstance(drop, (list, tuple)):
+        drop = drop[rank]
     buffer = ll_buffer(ctx, max_tokens, hidden, num_experts)
     device = device_of(buffer)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -371,3 +373,48 @@ def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
         except tritonep.EPError as e:
             errors.append((type(e).__name__, str(e)))
     return {"rank": ctx.rank, "errors": errors}
+
+
+def masked_combine_round(ctx, masked_rank: int, **shape) -> dict:
+    """A rank masked between dispatch and combine: the combine leaves it out both ways (its rows
+    are still in the handles: counted but not sent); then, masks cleared, the same round unmasked
+    is exact again (so the combine's arrival counters came back to zero)."""
+    group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
+    max_tokens, hidden, num_experts = shape["max_tokens"], shape["hidden"], shape["num_experts"]
+    buffer = ll_buffer(ctx, max_tokens, hidden, num_experts, shrink=True)  # shrink: masks
+    device = device_of(buffer)
+    gen = torch.Generator().manual_seed(rank + 17)
+    x = torch.randn((shape["num_tokens"], hidden), generator=gen).to(torch.bfloat16)
+    topk_idx, topk_weights = make_routing(
+        shape["num_tokens"], num_experts, shape["num_topk"], gen, "cpu", drop=0.2
+    )
+    x, topk_idx, topk_weights = x.to(device), topk_idx.to(device), topk_weights.to(device)
+    results = []
+    for masked in (True, False):
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, max_tokens, num_experts, use_fp8=False
+        )
+        if masked:
+            others = [j for j in range(num_ranks) if j != rank]
+            for j in others if rank == masked_rank else [masked_rank]:
+                buffer.low_latency_update_mask_buffer(j, True)
+        y = (recv_x.float() * 0.5 + 1.0).to(torch.bfloat16)
+        combined, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
+        buffer.low_latency_clean_mask_buffer()
+        mask = [
+            [masked and (s == masked_rank) != (j == masked_rank) for j in range(num_ranks)]
+            for s in range(num_ranks)
+        ]
+        want = reference.ll_combine(
+            rank,
+            num_ranks,
+            num_experts,
+            gather(group, y),
+            topk_idx.cpu(),
+            topk_weights.cpu(),
+            gather(group, handle[0]),
+            gather(group, handle[1]),
+            mask=mask,
+        )
+        results.append(bool(torch.equal(combined.cpu(), want)))
+    return {"masked_ok": results[0], "after_ok": results[1]}

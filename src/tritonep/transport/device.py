@@ -27,7 +27,7 @@ through the emulation mapping.
 Semantics (the same on every path, so a kernel that works over stores also works over a network):
 - `put_nbi_block`: block-scope non-blocking put; complete only after `quiet` (or a signal that
   follows it: `put_signal_nbi_block`, `signal_op`).
-- `put_signal_nbi_block`, `signal_op`: the signal update is ordered after everything this program
+- `put_signal_nbi_block`, `signal_op`, `signal_lanes`: the signal update is ordered after everything this program
   stored or put to that peer before the call: whoever sees the signal sees the data. Over stores a
   `tl.debug_barrier()` then a release atomic at system scope by one thread (the protocol of
   `kernels/sync.py`); over NVSHMEM the library's put-with-signal, or `nvshmem_fence` then
@@ -213,17 +213,19 @@ def _copy(dst, src, nelems, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _signal_mapped(sig, value, SIG_OP: tl.constexpr):
-    """Signal through a mapping: every store of this program before it becomes visible first."""
+def _signal_mapped(sig, value, SIG_OP: tl.constexpr, mask=None):
+    """Signal through a mapping (`sig` one pointer, or lanes under `mask`): every store of this
+    program before it becomes visible first."""
     tl.static_assert(
         (SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD), "SIG_OP must be SIGNAL_SET or SIGNAL_ADD"
     )
-    # The other threads' stores, ordered at block scope before thread 0's release.
+    # The other threads' stores, ordered at block scope before the signalling threads' release.
     tl.debug_barrier()
     if SIG_OP == SIGNAL_SET:
-        tl.atomic_xchg(sig, value, sem="release", scope="sys")  # publishes the data stored before
+        # publishes the data stored before
+        tl.atomic_xchg(sig, value, mask=mask, sem="release", scope="sys")
     else:
-        tl.atomic_add(sig, value, sem="release", scope="sys")  # publishes the data stored before
+        tl.atomic_add(sig, value, mask=mask, sem="release", scope="sys")  # publishes the data
 
 
 # -------------------------------------------------------------------------------- public calls
@@ -345,6 +347,32 @@ def signal_op(sig, value, pe, delta, direct, SIG_OP: tl.constexpr, TRANSPORT: tl
                 _signal_op(sig.to(tl.int64), _u64(value), SIG_OP, pe)
     else:
         _signal_mapped(peer_ptr(sig, delta), value, SIG_OP)
+
+
+@triton.jit
+def signal_lanes(
+    sigs, value, pe, delta, direct, live, SIG_OP: tl.constexpr, TRANSPORT: tl.constexpr
+):
+    """`signal_op` on every `live` lane of `sigs` (`[N]` local symmetric `*int64`), each lane with
+    its own peer (`pe`, `delta`, `direct`: lanes of a vector `open_peer`), all with `value`.
+
+    Mapped lanes take one masked release atomic together (one ordering wait instead of one per
+    signal); lanes on the NVSHMEM put path one fenced `signal_op` each.
+    """
+    if TRANSPORT == NVSHMEM:
+        _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live & direct)
+        lanes = tl.arange(0, sigs.shape[0])
+        todo = live & ~direct
+        while tl.max(todo.to(tl.int32), axis=0) > 0:
+            j = tl.min(tl.where(todo, lanes, sigs.shape[0]), axis=0)
+            sig = lane(sigs.to(tl.int64), lanes, j)
+            tl.debug_barrier()  # every thread's part of earlier puts was issued
+            if _thread_id() == 0:
+                _nvshmem_fence()  # earlier puts to the lane's PE land before the signal
+                _signal_op(sig, _u64(value), SIG_OP, lane(pe, lanes, j))
+            todo = todo & (lanes != j)
+    else:
+        _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live)
 
 
 @triton.jit

@@ -6,21 +6,44 @@ row i answering row i of the dispatch. Token t of rank s must become
 whose owner is not masked (reference §13.3), rows optionally sent as LogFMT-10 (§14.10).
 
 Algorithm (one persistent launch; `ROLE` as in dispatch):
-* senders (programs `[0, S)`) own blocks `(e, s)` of the handle's layout ranges: rows
-  `[begin, begin + count)` of expert e came from rank s. Each row goes to slot `g * T + t` of set
-  p on rank s, g = r * L + e the expert's global id and t its token (`src_info`): plain stores
-  where s is mapped, else a put from this rank's send region (where zero-copy rows already are,
-  BF16 rows are staged at the same place, LogFMT rows in a per-program ring). Then signal g on s
-  is set to `epoch << 32 | 1`, after the rows. Blocks of masked ranks are skipped.
-* receivers own tokens: wait for the signals of the token's experts (masked owners are skipped;
-  in shrink mode an owner that times out is masked), then accumulate in ascending k
-  `acc = acc + w * y` in fp32 and round once to bf16. Tokens with no valid entry give zeros.
+* senders (programs `[0, S)`) own rows, not blocks. The handle's layout ranges list blocks
+  `b = e * R + s` (rows `[begin, begin + count)` of expert e came from rank s); numbered block
+  after block, all received rows are `0 .. N-1` (a prefix over the counts says which block holds
+  row i), and program pid takes rows `pid, pid + S, ...`, ROWS at a time. Each row goes to slot
+  `g * T + t` of set p on rank s, g = r * L + e the expert's global id and t its token
+  (`src_info`): plain stores where s is mapped, else a put from this rank's send region (where
+  zero-copy rows already are, BF16 rows are staged at the same place, LogFMT rows in a
+  per-program ring). Rows for masked ranks are not sent.
+  Once all its rows are stored (and its puts complete: `quiet`), the program adds 1 per row to
+  the arrival counter of the row's block (`arrivals[p, b]`, this rank's memory; acq_rel at system
+  scope: it publishes the program's rows and acquires those of the block's earlier arrivals). The
+  arrival that completes a block resets its counter to 0 for the next call of set p and sets
+  signal g on rank s to `epoch << 32 | 1`; the signal is skipped for a masked rank or a stopped
+  buffer, whose rows still count, so every counter returns to 0. Empty blocks are signalled at
+  the start by program `b % S`, like every block of an unmasked rank.
+* receivers (programs `[S, S + Q)`) own tokens `rpid, rpid + Q, ...`, up to BLOCK_T at a time:
+  one wait for the signals of all those tokens' experts (masked owners are skipped; in shrink mode
+  an owner that times out is masked), then per token and chunk of CHUNK_G 128-channel groups the
+  K rows are loaded together and accumulated in ascending k, `acc = acc + w * y` in fp32, rounded
+  once to bf16. Tokens with no valid entry give zeros.
+Senders never wait, and receivers wait only for senders, which have lower program ids, so the
+interpreter (which runs programs one after another) never waits on a later program.
+
+Why rows: at DeepEP's decode shape (128 tokens, top-8 of 288 experts, EP2) a rank returns about
+1024 rows of 14 KB in 288 blocks of 3.5 rows on average. Owning blocks, each of 64 senders ran
+about 4.5 blocks one after another, each a chain of table loads, row copies and a system-scope
+release; owning rows, a sender copies its rows back to back and pays one release for all of
+them, and a receiver one wait for all its tokens instead of one per token.
 
 Example: R=2, L=1, token 0 of rank 0 selected experts [0, 1] with weights [0.5, 2.0]; expert 0
 (rank 0) returns 1.0 for it and expert 1 (rank 1) returns 3.0 -> out[0] = 0.5 + 6.0 = 6.5.
+Senders, S=2 on rank 1 with blocks (e=0, s=0) of 3 rows and (0, 1) of none: program 0 sends flat
+rows 0 and 2, program 1 row 1 and signals the empty block 1 (1 % S = 1) on rank 1; whichever
+program counts the block's third arrival sets signal 1 on rank 0.
 """
 
 import torch
+import triton
 import triton.language as tl
 
 from ... import protocol
@@ -31,7 +54,6 @@ from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns
 from ..common.tiles import copy_rows, lane
-from .dispatch import group_tile
 from .regions import LowLatencyRegions
 from .sync import (
     ROLE_RECV,
@@ -42,6 +64,56 @@ from .sync import (
     open_launch,
     wait_signals,
 )
+
+
+@triton.jit
+def _block_of(rows, ends):
+    """(block b, its first flat row) `[len(rows)]` of each of `rows` in the flat numbering whose
+    blocks end at `ends` (inclusive prefix of the counts): every block before b ends at or before
+    the row (empty blocks included), b itself after it."""
+    before = ends[None, :] <= rows[:, None]
+    b = tl.sum(before.to(tl.int32), axis=1)
+    return b, tl.max(tl.where(before, ends[None, :], 0), axis=1)
+
+
+@triton.jit
+def _per_group(values, BLOCK_G: tl.constexpr):
+    """`[ROWS]` -> `[ROWS * BLOCK_G]`: each row's value repeated for each of its group rows."""
+    ROWS: tl.constexpr = values.shape[0]
+    return tl.reshape(tl.broadcast_to(values[:, None], (ROWS, BLOCK_G)), (ROWS * BLOCK_G,))
+
+
+@triton.jit
+def _signal_blocks(
+    b,
+    todo,
+    ok,
+    mask_ptr,
+    routes_ptr,
+    rank,
+    signals,
+    value,
+    L: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    TRANSPORT: tl.constexpr,
+    FORCE_PUT: tl.constexpr,
+):
+    """Set signal `rank * L + e` of rank s to `value` for each `todo` lane of the blocks
+    `b = e * R + s`, unless s is masked or the buffer stopped (`ok` false)."""
+    s = b % NUM_RANKS
+    live = todo & ok & (tl.load(mask_ptr + s, mask=todo, other=1) == 0)
+    pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
+    sigs = signals + tl.cast(rank * L + b // NUM_RANKS, tl.int64) * 8
+    device.signal_lanes(
+        sigs.to(tl.pointer_type(tl.int64)),
+        value,
+        pe,
+        delta,
+        direct,
+        live,
+        device.SIGNAL_SET,
+        TRANSPORT,
+    )
 
 
 @named_kernel("ll", "combine", do_not_specialize=["rank", "num_tokens", "parity"])
@@ -55,6 +127,7 @@ def _combine_kernel(
     out_ptr,
     wait_stats_ptr,
     workspace_ptr,
+    arrivals_ptr,
     routes_ptr,
     rdma_base,
     rank,
@@ -90,8 +163,12 @@ def _combine_kernel(
     ERR_TIMEOUT: tl.constexpr,
     PHASE: tl.constexpr,
     ROWS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    CHUNK_G: tl.constexpr,
     BLOCK_W: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -109,127 +186,171 @@ def _combine_kernel(
     signals = rdma_base + SIGNALS0 + parity * SIGNALS_STRIDE
     recv = rdma_base + RECV0 + parity * RECV_STRIDE
     send = rdma_base + SEND0 + parity * SEND_STRIDE
-    groups = tl.arange(0, BLOCK_G)
 
     if (ROLE != ROLE_RECV) & (pid < NUM_SENDERS):
-        # ------------------------------------------------------------- sender: (expert, rank)
-        # blocks
-        rows_in_tile = tl.arange(0, ROWS)
-        staged = pid * 0  # LogFMT rows this program staged (its ring position)
-        for b in range(pid, L * NUM_RANKS, NUM_SENDERS):
+        # -------------------------------------------------------------------- sender: rows
+        # Blocks b = e * R + s (the handle's layout ranges, row-major) and where their rows fall
+        # when all received rows are numbered block after block.
+        blocks = tl.arange(0, BLOCK_B)
+        in_range = blocks < NUM_EXPERTS
+        packed = tl.load(layout_range_ptr + blocks, mask=in_range, other=0)
+        counts = (packed & 0xFFFFFFFF).to(tl.int32)
+        # Only the ends stay in registers through the loops (begin and count are reloaded per
+        # tile from the cached table): keeping starts and per-block row offsets as well took 50
+        # more registers per thread at E = 288 (sm_90 AOT).
+        ends = tl.cumsum(counts, axis=0)
+        total = tl.sum(counts, axis=0)
+        # Empty blocks still get their signal, as every block of an unmasked rank does.
+        _signal_blocks(
+            blocks,
+            in_range & (counts == 0) & (blocks % NUM_SENDERS == pid),
+            ok,
+            mask_ptr,
+            routes_ptr,
+            rank,
+            signals,
+            tag + 1,
+            L,
+            NUM_RANKS,
+            TRANSPORT,
+            FORCE_PUT,
+        )
+        mine = (total - pid + NUM_SENDERS - 1) // NUM_SENDERS  # rows pid, pid + S, ... < total
+        tile = tl.arange(0, ROWS)
+        staged = pid * 0  # LogFMT rows staged in this program's ring since it was last drained
+        put_rows = pid * 0  # rows this program sent by put: completed before they are counted
+        for n0 in range(0, mine, ROWS):
+            n = n0 + tile
+            flat = pid + n * NUM_SENDERS
+            b, start = _block_of(flat, ends)
+            b = tl.where(n < mine, b, 0)
             e = b // NUM_RANKS
             s = b % NUM_RANKS
-            if ok & (tl.load(mask_ptr + s) == 0):
-                pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
-                packed = tl.load(layout_range_ptr + b)
-                begin = (packed >> 32).to(tl.int32)
-                count = (packed & 0xFFFFFFFF).to(tl.int32)
-                g = rank * L + e
-                if USE_LOGFMT:
-                    for j in range(0, count):
-                        row = tl.cast(e * SLOTS + begin + j, tl.int64)
-                        t = tl.load(src_info_ptr + row)
-                        slot = recv + tl.cast(g * MAX_TOKENS + t, tl.int64) * SLOT_BYTES
-                        xp, xm = group_tile(x_addr + row * ROW_BYTES, BLOCK_G, G, tl.bfloat16)
-                        wire, meta = logfmt_encode(tl.load(xp, mask=xm, other=0.0), INTERPRETED)
-                        if direct:
-                            logfmt_store(
-                                slot + delta + groups * 0, groups, groups < G, wire, meta, HIDDEN
-                            )
-                        else:
-                            # A ring of STAGE_ROWS staging rows per program: before one is reused,
-                            # the
-                            # put that read it must be complete.
-                            if (staged % STAGE_ROWS == 0) & (staged > 0):
-                                device.quiet(TRANSPORT)
-                            stage = (
-                                send
-                                + tl.cast(pid * STAGE_ROWS + staged % STAGE_ROWS, tl.int64)
-                                * SLOT_BYTES
-                            )
-                            logfmt_store(stage + groups * 0, groups, groups < G, wire, meta, HIDDEN)
-                            device.put_nbi_block(
-                                slot.to(tl.pointer_type(tl.int32)),
-                                stage.to(tl.pointer_type(tl.int32)),
-                                SLOT_BYTES // 4,
-                                pe,
-                                delta,
-                                direct,
-                                TRANSPORT,
-                                BLOCK_W,
-                            )
-                            staged += 1
-                else:
-                    for j0 in range(0, count, ROWS):
-                        j = j0 + rows_in_tile
-                        row_ok = j < count
-                        row = tl.cast(e * SLOTS + begin + j, tl.int64)
-                        t = tl.load(src_info_ptr + row, mask=row_ok, other=0)
-                        slot = recv + tl.cast(g * MAX_TOKENS + t, tl.int64) * SLOT_BYTES
-                        # Zero-copy rows (and staged ones) sit in the send region at their place in
-                        # x.
-                        staged_rows = send + row * ROW_BYTES
-                        source = staged_rows if ZERO_COPY else x_addr + row * ROW_BYTES
-                        if direct:
-                            copy_rows(
-                                source,
-                                slot + delta,
-                                row_ok,
-                                ROW_BYTES // 4,
-                                BLOCK_W,
-                                "",
-                                False,
-                                ALIGNED,
-                            )
-                        else:
-                            if not ZERO_COPY:
-                                copy_rows(
-                                    source,
-                                    staged_rows,
-                                    row_ok,
-                                    ROW_BYTES // 4,
-                                    BLOCK_W,
-                                    "",
-                                    False,
-                                    True,
-                                )
-                            for r in tl.static_range(ROWS):
-                                if lane(row_ok.to(tl.int32), rows_in_tile, r) > 0:
-                                    device.put_nbi_block(
-                                        lane(slot, rows_in_tile, r).to(tl.pointer_type(tl.int32)),
-                                        lane(staged_rows, rows_in_tile, r).to(
-                                            tl.pointer_type(tl.int32)
-                                        ),
-                                        ROW_BYTES // 4,
-                                        pe,
-                                        delta,
-                                        direct,
-                                        TRANSPORT,
-                                        BLOCK_W,
-                                    )
-                if direct:
-                    pass
-                else:
-                    device.quiet(
-                        TRANSPORT
-                    )  # the signal must not overtake rows put by this block's threads
-                sig = (signals + g * 8).to(tl.pointer_type(tl.int64))
-                device.signal_op(sig, tag + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
+            live = (n < mine) & ok & (tl.load(mask_ptr + s) == 0)  # masked ranks get nothing
+            # Flat row i of block b is row `begin + i - start` of expert e.
+            begin = tl.load(layout_range_ptr + b, mask=live, other=0) >> 32
+            row = tl.cast(e, tl.int64) * SLOTS + begin + flat - start
+            t = tl.load(src_info_ptr + row, mask=live, other=0)
+            pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
+            slot = recv + (tl.cast(rank * L + e, tl.int64) * MAX_TOKENS + t) * SLOT_BYTES
+            put = live & ~direct
+            by_put = tl.sum(put.to(tl.int32), axis=0)
+            put_rows += by_put
+            if USE_LOGFMT:
+                # A ring of STAGE_ROWS staging rows per program: before it is reused, the puts that
+                # read it must be complete.
+                tl.static_assert(STAGE_ROWS >= ROWS, "a LogFMT tile must fit the staging ring")
+                if staged + by_put > STAGE_ROWS:
+                    device.quiet(TRANSPORT)
+                    staged = pid * 0
+                ring = staged + tl.cumsum(put.to(tl.int32), axis=0) - 1
+                stage = send + tl.cast(pid * STAGE_ROWS + ring, tl.int64) * SLOT_BYTES
+                staged += by_put
+                # Group rows: group g of tile row r is group row r * BLOCK_G + g.
+                groups = tl.arange(0, ROWS * BLOCK_G) % BLOCK_G
+                in_row = _per_group(live, BLOCK_G) & (groups < G)
+                xp = (_per_group(x_addr + row * ROW_BYTES, BLOCK_G) + groups * 256).to(
+                    tl.pointer_type(tl.bfloat16)
+                )[:, None] + tl.arange(0, 128)[None, :]
+                wire, meta = logfmt_encode(
+                    tl.load(xp, mask=in_row[:, None], other=0.0), INTERPRETED
+                )
+                dst = tl.where(direct, slot + delta, stage)
+                logfmt_store(_per_group(dst, BLOCK_G), groups, in_row, wire, meta, HIDDEN)
+                for r in tl.static_range(ROWS):
+                    if lane(put.to(tl.int32), tile, r) > 0:
+                        device.put_nbi_block(
+                            lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
+                            lane(stage, tile, r).to(tl.pointer_type(tl.int32)),
+                            SLOT_BYTES // 4,
+                            lane(pe, tile, r),
+                            lane(delta, tile, r),
+                            False,
+                            TRANSPORT,
+                            BLOCK_W,
+                        )
+            else:
+                # Zero-copy rows (and staged ones) sit in the send region at their place in x.
+                staged_rows = send + row * ROW_BYTES
+                source = staged_rows if ZERO_COPY else x_addr + row * ROW_BYTES
+                copy_rows(
+                    source,
+                    tl.where(direct, slot + delta, staged_rows),
+                    (live & direct) if ZERO_COPY else live,
+                    ROW_BYTES // 4,
+                    BLOCK_W,
+                    "",
+                    False,
+                    ALIGNED,
+                )
+                for r in tl.static_range(ROWS):
+                    if lane(put.to(tl.int32), tile, r) > 0:
+                        device.put_nbi_block(
+                            lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
+                            lane(staged_rows, tile, r).to(tl.pointer_type(tl.int32)),
+                            ROW_BYTES // 4,
+                            lane(pe, tile, r),
+                            lane(delta, tile, r),
+                            False,
+                            TRANSPORT,
+                            BLOCK_W,
+                        )
+        tl.debug_barrier()  # every thread's rows are stored before any of them is counted
+        if put_rows > 0:
+            device.quiet(TRANSPORT)  # the rows put are delivered before they are counted
+        # Arrivals: one per row, in this program's order again; the last arrival of a block
+        # signals it.
+        arrivals = arrivals_ptr + parity * NUM_EXPERTS
+        lanes = tl.arange(0, BLOCK_N)
+        for n0 in range(0, mine, BLOCK_N):
+            n = n0 + lanes
+            arrived = n < mine
+            b, _ = _block_of(pid + n * NUM_SENDERS, ends)
+            b = tl.where(arrived, b, 0)
+            count = (tl.load(layout_range_ptr + b, mask=arrived, other=0) & 0xFFFFFFFF).to(tl.int32)
+            # Publishes this program's rows (system scope: they went to peers) and acquires the
+            # rows of the block's earlier arrivals, which the signal below then publishes.
+            before = tl.atomic_add(arrivals + b, 1, mask=arrived, sem="acq_rel", scope="sys")
+            complete = arrived & (before + 1 == count)
+            tl.store(arrivals + b, 0, mask=complete)  # the next call of this set starts from 0
+            _signal_blocks(
+                b,
+                complete,
+                ok,
+                mask_ptr,
+                routes_ptr,
+                rank,
+                signals,
+                tag + 1,
+                L,
+                NUM_RANKS,
+                TRANSPORT,
+                FORCE_PUT,
+            )
     else:
         # -------------------------------------------------------------------- receiver: tokens
         rpid = pid - NUM_SENDERS
+        Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
+        mine = (num_tokens - rpid + Q - 1) // Q  # tokens rpid, rpid + Q, ... < num_tokens
+        # Lanes `j * BLOCK_K + k`: entry k of the batch's token j.
+        entries = tl.arange(0, BLOCK_T * BLOCK_K)
+        batch = tl.arange(0, BLOCK_T)
         ks = tl.arange(0, BLOCK_K)
-        k_ok = ks < NUM_TOPK
-        for t in range(rpid, num_tokens, NUM_RECEIVERS + (NUM_RECEIVERS == 0)):
+        for n0 in range(0, mine, BLOCK_T):
             # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
             ok = ok & (tl.load(ws + WS_STOP, volatile=True) == 0)
             if ok:
-                idx = tl.load(topk_idx_ptr + t * NUM_TOPK + ks, mask=k_ok, other=-1).to(tl.int32)
-                weights = tl.load(topk_weights_ptr + t * NUM_TOPK + ks, mask=k_ok, other=0.0)
+                k = entries % BLOCK_K
+                n = n0 + entries // BLOCK_K
+                flat = (rpid + n * Q) * NUM_TOPK + k
+                in_batch = (n < mine) & (k < NUM_TOPK)
+                idx = tl.load(topk_idx_ptr + flat, mask=in_batch, other=-1).to(tl.int32)
+                weights = tl.load(topk_weights_ptr + flat, mask=in_batch, other=0.0)
                 owner = tl.where(idx >= 0, idx // L, 0)
                 valid = (idx >= 0) & (idx < NUM_EXPERTS)
                 valid = valid & (tl.load(mask_ptr + owner, mask=valid, other=1) == 0)
                 sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(tl.pointer_type(tl.int64))
+                # One wait for the whole batch: the signals of every token's experts.
                 values, late, waited = wait_signals(
                     sigs, valid, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
                 )
@@ -250,34 +371,64 @@ def _combine_kernel(
                         HOST_ERROR,
                         HOST_SHRUNK,
                         ERR_TIMEOUT,
-                        BLOCK_K,
+                        BLOCK_T * BLOCK_K,
                     )
                     ok = ok & SHRINK  # without shrink mode the error record stops this call
                 if HAS_WAIT_STATS:
                     tl.atomic_add(wait_stats_ptr + owner, waited, mask=valid, sem="relaxed")
                 valid = valid & ~late
-                acc = tl.zeros([BLOCK_G, 128], dtype=tl.float32)
-                for k in tl.static_range(NUM_TOPK):
-                    if lane(valid.to(tl.int32), ks, k) > 0:
-                        e = lane(idx, ks, k)
-                        w = tl.sum(tl.where(ks == k, weights, 0.0), axis=0)
-                        slot = recv + tl.cast(e * MAX_TOKENS + t, tl.int64) * SLOT_BYTES
-                        if USE_LOGFMT:
-                            wire, meta = logfmt_load(slot + groups * 0, groups, groups < G, HIDDEN)
-                            y = logfmt_decode(wire, meta, INTERPRETED)
-                        else:
-                            yp, ym = group_tile(slot, BLOCK_G, G, tl.bfloat16)
-                            y = tl.load(yp, mask=ym, other=0.0, cache_modifier=".cg").to(tl.float32)
-                        acc = acc + w * y
-                op, om = group_tile(
-                    out_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
-                )
-                tl.store(op, round_to(acc, tl.bfloat16, INTERPRETED), mask=om)
+                experts = tl.reshape(tl.where(valid, idx, -1), (BLOCK_T, BLOCK_K))
+                weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))
+                chunk = tl.arange(0, CHUNK_G)
+                cols = tl.arange(0, 128)
+                for j in range(0, tl.minimum(mine - n0, BLOCK_T)):
+                    t = rpid + (n0 + j) * Q
+                    e = tl.sum(tl.where(batch[:, None] == j, experts, 0), axis=0)
+                    w = tl.sum(tl.where(batch[:, None] == j, weights, 0.0), axis=0)
+                    # Address of each entry's row (0: unused entry).
+                    slots = tl.where(
+                        e >= 0, recv + (e.to(tl.int64) * MAX_TOKENS + t) * SLOT_BYTES, 0
+                    )
+                    out_row = (out_ptr + tl.cast(t, tl.int64) * HIDDEN).to(
+                        tl.pointer_type(tl.bfloat16)
+                    )
+                    for c0 in range(0, G, CHUNK_G):
+                        groups = c0 + chunk
+                        offsets = groups[:, None] * 128 + cols[None, :]
+                        in_row = (groups < G)[:, None] & (cols[None, :] >= 0)
+                        acc = tl.zeros([CHUNK_G, 128], dtype=tl.float32)
+                        for kk in tl.static_range(NUM_TOPK):
+                            # Masked, not branched, loads: the compiler may issue the K loads of
+                            # a chunk together. An unused entry adds 0 * 0 = +0.0, which leaves
+                            # acc unchanged (acc starts at +0.0, and a sum is -0.0 only of two
+                            # -0.0s): bit-exact with the reference.
+                            slot = lane(slots, ks, kk)
+                            if USE_LOGFMT:
+                                wire, meta = logfmt_load(
+                                    slot + groups * 0, groups, (groups < G) & (slot != 0), HIDDEN
+                                )
+                                y = logfmt_decode(wire, meta, INTERPRETED)
+                            else:
+                                yp = slot.to(tl.pointer_type(tl.bfloat16)) + offsets
+                                if ALIGNED:  # lost in the lane pick: 16-byte vectors need it
+                                    yp = tl.max_contiguous(tl.multiple_of(yp, [16, 16]), [1, 128])
+                                y = tl.load(
+                                    yp,
+                                    mask=in_row & (slot != 0),
+                                    other=0.0,
+                                    cache_modifier=".cg",
+                                ).to(tl.float32)
+                            acc = acc + lane(w, ks, kk) * y
+                        tl.store(
+                            out_row + offsets, round_to(acc, tl.bfloat16, INTERPRETED), mask=in_row
+                        )
     finish_launch(ws, parity, epoch, ROLE)
 
 
 class CombinePlan(RolePlan):
-    """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`)."""
+    """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`), with
+    the plan's arrival counters (int32 `[2, E]`, one per buffer set and block; zero between
+    launches)."""
 
     def __init__(
         self,
@@ -294,6 +445,9 @@ class CombinePlan(RolePlan):
         num_warps: int,
     ):
         max_senders = max(senders for senders, _ in grids.values())
+        max_receivers = max(receivers for _, receivers in grids.values())
+        block_k = pow2(num_topk)
+        block_g = max(pow2(regions.num_groups), 4)
         super().__init__(
             _combine_kernel,
             memory,
@@ -307,13 +461,29 @@ class CombinePlan(RolePlan):
             ZERO_COPY=zero_copy,
             STAGE_ROWS=max(1, regions.send_stride // regions.slot_bytes // max_senders),
             HAS_WAIT_STATS=has_wait_stats,
-            ROWS=4,
-            BLOCK_G=max(pow2(regions.num_groups), 4),
-            BLOCK_K=pow2(num_topk),
-            BLOCK_W=min(2048, pow2(regions.hidden // 2)),
+            # Register budget: at most 80 per thread at 8 warps (3 programs per SM), no more than
+            # the block-owning combine used. sm_90 AOT at DeepEP's shape: 78-80 (BF16);
+            # [4, 2048]-word sender tiles or 16-group receiver steps take 89-106. LogFMT stays
+            # whole-row, as before (228; was 223).
+            # Sender tiles: 4 BF16 rows copied as [4, BLOCK_W] words per step; a LogFMT row is
+            # encoded as one [BLOCK_G, 128] tile.
+            ROWS=1 if use_logfmt else 4,
+            BLOCK_W=min(1024, pow2(regions.hidden // 2)),
+            BLOCK_B=pow2(regions.num_experts),
+            BLOCK_N=32,
+            BLOCK_G=block_g,
+            BLOCK_K=block_k,
+            # A receiver's tokens in one wait (all of them while T / Q <= 16).
+            BLOCK_T=min(16, pow2(-(-regions.max_tokens // max(1, max_receivers)))),
+            # 128-channel groups per BF16 receiver step, whose K masked loads the compiler issues
+            # together (8 x 2 KB at K = 8).
+            CHUNK_G=block_g if use_logfmt else min(block_g, max(1, 64 // block_k)),
             num_warps=num_warps,
             # Sums in the reference's order with separate roundings, so results are bit-exact.
             enable_fp_fusion=False,
+        )
+        self._arrivals = torch.zeros(
+            2 * regions.num_experts, dtype=torch.int32, device=ctx.peer_bases.device
         )
 
     def launch(
@@ -341,5 +511,6 @@ class CombinePlan(RolePlan):
             out,
             wait_stats if wait_stats is not None else layout_range,
             workspace,
+            self._arrivals,
         )
         self._launch(role, stream, head, topk_idx.shape[0], parity)
