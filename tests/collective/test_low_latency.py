@@ -133,3 +133,99 @@ def test_low_latency_combine_with_rank_masked_after_dispatch_cpu(cpu_pool):
     )
     for result in results:
         assert result["masked_ok"] and result["after_ok"], result
+
+
+# Routings the random generator never draws, per rank (E=4 experts on 2 ranks, T=4, K=3): a token
+# selecting one expert twice or three times (rows in k order), a token of -1 only, experts no
+# pair selects (count 0), an expert with more pairs than a block's T rows (only the first T of a
+# source are sent), a rank without tokens. Issued back to back, so the per-expert arrival counters
+# of both buffer sets must return to 0 after every call.
+CRAFTED = [
+    ([[1, 1, -1], [-1, -1, -1], [3, 0, 3], [1, -1, 1]], [[0, 0, 0], [-1, -1, -1], [3, -1, -1]]),
+    ([[1, 1, 1], [1, 1, 1], [1, 0, 1], [2, 1, 1]], [[1, 2, 2], [2, 2, 2]]),
+    ([[-1, -1, -1], [3, 3, -1]], []),
+    ([], [[2, 0, 1], [1, 2, 0], [0, 1, 2], [3, 3, 3]]),
+]
+
+
+def _capped_dispatch(rank, num_ranks, num_experts, max_rows, idxs):
+    """Per local expert its rows' (source rank, token) pairs, the counts and the layout ranges of
+    `reference.ll_dispatch`, keeping only the first T pairs of each (expert, source) block (the
+    reference assumes no block overflows)."""
+    import torch
+
+    num_local = num_experts // num_ranks
+    per_expert, counts, layout = [], [], torch.zeros((num_local, num_ranks), dtype=torch.int64)
+    for local in range(num_local):
+        rows = []
+        for src in range(num_ranks):
+            kept = torch.nonzero(idxs[src] == rank * num_local + local)[:max_rows, 0]
+            layout[local, src] = (len(rows) << 32) | kept.numel()
+            rows += [(src, t) for t in kept.tolist()]
+        per_expert.append(rows)
+        counts.append(len(rows))
+    return per_expert, counts, layout
+
+
+def crafted_routing_task(ctx, hidden: int, num_experts: int, max_tokens: int) -> int:
+    import torch
+
+    import tritonep
+    from tritonep import reference
+    from tritonep.testing.checks import device_of, gather
+    from tritonep.testing.low_latency import ll_buffer
+
+    rank, num_ranks = ctx.rank, ctx.world_size
+    buffer = ll_buffer(ctx, max_tokens, hidden, num_experts)
+    device = device_of(buffer)
+    calls = 0
+    for case, routing in enumerate(CRAFTED):
+        for use_fp8, hook in ((False, False), (True, True), (True, False)):
+            idx = torch.tensor(routing[rank], dtype=tritonep.topk_idx_t).view(-1, 3)
+            gen = torch.Generator().manual_seed(case * 10 + rank)
+            x = torch.randn((idx.size(0), hidden), generator=gen).to(torch.bfloat16)
+            recv_x, recv_count, handle, _, recv_hook = buffer.low_latency_dispatch(
+                x.to(device),
+                idx.to(device),
+                max_tokens,
+                num_experts,
+                use_fp8=use_fp8,
+                return_recv_hook=hook,
+            )
+            if recv_hook is not None:
+                recv_hook()
+            xs, idxs = gather(ctx.group, x), gather(ctx.group, idx)
+            per_expert, counts, layout = _capped_dispatch(
+                rank, num_ranks, num_experts, max_tokens, idxs
+            )
+            where = f"case {case}, use_fp8={use_fp8}, hook={hook}"
+            assert recv_count.cpu().tolist() == counts, f"{where}: counts {recv_count} != {counts}"
+            assert torch.equal(handle[1].cpu(), layout), f"{where}: layout {handle[1]} != {layout}"
+            for local, rows in enumerate(per_expert):
+                n, tokens = len(rows), [t for _, t in rows]
+                got_src = handle[0][local, :n].cpu().tolist()
+                assert got_src == tokens, f"{where}: src_info of {local}: {got_src} != {tokens}"
+                if n == 0:
+                    continue
+                want = torch.stack([xs[src][t] for src, t in rows])
+                if use_fp8:
+                    data, scales = recv_x
+                    want_data, want_scales = reference.ll_quantize(want)
+                    assert torch.equal(
+                        data[local, :n].cpu().view(torch.uint8), want_data.view(torch.uint8)
+                    ), f"{where}: fp8 rows of {local}"
+                    assert torch.equal(scales[local, :n].cpu(), want_scales), f"{where}: scales"
+                else:
+                    assert torch.equal(recv_x[local, :n].cpu(), want), f"{where}: rows of {local}"
+            calls += 1
+    return calls
+
+
+@pytest.mark.parametrize("force_put", ["0", "1"])
+def test_low_latency_crafted_routing_cpu(cpu_pool, force_put):
+    """Repeated experts within a token, tokens of -1 only, idle experts, overfull blocks, a rank
+    without tokens; over stores and over the emulated put path."""
+    results = cpu_pool(2, TRITONEP_FORCE_PUT=force_put).run(
+        crafted_routing_task, hidden=256, num_experts=4, max_tokens=4, timeout=600
+    )
+    assert results == [3 * len(CRAFTED)] * 2

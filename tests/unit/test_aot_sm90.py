@@ -54,6 +54,14 @@ def test_row_copies_are_16_byte_vectors(report):
             assert row["vector_loads"] > 0 and row["vector_stores"] > 0, row
 
 
+def test_low_latency_dispatch_messages_are_not_byte_stores(report):
+    # A row stored through a raw address without alignment hints compiles to one store per byte
+    # (FP8) or per bf16 element: 32 of them per thread per message at hidden 7168.
+    for row in report:
+        if row["module"] == "low_latency.dispatch":
+            assert row["narrow_stores"] == 0, row
+
+
 def test_waits_use_the_gpu_clock_and_system_scope_acquires(report):
     for row in report:
         if row["module"] != "layout":

@@ -58,7 +58,6 @@ class LowLatencyMode:
         self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = (
             1  # tags above zeroed memory
         )
-        self._scratch = [torch.zeros(0, dtype=torch.int32, device=self._device) for _ in range(2)]
         self._gpu = backend == "cuda"
         # Programs per launch: in the interpreter as few as possible (they run one after another).
         # On the GPU 64 senders and 32 receivers, checked on a shared H200 with 2 and 4 ranks, over
@@ -66,6 +65,8 @@ class LowLatencyMode:
         # (132 + 132 programs per rank on a GPU shared by 2, with prefetching senders) timed out:
         # a fused launch's receivers spin until senders run, and ranks sharing a GPU must all stay
         # resident together, which a cooperative launch cannot check across processes.
+        # Dispatch senders own tokens (so at most T of them), combine senders (expert, rank) blocks;
+        # this pair is the knob for both.
         self._senders, self._receivers = (64, 32) if self._gpu else (2, 2)
         # Combine splits the same 96 programs evenly: its senders stream their rows (about 2
         # read + write steps per 4 rows) while each receiver loads K rows per token, about as many
@@ -179,11 +180,6 @@ class LowLatencyMode:
             roles.ROLE_RECV.value: (0, receivers),
         }
 
-    def _scratch_for(self, parity: int, entries: int) -> torch.Tensor:
-        if self._scratch[parity].numel() < entries:
-            self._scratch[parity] = torch.empty(entries, dtype=torch.int32, device=self._device)
-        return self._scratch[parity]
-
     # ---------------------------------------------------------------------------- dispatch
     def dispatch(
         self,
@@ -250,7 +246,7 @@ class LowLatencyMode:
                 use_fp8=key[3],
                 round_scale=key[4],
                 use_ue8m0=key[5],
-                grids=self._grids(num_experts, num_local),
+                grids=self._grids(max_tokens, num_local),
                 shrink=self._shrink,
                 has_cumulative=key[6],
                 has_wait_stats=key[7],
@@ -275,7 +271,6 @@ class LowLatencyMode:
         recv_count = torch.empty(num_local, dtype=torch.int32, device=device)
         src_info = torch.empty((num_local, slots), dtype=torch.int32, device=device)
         layout_range = torch.empty((num_local, self._num_ranks), dtype=torch.int64, device=device)
-        scratch = self._scratch_for(parity, plan.max_senders * max_tokens)
 
         def launch(role, on_stream):
             plan.launch(
@@ -293,7 +288,6 @@ class LowLatencyMode:
                 cumulative_stats,
                 wait_stats,
                 self._workspace,
-                scratch,
             )
 
         handle = (src_info, layout_range, max_tokens, hidden, num_experts)

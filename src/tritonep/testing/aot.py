@@ -280,7 +280,6 @@ def _low_latency_cases(kernels):
             counts,
             stats,
             workspace,
-            torch.zeros(64 * tokens, dtype=torch.int32),
         )
     y = torch.zeros((local, slots, hidden), dtype=torch.bfloat16)
     for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
@@ -492,7 +491,7 @@ KERNELS = {
 
 def compile_all() -> list[dict]:
     """Compile every representative launch; returns name, registers, stack (spills) and memory-op
-    counts."""
+    counts (16-byte vector loads and stores; 1- and 2-byte stores)."""
     import importlib
 
     from tritonep.kernels import load_kernels
@@ -526,6 +525,9 @@ def compile_all() -> list[dict]:
                     ),
                     "vector_stores": sum(
                         n for op, n in ops.items() if op.startswith("st") and ".v4" in op
+                    ),
+                    "narrow_stores": sum(
+                        n for op, n in ops.items() if op in ("st.global.b8", "st.global.b16")
                     ),
                     "uses_globaltimer": "%globaltimer" in ptx,
                     "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,

@@ -7,23 +7,38 @@ with per-128-channel scales (reference §13.2, §14.9), with counts, source indi
 `(begin << 32) | count` layout ranges. No host synchronisation.
 
 Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`):
-* senders (programs `[0, S)`) own experts `e = pid, pid + S, ...`. For its expert a sender scans
-  the routing once in token order, compacting the matching tokens into its scratch row (so the
-  block order is the token order: deterministic), then for the j-th of them quantises the token
-  and writes the message (16-byte header holding the token index, then the payload) into slot
-  `(e_local * R + r) * T + j` of set p on the owner: plain stores where the owner is mapped, a put
-  from this rank's staging slot of that token otherwise. Then it sets the owner's signal
-  `(e_local, r)` to `epoch << 32 | (count + 1)`, ordered after its data by the device layer.
-  Experts no token selects get count 0; masked owners get nothing.
+* senders (programs `[0, S)`, S = min(T, 64) on GPUs) own tokens `t = pid, pid + S, ...`. For
+  its token a sender loads the row once and quantises it once, then sends it to each of its K
+  experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p on the owner, where j
+  counts the pairs before (t, k) in row-major order that select e, found by scanning topk_idx
+  (so the block order is the token order, k order for a repeated expert: deterministic). The
+  message (16-byte header holding the token index, then the payload) goes by plain stores where
+  the owner is mapped, else it is staged once in this rank's staging slot of token t and put to
+  every such owner. Pairs with j >= T are not sent (the receiver, which sees the count, reports
+  them).
+  The count signal of (e, r) must follow every row of e, which several programs write: each
+  program, once its token's rows are written (stores, then a block barrier; puts, then `quiet`),
+  adds its pairs to e's arrival counter (this rank's memory, per set and expert) with a
+  release at system scope. The program that brings it to e's sent-pair count (every program
+  counts those from topk_idx) has acquired every other program's release; it resets the
+  counter to 0 for the next call of set p and sets the owner's signal `(e_local, r)` to
+  `epoch << 32 | (count + 1)` with a release of its own, which is cumulative, so whoever sees
+  the signal sees every row. Experts no pair selects get count 0 from program `e % S`; masked
+  owners get nothing (their pairs are still counted, so the counters stay consistent when a
+  rank is masked during a launch).
 * receivers (programs `[S, S + Q)`, or the whole grid of the hook's launch) own local experts.
   A receiver waits for the R counts of its expert (masked sources are not waited for; in shrink
   mode a source that times out is masked), lays the blocks out in source order and copies every
   message into the outputs: data, scales (column-major), source token index.
-Senders never wait, and receivers wait only for senders, which have lower program ids, so the
-interpreter (which runs programs one after another) never waits on a later program.
+Senders never wait (the last arrival signals; nobody waits for arrivals), and receivers wait
+only for senders, which have lower program ids, so the interpreter (which runs programs one after
+another) never waits on a later program.
 
-Two senders may stage the same token at once (for two experts): they write identical bytes, so
-a put reading the staging slot meanwhile reads the right message either way.
+Why per token: with one program per expert (the previous design), a token selected by 8 experts
+was loaded and quantised 8 times, and each program wrote its ~16 messages (128 tokens, top-8 of
+288, 64 senders) one after another: 61 us for the FP8 dispatch kernel on H200. Per token the
+row is read once and its K messages are independent stores in flight together, 16-byte vector
+stores where slots are 16-byte aligned (FP8 rows used to compile to 1-byte stores).
 
 Example: R=2, L=1 (E=2), T=4, rank 0: topk_idx = [[1], [0], [1]]; rank 1: [[1]]
     -> rank 1, expert 0 receives tokens [0, 2] of rank 0 then token 0 of rank 1:
@@ -40,7 +55,7 @@ from ..common.codecs import fp8_quantize, ue8m0_pack
 from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns
-from ..common.tiles import copy_rows
+from ..common.tiles import copy_rows, lane
 from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
     ROLE_RECV,
@@ -56,13 +71,23 @@ _HEADER = tl.constexpr(HEADER_BYTES)
 
 
 @triton.jit
-def group_tile(row_addr, BLOCK_G: tl.constexpr, G: tl.constexpr, ELEM_TY: tl.constexpr):
+def group_tile(
+    row_addr,
+    BLOCK_G: tl.constexpr,
+    G: tl.constexpr,
+    ELEM_TY: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
+):
     """Pointers `[BLOCK_G, 128]` to the 128-channel groups of the row at `row_addr`, and their
-    mask."""
+    mask (constant along a group, so that it does not stop accesses from being vectorised).
+    ALIGNED: the row starts 16-byte aligned; without that hint (given here: hints do not survive
+    a call's return) a raw address's FP8 row compiles to 1-byte accesses."""
     groups = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, 128)
     ptrs = row_addr.to(tl.pointer_type(ELEM_TY)) + groups[:, None] * 128 + cols[None, :]
-    return ptrs, (groups < G)[:, None] & (cols[None, :] >= 0)
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 128])
+    return ptrs, tl.broadcast_to((groups < G)[:, None], (BLOCK_G, 128))
 
 
 @named_kernel("ll", "dispatch", do_not_specialize=["rank", "num_tokens", "parity"])
@@ -78,7 +103,7 @@ def _dispatch_kernel(
     cumulative_stats_ptr,
     wait_stats_ptr,
     workspace_ptr,
-    scratch_ptr,
+    counters_ptr,
     routes_ptr,
     rdma_base,
     rank,
@@ -115,6 +140,8 @@ def _dispatch_kernel(
     ERR_TIMEOUT: tl.constexpr,
     PHASE: tl.constexpr,
     CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -138,88 +165,144 @@ def _dispatch_kernel(
     staging = rdma_base + SEND0 + parity * SEND_STRIDE
 
     if (ROLE != ROLE_RECV) & (pid < NUM_SENDERS):
-        # ------------------------------------------------------------------ sender: experts
-        scratch = scratch_ptr + pid * MAX_TOKENS
+        # ------------------------------------------------------------------- sender: tokens
+        tl.static_assert(
+            (NUM_SENDERS == 0) | (BLOCK_E * NUM_SENDERS >= NUM_EXPERTS),
+            "BLOCK_E * NUM_SENDERS must cover every expert",
+        )
         flat = tl.arange(0, CHUNK)
-        for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
-            owner = e // L
-            if ok & (tl.load(mask_ptr + owner) == 0):
-                pe, delta, direct = device.open_peer(routes_ptr, rank, owner, TRANSPORT, FORCE_PUT)
-                # Tokens of the matching (token, k) pairs in row-major order -> scratch[0:count].
-                count = 0
-                for p0 in range(0, num_tokens * NUM_TOPK, CHUNK):
+        num_pairs = num_tokens * NUM_TOPK
+        arrivals = counters_ptr + parity * NUM_EXPERTS
+        if ok:
+            # Experts e = pid + S * i that no pair selects still get their count 0 (unless their
+            # owner is masked): from this program, which owns them by id.
+            mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
+            hits = tl.zeros([BLOCK_E], dtype=tl.int32)
+            for p0 in range(0, num_pairs, CHUNK):
+                positions = p0 + flat
+                ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
+                hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
+            idle = (mine < NUM_EXPERTS) & (hits == 0)
+            idle = idle & (tl.load(mask_ptr + mine // L, mask=idle, other=1) == 0)
+            idle_i = idle.to(tl.int32)
+            for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
+                if lane(idle_i, tl.arange(0, BLOCK_E), (e - pid) // NUM_SENDERS) != 0:
+                    pe, delta, direct = device.open_peer(
+                        routes_ptr, rank, e // L, TRANSPORT, FORCE_PUT
+                    )
+                    sig = (signals + ((e % L) * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
+                    device.signal_op(sig, tag + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
+
+            ks = tl.arange(0, BLOCK_K)
+            for t in range(pid, num_tokens, NUM_SENDERS):
+                experts = tl.load(topk_idx_ptr + t * NUM_TOPK + ks, mask=ks < NUM_TOPK, other=-1)
+                # For each k: `total`, the pairs of the whole routing that select its expert, and
+                # `j`, those before (t, k) in row-major order (its slot in the expert's block, so
+                # the block lists tokens in ascending order, k order within a token).
+                total = tl.zeros([BLOCK_K], dtype=tl.int32)
+                j = tl.zeros([BLOCK_K], dtype=tl.int32)
+                here = t * NUM_TOPK + ks
+                for p0 in range(0, num_pairs, CHUNK):
                     positions = p0 + flat
-                    ids = tl.load(
-                        topk_idx_ptr + positions, mask=positions < num_tokens * NUM_TOPK, other=-1
-                    )
-                    match = ids == e
-                    order = tl.cumsum(match.to(tl.int32), axis=0) - 1 + count
-                    tl.store(
-                        scratch + order, positions // NUM_TOPK, mask=match & (order < MAX_TOKENS)
-                    )
-                    count += tl.sum(match.to(tl.int32), axis=0)
-                tl.debug_barrier()  # scratch written by all threads is read back below
+                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
+                    match = ids[None, :] == experts[:, None]
+                    total += tl.sum(match.to(tl.int32), axis=1)
+                    j += tl.sum((match & (positions[None, :] < here[:, None])).to(tl.int32), axis=1)
+                valid = (ks < NUM_TOPK) & (experts >= 0) & (experts < NUM_EXPERTS)
                 # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are not
                 # sent, and the receiver, which sees the count, reports them.
-                block = ((e % L) * NUM_RANKS + rank) * MAX_TOKENS
-                for j in range(0, tl.minimum(count, MAX_TOKENS)):
-                    t = tl.load(scratch + j)
-                    xp, xm = group_tile(
-                        x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
-                    )
-                    x = tl.load(xp, mask=xm, other=0.0)
-                    slot = recv + tl.cast(block + j, tl.int64) * SLOT_BYTES
-                    # The message goes to the owner's slot, or to this rank's staging slot of token
-                    # t.
-                    dst = tl.where(
-                        direct, slot + delta, staging + tl.cast(t, tl.int64) * SLOT_BYTES
-                    )
-                    tl.store(dst.to(tl.pointer_type(tl.int32)), t)
-                    payload = dst + _HEADER
-                    if USE_FP8:
-                        values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
-                        vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv)
-                        tl.store(vp, values, mask=vm)
-                        groups = tl.arange(0, BLOCK_G)
-                        tl.store(
-                            (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32)) + groups,
-                            scale_inv,
-                            mask=groups < G,
+                sent = valid & (j < MAX_TOKENS)
+                # Pairs to masked owners are counted but not written: every program then agrees
+                # on each expert's total even if a receiver masks a rank in the middle of the
+                # launch, so the arrival counters always return to 0.
+                live = sent & (tl.load(mask_ptr + experts // L, mask=sent, other=1) == 0)
+                xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
+                x = tl.load(xp, mask=xm, other=0.0)
+                if USE_FP8:
+                    values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
+                # The put path sends every pair of the token from one copy in this rank's staging
+                # slot of token t (this program's alone: one program per token).
+                stage = staging + tl.cast(t, tl.int64) * SLOT_BYTES
+                staged = tl.full([], 0, tl.int32)
+                live_i = live.to(tl.int32)
+                for k in range(0, NUM_TOPK):
+                    if lane(live_i, ks, k) != 0:
+                        expert = lane(experts, ks, k)
+                        pe, delta, direct = device.open_peer(
+                            routes_ptr, rank, expert // L, TRANSPORT, FORCE_PUT
                         )
-                    else:
-                        vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16)
-                        tl.store(vp, x, mask=vm)
-                    if direct:
-                        pass
-                    else:
-                        device.put_nbi_block(
-                            slot.to(tl.pointer_type(tl.int32)),
-                            dst.to(tl.pointer_type(tl.int32)),
-                            MESSAGE_WORDS,
-                            pe,
-                            delta,
-                            direct,
-                            TRANSPORT,
-                            BLOCK_W,
+                        slot = (
+                            recv
+                            + tl.cast(
+                                ((expert % L) * NUM_RANKS + rank) * MAX_TOKENS + lane(j, ks, k),
+                                tl.int64,
+                            )
+                            * SLOT_BYTES
                         )
-                if direct:
-                    pass
-                else:
-                    device.quiet(
-                        TRANSPORT
-                    )  # the count must not overtake rows put by this block's threads
-                # The count, after the data (the device layer orders it behind this program's
-                # writes).
-                sig = (signals + ((e % L) * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
-                device.signal_op(
-                    sig,
-                    tag + tl.cast(count, tl.int64) + 1,
-                    pe,
-                    delta,
-                    direct,
-                    device.SIGNAL_SET,
-                    TRANSPORT,
-                )
+                        if direct | (staged == 0):
+                            dst = tl.where(direct, slot + delta, stage)
+                            tl.store(dst.to(tl.pointer_type(tl.int32)), t)
+                            payload = dst + _HEADER
+                            # Payloads start 16-byte aligned when slots do (regions.py).
+                            if USE_FP8:
+                                vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
+                                tl.store(vp, values, mask=vm)
+                                groups = tl.arange(0, BLOCK_G)
+                                tl.store(
+                                    (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
+                                    + groups,
+                                    scale_inv,
+                                    mask=groups < G,
+                                )
+                            else:
+                                vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
+                                tl.store(vp, x, mask=vm)
+                        if direct:
+                            pass
+                        else:
+                            staged = tl.full([], 1, tl.int32)
+                            device.put_nbi_block(
+                                slot.to(tl.pointer_type(tl.int32)),
+                                stage.to(tl.pointer_type(tl.int32)),
+                                MESSAGE_WORDS,
+                                pe,
+                                delta,
+                                direct,
+                                TRANSPORT,
+                                BLOCK_W,
+                            )
+                if staged != 0:
+                    device.quiet(TRANSPORT)  # this program's puts land before it counts them
+                # Every thread's stores, ordered at block scope before the arrivals below.
+                tl.debug_barrier()
+                # Arrivals: release at system scope, so a program that later sees an expert's
+                # last arrival (acquire) and signals has every counted row behind its release.
+                before = tl.atomic_add(arrivals + experts, 1, mask=sent, sem="acq_rel", scope="sys")
+                last = sent & (before + 1 == tl.minimum(total, MAX_TOKENS))
+                last_i = last.to(tl.int32)
+                for k in range(0, NUM_TOPK):
+                    if lane(last_i, ks, k) != 0:
+                        # This program wrote the expert's last row: reset its counter for the
+                        # next call of set p (no program of this launch touches it again) and
+                        # publish the count, ordered after every row (release is cumulative).
+                        expert = lane(experts, ks, k)
+                        tl.store(arrivals + expert, 0)
+                        if lane(live_i, ks, k) != 0:
+                            pe, delta, direct = device.open_peer(
+                                routes_ptr, rank, expert // L, TRANSPORT, FORCE_PUT
+                            )
+                            sig = (signals + ((expert % L) * NUM_RANKS + rank) * 8).to(
+                                tl.pointer_type(tl.int64)
+                            )
+                            device.signal_op(
+                                sig,
+                                tag + tl.cast(lane(total, ks, k), tl.int64) + 1,
+                                pe,
+                                delta,
+                                direct,
+                                device.SIGNAL_SET,
+                                TRANSPORT,
+                            )
     else:
         # ---------------------------------------------------------- receiver: local experts
         rpid = pid - NUM_SENDERS
@@ -365,6 +448,16 @@ class DispatchPlan(RolePlan):
         has_wait_stats: bool,
         num_warps: int,
     ):
+        # Each sender signals the idle experts among `pid + S * [0, BLOCK_E)`: enough lanes for
+        # the smallest sender grid of the plan's roles.
+        senders = min((senders for senders, _ in grids.values() if senders > 0), default=1)
+        block_e = pow2(-(-regions.num_experts // senders))
+        block_k = pow2(num_topk)
+        # Arrivals of (set p, expert e) at `p * E + e`, this rank's memory; every launch leaves
+        # them at 0, so zeroing once here suffices.
+        self._arrivals = torch.zeros(
+            2 * regions.num_experts, dtype=torch.int32, device=ctx.peer_bases.device
+        )
         super().__init__(
             _dispatch_kernel,
             memory,
@@ -379,7 +472,11 @@ class DispatchPlan(RolePlan):
             USE_UE8M0=use_ue8m0,
             HAS_CUMULATIVE=has_cumulative,
             HAS_WAIT_STATS=has_wait_stats,
-            CHUNK=min(1024, pow2(regions.max_tokens * num_topk)),
+            # Routing scans compare [BLOCK_K or BLOCK_E, CHUNK] tiles: at most 8192 elements
+            # (32 per thread with 8 warps).
+            CHUNK=min(pow2(regions.max_tokens * num_topk), max(16, 8192 // max(block_k, block_e))),
+            BLOCK_K=block_k,
+            BLOCK_E=block_e,
             ROWS=4,
             BLOCK_G=max(pow2(regions.num_groups), 4),
             BLOCK_R=pow2(regions.num_ranks),
@@ -403,9 +500,8 @@ class DispatchPlan(RolePlan):
         cumulative_stats,
         wait_stats,
         workspace,
-        scratch,
     ) -> None:
-        """One launch on `stream`. `scratch`: int32, `max_senders * T` entries (this parity's)."""
+        """One launch on `stream`."""
         head = (
             x,
             topk_idx,
@@ -418,6 +514,6 @@ class DispatchPlan(RolePlan):
             cumulative_stats if cumulative_stats is not None else recv_count,
             wait_stats if wait_stats is not None else layout_range,
             workspace,
-            scratch,
+            self._arrivals,
         )
         self._launch(role, stream, head, x.shape[0], parity)

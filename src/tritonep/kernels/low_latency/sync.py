@@ -129,7 +129,6 @@ class RolePlan:
         self, kernel, memory, ctx, regions, grids: dict, shrink: bool, phase: int, **constexprs
     ):
         self.grids = grids
-        self.max_senders = max(senders for senders, _ in grids.values())
         shared = dict(
             NUM_RANKS=regions.num_ranks,
             NUM_EXPERTS=regions.num_experts,
