@@ -228,14 +228,14 @@ def _combine_kernel(
             s = b % NUM_RANKS
             live = (n < mine) & ok & (tl.load(mask_ptr + s) == 0)  # masked ranks get nothing
             # Flat row i of block b is row `begin + i - start` of expert e.
-            packed = tl.load(layout_range_ptr + b, mask=live, other=0)
-            begin = packed >> 32
+            block_range = tl.load(layout_range_ptr + b, mask=live, other=0)
+            begin = block_range >> 32
             row = tl.cast(e, tl.int64) * SLOTS + begin + flat - start
             t = tl.load(src_info_ptr + row, mask=live, other=0)
             # A token that selected expert e twice has two adjacent rows in the block (dispatch
             # keeps k order), both bound for slot (g, t): only the later one is sent, so the slot
             # does not depend on which program stores last. Both rows are still counted below.
-            later = live & (flat + 1 - start < (packed & 0xFFFFFFFF).to(tl.int32))
+            later = live & (flat + 1 - start < (block_range & 0xFFFFFFFF).to(tl.int32))
             repeated = later & (tl.load(src_info_ptr + row + 1, mask=later, other=-1) == t)
             live = live & ~repeated
             pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
