@@ -225,7 +225,6 @@ class LowLatencyMode:
         wait_stats = self._check_stats(
             op, "dispatch_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64
         )
-        call, stream = self._streams_for(op, async_finish, return_recv_hook)
         key = (
             "dispatch",
             regions,
@@ -252,6 +251,9 @@ class LowLatencyMode:
                 has_wait_stats=key[7],
                 num_warps=self._num_warps,
             )
+        # After the plan: a new plan zeroes its arrival counters on the caller's stream, and the
+        # hand-off to the comm stream must order the launch after that.
+        call, stream = self._streams_for(op, async_finish, return_recv_hook)
         parity, call_index = self._next_parity()
         device, slots = self._device, self._num_ranks * max_tokens
         if use_fp8:
@@ -394,7 +396,6 @@ class LowLatencyMode:
         wait_stats = self._check_stats(
             op, "combine_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64
         )
-        call, stream = self._streams_for(op, async_finish, return_recv_hook)
         key = (
             "combine",
             regions,
@@ -418,6 +419,8 @@ class LowLatencyMode:
                 has_wait_stats=key[5],
                 num_warps=self._num_warps,
             )
+        # After the plan, as in dispatch (its arrival counters are zeroed on the caller's stream).
+        call, stream = self._streams_for(op, async_finish, return_recv_hook)
         parity, call_index = self._next_parity()
         combined = (
             out
