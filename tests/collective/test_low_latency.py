@@ -229,3 +229,28 @@ def test_low_latency_crafted_routing_cpu(cpu_pool, force_put):
         crafted_routing_task, hidden=256, num_experts=4, max_tokens=4, timeout=600
     )
     assert results == [3 * len(CRAFTED)] * 2
+
+
+def _small_counters_task(ctx, **shape) -> int:
+    from tritonep.modes import low_latency as mode
+
+    mode._ARRIVAL_EXPERTS = 2  # this rank process only: the first plan must grow the counters
+    checked = ll.check_low_latency_matrix(ctx, [dict(), dict(use_fp8=True, hook=True)], **shape)
+    buffer = ll.ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"])
+    assert buffer._low_latency._arrivals.shape == (2, 2 * shape["num_experts"])
+    return checked
+
+
+def test_low_latency_counters_grow_for_more_experts_cpu(cpu_pool):
+    """A call with more experts than the arrival counters hold grows them (zeroed), and the
+    dispatch and combine after it are still exact."""
+    results = cpu_pool(2).run(
+        _small_counters_task,
+        num_tokens=5,
+        hidden=128,
+        num_topk=3,
+        num_experts=8,
+        max_tokens=5,
+        timeout=600,
+    )
+    assert results == [2, 2]

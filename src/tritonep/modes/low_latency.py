@@ -27,6 +27,10 @@ from ..runtime.streams import CommStreams
 MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register tile of expert ids
 
 
+# Experts the arrival counters hold from the start (16 KB in all); calls with more grow them.
+_ARRIVAL_EXPERTS = 1024
+
+
 class LowLatencyMode:
     """The low-latency calls of one Buffer (`ctx`: its `LaunchContext`; `shrink`: enable_shrink)."""
 
@@ -57,6 +61,12 @@ class LowLatencyMode:
         )
         self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = (
             1  # tags above zeroed memory
+        )
+        # The senders' arrival counters (kernels/low_latency), `[2 buffer sets, E]` int32 for
+        # dispatch and for combine. Zeroed here, not with each plan: a plan first built while a
+        # CUDA graph is captured would otherwise get counters that only the graph's replay zeroes.
+        self._arrivals = torch.zeros(
+            (2, 2 * _ARRIVAL_EXPERTS), dtype=torch.int32, device=self._device
         )
         self._gpu = backend == "cuda"
         # Programs per launch: in the interpreter as few as possible (they run one after another).
@@ -107,6 +117,22 @@ class LowLatencyMode:
             )
         self._plans[key] = regions
         return regions
+
+    def _arrivals_for(self, op: str, kind: int, num_experts: int) -> torch.Tensor:
+        """Zeroed arrival counters for `2 * num_experts` entries (kind 0: dispatch, 1: combine),
+        grown outside of CUDA-graph capture when a call has more experts than they hold."""
+        if 2 * num_experts > self._arrivals.size(1):
+            if self._gpu and torch.cuda.is_current_stream_capturing():
+                raise EPStateError(
+                    f"{op}: num_experts={num_experts} is above the {self._arrivals.size(1) // 2} "
+                    "experts this buffer's counters hold, and they cannot grow while a CUDA graph "
+                    "is captured; make one call with this expert count before capturing"
+                )
+            # Plans built earlier keep their own (smaller) tensor alive.
+            self._arrivals = torch.zeros(
+                (2, 2 * num_experts), dtype=torch.int32, device=self._device
+            )
+        return self._arrivals[kind, : 2 * num_experts]
 
     def _next_parity(self) -> tuple[int, int]:
         """(parity of this call, its index); every dispatch and combine flips the parity."""
@@ -250,9 +276,10 @@ class LowLatencyMode:
                 has_cumulative=key[6],
                 has_wait_stats=key[7],
                 num_warps=self._num_warps,
+                arrivals=self._arrivals_for(op, 0, num_experts),
             )
-        # After the plan: a new plan zeroes its arrival counters on the caller's stream, and the
-        # hand-off to the comm stream must order the launch after that.
+        # After the plan: a plan that grows the arrival counters zeroes them on the caller's
+        # stream, and the hand-off to the comm stream must order the launch after that.
         call, stream = self._streams_for(op, async_finish, return_recv_hook)
         parity, call_index = self._next_parity()
         device, slots = self._device, self._num_ranks * max_tokens
@@ -418,8 +445,9 @@ class LowLatencyMode:
                 shrink=self._shrink,
                 has_wait_stats=key[5],
                 num_warps=self._num_warps,
+                arrivals=self._arrivals_for(op, 1, num_experts),
             )
-        # After the plan, as in dispatch (its arrival counters are zeroed on the caller's stream).
+        # After the plan, as in dispatch (grown arrival counters are zeroed on the caller's stream).
         call, stream = self._streams_for(op, async_finish, return_recv_hook)
         parity, call_index = self._next_parity()
         combined = (

@@ -257,6 +257,7 @@ def _low_latency_cases(kernels):
             has_cumulative=True,
             has_wait_stats=True,
             num_warps=8,
+            arrivals=torch.zeros(2 * experts, dtype=torch.int32),
         )
         recv = torch.zeros((local, slots, hidden), dtype=torch.uint8 if fp8 else torch.bfloat16)
         scales = (
@@ -294,6 +295,7 @@ def _low_latency_cases(kernels):
             shrink=False,
             has_wait_stats=True,
             num_warps=8,
+            arrivals=torch.zeros(2 * experts, dtype=torch.int32),
         )
         yield functools.partial(
             plan.launch,

@@ -433,9 +433,9 @@ def _combine_kernel(
 
 
 class CombinePlan(RolePlan):
-    """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`), with
-    the plan's arrival counters (int32 `[2, E]`, one per buffer set and block; zero between
-    launches)."""
+    """The LL combine launches of one geometry on one Buffer (see `dispatch.DispatchPlan`);
+    `arrivals`: int32, >= 2E entries (one per buffer set and block), zero before the first launch,
+    and every launch leaves them at 0."""
 
     def __init__(
         self,
@@ -450,6 +450,7 @@ class CombinePlan(RolePlan):
         shrink: bool,
         has_wait_stats: bool,
         num_warps: int,
+        arrivals: torch.Tensor,
     ):
         max_senders = max(senders for senders, _ in grids.values())
         max_receivers = max(receivers for _, receivers in grids.values())
@@ -489,9 +490,7 @@ class CombinePlan(RolePlan):
             # Sums in the reference's order with separate roundings, so results are bit-exact.
             enable_fp_fusion=False,
         )
-        self._arrivals = torch.zeros(
-            2 * regions.num_experts, dtype=torch.int32, device=ctx.peer_bases.device
-        )
+        self._arrivals = arrivals
 
     def launch(
         self,

@@ -447,17 +447,16 @@ class DispatchPlan(RolePlan):
         has_cumulative: bool,
         has_wait_stats: bool,
         num_warps: int,
+        arrivals: torch.Tensor,
     ):
         # Each sender signals the idle experts among `pid + S * [0, BLOCK_E)`: enough lanes for
         # the smallest sender grid of the plan's roles.
         senders = min((senders for senders, _ in grids.values() if senders > 0), default=1)
         block_e = pow2(-(-regions.num_experts // senders))
         block_k = pow2(num_topk)
-        # Arrivals of (set p, expert e) at `p * E + e`, this rank's memory; every launch leaves
-        # them at 0, so zeroing once here suffices.
-        self._arrivals = torch.zeros(
-            2 * regions.num_experts, dtype=torch.int32, device=ctx.peer_bases.device
-        )
+        # Arrivals of (set p, expert e) at `p * E + e`: int32, >= 2E entries of this rank's memory,
+        # zero before the first launch; every launch leaves them at 0.
+        self._arrivals = arrivals
         super().__init__(
             _dispatch_kernel,
             memory,
