@@ -264,18 +264,8 @@ def _combine_kernel(
                 )
                 dst = tl.where(direct, slot + delta, stage)
                 logfmt_store(_per_group(dst, BLOCK_G), groups, in_row, wire, meta, HIDDEN)
-                for r in tl.static_range(ROWS):
-                    if lane(put.to(tl.int32), tile, r) > 0:
-                        device.put_nbi_block(
-                            lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
-                            lane(stage, tile, r).to(tl.pointer_type(tl.int32)),
-                            SLOT_BYTES // 4,
-                            lane(pe, tile, r),
-                            lane(delta, tile, r),
-                            False,
-                            TRANSPORT,
-                            BLOCK_W,
-                        )
+                put_source = stage
+                PUT_WORDS: tl.constexpr = SLOT_BYTES // 4
             else:
                 # Zero-copy rows (and staged ones) sit in the send region at their place in x.
                 staged_rows = send + row * ROW_BYTES
@@ -290,18 +280,20 @@ def _combine_kernel(
                     False,
                     ALIGNED,
                 )
-                for r in tl.static_range(ROWS):
-                    if lane(put.to(tl.int32), tile, r) > 0:
-                        device.put_nbi_block(
-                            lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
-                            lane(staged_rows, tile, r).to(tl.pointer_type(tl.int32)),
-                            ROW_BYTES // 4,
-                            lane(pe, tile, r),
-                            lane(delta, tile, r),
-                            False,
-                            TRANSPORT,
-                            BLOCK_W,
-                        )
+                put_source = staged_rows
+                PUT_WORDS: tl.constexpr = ROW_BYTES // 4
+            for r in tl.static_range(ROWS):
+                if lane(put.to(tl.int32), tile, r) > 0:
+                    device.put_nbi_block(
+                        lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
+                        lane(put_source, tile, r).to(tl.pointer_type(tl.int32)),
+                        PUT_WORDS,
+                        lane(pe, tile, r),
+                        lane(delta, tile, r),
+                        False,
+                        TRANSPORT,
+                        BLOCK_W,
+                    )
         tl.debug_barrier()  # every thread's rows are stored before any of them is counted
         if put_rows > 0:
             device.quiet(TRANSPORT)  # the rows put are delivered before they are counted
