@@ -254,3 +254,64 @@ def test_low_latency_counters_grow_for_more_experts_cpu(cpu_pool):
         timeout=600,
     )
     assert results == [2, 2]
+
+
+def repeated_expert_combine_task(ctx, hidden: int, num_experts: int, max_tokens: int) -> int:
+    """Combine after routings with tokens that select one expert two or three times, and expert
+    outputs that differ row by row: every selection of (e, t) reads the row of the pair's last
+    occurrence, whichever sender program stores last. (On 2 ranks with S = 2 row senders, rank
+    1's three rows for expert 0 are flat rows 2, 3, 4: program 0 stores 2 and 4, program 1 the
+    middle one after them.)"""
+    import torch
+
+    import tritonep
+    from tritonep.testing.checks import device_of, gather
+    from tritonep.testing.low_latency import ll_buffer
+
+    rank, num_ranks = ctx.rank, ctx.world_size
+    num_local = num_experts // num_ranks
+    buffer = ll_buffer(ctx, max_tokens, hidden, num_experts)
+    device = device_of(buffer)
+    routing = (
+        [[1, 1, -1], [0, -1, -1], [3, 0, 3], [1, -1, 1]],
+        [[0, 0, 0], [-1, -1, -1], [3, -1, -1]],
+    )
+    idx = torch.tensor(routing[rank], dtype=tritonep.topk_idx_t).view(-1, 3)
+    gen = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn((idx.size(0), hidden), generator=gen).to(torch.bfloat16)
+    weights = torch.rand(idx.shape, generator=gen)
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+        x.to(device), idx.to(device), max_tokens, num_experts, use_fp8=False
+    )
+    rows = torch.arange(1, recv_x.size(1) + 1, dtype=torch.float32, device=device)
+    y = (recv_x.float() * rows[None, :, None]).to(torch.bfloat16)  # every row differs
+    combined, _, _ = buffer.low_latency_combine(y, idx.to(device), weights.to(device), handle)
+    ys, src_infos, ranges = (
+        gather(ctx.group, y),
+        gather(ctx.group, handle[0]),
+        gather(ctx.group, handle[1]),
+    )
+    want = torch.zeros((idx.size(0), hidden), dtype=torch.float32)
+    for t in range(idx.size(0)):
+        for k in range(idx.size(1)):
+            expert = int(idx[t, k])
+            if expert < 0:
+                continue
+            owner, local = divmod(expert, num_local)
+            begin, count = (
+                int(ranges[owner][local, rank]) >> 32,
+                int(ranges[owner][local, rank]) & 0xFFFFFFFF,
+            )
+            block = src_infos[owner][local, begin : begin + count]
+            last = begin + int(torch.nonzero(block == t)[-1, 0])
+            want[t] = want[t] + (weights[t, k] * ys[owner][local, last].float())
+    assert torch.equal(combined.cpu(), want.to(torch.bfloat16)), f"rank {rank}: repeated experts"
+    return 1
+
+
+@pytest.mark.parametrize("force_put", ["0", "1"])
+def test_low_latency_combine_of_repeated_experts_cpu(cpu_pool, force_put):
+    results = cpu_pool(2, TRITONEP_FORCE_PUT=force_put).run(
+        repeated_expert_combine_task, hidden=256, num_experts=4, max_tokens=4, timeout=600
+    )
+    assert results == [1, 1]
