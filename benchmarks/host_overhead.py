@@ -1,5 +1,5 @@
-"""Where the host time of a call goes, on one GPU: layout, cached dispatch, combine, and their
-parts.
+"""Where the host time of a call goes, on one GPU: layout, cached dispatch, combine, the
+low-latency dispatch and combine, and their parts.
 
     python benchmarks/host_overhead.py [--json out.json]
 
@@ -88,6 +88,56 @@ def print_profile(fn, calls: int = 300, top: int = 14) -> None:
     profiler.disable()
     torch.cuda.synchronize()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+def low_latency_rows(profile: bool) -> list[dict]:
+    """The same columns for the low-latency calls at DeepEP's decode shape (128 tokens x 7168,
+    top-8 of 288 experts), fused launches, on a one-rank low-latency Buffer."""
+    tokens, hidden, num_topk, num_experts = 128, 7168, 8, 288
+    buffer = tritonep.Buffer(
+        dist.group.WORLD,
+        num_rdma_bytes=tritonep.Buffer.get_low_latency_rdma_size_hint(
+            tokens, hidden, 1, num_experts
+        ),
+        low_latency_mode=True,
+    )
+    gen = torch.Generator().manual_seed(1)
+    topk_idx, topk_weights = checks.make_routing(
+        tokens, num_experts, num_topk, gen, "cuda", drop=0.01
+    )
+    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    _, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, tokens, num_experts)
+    y = torch.randn((num_experts, tokens, hidden), device="cuda").to(torch.bfloat16)
+    ops = {
+        "low_latency_dispatch (FP8)": lambda: buffer.low_latency_dispatch(
+            x, topk_idx, tokens, num_experts
+        ),
+        "low_latency_combine": lambda: buffer.low_latency_combine(
+            y, topk_idx, topk_weights, handle
+        ),
+    }
+    rows = []
+    for name, fn in ops.items():
+        row = {
+            "op": name,
+            "defaults": "plain",
+            "num_sms": None,
+            "event_us": bench_events(fn)[0] * 1e6,
+            "host_us": host_us(fn),
+            "graph_us": graph_us(fn),
+            "kernels_us": kernel_times(fn),
+        }
+        rows.append(row)
+        per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
+        print(
+            f"{name:<40}{'-':>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}"
+            f"{row['graph_us']:>10.1f}   {per_kernel}"
+        )
+        if profile:
+            print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
+            print_profile(fn)
+    buffer.destroy()
+    return rows
 
 
 def single_rank_buffer(port: int) -> tritonep.Buffer:
@@ -216,6 +266,7 @@ def main() -> int:
                     )
                     print_profile(ops[name])
     torch.set_default_device(None)
+    rows += low_latency_rows(args.profile)
     torch.cuda.synchronize()
     if args.json:
         with open(args.json, "w") as f:
