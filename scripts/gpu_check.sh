@@ -4,7 +4,8 @@
 # pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage prints its figures and
 # the script ends with a one-line-per-record table (scripts/gpu_summary.py).
 #
-#   STAGES="tests internode layout host scaling bench shapes ll nvshmem pressure" (default: all but shapes)
+#   STAGES="tests internode layout host scaling bench shapes ll llgrid nvshmem pressure"
+#       (default: all but the sweeps shapes and llgrid)
 #       which parts to run; all of them take 20-25 minutes on 2 GPUs, the tests alone over 9 (2xH200:
 #       the first ten, through the low-latency test, ran 545 s; then NVSHMEM layer 64 s, shared GPU
 #       25 s, MoE layer 13 s, profiler names 11 s), so a machine with a time limit per command may
@@ -128,6 +129,21 @@ if has ll; then
   echo "== low-latency, 4 ranks sharing GPU 0"
   CUDA_VISIBLE_DEVICES=0 TRITONEP_TIMEOUT_S=30 timeout ${LL_TIMEOUT:-150} python3 benchmarks/low_latency.py --ranks 4 \
     --replays 20 ${LL_ARGS:-} --json "$OUT/ll-shared-ep4.json" 2>&1 | tail -6
+  mps_stop
+fi
+
+# Low-latency programs per launch: one unchecked timing run (2 ranks sharing GPU 0) per
+# TRITONEP_LL_PROGRAMS value of LL_GRIDS (';'-separated; empty = built-in).
+if has llgrid; then
+  mps_start || echo "(no MPS daemon: ranks sharing a GPU time-slice)"
+  IFS=';' read -ra grid_list <<< "${LL_GRIDS:-;dispatch_senders=128;dispatch_receivers=64;combine_senders=96;combine_receivers=96}"
+  for grid in "${grid_list[@]}"; do
+    name=$(echo "${grid:-built-in}" | tr ',=' '-_')
+    echo "== low-latency programs: ${grid:-built-in}"
+    CUDA_VISIBLE_DEVICES=0 TRITONEP_LL_PROGRAMS="$grid" TRITONEP_TIMEOUT_S=20 timeout 120 \
+      python3 benchmarks/low_latency.py --ranks 2 --no-check --replays 10 \
+      --json "$OUT/llgrid-$name.json" 2>&1 | grep "^rank"
+  done
   mps_stop
 fi
 

@@ -9,6 +9,7 @@
 | `TRITONEP_FORCE_PUT` | 0 | at Buffer construction | 1: RDMA-memory traffic takes the put path (NVSHMEM, or its CPU emulation) even to peers that stores reach (tests the remote path on one host) |
 | `TRITONEP_CONFIG_FILE` | unset | at the first `get_dispatch_config` / `get_combine_config` (also `dispatch` / `combine` without `config`) | JSON file written by `tritonep tune`: its entries replace V1's tuned tables for the rank and SM counts it lists; unset: V1's tables |
 | `TRITONEP_PROGRAM_SHAPE` | unset | at Buffer construction | GPU backend, intranode mode: `field=value,...` overrides of the data kernels' program shape (`dispatch_warps`, `dispatch_tile_words`, `combine_warps`, `combine_tile_words`, `combine_tile`, `prefetch`), for tuning sweeps |
+| `TRITONEP_LL_PROGRAMS` | unset | at Buffer construction | GPU, low-latency mode: `field=value,...` programs per launch (`dispatch_senders`, `dispatch_receivers`, `combine_senders`, `combine_receivers`; built in 64, 32, 48, 48), for tuning sweeps |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
 Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
@@ -89,10 +90,9 @@ def config_file() -> str | None:
     return path or None
 
 
-def program_shape_overrides() -> dict[str, int]:
-    """`TRITONEP_PROGRAM_SHAPE=dispatch_warps=16,combine_tile_words=8192`: integer field overrides
-    of the intranode program shape (`modes/intranode.py` checks the names)."""
-    raw = os.environ.get("TRITONEP_PROGRAM_SHAPE", "").strip()
+def _field_overrides(variable: str, fields: tuple[str, ...]) -> dict[str, int]:
+    """`field=integer,...` entries of `variable`, each naming one of `fields`."""
+    raw = os.environ.get(variable, "").strip()
     overrides = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         name, sep, value = item.partition("=")
@@ -102,8 +102,37 @@ def program_shape_overrides() -> dict[str, int]:
             sep = ""
         if not sep:
             raise EPInvalidArgument(
-                f"environment: TRITONEP_PROGRAM_SHAPE entries must be field=integer, got {item!r}"
+                f"environment: {variable} entries must be field=integer, got {item!r}"
             )
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise EPInvalidArgument(
+            f"environment: {variable} names unknown fields {unknown}; fields: {list(fields)}"
+        )
+    return overrides
+
+
+def program_shape_overrides(fields: tuple[str, ...]) -> dict[str, int]:
+    """`TRITONEP_PROGRAM_SHAPE=dispatch_warps=16,combine_tile_words=8192`: integer overrides of the
+    intranode program shape's `fields`."""
+    return _field_overrides("TRITONEP_PROGRAM_SHAPE", fields)
+
+
+LL_PROGRAM_FIELDS = (
+    "dispatch_senders",
+    "dispatch_receivers",
+    "combine_senders",
+    "combine_receivers",
+)
+
+
+def ll_program_overrides() -> dict[str, int]:
+    """`TRITONEP_LL_PROGRAMS=dispatch_senders=128,combine_receivers=64`: programs per low-latency
+    launch on the GPU (at least 1 each)."""
+    overrides = _field_overrides("TRITONEP_LL_PROGRAMS", LL_PROGRAM_FIELDS)
+    for name, value in overrides.items():
+        if value < 1:
+            raise EPInvalidArgument(f"environment: TRITONEP_LL_PROGRAMS {name} must be >= 1")
     return overrides
 
 

@@ -201,6 +201,11 @@ def gpu_run_meta(num_ranks: int, shape: dict, method: str, **extra) -> dict:
         "triton": __import__("triton").__version__,
         "force_put": os.environ.get("TRITONEP_FORCE_PUT", "0"),
         "mps_share": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+        "tuning": {
+            name: os.environ[name]
+            for name in ("TRITONEP_PROGRAM_SHAPE", "TRITONEP_LL_PROGRAMS")
+            if os.environ.get(name)
+        },
         "shape": shape,
         "method": method,
     }

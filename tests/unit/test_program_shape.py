@@ -1,5 +1,6 @@
-"""`TRITONEP_PROGRAM_SHAPE`: field overrides of the intranode GPU program shape (tuning sweeps);
-the interpreter's shape stays fixed and bad entries fail with the entry named."""
+"""`TRITONEP_PROGRAM_SHAPE` and `TRITONEP_LL_PROGRAMS`: GPU tuning overrides (intranode program
+shape, low-latency programs per launch); the interpreter's shape stays fixed and bad entries fail
+with the entry named."""
 
 import pytest
 
@@ -38,3 +39,14 @@ def test_bad_entries_are_named(monkeypatch, value, words):
     monkeypatch.setenv("TRITONEP_PROGRAM_SHAPE", value)
     with pytest.raises(EPInvalidArgument, match=words):
         program_shape("cuda", 2)
+
+
+def test_low_latency_program_overrides(monkeypatch):
+    from tritonep import _env
+
+    monkeypatch.setenv("TRITONEP_LL_PROGRAMS", "dispatch_senders=128, combine_receivers=64")
+    assert _env.ll_program_overrides() == {"dispatch_senders": 128, "combine_receivers": 64}
+    for value, words in [("senders=4", "unknown"), ("dispatch_senders=0", ">= 1")]:
+        monkeypatch.setenv("TRITONEP_LL_PROGRAMS", value)
+        with pytest.raises(EPInvalidArgument, match=words):
+            _env.ll_program_overrides()

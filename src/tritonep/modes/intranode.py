@@ -23,7 +23,6 @@ import torch
 from .. import _env, protocol
 from .._validate import fail
 from ..config import Config
-from ..errors import EPInvalidArgument
 from ..handles import IntranodeHandle
 from ..kernels.intranode.queues import IntranodeQueues
 from ..runtime.host import HostBlock
@@ -67,13 +66,9 @@ def program_shape(backend: str, num_ranks: int) -> ProgramShape:
     if backend == "cpu":
         return _INTERPRETER_SHAPE
     shape = _GPU_SHAPE_TWO_RANKS if num_ranks <= 2 else _GPU_SHAPE
-    overrides = _env.program_shape_overrides()
-    unknown = set(overrides) - {field.name for field in dataclasses.fields(ProgramShape)}
-    if unknown:
-        raise EPInvalidArgument(
-            f"environment: TRITONEP_PROGRAM_SHAPE names unknown fields {sorted(unknown)}; fields: "
-            f"{[field.name for field in dataclasses.fields(ProgramShape)]}"
-        )
+    overrides = _env.program_shape_overrides(
+        tuple(field.name for field in dataclasses.fields(ProgramShape))
+    )
     return dataclasses.replace(
         shape, **{name: type(getattr(shape, name))(value) for name, value in overrides.items()}
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _env
 from .._validate import check_int, check_tensor, fail
 from ..config import get_low_latency_rdma_size_hint
 from ..errors import EPStateError
@@ -75,13 +76,27 @@ class LowLatencyMode:
         # (132 + 132 programs per rank on a GPU shared by 2, with prefetching senders) timed out:
         # a fused launch's receivers spin until senders run, and ranks sharing a GPU must all stay
         # resident together, which a cooperative launch cannot check across processes.
-        # Dispatch senders own tokens (so at most T of them), combine senders (expert, rank) blocks;
-        # this pair is the knob for both.
-        self._senders, self._receivers = (64, 32) if self._gpu else (2, 2)
+        # Dispatch senders own tokens (so at most T of them) and combine senders rows.
         # Combine splits the same 96 programs evenly: its senders stream their rows (about 2
         # read + write steps per 4 rows) while each receiver loads K rows per token, about as many
-        # bytes per program at 48 + 48 (an estimate from the byte counts, to be tuned on the GPU).
-        self._combine_programs = (48, 48) if self._gpu else (2, 2)
+        # bytes per program at 48 + 48 (an estimate from the byte counts, to be tuned on the GPU;
+        # TRITONEP_LL_PROGRAMS overrides each count there).
+        if self._gpu:
+            programs = {
+                "dispatch_senders": 64,
+                "dispatch_receivers": 32,
+                "combine_senders": 48,
+                "combine_receivers": 48,
+                **_env.ll_program_overrides(),
+            }
+            self._senders, self._receivers = (
+                programs["dispatch_senders"],
+                programs["dispatch_receivers"],
+            )
+            self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
+        else:
+            self._senders, self._receivers = 2, 2
+            self._combine_programs = (2, 2)
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
