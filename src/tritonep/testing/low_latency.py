@@ -38,6 +38,22 @@ def _valid_rows(tensor: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor
     return [tensor[e, : int(c)] for e, c in enumerate(counts.tolist())]
 
 
+def _reference_combine(ctx, num_experts, y, topk_idx, topk_weights, handle, **options):
+    """`reference.ll_combine` on this rank, with every rank's expert outputs and handles gathered
+    (collective)."""
+    return reference.ll_combine(
+        ctx.rank,
+        ctx.world_size,
+        num_experts,
+        gather(ctx.group, y),
+        topk_idx.cpu(),
+        topk_weights.cpu(),
+        gather(ctx.group, handle[0]),
+        gather(ctx.group, handle[1]),
+        **options,
+    )
+
+
 def check_low_latency(
     ctx,
     *,
@@ -160,16 +176,8 @@ def check_low_latency(
         combine_hook()
     if with_out:
         assert combined is out, "low_latency_combine must return `out` itself"
-    want_combined = reference.ll_combine(
-        rank,
-        num_ranks,
-        num_experts,
-        gather(group, y),
-        topk_idx.cpu(),
-        topk_weights.cpu(),
-        gather(group, handle[0]),
-        gather(group, handle[1]),
-        use_logfmt=use_logfmt,
+    want_combined = _reference_combine(
+        ctx, num_experts, y, topk_idx, topk_weights, handle, use_logfmt=use_logfmt
     )
     assert combined.shape == want_combined.shape, f"combine shape {tuple(combined.shape)}"
     if use_logfmt and combined.numel():
@@ -379,7 +387,7 @@ def masked_combine_round(ctx, masked_rank: int, **shape) -> dict:
     """A rank masked between dispatch and combine: the combine leaves it out both ways (its rows
     are still in the handles: counted but not sent); then, masks cleared, the same round unmasked
     is exact again (so the combine's arrival counters came back to zero)."""
-    group, rank, num_ranks = ctx.group, ctx.rank, ctx.world_size
+    rank, num_ranks = ctx.rank, ctx.world_size
     max_tokens, hidden, num_experts = shape["max_tokens"], shape["hidden"], shape["num_experts"]
     buffer = ll_buffer(ctx, max_tokens, hidden, num_experts, shrink=True)  # shrink: masks
     device = device_of(buffer)
@@ -405,16 +413,6 @@ def masked_combine_round(ctx, masked_rank: int, **shape) -> dict:
             [masked and (s == masked_rank) != (j == masked_rank) for j in range(num_ranks)]
             for s in range(num_ranks)
         ]
-        want = reference.ll_combine(
-            rank,
-            num_ranks,
-            num_experts,
-            gather(group, y),
-            topk_idx.cpu(),
-            topk_weights.cpu(),
-            gather(group, handle[0]),
-            gather(group, handle[1]),
-            mask=mask,
-        )
+        want = _reference_combine(ctx, num_experts, y, topk_idx, topk_weights, handle, mask=mask)
         results.append(bool(torch.equal(combined.cpu(), want)))
     return {"masked_ok": results[0], "after_ok": results[1]}
