@@ -77,10 +77,7 @@ class RoutingLayout:
                 self._scratch = torch.zeros(
                     plan.scratch_slots, dtype=torch.int32, device=self._device
                 )
-        if allocate_on_comm_stream:
-            with streams.allocation():
-                outputs = plan.allocate(num_tokens, self._device)
-        else:
+        with streams.allocation():
             outputs = plan.allocate(num_tokens, self._device)
         plan.launch(
             streams.launch,

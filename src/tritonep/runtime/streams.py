@@ -22,6 +22,9 @@ import torch
 from .._validate import fail
 from ..event import EventHandle, EventOverlap, previous_handle
 
+# Reentrant and stateless: one instance serves every call that allocates on the caller's stream.
+_NO_CONTEXT = contextlib.nullcontext()
+
 
 class CommStreams:
     """The comm stream of one Buffer and the bookkeeping that lets a call skip its hand-offs.
@@ -111,7 +114,7 @@ class CallStreams:
         """Context in which output tensors are allocated (the comm stream only when asked)."""
         if self._allocate_on_comm and self.launch is not None:
             return torch.cuda.stream(self.launch)
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     def finish(self, tensors, keep_alive: str = "record_stream") -> EventOverlap:
         """Order the caller after the call (synchronous) or return its event (`async_finish`).
