@@ -81,22 +81,12 @@ class LowLatencyMode:
         # read + write steps per 4 rows) while each receiver loads K rows per token, about as many
         # bytes per program at 48 + 48 (an estimate from the byte counts, to be tuned on the GPU;
         # TRITONEP_LL_PROGRAMS overrides each count there).
+        defaults = (64, 32, 48, 48) if self._gpu else (2, 2, 2, 2)
+        programs = dict(zip(_env.LL_PROGRAM_FIELDS, defaults, strict=True))
         if self._gpu:
-            programs = {
-                "dispatch_senders": 64,
-                "dispatch_receivers": 32,
-                "combine_senders": 48,
-                "combine_receivers": 48,
-                **_env.ll_program_overrides(),
-            }
-            self._senders, self._receivers = (
-                programs["dispatch_senders"],
-                programs["dispatch_receivers"],
-            )
-            self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
-        else:
-            self._senders, self._receivers = 2, 2
-            self._combine_programs = (2, 2)
+            programs.update(_env.ll_program_overrides())
+        self._dispatch_programs = (programs["dispatch_senders"], programs["dispatch_receivers"])
+        self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
@@ -206,11 +196,10 @@ class LowLatencyMode:
             fail(op, f"{name} must have shape [{length}], got {tuple(stats.shape)}")
         return stats
 
-    def _grids(self, send_items: int, receive_items: int, programs=None) -> dict:
-        """Programs of each launch: {role: (senders, receivers)}, at most `programs` (default:
-        the dispatch split)."""
+    def _grids(self, send_items: int, receive_items: int, programs: tuple[int, int]) -> dict:
+        """Programs of each launch: {role: (senders, receivers)}, at most `programs`."""
         roles = self._kernels.low_latency.sync
-        most_senders, most_receivers = programs or (self._senders, self._receivers)
+        most_senders, most_receivers = programs
         senders, receivers = (
             min(send_items, most_senders),
             max(1, min(receive_items, most_receivers)),
@@ -286,7 +275,7 @@ class LowLatencyMode:
                 use_fp8=key[3],
                 round_scale=key[4],
                 use_ue8m0=key[5],
-                grids=self._grids(max_tokens, num_local),
+                grids=self._grids(max_tokens, num_local, self._dispatch_programs),
                 shrink=self._shrink,
                 has_cumulative=key[6],
                 has_wait_stats=key[7],
