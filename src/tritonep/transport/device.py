@@ -219,13 +219,13 @@ def _signal_mapped(sig, value, SIG_OP: tl.constexpr, mask=None):
     tl.static_assert(
         (SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD), "SIG_OP must be SIGNAL_SET or SIGNAL_ADD"
     )
-    # The other threads' stores, ordered at block scope before the signalling threads' release.
+    # The other threads' stores, ordered at block scope before the signalling threads' release,
+    # which publishes them.
     tl.debug_barrier()
     if SIG_OP == SIGNAL_SET:
-        # publishes the data stored before
         tl.atomic_xchg(sig, value, mask=mask, sem="release", scope="sys")
     else:
-        tl.atomic_add(sig, value, mask=mask, sem="release", scope="sys")  # publishes the data
+        tl.atomic_add(sig, value, mask=mask, sem="release", scope="sys")
 
 
 # -------------------------------------------------------------------------------- public calls
@@ -365,11 +365,8 @@ def signal_lanes(
         todo = live & ~direct
         while tl.max(todo.to(tl.int32), axis=0) > 0:
             j = tl.min(tl.where(todo, lanes, sigs.shape[0]), axis=0)
-            sig = lane(sigs.to(tl.int64), lanes, j)
-            tl.debug_barrier()  # every thread's part of earlier puts was issued
-            if _thread_id() == 0:
-                _nvshmem_fence()  # earlier puts to the lane's PE land before the signal
-                _signal_op(sig, _u64(value), SIG_OP, lane(pe, lanes, j))
+            sig = lane(sigs.to(tl.int64), lanes, j).to(tl.pointer_type(tl.int64))
+            signal_op(sig, value, lane(pe, lanes, j), 0, False, SIG_OP, TRANSPORT)
             todo = todo & (lanes != j)
     else:
         _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live)
