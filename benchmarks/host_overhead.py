@@ -77,10 +77,11 @@ def kernel_times(fn, calls: int = 20) -> dict:
     }
 
 
-def print_profile(fn, calls: int = 300, top: int = 14) -> None:
+def print_profile(name: str, fn, calls: int = 300, top: int = 14) -> None:
     import cProfile
     import pstats
 
+    print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
@@ -88,6 +89,25 @@ def print_profile(fn, calls: int = 300, top: int = 14) -> None:
     profiler.disable()
     torch.cuda.synchronize()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+def measure_op(name: str, fn, defaults: str, num_sms: int | None) -> dict:
+    """One op's row (event, host, graph and kernel times), printed as a table line."""
+    row = {
+        "op": name,
+        "defaults": defaults,
+        "num_sms": num_sms,
+        "event_us": bench_events(fn)[0] * 1e6,
+        "host_us": host_us(fn),
+        "graph_us": graph_us(fn),
+        "kernels_us": kernel_times(fn),
+    }
+    per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
+    print(
+        f"{name:<40}{num_sms if num_sms is not None else '-':>5}{row['event_us']:>10.1f}"
+        f"{row['host_us']:>10.1f}{row['graph_us']:>10.1f}   {per_kernel}"
+    )
+    return row
 
 
 def low_latency_rows(profile: bool) -> list[dict]:
@@ -118,24 +138,9 @@ def low_latency_rows(profile: bool) -> list[dict]:
     }
     rows = []
     for name, fn in ops.items():
-        row = {
-            "op": name,
-            "defaults": "plain",
-            "num_sms": None,
-            "event_us": bench_events(fn)[0] * 1e6,
-            "host_us": host_us(fn),
-            "graph_us": graph_us(fn),
-            "kernels_us": kernel_times(fn),
-        }
-        rows.append(row)
-        per_kernel = ", ".join(f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items())
-        print(
-            f"{name:<40}{'-':>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}"
-            f"{row['graph_us']:>10.1f}   {per_kernel}"
-        )
+        rows.append(measure_op(name, fn, "plain", None))
         if profile:
-            print(f"\ncProfile of {name}, top functions by own time (inflated by the profiler):")
-            print_profile(fn)
+            print_profile(name, fn)
     buffer.destroy()
     return rows
 
@@ -241,30 +246,10 @@ def main() -> int:
             for name, fn in ops.items():
                 if name == "get_dispatch_layout" and num_sms != args.num_sms[0]:
                     continue
-                row = {
-                    "op": name,
-                    "defaults": label,
-                    "num_sms": num_sms,
-                    "event_us": bench_events(fn)[0] * 1e6,
-                    "host_us": host_us(fn),
-                    "graph_us": graph_us(fn),
-                    "kernels_us": kernel_times(fn),
-                }
-                rows.append(row)
-                per_kernel = ", ".join(
-                    f"{k.split('::')[-1]} {v:.1f}" for k, v in row["kernels_us"].items()
-                )
-                print(
-                    f"{name:<40}{num_sms:>5}{row['event_us']:>10.1f}{row['host_us']:>10.1f}"
-                    f"{row['graph_us']:>10.1f}   {per_kernel}"
-                )
+                rows.append(measure_op(name, fn, label, num_sms))
             if args.profile and num_sms == args.num_sms[0] and default_device is None:
                 for name in ("get_dispatch_layout", "dispatch (cached, BF16)", "combine"):
-                    print(
-                        f"\ncProfile of {name}, top functions by own time (inflated by the "
-                        "profiler):"
-                    )
-                    print_profile(ops[name])
+                    print_profile(name, ops[name])
     torch.set_default_device(None)
     rows += low_latency_rows(args.profile)
     torch.cuda.synchronize()
