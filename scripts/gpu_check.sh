@@ -28,6 +28,20 @@ nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
 echo "== $NGPU GPU(s), stages: $STAGES"; cat "$OUT/gpus.txt"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
+# sweep VARIABLE "v1;v2;..." PREFIX PATTERN command...: runs the command once per value (empty =
+# built-in) with VARIABLE set to it, for at most 120 s, its JSON in $OUT/PREFIX-<value>.json, and
+# prints the output lines matching PATTERN.
+sweep() {
+  local variable=$1 prefix=$3 pattern=$4 value name values
+  IFS=';' read -ra values <<< "$2"
+  shift 4
+  for value in "${values[@]}"; do
+    name=$(echo "${value:-built-in}" | tr ',=' '-_')
+    echo "== $variable=${value:-built-in}"
+    env "$variable=$value" timeout 120 "$@" --json "$OUT/$prefix-$name.json" 2>&1 | grep "$pattern"
+  done
+}
+
 # Two ranks on one GPU run concurrently only under MPS (otherwise the GPU time-slices between the
 # processes and spinning kernels crawl): start the daemon for the shared-GPU benchmark.
 mps_start() {
@@ -100,13 +114,10 @@ fi
 # Program shapes of the intranode kernels (warps, register tile, prefetch) at the default configs:
 # one benchmark per TRITONEP_PROGRAM_SHAPE value of SHAPES (';'-separated; empty = built-in).
 if has shapes; then
-  IFS=';' read -ra shape_list <<< "${SHAPES:-;dispatch_warps=16;dispatch_tile_words=16384;dispatch_tile_words=4096;combine_tile=4;combine_tile=16;prefetch=0}"
-  for shape in "${shape_list[@]}"; do
-    name=$(echo "${shape:-built-in}" | tr ',=' '-_')
-    echo "== program shape: ${shape:-built-in}"
-    TRITONEP_PROGRAM_SHAPE="$shape" TRITONEP_TIMEOUT_S=30 timeout 120 python3 -m tritonep bench --check none --quiet \
-      ${BENCH_ARGS:-} --json "$OUT/shape-$name.json" 2>&1 | grep "^dispatch\|^combine"
-  done
+  TRITONEP_TIMEOUT_S=30 sweep TRITONEP_PROGRAM_SHAPE \
+    "${SHAPES:-;dispatch_warps=16;dispatch_tile_words=16384;dispatch_tile_words=4096;combine_tile=4;combine_tile=16;prefetch=0}" \
+    shape "^dispatch\|^combine" \
+    python3 -m tritonep bench --check none --quiet ${BENCH_ARGS:-}
 fi
 
 # Low-latency mode: ranks sharing GPU 0 under MPS (the one-GPU acceptance setting), one rank per
@@ -136,14 +147,10 @@ fi
 # TRITONEP_LL_PROGRAMS value of LL_GRIDS (';'-separated; empty = built-in).
 if has llgrid; then
   mps_start || echo "(no MPS daemon: ranks sharing a GPU time-slice)"
-  IFS=';' read -ra grid_list <<< "${LL_GRIDS:-;dispatch_senders=128;dispatch_receivers=64;combine_senders=96;combine_receivers=96}"
-  for grid in "${grid_list[@]}"; do
-    name=$(echo "${grid:-built-in}" | tr ',=' '-_')
-    echo "== low-latency programs: ${grid:-built-in}"
-    CUDA_VISIBLE_DEVICES=0 TRITONEP_LL_PROGRAMS="$grid" TRITONEP_TIMEOUT_S=20 timeout 120 \
-      python3 benchmarks/low_latency.py --ranks 2 --no-check --replays 10 \
-      --json "$OUT/llgrid-$name.json" 2>&1 | grep "^rank"
-  done
+  CUDA_VISIBLE_DEVICES=0 TRITONEP_TIMEOUT_S=20 sweep TRITONEP_LL_PROGRAMS \
+    "${LL_GRIDS:-;dispatch_senders=128;dispatch_receivers=64;combine_senders=96;combine_receivers=96}" \
+    llgrid "^rank" \
+    python3 benchmarks/low_latency.py --ranks 2 --no-check --replays 10
   mps_stop
 fi
 
