@@ -21,6 +21,6 @@ def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
         num_experts=288,
         max_tokens=128,
         drop=0.01,
-        timeout=500,
+        timeout=250,  # below gpu_check's stage limit, so a hang reports every rank's stack
     )
     assert results == [len(combos)] * 2

@@ -341,14 +341,21 @@ def logfmt_store(row_addrs, groups, mask, wire, meta, HIDDEN: tl.constexpr):
 @triton.jit
 def logfmt_load(row_addrs, groups, mask, HIDDEN: tl.constexpr):
     """Load `(wire [NG, 128], meta [NG])` int32 stored by `logfmt_store` (masked tile rows: 0s);
-    regions C and D are read only for groups sent as BF16."""
+    regions C and D are read only for groups sent as BF16. The rows come from peers: the loads
+    bypass L1 (`.cg`), as every other load of peer-written rows does."""
     G: tl.constexpr = HIDDEN // GROUP
     TAIL_ALIGNED: tl.constexpr = G % 4 == 0
     a, b, m, c, d = _regions(row_addrs, groups, HIDDEN)
-    meta = tl.load(m.to(tl.pointer_type(tl.int32)), mask=mask, other=0)
+    meta = tl.load(m.to(tl.pointer_type(tl.int32)), mask=mask, other=0, cache_modifier=".cg")
     bf16 = mask & ((meta & _BF16_FLAG) != 0)
-    wire = _unpack(tl.load(_words(a, 32, True), mask=mask[:, None], other=0), 8)
-    wire |= _unpack(tl.load(_words(b, 8, True), mask=mask[:, None], other=0), 2) << 8
-    wire |= _unpack(tl.load(_words(c, 16, TAIL_ALIGNED), mask=bf16[:, None], other=0), 4) << 10
-    wire |= _unpack(tl.load(_words(d, 8, TAIL_ALIGNED), mask=bf16[:, None], other=0), 2) << 14
+    wire = _unpack(_load_words(a, 32, True, mask), 8)
+    wire |= _unpack(_load_words(b, 8, True, mask), 2) << 8
+    wire |= _unpack(_load_words(c, 16, TAIL_ALIGNED, bf16), 4) << 10
+    wire |= _unpack(_load_words(d, 8, TAIL_ALIGNED, bf16), 2) << 14
     return wire, meta
+
+
+@triton.jit
+def _load_words(addrs, WORDS: tl.constexpr, ALIGNED: tl.constexpr, mask):
+    """The WORDS int32 words after each byte address of `addrs` (0 where `mask` is false)."""
+    return tl.load(_words(addrs, WORDS, ALIGNED), mask=mask[:, None], other=0, cache_modifier=".cg")
