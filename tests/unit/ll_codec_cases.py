@@ -90,8 +90,9 @@ def logfmt_kernel(
     tl.store(meta_ptr + rows.to(tl.int64) * G + groups, meta, mask=live)
     slots = slots_addr + rows.to(tl.int64) * SLOT_BYTES
     logfmt_store(slots, groups, live, wire, meta, HIDDEN)
-    # The interpreter runs this program's stores before its loads; on a GPU a real receiver reads
-    # rows written by other programs after a flag handshake.
+    # Other threads of the program stored some of the words loaded next: on a GPU the barrier
+    # makes them visible (the interpreter runs the stores first anyway).
+    tl.debug_barrier()
     loaded_wire, loaded_meta = logfmt_load(slots, groups, live, HIDDEN)
     tl.store(loaded_wire_ptr + offsets, loaded_wire, mask=live[:, None])
     tl.store(loaded_meta_ptr + rows.to(tl.int64) * G + groups, loaded_meta, mask=live)
@@ -128,17 +129,19 @@ def run_fp8(ctx, x: torch.Tensor, round_scale: bool, rows: int = 2):
 POISON = 0x5A  # the byte slots are filled with before the stores: unwritten bytes keep it
 
 
-def run_logfmt(ctx, x: torch.Tensor, rows: int = 2) -> dict:
-    """Encode, store, load and decode every row of `x` `[N, H]` bf16; all intermediate results."""
+def run_logfmt(ctx, x: torch.Tensor, rows: int = 2, num_warps: int = 4) -> dict:
+    """Encode, store, load and decode every row of `x` `[N, H]` bf16; all intermediate results (on
+    the CPU). Runs where `x` is: in the interpreter for a CPU tensor, compiled for a CUDA one."""
     num_rows, hidden = x.shape
     groups = hidden // 128
+    on = dict(device=x.device)
     out = {
-        "wire": torch.full((num_rows, hidden), -1, dtype=torch.int32),
-        "meta": torch.full((num_rows, groups), -1, dtype=torch.int32),
-        "loaded_wire": torch.full((num_rows, hidden), -1, dtype=torch.int32),
-        "loaded_meta": torch.full((num_rows, groups), -1, dtype=torch.int32),
-        "decoded": torch.full((num_rows, hidden), float("nan")),
-        "slots": torch.full((num_rows, logfmt_row_bytes(hidden)), POISON, dtype=torch.uint8),
+        "wire": torch.full((num_rows, hidden), -1, dtype=torch.int32, **on),
+        "meta": torch.full((num_rows, groups), -1, dtype=torch.int32, **on),
+        "loaded_wire": torch.full((num_rows, hidden), -1, dtype=torch.int32, **on),
+        "loaded_meta": torch.full((num_rows, groups), -1, dtype=torch.int32, **on),
+        "decoded": torch.full((num_rows, hidden), float("nan"), **on),
+        "slots": torch.full((num_rows, logfmt_row_bytes(hidden)), POISON, dtype=torch.uint8, **on),
     }
     logfmt_kernel[(triton.cdiv(num_rows, rows),)](
         x,
@@ -152,6 +155,7 @@ def run_logfmt(ctx, x: torch.Tensor, rows: int = 2) -> dict:
         HIDDEN=hidden,
         ROWS=rows,
         BLOCK_G=_block_g(hidden),
-        INTERPRETED=True,
+        INTERPRETED=x.device.type == "cpu",
+        num_warps=num_warps,
     )
-    return out
+    return {name: t.cpu() for name, t in out.items()}

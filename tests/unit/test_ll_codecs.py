@@ -162,10 +162,35 @@ def _expected_slot(wire, meta, hidden):
 @pytest.mark.parametrize("hidden", [256, 512, 640])  # G = 2, 4, 5: C and D 4- or 16-byte aligned
 def test_logfmt_codec(cpu_pool, hidden):
     x = logfmt_inputs(hidden, seed=hidden + 1)
-    out = _run(cpu_pool, cases.run_logfmt, x)
-    num_rows, g = x.size(0), hidden // 128
+    check_logfmt(x, _run(cpu_pool, cases.run_logfmt, x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "hidden, rows, num_warps",
+    [(512, 2, 4), (7168, 1, 8)],  # the second: the LL combine's whole-row tile at DeepEP's hidden
+)
+def test_logfmt_codec_gpu(hidden, rows, num_warps):
+    """The same codec compiled (lg2/ex2.approx, 16-byte vectors), on the same inputs."""
+    x = logfmt_inputs(hidden, seed=hidden + 1)
+    check_logfmt(x, cases.run_logfmt(None, x.cuda(), rows=rows, num_warps=num_warps))
+
+
+def check_logfmt(x: torch.Tensor, out: dict) -> None:
+    """`cases.run_logfmt`'s results for `x` against the reference and the documented layout."""
+    num_rows, hidden = x.shape
+    g = hidden // 128
     codes, encoded, levels = reference.logfmt_codes(x)
     wire, meta = out["wire"], out["meta"]
+
+    # Store -> load returns what was stored, and the slot holds exactly the documented bytes.
+    assert torch.equal(out["loaded_wire"], wire) and torch.equal(out["loaded_meta"], meta)
+    for row in range(num_rows):
+        want_slot = _expected_slot(wire[row], meta[row], hidden)
+        assert torch.equal(out["slots"][row], want_slot), f"row {row}: slot bytes differ"
+        if encoded[row].all():
+            written = int((out["slots"][row] != cases.POISON).nonzero().max()) + 1
+            assert written <= hidden * 10 // 8 + 4 * g
 
     # Group decisions and metadata are exact: amax, amin of |x| (NaN ignored) and the BF16 flag.
     assert torch.equal((meta & 0x8000) != 0, ~encoded), "BF16 fallback decisions differ"
@@ -213,15 +238,6 @@ def test_logfmt_codec(cpu_pool, hidden):
     xf = x.double()
     err, want_err = (decoded - xf).abs(), (want - xf).abs()
     assert (err <= want_err * (1 + 2.0**-10) + 2.0**-15 * xf.abs())[enc].all()
-
-    # Store -> load returns what was stored, and the slot holds exactly the documented bytes.
-    assert torch.equal(out["loaded_wire"], wire) and torch.equal(out["loaded_meta"], meta)
-    for row in range(num_rows):
-        want_slot = _expected_slot(wire[row], meta[row], hidden)
-        assert torch.equal(out["slots"][row], want_slot), f"row {row}: slot bytes differ"
-        if encoded[row].all():
-            written = int((out["slots"][row] != cases.POISON).nonzero().max()) + 1
-            assert written <= hidden * 10 // 8 + 4 * g
 
 
 # -------------------------------------------------------------------------- reference examples

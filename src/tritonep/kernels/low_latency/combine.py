@@ -77,10 +77,10 @@ def _block_of(rows, ends):
 
 
 @triton.jit
-def _per_group(values, BLOCK_G: tl.constexpr):
-    """`[ROWS]` -> `[ROWS * BLOCK_G]`: each row's value repeated for each of its group rows."""
+def _per_group(values, GROUPS: tl.constexpr):
+    """`[ROWS]` -> `[ROWS * GROUPS]`: each row's value repeated for each of its group rows."""
     ROWS: tl.constexpr = values.shape[0]
-    return tl.reshape(tl.broadcast_to(values[:, None], (ROWS, BLOCK_G)), (ROWS * BLOCK_G,))
+    return tl.reshape(tl.broadcast_to(values[:, None], (ROWS, GROUPS)), (ROWS * GROUPS,))
 
 
 @triton.jit
@@ -165,7 +165,6 @@ def _combine_kernel(
     ROWS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     CHUNK_G: tl.constexpr,
@@ -253,17 +252,19 @@ def _combine_kernel(
                 ring = staged + tl.cumsum(put.to(tl.int32), axis=0) - 1
                 stage = send + tl.cast(pid * STAGE_ROWS + ring, tl.int64) * SLOT_BYTES
                 staged += by_put
-                # Group rows: group g of tile row r is group row r * BLOCK_G + g.
-                groups = tl.arange(0, ROWS * BLOCK_G) % BLOCK_G
-                in_row = _per_group(live, BLOCK_G) & (groups < G)
-                xp = (_per_group(x_addr + row * ROW_BYTES, BLOCK_G) + groups * 256).to(
-                    tl.pointer_type(tl.bfloat16)
-                )[:, None] + tl.arange(0, 128)[None, :]
-                wire, meta = logfmt_encode(
-                    tl.load(xp, mask=in_row[:, None], other=0.0), INTERPRETED
-                )
                 dst = tl.where(direct, slot + delta, stage)
-                logfmt_store(_per_group(dst, BLOCK_G), groups, in_row, wire, meta, HIDDEN)
+                # CHUNK_G groups of each row per step; group g of tile row r is group row
+                # r * CHUNK_G + g.
+                for c0 in range(0, G, CHUNK_G):
+                    groups = c0 + tl.arange(0, ROWS * CHUNK_G) % CHUNK_G
+                    in_row = _per_group(live, CHUNK_G) & (groups < G)
+                    xp = (_per_group(x_addr + row * ROW_BYTES, CHUNK_G) + groups * 256).to(
+                        tl.pointer_type(tl.bfloat16)
+                    )[:, None] + tl.arange(0, 128)[None, :]
+                    wire, meta = logfmt_encode(
+                        tl.load(xp, mask=in_row[:, None], other=0.0), INTERPRETED
+                    )
+                    logfmt_store(_per_group(dst, CHUNK_G), groups, in_row, wire, meta, HIDDEN)
                 put_source = stage
                 PUT_WORDS: tl.constexpr = SLOT_BYTES // 4
             else:
@@ -396,28 +397,38 @@ def _combine_kernel(
                         offsets = groups[:, None] * 128 + cols[None, :]
                         in_row = (groups < G)[:, None] & (cols[None, :] >= 0)
                         acc = tl.zeros([CHUNK_G, 128], dtype=tl.float32)
-                        for kk in tl.static_range(NUM_TOPK):
-                            # Masked, not branched, loads: the compiler may issue the K loads of
-                            # a chunk together. An unused entry adds 0 * 0 = +0.0, which leaves
-                            # acc unchanged (acc starts at +0.0, and a sum is -0.0 only of two
-                            # -0.0s): bit-exact with the reference.
-                            slot = lane(slots, ks, kk)
-                            if USE_LOGFMT:
-                                wire, meta = logfmt_load(
-                                    slot + groups * 0, groups, (groups < G) & (slot != 0), HIDDEN
-                                )
-                                y = logfmt_decode(wire, meta, INTERPRETED)
-                            else:
-                                yp = slot.to(tl.pointer_type(tl.bfloat16)) + offsets
-                                if ALIGNED:  # lost in the lane pick: 16-byte vectors need it
-                                    yp = tl.max_contiguous(tl.multiple_of(yp, [16, 16]), [1, 128])
-                                y = tl.load(
-                                    yp,
-                                    mask=in_row & (slot != 0),
-                                    other=0.0,
-                                    cache_modifier=".cg",
-                                ).to(tl.float32)
-                            acc = acc + lane(w, ks, kk) * y
+                        # BF16: the K entries unrolled; masked, not branched, loads, so the
+                        # compiler may issue the K loads of a chunk together. LogFMT: one entry
+                        # per trip (unrolled, its K sets of region pointers and decodes took 216
+                        # registers: one program per SM). An unused entry adds 0 * 0 = +0.0,
+                        # which leaves acc unchanged (acc starts at +0.0, and a sum is -0.0 only
+                        # of two -0.0s): bit-exact with the reference.
+                        UNROLL: tl.constexpr = 1 if USE_LOGFMT else NUM_TOPK
+                        for k0 in range(0, NUM_TOPK, UNROLL):
+                            for u in tl.static_range(UNROLL):
+                                kk = k0 + u
+                                slot = lane(slots, ks, kk)
+                                if USE_LOGFMT:
+                                    wire, meta = logfmt_load(
+                                        slot + groups * 0,
+                                        groups,
+                                        (groups < G) & (slot != 0),
+                                        HIDDEN,
+                                    )
+                                    y = logfmt_decode(wire, meta, INTERPRETED)
+                                else:
+                                    yp = slot.to(tl.pointer_type(tl.bfloat16)) + offsets
+                                    if ALIGNED:  # lost in the lane pick: 16-byte vectors need it
+                                        yp = tl.max_contiguous(
+                                            tl.multiple_of(yp, [16, 16]), [1, 128]
+                                        )
+                                    y = tl.load(
+                                        yp,
+                                        mask=in_row & (slot != 0),
+                                        other=0.0,
+                                        cache_modifier=".cg",
+                                    ).to(tl.float32)
+                                acc = acc + lane(w, ks, kk) * y
                         tl.store(
                             out_row + offsets, round_to(acc, tl.bfloat16, INTERPRETED), mask=in_row
                         )
@@ -463,21 +474,22 @@ class CombinePlan(RolePlan):
             HAS_WAIT_STATS=has_wait_stats,
             # Register budget: at most 80 per thread at 8 warps (3 programs per SM), no more than
             # the block-owning combine used. sm_90 AOT at DeepEP's shape: 78-80 (BF16);
-            # [4, 2048]-word sender tiles or 16-group receiver steps take 89-106. LogFMT stays
-            # whole-row, as before (228; was 223).
+            # [4, 2048]-word sender tiles or 16-group receiver steps take 89-106. LogFMT too: as
+            # whole-row [64, 128] tiles it took 228, one program per SM, and two ranks sharing a
+            # GPU could not hold both 96-program cooperative launches at once (the receivers of
+            # one spun until the timeout, waiting for senders that had no SM).
             # Sender tiles: 4 BF16 rows copied as [4, BLOCK_W] words per step; a LogFMT row is
-            # encoded as one [BLOCK_G, 128] tile.
+            # encoded CHUNK_G groups at a time.
             ROWS=1 if use_logfmt else 4,
             BLOCK_W=min(1024, pow2(regions.hidden // 2)),
             BLOCK_B=pow2(regions.num_experts),
             BLOCK_N=32,
-            BLOCK_G=block_g,
             BLOCK_K=block_k,
             # A receiver's tokens in one wait (all of them while T / Q <= 16).
             BLOCK_T=min(16, pow2(-(-regions.max_tokens // max(1, max_receivers)))),
-            # 128-channel groups per BF16 receiver step, whose K masked loads the compiler issues
-            # together (8 x 2 KB at K = 8).
-            CHUNK_G=block_g if use_logfmt else min(block_g, max(1, 64 // block_k)),
+            # 128-channel groups per receiver step, whose K masked loads the compiler issues
+            # together (8 x 2 KB at K = 8), and per LogFMT sender step.
+            CHUNK_G=min(block_g, max(1, 64 // block_k)),
             num_warps=num_warps,
             # Sums in the reference's order with separate roundings, so results are bit-exact.
             enable_fp_fusion=False,
