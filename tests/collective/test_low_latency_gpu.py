@@ -5,6 +5,7 @@ NVSHMEM put path and timings.
 """
 
 import pytest
+from test_low_latency import check_timeout_errors
 
 from tritonep.testing import low_latency as ll
 
@@ -24,3 +25,14 @@ def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
         timeout=250,  # below gpu_check's stage limit, so a hang reports every rank's stack
     )
     assert results == [len(combos)] * 2
+
+
+@pytest.mark.gpu
+def test_low_latency_timeout_two_ranks_on_one_gpu(shared_gpu_pool):
+    """A peer that never calls: rank 0's dispatch at DeepEP's shape gives up after
+    TRITONEP_TIMEOUT_S and reports it on its next call, with no device fault on the way."""
+    shape = dict(num_tokens=128, hidden=7168, num_topk=8, num_experts=288, max_tokens=128)
+    pool = shared_gpu_pool(2, TRITONEP_TIMEOUT_S="3")
+    pool.run(ll.make_ll_buffer, **shape, timeout=120)
+    first = pool.run(ll.timeout_round, dead_rank=1, stall_s=12.0, **shape, timeout=120)[0]
+    check_timeout_errors(first["errors"])

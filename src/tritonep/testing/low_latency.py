@@ -380,19 +380,23 @@ def make_ll_buffer(ctx, shrink: bool = False, **shape) -> None:
 
 def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     """Without shrink mode a rank that never calls makes the others' dispatch fail with a timeout
-    that
-    names rank and phase, and poisons their buffers."""
+    that names rank and phase, and poisons their buffers. Three calls, each followed by a device
+    synchronisation: on the CPU backend the first raises the timeout and the others find the
+    buffer unusable; on a GPU the first returns (its kernel reports when it gives up), the second
+    raises the timeout, the third finds the buffer unusable. Any other exception (a device fault
+    on the timeout path) propagates."""
     import time
 
     if ctx.rank == dead_rank:
         time.sleep(stall_s)
         return {"rank": ctx.rank}
     buffer = ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"])
-    x = torch.zeros((shape["num_tokens"], shape["hidden"]), dtype=torch.bfloat16)
+    device = device_of(buffer)
+    x = torch.zeros((shape["num_tokens"], shape["hidden"]), dtype=torch.bfloat16, device=device)
     topk_idx = torch.arange(shape["num_tokens"] * shape["num_topk"]).view(shape["num_tokens"], -1)
-    topk_idx = (topk_idx % shape["num_experts"]).to(tritonep.topk_idx_t)
+    topk_idx = (topk_idx % shape["num_experts"]).to(tritonep.topk_idx_t).to(device)
     errors = []
-    for _ in range(2):  # the call that times out, then one on the poisoned buffer
+    for _ in range(3):
         try:
             buffer.low_latency_dispatch(
                 x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False
@@ -400,6 +404,8 @@ def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
             errors.append(None)
         except tritonep.EPError as e:
             errors.append((type(e).__name__, str(e)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return {"rank": ctx.rank, "errors": errors}
 
 
