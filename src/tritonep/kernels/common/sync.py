@@ -119,16 +119,22 @@ def report_error(
     """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed,
     expected, code]`.
 
-    The peer is the lowest rank of the `[R]` mask `which`; `observed` / `expected` are `[R]` lanes
-    (or
-    scalars) of which the peer's are recorded. The claim slot makes the first reporter win; `code`
-    is published last so the host never reads a half-written record. The device stop word is raised
-    to `stop_epoch` (`STOP_ALL` for a fatal error) so later data kernels of those epochs do no work.
+    The peer is the lowest rank of the `[R]` mask `which`; `observed` / `expected` are `[R]`
+    lanes (or scalars) of which the peer's are recorded. The claim slot makes the first reporter
+    win; `code` is published last so the host never reads a half-written record. The device stop
+    word is raised to `stop_epoch` (`STOP_ALL` for a fatal error) so later data kernels of those
+    epochs do no work.
     """
     peer = tl.min(tl.where(which, ranks, BLOCK_RANKS), axis=0)
-    tl.atomic_max(stop_ptr, stop_epoch, sem="relaxed")
+    # Only the program that raises the stop word to this level goes on to the host block: when a
+    # wait times out, every waiting program of the launch gets here at about the same moment,
+    # and the claim below is an atomic on pinned host memory (sysmem atomics are not native over
+    # PCIe); the device word sorts them out first.
+    before = tl.atomic_max(stop_ptr, stop_epoch, sem="relaxed")
     zero = tl.full([], 0, tl.int64)
-    claimed = tl.atomic_cas(host_error_ptr, zero, zero + 1, sem="acq_rel", scope="sys")
+    claimed = zero + 1
+    if before < stop_epoch:
+        claimed = tl.atomic_cas(host_error_ptr, zero, zero + 1, sem="acq_rel", scope="sys")
     if claimed == 0:
         tl.store(host_error_ptr + 1, rank)
         tl.store(host_error_ptr + 2, peer)
