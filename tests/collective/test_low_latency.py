@@ -44,6 +44,26 @@ def test_low_latency_emulated_put_path_cpu(cpu_pool):
     assert results == [len(QUICK)] * 2
 
 
+@pytest.mark.parametrize("put", [False, True], ids=["stores", "put"])
+def test_low_latency_logfmt_rows_in_several_steps_cpu(cpu_pool, put):
+    """LogFMT rows longer than one encode / decode step (G = 10 groups, 8 per step at top-8): the
+    partial last step of every row, on both sides, over stores and over the put path's ring."""
+    pool = cpu_pool(2, TRITONEP_FORCE_PUT="1") if put else cpu_pool(2)
+    combos = [dict(use_logfmt=True, with_out=True), dict(use_fp8=True, use_logfmt=True, hook=True)]
+    results = pool.run(
+        ll.check_low_latency_matrix,
+        combos,
+        num_tokens=6,
+        hidden=1280,
+        num_topk=8,
+        num_experts=8,
+        max_tokens=8,
+        drop=0.2,
+        timeout=600,
+    )
+    assert results == [len(combos)] * 2
+
+
 def test_low_latency_odd_shapes_cpu(cpu_pool):
     combos = [
         dict(use_fp8=True, round_scale=True, use_ue8m0=True),
