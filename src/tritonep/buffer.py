@@ -270,12 +270,16 @@ class Buffer:
                     f"{op}: the CUDA backend was selected but no CUDA device is available"
                 )
             self._device = torch.device("cuda", torch.cuda.current_device())
+            # Ranks whose processes share this GPU (under MPS): they split its SMs.
+            gpu = str(torch.cuda.get_device_properties(self._device).uuid)
+            ranks_on_gpu = bootstrap.all_gather_object(gpu).count(gpu)
             from .utils import check_nvlink_connections
 
             if group is not None:
                 check_nvlink_connections(group)
         else:
             self._device = torch.device("cpu")
+            ranks_on_gpu = 1
         from .kernels import load_kernels
 
         self._kernels = load_kernels(self._backend)
@@ -352,6 +356,7 @@ class Buffer:
                 self._backend,
                 num_rdma_bytes,
                 self.enable_shrink,
+                ranks_on_gpu,
             )
         self._validated_handles: dict = {}
         if self._backend == "cuda":

@@ -28,6 +28,31 @@ def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
 
 
 @pytest.mark.gpu
+def test_low_latency_four_ranks_on_one_gpu(shared_gpu_pool):
+    """4 ranks on one GPU: each keeps its launches within a quarter of the SMs
+    (`resident_program_budget`), so all four fused launches are resident together."""
+    ue8m0 = dict(use_fp8=True, round_scale=True, use_ue8m0=True)
+    combos = [
+        dict(**ue8m0, hook=True, twice=True, use_logfmt=True),
+        dict(use_fp8=False, zero_copy=True, with_out=True),
+        dict(use_fp8=True, use_logfmt=True, with_out=True),
+        dict(use_fp8=True, hook=True),
+    ]
+    results = shared_gpu_pool(4).run(
+        ll.check_low_latency_matrix,
+        combos,
+        num_tokens=128,
+        hidden=7168,
+        num_topk=8,
+        num_experts=288,
+        max_tokens=128,
+        drop=0.01,
+        timeout=250,
+    )
+    assert results == [len(combos)] * 4
+
+
+@pytest.mark.gpu
 def test_low_latency_timeout_two_ranks_on_one_gpu(shared_gpu_pool):
     """A peer that never calls: rank 0's dispatch at DeepEP's shape gives up after
     TRITONEP_TIMEOUT_S and reports it on its next call, with no device fault on the way."""

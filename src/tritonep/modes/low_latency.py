@@ -14,6 +14,9 @@ order (`send_k, hook_k, send_k+1`) guarantees by itself.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from .. import _env
@@ -45,6 +48,7 @@ class LowLatencyMode:
         backend: str,
         num_rdma_bytes: int,
         shrink: bool,
+        ranks_on_gpu: int = 1,
     ):
         self._kernels = kernels
         self._ctx = ctx
@@ -75,7 +79,8 @@ class LowLatencyMode:
         # NVLink and through NVSHMEM puts (benchmarks/results/*-ll-*-8549bc9.json). A wider grid
         # (132 + 132 programs per rank on a GPU shared by 2, with prefetching senders) timed out:
         # a fused launch's receivers spin until senders run, and ranks sharing a GPU must all stay
-        # resident together, which a cooperative launch cannot check across processes.
+        # resident together, which a cooperative launch cannot check across processes. So ranks
+        # sharing a GPU also keep within their share of it (`resident_program_budget`).
         # Dispatch senders own tokens (so at most T of them) and combine senders rows.
         # Combine splits the same 96 programs evenly: its senders stream their rows (about 2
         # read + write steps per 4 rows) while each receiver loads K rows per token, about as many
@@ -87,6 +92,13 @@ class LowLatencyMode:
             programs.update(_env.ll_program_overrides())
         self._dispatch_programs = (programs["dispatch_senders"], programs["dispatch_receivers"])
         self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
+        self._program_budget = None
+        if self._gpu:
+            self._program_budget = resident_program_budget(
+                torch.cuda.get_device_properties(self._device).multi_processor_count,
+                ranks_on_gpu,
+                os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+            )
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
@@ -197,13 +209,16 @@ class LowLatencyMode:
         return stats
 
     def _grids(self, send_items: int, receive_items: int, programs: tuple[int, int]) -> dict:
-        """Programs of each launch: {role: (senders, receivers)}, at most `programs`."""
+        """Programs of each launch: {role: (senders, receivers)}, at most `programs`, and together
+        within this rank's share of the GPU (`resident_program_budget`)."""
         roles = self._kernels.low_latency.sync
         most_senders, most_receivers = programs
         senders, receivers = (
             min(send_items, most_senders),
             max(1, min(receive_items, most_receivers)),
         )
+        if self._program_budget is not None:
+            senders, receivers = fit_programs(senders, receivers, self._program_budget)
         return {
             roles.ROLE_BOTH.value: (senders, receivers),
             roles.ROLE_SEND.value: (senders, 0),
@@ -511,3 +526,37 @@ class LowLatencyMode:
 
     def clean_mask(self) -> None:
         self._mask.zero_()
+
+
+# The LL kernels are built to fit two 8-warp programs per SM (at most 128 registers per thread:
+# tests/unit/test_aot.py checks the sm_90 build).
+LL_PROGRAMS_PER_SM = 2
+
+
+def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | None) -> int:
+    """Programs one LL launch of a rank may use so that the launches of every rank sharing its
+    GPU (`sms` SMs) are resident together.
+
+    A fused launch is cooperative: its receivers spin until senders run, so all its programs must
+    be resident at once. The driver checks that for one process, but not across the processes
+    that share a GPU under MPS: at DeepEP's shape two ranks of 96 programs at one program per SM
+    (the LogFMT combine once took 216 registers) did not fit 132 SMs, and one rank's receivers
+    spun until the timeout. So each rank takes its share of the SMs: 1 / `ranks_on_gpu`, or the
+    MPS client limit (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, as a string) if lower.
+
+    Example: 132 SMs, 4 ranks on the GPU -> 33 SMs -> 66 programs per launch; 1 rank -> 264.
+    """
+    share = 1.0 / max(1, ranks_on_gpu)
+    # A value that is not a number: the MPS client refuses it before any launch.
+    with contextlib.suppress(TypeError, ValueError):
+        share = min(share, float(mps_percentage) / 100.0)
+    return max(2, int(sms * share) * LL_PROGRAMS_PER_SM)
+
+
+def fit_programs(senders: int, receivers: int, budget: int) -> tuple[int, int]:
+    """(senders, receivers) shrunk in proportion to at most `budget` programs, each side keeping
+    at least one. Example: (64, 32) in 66 -> (44, 22)."""
+    if senders + receivers <= budget:
+        return senders, receivers
+    fitted = max(1, min(senders - 1, senders * budget // (senders + receivers)))
+    return fitted, max(1, budget - fitted)

@@ -521,6 +521,8 @@ def compile_all() -> list[dict]:
                     "module": module,
                     "name": compiled.metadata.name,
                     "num_ranks": kwargs.get("NUM_RANKS"),
+                    "num_warps": kwargs.get("num_warps", 4),
+                    "use_logfmt": bool(kwargs.get("USE_LOGFMT", False)),
                     **_resource_usage(compiled.asm["cubin"]),
                     "vector_loads": sum(
                         n for op, n in ops.items() if op.startswith("ld") and ".v4" in op
