@@ -1,5 +1,5 @@
-"""Low-latency mode on one GPU shared by 2 rank processes (gloo group, CUDA backend, peer stores),
-at DeepEP's decode shape, against the reference. Ranks sharing a GPU should run under MPS
+"""Low-latency mode on one GPU shared by 2 or 4 rank processes (gloo group, CUDA backend, peer
+stores), at DeepEP's decode shape, against the reference. Ranks sharing a GPU should run under MPS
 (`scripts/gpu_check.sh` starts it); `benchmarks/low_latency.py` adds CUDA-graph replays, the forced
 NVSHMEM put path and timings.
 """
@@ -9,22 +9,24 @@ from test_low_latency import check_timeout_errors
 
 from tritonep.testing import low_latency as ll
 
+DEEPEP_SHAPE = dict(num_tokens=128, hidden=7168, num_topk=8, num_experts=288, max_tokens=128)
 
-@pytest.mark.gpu
-def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
-    combos = ll.pairwise_matrix()
-    results = shared_gpu_pool(2).run(
+
+def check_on_one_gpu(pool, combos: list[dict]) -> None:
+    """Every combination on every rank of `pool`, ~1 % of the top-k entries -1."""
+    results = pool.run(
         ll.check_low_latency_matrix,
         combos,
-        num_tokens=128,
-        hidden=7168,
-        num_topk=8,
-        num_experts=288,
-        max_tokens=128,
+        **DEEPEP_SHAPE,
         drop=0.01,
         timeout=250,  # below gpu_check's stage limit, so a hang reports every rank's stack
     )
-    assert results == [len(combos)] * 2
+    assert results == [len(combos)] * pool.world_size
+
+
+@pytest.mark.gpu
+def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
+    check_on_one_gpu(shared_gpu_pool(2), ll.pairwise_matrix())
 
 
 @pytest.mark.gpu
@@ -38,26 +40,14 @@ def test_low_latency_four_ranks_on_one_gpu(shared_gpu_pool):
         dict(use_fp8=True, use_logfmt=True, with_out=True),
         dict(use_fp8=True, hook=True),
     ]
-    results = shared_gpu_pool(4).run(
-        ll.check_low_latency_matrix,
-        combos,
-        num_tokens=128,
-        hidden=7168,
-        num_topk=8,
-        num_experts=288,
-        max_tokens=128,
-        drop=0.01,
-        timeout=250,
-    )
-    assert results == [len(combos)] * 4
+    check_on_one_gpu(shared_gpu_pool(4), combos)
 
 
 @pytest.mark.gpu
 def test_low_latency_timeout_two_ranks_on_one_gpu(shared_gpu_pool):
     """A peer that never calls: rank 0's dispatch at DeepEP's shape gives up after
     TRITONEP_TIMEOUT_S and reports it on its next call, with no device fault on the way."""
-    shape = dict(num_tokens=128, hidden=7168, num_topk=8, num_experts=288, max_tokens=128)
     pool = shared_gpu_pool(2, TRITONEP_TIMEOUT_S="3")
-    pool.run(ll.make_ll_buffer, **shape, timeout=120)
-    first = pool.run(ll.timeout_round, dead_rank=1, stall_s=12.0, **shape, timeout=120)[0]
+    pool.run(ll.make_ll_buffer, **DEEPEP_SHAPE, timeout=120)
+    first = pool.run(ll.timeout_round, dead_rank=1, stall_s=12.0, **DEEPEP_SHAPE, timeout=120)[0]
     check_timeout_errors(first["errors"])
