@@ -4,14 +4,15 @@
 # pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage prints its figures and
 # the script ends with a one-line-per-record table (scripts/gpu_summary.py).
 #
-#   STAGES="tests internode layout host scaling bench shapes ll llgrid nvshmem pressure"
-#       (default: all but the sweeps shapes and llgrid)
+#   STAGES="tests internode layout host scaling bench shapes ll llgrid sanitize nvshmem pressure"
+#       (default: all but the sweeps shapes and llgrid, and sanitize)
 #       which parts to run; all of them take 20-25 minutes on 2 GPUs, the tests alone over 9 (2xH200:
 #       the first ten, through the low-latency test, ran 545 s; then NVSHMEM layer 64 s, shared GPU
 #       25 s, MoE layer 13 s, profiler names 11 s), so a machine with a time limit per command may
 #       want them split with PYTEST_K, then "internode nvshmem", then "ll bench", then the rest
 #   PYTEST_K="expr"          only the GPU tests whose names match (pytest -k)
 #   HOST_ARGS="--profile"    extra arguments of benchmarks/host_overhead.py
+#   SANITIZE_K="expr"        the GPU tests the sanitize stage runs (default: low_latency_timeout)
 #   TESTS_TIMEOUT=540 / INTERNODE_TIMEOUT / LL_TIMEOUT / LL_PUT_TIMEOUT / NVSHMEM_TIMEOUT   limits (s)
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
@@ -152,6 +153,18 @@ if has llgrid; then
     llgrid "^rank" \
     python3 benchmarks/low_latency.py --ranks 2 --no-check --replays 10
   mps_stop
+fi
+
+# Device faults on an error path, located by compute-sanitizer (memcheck): the GPU tests matching
+# SANITIZE_K (default: the LL timeout test, whose peer makes no GPU calls, so its ranks need no MPS,
+# which the sanitizer does not support). One log per process; the summary prints the first faults.
+if has sanitize; then
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  echo "== compute-sanitizer memcheck: ${SANITIZE_K:-low_latency_timeout}"
+  timeout ${SANITIZE_TIMEOUT:-300} "$SANITIZER" --tool memcheck --target-processes all --print-limit 4 \
+    --log-file "$OUT/sanitizer-%p.txt" python3 -m pytest tests -m gpu -v -p no:cacheprovider \
+    -k "${SANITIZE_K:-low_latency_timeout}" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed" | tail -8
+  grep -h -A8 "Invalid\|Illegal\|Misaligned" "$OUT"/sanitizer-*.txt 2>/dev/null | grep -v "Host Frame" | head -40
 fi
 
 if has nvshmem; then
