@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -88,8 +89,8 @@ class LowLatencyMode:
         # TRITONEP_LL_PROGRAMS overrides each count there).
         defaults = (64, 32, 48, 48) if self._gpu else (2, 2, 2, 2)
         programs = dict(zip(_env.LL_PROGRAM_FIELDS, defaults, strict=True))
-        if self._gpu:
-            programs.update(_env.ll_program_overrides())
+        overrides = _env.ll_program_overrides() if self._gpu else {}
+        programs.update(overrides)
         self._dispatch_programs = (programs["dispatch_senders"], programs["dispatch_receivers"])
         self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
         self._program_budget = None
@@ -99,6 +100,15 @@ class LowLatencyMode:
                 ranks_on_gpu,
                 os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
             )
+            asked = max(sum(self._dispatch_programs), sum(self._combine_programs))
+            if overrides and asked > self._program_budget:
+                warnings.warn(
+                    f"tritonep: TRITONEP_LL_PROGRAMS asks for up to {asked} programs per launch, "
+                    f"but with {ranks_on_gpu} rank(s) on this GPU a launch holds "
+                    f"{self._program_budget} (every rank's launch must be resident at once): "
+                    "senders and receivers are scaled down to fit",
+                    stacklevel=4,
+                )
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
