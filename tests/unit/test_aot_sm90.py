@@ -86,6 +86,15 @@ def test_waits_use_the_gpu_clock_and_system_scope_acquires(report):
             assert row["uses_globaltimer"] and row["acquire_sys"], row
 
 
+def test_every_deadline_is_judged_by_the_whole_program(report):
+    # Each warp reads %globaltimer for itself; a wait that let each thread judge its own deadline
+    # let warps leave the loop at different trips, and their block barriers then paired up wrongly
+    # (the low-latency timeout path faulted on the GPU). `sync.deadline_passed` ORs the verdict.
+    for row in report:
+        if row["uses_globaltimer"]:
+            assert row["uniform_deadlines"] > 0, row
+
+
 def test_dispatch_does_not_spill(report):
     # A spilled copy loop goes through local memory on every block; 8 ranks used to spill 168-288 B.
     for row in report:

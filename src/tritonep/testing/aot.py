@@ -535,6 +535,8 @@ def compile_all() -> list[dict]:
                     ),
                     "uses_globaltimer": "%globaltimer" in ptx,
                     "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
+                    # Block-wide verdicts on a deadline (`sync.deadline_passed`).
+                    "uniform_deadlines": ptx.count("bar.red.or.pred"),
                 }
             )
     return report

@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 from triton.language import core
 
-from ..kernels.common.sync import load_acquire, now_ns
+from ..kernels.common.sync import load_acquire, past_deadline
 from ..kernels.common.tiles import lane
 
 STORES = tl.constexpr(0)
@@ -441,10 +441,10 @@ def quiet(TRANSPORT: tl.constexpr):
 
 @triton.jit
 def wait_until(sig, target, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
-    """Spin until this rank's 64-bit signal `*sig >= target` or `deadline` (ns,
-    `kernels/sync.now_ns`)
-    passes; returns the last value read (the wait failed if it is `< target`)."""
+    """Spin until this rank's 64-bit signal `*sig >= target` or `deadline` (ns, `sync.now_ns`)
+    passes; returns the last value read (the wait failed if it is `< target`). Every thread of the
+    program leaves the loop at the same trip (`sync.past_deadline`)."""
     value = load_acquire(sig)
-    while (value < target) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
+    while (value < target) & ~past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
         value = load_acquire(sig)
     return value

@@ -9,6 +9,17 @@ Every wait is bounded: it gives up at `deadline` (nanoseconds), after which the 
 error record into the host block and abandons its work; the host turns the record into an
 `EPTimeoutError` naming rank, peer, phase and channel. On the GPU the clock is `%globaltimer`; in
 the interpreter (no inline asm) it is a host cell that a background thread keeps current.
+
+Uniform branches: a program's warps must all take the same side of every branch and leave every
+loop together, because Triton puts block barriers (`bar.sync`) inside reductions and atomics. A
+value that steers a branch must therefore be the same on every thread. Two kinds of value are not:
+a plain `tl.load` of a word that another program may change meanwhile (each thread loads it for
+itself, at a slightly different moment), and the clock (each warp reads `%globaltimer` on its
+own). So such words are read with `load_acquire` (one thread loads, the program shares its
+value), and a deadline is judged by `deadline_passed`, which ORs the verdict over all threads.
+Divergence here is not a slow path but undefined behaviour: when a wait timed out on one warp and
+not on another, the barriers paired up wrongly, shared values came out garbage, and the dispatch
+of the low-latency mode faulted on its timeout path.
 """
 
 import triton
@@ -31,8 +42,41 @@ def now_ns(clock_addr, USE_GLOBALTIMER: tl.constexpr):
 
 
 @triton.jit
+def deadline_passed(now, deadline, USE_GLOBALTIMER: tl.constexpr):
+    """`now > deadline`, the same verdict on every thread of the program: compiled, each thread's
+    verdict is OR-ed over the block (`bar.red.or`, itself a block barrier, so every thread of the
+    program must call this at the same point). The interpreter runs one thread per program."""
+    late = now > deadline
+    if USE_GLOBALTIMER:
+        late = (
+            tl.inline_asm_elementwise(
+                "{ .reg .pred late, any; setp.ne.b32 late, $1, 0; "
+                "bar.red.or.pred any, 0, late; selp.b32 $0, 1, 0, any; }",
+                "=r,r",
+                [late.to(tl.int32)],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
+            != 0
+        )
+    return late
+
+
+@triton.jit
+def past_deadline(deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
+    """`deadline_passed` at the current time."""
+    return deadline_passed(now_ns(clock_addr, USE_GLOBALTIMER), deadline, USE_GLOBALTIMER)
+
+
+@triton.jit
 def load_acquire(ptr, mask=None):
-    """Acquire-load at system scope (peers write these counters over NVLink or shared memory)."""
+    """Acquire-load at system scope (peers write these counters over NVLink or shared memory).
+
+    Compiled, one thread per element loads and the program shares the value (Triton broadcasts
+    atomic results through shared memory), so every thread sees the same value: the way to read
+    any word that steers a branch and that others may change meanwhile. Masked-off lanes are
+    undefined."""
     return tl.atomic_add(ptr, 0, mask=mask, sem="acquire", scope="sys")
 
 
@@ -50,7 +94,7 @@ def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER
     """
     values = tl.where(mask, load_acquire(ptrs, mask), targets)
     pending = tl.sum((values < targets).to(tl.int32), axis=0)
-    while (pending > 0) & (now_ns(clock_addr, USE_GLOBALTIMER) < deadline):
+    while (pending > 0) & ~past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
         values = tl.where(mask, load_acquire(ptrs, mask), targets)
         pending = tl.sum((values < targets).to(tl.int32), axis=0)
     return values
@@ -174,6 +218,6 @@ def open_call(
     my_base = tl.load(peer_bases_ptr + rank)
     epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
     stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
-    ok = tl.load(stop, volatile=True) < epoch  # a failed buffer or a refused call does no work
+    ok = load_acquire(stop) < epoch  # a failed buffer or a refused call does no work
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     return host, stop, ok, ranks, live, peer_bases, my_base, epoch << 32, deadline

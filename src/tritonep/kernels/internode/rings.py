@@ -63,6 +63,9 @@ targmax = direct(tl.argmax)
 tcumsum = direct(tl.cumsum)
 row_block = direct(tiles.row_block)
 now_ns = direct(sync.now_ns)
+deadline_passed = direct(sync.deadline_passed)
+past_deadline = direct(sync.past_deadline)
+load_acquire = direct(sync.load_acquire)
 open_call = direct(sync.open_call)
 report_error = direct(sync.report_error)
 open_peer = direct(device.open_peer)
@@ -211,12 +214,12 @@ def wait_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER: tl
     interpreter a spin iteration then costs no device-function call."""
     values = tl.where(mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets)
     pending = tsum((values < targets).to(tl.int32), axis=0)
-    now = deadline - deadline
-    while (pending > 0) & (now < deadline):
+    late = pending < 0
+    while (pending > 0) & ~late:
         if USE_GLOBALTIMER:
-            now = tl.extra.cuda.globaltimer()
+            late = deadline_passed(tl.extra.cuda.globaltimer(), deadline, USE_GLOBALTIMER)
         else:
-            now = tl.load(clock_addr.to(tl.pointer_type(tl.int64)), volatile=True)
+            late = tl.load(clock_addr.to(tl.pointer_type(tl.int64)), volatile=True) > deadline
         values = tl.where(
             mask, tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys"), targets
         )  # acquires what the signal publishes
@@ -354,9 +357,9 @@ def idle(
 ):
     """A loop iteration that moved nothing: give up if the buffer failed elsewhere (stop word) or
     the deadline passed (then record a timeout naming `peer`). Returns the new `ok`."""
-    if tl.load(stop, volatile=True) >= epoch:
+    if load_acquire(stop) >= epoch:
         ok = ok & False  # another program of this rank (or an earlier call) failed: stop here
-    elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
+    elif past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
         ok = ok & False
         report_error(
             host_error_ptr,

@@ -33,8 +33,8 @@ from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
     load_acquire,
-    now_ns,
     open_call,
+    past_deadline,
     report_error,
     store_release,
     wait_for_peers,
@@ -169,7 +169,7 @@ def _combine_kernel(
                 store_release(
                     tail_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64)
                 )
-            elif now_ns(clock_addr, USE_GLOBALTIMER) > deadline:
+            elif past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
                 ok = ok & False
                 report_error(
                     host + HOST_ERROR,

@@ -22,8 +22,8 @@ from ... import protocol
 from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import now_ns
-from .sync import WS_BARRIER, WS_STOP, give_up_on, wait_signals
+from ..common.sync import load_acquire, now_ns
+from .sync import WS_BARRIER, give_up_on, stopped, unmasked, wait_signals
 
 
 @named_kernel("ll", "clean_buffer", do_not_specialize=["rank"])
@@ -50,19 +50,17 @@ def _clean_kernel(
 ):
     ws = workspace_ptr
     host = host_addr.to(tl.pointer_type(tl.int64))
-    if tl.load(ws + WS_STOP, volatile=True) == 0:
+    if stopped(ws) == 0:
         epoch = tl.load(ws + WS_BARRIER) + 1
         deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
         barrier = rdma_base + BARRIER
         for peer in range(0, NUM_RANKS):
-            if tl.load(mask_ptr + peer) == 0:
+            if load_acquire(mask_ptr + peer) == 0:  # as `unmasked` reads it
                 pe, delta, direct = device.open_peer(routes_ptr, rank, peer, TRANSPORT, FORCE_PUT)
                 slot = (barrier + rank * 8).to(tl.pointer_type(tl.int64))
                 device.signal_op(slot, epoch, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
         ranks = tl.arange(0, BLOCK_R)
-        live = (ranks < NUM_RANKS) & (
-            tl.load(mask_ptr + ranks, mask=ranks < NUM_RANKS, other=1) == 0
-        )
+        live = unmasked(mask_ptr, ranks, ranks < NUM_RANKS)
         slots = (barrier + ranks * 8).to(tl.pointer_type(tl.int64))
         values, late, _ = wait_signals(slots, live, epoch, deadline, clock_addr, USE_GLOBALTIMER)
         late = late & live

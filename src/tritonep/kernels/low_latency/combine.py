@@ -57,11 +57,12 @@ from ..common.tiles import copy_rows, lane
 from .regions import LowLatencyRegions
 from .sync import (
     ROLE_RECV,
-    WS_STOP,
     RolePlan,
     finish_launch,
     give_up_on,
     open_launch,
+    stopped,
+    unmasked,
     wait_signals,
 )
 
@@ -101,7 +102,7 @@ def _signal_blocks(
     """Set signal `rank * L + e` of rank s to `value` for each `todo` lane of the blocks
     `b = e * R + s`, unless s is masked or the buffer stopped (`ok` false)."""
     s = b % NUM_RANKS
-    live = todo & ok & (tl.load(mask_ptr + s, mask=todo, other=1) == 0)
+    live = unmasked(mask_ptr, s, todo & ok)
     pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
     sigs = signals + tl.cast(rank * L + b // NUM_RANKS, tl.int64) * 8
     device.signal_lanes(
@@ -225,7 +226,7 @@ def _combine_kernel(
             b = tl.where(n < mine, b, 0)
             e = b // NUM_RANKS
             s = b % NUM_RANKS
-            live = (n < mine) & ok & (tl.load(mask_ptr + s) == 0)  # masked ranks get nothing
+            live = unmasked(mask_ptr, s, (n < mine) & ok)  # masked ranks get nothing
             # Flat row i of block b is row `begin + i - start` of expert e.
             block_range = tl.load(layout_range_ptr + b, mask=live, other=0)
             begin = block_range >> 32
@@ -338,7 +339,7 @@ def _combine_kernel(
         ks = tl.arange(0, BLOCK_K)
         for n0 in range(0, mine, BLOCK_T):
             # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
-            ok = ok & (tl.load(ws + WS_STOP, volatile=True) == 0)
+            ok = ok & (stopped(ws) == 0)
             if ok:
                 k = entries % BLOCK_K
                 n = n0 + entries // BLOCK_K
@@ -348,7 +349,7 @@ def _combine_kernel(
                 weights = tl.load(topk_weights_ptr + flat, mask=in_batch, other=0.0)
                 owner = tl.where(idx >= 0, idx // L, 0)
                 valid = (idx >= 0) & (idx < NUM_EXPERTS)
-                valid = valid & (tl.load(mask_ptr + owner, mask=valid, other=1) == 0)
+                valid = unmasked(mask_ptr, owner, valid)
                 sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(tl.pointer_type(tl.int64))
                 # One wait for the whole batch: the signals of every token's experts.
                 values, late, waited = wait_signals(

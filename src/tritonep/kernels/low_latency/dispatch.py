@@ -59,11 +59,12 @@ from ..common.tiles import copy_rows, lane
 from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
     ROLE_RECV,
-    WS_STOP,
     RolePlan,
     finish_launch,
     give_up_on,
     open_launch,
+    stopped,
+    unmasked,
     wait_signals,
 )
 
@@ -183,7 +184,7 @@ def _dispatch_kernel(
                 ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
                 hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
             idle = (mine < NUM_EXPERTS) & (hits == 0)
-            idle = idle & (tl.load(mask_ptr + mine // L, mask=idle, other=1) == 0)
+            idle = unmasked(mask_ptr, mine // L, idle)
             idle_i = idle.to(tl.int32)
             for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
                 if lane(idle_i, tl.arange(0, BLOCK_E), (e - pid) // NUM_SENDERS) != 0:
@@ -215,7 +216,7 @@ def _dispatch_kernel(
                 # Pairs to masked owners are counted but not written: every program then agrees
                 # on each expert's total even if a receiver masks a rank in the middle of the
                 # launch, so the arrival counters always return to 0.
-                live = sent & (tl.load(mask_ptr + experts // L, mask=sent, other=1) == 0)
+                live = unmasked(mask_ptr, experts // L, sent)
                 xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
                 x = tl.load(xp, mask=xm, other=0.0)
                 if USE_FP8:
@@ -311,10 +312,10 @@ def _dispatch_kernel(
         rows_in_tile = tl.arange(0, ROWS)
         for e in range(rpid, L, NUM_RECEIVERS + (NUM_RECEIVERS == 0)):
             # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
-            ok = ok & (tl.load(ws + WS_STOP, volatile=True) == 0)
+            ok = ok & (stopped(ws) == 0)
             if ok:
                 sigs = (signals + (e * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
-                live = rank_ok & (tl.load(mask_ptr + ranks, mask=rank_ok, other=1) == 0)
+                live = unmasked(mask_ptr, ranks, rank_ok)
                 values, late, waited = wait_signals(
                     sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
                 )

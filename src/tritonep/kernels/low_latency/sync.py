@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ... import _env, protocol
 from ..common.launch import KernelLaunch
-from ..common.sync import load_acquire, now_ns, report_error
+from ..common.sync import deadline_passed, load_acquire, now_ns, report_error
 
 # The `ROLE` constexpr: the fused call, the send phase of a hooked call, its receive phase (hook).
 ROLE_BOTH = tl.constexpr(0)
@@ -32,8 +32,22 @@ def open_launch(ws, parity, ROLE: tl.constexpr):
     epoch = tl.load(ws + WS_EPOCH + parity, volatile=True)
     if ROLE == ROLE_RECV:
         epoch = epoch - 1
-    ok = tl.load(ws + WS_STOP, volatile=True) == 0
+    ok = stopped(ws) == 0
     return epoch, epoch << 32, ok
+
+
+@triton.jit
+def stopped(ws):
+    """The stop word, read once for the whole program (`sync.load_acquire`): another program may
+    raise it at any moment, and the branches it steers must be taken by every thread alike."""
+    return load_acquire(ws + WS_STOP)
+
+
+@triton.jit
+def unmasked(mask_ptr, ranks, mask):
+    """The lanes of `mask` whose rank (`ranks`, lanes or scalar) is not masked. Read like the stop
+    word (`stopped`): in shrink mode a receiver may mask a rank at any moment."""
+    return mask & (tl.where(mask, load_acquire(mask_ptr + ranks, mask), 1) == 0)
 
 
 @triton.jit
@@ -56,9 +70,10 @@ def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.c
     values = tl.where(live, load_acquire(sigs, live), target)
     waited = tl.zeros(values.shape, dtype=tl.int64)
     pending = tl.sum((values < target).to(tl.int32), axis=0)
-    now = start
-    while (pending > 0) & (now < deadline):
+    late = pending < 0
+    while (pending > 0) & ~late:
         now = now_ns(clock_addr, USE_GLOBALTIMER)
+        late = deadline_passed(now, deadline, USE_GLOBALTIMER)  # all threads leave together
         missing = values < target
         polled = load_acquire(sigs, missing)  # the data behind a signal is visible once it is seen
         fresh = missing & (polled >= target)
