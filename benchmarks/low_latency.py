@@ -1,10 +1,10 @@
 """Low-latency mode: correctness, CUDA-graph replays and timings in DeepEP's conventions
 (docs/benchmarks.md §2).
 
-    python benchmarks/low_latency.py --ranks 2 --json ll.json            # ranks share the GPUs if
-    needed
-    TRITONEP_FORCE_PUT=1 python benchmarks/low_latency.py --ranks 2      # every peer through
-    NVSHMEM puts
+    # ranks share the GPUs if needed
+    python benchmarks/low_latency.py --ranks 2 --json ll.json
+    # every peer through NVSHMEM puts
+    TRITONEP_FORCE_PUT=1 python benchmarks/low_latency.py --ranks 2
 
 Shape: DeepEP's decode test, 128 tokens x hidden 7168, top-8 of 288 experts, a few -1 entries.
 Each rank first checks a set of combinations against the plain-torch reference

@@ -79,8 +79,8 @@ def backend() -> str:
 
 def force_put() -> bool:
     """`TRITONEP_FORCE_PUT=1`: RDMA-memory traffic takes the put path (NVSHMEM on GPUs, its
-    emulation
-    on the CPU) even between peers plain stores reach, so the remote path runs on one host."""
+    emulation on the CPU) even between peers plain stores reach, so the remote path runs on one
+    host."""
     return _int("TRITONEP_FORCE_PUT", 0) != 0
 
 

@@ -464,14 +464,12 @@ class Buffer:
 
         Local, enqueued on the current stream, no host synchronisation. A masked rank is left out of
         high-throughput traffic on this rank: `get_dispatch_layout` treats its experts as not
-        selected
-        (its `num_tokens_per_rank` entry, its experts' counts and its `is_token_in_rank` column read
-        zero: the dropped tokens show in the returned counts), dispatch sends it nothing and does
-        not
-        wait for it, combine neither sends to it nor waits for or adds its rows. Masks must be
-        symmetric (if rank a masks b, b masks a) and every rank keeps making the same collective
-        calls; a rank that masked every peer only moves its own tokens. Low-latency masks
-        (`low_latency_update_mask_buffer`) are separate.
+        selected (its `num_tokens_per_rank` entry, its experts' counts and its `is_token_in_rank`
+        column read zero: the dropped tokens show in the returned counts), dispatch sends it
+        nothing and does not wait for it, combine neither sends to it nor waits for or adds its
+        rows. Masks must be symmetric (if rank a masks b, b masks a) and every rank keeps making
+        the same collective calls; a rank that masked every peer only moves its own tokens.
+        Low-latency masks (`low_latency_update_mask_buffer`) are separate.
         """
         op = "update_mask_buffer"
         self._check_usable(op)
@@ -567,15 +565,13 @@ class Buffer:
             S])`
                 with float32 or packed-UE8M0 int32 scales of any strides.
             handle: a handle from an earlier non-cached dispatch: reuse its layout (cached mode, no
-            host
-                synchronisation, CUDA-graph capturable); the count/top-k arguments must then be
+                host synchronisation, CUDA-graph capturable); the count/top-k arguments must then be
                 omitted.
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: outputs of
             `get_dispatch_layout`
                 (non-cached mode). `num_tokens_per_rdma_rank` is ignored for one node.
             topk_idx / topk_weights: optional `[N, K]` routing (int64/int32 and float32), forwarded
-            with
-                ids rebased to the receiver's local experts (-1 elsewhere, weight 0).
+                with ids rebased to the receiver's local experts (-1 elsewhere, weight 0).
             expert_alignment: rounds up each entry of the returned per-expert list.
             num_worst_tokens: if > 0, outputs get exactly this many rows and the host never blocks
                 (padding rows carry top-k -1 and weight 0).
@@ -586,9 +582,8 @@ class Buffer:
             (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle,
             event);
             cached mode returns (recv_x, None, None, None, None, event). Rows are ordered by source
-            rank,
-            then source token. Non-cached mode without `num_worst_tokens` blocks the host until the
-            received counts are known.
+            rank, then source token. Non-cached mode without `num_worst_tokens` blocks the host
+            until the received counts are known.
         """
         op = "dispatch"
         self._check_usable(op)
@@ -627,8 +622,7 @@ class Buffer:
 
         Arguments:
             x: `[X, H]` bfloat16 (float16 and float32 also accepted) where X is the handle's row
-            count;
-                row i answers row i of the dispatch output.
+                count; row i answers row i of the dispatch output.
             handle: the handle of the matching non-cached dispatch.
             topk_weights: optional float32 `[X, K]`, summed alongside (no bias).
             bias: None, a tensor or a pair of tensors `[N, H]` with x's dtype, added once per token.
@@ -637,9 +631,8 @@ class Buffer:
 
         Returns:
             (combined_x `[N, H]`, combined_topk_weights `[N, K]` or None, event). The sum is
-            accumulated
-            in fp32 (bias first, then ranks in ascending order) and rounded once. No host
-            synchronisation; CUDA-graph capturable.
+            accumulated in fp32 (bias first, then ranks in ascending order) and rounded once. No
+            host synchronisation; CUDA-graph capturable.
         """
         op = "combine"
         self._check_usable(op)

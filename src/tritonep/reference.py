@@ -73,8 +73,7 @@ def combine(rank: int, returned, blocks, num_tokens: int, biases=(), weights=Non
     """Combined rows for rank `rank`, accumulated in fp32: bias first, then ranks ascending.
 
     returned[j]: `[X_j, H]` rows rank j passes to combine; blocks[j]: (first_row, src_idx) — the
-    rows of
-    rank j that came from `rank` start at `first_row` and answer tokens `src_idx` of `rank`.
+    rows of rank j that came from `rank` start at `first_row` and answer tokens `src_idx` of `rank`.
     weights: optional list of `[X_j, K]` returned weights.
     """
     hidden = returned[0].size(1)
@@ -105,8 +104,7 @@ def ll_quantize(x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = Fa
     Returns `(values, scales)`: `values` float8_e4m3fn `[N, H]`; `scales` float32 `scale_inv`
     `[N, G]` (G = ceil(H / 128), a partial last group counts as one), or with `use_ue8m0` int32
     `[N, ceil(G / 4)]` UE8M0 words (biased exponent of group 4p + i in byte i of word p, unused
-    bytes
-    0). NaNs do not raise a group's amax (as in V1); they stay NaN.
+    bytes 0). NaNs do not raise a group's amax (as in V1); they stay NaN.
 
     Example: a row with max |x| = 3.5, x[0] = 1.0 -> scale 3.5 * f32(1/448) = 2**-7,
     values[0] = 128.0; with round_scale the same (2**-7 is already a power of two), UE8M0 byte 120.

@@ -24,10 +24,10 @@ def check_nvlink_connections(group: dist.ProcessGroup | None) -> None:
 
     Collective over `group` (one `all_gather_object`) when CUDA is usable, whatever the group's
     backend (ranks sharing a GPU use gloo). Each rank contributes its hostname, device and which
-    local devices its
-    device can reach peer-to-peer; every rank then evaluates the same table, so all ranks raise the
-    same error. Devices a rank cannot see (per-rank `CUDA_VISIBLE_DEVICES`) are not checked.
-    V1 checks only PCIe GPUs in groups of <= 2; tritonep checks all intra-node pairs (host = node).
+    local devices its device can reach peer-to-peer; every rank then evaluates the same table, so
+    all ranks raise the same error. Devices a rank cannot see (per-rank `CUDA_VISIBLE_DEVICES`) are
+    not checked. V1 checks only PCIe GPUs in groups of <= 2; tritonep checks all intra-node pairs
+    (host = node).
 
     Args:
         group: the communication group; None means the default group.

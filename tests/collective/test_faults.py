@@ -299,8 +299,7 @@ def test_killed_rank_times_out_and_leaves_nothing(cpu_pool):
 
 def _overflow_task(ctx) -> dict:
     """num_worst_tokens smaller than what arrives: a clear EPInvalidArgument, rows beyond it
-    dropped,
-    the buffer stays usable (a caller error, not a device fault)."""
+    dropped, the buffer stays usable (a caller error, not a device fault)."""
     import tritonep as deep_ep
     from tritonep.testing import checks
 

@@ -213,8 +213,7 @@ class RouteStatsPlan:
         self, stream, topk_idx, num_tokens: int, scratch, rank_mask, host_addr: int, outputs
     ) -> None:
         """One launch on `stream`. `scratch`: int32, >= `scratch_slots(...)` entries, zero before
-        and
-        after; `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected;
+        and after; `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected;
         `host_addr`: the host block, where the first expert id >= E is recorded."""
         per_rank, per_node, per_expert, is_token_in_rank = outputs
         num_programs = max(1, -(-num_tokens // self.block_tokens))

@@ -39,8 +39,8 @@ class BufferMemory:
     Attributes:
         signal: the signal-region layout (identical on every rank).
         nvl_offset: byte offset of the `num_nvl_bytes` data region in the NVL allocation.
-        peer_bases: int64 `[R]` base of every rank's NVL allocation as mapped here (kernels load
-        it).
+        peer_bases: int64 `[R]` base of every rank's NVL allocation as mapped here (kernels
+            load it).
         rdma_routes: int64 `[R, 3]` route table of the RDMA memory for `device.open_peer`, or None.
         rdma_base: this rank's RDMA base address (local symmetric address of its offset 0).
         rdma_capacity: bytes of the RDMA memory: `num_rdma_bytes` then `rdma_reserved_bytes` that

@@ -47,9 +47,8 @@ class CommStreams:
 
     def expose(self) -> torch.cuda.Stream | None:
         """The comm stream, for a caller who asked for it (`Buffer.get_comm_stream`). Whoever holds
-        it
-        may enqueue work there that later calls must follow, so calls never skip their hand-offs
-        again."""
+        it may enqueue work there that later calls must follow, so calls never skip their
+        hand-offs again."""
         self._skip_allowed = False
         self._caught_up_stream = None
         return self.comm

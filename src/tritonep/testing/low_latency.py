@@ -300,8 +300,8 @@ def check_low_latency_repeatable(ctx, repeats: int = 20, **shape) -> list[str]:
 
 def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     """Shrink mode with a dead rank: `dead_rank` never calls; every other rank's dispatch and
-    combine
-    time out on it, mask it, complete without it and match the reference that leaves it out."""
+    combine time out on it, mask it, complete without it and match the reference that leaves it
+    out."""
     import time
     import warnings
 

@@ -76,9 +76,8 @@ def nvshmem_environment(single_host: bool, num_qps_per_rank: int = 0) -> dict[st
 
     `num_qps_per_rank` (the Buffer argument, V1's queue pairs per peer) becomes
     `NVSHMEM_IBGDA_NUM_RC_PER_PE`, as in V1: the RC queue pairs per peer when NVSHMEM uses
-    GPU-initiated
-    InfiniBand (IBGDA); other transports ignore it. Must run before NVSHMEM starts (the process's
-    first NVSHMEM allocation). Returns what was set.
+    GPU-initiated InfiniBand (IBGDA); other transports ignore it. Must run before NVSHMEM starts
+    (the process's first NVSHMEM allocation). Returns what was set.
     """
     wanted = dict(SINGLE_HOST_ENV if single_host else MULTI_HOST_ENV)
     if num_qps_per_rank > 0:

@@ -3,11 +3,10 @@
 Each rank creates `/dev/shm/tritonep-<token>-r<rank>-p<pid>`, every rank maps every file, and after
 a
 barrier each rank unlinks its own file: the mappings stay valid, and nothing is left in /dev/shm
-even
-if a process is killed later. Files of processes that died during the short create-to-unlink window
-are swept by the next buffer construction on the machine (their creator pid no longer exists).
-The Triton interpreter dereferences raw addresses, so kernels see these mappings exactly as GPU
-kernels see peer pointers.
+even if a process is killed later. Files of processes that died during the short create-to-unlink
+window are swept by the next buffer construction on the machine (their creator pid no longer
+exists). The Triton interpreter dereferences raw addresses, so kernels see these mappings exactly as
+GPU kernels see peer pointers.
 """
 
 from __future__ import annotations

@@ -75,8 +75,7 @@ def copy_rows(
     ALIGNED: tl.constexpr = True,
 ):
     """Copy `ROW_WORDS` 4-byte words of each masked row from `src_rows` to `dst_rows` (byte
-    addresses;
-    16-byte aligned rows unless ALIGNED is False).
+    addresses; 16-byte aligned rows unless ALIGNED is False).
 
     PREFETCH issues the loads of block i+1 before the stores of block i, doubling the bytes in
     flight per program at the same register tile (the copy is latency-bound at small SM counts).

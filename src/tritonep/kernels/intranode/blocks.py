@@ -18,8 +18,7 @@ def received_blocks(
 
     Returns (block_begin, block_end): rows `[block_begin[s], block_end[s])` of the dispatch output
     came from s; and (chan_begin, chan_end): channel c of s occupies `block_begin[s] +
-    [chan_begin[s],
-    chan_end[s])`.
+    [chan_begin[s], chan_end[s])`.
     """
     rank_ok = ranks < NUM_RANKS
     prev = tl.maximum(ranks - 1, 0)

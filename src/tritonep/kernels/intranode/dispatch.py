@@ -23,8 +23,7 @@ Algorithm (one persistent launch of `2C` programs, C = num_channels):
 
 Sync protocol: data stores, barrier, release of `tail = epoch << 32 | count` at system scope;
 receivers acquire tails, copy, barrier, release heads. Every wait ends at the call's deadline with
-an
-error record (see `sync.py`).
+an error record (see `sync.py`).
 
 Example:
     R=2, rank 0: x=[a, b, c], is_token_in_rank=[[1, 1], [0, 1], [1, 0]]; rank 1: x=[d], [[1, 1]]
@@ -619,8 +618,7 @@ class DispatchPlan:
         """`2 * num_channels` programs on `stream`.
 
         `x`: `[N, row bytes]` rows of any dtype (16-byte aligned start and row stride, checked by
-        the
-        Buffer); `scales`: int32 view of the FP8 scales (any strides) or None; `send_head` /
+        the Buffer); `scales`: int32 view of the FP8 scales (any strides) or None; `send_head` /
         `recv_src_idx` None for a cached dispatch (no handle entries written); outputs as the
         dispatch returns them, `recv_scales` an int32 view or None.
         """

@@ -102,9 +102,8 @@ def give_up_on(
     BLOCK: tl.constexpr,
 ):
     """After a timed-out wait on the ranks `peers` where `late`: in shrink mode mask them and carry
-    on
-    (the host warns about the ranks recorded in its shrink slot); otherwise record a timeout error
-    naming the first late rank and stop the buffer."""
+    on (the host warns about the ranks recorded in its shrink slot); otherwise record a timeout
+    error naming the first late rank and stop the buffer."""
     if SHRINK:
         tl.atomic_xchg(
             mask_ptr + peers, 1, mask=late
