@@ -13,6 +13,7 @@
 #   PYTEST_K="expr"          only the GPU tests whose names match (pytest -k)
 #   HOST_ARGS="--profile"    extra arguments of benchmarks/host_overhead.py
 #   SANITIZE_K="expr"        the GPU tests the sanitize stage runs (default: low_latency_timeout)
+#   SANITIZE_TOOLS="memcheck synccheck"   compute-sanitizer tools, one run each (default: both)
 #   TESTS_TIMEOUT=540 / INTERNODE_TIMEOUT / LL_TIMEOUT / LL_PUT_TIMEOUT / NVSHMEM_TIMEOUT   limits (s)
 #   TRITONEP_COMMIT=<hash>   recorded in the JSON files (the GPU machine's copy has no .git)
 #   PRESSURE_SECONDS=240     time budget of the pressure stage
@@ -155,16 +156,21 @@ if has llgrid; then
   mps_stop
 fi
 
-# Device faults on an error path, located by compute-sanitizer (memcheck): the GPU tests matching
-# SANITIZE_K (default: the LL timeout test, whose peer makes no GPU calls, so its ranks need no MPS,
-# which the sanitizer does not support). One log per process; the summary prints the first faults.
+# Device faults on an error path, located by compute-sanitizer: the GPU tests matching SANITIZE_K
+# (default: the LL timeout test, whose peer makes no GPU calls, so its ranks need no MPS, which the
+# sanitizer does not support). memcheck finds bad addresses; synccheck finds block barriers that
+# the threads of a program reach on different paths (kernels/common/sync.py, "Uniform branches").
+# One log per tool and process; the summary prints the first findings.
 if has sanitize; then
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  echo "== compute-sanitizer memcheck: ${SANITIZE_K:-low_latency_timeout}"
-  timeout ${SANITIZE_TIMEOUT:-300} "$SANITIZER" --tool memcheck --target-processes all --print-limit 4 \
-    --log-file "$OUT/sanitizer-%p.txt" python3 -m pytest tests -m gpu -v -p no:cacheprovider \
-    -k "${SANITIZE_K:-low_latency_timeout}" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed" | tail -8
-  grep -h -A8 "Invalid\|Illegal\|Misaligned" "$OUT"/sanitizer-*.txt 2>/dev/null | grep -v "Host Frame" | head -40
+  for tool in ${SANITIZE_TOOLS:-memcheck synccheck}; do
+    echo "== compute-sanitizer $tool: ${SANITIZE_K:-low_latency_timeout}"
+    timeout ${SANITIZE_TIMEOUT:-240} "$SANITIZER" --tool "$tool" --target-processes all --print-limit 4 \
+      --log-file "$OUT/sanitizer-$tool-%p.txt" python3 -m pytest tests -m gpu -v -p no:cacheprovider \
+      -k "${SANITIZE_K:-low_latency_timeout}" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed" | tail -8
+    grep -h -A8 "Invalid\|Illegal\|Misaligned\|Barrier\|divergent" "$OUT"/sanitizer-"$tool"-*.txt 2>/dev/null \
+      | grep -v "Host Frame" | head -40
+  done
 fi
 
 if has nvshmem; then
