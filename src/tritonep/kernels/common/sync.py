@@ -15,8 +15,9 @@ loop together, because Triton puts block barriers (`bar.sync`) inside reductions
 value that steers a branch must therefore be the same on every thread. Two kinds of value are not:
 a plain `tl.load` of a word that another program may change meanwhile (each thread loads it for
 itself, at a slightly different moment), and the clock (each warp reads `%globaltimer` on its
-own). So such words are read with `load_acquire` (one thread loads, the program shares its
-value), and a deadline is judged by `deadline_passed`, which ORs the verdict over all threads.
+own). So such words are read with `load_uniform` or `load_acquire` (one thread loads, the program
+shares its value), and a deadline is judged by `deadline_passed`, which ORs the verdict over all
+threads.
 Divergence here is not a slow path but undefined behaviour: when a wait timed out on one warp and
 not on another, the barriers paired up wrongly, shared values came out garbage, and the dispatch
 of the low-latency mode faulted on its timeout path.
@@ -74,10 +75,18 @@ def load_acquire(ptr, mask=None):
     """Acquire-load at system scope (peers write these counters over NVLink or shared memory).
 
     Compiled, one thread per element loads and the program shares the value (Triton broadcasts
-    atomic results through shared memory), so every thread sees the same value: the way to read
-    any word that steers a branch and that others may change meanwhile. Masked-off lanes are
-    undefined."""
+    atomic results through shared memory), so every thread sees the same value. Masked-off lanes
+    are undefined."""
     return tl.atomic_add(ptr, 0, mask=mask, sem="acquire", scope="sys")
+
+
+@triton.jit
+def load_uniform(ptr, mask=None):
+    """A word of this GPU's memory that other programs may change meanwhile (the stop word, rank
+    masks), read once for the whole program: shared like `load_acquire`'s value, so every thread
+    takes the same branch on it, but relaxed at GPU scope (it orders nothing, and only programs of
+    this GPU write it). Masked-off lanes are undefined."""
+    return tl.atomic_add(ptr, 0, mask=mask, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -218,6 +227,6 @@ def open_call(
     my_base = tl.load(peer_bases_ptr + rank)
     epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
     stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
-    ok = load_acquire(stop) < epoch  # a failed buffer or a refused call does no work
+    ok = load_uniform(stop) < epoch  # a failed buffer or a refused call does no work
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     return host, stop, ok, ranks, live, peer_bases, my_base, epoch << 32, deadline

@@ -65,7 +65,7 @@ row_block = direct(tiles.row_block)
 now_ns = direct(sync.now_ns)
 deadline_passed = direct(sync.deadline_passed)
 past_deadline = direct(sync.past_deadline)
-load_acquire = direct(sync.load_acquire)
+load_uniform = direct(sync.load_uniform)
 open_call = direct(sync.open_call)
 report_error = direct(sync.report_error)
 open_peer = direct(device.open_peer)
@@ -357,7 +357,7 @@ def idle(
 ):
     """A loop iteration that moved nothing: give up if the buffer failed elsewhere (stop word) or
     the deadline passed (then record a timeout naming `peer`). Returns the new `ok`."""
-    if load_acquire(stop) >= epoch:
+    if load_uniform(stop) >= epoch:
         ok = ok & False  # another program of this rank (or an earlier call) failed: stop here
     elif past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
         ok = ok & False

@@ -22,7 +22,7 @@ from ... import protocol
 from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import load_acquire, now_ns
+from ..common.sync import load_uniform, now_ns
 from .sync import WS_BARRIER, give_up_on, stopped, unmasked, wait_signals
 
 
@@ -55,7 +55,7 @@ def _clean_kernel(
         deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
         barrier = rdma_base + BARRIER
         for peer in range(0, NUM_RANKS):
-            if load_acquire(mask_ptr + peer) == 0:  # as `unmasked` reads it
+            if load_uniform(mask_ptr + peer) == 0:  # as `unmasked` reads it
                 pe, delta, direct = device.open_peer(routes_ptr, rank, peer, TRANSPORT, FORCE_PUT)
                 slot = (barrier + rank * 8).to(tl.pointer_type(tl.int64))
                 device.signal_op(slot, epoch, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)

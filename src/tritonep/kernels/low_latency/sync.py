@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ... import _env, protocol
 from ..common.launch import KernelLaunch
-from ..common.sync import deadline_passed, load_acquire, now_ns, report_error
+from ..common.sync import deadline_passed, load_acquire, load_uniform, now_ns, report_error
 
 # The `ROLE` constexpr: the fused call, the send phase of a hooked call, its receive phase (hook).
 ROLE_BOTH = tl.constexpr(0)
@@ -38,16 +38,16 @@ def open_launch(ws, parity, ROLE: tl.constexpr):
 
 @triton.jit
 def stopped(ws):
-    """The stop word, read once for the whole program (`sync.load_acquire`): another program may
+    """The stop word, read once for the whole program (`sync.load_uniform`): another program may
     raise it at any moment, and the branches it steers must be taken by every thread alike."""
-    return load_acquire(ws + WS_STOP)
+    return load_uniform(ws + WS_STOP)
 
 
 @triton.jit
 def unmasked(mask_ptr, ranks, mask):
     """The lanes of `mask` whose rank (`ranks`, lanes or scalar) is not masked. Read like the stop
     word (`stopped`): in shrink mode a receiver may mask a rank at any moment."""
-    return mask & (tl.where(mask, load_acquire(mask_ptr + ranks, mask), 1) == 0)
+    return mask & (tl.where(mask, load_uniform(mask_ptr + ranks, mask), 1) == 0)
 
 
 @triton.jit
