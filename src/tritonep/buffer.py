@@ -270,15 +270,18 @@ class Buffer:
                     f"{op}: the CUDA backend was selected but no CUDA device is available"
                 )
             self._device = torch.device("cuda", torch.cuda.current_device())
-            # Ranks whose processes share this GPU (under MPS): they split its SMs.
+            # Every rank's GPU (one gather): ranks sharing this one (under MPS) split its SMs, and
+            # the peer-memory transport depends on whether any GPU is shared.
             gpu = str(torch.cuda.get_device_properties(self._device).uuid)
-            ranks_on_gpu = bootstrap.all_gather_object(gpu).count(gpu)
+            gpus = bootstrap.all_gather_object(gpu)
+            ranks_on_gpu = gpus.count(gpu)
             from .utils import check_nvlink_connections
 
             if group is not None:
                 check_nvlink_connections(group)
         else:
             self._device = torch.device("cpu")
+            gpus = None
             ranks_on_gpu = 1
         from .kernels import load_kernels
 
@@ -299,6 +302,7 @@ class Buffer:
             topology,
             self._backend,
             self._device,
+            gpus,
             num_nvl_bytes,
             num_rdma_bytes,
             force_put,

@@ -56,6 +56,7 @@ class BufferMemory:
         topology: Topology,
         backend: str,
         device_: torch.device,
+        gpus: list[str] | None,
         num_nvl_bytes: int,
         num_rdma_bytes: int,
         force_put: bool,
@@ -100,7 +101,7 @@ class BufferMemory:
             )
         # The signal region exists whenever a mode signals through the NVL memory.
         if num_nvl_bytes > 0 or rdma_in_peer:
-            self._peer = open_peer_memory(bootstrap, peer_bytes, backend, device_)
+            self._peer = open_peer_memory(bootstrap, peer_bytes, backend, device_, gpus)
             self._peer.local[: self.signal.num_bytes].zero_()
             self.peer_bases = self._peer.peer_ptrs_dev
         else:

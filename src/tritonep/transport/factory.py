@@ -10,17 +10,21 @@ from .bootstrap import Bootstrap
 
 
 def open_peer_memory(
-    bootstrap: Bootstrap, num_bytes: int, backend: str, device: torch.device
+    bootstrap: Bootstrap,
+    num_bytes: int,
+    backend: str,
+    device: torch.device,
+    gpus: list[str] | None,
 ) -> PeerMemory:
-    """Collective: allocate and map one `num_bytes` buffer per rank with the chosen backend."""
+    """Collective: allocate and map one `num_bytes` buffer per rank with the chosen backend.
+    `gpus`: every rank's GPU UUID (cuda backend; index = rank)."""
     if backend == "cpu":
         from .shm import ShmPeerMemory
 
         return ShmPeerMemory(bootstrap, num_bytes)
     if backend == "cuda":
         # Symmetric memory needs a process group and one GPU per rank; CUDA IPC covers the rest.
-        devices = bootstrap.all_gather_object(str(torch.cuda.get_device_properties(device).uuid))
-        if bootstrap.process_group is not None and len(set(devices)) == len(devices):
+        if bootstrap.process_group is not None and len(set(gpus)) == len(gpus):
             from .symm_mem import SymmMemPeerMemory
 
             return SymmMemPeerMemory(bootstrap, num_bytes, device)
