@@ -18,9 +18,10 @@ itself, at a slightly different moment), and the clock (each warp reads `%global
 own). So such words are read with `load_uniform` or `load_acquire` (one thread loads, the program
 shares its value), and a deadline is judged by `deadline_passed`, which ORs the verdict over all
 threads.
-Divergence here is not a slow path but undefined behaviour: when a wait timed out on one warp and
-not on another, the barriers paired up wrongly, shared values came out garbage, and the dispatch
-of the low-latency mode faulted on its timeout path.
+
+Divergence here is not a slow path but undefined behaviour: warps that leave a wait at different
+trips pair the barriers wrongly and read garbage from shared memory. It is the likely cause of the
+fault the low-latency dispatch hit on its timeout path (GPU re-check pending).
 """
 
 import triton

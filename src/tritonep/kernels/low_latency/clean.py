@@ -22,7 +22,8 @@ from ... import protocol
 from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import load_uniform, now_ns
+from ..common.sync import now_ns
+from ..common.tiles import lane
 from .sync import WS_BARRIER, give_up_on, stopped, unmasked, wait_signals
 
 
@@ -54,13 +55,15 @@ def _clean_kernel(
         epoch = tl.load(ws + WS_BARRIER) + 1
         deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
         barrier = rdma_base + BARRIER
+        # One read of the masks serves both sides: the peers signalled are those waited for.
+        ranks = tl.arange(0, BLOCK_R)
+        live = unmasked(mask_ptr, ranks, ranks < NUM_RANKS)
+        live_i = live.to(tl.int32)
         for peer in range(0, NUM_RANKS):
-            if load_uniform(mask_ptr + peer) == 0:  # as `unmasked` reads it
+            if lane(live_i, ranks, peer) != 0:
                 pe, delta, direct = device.open_peer(routes_ptr, rank, peer, TRANSPORT, FORCE_PUT)
                 slot = (barrier + rank * 8).to(tl.pointer_type(tl.int64))
                 device.signal_op(slot, epoch, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
-        ranks = tl.arange(0, BLOCK_R)
-        live = unmasked(mask_ptr, ranks, ranks < NUM_RANKS)
         slots = (barrier + ranks * 8).to(tl.pointer_type(tl.int64))
         values, late, _ = wait_signals(slots, live, epoch, deadline, clock_addr, USE_GLOBALTIMER)
         late = late & live

@@ -45,8 +45,8 @@ def stopped(ws):
 
 @triton.jit
 def unmasked(mask_ptr, ranks, mask):
-    """The lanes of `mask` whose rank (`ranks`, lanes or scalar) is not masked. Read like the stop
-    word (`stopped`): in shrink mode a receiver may mask a rank at any moment."""
+    """The lanes of `mask` whose rank (`ranks`, lanes of the same shape) is not masked. Read like
+    the stop word (`stopped`): in shrink mode a receiver may mask a rank at any moment."""
     return mask & (tl.where(mask, load_uniform(mask_ptr + ranks, mask), 1) == 0)
 
 
