@@ -46,6 +46,12 @@ MAX_CHANNELS = 128  # num_sms <= 256
 MAX_LOCAL_EXPERTS = 1024  # reference §15.1: E / R <= 1024
 ALIGN = 128
 
+# The low-latency launches count on two programs of each LL kernel sharing an SM: the host sizes
+# the launches of ranks that share a GPU for it (`modes.low_latency.resident_program_budget`), and
+# the kernels are compiled with at most the register file's share of a program per thread.
+LL_PROGRAMS_PER_SM = 2
+REGISTERS_PER_SM = 65536  # sm_80 to sm_100
+
 # Phases named in device error records (reference §14.7), and what the record's "channel" slot holds.
 PHASE_NOTIFY, PHASE_DISPATCH, PHASE_COMBINE = 1, 2, 3
 PHASE_LL_DISPATCH, PHASE_LL_COMBINE, PHASE_LL_CLEAN = 5, 6, 7

@@ -63,7 +63,7 @@ def test_row_copies_are_16_byte_vectors(report):
 def test_low_latency_kernels_fit_two_programs_per_sm(report):
     # modes/low_latency.py sizes the launches of ranks sharing a GPU for LL_PROGRAMS_PER_SM = 2
     # resident 8-warp programs per SM: at most 128 registers per thread (64 K per SM).
-    from tritonep.modes.low_latency import LL_PROGRAMS_PER_SM
+    from tritonep.protocol import LL_PROGRAMS_PER_SM
 
     rows = [r for r in report if r["module"].startswith("low_latency.")]
     if all(row["registers"] is None for row in rows):

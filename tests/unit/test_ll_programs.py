@@ -3,7 +3,8 @@ rank's fused launch must stay resident beside the others', so each takes its sha
 
 import pytest
 
-from tritonep.modes.low_latency import LL_PROGRAMS_PER_SM, fit_programs, resident_program_budget
+from tritonep.modes.low_latency import fit_programs, resident_program_budget
+from tritonep.protocol import LL_PROGRAMS_PER_SM
 
 
 @pytest.mark.unit

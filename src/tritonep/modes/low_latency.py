@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from .. import _env
+from .. import _env, protocol
 from .._validate import check_int, check_tensor, fail
 from ..config import get_low_latency_rdma_size_hint
 from ..errors import EPStateError
@@ -538,11 +538,6 @@ class LowLatencyMode:
         self._mask.zero_()
 
 
-# The LL kernels are built to fit two 8-warp programs per SM (at most 128 registers per thread:
-# tests/unit/test_aot.py checks the sm_90 build).
-LL_PROGRAMS_PER_SM = 2
-
-
 def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | None) -> int:
     """Programs one LL launch of a rank may use so that the launches of every rank sharing its
     GPU (`sms` SMs) are resident together.
@@ -560,7 +555,7 @@ def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | N
     # A value that is not a number: the MPS client refuses it before any launch.
     with contextlib.suppress(TypeError, ValueError):
         share = min(share, float(mps_percentage) / 100.0)
-    return max(2, int(sms * share) * LL_PROGRAMS_PER_SM)
+    return max(2, int(sms * share) * protocol.LL_PROGRAMS_PER_SM)
 
 
 def fit_programs(senders: int, receivers: int, budget: int) -> tuple[int, int]:

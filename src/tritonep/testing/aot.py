@@ -49,7 +49,13 @@ def _compile(fn, args, kwargs):
 
     options = {
         k: kwargs.pop(k)
-        for k in ("num_warps", "num_stages", "launch_cooperative_grid", "enable_fp_fusion")
+        for k in (
+            "num_warps",
+            "num_stages",
+            "launch_cooperative_grid",
+            "enable_fp_fusion",
+            "maxnreg",
+        )
         if k in kwargs
     }
     names = fn.arg_names
