@@ -33,12 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def _split_hook_times(prof, word: str) -> tuple[float, float]:
     """Mean device time (us) of even and odd launches of the kernel named `word`: send, receive."""
-    events = sorted(
-        (e for e in prof.events() if word in e.name and e.device_time_total > 0),
-        key=lambda e: e.time_range.start,
-    )
-    send = [e.device_time_total for e in events[0::2]]
-    recv = [e.device_time_total for e in events[1::2]]
+    from tritonep.bench import kernel_times
+
+    times = kernel_times(prof.events(), word)
+    send, recv = times[0::2], times[1::2]
     return sum(send) / max(len(send), 1), sum(recv) / max(len(recv), 1)
 
 

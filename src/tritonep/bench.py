@@ -62,10 +62,12 @@ def bench_events(fn, num_warmups: int = 50, num_tests: int = 50) -> tuple[float,
 
 def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, float]:
     """Device time per call (s) of the kernels whose names contain each of `names`, from the
-    profiler.
+    profiler: the kernel-only figure beside the event time of `bench_events`.
 
-    DeepEP's `bench_kineto` convention: the profiler's per-kernel totals over `num_calls` calls,
-    divided by the number of calls; the kernel-only figure beside the event time of `bench_events`.
+    DeepEP's `bench_kineto` convention (the profiler's kernel times over `num_calls` calls), with
+    the first call left out as in `bench_events`: when several ranks run, the first profiled call
+    also waits for peers whose profiler started later (single calls of 4-16 ms at DeepEP's LL
+    shape, 2026-12-01).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -77,12 +79,28 @@ def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, 
         for _ in range(num_calls):
             fn()
         torch.cuda.synchronize()
-    totals = dict.fromkeys(names, 0.0)
-    for event in prof.key_averages():
-        for name in names:
-            if name in event.key:
-                totals[name] += event.device_time_total  # microseconds
-    return {name: total / num_calls / 1e6 for name, total in totals.items()}
+    events = prof.events()
+    return {name: per_call_time(kernel_times(events, name), num_calls) for name in names}
+
+
+def kernel_times(events, name: str) -> list[float]:
+    """Durations (us) of the profiled GPU kernels whose names contain `name`, in launch order."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if name in e.name and e.device_type == DeviceType.CUDA]
+    return [e.device_time_total for e in sorted(kernels, key=lambda e: e.time_range.start)]
+
+
+def per_call_time(times_us: list[float], num_calls: int) -> float:
+    """Seconds per call of `num_calls` calls whose kernels took `times_us` in launch order, the
+    first call left out; with launches that do not split evenly into calls, the mean over all.
+
+    Example: [900, 10, 12] over 3 calls -> 11e-6 (900 was the wait for the peers).
+    """
+    per_call, extra = divmod(len(times_us), num_calls)
+    if num_calls < 2 or per_call == 0 or extra:
+        return sum(times_us) / max(num_calls, 1) / 1e6
+    return sum(times_us[per_call:]) / (num_calls - 1) / 1e6
 
 
 def gpus_shared(backend: str, world_size: int) -> bool:
