@@ -200,6 +200,9 @@ def _rank_main(rank, world_size, port, args, results_path):
             "hook_combine_recv_us": recv_c,
             "graph_replay_us": replay_t * 1e6,
             "selections": selections,
+            # This machine's builds: whether two programs of each fit an SM (see
+            # kernels/low_latency/sync.py, register_cap).
+            "kernel_resources": buffer._low_latency.kernel_resources(),
         }
     )
     gather_records(record, group, rank, results_path)

@@ -7,6 +7,7 @@ NVSHMEM put path and timings.
 import pytest
 from test_low_latency import check_timeout_errors
 
+from tritonep.protocol import LL_PROGRAMS_PER_SM, REGISTERS_PER_SM
 from tritonep.testing import low_latency as ll
 
 DEEPEP_SHAPE = dict(num_tokens=128, hidden=7168, num_topk=8, num_experts=288, max_tokens=128)
@@ -26,7 +27,20 @@ def check_on_one_gpu(pool, combos: list[dict]) -> None:
 
 @pytest.mark.gpu
 def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
-    check_on_one_gpu(shared_gpu_pool(2), ll.pairwise_matrix())
+    pool = shared_gpu_pool(2)
+    check_on_one_gpu(pool, ll.pairwise_matrix())
+    # Every build this machine made fits two programs per SM (the launch sizes of ranks sharing
+    # a GPU count on it; kernels/low_latency/sync.py, register_cap).
+    for built in pool.run(ll.kernel_resources, **DEEPEP_SHAPE):
+        assert {(row["kernel"], row["role"]) for row in built} >= {
+            ("dispatch", "fused"),
+            ("combine", "fused"),
+            ("combine", "send"),
+            ("combine", "receive"),
+        }
+        for row in built:
+            threads = LL_PROGRAMS_PER_SM * 8 * 32  # 8 warps per LL program on a GPU
+            assert row["registers"] * threads <= REGISTERS_PER_SM, row
 
 
 @pytest.mark.gpu

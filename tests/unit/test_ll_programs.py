@@ -41,3 +41,16 @@ def test_resident_program_budget(ranks_on_gpu, percentage, budget):
 def test_fit_programs(programs, budget, fitted):
     assert fit_programs(*programs, budget) == fitted
     assert sum(fitted) <= max(budget, 2)
+
+
+@pytest.mark.unit
+def test_kernel_launch_reports_its_build():
+    # Registers and spills come from the compiled kernel; nothing before the first compiled launch.
+    from types import SimpleNamespace
+
+    from tritonep.kernels.common.launch import KernelLaunch
+
+    launch = KernelLaunch(lambda: None)
+    assert launch.resources is None
+    launch._kernel = SimpleNamespace(n_regs=120, n_spills=0)
+    assert launch.resources == (120, 0)

@@ -537,6 +537,29 @@ class LowLatencyMode:
     def clean_mask(self) -> None:
         self._mask.zero_()
 
+    def kernel_resources(self) -> list[dict]:
+        """Registers and spilled bytes of every LL data kernel compiled so far on this rank, one
+        entry per launch plan and role (benchmarks record them: what fits on an SM decides
+        whether the launches of ranks sharing a GPU are resident together)."""
+        sync = self._kernels.low_latency.sync
+        roles = {sync.ROLE_BOTH.value: "fused", sync.ROLE_SEND.value: "send"}
+        options = {
+            "dispatch": ("use_fp8", "round_scale", "use_ue8m0", "cumulative_stats", "wait_stats"),
+            "combine": ("use_logfmt", "zero_copy", "wait_stats"),
+        }
+        return [
+            {
+                "kernel": key[0],
+                "role": roles.get(role, "receive"),
+                **dict(zip(options[key[0]], key[3:], strict=True)),
+                "registers": registers,
+                "spilled_bytes": spilled,
+            }
+            for key, plan in self._plans.items()
+            if isinstance(plan, sync.RolePlan)
+            for role, (registers, spilled) in plan.resources().items()
+        ]
+
 
 def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | None) -> int:
     """Programs one LL launch of a rank may use so that the launches of every rank sharing its

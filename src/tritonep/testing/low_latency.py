@@ -34,6 +34,13 @@ def ll_buffer(
     return buffer
 
 
+def kernel_resources(ctx, **shape) -> list[dict]:
+    """Registers and spilled bytes of the LL kernels this rank's buffer for `shape` has compiled
+    (`LowLatencyMode.kernel_resources`; empty in the interpreter)."""
+    buffer = ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"])
+    return buffer._low_latency.kernel_resources()
+
+
 def _valid_rows(tensor: torch.Tensor, counts: torch.Tensor) -> list[torch.Tensor]:
     return [tensor[e, : int(c)] for e, c in enumerate(counts.tolist())]
 

@@ -70,6 +70,14 @@ class KernelLaunch:
             isinstance(fn, triton.runtime.jit.JITFunction) and not _env.interpret_enabled()
         )
 
+    @property
+    def resources(self) -> tuple[int, int] | None:
+        """(registers per thread, spilled bytes) of the compiled kernel; None before its first
+        launch or in the interpreter. The build on the machine at hand: ptxas versions differ."""
+        if self._kernel is None:
+            return None
+        return self._kernel.n_regs, self._kernel.n_spills
+
     def launch(self, grid: tuple, stream, *args) -> None:
         kernel = self._kernel
         if kernel is None or _hooks_active():

@@ -26,9 +26,9 @@ WORKSPACE_SLOTS = 8
 
 def register_cap(num_warps: int) -> int:
     """Most registers per thread that keep `protocol.LL_PROGRAMS_PER_SM` programs of `num_warps`
-    warps on an SM. A fused launch whose programs are not all resident spins until its timeout,
-    so ptxas must spill rather than exceed it: Triton 3.6 built the LogFMT combine (127
-    registers under 3.8) wider, and two ranks sharing an H200 timed out in it."""
+    warps on an SM. A fused launch whose programs are not all resident spins until its timeout, so
+    ptxas must spill rather than exceed it. Without the cap the fused LogFMT combine of two ranks
+    sharing an H200 timed out (Triton 3.6, 2026-12-01); with it, it passes."""
     return protocol.REGISTERS_PER_SM // (protocol.LL_PROGRAMS_PER_SM * num_warps * 32)
 
 
@@ -189,6 +189,11 @@ class RolePlan:
         }
         self._routes = (memory.rdma_routes, memory.rdma_base, ctx.rank)
         self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
+
+    def resources(self) -> dict[int, tuple[int, int]]:
+        """{role: (registers, spilled bytes)} of the launches compiled so far."""
+        built = {role: kernel.resources for role, kernel in self._kernels.items()}
+        return {role: used for role, used in built.items() if used is not None}
 
     def _launch(self, role: int, stream, head: tuple, num_tokens: int, parity: int) -> None:
         """`head`: the kernel's own leading arguments; the shared ones follow."""
