@@ -46,10 +46,7 @@ def test_internode_matrix_2x2_cpu(cpu_pool):
 
 
 @pytest.mark.slow
-def test_internode_full_matrix_2x2_cpu(cpu_pool, request):
-    # About 100 s: only when slow tests are asked for (`-m slow`), not in the default run.
-    if "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("DeepEP's whole variant matrix: run with -m slow")
+def test_internode_full_matrix_2x2_cpu(cpu_pool):
     results = cpu_pool(4, **_nodes(2)).run(
         inter.check_internode,
         num_tokens=12,
@@ -63,6 +60,7 @@ def test_internode_full_matrix_2x2_cpu(cpu_pool, request):
     assert all(r["dispatches"] >= 49 for r in results), results
 
 
+@pytest.mark.slow
 def test_internode_3x1_cpu(cpu_pool):
     results = cpu_pool(3, **_nodes(1)).run(
         inter.check_internode,
@@ -160,7 +158,11 @@ def compatibility_task(ctx, low_latency_first: bool) -> int:
     return stats["combines"]
 
 
-@pytest.mark.parametrize("low_latency_first", [False, True], ids=["v1-order", "ll-first"])
+@pytest.mark.parametrize(
+    "low_latency_first",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["v1-order", "ll-first"],
+)
 def test_internode_and_low_latency_on_one_buffer_cpu(cpu_pool, low_latency_first):
     results = cpu_pool(4, **_nodes(2)).run(compatibility_task, low_latency_first, timeout=600)
     assert results == [1] * 4, results

@@ -12,14 +12,32 @@ from tritonep.testing import checks
 CPU_CASES = [
     pytest.param(1, dict(num_tokens=16, hidden=128, num_topk=4, num_experts=8), id="r1"),
     pytest.param(2, dict(num_tokens=20, hidden=256, num_topk=4, num_experts=16), id="r2"),
+    # 3 and 4 ranks: every pair of the stream options still meets (`matrix="pairwise"`); the
+    # options are host-side, the kernels are those of the full matrix.
     pytest.param(
         3,
-        dict(num_tokens=17, hidden=64, num_topk=3, num_experts=12, num_sms=6, chunk=3),
+        dict(
+            num_tokens=17,
+            hidden=64,
+            num_topk=3,
+            num_experts=12,
+            num_sms=6,
+            chunk=3,
+            matrix="pairwise",
+        ),
         id="r3-odd",
     ),
     pytest.param(
         4,
-        dict(num_tokens=8, hidden=128, num_topk=5, num_experts=32, num_sms=2, chunk=2),
+        dict(
+            num_tokens=8,
+            hidden=128,
+            num_topk=5,
+            num_experts=32,
+            num_sms=2,
+            chunk=2,
+            matrix="pairwise",
+        ),
         id="r4-one-channel",
     ),
 ]
@@ -64,7 +82,10 @@ EDGE_CASES = [
         6, dict(num_tokens=5, hidden=32, num_topk=3, num_experts=12, num_sms=2, chunk=2), id="r6"
     ),
     pytest.param(
-        8, dict(num_tokens=6, hidden=32, num_topk=3, num_experts=16, num_sms=2, chunk=2), id="r8"
+        8,
+        dict(num_tokens=6, hidden=32, num_topk=3, num_experts=16, num_sms=2, chunk=2),
+        id="r8",
+        marks=pytest.mark.slow,  # 6 ranks pad to the same 8 rank lanes in the default run
     ),
 ]
 
@@ -72,7 +93,8 @@ EDGE_CASES = [
 @pytest.mark.parametrize("world_size,case", CPU_CASES)
 def test_intranode_matrix_cpu(cpu_pool, world_size, case):
     results = cpu_pool(world_size).run(checks.check_intranode, **case, timeout=600)
-    assert all(r["dispatches"] >= 48 and r["combines"] >= 3 for r in results), results
+    dispatches = 24 if case.get("matrix") == "pairwise" else 48
+    assert all(r["dispatches"] >= dispatches and r["combines"] >= 3 for r in results), results
 
 
 @pytest.mark.parametrize("world_size,case", EDGE_CASES)

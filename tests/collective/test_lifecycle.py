@@ -29,7 +29,7 @@ from tritonep.testing.dist import close_all_pools
 from tritonep.transport.shm import tritonep_files
 
 SMALL, LARGE = 1 << 20, 2 << 20  # num_nvl_bytes of the two buffer sizes used below
-ITERATIONS = 20
+ITERATIONS = 8
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -28,7 +28,7 @@ def test_low_latency_pairwise_matrix_two_ranks_cpu(cpu_pool):
     assert results == [len(combos)] * 2
 
 
-@pytest.mark.parametrize("world_size", [3, 4])
+@pytest.mark.parametrize("world_size", [pytest.param(3, marks=pytest.mark.slow), 4])
 def test_low_latency_quick_cpu(cpu_pool, world_size):
     results = cpu_pool(world_size).run(
         ll.check_low_latency_matrix, QUICK, num_experts=2 * world_size, **SHAPE, timeout=600
@@ -44,7 +44,9 @@ def test_low_latency_emulated_put_path_cpu(cpu_pool):
     assert results == [len(QUICK)] * 2
 
 
-@pytest.mark.parametrize("put", [False, True], ids=["stores", "put"])
+@pytest.mark.parametrize(
+    "put", [pytest.param(False, marks=pytest.mark.slow), True], ids=["stores", "put"]
+)
 def test_low_latency_logfmt_rows_in_several_steps_cpu(cpu_pool, put):
     """LogFMT rows longer than one encode / decode step (G = 10 groups, 8 per step at top-8): the
     partial last step of every row, on both sides, over stores and over the put path's ring."""
@@ -140,7 +142,9 @@ ROWS_SHAPE = dict(num_tokens=30, hidden=256, num_topk=7, num_experts=8, max_toke
 ROWS_COMBOS = [dict(), dict(zero_copy=True, hook=True), dict(use_logfmt=True, with_out=True)]
 
 
-@pytest.mark.parametrize("put", [False, True], ids=["stores", "put"])
+@pytest.mark.parametrize(
+    "put", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["stores", "put"]
+)
 def test_low_latency_combine_rows_cpu(cpu_pool, put):
     pool = cpu_pool(2, TRITONEP_FORCE_PUT="1") if put else cpu_pool(2)
     results = pool.run(
