@@ -9,6 +9,8 @@ import pytest
 from conftest import gpu_count
 from tritonep.testing import checks
 
+PAIRWISE = dict(matrix="pairwise")
+
 CPU_CASES = [
     pytest.param(1, dict(num_tokens=16, hidden=128, num_topk=4, num_experts=8), id="r1"),
     pytest.param(2, dict(num_tokens=20, hidden=256, num_topk=4, num_experts=16), id="r2"),
@@ -16,28 +18,12 @@ CPU_CASES = [
     # options are host-side, the kernels are those of the full matrix.
     pytest.param(
         3,
-        dict(
-            num_tokens=17,
-            hidden=64,
-            num_topk=3,
-            num_experts=12,
-            num_sms=6,
-            chunk=3,
-            matrix="pairwise",
-        ),
+        dict(num_tokens=17, hidden=64, num_topk=3, num_experts=12, num_sms=6, chunk=3) | PAIRWISE,
         id="r3-odd",
     ),
     pytest.param(
         4,
-        dict(
-            num_tokens=8,
-            hidden=128,
-            num_topk=5,
-            num_experts=32,
-            num_sms=2,
-            chunk=2,
-            matrix="pairwise",
-        ),
+        dict(num_tokens=8, hidden=128, num_topk=5, num_experts=32, num_sms=2, chunk=2) | PAIRWISE,
         id="r4-one-channel",
     ),
 ]
