@@ -1,9 +1,11 @@
 """A host clock the Triton interpreter can read: the CPU backend's stand-in for `%globaltimer`.
 
 Interpreted kernels cannot execute inline PTX, so their bounded waits read the current time from a
-memory cell that a daemon thread refreshes every millisecond with `time.monotonic_ns()`. One cell
-per process serves every Buffer. The thread writes through a numpy view (no torch call that could
-be cut short mid-C++ at interpreter exit) and is stopped by an atexit hook.
+memory cell that a daemon thread refreshes every 10 ms with `time.monotonic_ns()` (fine enough for
+timeouts of seconds; at 1 ms each idle rank process of the test pools spent 5 % of a core on the
+ticks alone). One cell per process serves every Buffer. The thread writes through a numpy view
+(no torch call that could be cut short mid-C++ at interpreter exit) and is stopped by an atexit
+hook.
 """
 
 import atexit
@@ -12,7 +14,7 @@ import time
 
 import numpy as np
 
-TICK_S = 0.001
+TICK_S = 0.01
 
 _cell: np.ndarray | None = None
 _stop = threading.Event()

@@ -15,6 +15,7 @@ Design:
   or dies breaks the pool (its state and the gloo group are unknown): the pool kills every worker
   and raises `RankError`; `get_pool` then builds a new one.
 - `get_pool(world_size, env)` caches pools per (world_size, env) so that tests share warm workers.
+  `TRITONEP_POOL_LOG=<file>` appends a line per pool start-up (ranks, seconds, environment).
 
 Worker start-up imports nothing of tritonep: spawn unpickles the process target by reference, and
 a target living in `tritonep.testing.dist` would import the `tritonep` package (which imports torch
@@ -67,7 +68,9 @@ _STOP = b""  # an empty task message tells a worker to shut down
 _STDERR_TAIL_CHARS = 6000  # ~70 lines: the last thread dumps of faulthandler, plus a few warnings
 _DUMP_WAIT_S = 0.5  # faulthandler writes from its C signal handler, well within 0.5 s
 _TERM_GRACE_S = 1.0  # SIGTERM -> SIGKILL; workers install no SIGTERM handler, so this rarely waits
-_MAX_CACHED_POOLS = 4  # an idle worker holds ~220 MB RSS (torch); 4 pools cover world sizes 1..4
+# An idle worker holds 300-400 MB RSS (torch): 8 pools of 1-4 ranks stay within ~10 GB. Fewer
+# evicted pools are spawned again (each worker imports torch and Triton: ~4 s of CPU).
+_MAX_CACHED_POOLS = 8
 
 
 @dataclass
@@ -176,6 +179,7 @@ class RankPool:
         self._finalizer = weakref.finalize(
             self, _shutdown, self._procs, self._conns, self._tmpdir, self._lock, 10.0
         )
+        started = time.monotonic()
         ctx = multiprocessing.get_context("spawn")
         store = os.path.join(self._tmpdir, "store")
         with _ENV_LOCK, _patched_environ(self.env):  # spawn's child inherits os.environ at exec
@@ -206,6 +210,7 @@ class RankPool:
                 self._procs.append(proc)
                 self._conns.append(parent_conn)
         self._exchange(None, start_timeout, what=f"{self!r} start-up")
+        _log_start(world_size, self.env, time.monotonic() - started)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -485,6 +490,17 @@ def _describe(exc: BaseException, drop_frames: int = 0) -> dict:
 
 
 # -- worker side (runs in the spawned process, via runpy) --------------------------------------
+
+
+def _log_start(world_size: int, env: dict, seconds: float) -> None:
+    """One line per pool start-up in the file `TRITONEP_POOL_LOG` names, if set: how often a test
+    run spawns pools, and what each costs (the suite's time on a 2-core CI machine)."""
+    path = os.environ.get("TRITONEP_POOL_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(
+                f"{time.time():.0f} ranks={world_size} {seconds:.1f}s {sorted(env.items())}\n"
+            )
 
 
 def _die_with_parent(parent_pid: int) -> None:
