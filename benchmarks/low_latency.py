@@ -201,7 +201,7 @@ def _rank_main(rank, world_size, port, args, results_path):
             "graph_replay_us": replay_t * 1e6,
             "selections": selections,
             # This machine's builds: whether two programs of each fit an SM (see
-            # kernels/low_latency/sync.py, register_cap).
+            # protocol.ll_register_cap).
             "kernel_resources": buffer._low_latency.kernel_resources(),
         }
     )

@@ -52,6 +52,15 @@ ALIGN = 128
 LL_PROGRAMS_PER_SM = 2
 REGISTERS_PER_SM = 65536  # sm_80 to sm_100
 
+
+def ll_register_cap(num_warps: int) -> int:
+    """Most registers per thread that keep `LL_PROGRAMS_PER_SM` programs of `num_warps` warps on an
+    SM. A fused launch whose programs are not all resident spins until its timeout, so ptxas must
+    spill rather than exceed it. Without the cap the fused LogFMT combine of two ranks sharing an
+    H200 timed out (Triton 3.6, 2026-12-01); with it, it passes."""
+    return REGISTERS_PER_SM // (LL_PROGRAMS_PER_SM * num_warps * 32)
+
+
 # Phases named in device error records (reference §14.7), and what the record's "channel" slot holds.
 PHASE_NOTIFY, PHASE_DISPATCH, PHASE_COMBINE = 1, 2, 3
 PHASE_LL_DISPATCH, PHASE_LL_COMBINE, PHASE_LL_CLEAN = 5, 6, 7

@@ -7,7 +7,7 @@ NVSHMEM put path and timings.
 import pytest
 from test_low_latency import check_timeout_errors
 
-from tritonep.protocol import LL_PROGRAMS_PER_SM, REGISTERS_PER_SM
+from tritonep.protocol import ll_register_cap
 from tritonep.testing import low_latency as ll
 
 DEEPEP_SHAPE = dict(num_tokens=128, hidden=7168, num_topk=8, num_experts=288, max_tokens=128)
@@ -30,7 +30,7 @@ def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
     pool = shared_gpu_pool(2)
     check_on_one_gpu(pool, ll.pairwise_matrix())
     # Every build this machine made fits two programs per SM (the launch sizes of ranks sharing
-    # a GPU count on it; kernels/low_latency/sync.py, register_cap).
+    # a GPU count on it; protocol.ll_register_cap).
     for built in pool.run(ll.kernel_resources, **DEEPEP_SHAPE):
         assert {(row["kernel"], row["role"]) for row in built} >= {
             ("dispatch", "fused"),
@@ -39,8 +39,7 @@ def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
             ("combine", "receive"),
         }
         for row in built:
-            threads = LL_PROGRAMS_PER_SM * 8 * 32  # 8 warps per LL program on a GPU
-            assert row["registers"] * threads <= REGISTERS_PER_SM, row
+            assert row["registers"] <= ll_register_cap(8), row  # 8 warps per LL program on a GPU
 
 
 @pytest.mark.gpu

@@ -542,7 +542,11 @@ class LowLatencyMode:
         entry per launch plan and role (benchmarks record them: what fits on an SM decides
         whether the launches of ranks sharing a GPU are resident together)."""
         sync = self._kernels.low_latency.sync
-        roles = {sync.ROLE_BOTH.value: "fused", sync.ROLE_SEND.value: "send"}
+        roles = {
+            sync.ROLE_BOTH.value: "fused",
+            sync.ROLE_SEND.value: "send",
+            sync.ROLE_RECV.value: "receive",
+        }
         options = {
             "dispatch": ("use_fp8", "round_scale", "use_ue8m0", "cumulative_stats", "wait_stats"),
             "combine": ("use_logfmt", "zero_copy", "wait_stats"),
@@ -550,7 +554,7 @@ class LowLatencyMode:
         return [
             {
                 "kernel": key[0],
-                "role": roles.get(role, "receive"),
+                "role": roles[role],
                 **dict(zip(options[key[0]], key[3:], strict=True)),
                 "registers": registers,
                 "spilled_bytes": spilled,

@@ -489,9 +489,6 @@ def _describe(exc: BaseException, drop_frames: int = 0) -> dict:
     }
 
 
-# -- worker side (runs in the spawned process, via runpy) --------------------------------------
-
-
 def _log_start(world_size: int, env: dict, seconds: float) -> None:
     """One line per pool start-up in the file `TRITONEP_POOL_LOG` names, if set: how often a test
     run spawns pools, and what each costs (the suite's time on a 2-core CI machine)."""
@@ -501,6 +498,9 @@ def _log_start(world_size: int, env: dict, seconds: float) -> None:
             log.write(
                 f"{time.time():.0f} ranks={world_size} {seconds:.1f}s {sorted(env.items())}\n"
             )
+
+
+# -- worker side (runs in the spawned process, via runpy) --------------------------------------
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -24,14 +24,6 @@ WS_BARRIER = tl.constexpr(5)  # epoch of the clean barrier
 WORKSPACE_SLOTS = 8
 
 
-def register_cap(num_warps: int) -> int:
-    """Most registers per thread that keep `protocol.LL_PROGRAMS_PER_SM` programs of `num_warps`
-    warps on an SM. A fused launch whose programs are not all resident spins until its timeout, so
-    ptxas must spill rather than exceed it. Without the cap the fused LogFMT combine of two ranks
-    sharing an H200 timed out (Triton 3.6, 2026-12-01); with it, it passes."""
-    return protocol.REGISTERS_PER_SM // (protocol.LL_PROGRAMS_PER_SM * num_warps * 32)
-
-
 @triton.jit
 def open_launch(ws, parity, ROLE: tl.constexpr):
     """(epoch of this call, its tag `epoch << 32`, ok = the buffer has not failed).
@@ -181,7 +173,7 @@ class RolePlan:
                 NUM_SENDERS=senders,
                 NUM_RECEIVERS=receivers,
                 launch_cooperative_grid=role == ROLE_BOTH.value,
-                maxnreg=register_cap(constexprs["num_warps"]),
+                maxnreg=protocol.ll_register_cap(constexprs["num_warps"]),
                 **shared,
                 **constexprs,
             )
