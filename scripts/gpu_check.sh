@@ -4,8 +4,8 @@
 # pressure run. Results land in $OUT (default /tmp/tritonep-gpu); each stage prints its figures and
 # the script ends with a one-line-per-record table (scripts/gpu_summary.py).
 #
-#   STAGES="tests internode layout host scaling bench shapes ll llgrid sanitize nvshmem pressure"
-#       (default: all but the sweeps shapes and llgrid, and sanitize)
+#   STAGES="tests internode layout host scaling bench shapes ll llgrid sanitize nvshmem cli pressure"
+#       (default: all but the sweeps shapes and llgrid, sanitize and cli)
 #       which parts to run; all of them take 20-25 minutes on 2 GPUs, the tests alone over 9 (2xH200:
 #       the first ten, through the low-latency test, ran 545 s; then NVSHMEM layer 64 s, shared GPU
 #       25 s, MoE layer 13 s, profiler names 11 s), so a machine with a time limit per command may
@@ -179,6 +179,24 @@ if has nvshmem; then
   CUDA_VISIBLE_DEVICES=0 timeout ${NVSHMEM_TIMEOUT:-200} python3 scripts/nvshmem_check.py --json "$OUT/nvshmem.json" \
     2>&1 | tail -12
   mps_stop
+fi
+
+# The `tritonep` command as a newcomer meets it on one GPU: the environment report, the benchmark
+# with charts (two ranks sharing GPU 0 under MPS where there is one GPU), and a short tuning sweep
+# whose config file a Buffer then reads.
+if has cli; then
+  CLI_RANKS=$(( NGPU >= 2 ? NGPU : 2 ))
+  echo "== tritonep check --ranks $CLI_RANKS"
+  timeout 90 python3 -m tritonep check --ranks "$CLI_RANKS" --json "$OUT/check.json" 2>&1 | tail -40
+  [ "$NGPU" -ge 2 ] || mps_start || true
+  echo "== tritonep bench --plot, $CLI_RANKS ranks"
+  TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep bench --ranks "$CLI_RANKS" --sweep --sweep-sms 24 48 \
+    --sweep-dispatch-chunks 16 32 --sweep-combine-chunks 8 16 --plot "$OUT/plots" \
+    --json "$OUT/cli-bench.json" 2>&1 | tail -40
+  echo "== tritonep tune, $CLI_RANKS ranks"
+  TRITONEP_TIMEOUT_S=30 timeout 240 python3 -m tritonep tune --ranks "$CLI_RANKS" --sms 24 48 --dispatch-chunks 16 32 \
+    --combine-chunks 8 16 --output "$OUT/tuned-config.json" --json "$OUT/cli-tune.json" 2>&1 | tail -30
+  [ "$NGPU" -ge 2 ] || mps_stop
 fi
 
 if has pressure; then
