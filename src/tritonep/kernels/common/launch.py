@@ -34,24 +34,6 @@ def pow2(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
-def sender_step_rows(chunk: int) -> int:
-    """Rows per sender step for rounds of `chunk` tokens: the power of two that minimises the
-    round's cost, counting each step's fixed work (flags, prefix sums, room check) as one row and
-    each masked-off row as a full one.
-
-    The intranode senders use it: a tile padded up to the next power of two (32 rows for V1's
-    default dispatch chunk of 24) spent a quarter of every copy step on masked-off rows; 24 now
-    runs as 3 steps of 8, 10 as steps of 4, 16 and 32 as one step.
-    """
-    best, best_cost = 1, None
-    for rows in (1 << k for k in range(pow2(chunk).bit_length())):
-        steps = -(-chunk // rows)
-        cost = steps + steps * rows
-        if best_cost is None or cost <= best_cost:
-            best, best_cost = rows, cost
-    return best
-
-
 def _hooks_active() -> bool:
     """True when a Triton launch hook is registered (triton 3.8 keeps empty `HookChain`s, 3.6
     None)."""

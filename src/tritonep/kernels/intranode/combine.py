@@ -24,12 +24,11 @@ Example:
 """
 
 import torch
-import triton
 import triton.language as tl
 
 from ... import _env, protocol
 from ..common.casting import round_to
-from ..common.launch import KernelLaunch, pow2, sender_step_rows
+from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
@@ -42,52 +41,6 @@ from ..common.sync import (
 )
 from ..common.tiles import column, copy_rows, lane, row_block
 from .blocks import received_blocks
-
-
-@triton.jit
-def _send_rows(
-    x_addr,
-    topk_weights_addr,
-    dst_x,
-    dst_weights,
-    src_first,
-    slot0,
-    start,
-    r0,
-    n,
-    capacity,
-    ROW_BYTES: tl.constexpr,
-    WEIGHT_BYTES: tl.constexpr,
-    NUM_TOPK: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr,
-    SEND_TILE: tl.constexpr,
-    SEND_BLOCK_H: tl.constexpr,
-    BLOCK_TOPK: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    """Copy rows `[r0, min(r0 + SEND_TILE, n))` of a round (rows `src_first + i` of x) into queue
-    slots `slot0 + (start + i) % capacity` of the destination, weights beside them."""
-    rows = r0 + tl.arange(0, SEND_TILE)
-    in_step = rows < n
-    src_row = (src_first + rows).to(tl.int64)
-    slot = slot0 + ((start + rows) % capacity).to(tl.int64)
-    copy_rows(
-        x_addr + src_row * ROW_BYTES,
-        dst_x + slot * ROW_BYTES,
-        in_step,
-        ROW_BYTES // 4,
-        SEND_BLOCK_H,
-        "",
-        PREFETCH,
-    )
-    if HAS_WEIGHTS:
-        ks = tl.arange(0, BLOCK_TOPK)
-        mk = in_step[:, None] & (ks[None, :] < NUM_TOPK)
-        src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
-        dst_w = (dst_weights + slot * WEIGHT_BYTES).to(tl.pointer_type(tl.float32))
-        tl.store(
-            dst_w[:, None] + ks[None, :], tl.load(src_w[:, None] + ks[None, :], mask=mk), mask=mk
-        )
 
 
 @named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
@@ -127,8 +80,6 @@ def _combine_kernel(
     PHASE: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    SEND_TILE: tl.constexpr,
-    SEND_BLOCK_H: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
@@ -183,31 +134,33 @@ def _combine_kernel(
             ready = tl.where(pending, tl.minimum(total - sent, room), 0)
             if tl.max(ready, axis=0) > 0:
                 dst = tl.argmax(ready, axis=0)
-                n = tl.minimum(lane(ready, ranks, dst), chunk)
+                n = tl.minimum(tl.minimum(lane(ready, ranks, dst), chunk), TILE)
                 start = lane(sent, ranks, dst)
+                in_chunk = rows_in_tile < n
+                src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
+                slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
                 dst_base = lane(peer_bases, ranks, dst)
-                src_first = lane(first_row, ranks, dst) + start
-                # The round's rows in steps of SEND_TILE (sender_step_rows: few masked rows).
-                for r0 in range(0, n, SEND_TILE):
-                    _send_rows(
-                        x_addr,
-                        topk_weights_addr,
-                        dst_base + queue_x,
-                        dst_base + queue_topk_weights,
-                        src_first,
-                        slot0,
-                        start,
-                        r0,
-                        n,
-                        capacity,
-                        ROW_BYTES,
-                        WEIGHT_BYTES,
-                        NUM_TOPK,
-                        HAS_WEIGHTS,
-                        SEND_TILE,
-                        SEND_BLOCK_H,
-                        BLOCK_TOPK,
-                        PREFETCH,
+                copy_rows(
+                    x_addr + src_row * ROW_BYTES,
+                    dst_base + queue_x + slot * ROW_BYTES,
+                    in_chunk,
+                    ROW_BYTES // 4,
+                    BLOCK_H,
+                    "",
+                    PREFETCH,
+                )
+                if HAS_WEIGHTS:
+                    mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
+                    src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(
+                        tl.pointer_type(tl.float32)
+                    )
+                    dst_w = (dst_base + queue_topk_weights + slot * WEIGHT_BYTES).to(
+                        tl.pointer_type(tl.float32)
+                    )
+                    tl.store(
+                        dst_w[:, None] + ks[None, :],
+                        tl.load(src_w[:, None] + ks[None, :], mask=mk),
+                        mask=mk,
                     )
                 sent = tl.where(ranks == dst, sent + n, sent)
                 remaining -= n
@@ -382,8 +335,6 @@ class CombinePlan:
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
-        row_bytes = hidden * dtype.itemsize
-        send_tile = sender_step_rows(chunk)
         self._ctx = ctx
         self.num_channels = num_channels
         self._has_weights = num_topk > 0
@@ -414,9 +365,6 @@ class CombinePlan:
             PHASE=protocol.PHASE_COMBINE,
             TILE=tile,
             BLOCK_H=min(pow2(hidden), max(16, tile_words // tile)),
-            SEND_TILE=send_tile,
-            # Sender blocks are 4-byte words of a row (receivers work in elements).
-            SEND_BLOCK_H=min(pow2(row_bytes // 4), max(16, tile_words // send_tile)),
             BLOCK_RANKS=pow2(ctx.num_ranks),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,

@@ -6,13 +6,12 @@ by source rank, then token, plus their source index, top-k ids rebased to j's lo
 -1), top-k weights (0 where the id is -1) and FP8 scales.
 
 Algorithm (one persistent launch of `2C` programs, C = num_channels):
-* programs `[0, C)` are senders. Sender c walks its channel's contiguous token range in rounds of
-  `chunk` tokens, each in steps of `SEND_TILE` rows (`sender_step_rows`). Per step it computes each
-  row's position in the channel's stream to every destination, waits until the destination queue
-  has room, writes `send_head`, copies each row once from HBM into registers and stores it to
-  every destination: straight into this rank's own output rows (no queue), or into slot
-  `position % capacity` of queue (c, r) in the peer's buffer. After each round it publishes the
-  new tail to the peer.
+* programs `[0, C)` are senders. Sender c walks its channel's contiguous token range in chunks of
+  `chunk` tokens. Per chunk it computes each row's position in the channel's stream to every
+  destination, waits until the destination queue has room, writes `send_head`, copies each row once
+  from HBM into registers and stores it to every destination: straight into this rank's own output
+  rows (no queue), or into slot `position % capacity` of queue (c, r) in the peer's buffer; then it
+  publishes the new tail to the peer.
 * programs `[C, 2C)` are receivers. Receiver c polls the tails of all its source queues and copies
   whatever has arrived, never blocking on one source, into the output rows
   `rank_prefix[s-1][r] + recv_channel_prefix[s][c] + i`, then publishes its head back to the sender.
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ... import protocol
-from ..common.launch import KernelLaunch, pow2, sender_step_rows
+from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
@@ -220,8 +219,6 @@ def _dispatch_kernel(
     PHASE: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_W: tl.constexpr,
-    SEND_TILE: tl.constexpr,
-    SEND_BLOCK_W: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
@@ -243,7 +240,6 @@ def _dispatch_kernel(
     )
     rank_ok = ranks < NUM_RANKS
     rows_in_tile = tl.arange(0, TILE)
-    send_rows = tl.arange(0, SEND_TILE)
     ks = tl.arange(0, BLOCK_TOPK)
     ss = tl.arange(0, BLOCK_SCALES)
 
@@ -289,170 +285,138 @@ def _dispatch_kernel(
         sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
         head_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64)
         for t0 in range(begin, end, chunk):
-            # One round: `chunk` tokens in steps of SEND_TILE rows (a power of two dividing the
-            # chunk, so no step carries masked-off rows), then one tail release per round.
-            round_end = tl.minimum(t0 + chunk, end)
-            round_sent = sent
-            for s0 in range(t0, round_end, SEND_TILE):
+            if ok:
+                rows = t0 + rows_in_tile
+                valid = (rows_in_tile < chunk) & (rows < end)
+                flags = tl.load(
+                    is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                    mask=valid[:, None] & live[None, :],
+                    other=0,
+                ).to(tl.int32)
+                position = sent[None, :] + cumsum_rows(
+                    flags, TILE, False
+                )  # [TILE, R] stream position
+                count = tl.sum(flags, axis=0)
+                new_sent = sent + count
+                # Room for this chunk in every destination queue (heads carry the epoch).
+                need = tag + tl.maximum(new_sent - capacity, 0).to(tl.int64)
+                poll = is_peer & (count > 0) & (head_seen < need)
+                if tl.sum(poll.to(tl.int32), axis=0) > 0:
+                    head_seen, ok = wait_for_peers(
+                        heads,
+                        need,
+                        poll,
+                        head_seen,
+                        tag,
+                        deadline,
+                        clock_addr,
+                        host + HOST_ERROR,
+                        stop,
+                        ERR_TIMEOUT,
+                        rank,
+                        ranks,
+                        PHASE,
+                        c,
+                        BLOCK_RANKS,
+                        USE_GLOBALTIMER,
+                    )
                 if ok:
-                    rows = s0 + send_rows
-                    valid = rows < round_end
-                    flags = tl.load(
-                        is_token_in_rank_ptr
-                        + rows[:, None].to(tl.int64) * NUM_RANKS
-                        + ranks[None, :],
-                        mask=valid[:, None] & live[None, :],
-                        other=0,
-                    ).to(tl.int32)
-                    position = sent[None, :] + cumsum_rows(
-                        flags, SEND_TILE, False
-                    )  # [SEND_TILE, R] stream position
-                    count = tl.sum(flags, axis=0)
-                    new_sent = sent + count
-                    # Room for this step in every destination queue (heads carry the epoch).
-                    need = tag + tl.maximum(new_sent - capacity, 0).to(tl.int64)
-                    poll = is_peer & (count > 0) & (head_seen < need)
-                    if tl.sum(poll.to(tl.int32), axis=0) > 0:
-                        head_seen, ok = wait_for_peers(
-                            heads,
-                            need,
-                            poll,
-                            head_seen,
-                            tag,
-                            deadline,
-                            clock_addr,
-                            host + HOST_ERROR,
-                            stop,
-                            ERR_TIMEOUT,
-                            rank,
-                            ranks,
-                            PHASE,
-                            c,
-                            BLOCK_RANKS,
-                            USE_GLOBALTIMER,
+                    if WRITE_HANDLE:
+                        tl.store(
+                            send_head_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                            tl.where(flags > 0, position, -1),
+                            mask=valid[:, None] & rank_ok[None, :],
                         )
-                    if ok:
+                    slot = tl.where(is_self[None, :], own_first + position, position % capacity).to(
+                        tl.int64
+                    )
+                    deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
+                    any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
+                    src_x = x_addr + rows.to(tl.int64) * x_row_stride * 4
+                    dst_rows = (
+                        base_x[None, :] + slot * ROW_BYTES
+                    )  # [TILE, R] destination row addresses
+                    if PREFETCH:
+                        words = tl.arange(0, BLOCK_W)
+                        vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
+                        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
+                            next_words = w0 + tl.arange(0, BLOCK_W)
+                            next_vals = _load_block(
+                                src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
+                            )
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
+                            vals = next_vals
+                            words = next_words
+                    else:
+                        for w0 in range(0, ROW_WORDS, BLOCK_W):
+                            words = w0 + tl.arange(0, BLOCK_W)
+                            vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
+                    if HAS_TOPK:
+                        idx = tl.load(
+                            topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
+                            mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
+                            other=-1,
+                        )
+                        weights = tl.load(
+                            topk_weights_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
+                            mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
+                            other=0.0,
+                        )
+                    if HAS_SCALES:
+                        scales = tl.load(
+                            scales_ptr
+                            + rows[:, None].to(tl.int64) * scales_stride_row
+                            + ss[None, :] * scales_stride_col,
+                            mask=valid[:, None] & (ss[None, :] < NUM_SCALES),
+                        )
+                    for dst in tl.static_range(NUM_RANKS):
+                        row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
+                        dst_slot = column(slot, ranks, dst)
                         if WRITE_HANDLE:
-                            tl.store(
-                                send_head_ptr
-                                + rows[:, None].to(tl.int64) * NUM_RANKS
-                                + ranks[None, :],
-                                tl.where(flags > 0, position, -1),
-                                mask=valid[:, None] & rank_ok[None, :],
+                            src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(
+                                tl.pointer_type(tl.int32)
                             )
-                        slot = tl.where(
-                            is_self[None, :], own_first + position, position % capacity
-                        ).to(tl.int64)
-                        deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
-                        any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
-                        src_x = x_addr + rows.to(tl.int64) * x_row_stride * 4
-                        dst_rows = (
-                            base_x[None, :] + slot * ROW_BYTES
-                        )  # [SEND_TILE, R] destination row addresses
-                        if PREFETCH:
-                            words = tl.arange(0, SEND_BLOCK_W)
-                            vals = _load_block(src_x, words, any_dest, ROW_WORDS, SEND_BLOCK_W, "")
-                            for w0 in range(SEND_BLOCK_W, ROW_WORDS + SEND_BLOCK_W, SEND_BLOCK_W):
-                                next_words = w0 + tl.arange(0, SEND_BLOCK_W)
-                                next_vals = _load_block(
-                                    src_x, next_words, any_dest, ROW_WORDS, SEND_BLOCK_W, ""
-                                )
-                                _store_to_destinations(
-                                    vals,
-                                    words,
-                                    dst_rows,
-                                    deliver,
-                                    ranks,
-                                    ROW_WORDS,
-                                    SEND_BLOCK_W,
-                                    NUM_RANKS,
-                                )
-                                vals = next_vals
-                                words = next_words
-                        else:
-                            for w0 in range(0, ROW_WORDS, SEND_BLOCK_W):
-                                words = w0 + tl.arange(0, SEND_BLOCK_W)
-                                vals = _load_block(
-                                    src_x, words, any_dest, ROW_WORDS, SEND_BLOCK_W, ""
-                                )
-                                _store_to_destinations(
-                                    vals,
-                                    words,
-                                    dst_rows,
-                                    deliver,
-                                    ranks,
-                                    ROW_WORDS,
-                                    SEND_BLOCK_W,
-                                    NUM_RANKS,
-                                )
+                            tl.store(src_ptrs, rows, mask=row_mask)
                         if HAS_TOPK:
-                            idx = tl.load(
-                                topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
-                                mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
-                                other=-1,
+                            local = idx - dst * experts_per_rank
+                            mine = (local >= 0) & (local < experts_per_rank) & (idx >= 0)
+                            topk_rows = (lane(base_topk, ranks, dst) + dst_slot * TOPK_BYTES).to(
+                                tl.pointer_type(TOPK_IDX_TY)
                             )
-                            weights = tl.load(
-                                topk_weights_ptr
-                                + rows[:, None].to(tl.int64) * NUM_TOPK
-                                + ks[None, :],
-                                mask=valid[:, None] & (ks[None, :] < NUM_TOPK),
-                                other=0.0,
+                            w_rows = (lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(
+                                tl.pointer_type(tl.float32)
+                            )
+                            mk = row_mask[:, None] & (ks[None, :] < NUM_TOPK)
+                            tl.store(
+                                topk_rows[:, None] + ks[None, :], tl.where(mine, local, -1), mask=mk
+                            )
+                            tl.store(
+                                w_rows[:, None] + ks[None, :], tl.where(mine, weights, 0.0), mask=mk
                             )
                         if HAS_SCALES:
-                            scales = tl.load(
-                                scales_ptr
-                                + rows[:, None].to(tl.int64) * scales_stride_row
-                                + ss[None, :] * scales_stride_col,
-                                mask=valid[:, None] & (ss[None, :] < NUM_SCALES),
+                            s_rows = (lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(
+                                tl.pointer_type(tl.int32)
                             )
-                        for dst in tl.static_range(NUM_RANKS):
-                            row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
-                            dst_slot = column(slot, ranks, dst)
-                            if WRITE_HANDLE:
-                                src_ptrs = (lane(base_src, ranks, dst) + dst_slot * 4).to(
-                                    tl.pointer_type(tl.int32)
-                                )
-                                tl.store(src_ptrs, rows, mask=row_mask)
-                            if HAS_TOPK:
-                                local = idx - dst * experts_per_rank
-                                mine = (local >= 0) & (local < experts_per_rank) & (idx >= 0)
-                                topk_rows = (
-                                    lane(base_topk, ranks, dst) + dst_slot * TOPK_BYTES
-                                ).to(tl.pointer_type(TOPK_IDX_TY))
-                                w_rows = (lane(base_w, ranks, dst) + dst_slot * WEIGHT_BYTES).to(
-                                    tl.pointer_type(tl.float32)
-                                )
-                                mk = row_mask[:, None] & (ks[None, :] < NUM_TOPK)
-                                tl.store(
-                                    topk_rows[:, None] + ks[None, :],
-                                    tl.where(mine, local, -1),
-                                    mask=mk,
-                                )
-                                tl.store(
-                                    w_rows[:, None] + ks[None, :],
-                                    tl.where(mine, weights, 0.0),
-                                    mask=mk,
-                                )
-                            if HAS_SCALES:
-                                s_rows = (lane(base_s, ranks, dst) + dst_slot * SCALE_BYTES).to(
-                                    tl.pointer_type(tl.int32)
-                                )
-                                tl.store(
-                                    s_rows[:, None] + ss[None, :],
-                                    scales,
-                                    mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES),
-                                )
-                        sent = new_sent
-            if ok:
-                # Publish the round: every thread's stores first, then the tails.
-                tl.debug_barrier()
-                tl.atomic_xchg(
-                    tails,
-                    tag + sent.to(tl.int64),
-                    mask=is_peer & (sent > round_sent),
-                    sem="release",
-                    scope="sys",
-                )
+                            tl.store(
+                                s_rows[:, None] + ss[None, :],
+                                scales,
+                                mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES),
+                            )
+                    # Publish the chunk: every thread's stores first, then the tails.
+                    tl.debug_barrier()
+                    tl.atomic_xchg(
+                        tails,
+                        tag + new_sent.to(tl.int64),
+                        mask=is_peer & (count > 0),
+                        sem="release",
+                        scope="sys",
+                    )
+                    sent = new_sent
     else:
         # ---------------------------------------------------------------- receiver of channel c
         if WORST:
@@ -581,7 +545,6 @@ class DispatchPlan:
         self.num_channels = num_channels
         chunk = min(chunk, MAX_TILE)
         tile = pow2(chunk)
-        send_tile = sender_step_rows(chunk)
         q = ctx.data_offset
         self._row_words = row_words
         self._num_topk = num_topk
@@ -623,8 +586,6 @@ class DispatchPlan:
             # `tile_words` bounds the [tile, block_w] register tile (8192 words = 32 KB per
             # program).
             BLOCK_W=min(pow2(row_words), max(16, tile_words // tile)),
-            SEND_TILE=send_tile,
-            SEND_BLOCK_W=min(pow2(row_words), max(16, tile_words // send_tile)),
             BLOCK_RANKS=pow2(ctx.num_ranks),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             BLOCK_SCALES=pow2(max(num_scales, 1)),
