@@ -25,14 +25,16 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     # Tiers: `gpu` (marked by hand), `interpreter` (kernels in the Triton interpreter: rank
-    # processes or a fresh interpreter process), `unit` (host-only and quick), `slow` (by hand:
-    # wider variants of what the default run already covers, skipped unless `-m` names them, to
-    # shorten the README's test command on a 2-core CI machine: 1374 s at 6fcb26d, from 1705 s).
+    # processes or a fresh interpreter process), `aot` (by hand: compiles for sm_90 without a GPU),
+    # `unit` (host-only and quick: the one-minute subset), `slow` (by hand: wider variants of what
+    # the default run already covers, skipped unless `-m` names them). The README's test command on
+    # this 2-core machine: 1705 s, 1374 s with the slow tier (6fcb26d), 630 s once the interpreter
+    # stopped re-patching triton.language per helper call (kernels/common/interpreter.py).
     run_slow = "slow" in (config.getoption("-m") or "")
     for item in items:
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="extended CPU run: select it with -m slow"))
-        if item.get_closest_marker("gpu") or item.get_closest_marker("interpreter"):
+        if any(item.get_closest_marker(m) for m in ("gpu", "interpreter", "aot")):
             continue
         item.add_marker(
             pytest.mark.interpreter if "cpu_pool" in item.fixturenames else pytest.mark.unit

@@ -25,6 +25,8 @@ CPU_CASES = [
         4,
         dict(num_tokens=8, hidden=128, num_topk=5, num_experts=32, num_sms=2, chunk=2) | PAIRWISE,
         id="r4-one-channel",
+        # 4 ranks: edges[uneven] and the internode 2x2 tests; one channel: edges[r6].
+        marks=pytest.mark.slow,
     ),
 ]
 

@@ -135,6 +135,7 @@ def _aot(transport: int, force_put: bool, lib: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.aot
 def test_store_path_compiles_for_sm90_without_nvshmem():
     report = _aot(device.STORES.value, False, None)
     assert report == {name: [] for name in report} and len(report) == 6, report

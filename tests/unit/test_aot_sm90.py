@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+# Compiles every kernel launch for sm_90 (about a minute with a cold Triton cache).
+pytestmark = pytest.mark.aot
+
 
 @pytest.fixture(scope="module")
 def report():

@@ -410,7 +410,7 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.unit
+@pytest.mark.aot
 def test_codecs_compile_for_sm90():
     """Both codecs compile for sm_90 with V1's instructions: the saturating RNE e4m3 convert,
     IEEE divisions only (`/` would be div.full.f32), and lg2/ex2.approx without ftz."""

@@ -59,6 +59,10 @@ def load_kernels(backend: str):
             "Buffer: TRITON_INTERPRET=1 is set, so kernels run in the CPU interpreter; unset it "
             f"to use the {backend!r} backend"
         )
+    if backend == "cpu":
+        from .common import interpreter
+
+        interpreter.install()
     for name in _MODULES:
         importlib.import_module(f"{__name__}.{name}")
     return sys.modules[__name__]

@@ -69,13 +69,23 @@ def poisoned_allocations(device: torch.device | None = None):
         torch.is_deterministic_algorithms_warn_only_enabled(),
         det.fill_uninitialized_memory,
     )
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _set_deterministic(True, warn_only=True)
     det.fill_uninitialized_memory = True
     try:
         yield
     finally:
         det.fill_uninitialized_memory = was_fill
-        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
+        _set_deterministic(was_det, warn_only=was_warn)
+
+
+def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
+    """`torch.use_deterministic_algorithms` without its first-call import of torch._inductor
+    (4.7 s per rank process on CI's CPUs; the interpreter never runs inductor code)."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
 
 
 def make_routing(
