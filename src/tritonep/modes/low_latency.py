@@ -76,18 +76,17 @@ class LowLatencyMode:
         )
         self._gpu = backend == "cuda"
         # Programs per launch: in the interpreter as few as possible (they run one after another).
-        # On the GPU 64 senders and 32 receivers, checked on a shared H200 with 2 and 4 ranks, over
-        # NVLink and through NVSHMEM puts (benchmarks/results/*-ll-*-8549bc9.json). A wider grid
-        # (132 + 132 programs per rank on a GPU shared by 2, with prefetching senders) timed out:
-        # a fused launch's receivers spin until senders run, and ranks sharing a GPU must all stay
-        # resident together, which a cooperative launch cannot check across processes. So ranks
-        # sharing a GPU also keep within their share of it (`resident_program_budget`).
-        # Dispatch senders own tokens (so at most T of them) and combine senders rows.
-        # Combine splits the same 96 programs evenly: its senders stream their rows (about 2
-        # read + write steps per 4 rows) while each receiver loads K rows per token, about as many
-        # bytes per program at 48 + 48 (an estimate from the byte counts, to be tuned on the GPU;
-        # TRITONEP_LL_PROGRAMS overrides each count there).
-        defaults = (64, 32, 48, 48) if self._gpu else (2, 2, 2, 2)
+        # On the GPU 64 dispatch senders (they own tokens, so at most T of them), 64 dispatch
+        # receivers and 96 + 96 combine programs. Ranks sharing a GPU keep within their share of
+        # it (`resident_program_budget`): a fused launch's receivers spin until senders run, so
+        # every rank's launch must be resident at once, which a cooperative launch cannot check
+        # across processes (132 + 132 programs per rank on a GPU shared by 2 timed out). Measured
+        # on one H200 shared by 2 ranks (2026-12-01-h200-llgrid-*-eac446a.json, TRITONEP_LL_PROGRAMS
+        # sweep): 64 dispatch receivers instead of 32 took the graph replay of a step from 130 to
+        # 116 us; 96 + 96 combine programs (scaled to 66 + 66 there) instead of 48 + 48 took the
+        # combine kernel from 56-61 to 45-49 us; 128 or 32 senders and 24 + 24 combine programs were
+        # slower. TRITONEP_LL_PROGRAMS overrides each count.
+        defaults = (64, 64, 96, 96) if self._gpu else (2, 2, 2, 2)
         programs = dict(zip(_env.LL_PROGRAM_FIELDS, defaults, strict=True))
         overrides = _env.ll_program_overrides() if self._gpu else {}
         programs.update(overrides)
