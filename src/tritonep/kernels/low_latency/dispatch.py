@@ -224,16 +224,21 @@ def _dispatch_kernel(
                 stage = staging + tl.cast(t, tl.int64) * SLOT_BYTES
                 staged = tl.full([], 0, tl.int32)
                 live_i = live.to(tl.int32)
+                # One block reduction per pair picks both its flag and its slot (`lane` sums over
+                # the program, a CTA barrier each: ncu put 44% of this kernel's stalls at
+                # barriers); the expert id is a plain load of what `experts` holds.
+                live_slot = tl.where(live, j * 2 + 1, 0)
                 for k in range(0, NUM_TOPK):
-                    if lane(live_i, ks, k) != 0:
-                        expert = lane(experts, ks, k)
+                    picked = lane(live_slot, ks, k)
+                    if picked != 0:
+                        expert = tl.load(topk_idx_ptr + t * NUM_TOPK + k)
                         pe, delta, direct = device.open_peer(
                             routes_ptr, rank, expert // L, TRANSPORT, FORCE_PUT
                         )
                         slot = (
                             recv
                             + tl.cast(
-                                ((expert % L) * NUM_RANKS + rank) * MAX_TOKENS + lane(j, ks, k),
+                                ((expert % L) * NUM_RANKS + rank) * MAX_TOKENS + picked // 2,
                                 tl.int64,
                             )
                             * SLOT_BYTES
@@ -278,15 +283,17 @@ def _dispatch_kernel(
                 # last arrival (acquire) and signals has every counted row behind its release.
                 before = tl.atomic_add(arrivals + experts, 1, mask=sent, sem="acq_rel", scope="sys")
                 last = sent & (before + 1 == tl.minimum(total, MAX_TOKENS))
-                last_i = last.to(tl.int32)
+                # Flag, liveness and count of each pair in one word: one reduction per pair.
+                last_word = tl.where(last, total * 4 + live_i * 2 + 1, 0)
                 for k in range(0, NUM_TOPK):
-                    if lane(last_i, ks, k) != 0:
+                    word = lane(last_word, ks, k)
+                    if word != 0:
                         # This program wrote the expert's last row: reset its counter for the
                         # next call of set p (no program of this launch touches it again) and
                         # publish the count, ordered after every row (release is cumulative).
-                        expert = lane(experts, ks, k)
+                        expert = tl.load(topk_idx_ptr + t * NUM_TOPK + k)
                         tl.store(arrivals + expert, 0)
-                        if lane(live_i, ks, k) != 0:
+                        if (word // 2) % 2 != 0:
                             pe, delta, direct = device.open_peer(
                                 routes_ptr, rank, expert // L, TRANSPORT, FORCE_PUT
                             )
@@ -295,7 +302,7 @@ def _dispatch_kernel(
                             )
                             device.signal_op(
                                 sig,
-                                tag + tl.cast(lane(total, ks, k), tl.int64) + 1,
+                                tag + tl.cast(word // 4, tl.int64) + 1,
                                 pe,
                                 delta,
                                 direct,
