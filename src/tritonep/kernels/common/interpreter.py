@@ -69,7 +69,8 @@ def install() -> bool:
         modules = modules_of(self.fn)
         if _launch_depth() == 0 or not modules <= _state.patched:
             # First helper of this launch to see a module (Triton's own library functions see
-            # `tl.core`): the original path patches it, and nothing restores that until the end.
+            # `tl.core`): the original path patches it, and Triton never restores a helper's
+            # patch, so it stays in place for the rest of the launch.
             result = call_helper(self, *args, **kwargs)
             if _launch_depth() > 0:
                 _state.patched |= modules
