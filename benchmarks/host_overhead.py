@@ -120,6 +120,7 @@ def low_latency_rows(profile: bool) -> list[dict]:
             tokens, hidden, 1, num_experts
         ),
         low_latency_mode=True,
+        explicitly_destroy=True,
     )
     gen = torch.Generator().manual_seed(1)
     topk_idx, topk_weights = checks.make_routing(

@@ -354,7 +354,8 @@ def signal_lanes(
     sigs, value, pe, delta, direct, live, SIG_OP: tl.constexpr, TRANSPORT: tl.constexpr
 ):
     """`signal_op` on every `live` lane of `sigs` (`[N]` local symmetric `*int64`), each lane with
-    its own peer (`pe`, `delta`, `direct`: lanes of a vector `open_peer`), all with `value`.
+    its own peer (`pe`, `delta`, `direct`: lanes of a vector `open_peer`) and `value` (one for all
+    lanes, or one per lane).
 
     Mapped lanes take one masked release atomic together (one ordering wait instead of one per
     signal); lanes on the NVSHMEM put path one fenced `signal_op` each.
@@ -362,11 +363,12 @@ def signal_lanes(
     if TRANSPORT == NVSHMEM:
         _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live & direct)
         lanes = tl.arange(0, sigs.shape[0])
+        values = tl.zeros(sigs.shape, dtype=tl.int64) + value
         todo = live & ~direct
         while tl.max(todo.to(tl.int32), axis=0) > 0:
             j = tl.min(tl.where(todo, lanes, sigs.shape[0]), axis=0)
             sig = lane(sigs.to(tl.int64), lanes, j).to(tl.pointer_type(tl.int64))
-            signal_op(sig, value, lane(pe, lanes, j), 0, False, SIG_OP, TRANSPORT)
+            signal_op(sig, lane(values, lanes, j), lane(pe, lanes, j), 0, False, SIG_OP, TRANSPORT)
             todo = todo & (lanes != j)
     else:
         _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live)

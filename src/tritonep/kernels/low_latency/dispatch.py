@@ -181,16 +181,20 @@ def _dispatch_kernel(
                 positions = p0 + flat
                 ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
                 hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
-            idle = (mine < NUM_EXPERTS) & (hits == 0)
-            idle = unmasked(mask_ptr, mine // L, idle)
-            idle_i = idle.to(tl.int32)
-            for e in range(pid, NUM_EXPERTS, NUM_SENDERS):
-                if lane(idle_i, tl.arange(0, BLOCK_E), (e - pid) // NUM_SENDERS) != 0:
-                    pe, delta, direct = device.open_peer(
-                        routes_ptr, rank, e // L, TRANSPORT, FORCE_PUT
-                    )
-                    sig = (signals + ((e % L) * NUM_RANKS + rank) * 8).to(tl.pointer_type(tl.int64))
-                    device.signal_op(sig, tag + 1, pe, delta, direct, device.SIGNAL_SET, TRANSPORT)
+            idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
+            idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
+            pe, delta, direct = device.open_peer(routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT)
+            idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
+            device.signal_lanes(
+                idle_sigs.to(tl.pointer_type(tl.int64)),
+                tag + 1,
+                pe,
+                delta,
+                direct,
+                idle,
+                device.SIGNAL_SET,
+                TRANSPORT,
+            )
 
             ks = tl.arange(0, BLOCK_K)
             for t in range(pid, num_tokens, NUM_SENDERS):
@@ -219,96 +223,82 @@ def _dispatch_kernel(
                 x = tl.load(xp, mask=xm, other=0.0)
                 if USE_FP8:
                     values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
+                # Every pair's route, slot and signal as lanes: the loops below pick one word per
+                # pair (`lane`, a block reduction) instead of reloading the expert id and its
+                # route, a chain of dependent loads per pair.
+                local = tl.where(valid, experts % L, 0)
+                pe, delta, direct = device.open_peer(
+                    routes_ptr, rank, tl.where(valid, experts // L, 0), TRANSPORT, FORCE_PUT
+                )
+                slots = recv + tl.cast((local * NUM_RANKS + rank) * MAX_TOKENS + j, tl.int64) * (
+                    SLOT_BYTES
+                )
                 # The put path sends every pair of the token from one copy in this rank's staging
-                # slot of token t (this program's alone: one program per token).
+                # slot of token t (this program's alone: one program per token), written with the
+                # first pair that needs it.
                 stage = staging + tl.cast(t, tl.int64) * SLOT_BYTES
-                staged = tl.full([], 0, tl.int32)
-                live_i = live.to(tl.int32)
-                # One block reduction per pair picks both its flag and its slot (`lane` sums over
-                # the program, a CTA barrier each: ncu put 44% of this kernel's stalls at
-                # barriers); the expert id is a plain load of what `experts` holds.
-                live_slot = tl.where(live, j * 2 + 1, 0)
+                by_put = live & ~direct
+                dst = tl.where(live & direct, slots + delta, 0)  # 0: nothing to write
+                if TRANSPORT != device.STORES:
+                    first_put = tl.min(tl.where(by_put, ks, BLOCK_K), axis=0)
+                    dst = tl.where(by_put & (ks == first_put), stage, dst)
                 for k in range(0, NUM_TOPK):
-                    picked = lane(live_slot, ks, k)
-                    if picked != 0:
-                        expert = tl.load(topk_idx_ptr + t * NUM_TOPK + k)
-                        pe, delta, direct = device.open_peer(
-                            routes_ptr, rank, expert // L, TRANSPORT, FORCE_PUT
-                        )
-                        slot = (
-                            recv
-                            + tl.cast(
-                                ((expert % L) * NUM_RANKS + rank) * MAX_TOKENS + picked // 2,
-                                tl.int64,
+                    message = lane(dst, ks, k)
+                    if message != 0:
+                        tl.store(message.to(tl.pointer_type(tl.int32)), t)
+                        payload = message + _HEADER
+                        # Payloads start 16-byte aligned when slots do (regions.py).
+                        if USE_FP8:
+                            vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
+                            tl.store(vp, values, mask=vm)
+                            groups = tl.arange(0, BLOCK_G)
+                            tl.store(
+                                (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32)) + groups,
+                                scale_inv,
+                                mask=groups < G,
                             )
-                            * SLOT_BYTES
-                        )
-                        if direct | (staged == 0):
-                            dst = tl.where(direct, slot + delta, stage)
-                            tl.store(dst.to(tl.pointer_type(tl.int32)), t)
-                            payload = dst + _HEADER
-                            # Payloads start 16-byte aligned when slots do (regions.py).
-                            if USE_FP8:
-                                vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
-                                tl.store(vp, values, mask=vm)
-                                groups = tl.arange(0, BLOCK_G)
-                                tl.store(
-                                    (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
-                                    + groups,
-                                    scale_inv,
-                                    mask=groups < G,
-                                )
-                            else:
-                                vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
-                                tl.store(vp, x, mask=vm)
-                        if direct:
-                            pass
                         else:
-                            staged = tl.full([], 1, tl.int32)
-                            device.put_nbi_block(
-                                slot.to(tl.pointer_type(tl.int32)),
-                                stage.to(tl.pointer_type(tl.int32)),
-                                MESSAGE_WORDS,
-                                pe,
-                                delta,
-                                direct,
-                                TRANSPORT,
-                                BLOCK_W,
-                            )
-                if staged != 0:
-                    device.quiet(TRANSPORT)  # this program's puts land before it counts them
+                            vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
+                            tl.store(vp, x, mask=vm)
+                if TRANSPORT != device.STORES:  # noqa: SIM102 (constexpr, then runtime)
+                    if first_put < BLOCK_K:
+                        tl.debug_barrier()  # the staged message, written by every thread, is read
+                        by_put_i = by_put.to(tl.int32)
+                        for k in range(first_put, NUM_TOPK):
+                            if lane(by_put_i, ks, k) != 0:
+                                device.put_nbi_block(
+                                    lane(slots, ks, k).to(tl.pointer_type(tl.int32)),
+                                    stage.to(tl.pointer_type(tl.int32)),
+                                    MESSAGE_WORDS,
+                                    lane(pe, ks, k),
+                                    lane(delta, ks, k),
+                                    False,
+                                    TRANSPORT,
+                                    BLOCK_W,
+                                )
+                        device.quiet(TRANSPORT)  # this program's puts land before it counts them
                 # Every thread's stores, ordered at block scope before the arrivals below.
                 tl.debug_barrier()
                 # Arrivals: release at system scope, so a program that later sees an expert's
                 # last arrival (acquire) and signals has every counted row behind its release.
                 before = tl.atomic_add(arrivals + experts, 1, mask=sent, sem="acq_rel", scope="sys")
                 last = sent & (before + 1 == tl.minimum(total, MAX_TOKENS))
-                # Flag, liveness and count of each pair in one word: one reduction per pair.
-                last_word = tl.where(last, total * 4 + live_i * 2 + 1, 0)
-                for k in range(0, NUM_TOPK):
-                    word = lane(last_word, ks, k)
-                    if word != 0:
-                        # This program wrote the expert's last row: reset its counter for the
-                        # next call of set p (no program of this launch touches it again) and
-                        # publish the count, ordered after every row (release is cumulative).
-                        expert = tl.load(topk_idx_ptr + t * NUM_TOPK + k)
-                        tl.store(arrivals + expert, 0)
-                        if (word // 2) % 2 != 0:
-                            pe, delta, direct = device.open_peer(
-                                routes_ptr, rank, expert // L, TRANSPORT, FORCE_PUT
-                            )
-                            sig = (signals + ((expert % L) * NUM_RANKS + rank) * 8).to(
-                                tl.pointer_type(tl.int64)
-                            )
-                            device.signal_op(
-                                sig,
-                                tag + tl.cast(word // 4, tl.int64) + 1,
-                                pe,
-                                delta,
-                                direct,
-                                device.SIGNAL_SET,
-                                TRANSPORT,
-                            )
+                # This program wrote the expert's last row: reset its counter for the next call of
+                # set p (no program of this launch touches it again) and publish the count,
+                # ordered after every row (release is cumulative). All such pairs of the token in
+                # one masked release.
+                tl.store(arrivals + experts, 0, mask=last)
+                sigs = signals + tl.cast((local * NUM_RANKS + rank) * 8, tl.int64)
+                device.signal_lanes(
+                    sigs.to(tl.pointer_type(tl.int64)),
+                    tag + total.to(tl.int64) + 1,
+                    pe,
+                    delta,
+                    direct,
+                    last & live,
+                    device.SIGNAL_SET,
+                    TRANSPORT,
+                )
     else:
         # ---------------------------------------------------------- receiver: local experts
         rpid = pid - NUM_SENDERS
@@ -374,21 +364,11 @@ def _dispatch_kernel(
                         * SLOT_BYTES
                     )
                     out_row = tl.cast(e * SLOTS + i, tl.int64)
-                    tl.store(
-                        src_info_ptr + out_row,
-                        tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok),
-                        mask=row_ok,
-                    )
-                    copy_rows(
-                        slot + _HEADER,
-                        recv_x_addr + out_row * PAYLOAD_BYTES,
-                        row_ok,
-                        PAYLOAD_BYTES // 4,
-                        BLOCK_W,
-                        ".cg",
-                        False,
-                        ALIGNED,
-                    )
+                    # Every load of the tile (header, scales, payload) is issued before its first
+                    # store: a store that waits for its load holds back the loads after it, and
+                    # three round trips per tile were most of a receiver's time (ncu: the header
+                    # load and the scale store were the receiver's top stalls).
+                    token = tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok)
                     if USE_FP8:
                         groups = tl.arange(0, BLOCK_G)
                         in_scale = row_ok[:, None] & (groups[None, :] < G)
@@ -401,6 +381,18 @@ def _dispatch_kernel(
                             other=0.0,
                             cache_modifier=".cg",
                         )
+                    copy_rows(
+                        slot + _HEADER,
+                        recv_x_addr + out_row * PAYLOAD_BYTES,
+                        row_ok,
+                        PAYLOAD_BYTES // 4,
+                        BLOCK_W,
+                        ".cg",
+                        PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
+                        ALIGNED,
+                    )
+                    tl.store(src_info_ptr + out_row, token, mask=row_ok)
+                    if USE_FP8:
                         # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T]
                         # tensor.
                         if USE_UE8M0:
@@ -485,7 +477,10 @@ class DispatchPlan(RolePlan):
             ROWS=4,
             BLOCK_G=max(pow2(regions.num_groups), 4),
             BLOCK_R=pow2(regions.num_ranks),
-            BLOCK_W=min(2048, pow2(regions.hidden // (4 if use_fp8 else 2))),
+            # Receiver copies: an FP8 payload (hidden / 4 words) in one [ROWS, BLOCK_W] block, a
+            # BF16 one in blocks of 1024 words whose loads run one block ahead (the registers of
+            # two blocks of 2048 without that).
+            BLOCK_W=min(2048 if use_fp8 else 1024, pow2(regions.hidden // (4 if use_fp8 else 2))),
             num_warps=num_warps,
         )
 
