@@ -27,6 +27,7 @@ import torch.distributed as dist
 import tritonep
 from tritonep.bench import bench_events, git_commit
 from tritonep.kernels import load_kernels
+from tritonep.modes.layout import allocate_outputs
 from tritonep.testing import checks
 
 
@@ -190,7 +191,7 @@ def main() -> int:
     mask = buffer._rank_mask
     host_addr = buffer._host.address
     layout_plan = kernels.layout.plan_route_stats(num_tokens, num_topk, num_experts, 1, 1, False)
-    outputs = layout_plan.allocate(num_tokens, x.device)
+    outputs = allocate_outputs(layout_plan, num_tokens, x.device)
     steps = {
         "_check_usable": lambda: buffer._check_usable("op"),
         "CommStreams.current()": buffer._streams.current,
@@ -206,7 +207,12 @@ def main() -> int:
         "layout plan: launch only": lambda: layout_plan.launch(
             comm, topk_idx, num_tokens, scratch, mask, host_addr, outputs
         ),
-        "layout plan: allocate outputs": lambda: layout_plan.allocate(num_tokens, x.device),
+        "layout outputs: fresh allocation": lambda: allocate_outputs(
+            layout_plan, num_tokens, x.device
+        ),
+        "layout outputs: from the pool": lambda: buffer._outputs.take(
+            "probe", lambda: allocate_outputs(layout_plan, num_tokens, x.device), 3
+        ),
         "EventOverlap()": tritonep.EventOverlap,
     }
     # The floor of DeepEP's event timing here: two event records around a call that does nothing.

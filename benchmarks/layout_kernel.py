@@ -17,6 +17,7 @@ import tritonep
 from tritonep import protocol, reference
 from tritonep.bench import bench_events, git_commit
 from tritonep.kernels import load_kernels
+from tritonep.modes.layout import allocate_outputs
 
 
 def main():
@@ -44,7 +45,7 @@ def main():
         stream = torch.cuda.current_stream()
 
         def layout(plan=plan, topk_idx=topk_idx, tokens=tokens, no_mask=no_mask):
-            outputs = plan.allocate(tokens, topk_idx.device)
+            outputs = allocate_outputs(plan, tokens, topk_idx.device)
             plan.launch(stream, topk_idx, tokens, scratch, no_mask, host_block.data_ptr(), outputs)
             return outputs
 

@@ -40,6 +40,7 @@ from .modes.intranode import IntranodeMode
 from .modes.layout import RoutingLayout
 from .runtime.host import HostBlock
 from .runtime.memory import BufferMemory
+from .runtime.outputs import OutputPools
 from .runtime.streams import CommStreams
 from .runtime.topology import Topology, select_backend
 from .transport import Bootstrap
@@ -97,6 +98,7 @@ class _Resources:
         self.rank = rank
         self.memory: BufferMemory | None = None
         self.host: HostBlock | None = None
+        self.outputs: OutputPools | None = None
         self.warn_if_open = False
 
     def close(self) -> None:
@@ -112,6 +114,8 @@ class _Resources:
         if self.host is not None:
             self.host.close()
             self.host = None
+        if self.outputs is not None:
+            self.outputs.clear()  # pooled outputs nobody holds: their GPU memory goes now
 
 
 _warned: set[str] = set()
@@ -332,8 +336,15 @@ class Buffer:
             timeout_ns=int(timeout_s * 1e9),
             use_globaltimer=self._backend == "cuda",
         )
+        resources.outputs = self._outputs = OutputPools(self._device)
         self._layout = RoutingLayout(
-            self._kernels, topology, self._host, self._streams, self._rank_mask, self._device
+            self._kernels,
+            topology,
+            self._host,
+            self._streams,
+            self._rank_mask,
+            self._device,
+            self._outputs,
         )
         # The mode serving dispatch / combine: more than one node -> internode.
         self._throughput_mode: ThroughputMode
@@ -361,6 +372,7 @@ class Buffer:
                 num_rdma_bytes,
                 self.enable_shrink,
                 ranks_on_gpu,
+                self._outputs,
             )
         self._validated_handles: dict = {}
         if self._backend == "cuda":

@@ -23,7 +23,6 @@ block (`protocol.HOST_BAD_EXPERT`); the Buffer raises about it on its next call.
 divisible by R.
 """
 
-import torch
 import triton.language as tl
 
 from .. import protocol
@@ -177,7 +176,6 @@ class RouteStatsPlan:
         self.with_nodes = with_nodes
         self.block_tokens = block_tokens
         self.scratch_slots = scratch_slots(num_experts, num_ranks, self.num_nodes)
-        self._count_sizes = [num_experts, num_ranks, self.num_nodes]
         block_topk = pow2(max(num_topk, 1))
         self._kernel = KernelLaunch(
             _route_stats_kernel,
@@ -194,20 +192,6 @@ class RouteStatsPlan:
             HOST_BAD_EXPERT=protocol.HOST_BAD_EXPERT,
             num_warps=4,
         )
-
-    def allocate(self, num_tokens: int, device: torch.device):
-        """Fresh outputs: (num_tokens_per_rank, num_tokens_per_node or None, num_tokens_per_expert,
-        is_token_in_rank). The three count vectors share one allocation (each `torch.empty` costs
-        microseconds of host time)."""
-        counts = torch.empty(
-            self.num_ranks + self.num_nodes + self.num_experts, dtype=torch.int32, device=device
-        )
-        # The C method: `Tensor.split` adds a Python frame and a type dispatch per call.
-        per_expert, per_rank, per_node = counts.split_with_sizes(self._count_sizes)
-        is_token_in_rank = torch.empty(
-            (num_tokens, self.num_ranks), dtype=torch.bool, device=device
-        )
-        return per_rank, per_node if self.with_nodes else None, per_expert, is_token_in_rank
 
     def launch(
         self, stream, topk_idx, num_tokens: int, scratch, rank_mask, host_addr: int, outputs

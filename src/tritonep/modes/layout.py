@@ -1,7 +1,8 @@
 """`get_dispatch_layout` for both high-throughput modes: routing statistics of this rank's tokens.
 
 Local (no communication): one `route_stats` launch (`kernels/layout.py`) per call, planned per
-geometry, into fresh outputs. The kernel keeps a persistent int32 accumulator that is zero
+geometry, into outputs from the Buffer's pools (`runtime/outputs.py`: fresh whenever the caller
+still holds the previous ones). The kernel keeps a persistent int32 accumulator that is zero
 between calls, zeroed once when it is first needed.
 """
 
@@ -12,6 +13,7 @@ import contextlib
 import torch
 
 from ..runtime.host import HostBlock
+from ..runtime.outputs import OutputPools, carve
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
 
@@ -27,6 +29,7 @@ class RoutingLayout:
         streams: CommStreams,
         rank_mask: torch.Tensor,
         device: torch.device,
+        outputs: OutputPools,
     ):
         self._kernels = kernels
         self._topology = topology
@@ -34,6 +37,7 @@ class RoutingLayout:
         self._streams = streams
         self._rank_mask = rank_mask
         self._device = device
+        self._outputs = outputs
         self._scratch = torch.zeros(0, dtype=torch.int32, device=device)
         self._plans: dict = {}
 
@@ -78,7 +82,11 @@ class RoutingLayout:
                     plan.scratch_slots, dtype=torch.int32, device=self._device
                 )
         with streams.allocation():
-            outputs = plan.allocate(num_tokens, self._device)
+            outputs = self._outputs.take(
+                ("get_dispatch_layout", key, num_tokens),
+                lambda: allocate_outputs(plan, num_tokens, self._device),
+                3,
+            )
         plan.launch(
             streams.launch,
             topk_idx,
@@ -90,3 +98,17 @@ class RoutingLayout:
         )
         event = streams.finish((topk_idx, *outputs) if async_finish else ())
         return (*outputs, event)
+
+
+def allocate_outputs(plan, num_tokens: int, device: torch.device) -> list:
+    """Fresh outputs of a layout call in one allocation: [num_tokens_per_rank,
+    num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank]."""
+    parts = [
+        ((num_tokens, plan.num_ranks), torch.bool),
+        ((plan.num_experts,), torch.int32),
+        ((plan.num_ranks,), torch.int32),
+    ]
+    if plan.with_nodes:
+        parts.append(((plan.num_nodes,), torch.int32))
+    is_token_in_rank, per_expert, per_rank, *per_node = carve(device, parts)
+    return [per_rank, per_node[0] if per_node else None, per_expert, is_token_in_rank]

@@ -27,6 +27,7 @@ from ..errors import EPStateError
 from ..event import EventOverlap
 from ..runtime.host import HostBlock
 from ..runtime.memory import BufferMemory
+from ..runtime.outputs import OutputPools, carve
 from ..runtime.streams import CommStreams
 
 MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register tile of expert ids
@@ -49,9 +50,11 @@ class LowLatencyMode:
         backend: str,
         num_rdma_bytes: int,
         shrink: bool,
-        ranks_on_gpu: int = 1,
+        ranks_on_gpu: int,
+        outputs: OutputPools,
     ):
         self._kernels = kernels
+        self._outputs = outputs
         self._ctx = ctx
         self._memory = memory
         self._host = host
@@ -310,24 +313,11 @@ class LowLatencyMode:
         # stream, and the hand-off to the comm stream must order the launch after that.
         call, stream = self._streams_for(op, async_finish, return_recv_hook)
         parity, call_index = self._next_parity()
-        device, slots = self._device, self._num_ranks * max_tokens
-        if use_fp8:
-            recv_x = torch.empty(
-                (num_local, slots, hidden), dtype=torch.float8_e4m3fn, device=device
-            )
-            columns = -(-hidden // 512) if use_ue8m0 else hidden // 128
-            # Column-major in the last two dims: the transpose of a contiguous [L, columns, R*T].
-            recv_scales = torch.empty(
-                (num_local, columns, slots),
-                dtype=torch.int32 if use_ue8m0 else torch.float32,
-                device=device,
-            ).transpose(1, 2)
-        else:
-            recv_x = torch.empty((num_local, slots, hidden), dtype=torch.bfloat16, device=device)
-            recv_scales = None
-        recv_count = torch.empty(num_local, dtype=torch.int32, device=device)
-        src_info = torch.empty((num_local, slots), dtype=torch.int32, device=device)
-        layout_range = torch.empty((num_local, self._num_ranks), dtype=torch.int64, device=device)
+        recv_x, recv_scales, recv_count, src_info, layout_range = self._outputs.take(
+            ("low_latency_dispatch", regions, key[3], key[5]),
+            _dispatch_outputs(regions, key[3], key[5], self._device),
+            3,  # the two results that may be outstanding (reference §14.4), and one more
+        )
 
         def launch(role, on_stream):
             plan.launch(
@@ -478,11 +468,14 @@ class LowLatencyMode:
         # After the plan, as in dispatch (grown arrival counters are zeroed on the caller's stream).
         call, stream = self._streams_for(op, async_finish, return_recv_hook)
         parity, call_index = self._next_parity()
-        combined = (
-            out
-            if out is not None
-            else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
-        )
+        if out is not None:
+            combined = out
+        else:
+            (combined,) = self._outputs.take(
+                ("low_latency_combine", num_tokens, hidden),
+                _combine_output(num_tokens, hidden, self._device),
+                3,
+            )
 
         def launch(role, on_stream):
             plan.launch(
@@ -591,3 +584,34 @@ def fit_programs(senders: int, receivers: int, budget: int) -> tuple[int, int]:
         return senders, receivers
     fitted = max(1, min(senders - 1, senders * budget // (senders + receivers)))
     return fitted, max(1, budget - fitted)
+
+
+def _dispatch_outputs(regions, use_fp8: bool, use_ue8m0: bool, device: torch.device):
+    """The dispatch outputs of one geometry in one allocation: [recv_x, recv_scales or None,
+    recv_count, src_info, layout_range]."""
+    num_local = regions.num_experts // regions.num_ranks
+    slots, hidden = regions.num_ranks * regions.max_tokens, regions.hidden
+
+    def allocate() -> list:
+        parts = [((num_local, slots, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16)]
+        if use_fp8:
+            columns = -(-hidden // 512) if use_ue8m0 else hidden // 128
+            parts.append(((num_local, columns, slots), torch.int32 if use_ue8m0 else torch.float32))
+        parts += [
+            ((num_local,), torch.int32),
+            ((num_local, slots), torch.int32),
+            ((num_local, regions.num_ranks), torch.int64),
+        ]
+        recv_x, *scales, recv_count, src_info, layout_range = carve(device, parts)
+        # Scales column-major in the last two dims: the transpose of a contiguous [L, columns, R*T].
+        recv_scales = scales[0].transpose(1, 2) if scales else None
+        return [recv_x, recv_scales, recv_count, src_info, layout_range]
+
+    return allocate
+
+
+def _combine_output(num_tokens: int, hidden: int, device: torch.device):
+    def allocate() -> list:
+        return carve(device, [((num_tokens, hidden), torch.bfloat16)])
+
+    return allocate

@@ -90,6 +90,7 @@ def _cases(kernels):
     from tritonep.kernels.common.context import LaunchContext
     from tritonep.kernels.intranode.queues import IntranodeQueues
     from tritonep.modes.intranode import program_shape
+    from tritonep.modes.layout import allocate_outputs
 
     for num_ranks in (2, 8):
         shape = program_shape("cuda", num_ranks)
@@ -113,7 +114,7 @@ def _cases(kernels):
         square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
         layout = kernels.layout.plan_route_stats(tokens, topk, experts, num_ranks, num_ranks, False)
-        outputs = layout.allocate(tokens, torch.device("cpu"))
+        outputs = allocate_outputs(layout, tokens, torch.device("cpu"))
         yield functools.partial(
             layout.launch,
             None,

@@ -1,0 +1,135 @@
+"""Output tensors of a call, handed out again once nothing outside tritonep refers to them.
+
+DeepEP returns new tensors from every call. On an H200 host one `torch.empty` costs about 5 us
+of host time (`hostprobe` in `2026-12-01-h200-host-path-*.json`), a layout call makes two and a
+low-latency dispatch five, and a host-bound call is timed by its host path. So the outputs of a
+call geometry come from a small pool instead: each entry is one allocation carved into the call's
+tensors, and an entry goes out again only when nobody else holds any of it:
+
+* no Python reference to any of its tensors (the caller dropped the results), and
+* no other tensor or storage object on its memory (its storage's use count and its storage
+  object's reference count are back at their baselines): views, `detach()`, `.data`, dtype
+  views and a kept `untyped_storage()` all raise one of them.
+
+So a caller never sees memory it still holds overwritten, exactly as with fresh tensors; what it
+dropped is rewritten in stream order on the stream that writes the new results, just as the
+caching allocator hands a freed block to the next allocation on that stream. During CUDA-graph
+capture the pool allocates fresh (the graph's own memory pool) and keeps nothing: a graph replays
+into its captured outputs, which must never be handed to a later eager call.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+_ALIGN = 16  # bytes: every tensor carved here starts 16-byte aligned, as kernels assume
+
+# Use count of a storage (tensors and Python storage objects on it) without making a new Python
+# object: if a torch lacks it, nothing is pooled.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _cuda_capturing() -> bool:
+    """Whether the current CUDA stream is being captured (0.2 us; `torch.cuda`'s wrapper adds a
+    Python layer)."""
+    return torch._C._cuda_isCurrentStreamCapturing()
+
+
+def carve(
+    device: torch.device, parts: Sequence[tuple[tuple[int, ...], torch.dtype]]
+) -> list[torch.Tensor]:
+    """Contiguous tensors of the given (shape, dtype) in one allocation, each 16-byte aligned."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in parts]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _ALIGN) * _ALIGN
+    base = torch.empty(max(total, _ALIGN), dtype=torch.uint8, device=device)
+    return [
+        base[offset : offset + size].view(dtype).view(shape)
+        for (shape, dtype), offset, size in zip(parts, offsets, sizes, strict=True)
+    ]
+
+
+class _Entry:
+    """One set of outputs on one storage, and the reference counts it has when nobody holds it."""
+
+    __slots__ = ("outputs", "_tensors", "_storage", "_storage_uses", "_references")
+
+    def __init__(self, outputs: list[torch.Tensor | None]):
+        # The list itself, not a copy: while a copy and the original both lived, every tensor
+        # would count one reference more than it does later, and the entry would never be idle.
+        self.outputs = outputs
+        self._tensors = [t for t in outputs if t is not None]
+        # Held, so its address stays valid; it is part of the baseline count.
+        self._storage = self._tensors[0].untyped_storage()
+        if any(t.untyped_storage().data_ptr() != self._storage.data_ptr() for t in self._tensors):
+            raise ValueError("pooled outputs must share one allocation (see `carve`)")
+        self._storage_uses = _storage_use_count(self._storage._cdata)
+        self._references = self._reference_counts()
+
+    def _reference_counts(self) -> list[int]:
+        # The storage's Python object too: torch hands out one object per storage, so a caller's
+        # `untyped_storage()` is this very object.
+        return [sys.getrefcount(t) for t in self._tensors] + [sys.getrefcount(self._storage)]
+
+    def idle(self) -> bool:
+        return (
+            _storage_use_count(self._storage._cdata) == self._storage_uses
+            and self._reference_counts() == self._references
+        )
+
+
+class OutputPool:
+    """The outputs of one call geometry: `take()` returns a tuple of the tensors in the list that
+    `make()` returns (all on one allocation, see `carve`), reused when idle; at most `depth` sets
+    are kept. `make` must not hold tensors of the call that created the pool."""
+
+    __slots__ = ("_make", "_depth", "_cuda", "_entries")
+
+    def __init__(self, make: Callable[[], list[torch.Tensor | None]], depth: int, cuda: bool):
+        self._make = make
+        self._depth = depth
+        self._cuda = cuda  # the outputs are CUDA tensors: a graph capture may be under way
+        self._entries: list[_Entry] = []
+
+    def take(self) -> tuple:
+        capturing = self._cuda and _cuda_capturing()
+        if not capturing:
+            for entry in self._entries:
+                if entry.idle():
+                    return tuple(entry.outputs)  # a new tuple: holding it counts as holding
+        if capturing or _storage_use_count is None or len(self._entries) >= self._depth:
+            return tuple(self._make())
+        entry = _Entry(self._make())
+        self._entries.append(entry)
+        return tuple(entry.outputs)
+
+
+class OutputPools:
+    """Every output pool of one Buffer (outputs on `device`) by call geometry (`key`); `clear()`
+    at `destroy()`.
+
+    At most `max_keys` geometries are kept (the oldest is dropped first): a caller whose token
+    count changes every call gets fresh tensors, as it would without pools.
+    """
+
+    def __init__(self, device: torch.device, max_keys: int = 32):
+        self._pools: dict = {}
+        self._cuda = device.type == "cuda"
+        self._max_keys = max_keys
+
+    def take(self, key, make: Callable[[], list[torch.Tensor | None]], depth: int) -> tuple:
+        pool = self._pools.get(key)
+        if pool is None:
+            if len(self._pools) >= self._max_keys:
+                del self._pools[next(iter(self._pools))]
+            pool = self._pools[key] = OutputPool(make, depth, self._cuda)
+        return pool.take()
+
+    def clear(self) -> None:
+        self._pools.clear()
