@@ -482,10 +482,12 @@ class CombinePlan(RolePlan):
             # whole-row [64, 128] tiles it took 228, one program per SM, and two ranks sharing a
             # GPU could not hold both 96-program cooperative launches at once (the receivers of
             # one spun until the timeout, waiting for senders that had no SM).
-            # Sender tiles: 4 BF16 rows copied as [4, BLOCK_W] words per step; a LogFMT row is
-            # encoded CHUNK_G groups at a time.
-            ROWS=1 if use_logfmt else 4,
-            BLOCK_W=min(1024, pow2(regions.hidden // 2)),
+            # Sender tiles: 8 BF16 rows copied as [8, BLOCK_W] words per step, the next block's
+            # loads in flight during this one's stores (the registers of [4, 1024] tiles, half
+            # the tiles per sender: each tile is a chain of table loads before its copy); a
+            # LogFMT row is encoded CHUNK_G groups at a time.
+            ROWS=1 if use_logfmt else 8,
+            BLOCK_W=min(512, pow2(regions.hidden // 2)),
             BLOCK_B=pow2(regions.num_experts),
             BLOCK_N=32,
             BLOCK_K=block_k,

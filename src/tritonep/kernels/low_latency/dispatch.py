@@ -144,6 +144,7 @@ def _dispatch_kernel(
     ROWS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_X: tl.constexpr,
     BLOCK_W: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -302,41 +303,60 @@ def _dispatch_kernel(
     else:
         # ---------------------------------------------------------- receiver: local experts
         rpid = pid - NUM_SENDERS
+        Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < NUM_RANKS
         rows_in_tile = tl.arange(0, ROWS)
-        for e in range(rpid, L, NUM_RECEIVERS + (NUM_RECEIVERS == 0)):
-            # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
-            ok = ok & (stopped(ws) == 0)
-            if ok:
-                sigs = (signals + (e * NUM_RANKS + ranks) * 8).to(tl.pointer_type(tl.int64))
-                live = unmasked(mask_ptr, ranks, rank_ok)
-                values, late, waited = wait_signals(
-                    sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
+        # One wait for the counts of all this program's experts `rpid + Q * x` (lanes
+        # `x * BLOCK_R + source`): waiting expert by expert, each wait was a round trip of its
+        # own before the expert's copy could start.
+        lanes = tl.arange(0, BLOCK_X * BLOCK_R)
+        lane_expert = rpid + Q * (lanes // BLOCK_R)
+        lane_rank = lanes % BLOCK_R
+        # A fatal error elsewhere in this launch (or an earlier one) stops the wait.
+        ok = ok & (stopped(ws) == 0)
+        all_counts = tl.zeros([BLOCK_X, BLOCK_R], dtype=tl.int32)
+        if ok:
+            lane_ok = (lane_expert < L) & (lane_rank < NUM_RANKS)
+            sigs = (signals + (lane_expert * NUM_RANKS + lane_rank) * 8).to(
+                tl.pointer_type(tl.int64)
+            )
+            live = unmasked(mask_ptr, lane_rank, lane_ok)
+            values, late, waited = wait_signals(
+                sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
+            )
+            late = late & live
+            if tl.sum(late.to(tl.int32), axis=0) > 0:
+                give_up_on(
+                    late,
+                    lane_rank,
+                    mask_ptr,
+                    ws,
+                    host,
+                    rank,
+                    (values - tag).to(tl.int32),
+                    1,
+                    PHASE,
+                    tl.min(tl.where(late, lane_expert, L), axis=0),
+                    SHRINK,
+                    HOST_ERROR,
+                    HOST_SHRUNK,
+                    ERR_TIMEOUT,
+                    BLOCK_X * BLOCK_R,
                 )
-                late = late & live
-                if tl.sum(late.to(tl.int32), axis=0) > 0:
-                    give_up_on(
-                        late,
-                        ranks,
-                        mask_ptr,
-                        ws,
-                        host,
-                        rank,
-                        (values - tag).to(tl.int32),
-                        1,
-                        PHASE,
-                        e,
-                        SHRINK,
-                        HOST_ERROR,
-                        HOST_SHRUNK,
-                        ERR_TIMEOUT,
-                        BLOCK_R,
-                    )
-                    ok = ok & SHRINK  # without shrink mode the error record stops this call
-                if HAS_WAIT_STATS:
-                    tl.atomic_add(wait_stats_ptr + ranks, waited, mask=live, sem="relaxed")
-                counts = tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0)
+                ok = ok & SHRINK  # without shrink mode the error record stops this call
+            if HAS_WAIT_STATS:
+                tl.atomic_add(wait_stats_ptr + lane_rank, waited, mask=live, sem="relaxed")
+            all_counts = tl.reshape(
+                tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
+            )
+        for e in range(rpid, L, Q):
+            if ok:
+                # This expert's row of the counts (a masked column sum keeps it in registers).
+                counts = tl.sum(
+                    tl.where(tl.arange(0, BLOCK_X)[:, None] == (e - rpid) // Q, all_counts, 0),
+                    axis=0,
+                )
                 kept = tl.minimum(counts, MAX_TOKENS)
                 total = tl.sum(kept, axis=0)
                 begin = tl.cumsum(kept, axis=0) - kept
@@ -450,6 +470,7 @@ class DispatchPlan(RolePlan):
         # Each sender signals the idle experts among `pid + S * [0, BLOCK_E)`: enough lanes for
         # the smallest sender grid of the plan's roles.
         senders = min((senders for senders, _ in grids.values() if senders > 0), default=1)
+        receivers = min((receivers for _, receivers in grids.values() if receivers > 0), default=1)
         block_e = pow2(-(-regions.num_experts // senders))
         block_k = pow2(num_topk)
         # Arrivals of (set p, expert e) at `p * E + e`: int32, >= 2E entries of this rank's memory,
@@ -477,6 +498,8 @@ class DispatchPlan(RolePlan):
             ROWS=4,
             BLOCK_G=max(pow2(regions.num_groups), 4),
             BLOCK_R=pow2(regions.num_ranks),
+            # Local experts per receiver, for the smallest receiver grid of the plan's roles.
+            BLOCK_X=pow2(-(-(regions.num_experts // regions.num_ranks) // receivers)),
             # Receiver copies: an FP8 payload (hidden / 4 words) in one [ROWS, BLOCK_W] block, a
             # BF16 one in blocks of 1024 words whose loads run one block ahead (the registers of
             # two blocks of 2048 without that).
