@@ -184,14 +184,17 @@ def _dispatch_kernel(
                 hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
             idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
             idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
-            pe, delta, direct = device.open_peer(routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT)
+            # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
+            idle_pe, idle_delta, idle_direct = device.open_peer(
+                routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
+            )
             idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
             device.signal_lanes(
                 idle_sigs.to(tl.pointer_type(tl.int64)),
                 tag + 1,
-                pe,
-                delta,
-                direct,
+                idle_pe,
+                idle_delta,
+                idle_direct,
                 idle,
                 device.SIGNAL_SET,
                 TRANSPORT,
