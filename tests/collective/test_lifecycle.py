@@ -352,3 +352,40 @@ def test_never_destroyed_explicit_buffer_warns_once(cpu_pool):
             f"rank {rank}: unclear warning: {lines[0]}"
         )
     assert shm_leaks(pool.pids) == []
+
+
+def _pooled_outputs(ctx) -> dict:
+    """Layout results kept across later calls stay intact; dropped ones are handed out again;
+    destroy() lets go of the pooled ones."""
+    from tritonep import reference
+
+    buffer = tritonep.Buffer(ctx.group, num_nvl_bytes=SMALL, explicitly_destroy=True)
+    first_idx, second_idx = routing(ctx.rank, 1), routing(ctx.rank, 2)
+    kept = buffer.get_dispatch_layout(first_idx, NUM_EXPERTS)[:4]
+    second = buffer.get_dispatch_layout(second_idx, NUM_EXPERTS)[:4]
+    intact = all(
+        (got is None and want is None) or torch.equal(got, want)
+        for outputs, idx in ((kept, first_idx), (second, second_idx))
+        for got, want in zip(
+            outputs, reference.layout(idx, NUM_EXPERTS, ctx.world_size, ctx.world_size), strict=True
+        )
+    )
+    distinct = kept[3].data_ptr() != second[3].data_ptr()
+    address = second[3].data_ptr()
+    del second
+    gc.collect()  # the Triton interpreter leaves its argument copies in a reference cycle
+    third = buffer.get_dispatch_layout(first_idx, NUM_EXPERTS)
+    reused = third[3].data_ptr() == address
+    storage = third[3].untyped_storage()
+    del third
+    gc.collect()
+    uses = torch._C._storage_Use_Count(storage._cdata)
+    buffer.destroy()
+    released = torch._C._storage_Use_Count(storage._cdata) < uses
+    return dict(intact=intact, distinct=distinct, reused=reused, released=released)
+
+
+def test_pooled_outputs_are_never_shared_with_a_holder(cpu_pool):
+    results = cpu_pool(2).run(_pooled_outputs, timeout=120)
+    for rank, r in enumerate(results):
+        assert r == dict(intact=True, distinct=True, reused=True, released=True), (rank, r)

@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from ..runtime.host import HostBlock
-from ..runtime.outputs import OutputPools, carve
+from ..runtime.outputs import OutputPools
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
 
@@ -101,14 +101,11 @@ class RoutingLayout:
 
 
 def allocate_outputs(plan, num_tokens: int, device: torch.device) -> list:
-    """Fresh outputs of a layout call in one allocation: [num_tokens_per_rank,
-    num_tokens_per_node or None, num_tokens_per_expert, is_token_in_rank]."""
-    parts = [
-        ((num_tokens, plan.num_ranks), torch.bool),
-        ((plan.num_experts,), torch.int32),
-        ((plan.num_ranks,), torch.int32),
+    """Fresh outputs of a layout call: [num_tokens_per_rank, num_tokens_per_node or None,
+    num_tokens_per_expert, is_token_in_rank]."""
+    return [
+        torch.empty(plan.num_ranks, dtype=torch.int32, device=device),
+        torch.empty(plan.num_nodes, dtype=torch.int32, device=device) if plan.with_nodes else None,
+        torch.empty(plan.num_experts, dtype=torch.int32, device=device),
+        torch.empty((num_tokens, plan.num_ranks), dtype=torch.bool, device=device),
     ]
-    if plan.with_nodes:
-        parts.append(((plan.num_nodes,), torch.int32))
-    is_token_in_rank, per_expert, per_rank, *per_node = carve(device, parts)
-    return [per_rank, per_node[0] if per_node else None, per_expert, is_token_in_rank]

@@ -27,7 +27,7 @@ from ..errors import EPStateError
 from ..event import EventOverlap
 from ..runtime.host import HostBlock
 from ..runtime.memory import BufferMemory
-from ..runtime.outputs import OutputPools, carve
+from ..runtime.outputs import OutputPools
 from ..runtime.streams import CommStreams
 
 MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register tile of expert ids
@@ -587,31 +587,39 @@ def fit_programs(senders: int, receivers: int, budget: int) -> tuple[int, int]:
 
 
 def _dispatch_outputs(regions, use_fp8: bool, use_ue8m0: bool, device: torch.device):
-    """The dispatch outputs of one geometry in one allocation: [recv_x, recv_scales or None,
-    recv_count, src_info, layout_range]."""
+    """The dispatch outputs of one geometry: [recv_x, recv_scales or None, recv_count, src_info,
+    layout_range]."""
     num_local = regions.num_experts // regions.num_ranks
     slots, hidden = regions.num_ranks * regions.max_tokens, regions.hidden
 
     def allocate() -> list:
-        parts = [((num_local, slots, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16)]
+        recv_x = torch.empty(
+            (num_local, slots, hidden),
+            dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+            device=device,
+        )
+        recv_scales = None
         if use_fp8:
             columns = -(-hidden // 512) if use_ue8m0 else hidden // 128
-            parts.append(((num_local, columns, slots), torch.int32 if use_ue8m0 else torch.float32))
-        parts += [
-            ((num_local,), torch.int32),
-            ((num_local, slots), torch.int32),
-            ((num_local, regions.num_ranks), torch.int64),
+            # Column-major in the last two dims: the transpose of a contiguous [L, columns, R*T].
+            recv_scales = torch.empty(
+                (num_local, columns, slots),
+                dtype=torch.int32 if use_ue8m0 else torch.float32,
+                device=device,
+            ).transpose(1, 2)
+        return [
+            recv_x,
+            recv_scales,
+            torch.empty(num_local, dtype=torch.int32, device=device),
+            torch.empty((num_local, slots), dtype=torch.int32, device=device),
+            torch.empty((num_local, regions.num_ranks), dtype=torch.int64, device=device),
         ]
-        recv_x, *scales, recv_count, src_info, layout_range = carve(device, parts)
-        # Scales column-major in the last two dims: the transpose of a contiguous [L, columns, R*T].
-        recv_scales = scales[0].transpose(1, 2) if scales else None
-        return [recv_x, recv_scales, recv_count, src_info, layout_range]
 
     return allocate
 
 
 def _combine_output(num_tokens: int, hidden: int, device: torch.device):
     def allocate() -> list:
-        return carve(device, [((num_tokens, hidden), torch.bfloat16)])
+        return [torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)]
 
     return allocate

@@ -3,13 +3,13 @@
 DeepEP returns new tensors from every call. On an H200 host one `torch.empty` costs about 5 us
 of host time (`hostprobe` in `2026-12-01-h200-host-path-*.json`), a layout call makes two and a
 low-latency dispatch five, and a host-bound call is timed by its host path. So the outputs of a
-call geometry come from a small pool instead: each entry is one allocation carved into the call's
-tensors, and an entry goes out again only when nobody else holds any of it:
+call geometry come from a small pool instead, and a set of them goes out again only when nobody
+else holds any of it:
 
 * no Python reference to any of its tensors (the caller dropped the results), and
-* no other tensor or storage object on its memory (its storage's use count and its storage
-  object's reference count are back at their baselines): views, `detach()`, `.data`, dtype
-  views and a kept `untyped_storage()` all raise one of them.
+* no other tensor or storage object on its memory (the use counts of its storages and the
+  reference counts of their Python objects are back at their baselines): views, `detach()`,
+  `.data`, dtype views and a kept `untyped_storage()` all raise one of them.
 
 So a caller never sees memory it still holds overwritten, exactly as with fresh tensors; what it
 dropped is rewritten in stream order on the stream that writes the new results, just as the
@@ -20,13 +20,10 @@ into its captured outputs, which must never be handed to a later eager call.
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-
-_ALIGN = 16  # bytes: every tensor carved here starts 16-byte aligned, as kernels assume
 
 # Use count of a storage (tensors and Python storage objects on it) without making a new Python
 # object: if a torch lacks it, nothing is pooled.
@@ -39,55 +36,47 @@ def _cuda_capturing() -> bool:
     return torch._C._cuda_isCurrentStreamCapturing()
 
 
-def carve(
-    device: torch.device, parts: Sequence[tuple[tuple[int, ...], torch.dtype]]
-) -> list[torch.Tensor]:
-    """Contiguous tensors of the given (shape, dtype) in one allocation, each 16-byte aligned."""
-    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in parts]
-    offsets, total = [], 0
-    for size in sizes:
-        offsets.append(total)
-        total += -(-size // _ALIGN) * _ALIGN
-    base = torch.empty(max(total, _ALIGN), dtype=torch.uint8, device=device)
-    return [
-        base[offset : offset + size].view(dtype).view(shape)
-        for (shape, dtype), offset, size in zip(parts, offsets, sizes, strict=True)
-    ]
-
-
 class _Entry:
-    """One set of outputs on one storage, and the reference counts it has when nobody holds it."""
+    """One set of outputs, and the reference counts it has when nobody holds it."""
 
-    __slots__ = ("outputs", "_tensors", "_storage", "_storage_uses", "_references")
+    __slots__ = ("outputs", "_tensors", "_storages", "_storage_uses", "_references")
 
     def __init__(self, outputs: list[torch.Tensor | None]):
         # The list itself, not a copy: while a copy and the original both lived, every tensor
         # would count one reference more than it does later, and the entry would never be idle.
         self.outputs = outputs
         self._tensors = [t for t in outputs if t is not None]
-        # Held, so its address stays valid; it is part of the baseline count.
-        self._storage = self._tensors[0].untyped_storage()
-        if any(t.untyped_storage().data_ptr() != self._storage.data_ptr() for t in self._tensors):
-            raise ValueError("pooled outputs must share one allocation (see `carve`)")
-        self._storage_uses = _storage_use_count(self._storage._cdata)
+        # Held, so their addresses stay valid; they are part of the baseline counts.
+        storages = {}
+        for t in self._tensors:
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage)
+        self._storages = list(storages.values())
+        del storages, storage, t
+        self._storage_uses = self._use_counts()
         self._references = self._reference_counts()
 
+    def _use_counts(self) -> list[int]:
+        return [_storage_use_count(s._cdata) for s in self._storages]
+
     def _reference_counts(self) -> list[int]:
-        # The storage's Python object too: torch hands out one object per storage, so a caller's
-        # `untyped_storage()` is this very object.
-        return [sys.getrefcount(t) for t in self._tensors] + [sys.getrefcount(self._storage)]
+        # The storages' Python objects too: torch hands out one object per storage, so a caller's
+        # `untyped_storage()` is one of these very objects.
+        return [sys.getrefcount(t) for t in self._tensors] + [
+            sys.getrefcount(s) for s in self._storages
+        ]
 
     def idle(self) -> bool:
         return (
-            _storage_use_count(self._storage._cdata) == self._storage_uses
+            self._use_counts() == self._storage_uses
             and self._reference_counts() == self._references
         )
 
 
 class OutputPool:
     """The outputs of one call geometry: `take()` returns a tuple of the tensors in the list that
-    `make()` returns (all on one allocation, see `carve`), reused when idle; at most `depth` sets
-    are kept. `make` must not hold tensors of the call that created the pool."""
+    `make()` returns, reused when idle; the `depth` newest sets are kept. `make` must not hold
+    tensors of the call that created the pool."""
 
     __slots__ = ("_make", "_depth", "_cuda", "_entries")
 
@@ -103,8 +92,13 @@ class OutputPool:
             for entry in self._entries:
                 if entry.idle():
                     return tuple(entry.outputs)  # a new tuple: holding it counts as holding
-        if capturing or _storage_use_count is None or len(self._entries) >= self._depth:
+        if capturing or _storage_use_count is None:
             return tuple(self._make())
+        if len(self._entries) >= self._depth:
+            # Every set is held: the oldest leaves the pool (it stays its holder's, like any
+            # fresh tensor), so a caller that keeps some results for good does not leave the
+            # pool full of them.
+            del self._entries[0]
         entry = _Entry(self._make())
         self._entries.append(entry)
         return tuple(entry.outputs)
