@@ -409,7 +409,8 @@ class Buffer:
         if self.runtime is None:
             raise EPStateError(f"{op}: buffer has been destroyed")
         self._host.check_usable(op)
-        if self._backend == "cuda" and torch.cuda.current_device() != self._device.index:
+        # `torch.cuda.current_device()` adds a Python layer (lazy init, ~1.5 us on the H200 host).
+        if self._backend == "cuda" and torch._C._cuda_getDevice() != self._device.index:
             raise EPStateError(
                 f"{op}: buffer lives on {self._device} but the current device is "
                 f"cuda:{torch.cuda.current_device()}"
