@@ -10,7 +10,6 @@
 | `TRITONEP_CONFIG_FILE` | unset | at the first `get_dispatch_config` / `get_combine_config` (also `dispatch` / `combine` without `config`) | JSON file written by `tritonep tune`: its entries replace V1's tuned tables for the rank and SM counts it lists; unset: V1's tables |
 | `TRITONEP_PROGRAM_SHAPE` | unset | at Buffer construction | GPU backend, intranode mode: `field=value,...` overrides of the data kernels' program shape (`dispatch_warps`, `dispatch_tile_words`, `combine_warps`, `combine_tile_words`, `combine_tile`, `prefetch`), for tuning sweeps |
 | `TRITONEP_LL_PROGRAMS` | unset | at Buffer construction | GPU, low-latency mode: `field=value,...` programs per launch (`dispatch_senders`, `dispatch_receivers`, `combine_senders`, `combine_receivers`; built in 64, 64, 96, 96), for tuning sweeps; ranks sharing a GPU scale each launch down to their share of its SMs (2 programs per SM) |
-| `TRITONEP_DRIVER_LAUNCH` | 1 | when a launch plan first compiles | 0: launch compiled kernels through Triton's launcher instead of `cuLaunchKernel` (host-path comparisons) |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
 Variables tritonep sets itself: `TRITON_INTERPRET=1` when the CPU backend is selected before any
@@ -83,12 +82,6 @@ def force_put() -> bool:
     emulation on the CPU) even between peers plain stores reach, so the remote path runs on one
     host."""
     return _int("TRITONEP_FORCE_PUT", 0) != 0
-
-
-def driver_launch() -> bool:
-    """`TRITONEP_DRIVER_LAUNCH=0`: compiled kernels go through Triton's launcher rather than
-    `cuLaunchKernel` (kernels/common/launch.py), to compare the host paths."""
-    return _int("TRITONEP_DRIVER_LAUNCH", 1) != 0
 
 
 def config_file() -> str | None:

@@ -103,11 +103,3 @@ def test_dispatch_does_not_spill(report):
     for row in report:
         if row["module"] == "intranode.dispatch" and row["stack"] is not None:
             assert row["stack"] == 0, row
-
-
-def test_every_kernel_has_the_plain_launch_abi(report):
-    # Launch plans go through `cuLaunchKernel` directly when the compiled kernel's parameters are
-    # the runtime arguments plus Triton's scratch pointers; a kernel that falls back to Triton's
-    # launcher silently costs 5-8 us of host time per launch.
-    for row in report:
-        assert row["driver_launch"], row

@@ -506,7 +506,6 @@ def compile_all() -> list[dict]:
     import importlib
 
     from tritonep.kernels import load_kernels
-    from tritonep.kernels.common.launch import plain_abi
 
     load_kernels("cuda")
     modules = {name: importlib.import_module(f"tritonep.kernels.{name}") for name in KERNELS}
@@ -547,8 +546,6 @@ def compile_all() -> list[dict]:
                     "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
                     # Block-wide verdicts on a deadline (`sync.deadline_passed`).
                     "uniform_deadlines": ptx.count("bar.red.or.pred"),
-                    # Launched through `cuLaunchKernel` directly (kernels/common/launch.py).
-                    "driver_launch": plain_abi(compiled, len(args)) is not None,
                 }
             )
     return report

@@ -14,13 +14,12 @@ tensor dtypes, pointer alignment (every address tritonep passes is 16-byte align
 the boundary), integer width, and `== 1` / divisibility by 16 of integers not listed in the
 kernel's `do_not_specialize`.
 
-Even the compiled launcher costs 8-11 us per launch on the H200 host (a Python layer that
-allocates scratch space, then a C layer that checks every pointer with the driver), against
-2-3 us for `cuLaunchKernel` itself. So once a kernel is compiled, a plan whose kernel has the plain
-ABI (one CTA per cluster, no PDL launch, no scratch space, scalar parameters) is launched
-through the driver directly (`_DriverLaunch`): its parameters are read from the kernel's
-own PTX entry, so the layout cannot drift from the Triton version at hand (3.6 and 3.8 both pass
-the runtime arguments, then two scratch pointers). Any other kernel keeps Triton's launcher.
+Below the compiled launcher there is little left to take: on the H200 host (a VM), one
+`cuLaunchKernel` called through ctypes with a prebuilt parameter block costs 8.1-8.2 us and a torch
+`fill_` of 256 floats 8.9 us, against 10.3 us for Triton's compiled launcher (launchprobe,
+2026-12-01-h200-host-path-*.json). A launch of our own through the driver measured 11.2 us (the
+ctypes argument conversion and the parameter fill cost more than Triton's C layer), so the
+compiled launcher stays.
 
 In the interpreter (CPU backend), and whenever a Triton launch hook is set (e.g. a Triton
 profiler), it launches through the JIT as usual, so nothing is hidden from such tools.
@@ -29,10 +28,6 @@ profiler), it launches through the JIT as usual, so nothing is hidden from such 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import re
-import struct
-import threading
 
 import torch
 import triton
@@ -62,188 +57,6 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
-# A parameter of a PTX kernel entry: `.param .u64 .ptr .global .align 1 name_param_0`,
-# `.param .u32 name_param_3`; arrays (`.b8 name[128]`, e.g. TMA descriptors) are not scalars.
-_PTX_ENTRY = re.compile(r"\.entry\s+[\w$]+\s*\((.*?)\)", re.S)
-_PTX_SCALAR = re.compile(r"^\s*\.param\s+(?:\.align\s+\d+\s+)?\.([bsuf])(\d+)\b[^\[]*$")
-# Triton signature type -> (PTX kind, bits) of its parameter; "*" marks a pointer.
-_SCALAR_ABI = {
-    "i8": ("bsu", 8), "u8": ("bsu", 8), "i16": ("bsu", 16), "u16": ("bsu", 16),
-    "i32": ("bsu", 32), "u32": ("bsu", 32), "i64": ("bsu", 64), "u64": ("bsu", 64),
-    "fp32": ("f", 32), "fp64": ("f", 64),
-}  # fmt: skip
-# Largest dynamic shared memory a plain `cuLaunchKernel` may request on sm_90.
-_MAX_PLAIN_SHARED = 228 * 1024
-
-
-def _f32_bits(value: float) -> int:
-    return struct.unpack("<I", struct.pack("<f", value))[0]
-
-
-def _f64_bits(value: float) -> int:
-    return struct.unpack("<Q", struct.pack("<d", value))[0]
-
-
-_libcuda_handle = None
-
-
-def _libcuda():
-    """The driver library (ctypes), or None where it cannot be loaded."""
-    global _libcuda_handle
-    if _libcuda_handle is None:
-        _libcuda_handle = False
-        for name in ("libcuda.so.1", "libcuda.so"):
-            try:
-                lib = ctypes.CDLL(name)
-            except OSError:
-                continue
-            lib.cuLaunchKernel.argtypes = (
-                [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-            )
-            lib.cuLaunchKernel.restype = ctypes.c_int
-            # The same without `extra`: every program resident at once (Triton's cooperative grid).
-            lib.cuLaunchCooperativeKernel.argtypes = (
-                [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 2
-            )
-            lib.cuLaunchCooperativeKernel.restype = ctypes.c_int
-            lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-            _libcuda_handle = lib
-            break
-    return _libcuda_handle or None
-
-
-def plain_abi(kernel, num_args: int) -> tuple[list[str], int] | None:
-    """How `_DriverLaunch` fills the parameters of a compiled `kernel` called with `num_args`
-    runtime arguments (constexprs after them): one Python expression per runtime parameter and
-    the kernel's parameter count. None when the kernel is not a plain launch (clusters, PDL
-    launch, scratch space, TMA descriptors, types without a fill)."""
-    meta = kernel.metadata
-    src = getattr(kernel, "src", None)
-    ptx = kernel.asm.get("ptx") if hasattr(kernel, "asm") else None
-    if (
-        not isinstance(ptx, str)
-        or not hasattr(src, "signature")
-        or getattr(meta, "num_ctas", 1) != 1
-        or getattr(meta, "launch_pdl", False)
-        or getattr(meta, "global_scratch_size", 0)
-        or getattr(meta, "profile_scratch_size", 0)
-        or getattr(meta, "tensordesc_meta", None)
-        or "gsan" in str(getattr(meta, "instrumentation_mode", ""))
-        or meta.shared > _MAX_PLAIN_SHARED
-    ):
-        return None
-    entry = _PTX_ENTRY.search(ptx)
-    if entry is None:
-        return None
-    params = []
-    for text in entry.group(1).split(","):
-        scalar = _PTX_SCALAR.match(text)
-        if scalar is None:
-            return None
-        params.append((scalar.group(1), int(scalar.group(2))))
-    fields = []
-    for position, kind in enumerate(list(src.signature.values())[:num_args]):
-        if kind == "constexpr":
-            continue
-        if len(fields) >= len(params) or not isinstance(kind, str):
-            return None
-        ptx_kind, bits = params[len(fields)]
-        if kind.startswith("*"):
-            if ptx_kind not in "bu" or bits != 64:
-                return None
-            fields.append(f"args[{position}].data_ptr()")
-            continue
-        abi = _SCALAR_ABI.get(kind)
-        if abi is None or ptx_kind not in abi[0] or bits != abi[1]:
-            return None
-        if kind == "fp32":
-            fields.append(f"f32(args[{position}])")
-        elif kind == "fp64":
-            fields.append(f"f64(args[{position}])")
-        else:
-            fields.append(f"args[{position}]")
-    # What follows the runtime arguments: Triton's global and profile scratch pointers.
-    extra = params[len(fields) :]
-    if len(extra) > 2 or any(bits != 64 for _, bits in extra):
-        return None
-    return fields, len(params)
-
-
-def make_fill(fields: list[str], name: str):
-    """`fill(slots, args)`: writes the runtime arguments into their parameter slots with one
-    slice assignment (the cheapest fill Python has); `fields` come from `plain_abi`."""
-    code = f"def fill(slots, args):\n    slots[0:{len(fields)}] = ({', '.join(fields)},)\n"
-    namespace = {"f32": _f32_bits, "f64": _f64_bits}
-    exec(compile(code, f"<tritonep launch of {name}>", "exec"), namespace)
-    return namespace["fill"]
-
-
-class _DriverLaunch:
-    """`cuLaunchKernel` (`cuLaunchCooperativeKernel` for a cooperative grid) of one compiled
-    kernel, its parameter block built once.
-
-    Every parameter lives in an 8-byte slot of one array (little-endian: a 4-byte parameter reads
-    the low half); `kernelParams` points at the slots, and the slots past the runtime arguments
-    (Triton's scratch pointers) stay zero. Per call, one generated function writes the runtime
-    arguments into their slots (`data_ptr()` of tensors, integers as they are, floats as their
-    bits). The driver copies the parameters during the call, which runs with the GIL released:
-    a lock keeps two threads launching the same plan from interleaving.
-    """
-
-    __slots__ = ("_lib", "_function", "_name", "_block", "_shared", "_slots", "_params", "_fill",
-                 "_lock", "_cooperative")  # fmt: skip
-
-    def __init__(self, lib, kernel, fill, num_params: int):
-        self._lib = lib
-        self._function = kernel.function
-        self._name = kernel.name
-        self._block = 32 * kernel.metadata.num_warps
-        self._shared = kernel.metadata.shared
-        self._slots = (ctypes.c_uint64 * num_params)()
-        base = ctypes.addressof(self._slots)
-        self._params = (ctypes.c_void_p * num_params)(*(base + 8 * i for i in range(num_params)))
-        self._fill = fill
-        self._lock = threading.Lock()
-        self._cooperative = bool(getattr(kernel.metadata, "launch_cooperative_grid", False))
-
-    @classmethod
-    def build(cls, kernel, num_args: int) -> _DriverLaunch | None:
-        """A driver launch of the loaded `kernel`, or None (see `plain_abi`)."""
-        lib = _libcuda()
-        abi = plain_abi(kernel, num_args)
-        if lib is None or abi is None or kernel.function is None:
-            return None
-        fields, num_params = abi
-        return cls(lib, kernel, make_fill(fields, kernel.name), num_params)
-
-    def __call__(self, grid: tuple, stream_handle: int, args: tuple) -> None:
-        grid_x = grid[0]
-        grid_y = grid[1] if len(grid) > 1 else 1
-        grid_z = grid[2] if len(grid) > 2 else 1
-        if grid_x * grid_y * grid_z == 0:
-            return
-        with self._lock:
-            self._fill(self._slots, args)
-            if self._cooperative:
-                result = self._lib.cuLaunchCooperativeKernel(
-                    self._function, grid_x, grid_y, grid_z, self._block, 1, 1, self._shared,
-                    stream_handle, self._params,
-                )  # fmt: skip
-            else:
-                result = self._lib.cuLaunchKernel(
-                    self._function, grid_x, grid_y, grid_z, self._block, 1, 1, self._shared,
-                    stream_handle, self._params, None,
-                )  # fmt: skip
-        if result != 0:
-            name = ctypes.c_char_p()
-            self._lib.cuGetErrorName(result, ctypes.byref(name))
-            what = "cuLaunchCooperativeKernel" if self._cooperative else "cuLaunchKernel"
-            raise RuntimeError(
-                f"{what} of {self._name} (grid {grid}, {self._block} threads, "
-                f"{self._shared} B shared) failed: {(name.value or b'?').decode()} ({result})"
-            )
-
-
 class KernelLaunch:
     """`fn` bound to constexprs and launch options; `launch(grid, stream, *runtime_args)`.
 
@@ -252,14 +65,13 @@ class KernelLaunch:
     compilation).
     """
 
-    __slots__ = ("fn", "_jit", "_constexprs", "_kernel", "_tail", "_compiled", "_driver")
+    __slots__ = ("fn", "_jit", "_constexprs", "_kernel", "_tail", "_compiled")
 
     def __init__(self, fn, wrap=None, **constexprs_and_options):
         self.fn = fn
         self._jit = wrap(fn) if wrap is not None else fn
         self._constexprs = constexprs_and_options
         self._kernel = None
-        self._driver: _DriverLaunch | None = None
         self._tail: tuple = ()
         self._compiled = (
             isinstance(fn, triton.runtime.jit.JITFunction) and not _env.interpret_enabled()
@@ -279,9 +91,6 @@ class KernelLaunch:
             self._launch_jit(grid, stream, args)
             return
         handle = stream.cuda_stream if stream is not None else _raw_stream(_current_device())
-        if self._driver is not None:
-            self._driver(grid, handle, args)
-            return
         kernel.run(
             grid[0],
             grid[1] if len(grid) > 1 else 1,
@@ -309,5 +118,3 @@ class KernelLaunch:
             names = self.fn.arg_names
             self._tail = tuple(self._constexprs[name] for name in names[len(args) :])
             self._kernel = compiled
-            if _env.driver_launch():
-                self._driver = _DriverLaunch.build(compiled, len(args))
