@@ -10,12 +10,15 @@ experts, hidden 7168):
   * per op: the event time (DeepEP's method), the host time per call (a loop of 1000 calls,
     synchronised once) and the kernel time alone (CUDA-graph replay);
   * the host cost of each step of the Python call path (validation, stream hand-offs, allocations,
-    launches), each timed in its own loop, so the op's total can be accounted for.
+    launches), each timed in its own loop, so the op's total can be accounted for;
+  * the floor under any launch on this host: an empty Triton kernel through Triton's compiled
+    launcher and through `cuLaunchKernel` itself (ctypes), a torch `fill_`, an event record.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -23,6 +26,8 @@ import time
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
 import tritonep
 from tritonep.bench import bench_events, git_commit
@@ -41,6 +46,43 @@ def host_us(fn, calls: int = 1000) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+@triton.jit
+def _empty_kernel(NOTHING: tl.constexpr):
+    pass
+
+
+def launch_floor_steps(stream: torch.cuda.Stream) -> dict:
+    """Host cost of launching an empty kernel, each way there is: through tritonep's launcher
+    (Triton's compiled launcher), and through the driver's `cuLaunchKernel` directly (ctypes, a
+    prebuilt parameter block: the kernel's only parameters are Triton's scratch pointers, all
+    null). The second is what any Python launcher pays at the least."""
+    from tritonep.kernels.common.launch import KernelLaunch
+
+    empty = KernelLaunch(_empty_kernel, NOTHING=0, num_warps=1)
+    empty.launch((1,), stream)  # compiles
+    torch.cuda.synchronize()
+    kernel = empty._kernel
+    driver = ctypes.CDLL("libcuda.so.1")
+    null = ctypes.c_uint64(0)
+    params = (ctypes.c_void_p * 4)(*[ctypes.addressof(null)] * 4)  # more slots than it reads
+    handle, function, shared = stream.cuda_stream, kernel.function, kernel.metadata.shared
+
+    launch_args = (ctypes.c_void_p(function), 1, 1, 1, 32, 1, 1, shared, ctypes.c_void_p(handle))
+
+    def raw_launch() -> int:
+        return driver.cuLaunchKernel(*launch_args, params, None)
+
+    assert raw_launch() == 0, "cuLaunchKernel failed"
+    filled = torch.empty(256, device="cuda")
+    event = torch.cuda.Event()
+    return {
+        "empty kernel: tritonep launcher": lambda: empty.launch((1,), stream),
+        "empty kernel: cuLaunchKernel (ctypes)": raw_launch,
+        "torch fill_ [256] float32": lambda: filled.fill_(1.0),
+        "event.record(stream)": lambda: event.record(stream),
+    }
 
 
 def graph_us(fn, launches: int = 20) -> float:
@@ -214,6 +256,7 @@ def main() -> int:
             "probe", lambda: allocate_outputs(layout_plan, num_tokens, x.device), 3
         ),
         "EventOverlap()": tritonep.EventOverlap,
+        **launch_floor_steps(comm),
     }
     # The floor of DeepEP's event timing here: two event records around a call that does nothing.
     floor_us = bench_events(lambda: None)[0] * 1e6

@@ -96,3 +96,86 @@ def copy_rows(
             vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
             m = mask[:, None] & (words[None, :] < ROW_WORDS)
             tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED), vals, mask=m)
+
+
+@triton.jit
+def _span_pointers(addr, words):
+    """Pointers to 4-byte `words` from byte address `addr` (16-byte aligned), marked contiguous so
+    the accesses compile to 16-byte vectors."""
+    ptrs = (addr + words.to(tl.int64) * 4).to(tl.pointer_type(tl.int32))
+    return tl.max_contiguous(tl.multiple_of(ptrs, [16]), [16])
+
+
+@triton.jit
+def _span_block(addr, words, num_words, CACHE: tl.constexpr):
+    return tl.load(_span_pointers(addr, words), mask=words < num_words, cache_modifier=CACHE)
+
+
+@triton.jit
+def _store_span_block(addr, words, num_words, vals):
+    tl.store(_span_pointers(addr, words), vals, mask=words < num_words)
+
+
+@triton.jit
+def copy_span(
+    src_addr,
+    dst_addr,
+    num_words,
+    BLOCK: tl.constexpr,
+    CACHE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Copy `num_words` 4-byte words (a multiple of 4) from byte address `src_addr` to `dst_addr`,
+    both 16-byte aligned, in flat `[BLOCK]` steps.
+
+    Consecutive rows of a queue or an output form one span: n rows then cost
+    `cdiv(n * row_words, BLOCK)` full steps, where a `[pow2(n), BLOCK_W]` row tile spends lanes on
+    masked rows (10 of 16 rows valid at V1's combine chunk) and on the row's last partial block.
+    PREFETCH as in `copy_rows`.
+    """
+    if PREFETCH:
+        words = tl.arange(0, BLOCK)
+        vals = _span_block(src_addr, words, num_words, CACHE)
+        for w0 in range(BLOCK, num_words + BLOCK, BLOCK):
+            next_words = w0 + tl.arange(0, BLOCK)
+            next_vals = _span_block(src_addr, next_words, num_words, CACHE)
+            _store_span_block(dst_addr, words, num_words, vals)
+            vals = next_vals
+            words = next_words
+    else:
+        for w0 in range(0, num_words, BLOCK):
+            words = w0 + tl.arange(0, BLOCK)
+            _store_span_block(
+                dst_addr, words, num_words, _span_block(src_addr, words, num_words, CACHE)
+            )
+
+
+@triton.jit
+def copy_ring_rows(
+    linear_addr,
+    ring_addr,
+    first,
+    count,
+    capacity,
+    ROW_WORDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CACHE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    INTO_RING: tl.constexpr,
+):
+    """Copy `count` consecutive rows of `ROW_WORDS` words between a linear array (its row 0 at
+    byte address `linear_addr`) and a ring of `capacity` row slots at `ring_addr`, the ring side
+    starting at slot `first % capacity`; INTO_RING gives the direction. At most two flat spans,
+    split where the ring wraps."""
+    ROW_BYTES: tl.constexpr = ROW_WORDS * 4
+    at = first % capacity
+    before_wrap = tl.minimum(count, capacity - at)
+    rest = count - before_wrap
+    wrapped_linear = linear_addr + before_wrap.to(tl.int64) * ROW_BYTES
+    at_addr = ring_addr + at.to(tl.int64) * ROW_BYTES
+    if INTO_RING:
+        copy_span(linear_addr, at_addr, before_wrap * ROW_WORDS, BLOCK, CACHE, PREFETCH)
+        copy_span(wrapped_linear, ring_addr, rest * ROW_WORDS, BLOCK, CACHE, PREFETCH)
+    else:
+        copy_span(at_addr, linear_addr, before_wrap * ROW_WORDS, BLOCK, CACHE, PREFETCH)
+        copy_span(ring_addr, wrapped_linear, rest * ROW_WORDS, BLOCK, CACHE, PREFETCH)

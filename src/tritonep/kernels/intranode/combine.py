@@ -39,7 +39,7 @@ from ..common.sync import (
     store_release,
     wait_for_peers,
 )
-from ..common.tiles import column, copy_rows, lane, row_block
+from ..common.tiles import column, copy_ring_rows, copy_rows, lane, row_block
 from .blocks import received_blocks
 
 
@@ -85,6 +85,7 @@ def _combine_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
     PREFETCH: tl.constexpr,
+    FLAT_COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -140,15 +141,30 @@ def _combine_kernel(
                 src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
                 slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
                 dst_base = lane(peer_bases, ranks, dst)
-                copy_rows(
-                    x_addr + src_row * ROW_BYTES,
-                    dst_base + queue_x + slot * ROW_BYTES,
-                    in_chunk,
-                    ROW_BYTES // 4,
-                    BLOCK_H,
-                    "",
-                    PREFETCH,
-                )
+                if FLAT_COPY:
+                    # The chunk's rows are consecutive in x and (up to the wrap) in the queue.
+                    copy_ring_rows(
+                        x_addr + (lane(first_row, ranks, dst) + start).to(tl.int64) * ROW_BYTES,
+                        dst_base + queue_x + slot0 * ROW_BYTES,
+                        start,
+                        n,
+                        capacity,
+                        ROW_BYTES // 4,
+                        TILE * BLOCK_H,
+                        "",
+                        PREFETCH,
+                        True,
+                    )
+                else:
+                    copy_rows(
+                        x_addr + src_row * ROW_BYTES,
+                        dst_base + queue_x + slot * ROW_BYTES,
+                        in_chunk,
+                        ROW_BYTES // 4,
+                        BLOCK_H,
+                        "",
+                        PREFETCH,
+                    )
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
                     src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(
@@ -332,6 +348,7 @@ class CombinePlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
+        flat_copy: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
@@ -370,6 +387,7 @@ class CombinePlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             INTERPRETED=_env.interpret_enabled(),
             PREFETCH=prefetch,
+            FLAT_COPY=flat_copy,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.

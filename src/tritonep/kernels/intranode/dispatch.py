@@ -49,6 +49,7 @@ from ..common.sync import (
 from ..common.tiles import (
     _load_block,
     column,
+    copy_ring_rows,
     copy_rows,
     cumsum_rows,
     lane,
@@ -118,12 +119,15 @@ def _copy_fields(
     BLOCK_SCALES: tl.constexpr,
     PREFETCH: tl.constexpr,
     HAS_SRC_IDX: tl.constexpr,
+    FLAT_COPY: tl.constexpr,
 ):
-    """Copy whole slots row by row between two structure-of-arrays views (receiver side).
+    """Copy whole slots row by row between two structure-of-arrays views (receiver side); the
+    rows of x too unless FLAT_COPY (then the caller copies them as spans).
 
     All arguments `*_rows_*` are `[TILE]` int64 byte addresses of row starts.
     """
-    copy_rows(src_rows_x, dst_rows_x, mask, ROW_WORDS, BLOCK_W, ".cg", PREFETCH)
+    if not FLAT_COPY:
+        copy_rows(src_rows_x, dst_rows_x, mask, ROW_WORDS, BLOCK_W, ".cg", PREFETCH)
     if HAS_SRC_IDX:
         src_idx = tl.load(
             src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg"
@@ -225,6 +229,7 @@ def _dispatch_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     PREFETCH: tl.constexpr,
     WRITE_HANDLE: tl.constexpr,
+    FLAT_COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -462,6 +467,23 @@ def _dispatch_kernel(
                 )
                 out_row = (lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
                 in_chunk = in_chunk & (out_row < num_recv_rows)
+                if FLAT_COPY:
+                    # Consecutive slots (up to the wrap) into consecutive output rows.
+                    first_out = lane(out_first, ranks, src) + start
+                    copy_ring_rows(
+                        recv_x_addr + first_out.to(tl.int64) * ROW_BYTES,
+                        my_base
+                        + queue_x
+                        + ((c * NUM_RANKS + src) * capacity).to(tl.int64) * ROW_BYTES,
+                        start,
+                        tl.maximum(tl.minimum(n, num_recv_rows - first_out), 0),
+                        capacity,
+                        ROW_WORDS,
+                        TILE * BLOCK_W,
+                        ".cg",
+                        PREFETCH,
+                        False,
+                    )
                 _copy_fields(
                     my_base + queue_x + slot * ROW_BYTES,
                     my_base + queue_src_idx + slot * 4,
@@ -485,6 +507,7 @@ def _dispatch_kernel(
                     BLOCK_SCALES,
                     PREFETCH,
                     WRITE_HANDLE,
+                    FLAT_COPY,
                 )
                 consumed = tl.where(ranks == src, consumed + n, consumed)
                 remaining -= n
@@ -539,6 +562,7 @@ class DispatchPlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
+        flat_copy: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
@@ -591,6 +615,7 @@ class DispatchPlan:
             BLOCK_SCALES=pow2(max(num_scales, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
             PREFETCH=prefetch,
+            FLAT_COPY=flat_copy,
             WRITE_HANDLE=write_handle,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
