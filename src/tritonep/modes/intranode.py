@@ -36,9 +36,7 @@ class ProgramShape:
 
     `*_tile_words`: 4-byte words of one copy step's register tile per program; `combine_tile`:
     tokens a combine receiver reduces per step; `prefetch`: issue the next step's loads before the
-    current step's stores (more bytes in flight at the same register budget); `flat_copy`: copy
-    runs of consecutive rows (combine senders, dispatch receivers) as flat spans of words instead
-    of `[rows, words]` tiles with masked rows.
+    current step's stores (more bytes in flight at the same register budget).
     """
 
     dispatch_warps: int
@@ -47,7 +45,6 @@ class ProgramShape:
     combine_tile_words: int
     combine_tile: int = 8
     prefetch: bool = True
-    flat_copy: bool = True
 
 
 # The interpreter wants few, small blocks; GPUs want bytes in flight.
@@ -228,7 +225,6 @@ class IntranodeMode:
                 num_warps=self.shape.dispatch_warps,
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
-                flat_copy=self.shape.flat_copy,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,
@@ -279,7 +275,6 @@ class IntranodeMode:
                 num_warps=self.shape.combine_warps,
                 tile_words=self.shape.combine_tile_words,
                 prefetch=self.shape.prefetch,
-                flat_copy=self.shape.flat_copy,
             ),
             capacity=queues.capacity,
         )

@@ -164,7 +164,6 @@ def _cases(kernels):
                 num_warps=shape.dispatch_warps,
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
-                flat_copy=shape.flat_copy,
             )
             yield functools.partial(
                 dispatch.launch,
@@ -200,7 +199,6 @@ def _cases(kernels):
             num_warps=shape.combine_warps,
             tile_words=shape.combine_tile_words,
             prefetch=shape.prefetch,
-            flat_copy=shape.flat_copy,
         )
         yield functools.partial(
             combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights

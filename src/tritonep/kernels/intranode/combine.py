@@ -6,8 +6,9 @@ in fp32, rounded once, and likewise for the top-k weights (no bias).
 
 Algorithm (one persistent launch of `2C` programs, channels as in dispatch):
 * programs `[0, C)` are senders. Rank j's sender c owns, for every destination r != j, the
-  contiguous rows of x that came from (source r, channel c); it pushes them, `chunk` rows at a time,
-  into queue (c, j) of rank r, choosing among destinations whichever has rows left and room, so it
+  contiguous rows of x that came from (source r, channel c); it pushes them, `chunk` rows at a time
+  and each chunk as one flat span of words (two where the queue wraps), into queue (c, j) of rank
+  r, choosing among destinations whichever has rows left and room, so it
   never blocks on one destination while another could progress.
 * programs `[C, 2C)` are receivers. Receiver c walks its channel's tokens in tiles; `send_head[t,
 j]`
@@ -39,7 +40,7 @@ from ..common.sync import (
     store_release,
     wait_for_peers,
 )
-from ..common.tiles import column, copy_ring_rows, copy_rows, lane, row_block
+from ..common.tiles import column, copy_ring_rows, lane, row_block
 from .blocks import received_blocks
 
 
@@ -85,7 +86,6 @@ def _combine_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
     PREFETCH: tl.constexpr,
-    FLAT_COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -141,30 +141,20 @@ def _combine_kernel(
                 src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
                 slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
                 dst_base = lane(peer_bases, ranks, dst)
-                if FLAT_COPY:
-                    # The chunk's rows are consecutive in x and (up to the wrap) in the queue.
-                    copy_ring_rows(
-                        x_addr + (lane(first_row, ranks, dst) + start).to(tl.int64) * ROW_BYTES,
-                        dst_base + queue_x + slot0 * ROW_BYTES,
-                        start,
-                        n,
-                        capacity,
-                        ROW_BYTES // 4,
-                        TILE * BLOCK_H,
-                        "",
-                        PREFETCH,
-                        True,
-                    )
-                else:
-                    copy_rows(
-                        x_addr + src_row * ROW_BYTES,
-                        dst_base + queue_x + slot * ROW_BYTES,
-                        in_chunk,
-                        ROW_BYTES // 4,
-                        BLOCK_H,
-                        "",
-                        PREFETCH,
-                    )
+                # The chunk's rows are consecutive in x and (up to the wrap) in the queue: flat
+                # spans, no masked rows (V1's chunk 10 would fill 10 of 16 tile rows).
+                copy_ring_rows(
+                    x_addr + (lane(first_row, ranks, dst) + start).to(tl.int64) * ROW_BYTES,
+                    dst_base + queue_x + slot0 * ROW_BYTES,
+                    start,
+                    n,
+                    capacity,
+                    ROW_BYTES // 4,
+                    TILE * BLOCK_H,
+                    "",
+                    PREFETCH,
+                    True,
+                )
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
                     src_w = (topk_weights_addr + src_row * WEIGHT_BYTES).to(
@@ -348,7 +338,6 @@ class CombinePlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
-        flat_copy: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
@@ -387,7 +376,6 @@ class CombinePlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             INTERPRETED=_env.interpret_enabled(),
             PREFETCH=prefetch,
-            FLAT_COPY=flat_copy,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.

@@ -14,7 +14,8 @@ Algorithm (one persistent launch of `2C` programs, C = num_channels):
   publishes the new tail to the peer.
 * programs `[C, 2C)` are receivers. Receiver c polls the tails of all its source queues and copies
   whatever has arrived, never blocking on one source, into the output rows
-  `rank_prefix[s-1][r] + recv_channel_prefix[s][c] + i`, then publishes its head back to the sender.
+  `rank_prefix[s-1][r] + recv_channel_prefix[s][c] + i` (the rows of x as flat spans of words:
+  consecutive slots to consecutive rows), then publishes its head back to the sender.
   Because receivers never wait on a particular source and each chunk fits a queue, the ring cannot
   deadlock. Senders have lower program ids than receivers, so the interpreter (which runs programs
   one after another) works whenever queues hold a whole channel.
@@ -50,7 +51,6 @@ from ..common.tiles import (
     _load_block,
     column,
     copy_ring_rows,
-    copy_rows,
     cumsum_rows,
     lane,
     row_block,
@@ -97,37 +97,29 @@ def _store_to_destination(
 
 @triton.jit
 def _copy_fields(
-    src_rows_x,
     src_rows_src,
     src_rows_topk,
     src_rows_w,
     src_rows_s,
-    dst_rows_x,
     dst_rows_src,
     dst_rows_topk,
     dst_rows_w,
     dst_rows_s,
     mask,
-    ROW_WORDS: tl.constexpr,
     NUM_TOPK: tl.constexpr,
     NUM_SCALES: tl.constexpr,
     HAS_TOPK: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     TOPK_IDX_TY: tl.constexpr,
-    BLOCK_W: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
-    PREFETCH: tl.constexpr,
     HAS_SRC_IDX: tl.constexpr,
-    FLAT_COPY: tl.constexpr,
 ):
-    """Copy whole slots row by row between two structure-of-arrays views (receiver side); the
-    rows of x too unless FLAT_COPY (then the caller copies them as spans).
+    """Copy the per-row fields of whole slots between two structure-of-arrays views (receiver
+    side; the caller copies the rows of x as spans).
 
     All arguments `*_rows_*` are `[TILE]` int64 byte addresses of row starts.
     """
-    if not FLAT_COPY:
-        copy_rows(src_rows_x, dst_rows_x, mask, ROW_WORDS, BLOCK_W, ".cg", PREFETCH)
     if HAS_SRC_IDX:
         src_idx = tl.load(
             src_rows_src.to(tl.pointer_type(tl.int32)), mask=mask, cache_modifier=".cg"
@@ -229,7 +221,6 @@ def _dispatch_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     PREFETCH: tl.constexpr,
     WRITE_HANDLE: tl.constexpr,
-    FLAT_COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -467,47 +458,38 @@ def _dispatch_kernel(
                 )
                 out_row = (lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
                 in_chunk = in_chunk & (out_row < num_recv_rows)
-                if FLAT_COPY:
-                    # Consecutive slots (up to the wrap) into consecutive output rows.
-                    first_out = lane(out_first, ranks, src) + start
-                    copy_ring_rows(
-                        recv_x_addr + first_out.to(tl.int64) * ROW_BYTES,
-                        my_base
-                        + queue_x
-                        + ((c * NUM_RANKS + src) * capacity).to(tl.int64) * ROW_BYTES,
-                        start,
-                        tl.maximum(tl.minimum(n, num_recv_rows - first_out), 0),
-                        capacity,
-                        ROW_WORDS,
-                        TILE * BLOCK_W,
-                        ".cg",
-                        PREFETCH,
-                        False,
-                    )
+                # Consecutive slots (up to the wrap) into consecutive output rows.
+                first_out = lane(out_first, ranks, src) + start
+                copy_ring_rows(
+                    recv_x_addr + first_out.to(tl.int64) * ROW_BYTES,
+                    my_base + queue_x + ((c * NUM_RANKS + src) * capacity).to(tl.int64) * ROW_BYTES,
+                    start,
+                    tl.maximum(tl.minimum(n, num_recv_rows - first_out), 0),
+                    capacity,
+                    ROW_WORDS,
+                    TILE * BLOCK_W,
+                    ".cg",
+                    PREFETCH,
+                    False,
+                )
                 _copy_fields(
-                    my_base + queue_x + slot * ROW_BYTES,
                     my_base + queue_src_idx + slot * 4,
                     my_base + queue_topk_idx + slot * TOPK_BYTES,
                     my_base + queue_topk_weights + slot * WEIGHT_BYTES,
                     my_base + queue_scales + slot * SCALE_BYTES,
-                    recv_x_addr + out_row * ROW_BYTES,
                     recv_src_idx_addr + out_row * 4,
                     recv_topk_idx_addr + out_row * TOPK_BYTES,
                     recv_topk_weights_addr + out_row * WEIGHT_BYTES,
                     recv_scales_addr + out_row * SCALE_BYTES,
                     in_chunk,
-                    ROW_WORDS,
                     NUM_TOPK,
                     NUM_SCALES,
                     HAS_TOPK,
                     HAS_SCALES,
                     TOPK_IDX_TY,
-                    BLOCK_W,
                     BLOCK_TOPK,
                     BLOCK_SCALES,
-                    PREFETCH,
                     WRITE_HANDLE,
-                    FLAT_COPY,
                 )
                 consumed = tl.where(ranks == src, consumed + n, consumed)
                 remaining -= n
@@ -562,7 +544,6 @@ class DispatchPlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
-        flat_copy: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
@@ -615,7 +596,6 @@ class DispatchPlan:
             BLOCK_SCALES=pow2(max(num_scales, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
             PREFETCH=prefetch,
-            FLAT_COPY=flat_copy,
             WRITE_HANDLE=write_handle,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
