@@ -164,6 +164,7 @@ def _cases(kernels):
                 num_warps=shape.dispatch_warps,
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
+                unit_copy=shape.unit_copy,
             )
             yield functools.partial(
                 dispatch.launch,
