@@ -45,7 +45,6 @@ class ProgramShape:
     combine_tile_words: int
     combine_tile: int = 8
     prefetch: bool = True
-    unit_copy: bool = True
 
 
 # The interpreter wants few, small blocks; GPUs want bytes in flight.
@@ -226,7 +225,6 @@ class IntranodeMode:
                 num_warps=self.shape.dispatch_warps,
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
-                unit_copy=self.shape.unit_copy,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,

@@ -164,7 +164,6 @@ def _cases(kernels):
                 num_warps=shape.dispatch_warps,
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
-                unit_copy=shape.unit_copy,
             )
             yield functools.partial(
                 dispatch.launch,

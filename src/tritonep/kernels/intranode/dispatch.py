@@ -32,7 +32,6 @@ Example:
        rank_prefix_matrix = [[2, 2], [3, 3]].
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -94,131 +93,6 @@ def _store_to_destination(
     row_mask = column(deliver.to(tl.int32), ranks, dst) > 0
     m = row_mask[:, None] & (words[None, :] < ROW_WORDS)
     tl.store(row_block(column(dst_rows, ranks, dst), words, tl.int32, BLOCK_W), vals, mask=m)
-
-
-@triton.jit
-def _store_units(
-    vals,
-    dst_table,
-    units_row,
-    units_live,
-    column_offset,
-    cols_ok,
-    base_x,
-    ranks,
-    d,
-    NUM_RANKS: tl.constexpr,
-    ROW_BYTES: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
-    dst_row = tl.load(dst_table + units_row * NUM_RANKS + d, mask=units_live, other=-1)
-    dst_addr = lane(base_x, ranks, d) + dst_row.to(tl.int64) * ROW_BYTES + column_offset
-    mask = (dst_row >= 0)[:, None] & cols_ok
-    tl.store(row_block(dst_addr, tl.arange(0, BLOCK_W), tl.int32, BLOCK_W), vals, mask=mask)
-
-
-@triton.jit
-def _send_round_rows(
-    x_addr,
-    x_row_stride,
-    first_token,
-    num_rows,
-    dst_table,
-    base_x,
-    ranks,
-    ROW_WORDS: tl.constexpr,
-    NUM_RANKS: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    """Copy the x rows of one sender round to every destination, in steps of TILE units.
-
-    Unit u is row `u % num_rows` of the round, words `[b * BLOCK_W, (b + 1) * BLOCK_W)` with
-    `b = u // num_rows`. A round of n rows thus takes `cdiv(n * cdiv(ROW_WORDS, BLOCK_W), TILE)`
-    steps whatever n is: V1's chunk 24 in `[32, BLOCK_W]` row tiles took 14 steps per BF16 round
-    with a quarter of the lanes masked, as units 11. `dst_table[row, d]` (written by the caller
-    for this round) is the destination row of each row in destination d's array, -1 where d does
-    not receive it.
-    """
-    NUM_BLOCKS: tl.constexpr = (ROW_WORDS + BLOCK_W - 1) // BLOCK_W
-    ROW_BYTES: tl.constexpr = ROW_WORDS * 4
-    num_units = num_rows * NUM_BLOCKS
-    lanes = tl.arange(0, TILE)
-    cols = tl.arange(0, BLOCK_W)
-    u = lanes
-    row = u % num_rows
-    block = u // num_rows
-    live = u < num_units
-    src = x_addr + (first_token + row).to(tl.int64) * x_row_stride * 4 + block * (BLOCK_W * 4)
-    cols_ok = (block * BLOCK_W)[:, None] + cols[None, :] < ROW_WORDS
-    vals = tl.load(row_block(src, cols, tl.int32, BLOCK_W), mask=live[:, None] & cols_ok)
-    for u0 in range(TILE, num_units + TILE, TILE):
-        if PREFETCH:
-            next_u = u0 + lanes
-            next_row = next_u % num_rows
-            next_block = next_u // num_rows
-            next_live = next_u < num_units
-            next_src = (
-                x_addr
-                + (first_token + next_row).to(tl.int64) * x_row_stride * 4
-                + next_block * (BLOCK_W * 4)
-            )
-            next_cols_ok = (next_block * BLOCK_W)[:, None] + cols[None, :] < ROW_WORDS
-            next_vals = tl.load(
-                row_block(next_src, cols, tl.int32, BLOCK_W),
-                mask=next_live[:, None] & next_cols_ok,
-            )
-        column_offset = block.to(tl.int64) * (BLOCK_W * 4)
-        if NUM_RANKS <= 4:
-            for d in tl.static_range(NUM_RANKS):
-                _store_units(
-                    vals,
-                    dst_table,
-                    row,
-                    live,
-                    column_offset,
-                    cols_ok,
-                    base_x,
-                    ranks,
-                    d,
-                    NUM_RANKS,
-                    ROW_BYTES,
-                    BLOCK_W,
-                )
-        else:
-            for d in range(NUM_RANKS):
-                _store_units(
-                    vals,
-                    dst_table,
-                    row,
-                    live,
-                    column_offset,
-                    cols_ok,
-                    base_x,
-                    ranks,
-                    d,
-                    NUM_RANKS,
-                    ROW_BYTES,
-                    BLOCK_W,
-                )
-        if PREFETCH:
-            vals, row, block, live, cols_ok = (
-                next_vals,
-                next_row,
-                next_block,
-                next_live,
-                next_cols_ok,
-            )
-        else:
-            row = (u0 + lanes) % num_rows
-            block = (u0 + lanes) // num_rows
-            live = u0 + lanes < num_units
-            src = (
-                x_addr + (first_token + row).to(tl.int64) * x_row_stride * 4 + block * (BLOCK_W * 4)
-            )
-            cols_ok = (block * BLOCK_W)[:, None] + cols[None, :] < ROW_WORDS
-            vals = tl.load(row_block(src, cols, tl.int32, BLOCK_W), mask=live[:, None] & cols_ok)
 
 
 @triton.jit
@@ -303,7 +177,6 @@ def _dispatch_kernel(
     rank_prefix_matrix_ptr,
     recv_channel_prefix_matrix_ptr,
     send_head_ptr,
-    dst_table_ptr,
     rank_mask_ptr,
     recv_x_addr,
     recv_src_idx_addr,
@@ -348,7 +221,6 @@ def _dispatch_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     PREFETCH: tl.constexpr,
     WRITE_HANDLE: tl.constexpr,
-    UNIT_COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -455,69 +327,31 @@ def _dispatch_kernel(
                         tl.int64
                     )
                     deliver = (flags > 0) & (~is_self[None, :] | (slot < num_recv_rows))
-                    if UNIT_COPY:
-                        # The round's destination rows, read back per unit by `_send_round_rows`.
-                        table = dst_table_ptr + c * (TILE * NUM_RANKS)
-                        tl.store(
-                            table + rows_in_tile[:, None] * NUM_RANKS + ranks[None, :],
-                            tl.where(deliver, slot, -1).to(tl.int32),
-                            mask=rank_ok[None, :],
-                        )
-                        tl.debug_barrier()
-                        _send_round_rows(
-                            x_addr,
-                            x_row_stride,
-                            t0,
-                            tl.minimum(chunk, end - t0),
-                            table,
-                            base_x,
-                            ranks,
-                            ROW_WORDS,
-                            NUM_RANKS,
-                            TILE,
-                            BLOCK_W,
-                            PREFETCH,
-                        )
+                    any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
+                    src_x = x_addr + rows.to(tl.int64) * x_row_stride * 4
+                    dst_rows = (
+                        base_x[None, :] + slot * ROW_BYTES
+                    )  # [TILE, R] destination row addresses
+                    if PREFETCH:
+                        words = tl.arange(0, BLOCK_W)
+                        vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
+                        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
+                            next_words = w0 + tl.arange(0, BLOCK_W)
+                            next_vals = _load_block(
+                                src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
+                            )
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
+                            vals = next_vals
+                            words = next_words
                     else:
-                        any_dest = tl.sum(deliver.to(tl.int32), axis=1) > 0
-                        src_x = x_addr + rows.to(tl.int64) * x_row_stride * 4
-                        dst_rows = (
-                            base_x[None, :] + slot * ROW_BYTES
-                        )  # [TILE, R] destination row addresses
-                        if PREFETCH:
-                            words = tl.arange(0, BLOCK_W)
+                        for w0 in range(0, ROW_WORDS, BLOCK_W):
+                            words = w0 + tl.arange(0, BLOCK_W)
                             vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
-                            for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
-                                next_words = w0 + tl.arange(0, BLOCK_W)
-                                next_vals = _load_block(
-                                    src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
-                                )
-                                _store_to_destinations(
-                                    vals,
-                                    words,
-                                    dst_rows,
-                                    deliver,
-                                    ranks,
-                                    ROW_WORDS,
-                                    BLOCK_W,
-                                    NUM_RANKS,
-                                )
-                                vals = next_vals
-                                words = next_words
-                        else:
-                            for w0 in range(0, ROW_WORDS, BLOCK_W):
-                                words = w0 + tl.arange(0, BLOCK_W)
-                                vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
-                                _store_to_destinations(
-                                    vals,
-                                    words,
-                                    dst_rows,
-                                    deliver,
-                                    ranks,
-                                    ROW_WORDS,
-                                    BLOCK_W,
-                                    NUM_RANKS,
-                                )
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
                     if HAS_TOPK:
                         idx = tl.load(
                             topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
@@ -710,17 +544,12 @@ class DispatchPlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
-        unit_copy: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
         self.num_channels = num_channels
         chunk = min(chunk, MAX_TILE)
         tile = pow2(chunk)
-        # One round's destination rows per sender (the unit copy reads them back).
-        self._dst_table = torch.empty(
-            num_channels * tile * ctx.num_ranks, dtype=torch.int32, device=ctx.rank_mask.device
-        )
         q = ctx.data_offset
         self._row_words = row_words
         self._num_topk = num_topk
@@ -768,7 +597,6 @@ class DispatchPlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             PREFETCH=prefetch,
             WRITE_HANDLE=write_handle,
-            UNIT_COPY=unit_copy,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
@@ -815,7 +643,6 @@ class DispatchPlan:
             rank_prefix_matrix,
             recv_channel_prefix_matrix,
             send_head if self._write_handle else dummy,
-            self._dst_table,
             self._ctx.rank_mask,
             recv_x.data_ptr(),
             recv_src_idx.data_ptr() if self._write_handle else 0,
