@@ -1,10 +1,10 @@
 """Output tensors of a call, handed out again once nothing outside tritonep refers to them.
 
-DeepEP returns new tensors from every call. On an H200 host one `torch.empty` costs about 5 us
-of host time (`hostprobe` in `2026-12-01-h200-host-path-*.json`), a layout call makes two and a
-low-latency dispatch five, and a host-bound call is timed by its host path. So the outputs of a
-call geometry come from a small pool instead, and a set of them goes out again only when nobody
-else holds any of it:
+DeepEP returns new tensors from every call. On an H200 host one `torch.empty` costs 5-7 us of
+host time; a layout call makes two and a low-latency dispatch five, and a host-bound call is timed
+by its host path. So the outputs of a call geometry come from a small pool instead (the layout's
+outputs: 16.3 us fresh, 4.3 us from the pool; `2026-12-02-h200-host-overhead-19f4fdb.json`), and
+a set of them goes out again only when nobody else holds any of it:
 
 * no Python reference to any of its tensors (the caller dropped the results), and
 * no other tensor or storage object on its memory (the use counts of its storages and the

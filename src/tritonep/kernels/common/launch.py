@@ -14,12 +14,12 @@ tensor dtypes, pointer alignment (every address tritonep passes is 16-byte align
 the boundary), integer width, and `== 1` / divisibility by 16 of integers not listed in the
 kernel's `do_not_specialize`.
 
-Below the compiled launcher there is little left to take: on the H200 host (a VM), one
-`cuLaunchKernel` called through ctypes with a prebuilt parameter block costs 8.1-8.2 us and a torch
-`fill_` of 256 floats 8.9 us, against 10.3 us for Triton's compiled launcher (launchprobe,
-2026-12-01-h200-host-path-*.json). A launch of our own through the driver measured 11.2 us (the
-ctypes argument conversion and the parameter fill cost more than Triton's C layer), so the
-compiled launcher stays.
+Below the compiled launcher there is little left to take. On the H200 host (a VM),
+`benchmarks/host_overhead.py` times an empty kernel at 9.0 us through this launcher and 6.3 us
+through `cuLaunchKernel` itself (ctypes, prebuilt parameter block), and a torch `fill_` of 256
+floats at 9.7 us (`2026-12-02-h200-host-overhead-19f4fdb.json`). A launch layer of our own on the
+driver (026ba41) added ctypes argument conversion and a parameter fill per call and did not win
+back that gap, so it was removed (ecc863a).
 
 In the interpreter (CPU backend), and whenever a Triton launch hook is set (e.g. a Triton
 profiler), it launches through the JIT as usual, so nothing is hidden from such tools.
