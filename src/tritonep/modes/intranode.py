@@ -45,6 +45,7 @@ class ProgramShape:
     combine_tile_words: int
     combine_tile: int = 8
     prefetch: bool = True
+    stages: int = 1
 
 
 # The interpreter wants few, small blocks; GPUs want bytes in flight.
@@ -225,6 +226,7 @@ class IntranodeMode:
                 num_warps=self.shape.dispatch_warps,
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
+                stages=self.shape.stages,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,
@@ -275,6 +277,7 @@ class IntranodeMode:
                 num_warps=self.shape.combine_warps,
                 tile_words=self.shape.combine_tile_words,
                 prefetch=self.shape.prefetch,
+                stages=self.shape.stages,
             ),
             capacity=queues.capacity,
         )

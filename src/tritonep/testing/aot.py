@@ -164,6 +164,7 @@ def _cases(kernels):
                 num_warps=shape.dispatch_warps,
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
+                stages=shape.stages,
             )
             yield functools.partial(
                 dispatch.launch,
@@ -199,6 +200,7 @@ def _cases(kernels):
             num_warps=shape.combine_warps,
             tile_words=shape.combine_tile_words,
             prefetch=shape.prefetch,
+            stages=shape.stages,
         )
         yield functools.partial(
             combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights

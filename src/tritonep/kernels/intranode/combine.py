@@ -86,6 +86,8 @@ def _combine_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
     PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr,
+    RECV_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -154,6 +156,7 @@ def _combine_kernel(
                     "",
                     PREFETCH,
                     True,
+                    STAGES,
                 )
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
@@ -246,7 +249,7 @@ def _combine_kernel(
                     )
                 if ok:
                     slot = tl.where(is_self[None, :], position, position % capacity).to(tl.int64)
-                    for h0 in range(0, HIDDEN, BLOCK_H):
+                    for h0 in tl.range(0, HIDDEN, BLOCK_H, num_stages=RECV_STAGES):
                         cols = h0 + hs
                         col_ok = cols < HIDDEN
                         m2 = valid[:, None] & col_ok[None, :]
@@ -312,6 +315,8 @@ def _combine_kernel(
                     )
 
 
+# Shared memory the receivers' pipelined loads may take (the senders' spans need less).
+_RECV_PIPELINE_BYTES = 192 * 1024
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -338,6 +343,7 @@ class CombinePlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
+        stages: int,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
@@ -355,6 +361,11 @@ class CombinePlan:
             ctx.clock_addr,
             ctx.timeout_ns,
         )
+        block_h = min(pow2(hidden), max(16, tile_words // tile))
+        # A receiver step loads one [tile, block_h] block per source and bias; its pipeline keeps
+        # stages - 1 steps of them in shared memory, which must stay within an SM's 227 KB.
+        step_bytes = (ctx.num_ranks + sum(has_bias)) * tile * block_h * dtype.itemsize
+        recv_stages = stages if (stages - 1) * step_bytes <= _RECV_PIPELINE_BYTES else 1
         self._kernel = KernelLaunch(
             _combine_kernel,
             NUM_RANKS=ctx.num_ranks,
@@ -370,12 +381,14 @@ class CombinePlan:
             ERR_TIMEOUT=protocol.ERR_TIMEOUT,
             PHASE=protocol.PHASE_COMBINE,
             TILE=tile,
-            BLOCK_H=min(pow2(hidden), max(16, tile_words // tile)),
+            BLOCK_H=block_h,
             BLOCK_RANKS=pow2(ctx.num_ranks),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
             INTERPRETED=_env.interpret_enabled(),
             PREFETCH=prefetch,
+            STAGES=stages,
+            RECV_STAGES=recv_stages,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
