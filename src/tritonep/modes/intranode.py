@@ -36,7 +36,8 @@ class ProgramShape:
 
     `*_tile_words`: 4-byte words of one copy step's register tile per program; `combine_tile`:
     tokens a combine receiver reduces per step; `prefetch`: issue the next step's loads before the
-    current step's stores (more bytes in flight at the same register budget).
+    current step's stores (more bytes in flight at the same register budget);
+    `combine_receiver_stages`: depth of the combine receivers' load pipeline (1: none).
     """
 
     dispatch_warps: int
@@ -45,7 +46,7 @@ class ProgramShape:
     combine_tile_words: int
     combine_tile: int = 8
     prefetch: bool = True
-    stages: int = 1
+    combine_receiver_stages: int = 1
 
 
 # The interpreter wants few, small blocks; GPUs want bytes in flight.
@@ -56,8 +57,16 @@ _GPU_SHAPE = ProgramShape(8, 8192, 8, 8192)
 # GB/s (benchmarks/results/2026-11-23-h200-mps-ep2-1dd5e47.json). With more ranks it spills.
 # Reducing 16 tokens per step instead of 8: combine kernel 365 -> 348 us at 24 SMs on 2xH200
 # (4 per step: 491 us; TRITONEP_PROGRAM_SHAPE sweep, 2026-11-30-h200x2-shapes-f363e47.json).
+# Combine receivers pipelined 3 stages deep (Triton's cp.async pipeline, 128 KB of shared memory):
+# chunk 16 429 -> 470 GB/s on the same proxy (2026-12-02-h200-bench-ep2-mps-stages3-c1df92e.json);
+# the same pipeline in the dispatch senders and the combine senders' spans lost (dispatch BF16
+# 427 -> 394, FP8 312 -> 272), so those keep the register prefetch.
 _GPU_SHAPE_TWO_RANKS = dataclasses.replace(
-    _GPU_SHAPE, combine_warps=16, combine_tile_words=16384, combine_tile=16
+    _GPU_SHAPE,
+    combine_warps=16,
+    combine_tile_words=16384,
+    combine_tile=16,
+    combine_receiver_stages=3,
 )
 
 
@@ -226,7 +235,6 @@ class IntranodeMode:
                 num_warps=self.shape.dispatch_warps,
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
-                stages=self.shape.stages,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,
@@ -277,7 +285,7 @@ class IntranodeMode:
                 num_warps=self.shape.combine_warps,
                 tile_words=self.shape.combine_tile_words,
                 prefetch=self.shape.prefetch,
-                stages=self.shape.stages,
+                receiver_stages=self.shape.combine_receiver_stages,
             ),
             capacity=queues.capacity,
         )

@@ -164,7 +164,6 @@ def _cases(kernels):
                 num_warps=shape.dispatch_warps,
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
-                stages=shape.stages,
             )
             yield functools.partial(
                 dispatch.launch,
@@ -200,7 +199,7 @@ def _cases(kernels):
             num_warps=shape.combine_warps,
             tile_words=shape.combine_tile_words,
             prefetch=shape.prefetch,
-            stages=shape.stages,
+            receiver_stages=shape.combine_receiver_stages,
         )
         yield functools.partial(
             combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights

@@ -124,7 +124,6 @@ def copy_span(
     BLOCK: tl.constexpr,
     CACHE: tl.constexpr,
     PREFETCH: tl.constexpr,
-    STAGES: tl.constexpr = 1,
 ):
     """Copy `num_words` 4-byte words (a multiple of 4) from byte address `src_addr` to `dst_addr`,
     both 16-byte aligned, in flat `[BLOCK]` steps.
@@ -132,10 +131,9 @@ def copy_span(
     Consecutive rows of a queue or an output form one span: n rows then cost
     `cdiv(n * row_words, BLOCK)` full steps, where a `[pow2(n), BLOCK_W]` row tile spends lanes on
     masked rows (10 of 16 rows valid at V1's combine chunk) and on the row's last partial block.
-    STAGES > 1: Triton's software pipeline keeps STAGES - 1 blocks of loads in flight through
-    shared memory (`cp.async`), without registers; else PREFETCH as in `copy_rows`.
+    PREFETCH as in `copy_rows`.
     """
-    if PREFETCH and STAGES == 1:
+    if PREFETCH:
         words = tl.arange(0, BLOCK)
         vals = _span_block(src_addr, words, num_words, CACHE)
         for w0 in range(BLOCK, num_words + BLOCK, BLOCK):
@@ -145,10 +143,11 @@ def copy_span(
             vals = next_vals
             words = next_words
     else:
-        for w0 in tl.range(0, num_words, BLOCK, num_stages=STAGES):
+        for w0 in range(0, num_words, BLOCK):
             words = w0 + tl.arange(0, BLOCK)
-            vals = _span_block(src_addr, words, num_words, CACHE)
-            _store_span_block(dst_addr, words, num_words, vals)
+            _store_span_block(
+                dst_addr, words, num_words, _span_block(src_addr, words, num_words, CACHE)
+            )
 
 
 @triton.jit
@@ -163,7 +162,6 @@ def copy_ring_rows(
     CACHE: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTO_RING: tl.constexpr,
-    STAGES: tl.constexpr = 1,
 ):
     """Copy `count` consecutive rows of `ROW_WORDS` words between a linear array (its row 0 at
     byte address `linear_addr`) and a ring of `capacity` row slots at `ring_addr`, the ring side
@@ -176,8 +174,8 @@ def copy_ring_rows(
     wrapped_linear = linear_addr + before_wrap.to(tl.int64) * ROW_BYTES
     at_addr = ring_addr + at.to(tl.int64) * ROW_BYTES
     if INTO_RING:
-        copy_span(linear_addr, at_addr, before_wrap * ROW_WORDS, BLOCK, CACHE, PREFETCH, STAGES)
-        copy_span(wrapped_linear, ring_addr, rest * ROW_WORDS, BLOCK, CACHE, PREFETCH, STAGES)
+        copy_span(linear_addr, at_addr, before_wrap * ROW_WORDS, BLOCK, CACHE, PREFETCH)
+        copy_span(wrapped_linear, ring_addr, rest * ROW_WORDS, BLOCK, CACHE, PREFETCH)
     else:
-        copy_span(at_addr, linear_addr, before_wrap * ROW_WORDS, BLOCK, CACHE, PREFETCH, STAGES)
-        copy_span(ring_addr, wrapped_linear, rest * ROW_WORDS, BLOCK, CACHE, PREFETCH, STAGES)
+        copy_span(at_addr, linear_addr, before_wrap * ROW_WORDS, BLOCK, CACHE, PREFETCH)
+        copy_span(ring_addr, wrapped_linear, rest * ROW_WORDS, BLOCK, CACHE, PREFETCH)

@@ -86,7 +86,6 @@ def _combine_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
     PREFETCH: tl.constexpr,
-    STAGES: tl.constexpr,
     RECV_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -156,7 +155,6 @@ def _combine_kernel(
                     "",
                     PREFETCH,
                     True,
-                    STAGES,
                 )
                 if HAS_WEIGHTS:
                     mk = in_chunk[:, None] & (ks[None, :] < NUM_TOPK)
@@ -315,7 +313,7 @@ def _combine_kernel(
                     )
 
 
-# Shared memory the receivers' pipelined loads may take (the senders' spans need less).
+# Shared memory the receivers' pipelined loads may take.
 _RECV_PIPELINE_BYTES = 192 * 1024
 _DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -325,7 +323,9 @@ class CombinePlan:
 
     Fixed per plan: queue layout (`queues`), channels, send chunk, receiver `tile` (tokens reduced
     per step, at most the queue capacity), hidden size and dtype, top-k width, which biases are
-    given, and the program shape (`tile_words` bounds the `[tile, BLOCK_H]` fp32 accumulator).
+    given, and the program shape (`tile_words` bounds the `[tile, BLOCK_H]` fp32 accumulator;
+    `receiver_stages` > 1 runs the receivers' loads through Triton's software pipeline, that many
+    stages deep in shared memory (`cp.async`), where they fit).
     """
 
     def __init__(
@@ -343,7 +343,7 @@ class CombinePlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
-        stages: int,
+        receiver_stages: int,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
@@ -365,7 +365,8 @@ class CombinePlan:
         # A receiver step loads one [tile, block_h] block per source and bias; its pipeline keeps
         # stages - 1 steps of them in shared memory, which must stay within an SM's 227 KB.
         step_bytes = (ctx.num_ranks + sum(has_bias)) * tile * block_h * dtype.itemsize
-        recv_stages = stages if (stages - 1) * step_bytes <= _RECV_PIPELINE_BYTES else 1
+        fits = (receiver_stages - 1) * step_bytes <= _RECV_PIPELINE_BYTES
+        recv_stages = receiver_stages if fits else 1
         self._kernel = KernelLaunch(
             _combine_kernel,
             NUM_RANKS=ctx.num_ranks,
@@ -387,7 +388,6 @@ class CombinePlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             INTERPRETED=_env.interpret_enabled(),
             PREFETCH=prefetch,
-            STAGES=stages,
             RECV_STAGES=recv_stages,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.

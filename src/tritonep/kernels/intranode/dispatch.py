@@ -221,7 +221,6 @@ def _dispatch_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     PREFETCH: tl.constexpr,
     WRITE_HANDLE: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
@@ -333,7 +332,7 @@ def _dispatch_kernel(
                     dst_rows = (
                         base_x[None, :] + slot * ROW_BYTES
                     )  # [TILE, R] destination row addresses
-                    if PREFETCH and STAGES == 1:
+                    if PREFETCH:
                         words = tl.arange(0, BLOCK_W)
                         vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
                         for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
@@ -347,9 +346,7 @@ def _dispatch_kernel(
                             vals = next_vals
                             words = next_words
                     else:
-                        # STAGES > 1: Triton's pipeline keeps STAGES - 1 blocks of loads in flight
-                        # through shared memory instead of registers.
-                        for w0 in tl.range(0, ROW_WORDS, BLOCK_W, num_stages=STAGES):
+                        for w0 in range(0, ROW_WORDS, BLOCK_W):
                             words = w0 + tl.arange(0, BLOCK_W)
                             vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
                             _store_to_destinations(
@@ -547,7 +544,6 @@ class DispatchPlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
-        stages: int,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
@@ -601,7 +597,6 @@ class DispatchPlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             PREFETCH=prefetch,
             WRITE_HANDLE=write_handle,
-            STAGES=stages,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.
