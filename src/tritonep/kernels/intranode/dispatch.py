@@ -335,23 +335,8 @@ def _dispatch_kernel(
                     if PREFETCH:
                         words = tl.arange(0, BLOCK_W)
                         vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
-                        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
-                            next_words = w0 + tl.arange(0, BLOCK_W)
-                            next_vals = _load_block(
-                                src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
-                            )
-                            _store_to_destinations(
-                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
-                            )
-                            vals = next_vals
-                            words = next_words
-                    else:
-                        for w0 in range(0, ROW_WORDS, BLOCK_W):
-                            words = w0 + tl.arange(0, BLOCK_W)
-                            vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
-                            _store_to_destinations(
-                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
-                            )
+                    # The per-row fields while the first block of rows is in flight: their loads
+                    # wait once, not after the copy.
                     if HAS_TOPK:
                         idx = tl.load(
                             topk_idx_ptr + rows[:, None].to(tl.int64) * NUM_TOPK + ks[None, :],
@@ -402,6 +387,24 @@ def _dispatch_kernel(
                                 s_rows[:, None] + ss[None, :],
                                 scales,
                                 mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES),
+                            )
+                    if PREFETCH:
+                        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
+                            next_words = w0 + tl.arange(0, BLOCK_W)
+                            next_vals = _load_block(
+                                src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
+                            )
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
+                            )
+                            vals = next_vals
+                            words = next_words
+                    else:
+                        for w0 in range(0, ROW_WORDS, BLOCK_W):
+                            words = w0 + tl.arange(0, BLOCK_W)
+                            vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
+                            _store_to_destinations(
+                                vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
                             )
                     # Publish the chunk: every thread's stores first, then the tails.
                     tl.debug_barrier()
