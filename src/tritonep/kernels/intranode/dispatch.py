@@ -96,6 +96,21 @@ def _store_to_destination(
 
 
 @triton.jit
+def _round_flags(
+    is_token_in_rank_ptr, t0, end, chunk, rows_in_tile, ranks, live, NUM_RANKS: tl.constexpr
+):
+    """`is_token_in_rank` of the sender round starting at token t0, `[TILE, R]` int32 (0 past
+    the round, the channel, or for masked ranks)."""
+    rows = t0 + rows_in_tile
+    valid = (rows_in_tile < chunk) & (rows < end)
+    return tl.load(
+        is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+        mask=valid[:, None] & live[None, :],
+        other=0,
+    ).to(tl.int32)
+
+
+@triton.jit
 def _copy_fields(
     src_rows_src,
     src_rows_topk,
@@ -280,15 +295,18 @@ def _dispatch_kernel(
         is_peer = live & (ranks != rank)
         sent = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
         head_seen = tl.zeros([BLOCK_RANKS], dtype=tl.int64)
+        next_flags = _round_flags(
+            is_token_in_rank_ptr, begin, end, chunk, rows_in_tile, ranks, live, NUM_RANKS
+        )
         for t0 in range(begin, end, chunk):
+            # The next round's flags load while this round runs: one load latency less per round.
+            flags = next_flags
+            next_flags = _round_flags(
+                is_token_in_rank_ptr, t0 + chunk, end, chunk, rows_in_tile, ranks, live, NUM_RANKS
+            )
             if ok:
                 rows = t0 + rows_in_tile
                 valid = (rows_in_tile < chunk) & (rows < end)
-                flags = tl.load(
-                    is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
-                    mask=valid[:, None] & live[None, :],
-                    other=0,
-                ).to(tl.int32)
                 position = sent[None, :] + cumsum_rows(
                     flags, TILE, False
                 )  # [TILE, R] stream position
