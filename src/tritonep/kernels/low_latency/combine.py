@@ -59,11 +59,10 @@ from .sync import (
     ROLE_RECV,
     RolePlan,
     finish_launch,
-    give_up_on,
     open_launch,
     stopped,
     unmasked,
-    wait_signals,
+    wait_signals_or_give_up,
 )
 
 
@@ -355,31 +354,30 @@ def _combine_kernel(
                 valid = unmasked(mask_ptr, owner, valid)
                 sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(tl.pointer_type(tl.int64))
                 # One wait for the whole batch: the signals of every token's experts.
-                values, late, waited = wait_signals(
-                    sigs, valid, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
+                values, late, ok = wait_signals_or_give_up(
+                    sigs,
+                    valid,
+                    owner,
+                    tl.full([BLOCK_T * BLOCK_K], -1, tl.int32),
+                    -1,
+                    tag,
+                    deadline,
+                    clock_addr,
+                    ok,
+                    mask_ptr,
+                    ws,
+                    host,
+                    rank,
+                    wait_stats_ptr,
+                    PHASE,
+                    SHRINK,
+                    HOST_ERROR,
+                    HOST_SHRUNK,
+                    ERR_TIMEOUT,
+                    BLOCK_T * BLOCK_K,
+                    USE_GLOBALTIMER,
+                    HAS_WAIT_STATS,
                 )
-                late = late & valid
-                if tl.sum(late.to(tl.int32), axis=0) > 0:
-                    give_up_on(
-                        late,
-                        owner,
-                        mask_ptr,
-                        ws,
-                        host,
-                        rank,
-                        (values - tag).to(tl.int32),
-                        1,
-                        PHASE,
-                        -1,
-                        SHRINK,
-                        HOST_ERROR,
-                        HOST_SHRUNK,
-                        ERR_TIMEOUT,
-                        BLOCK_T * BLOCK_K,
-                    )
-                    ok = ok & SHRINK  # without shrink mode the error record stops this call
-                if HAS_WAIT_STATS:
-                    tl.atomic_add(wait_stats_ptr + owner, waited, mask=valid, sem="relaxed")
                 valid = valid & ~late
                 experts = tl.reshape(tl.where(valid, idx, -1), (BLOCK_T, BLOCK_K))
                 weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))

@@ -59,11 +59,10 @@ from .sync import (
     ROLE_RECV,
     RolePlan,
     finish_launch,
-    give_up_on,
     open_launch,
     stopped,
     unmasked,
-    wait_signals,
+    wait_signals_or_give_up,
 )
 
 _HEADER = tl.constexpr(HEADER_BYTES)
@@ -325,31 +324,30 @@ def _dispatch_kernel(
                 tl.pointer_type(tl.int64)
             )
             live = unmasked(mask_ptr, lane_rank, lane_ok)
-            values, late, waited = wait_signals(
-                sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER
+            values, late, ok = wait_signals_or_give_up(
+                sigs,
+                live,
+                lane_rank,
+                lane_expert,
+                L,
+                tag,
+                deadline,
+                clock_addr,
+                ok,
+                mask_ptr,
+                ws,
+                host,
+                rank,
+                wait_stats_ptr,
+                PHASE,
+                SHRINK,
+                HOST_ERROR,
+                HOST_SHRUNK,
+                ERR_TIMEOUT,
+                BLOCK_X * BLOCK_R,
+                USE_GLOBALTIMER,
+                HAS_WAIT_STATS,
             )
-            late = late & live
-            if tl.sum(late.to(tl.int32), axis=0) > 0:
-                give_up_on(
-                    late,
-                    lane_rank,
-                    mask_ptr,
-                    ws,
-                    host,
-                    rank,
-                    (values - tag).to(tl.int32),
-                    1,
-                    PHASE,
-                    tl.min(tl.where(late, lane_expert, L), axis=0),
-                    SHRINK,
-                    HOST_ERROR,
-                    HOST_SHRUNK,
-                    ERR_TIMEOUT,
-                    BLOCK_X * BLOCK_R,
-                )
-                ok = ok & SHRINK  # without shrink mode the error record stops this call
-            if HAS_WAIT_STATS:
-                tl.atomic_add(wait_stats_ptr + lane_rank, waited, mask=live, sem="relaxed")
             all_counts = tl.reshape(
                 tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
             )

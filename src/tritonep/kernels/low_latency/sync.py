@@ -192,3 +192,60 @@ class RolePlan:
         self._kernels[role].launch(
             (sum(self.grids[role]),), stream, *head, *self._routes, num_tokens, parity, *self._host
         )
+
+
+@triton.jit
+def wait_signals_or_give_up(
+    sigs,
+    live,
+    peers,
+    expert_lanes,
+    no_expert,
+    tag,
+    deadline,
+    clock_addr,
+    ok,
+    mask_ptr,
+    ws,
+    host,
+    rank,
+    wait_stats_ptr,
+    PHASE: tl.constexpr,
+    SHRINK: tl.constexpr,
+    HOST_ERROR: tl.constexpr,
+    HOST_SHRUNK: tl.constexpr,
+    ERR_TIMEOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+):
+    """A receiver's wait for the `live` signals `sigs` (of ranks `peers`) to pass `tag`.
+
+    Late peers are given up on (`give_up_on`; the record names the smallest late lane of
+    `expert_lanes`, or `no_expert` if none is smaller); without shrink mode that stops the call
+    (`ok` false). With HAS_WAIT_STATS each live lane adds its wait (ns) to its peer's stat.
+    Returns (signal values, late lanes, ok)."""
+    values, late, waited = wait_signals(sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER)
+    late = late & live
+    if tl.sum(late.to(tl.int32), axis=0) > 0:
+        give_up_on(
+            late,
+            peers,
+            mask_ptr,
+            ws,
+            host,
+            rank,
+            (values - tag).to(tl.int32),
+            1,
+            PHASE,
+            tl.min(tl.where(late, expert_lanes, no_expert), axis=0),
+            SHRINK,
+            HOST_ERROR,
+            HOST_SHRUNK,
+            ERR_TIMEOUT,
+            BLOCK,
+        )
+        ok = ok & SHRINK  # without shrink mode the error record stops this call
+    if HAS_WAIT_STATS:
+        tl.atomic_add(wait_stats_ptr + peers, waited, mask=live, sem="relaxed")
+    return values, late, ok
