@@ -58,9 +58,10 @@ _GPU_SHAPE = ProgramShape(8, 8192, 8, 8192)
 # Reducing 16 tokens per step instead of 8: combine kernel 365 -> 348 us at 24 SMs on 2xH200
 # (4 per step: 491 us; TRITONEP_PROGRAM_SHAPE sweep, 2026-11-30-h200x2-shapes-f363e47.json).
 # Combine receivers pipelined 3 stages deep (Triton's cp.async pipeline, 128 KB of shared memory):
-# chunk 16 429 -> 470 GB/s on the same proxy (2026-12-02-h200-bench-ep2-mps-stages3-c1df92e.json);
-# the same pipeline in the dispatch senders and the combine senders' spans lost (dispatch BF16
-# 427 -> 394, FP8 312 -> 272), so those keep the register prefetch.
+# V1's chunk 10 424 -> 444 GB/s, chunk 16 429 -> 474 on the same proxy
+# (2026-12-02-h200-bench-ep2-mps-{receiver-stages1-,}5aefbb8.json); the same pipeline in the
+# dispatch senders and the combine senders' spans lost (dispatch BF16 427 -> 394, FP8 312 -> 272,
+# ...-stages3-c1df92e.json), so those keep the register prefetch.
 _GPU_SHAPE_TWO_RANKS = dataclasses.replace(
     _GPU_SHAPE,
     combine_warps=16,

@@ -7,10 +7,11 @@ by source rank, then token, plus their source index, top-k ids rebased to j's lo
 
 Algorithm (one persistent launch of `2C` programs, C = num_channels):
 * programs `[0, C)` are senders. Sender c walks its channel's contiguous token range in chunks of
-  `chunk` tokens. Per chunk it computes each row's position in the channel's stream to every
-  destination, waits until the destination queue has room, writes `send_head`, copies each row once
-  from HBM into registers and stores it to every destination: straight into this rank's own output
-  rows (no queue), or into slot `position % capacity` of queue (c, r) in the peer's buffer; then it
+  `chunk` tokens (each chunk's `is_token_in_rank` flags load while the previous chunk is sent).
+  Per chunk it computes each row's position in the channel's stream to every destination, waits
+  until the destination queue has room, writes `send_head`, copies each row once from HBM into
+  registers and stores it to every destination: straight into this rank's own output rows (no
+  queue), or into slot `position % capacity` of queue (c, r) in the peer's buffer; then it
   publishes the new tail to the peer.
 * programs `[C, 2C)` are receivers. Receiver c polls the tails of all its source queues and copies
   whatever has arrived, never blocking on one source, into the output rows
