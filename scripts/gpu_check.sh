@@ -117,7 +117,7 @@ fi
 # one benchmark per TRITONEP_PROGRAM_SHAPE value of SHAPES (';'-separated; empty = built-in).
 if has shapes; then
   TRITONEP_TIMEOUT_S=30 sweep TRITONEP_PROGRAM_SHAPE \
-    "${SHAPES:-;dispatch_warps=16;dispatch_tile_words=16384;dispatch_tile_words=4096;combine_tile=4;combine_tile=16;prefetch=0}" \
+    "${SHAPES:-;dispatch_warps=16;dispatch_tile_words=16384;dispatch_tile_words=4096;combine_tile=4;combine_tile=16;prefetch=0;combine_receiver_stages=1}" \
     shape "^dispatch\|^combine" \
     python3 -m tritonep bench --check none --quiet ${BENCH_ARGS:-}
 fi
