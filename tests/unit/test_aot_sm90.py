@@ -103,3 +103,12 @@ def test_dispatch_does_not_spill(report):
     for row in report:
         if row["module"] == "intranode.dispatch" and row["stack"] is not None:
             assert row["stack"] == 0, row
+
+
+def test_shared_memory_fits_an_sm_and_two_rank_combine_receivers_are_pipelined(report):
+    # The two-rank combine receivers load through Triton's cp.async pipeline (3 stages); a plan
+    # keeps its stages within 192 KB so every launch fits the 227 KB an sm_90 program may take.
+    for row in report:
+        assert row["shared_bytes"] <= 227 * 1024, row
+    combines = [r for r in report if r["module"] == "intranode.combine"]
+    assert [r["async_copies"] > 0 for r in combines if r["num_ranks"] == 2] == [True], combines

@@ -502,8 +502,9 @@ KERNELS = {
 
 
 def compile_all() -> list[dict]:
-    """Compile every representative launch; returns name, registers, stack (spills) and memory-op
-    counts (16-byte vector loads and stores; 1- and 2-byte stores)."""
+    """Compile every representative launch; returns name, registers, stack (spills), shared
+    memory, and memory-op counts (16-byte vector loads and stores; 1- and 2-byte stores;
+    `cp.async` copies of a software-pipelined loop)."""
     import importlib
 
     from tritonep.kernels import load_kernels
@@ -543,6 +544,8 @@ def compile_all() -> list[dict]:
                     "narrow_stores": sum(
                         n for op, n in ops.items() if op in ("st.global.b8", "st.global.b16")
                     ),
+                    "shared_bytes": compiled.metadata.shared,
+                    "async_copies": ptx.count("cp.async."),
                     "uses_globaltimer": "%globaltimer" in ptx,
                     "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
                     # Block-wide verdicts on a deadline (`sync.deadline_passed`).
