@@ -139,13 +139,14 @@ def _combine_kernel(
                 n = tl.minimum(tl.minimum(lane(ready, ranks, dst), chunk), TILE)
                 start = lane(sent, ranks, dst)
                 in_chunk = rows_in_tile < n
-                src_row = (lane(first_row, ranks, dst) + start + rows_in_tile).to(tl.int64)
+                first_src = (lane(first_row, ranks, dst) + start).to(tl.int64)
+                src_row = first_src + rows_in_tile
                 slot = slot0 + ((start + rows_in_tile) % capacity).to(tl.int64)
                 dst_base = lane(peer_bases, ranks, dst)
                 # The chunk's rows are consecutive in x and (up to the wrap) in the queue: flat
                 # spans, no masked rows (V1's chunk 10 would fill 10 of 16 tile rows).
                 copy_ring_rows(
-                    x_addr + (lane(first_row, ranks, dst) + start).to(tl.int64) * ROW_BYTES,
+                    x_addr + first_src * ROW_BYTES,
                     dst_base + queue_x + slot0 * ROW_BYTES,
                     start,
                     n,

@@ -478,10 +478,10 @@ def _dispatch_kernel(
                 slot = ((c * NUM_RANKS + src) * capacity + (start + rows_in_tile) % capacity).to(
                     tl.int64
                 )
-                out_row = (lane(out_first, ranks, src) + start + rows_in_tile).to(tl.int64)
+                first_out = lane(out_first, ranks, src) + start
+                out_row = (first_out + rows_in_tile).to(tl.int64)
                 in_chunk = in_chunk & (out_row < num_recv_rows)
                 # Consecutive slots (up to the wrap) into consecutive output rows.
-                first_out = lane(out_first, ranks, src) + start
                 copy_ring_rows(
                     recv_x_addr + first_out.to(tl.int64) * ROW_BYTES,
                     my_base + queue_x + ((c * NUM_RANKS + src) * capacity).to(tl.int64) * ROW_BYTES,
