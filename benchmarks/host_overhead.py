@@ -185,7 +185,74 @@ def low_latency_rows(profile: bool) -> list[dict]:
         rows.append(measure_op(name, fn, "plain", None))
         if profile:
             print_profile(name, fn)
+    rows += low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts)
     buffer.destroy()
+    return rows
+
+
+def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list[dict]:
+    """Host cost of the parts of the low-latency calls, each in its own loop (the plans exist: the
+    calls above built them)."""
+    from tritonep._validate import check_tensor
+
+    mode = buffer._low_latency
+    plans = {key[0]: plan for key, plan in mode._plans.items() if isinstance(key, tuple)}
+    dispatch_plan, combine_plan = plans["dispatch"], plans["combine"]
+    (recv_x, recv_scales), count, handle, _, _ = buffer.low_latency_dispatch(
+        x, topk_idx, x.size(0), num_experts
+    )
+    src_info, layout_range = handle[:2]
+    out = torch.empty((x.size(0), x.size(1)), dtype=torch.bfloat16, device="cuda")
+    stream = buffer._streams.current()
+    both = 0  # ROLE_BOTH
+    steps = {
+        "ll: Buffer._ll (usable, mode)": lambda: buffer._ll("op"),
+        "ll: check_tensor(x)": lambda: check_tensor(
+            "op", "x", x, device=x.device, dtypes=(torch.bfloat16,), dim=2
+        ),
+        "ll: _streams_for (sync call)": lambda: mode._streams_for("op", False, False),
+        "ll dispatch: outputs from the pool": lambda: mode._outputs.take(
+            ("probe-ll",),
+            lambda: [torch.empty(16, device="cuda") for _ in range(5)],
+            3,
+        ),
+        "ll dispatch: plan launch only": lambda: dispatch_plan.launch(
+            both,
+            stream,
+            0,
+            x,
+            topk_idx,
+            mode._mask,
+            recv_x,
+            recv_scales,
+            src_info,
+            layout_range,
+            count,
+            None,
+            None,
+            mode._workspace,
+        ),
+        "ll combine: plan launch only": lambda: combine_plan.launch(
+            both,
+            stream,
+            0,
+            y,
+            topk_idx,
+            topk_weights,
+            src_info,
+            layout_range,
+            mode._mask,
+            out,
+            None,
+            mode._workspace,
+        ),
+    }
+    rows = []
+    print(f"{'low-latency step':<40}{'host us':>10}")
+    for name, fn in steps.items():
+        us = host_us(fn, calls=200)
+        rows.append({"step": name, "host_us": us})
+        print(f"{name:<40}{us:>10.2f}")
     return rows
 
 
@@ -204,6 +271,9 @@ def main() -> int:
     parser.add_argument("--num-sms", type=int, nargs="*", default=[24, 48, 132])
     parser.add_argument(
         "--profile", action="store_true", help="also print a cProfile of layout, dispatch, combine"
+    )
+    parser.add_argument(
+        "--low-latency-only", action="store_true", help="only the low-latency rows and steps"
     )
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -268,7 +338,7 @@ def main() -> int:
         rows.append({"step": name, "host_us": us})
         print(f"{name:<40}{us:>10.2f}")
 
-    for default_device in (None, "cuda"):
+    for default_device in () if args.low_latency_only else (None, "cuda"):
         # DeepEP's tests run under torch.set_default_device('cuda'): every torch call goes through a
         # Python mode then, unless tritonep switches it off.
         torch.set_default_device(default_device)

@@ -11,7 +11,8 @@ Each rank first checks a set of combinations against the plain-torch reference
 (`tritonep.testing.low_latency`), then captures dispatch -> hook -> combine -> hook in one CUDA
 graph and replays it `--replays` times with fresh inputs copied into the captured tensors, checking
 every replay, then times:
-  * dispatch FP8 and combine BF16 kernel time: profiler device time per call (non-hook calls);
+  * dispatch FP8 and combine BF16 kernel time: profiler device time per call (non-hook calls),
+  queued behind a barrier and a large matmul as DeepEP's `barrier_comm_profiling` does;
   * dispatch + combine: CUDA-event time of one non-hook pair (50 warm-ups, L2 flushed, mean of
   2-50);
   * hook mode: send and receive launches, from the profiler's trace (even / odd launches);
@@ -41,7 +42,13 @@ def _split_hook_times(prof, word: str) -> tuple[float, float]:
 
 
 def _rank_main(rank, world_size, port, args, results_path):
-    from tritonep.bench import bench_events, bench_kernels, gather_records, join_group
+    from tritonep.bench import (
+        bench_events,
+        bench_kernels,
+        gather_records,
+        hold_device_while_host_queues,
+        join_group,
+    )
     from tritonep.testing.dist import RankContext
 
     group = join_group(rank, world_size, port, "cuda")
@@ -158,9 +165,9 @@ def _rank_main(rank, world_size, port, args, results_path):
     dispatch_bytes = selections * (args.hidden + args.hidden // 128 * 4 + 16)
     combine_bytes = selections * 2 * args.hidden
     dist.barrier(group)
-    kernel = bench_kernels(dispatch_fp8, ("::dispatch",))["::dispatch"]
+    kernel = bench_kernels(dispatch_fp8, ("::dispatch",), group=group)["::dispatch"]
     dist.barrier(group)
-    kernel_combine = bench_kernels(combine, ("::combine",))["::combine"]
+    kernel_combine = bench_kernels(combine, ("::combine",), group=group)["::combine"]
     dist.barrier(group)
     pair_t = bench_events(pair)[0]
     dist.barrier(group)
@@ -179,6 +186,7 @@ def _rank_main(rank, world_size, port, args, results_path):
         hooked()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        hold_device_while_host_queues(group)  # as bench_kernels: launches back to back
         for _ in range(20):
             hooked()
         torch.cuda.synchronize()

@@ -60,7 +60,7 @@ def bench_events(fn, num_warmups: int = 50, num_tests: int = 50) -> tuple[float,
     return sum(times) / len(times), min(times), max(times)
 
 
-def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, float]:
+def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30, group=None) -> dict[str, float]:
     """Device time per call (s) of the kernels whose names contain each of `names`, from the
     profiler: the kernel-only figure beside the event time of `bench_events`.
 
@@ -68,6 +68,12 @@ def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, 
     the first call left out as in `bench_events`: when several ranks run, the first profiled call
     also waits for peers whose profiler started later (single calls of 4-16 ms at DeepEP's LL
     shape, 2026-12-01).
+
+    `group`: the ranks of a collective `fn`. As DeepEP's `barrier_comm_profiling`, the ranks then
+    meet at a barrier and queue one large matmul before the timed calls, so that every rank has
+    all its calls queued behind it when it ends: the calls run back to back on the device, and a
+    kernel's time is not its wait for a peer whose host issued the call later (without it, at
+    DeepEP's LL shape with 2 ranks on one H200, one rank read 110 us for a 43 us dispatch).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -76,11 +82,28 @@ def bench_kernels(fn, names: tuple[str, ...], num_calls: int = 30) -> dict[str, 
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        if group is not None:
+            hold_device_while_host_queues(group)
         for _ in range(num_calls):
             fn()
         torch.cuda.synchronize()
     events = prof.events()
     return {name: per_call_time(kernel_times(events, name), num_calls) for name in names}
+
+
+def hold_device_while_host_queues(group, size: int = 8192) -> None:
+    """Barrier, then one `size`^3 fp32 matmul on the current stream (DeepEP's 'large kernel and
+    barrier'): what the caller issues next queues behind it on every rank and starts when it
+    ends. A host barrier, not a device collective: a gloo group (ranks sharing a GPU) would sync
+    the stream on a CUDA all-reduce and empty the queue this builds."""
+    import torch
+    import torch.distributed as dist
+
+    lhs = torch.randn((size, size), dtype=torch.float32, device="cuda")
+    rhs = torch.randn((size, size), dtype=torch.float32, device="cuda")
+    torch.cuda.synchronize()
+    dist.barrier(group)
+    lhs @ rhs
 
 
 def kernel_times(events, name: str) -> list[float]:
