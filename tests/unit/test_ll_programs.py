@@ -3,7 +3,7 @@ rank's fused launch must stay resident beside the others', so each takes its sha
 
 import pytest
 
-from tritonep.modes.low_latency import fit_programs, resident_program_budget
+from tritonep.modes.low_latency import program_counts, resident_program_budget
 from tritonep.protocol import LL_PROGRAMS_PER_SM
 
 
@@ -27,20 +27,19 @@ def test_resident_program_budget(ranks_on_gpu, percentage, budget):
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    "programs, budget, fitted",
+    "items, programs, budget, counts",
     [
-        ((64, 32), 264, (64, 32)),  # fits: unchanged
-        ((64, 32), 96, (64, 32)),
-        ((64, 32), 66, (44, 22)),  # 4 ranks on 132 SMs: the dispatch in proportion
-        ((48, 48), 66, (33, 33)),  # and the combine
-        ((1, 32), 8, (1, 7)),  # each side keeps a program
-        ((32, 1), 8, (7, 1)),
-        ((64, 32), 2, (1, 1)),
+        # DeepEP's decode shape, 2 ranks sharing an H200: dispatch (128 tokens, 144 local experts)
+        ((128, 144), (132, 132), 132, (128, 132)),
+        # its combine (36864 rows at most, 128 tokens)
+        ((288 * 128, 128), (132, 132), 132, (132, 128)),
+        ((128, 144), (64, 300), 132, (64, 132)),  # an override lowers, the budget caps
+        ((0, 0), (8, 8), None, (1, 1)),  # each side keeps a program
+        ((10, 10), (8, 8), None, (8, 8)),  # no budget: the interpreter's counts
     ],
 )
-def test_fit_programs(programs, budget, fitted):
-    assert fit_programs(*programs, budget) == fitted
-    assert sum(fitted) <= max(budget, 2)
+def test_program_counts(items, programs, budget, counts):
+    assert program_counts(*items, programs, budget) == counts
 
 
 @pytest.mark.unit

@@ -79,38 +79,35 @@ class LowLatencyMode:
         )
         self._gpu = backend == "cuda"
         # Programs per launch: in the interpreter as few as possible (they run one after another).
-        # On the GPU 64 dispatch senders (they own tokens, so at most T of them), 64 dispatch
-        # receivers and 96 + 96 combine programs. Ranks sharing a GPU keep within their share of
-        # it (`resident_program_budget`): a fused launch's receivers spin until senders run, so
-        # every rank's launch must be resident at once, which a cooperative launch cannot check
-        # across processes (132 + 132 programs per rank on a GPU shared by 2 timed out). Measured
-        # on one H200 shared by 2 ranks (2026-12-01-h200-llgrid-*-eac446a.json, TRITONEP_LL_PROGRAMS
-        # sweep): 64 dispatch receivers instead of 32 took the graph replay of a step from 130 to
-        # 116 us; 96 + 96 combine programs (scaled to 66 + 66 there) instead of 48 + 48 took the
-        # combine kernel from 56-61 to 45-49 us; 128 or 32 senders and 24 + 24 combine programs were
-        # slower. TRITONEP_LL_PROGRAMS overrides each count.
-        defaults = (64, 64, 96, 96) if self._gpu else (2, 2, 2, 2)
-        programs = dict(zip(_env.LL_PROGRAM_FIELDS, defaults, strict=True))
-        overrides = _env.ll_program_overrides() if self._gpu else {}
-        programs.update(overrides)
-        self._dispatch_programs = (programs["dispatch_senders"], programs["dispatch_receivers"])
-        self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
+        # On the GPU as many as this rank's share of it holds at once (`resident_program_budget`):
+        # a fused launch's receivers spin until every sender has run, so every rank's launch must
+        # be resident at once, which a cooperative launch cannot check across processes (132 +
+        # 132 programs per rank on a GPU shared by 2 timed out). Every program of a fused launch
+        # sends, then receives, so each phase has all of them: senders own tokens (dispatch) or
+        # rows (combine), receivers local experts (dispatch) or tokens (combine), each at most
+        # one program per item. TRITONEP_LL_PROGRAMS lowers each count.
         self._program_budget = None
+        overrides = _env.ll_program_overrides() if self._gpu else {}
         if self._gpu:
             self._program_budget = resident_program_budget(
                 torch.cuda.get_device_properties(self._device).multi_processor_count,
                 ranks_on_gpu,
                 os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
             )
-            asked = max(sum(self._dispatch_programs), sum(self._combine_programs))
-            if overrides and asked > self._program_budget:
+            asked = max(overrides.values(), default=0)
+            if asked > self._program_budget:
                 warnings.warn(
                     f"tritonep: TRITONEP_LL_PROGRAMS asks for up to {asked} programs per launch, "
                     f"but with {ranks_on_gpu} rank(s) on this GPU a launch holds "
                     f"{self._program_budget} (every rank's launch must be resident at once): "
-                    "senders and receivers are scaled down to fit",
+                    "senders and receivers are capped there",
                     stacklevel=4,
                 )
+        most = self._program_budget if self._gpu else 2
+        programs = dict.fromkeys(_env.LL_PROGRAM_FIELDS, most)
+        programs.update(overrides)
+        self._dispatch_programs = (programs["dispatch_senders"], programs["dispatch_receivers"])
+        self._combine_programs = (programs["combine_senders"], programs["combine_receivers"])
         self._num_warps = 8 if self._gpu else 1
         self._parity = 0
         self._calls = 0
@@ -206,7 +203,13 @@ class LowLatencyMode:
             self._host.after_launch(op)
             receive = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
             return EventOverlap(None, None), receive
-        launch(roles.ROLE_BOTH.value, stream)
+        if self._gpu:
+            launch(roles.ROLE_BOTH.value, stream)
+        else:
+            # The interpreter runs a launch's programs one after another: the first program would
+            # wait as a receiver for senders that have not run yet. The phases go as two launches.
+            launch(roles.ROLE_SEND.value, stream)
+            launch(roles.ROLE_RECV.value, stream)
         self._host.after_launch(op)
         return call.finish(kept, keep_alive="extra_tensors"), None
 
@@ -221,16 +224,13 @@ class LowLatencyMode:
         return stats
 
     def _grids(self, send_items: int, receive_items: int, programs: tuple[int, int]) -> dict:
-        """Programs of each launch: {role: (senders, receivers)}, at most `programs`, and together
-        within this rank's share of the GPU (`resident_program_budget`)."""
+        """Programs of each launch: {role: (senders, receivers)}, each at most `programs` and this
+        rank's share of the GPU (`resident_program_budget`). A fused launch has
+        max(senders, receivers) programs: each sends, then receives."""
         roles = self._kernels.low_latency.sync
-        most_senders, most_receivers = programs
-        senders, receivers = (
-            min(send_items, most_senders),
-            max(1, min(receive_items, most_receivers)),
+        senders, receivers = program_counts(
+            send_items, receive_items, programs, self._program_budget
         )
-        if self._program_budget is not None:
-            senders, receivers = fit_programs(senders, receivers, self._program_budget)
         return {
             roles.ROLE_BOTH.value: (senders, receivers),
             roles.ROLE_SEND.value: (senders, 0),
@@ -577,13 +577,16 @@ def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | N
     return max(2, int(sms * share) * protocol.LL_PROGRAMS_PER_SM)
 
 
-def fit_programs(senders: int, receivers: int, budget: int) -> tuple[int, int]:
-    """(senders, receivers) shrunk in proportion to at most `budget` programs, each side keeping
-    at least one. Example: (64, 32) in 66 -> (44, 22)."""
-    if senders + receivers <= budget:
-        return senders, receivers
-    fitted = max(1, min(senders - 1, senders * budget // (senders + receivers)))
-    return fitted, max(1, budget - fitted)
+def program_counts(
+    send_items: int, receive_items: int, programs: tuple[int, int], budget: int | None
+) -> tuple[int, int]:
+    """(senders, receivers) of a launch: one program per item at most, at most `programs` (senders,
+    receivers) and `budget` (None: no limit) each, at least one each. Example: 128 tokens to send
+    and 144 local experts to receive, programs (264, 264), budget 132 -> (128, 132)."""
+    most_senders, most_receivers = programs
+    if budget is not None:
+        most_senders, most_receivers = min(most_senders, budget), min(most_receivers, budget)
+    return max(1, min(send_items, most_senders)), max(1, min(receive_items, most_receivers))
 
 
 def _dispatch_outputs(regions, use_fp8: bool, use_ue8m0: bool, device: torch.device):

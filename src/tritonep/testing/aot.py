@@ -247,12 +247,13 @@ def _low_latency_cases(kernels):
     src_info = torch.zeros((local, slots), dtype=torch.int32)
     layout_range = torch.zeros((local, num_ranks), dtype=torch.int64)
     stats = torch.zeros(num_ranks, dtype=torch.int64)
-    # The fused launch with the grid of 4 ranks sharing a GPU (32 senders: 16 idle-expert lanes
-    # per sender against 8 top-k lanes, shapes the 2-rank grid never mixes).
+    # The fused launch with the grid of 4 ranks sharing a GPU (66 programs), the hook's phases with
+    # that of 2 ranks sharing it (128 senders, one per token; 132 receivers).
+    two_ranks = {0: (128, 132), 1: (128, 0), 2: (0, 132)}
     for fp8, role, grids in (
-        (True, ll.sync.ROLE_BOTH.value, {0: (32, 32), 1: (32, 0), 2: (0, 32)}),
-        (False, ll.sync.ROLE_SEND.value, {0: (64, 32), 1: (128, 0), 2: (0, 128)}),
-        (False, ll.sync.ROLE_RECV.value, {0: (64, 32), 1: (128, 0), 2: (0, 128)}),
+        (True, ll.sync.ROLE_BOTH.value, {0: (66, 66), 1: (66, 0), 2: (0, 66)}),
+        (False, ll.sync.ROLE_SEND.value, two_ranks),
+        (False, ll.sync.ROLE_RECV.value, two_ranks),
     ):
         plan = ll.dispatch.DispatchPlan(
             memory,
@@ -301,7 +302,7 @@ def _low_latency_cases(kernels):
             num_topk=topk,
             use_logfmt=logfmt,
             zero_copy=zero_copy,
-            grids={0: (64, 32), 1: (128, 0), 2: (0, 128)},
+            grids={0: (132, 128), 1: (132, 0), 2: (0, 128)},  # 2 ranks sharing a GPU
             shrink=False,
             has_wait_stats=True,
             num_warps=8,
@@ -534,6 +535,8 @@ def compile_all() -> list[dict]:
                     "num_ranks": kwargs.get("NUM_RANKS"),
                     "num_warps": kwargs.get("num_warps", 4),
                     "use_logfmt": bool(kwargs.get("USE_LOGFMT", False)),
+                    # LL launches: 0 fused, 1 send phase (never waits), 2 receive phase.
+                    "role": kwargs.get("ROLE"),
                     **_resource_usage(compiled.asm["cubin"]),
                     "vector_loads": sum(
                         n for op, n in ops.items() if op.startswith("ld") and ".v4" in op

@@ -5,7 +5,8 @@ row i answering row i of the dispatch. Token t of rank s must become
 `bf16(sum_k w[t, k] * y(topk_idx[t, k], t))` in fp32, over the k whose expert is selected and
 whose owner is not masked (reference §13.3), rows optionally sent as LogFMT-10 (§14.10).
 
-Algorithm (one persistent launch; `ROLE` as in dispatch):
+Algorithm (one persistent launch; `ROLE` as in dispatch, whose fused launch every program runs
+as a sender, then as a receiver):
 * senders (programs `[0, S)`) own rows, not blocks. The handle's layout ranges list blocks
   `b = e * R + s` (rows `[begin, begin + count)` of expert e came from rank s); numbered block
   after block, all received rows are `0 .. N-1` (a prefix over the counts says which block holds
@@ -21,13 +22,13 @@ Algorithm (one persistent launch; `ROLE` as in dispatch):
   signal g on rank s to `epoch << 32 | 1`; the signal is skipped for a masked rank or a stopped
   buffer, whose rows still count, so every counter returns to 0. Empty blocks are signalled at
   the start by program `b % S`, like every block of an unmasked rank.
-* receivers (programs `[S, S + Q)`) own tokens `rpid, rpid + Q, ...`, up to BLOCK_T at a time:
+* receivers (programs `[0, Q)`) own tokens `rpid, rpid + Q, ...`, up to BLOCK_T at a time:
   one wait for the signals of all those tokens' experts (masked owners are skipped; in shrink mode
   an owner that times out is masked), then per token and chunk of CHUNK_G 128-channel groups the
   K rows are loaded together and accumulated in ascending k, `acc = acc + w * y` in fp32, rounded
   once to bf16. Tokens with no valid entry give zeros.
-Senders never wait, and receivers wait only for senders, which have lower program ids, so the
-interpreter (which runs programs one after another) never waits on a later program.
+Senders never wait, and a program receives only after it has sent (see dispatch for why the
+waits end, and for the interpreter's two launches).
 
 Why rows: at DeepEP's decode shape (128 tokens, top-8 of 288 experts, EP2) a rank returns about
 1024 rows of 14 KB in 288 blocks of 3.5 rows on average. Owning blocks, each of 64 senders ran
@@ -57,6 +58,7 @@ from ..common.tiles import copy_rows, lane
 from .regions import LowLatencyRegions
 from .sync import (
     ROLE_RECV,
+    ROLE_SEND,
     RolePlan,
     finish_launch,
     open_launch,
@@ -181,144 +183,28 @@ def _combine_kernel(
     ws = workspace_ptr
     host = host_addr.to(tl.pointer_type(tl.int64))
     epoch, tag, ok = open_launch(ws, parity, ROLE)
-    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     signals = rdma_base + SIGNALS0 + parity * SIGNALS_STRIDE
     recv = rdma_base + RECV0 + parity * RECV_STRIDE
     send = rdma_base + SEND0 + parity * SEND_STRIDE
 
-    if (ROLE != ROLE_RECV) & (pid < NUM_SENDERS):
-        # -------------------------------------------------------------------- sender: rows
-        # Blocks b = e * R + s (the handle's layout ranges, row-major) and where their rows fall
-        # when all received rows are numbered block after block.
-        blocks = tl.arange(0, BLOCK_B)
-        in_range = blocks < NUM_EXPERTS
-        packed = tl.load(layout_range_ptr + blocks, mask=in_range, other=0)
-        counts = (packed & 0xFFFFFFFF).to(tl.int32)
-        # Only the ends stay in registers through the loops (begin and count are reloaded per
-        # tile from the cached table): keeping starts and per-block row offsets as well took 50
-        # more registers per thread at E = 288 (sm_90 AOT).
-        ends = tl.cumsum(counts, axis=0)
-        total = tl.sum(counts, axis=0)
-        # Empty blocks still get their signal, as every block of an unmasked rank does.
-        _signal_blocks(
-            blocks,
-            in_range & (counts == 0) & (blocks % NUM_SENDERS == pid),
-            ok,
-            mask_ptr,
-            routes_ptr,
-            rank,
-            signals,
-            tag + 1,
-            L,
-            NUM_RANKS,
-            TRANSPORT,
-            FORCE_PUT,
-        )
-        mine = (total - pid + NUM_SENDERS - 1) // NUM_SENDERS  # rows pid, pid + S, ... < total
-        tile = tl.arange(0, ROWS)
-        staged = pid * 0  # LogFMT rows staged in this program's ring since it was last drained
-        put_rows = pid * 0  # rows this program sent by put: completed before they are counted
-        for n0 in range(0, mine, ROWS):
-            n = n0 + tile
-            flat = pid + n * NUM_SENDERS
-            b, start = _block_of(flat, ends)
-            b = tl.where(n < mine, b, 0)
-            e = b // NUM_RANKS
-            s = b % NUM_RANKS
-            live = unmasked(mask_ptr, s, (n < mine) & ok)  # masked ranks get nothing
-            # Flat row i of block b is row `begin + i - start` of expert e.
-            block_range = tl.load(layout_range_ptr + b, mask=live, other=0)
-            begin = block_range >> 32
-            row = tl.cast(e, tl.int64) * SLOTS + begin + flat - start
-            t = tl.load(src_info_ptr + row, mask=live, other=0)
-            # A token that selected expert e twice has two adjacent rows in the block (dispatch
-            # keeps k order), both bound for slot (g, t): only the later one is sent, so the slot
-            # does not depend on which program stores last. Both rows are still counted below.
-            later = live & (flat + 1 - start < (block_range & 0xFFFFFFFF).to(tl.int32))
-            repeated = later & (tl.load(src_info_ptr + row + 1, mask=later, other=-1) == t)
-            live = live & ~repeated
-            pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
-            slot = recv + (tl.cast(rank * L + e, tl.int64) * MAX_TOKENS + t) * SLOT_BYTES
-            put = live & ~direct
-            by_put = tl.sum(put.to(tl.int32), axis=0)
-            put_rows += by_put
-            if USE_LOGFMT:
-                # A ring of STAGE_ROWS staging rows per program: before it is reused, the puts that
-                # read it must be complete.
-                tl.static_assert(STAGE_ROWS >= ROWS, "a LogFMT tile must fit the staging ring")
-                if staged + by_put > STAGE_ROWS:
-                    device.quiet(TRANSPORT)
-                    staged = pid * 0
-                ring = staged + tl.cumsum(put.to(tl.int32), axis=0) - 1
-                stage = send + tl.cast(pid * STAGE_ROWS + ring, tl.int64) * SLOT_BYTES
-                staged += by_put
-                dst = tl.where(direct, slot + delta, stage)
-                # CHUNK_G groups of each row per step; group g of tile row r is group row
-                # r * CHUNK_G + g.
-                for c0 in range(0, G, CHUNK_G):
-                    groups = c0 + tl.arange(0, ROWS * CHUNK_G) % CHUNK_G
-                    in_row = _per_group(live, CHUNK_G) & (groups < G)
-                    xp = (_per_group(x_addr + row * ROW_BYTES, CHUNK_G) + groups * 256).to(
-                        tl.pointer_type(tl.bfloat16)
-                    )[:, None] + tl.arange(0, 128)[None, :]
-                    wire, meta = logfmt_encode(
-                        tl.load(xp, mask=in_row[:, None], other=0.0), INTERPRETED
-                    )
-                    logfmt_store(_per_group(dst, CHUNK_G), groups, in_row, wire, meta, HIDDEN)
-                put_source = stage
-                PUT_WORDS: tl.constexpr = SLOT_BYTES // 4
-            else:
-                # Zero-copy rows (and staged ones) sit in the send region at their place in x.
-                staged_rows = send + row * ROW_BYTES
-                source = staged_rows if ZERO_COPY else x_addr + row * ROW_BYTES
-                copy_rows(
-                    source,
-                    tl.where(direct, slot + delta, staged_rows),
-                    (live & direct) if ZERO_COPY else live,
-                    ROW_BYTES // 4,
-                    BLOCK_W,
-                    "",
-                    # The loads of a row's next block go out before this block's stores: without
-                    # that, each of a BF16 row's four blocks was a round trip of its own (ncu:
-                    # the copy's stores, waiting on their loads, held 25% of the stall samples).
-                    True,
-                    ALIGNED,
-                )
-                put_source = staged_rows
-                PUT_WORDS: tl.constexpr = ROW_BYTES // 4
-            for r in tl.static_range(ROWS):
-                if lane(put.to(tl.int32), tile, r) > 0:
-                    device.put_nbi_block(
-                        lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
-                        lane(put_source, tile, r).to(tl.pointer_type(tl.int32)),
-                        PUT_WORDS,
-                        lane(pe, tile, r),
-                        lane(delta, tile, r),
-                        False,
-                        TRANSPORT,
-                        BLOCK_W,
-                    )
-        tl.debug_barrier()  # every thread's rows are stored before any of them is counted
-        if put_rows > 0:
-            device.quiet(TRANSPORT)  # the rows put are delivered before they are counted
-        # Arrivals: one per row, in this program's order again; the last arrival of a block
-        # signals it.
-        arrivals = arrivals_ptr + parity * NUM_EXPERTS
-        lanes = tl.arange(0, BLOCK_N)
-        for n0 in range(0, mine, BLOCK_N):
-            n = n0 + lanes
-            arrived = n < mine
-            b, _ = _block_of(pid + n * NUM_SENDERS, ends)
-            b = tl.where(arrived, b, 0)
-            count = (tl.load(layout_range_ptr + b, mask=arrived, other=0) & 0xFFFFFFFF).to(tl.int32)
-            # Publishes this program's rows (system scope: they went to peers) and acquires the
-            # rows of the block's earlier arrivals, which the signal below then publishes.
-            before = tl.atomic_add(arrivals + b, 1, mask=arrived, sem="acq_rel", scope="sys")
-            complete = arrived & (before + 1 == count)
-            tl.store(arrivals + b, 0, mask=complete)  # the next call of this set starts from 0
+    if ROLE != ROLE_RECV:  # noqa: SIM102 (constexpr, then runtime)
+        if pid < NUM_SENDERS:
+            # -------------------------------------------------------------------- sender: rows
+            # Blocks b = e * R + s (the handle's layout ranges, row-major) and where their rows fall
+            # when all received rows are numbered block after block.
+            blocks = tl.arange(0, BLOCK_B)
+            in_range = blocks < NUM_EXPERTS
+            packed = tl.load(layout_range_ptr + blocks, mask=in_range, other=0)
+            counts = (packed & 0xFFFFFFFF).to(tl.int32)
+            # Only the ends stay in registers through the loops (begin and count are reloaded per
+            # tile from the cached table): keeping starts and per-block row offsets as well took 50
+            # more registers per thread at E = 288 (sm_90 AOT).
+            ends = tl.cumsum(counts, axis=0)
+            total = tl.sum(counts, axis=0)
+            # Empty blocks still get their signal, as every block of an unmasked rank does.
             _signal_blocks(
-                b,
-                complete,
+                blocks,
+                in_range & (counts == 0) & (blocks % NUM_SENDERS == pid),
                 ok,
                 mask_ptr,
                 routes_ptr,
@@ -330,110 +216,239 @@ def _combine_kernel(
                 TRANSPORT,
                 FORCE_PUT,
             )
-    else:
-        # -------------------------------------------------------------------- receiver: tokens
-        rpid = pid - NUM_SENDERS
-        Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
-        mine = (num_tokens - rpid + Q - 1) // Q  # tokens rpid, rpid + Q, ... < num_tokens
-        # Lanes `j * BLOCK_K + k`: entry k of the batch's token j.
-        entries = tl.arange(0, BLOCK_T * BLOCK_K)
-        batch = tl.arange(0, BLOCK_T)
-        ks = tl.arange(0, BLOCK_K)
-        for n0 in range(0, mine, BLOCK_T):
-            # A fatal error elsewhere in this launch (or an earlier one) stops every further wait.
-            ok = ok & (stopped(ws) == 0)
-            if ok:
-                k = entries % BLOCK_K
-                n = n0 + entries // BLOCK_K
-                flat = (rpid + n * Q) * NUM_TOPK + k
-                in_batch = (n < mine) & (k < NUM_TOPK)
-                idx = tl.load(topk_idx_ptr + flat, mask=in_batch, other=-1).to(tl.int32)
-                weights = tl.load(topk_weights_ptr + flat, mask=in_batch, other=0.0)
-                owner = tl.where(idx >= 0, idx // L, 0)
-                valid = (idx >= 0) & (idx < NUM_EXPERTS)
-                valid = unmasked(mask_ptr, owner, valid)
-                sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(tl.pointer_type(tl.int64))
-                # One wait for the whole batch: the signals of every token's experts.
-                values, late, ok = wait_signals_or_give_up(
-                    sigs,
-                    valid,
-                    owner,
-                    tl.full([BLOCK_T * BLOCK_K], -1, tl.int32),
-                    -1,
-                    tag,
-                    deadline,
-                    clock_addr,
+            mine = (total - pid + NUM_SENDERS - 1) // NUM_SENDERS  # rows pid, pid + S, ... < total
+            tile = tl.arange(0, ROWS)
+            staged = pid * 0  # LogFMT rows staged in this program's ring since it was last drained
+            put_rows = pid * 0  # rows this program sent by put: completed before they are counted
+            for n0 in range(0, mine, ROWS):
+                n = n0 + tile
+                flat = pid + n * NUM_SENDERS
+                b, start = _block_of(flat, ends)
+                b = tl.where(n < mine, b, 0)
+                e = b // NUM_RANKS
+                s = b % NUM_RANKS
+                live = unmasked(mask_ptr, s, (n < mine) & ok)  # masked ranks get nothing
+                # Flat row i of block b is row `begin + i - start` of expert e.
+                block_range = tl.load(layout_range_ptr + b, mask=live, other=0)
+                begin = block_range >> 32
+                row = tl.cast(e, tl.int64) * SLOTS + begin + flat - start
+                t = tl.load(src_info_ptr + row, mask=live, other=0)
+                # A token that selected expert e twice has two adjacent rows in the block (dispatch
+                # keeps k order), both bound for slot (g, t): only the later one is sent, so the
+                # slot does not depend on which program stores last. Both rows are still counted
+                # below.
+                later = live & (flat + 1 - start < (block_range & 0xFFFFFFFF).to(tl.int32))
+                repeated = later & (tl.load(src_info_ptr + row + 1, mask=later, other=-1) == t)
+                live = live & ~repeated
+                pe, delta, direct = device.open_peer(routes_ptr, rank, s, TRANSPORT, FORCE_PUT)
+                slot = recv + (tl.cast(rank * L + e, tl.int64) * MAX_TOKENS + t) * SLOT_BYTES
+                put = live & ~direct
+                by_put = tl.sum(put.to(tl.int32), axis=0)
+                put_rows += by_put
+                if USE_LOGFMT:
+                    # A ring of STAGE_ROWS staging rows per program: before it is reused, the puts
+                    # that read it must be complete.
+                    tl.static_assert(STAGE_ROWS >= ROWS, "a LogFMT tile must fit the staging ring")
+                    if staged + by_put > STAGE_ROWS:
+                        device.quiet(TRANSPORT)
+                        staged = pid * 0
+                    ring = staged + tl.cumsum(put.to(tl.int32), axis=0) - 1
+                    stage = send + tl.cast(pid * STAGE_ROWS + ring, tl.int64) * SLOT_BYTES
+                    staged += by_put
+                    dst = tl.where(direct, slot + delta, stage)
+                    # CHUNK_G groups of each row per step; group g of tile row r is group row
+                    # r * CHUNK_G + g.
+                    for c0 in range(0, G, CHUNK_G):
+                        groups = c0 + tl.arange(0, ROWS * CHUNK_G) % CHUNK_G
+                        in_row = _per_group(live, CHUNK_G) & (groups < G)
+                        xp = (_per_group(x_addr + row * ROW_BYTES, CHUNK_G) + groups * 256).to(
+                            tl.pointer_type(tl.bfloat16)
+                        )[:, None] + tl.arange(0, 128)[None, :]
+                        wire, meta = logfmt_encode(
+                            tl.load(xp, mask=in_row[:, None], other=0.0), INTERPRETED
+                        )
+                        logfmt_store(_per_group(dst, CHUNK_G), groups, in_row, wire, meta, HIDDEN)
+                    put_source = stage
+                    PUT_WORDS: tl.constexpr = SLOT_BYTES // 4
+                else:
+                    # Zero-copy rows (and staged ones) sit in the send region at their place in x.
+                    staged_rows = send + row * ROW_BYTES
+                    source = staged_rows if ZERO_COPY else x_addr + row * ROW_BYTES
+                    copy_rows(
+                        source,
+                        tl.where(direct, slot + delta, staged_rows),
+                        (live & direct) if ZERO_COPY else live,
+                        ROW_BYTES // 4,
+                        BLOCK_W,
+                        "",
+                        # The loads of a row's next block go out before this block's stores: without
+                        # that, each of a BF16 row's four blocks was a round trip of its own (ncu:
+                        # the copy's stores, waiting on their loads, held 25% of the stall samples).
+                        True,
+                        ALIGNED,
+                    )
+                    put_source = staged_rows
+                    PUT_WORDS: tl.constexpr = ROW_BYTES // 4
+                for r in tl.static_range(ROWS):
+                    if lane(put.to(tl.int32), tile, r) > 0:
+                        device.put_nbi_block(
+                            lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
+                            lane(put_source, tile, r).to(tl.pointer_type(tl.int32)),
+                            PUT_WORDS,
+                            lane(pe, tile, r),
+                            lane(delta, tile, r),
+                            False,
+                            TRANSPORT,
+                            BLOCK_W,
+                        )
+            tl.debug_barrier()  # every thread's rows are stored before any of them is counted
+            if put_rows > 0:
+                device.quiet(TRANSPORT)  # the rows put are delivered before they are counted
+            # Arrivals: one per row, in this program's order again; the last arrival of a block
+            # signals it.
+            arrivals = arrivals_ptr + parity * NUM_EXPERTS
+            lanes = tl.arange(0, BLOCK_N)
+            for n0 in range(0, mine, BLOCK_N):
+                n = n0 + lanes
+                arrived = n < mine
+                b, _ = _block_of(pid + n * NUM_SENDERS, ends)
+                b = tl.where(arrived, b, 0)
+                count = (tl.load(layout_range_ptr + b, mask=arrived, other=0) & 0xFFFFFFFF).to(
+                    tl.int32
+                )
+                # Publishes this program's rows (system scope: they went to peers) and acquires the
+                # rows of the block's earlier arrivals, which the signal below then publishes.
+                before = tl.atomic_add(arrivals + b, 1, mask=arrived, sem="acq_rel", scope="sys")
+                complete = arrived & (before + 1 == count)
+                tl.store(arrivals + b, 0, mask=complete)  # the next call of this set starts from 0
+                _signal_blocks(
+                    b,
+                    complete,
                     ok,
                     mask_ptr,
-                    ws,
-                    host,
+                    routes_ptr,
                     rank,
-                    wait_stats_ptr,
-                    PHASE,
-                    SHRINK,
-                    HOST_ERROR,
-                    HOST_SHRUNK,
-                    ERR_TIMEOUT,
-                    BLOCK_T * BLOCK_K,
-                    USE_GLOBALTIMER,
-                    HAS_WAIT_STATS,
+                    signals,
+                    tag + 1,
+                    L,
+                    NUM_RANKS,
+                    TRANSPORT,
+                    FORCE_PUT,
                 )
-                valid = valid & ~late
-                experts = tl.reshape(tl.where(valid, idx, -1), (BLOCK_T, BLOCK_K))
-                weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))
-                chunk = tl.arange(0, CHUNK_G)
-                cols = tl.arange(0, 128)
-                for j in range(0, tl.minimum(mine - n0, BLOCK_T)):
-                    t = rpid + (n0 + j) * Q
-                    e = tl.sum(tl.where(batch[:, None] == j, experts, 0), axis=0)
-                    w = tl.sum(tl.where(batch[:, None] == j, weights, 0.0), axis=0)
-                    # Address of each entry's row (0: unused entry).
-                    slots = tl.where(
-                        e >= 0, recv + (e.to(tl.int64) * MAX_TOKENS + t) * SLOT_BYTES, 0
+    if ROLE != ROLE_SEND:  # noqa: SIM102 (constexpr, then runtime)
+        if pid < NUM_RECEIVERS:
+            # -------------------------------------------------------------------- receiver: tokens
+            rpid = pid
+            # Timed from here: in the fused launch the program has sent its share by now.
+            deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+            Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
+            mine = (num_tokens - rpid + Q - 1) // Q  # tokens rpid, rpid + Q, ... < num_tokens
+            # Lanes `j * BLOCK_K + k`: entry k of the batch's token j.
+            entries = tl.arange(0, BLOCK_T * BLOCK_K)
+            batch = tl.arange(0, BLOCK_T)
+            ks = tl.arange(0, BLOCK_K)
+            for n0 in range(0, mine, BLOCK_T):
+                # A fatal error elsewhere in this launch (or an earlier one) stops every further
+                # wait.
+                ok = ok & (stopped(ws) == 0)
+                if ok:
+                    k = entries % BLOCK_K
+                    n = n0 + entries // BLOCK_K
+                    flat = (rpid + n * Q) * NUM_TOPK + k
+                    in_batch = (n < mine) & (k < NUM_TOPK)
+                    idx = tl.load(topk_idx_ptr + flat, mask=in_batch, other=-1).to(tl.int32)
+                    weights = tl.load(topk_weights_ptr + flat, mask=in_batch, other=0.0)
+                    owner = tl.where(idx >= 0, idx // L, 0)
+                    valid = (idx >= 0) & (idx < NUM_EXPERTS)
+                    valid = unmasked(mask_ptr, owner, valid)
+                    sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(
+                        tl.pointer_type(tl.int64)
                     )
-                    out_row = (out_ptr + tl.cast(t, tl.int64) * HIDDEN).to(
-                        tl.pointer_type(tl.bfloat16)
+                    # One wait for the whole batch: the signals of every token's experts.
+                    values, late, ok = wait_signals_or_give_up(
+                        sigs,
+                        valid,
+                        owner,
+                        tl.full([BLOCK_T * BLOCK_K], -1, tl.int32),
+                        -1,
+                        tag,
+                        deadline,
+                        clock_addr,
+                        ok,
+                        mask_ptr,
+                        ws,
+                        host,
+                        rank,
+                        wait_stats_ptr,
+                        PHASE,
+                        SHRINK,
+                        HOST_ERROR,
+                        HOST_SHRUNK,
+                        ERR_TIMEOUT,
+                        BLOCK_T * BLOCK_K,
+                        USE_GLOBALTIMER,
+                        HAS_WAIT_STATS,
                     )
-                    for c0 in range(0, G, CHUNK_G):
-                        groups = c0 + chunk
-                        offsets = groups[:, None] * 128 + cols[None, :]
-                        in_row = (groups < G)[:, None] & (cols[None, :] >= 0)
-                        acc = tl.zeros([CHUNK_G, 128], dtype=tl.float32)
-                        # BF16: the K entries unrolled; masked, not branched, loads, so the
-                        # compiler may issue the K loads of a chunk together. LogFMT: one entry
-                        # per trip (unrolled, its K sets of region pointers and decodes took 216
-                        # registers: one program per SM). An unused entry adds 0 * 0 = +0.0,
-                        # which leaves acc unchanged (acc starts at +0.0, and a sum is -0.0 only
-                        # of two -0.0s): bit-exact with the reference.
-                        UNROLL: tl.constexpr = 1 if USE_LOGFMT else NUM_TOPK
-                        for k0 in range(0, NUM_TOPK, UNROLL):
-                            for u in tl.static_range(UNROLL):
-                                kk = k0 + u
-                                slot = lane(slots, ks, kk)
-                                if USE_LOGFMT:
-                                    wire, meta = logfmt_load(
-                                        slot + groups * 0,
-                                        groups,
-                                        (groups < G) & (slot != 0),
-                                        HIDDEN,
-                                    )
-                                    y = logfmt_decode(wire, meta, INTERPRETED)
-                                else:
-                                    yp = slot.to(tl.pointer_type(tl.bfloat16)) + offsets
-                                    if ALIGNED:  # lost in the lane pick: 16-byte vectors need it
-                                        yp = tl.max_contiguous(
-                                            tl.multiple_of(yp, [16, 16]), [1, 128]
-                                        )
-                                    y = tl.load(
-                                        yp,
-                                        mask=in_row & (slot != 0),
-                                        other=0.0,
-                                        cache_modifier=".cg",
-                                    ).to(tl.float32)
-                                acc = acc + lane(w, ks, kk) * y
-                        tl.store(
-                            out_row + offsets, round_to(acc, tl.bfloat16, INTERPRETED), mask=in_row
+                    valid = valid & ~late
+                    experts = tl.reshape(tl.where(valid, idx, -1), (BLOCK_T, BLOCK_K))
+                    weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))
+                    chunk = tl.arange(0, CHUNK_G)
+                    cols = tl.arange(0, 128)
+                    for j in range(0, tl.minimum(mine - n0, BLOCK_T)):
+                        t = rpid + (n0 + j) * Q
+                        e = tl.sum(tl.where(batch[:, None] == j, experts, 0), axis=0)
+                        w = tl.sum(tl.where(batch[:, None] == j, weights, 0.0), axis=0)
+                        # Address of each entry's row (0: unused entry).
+                        slots = tl.where(
+                            e >= 0, recv + (e.to(tl.int64) * MAX_TOKENS + t) * SLOT_BYTES, 0
                         )
+                        out_row = (out_ptr + tl.cast(t, tl.int64) * HIDDEN).to(
+                            tl.pointer_type(tl.bfloat16)
+                        )
+                        for c0 in range(0, G, CHUNK_G):
+                            groups = c0 + chunk
+                            offsets = groups[:, None] * 128 + cols[None, :]
+                            in_row = (groups < G)[:, None] & (cols[None, :] >= 0)
+                            acc = tl.zeros([CHUNK_G, 128], dtype=tl.float32)
+                            # BF16: the K entries unrolled; masked, not branched, loads, so the
+                            # compiler may issue the K loads of a chunk together. LogFMT: one entry
+                            # per trip (unrolled, its K sets of region pointers and decodes took 216
+                            # registers: one program per SM). An unused entry adds 0 * 0 = +0.0,
+                            # which leaves acc unchanged (acc starts at +0.0, and a sum is -0.0 only
+                            # of two -0.0s): bit-exact with the reference.
+                            UNROLL: tl.constexpr = 1 if USE_LOGFMT else NUM_TOPK
+                            for k0 in range(0, NUM_TOPK, UNROLL):
+                                for u in tl.static_range(UNROLL):
+                                    kk = k0 + u
+                                    slot = lane(slots, ks, kk)
+                                    if USE_LOGFMT:
+                                        wire, meta = logfmt_load(
+                                            slot + groups * 0,
+                                            groups,
+                                            (groups < G) & (slot != 0),
+                                            HIDDEN,
+                                        )
+                                        y = logfmt_decode(wire, meta, INTERPRETED)
+                                    else:
+                                        yp = slot.to(tl.pointer_type(tl.bfloat16)) + offsets
+                                        if (
+                                            ALIGNED
+                                        ):  # lost in the lane pick: 16-byte vectors need it
+                                            yp = tl.max_contiguous(
+                                                tl.multiple_of(yp, [16, 16]), [1, 128]
+                                            )
+                                        y = tl.load(
+                                            yp,
+                                            mask=in_row & (slot != 0),
+                                            other=0.0,
+                                            cache_modifier=".cg",
+                                        ).to(tl.float32)
+                                    acc = acc + lane(w, ks, kk) * y
+                            tl.store(
+                                out_row + offsets,
+                                round_to(acc, tl.bfloat16, INTERPRETED),
+                                mask=in_row,
+                            )
     finish_launch(ws, parity, epoch, ROLE)
 
 

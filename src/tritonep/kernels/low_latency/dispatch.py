@@ -6,9 +6,10 @@ in blocks by ascending source rank and ascending token inside a block, optionall
 with per-128-channel scales (reference §13.2, §14.9), with counts, source indices and
 `(begin << 32) | count` layout ranges. No host synchronisation.
 
-Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`):
-* senders (programs `[0, S)`, S = min(T, 64) on GPUs) own tokens `t = pid, pid + S, ...`. For
-  its token a sender loads the row once and quantises it once, then sends it to each of its K
+Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`; in the fused
+launch every program sends, then receives, so each phase has the whole grid):
+* senders (programs `[0, S)`, S = min(T, the rank's share of the GPU)) own tokens
+  `t = pid, pid + S, ...`. For its token a sender loads the row once and quantises it once, then sends it to each of its K
   experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p on the owner, where j
   counts the pairs before (t, k) in row-major order that select e, found by scanning topk_idx
   (so the block order is the token order, k order for a repeated expert: deterministic). The
@@ -24,13 +25,14 @@ Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.
   of its own, which is cumulative, so whoever sees the signal sees every row. Experts no pair
   selects get count 0 from program `e % S`; masked owners get nothing (their pairs are still
   counted, so the counters stay consistent when a rank is masked during a launch).
-* receivers (programs `[S, S + Q)`, or the whole grid of the hook's launch) own local experts.
+* receivers (programs `[0, Q)`) own local experts.
   A receiver waits for the R counts of its expert (masked sources are not waited for; in shrink
   mode a source that times out is masked), lays the blocks out in source order and copies every
   message into the outputs: data, scales (column-major), source token index.
-Senders never wait (the last arrival signals; nobody waits for arrivals), and receivers wait
-only for senders, which have lower program ids, so the interpreter (which runs programs one after
-another) never waits on a later program.
+Senders never wait (the last arrival signals; nobody waits for arrivals), and a program receives
+only after it has sent. Every program of the fused launch is resident (a cooperative launch), so
+its receivers' waits end; the interpreter, which runs programs one after another, gets the two
+phases as two launches (modes/low_latency.py).
 
 Why per token: with one program per expert (the previous design), a token selected by 8 experts
 was loaded and quantised 8 times, and each program wrote its ~16 messages (128 tokens, top-8 of
@@ -57,6 +59,7 @@ from ..common.tiles import copy_rows, lane
 from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
     ROLE_RECV,
+    ROLE_SEND,
     RolePlan,
     finish_launch,
     open_launch,
@@ -158,297 +161,316 @@ def _dispatch_kernel(
     ws = workspace_ptr
     host = host_addr.to(tl.pointer_type(tl.int64))
     epoch, tag, ok = open_launch(ws, parity, ROLE)
-    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     signals = rdma_base + SIGNALS0 + parity * SIGNALS_STRIDE
     recv = rdma_base + RECV0 + parity * RECV_STRIDE
     staging = rdma_base + SEND0 + parity * SEND_STRIDE
 
-    if (ROLE != ROLE_RECV) & (pid < NUM_SENDERS):
-        # ------------------------------------------------------------------- sender: tokens
-        tl.static_assert(
-            (NUM_SENDERS == 0) | (BLOCK_E * NUM_SENDERS >= NUM_EXPERTS),
-            "BLOCK_E * NUM_SENDERS must cover every expert",
-        )
-        flat = tl.arange(0, CHUNK)
-        num_pairs = num_tokens * NUM_TOPK
-        arrivals = counters_ptr + parity * NUM_EXPERTS
-        if ok:
-            # Experts e = pid + S * i that no pair selects still get their count 0 (unless their
-            # owner is masked): from this program, which owns them by id.
-            mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
-            hits = tl.zeros([BLOCK_E], dtype=tl.int32)
-            for p0 in range(0, num_pairs, CHUNK):
-                positions = p0 + flat
-                ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
-                hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
-            idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
-            idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
-            # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
-            idle_pe, idle_delta, idle_direct = device.open_peer(
-                routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
+    if ROLE != ROLE_RECV:  # noqa: SIM102 (constexpr, then runtime)
+        if pid < NUM_SENDERS:
+            # ------------------------------------------------------------------- sender: tokens
+            tl.static_assert(
+                (NUM_SENDERS == 0) | (BLOCK_E * NUM_SENDERS >= NUM_EXPERTS),
+                "BLOCK_E * NUM_SENDERS must cover every expert",
             )
-            idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
-            device.signal_lanes(
-                idle_sigs.to(tl.pointer_type(tl.int64)),
-                tag + 1,
-                idle_pe,
-                idle_delta,
-                idle_direct,
-                idle,
-                device.SIGNAL_SET,
-                TRANSPORT,
-            )
-
-            ks = tl.arange(0, BLOCK_K)
-            for t in range(pid, num_tokens, NUM_SENDERS):
-                experts = tl.load(topk_idx_ptr + t * NUM_TOPK + ks, mask=ks < NUM_TOPK, other=-1)
-                # For each k: `total`, the pairs of the whole routing that select its expert, and
-                # `j`, those before (t, k) in row-major order (its slot in the expert's block, so
-                # the block lists tokens in ascending order, k order within a token).
-                total = tl.zeros([BLOCK_K], dtype=tl.int32)
-                j = tl.zeros([BLOCK_K], dtype=tl.int32)
-                here = t * NUM_TOPK + ks
+            flat = tl.arange(0, CHUNK)
+            num_pairs = num_tokens * NUM_TOPK
+            arrivals = counters_ptr + parity * NUM_EXPERTS
+            if ok:
+                # Experts e = pid + S * i that no pair selects still get their count 0 (unless their
+                # owner is masked): from this program, which owns them by id.
+                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
+                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
                 for p0 in range(0, num_pairs, CHUNK):
                     positions = p0 + flat
                     ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
-                    match = ids[None, :] == experts[:, None]
-                    total += tl.sum(match.to(tl.int32), axis=1)
-                    j += tl.sum((match & (positions[None, :] < here[:, None])).to(tl.int32), axis=1)
-                valid = (ks < NUM_TOPK) & (experts >= 0) & (experts < NUM_EXPERTS)
-                # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are not
-                # sent, and the receiver, which sees the count, reports them.
-                sent = valid & (j < MAX_TOKENS)
-                # Pairs to masked owners are counted but not written: every program then agrees
-                # on each expert's total even if a receiver masks a rank in the middle of the
-                # launch, so the arrival counters always return to 0.
-                live = unmasked(mask_ptr, experts // L, sent)
-                xp, xm = group_tile(x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16)
-                x = tl.load(xp, mask=xm, other=0.0)
-                if USE_FP8:
-                    values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
-                # Every pair's route, slot and signal as lanes: the loops below pick one word per
-                # pair (`lane`, a block reduction) instead of reloading the expert id and its
-                # route, a chain of dependent loads per pair.
-                local = tl.where(valid, experts % L, 0)
-                pe, delta, direct = device.open_peer(
-                    routes_ptr, rank, tl.where(valid, experts // L, 0), TRANSPORT, FORCE_PUT
+                    hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
+                idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
+                idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
+                # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
+                idle_pe, idle_delta, idle_direct = device.open_peer(
+                    routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
                 )
-                slots = recv + tl.cast((local * NUM_RANKS + rank) * MAX_TOKENS + j, tl.int64) * (
-                    SLOT_BYTES
-                )
-                # The put path sends every pair of the token from one copy in this rank's staging
-                # slot of token t (this program's alone: one program per token), written with the
-                # first pair that needs it.
-                stage = staging + tl.cast(t, tl.int64) * SLOT_BYTES
-                by_put = live & ~direct
-                dst = tl.where(live & direct, slots + delta, 0)  # 0: nothing to write
-                if TRANSPORT != device.STORES:
-                    first_put = tl.min(tl.where(by_put, ks, BLOCK_K), axis=0)
-                    dst = tl.where(by_put & (ks == first_put), stage, dst)
-                for k in range(0, NUM_TOPK):
-                    message = lane(dst, ks, k)
-                    if message != 0:
-                        tl.store(message.to(tl.pointer_type(tl.int32)), t)
-                        payload = message + _HEADER
-                        # Payloads start 16-byte aligned when slots do (regions.py).
-                        if USE_FP8:
-                            vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
-                            tl.store(vp, values, mask=vm)
-                            groups = tl.arange(0, BLOCK_G)
-                            tl.store(
-                                (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32)) + groups,
-                                scale_inv,
-                                mask=groups < G,
-                            )
-                        else:
-                            vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
-                            tl.store(vp, x, mask=vm)
-                if TRANSPORT != device.STORES:  # noqa: SIM102 (constexpr, then runtime)
-                    if first_put < BLOCK_K:
-                        tl.debug_barrier()  # the staged message, written by every thread, is read
-                        by_put_i = by_put.to(tl.int32)
-                        for k in range(first_put, NUM_TOPK):
-                            if lane(by_put_i, ks, k) != 0:
-                                device.put_nbi_block(
-                                    lane(slots, ks, k).to(tl.pointer_type(tl.int32)),
-                                    stage.to(tl.pointer_type(tl.int32)),
-                                    MESSAGE_WORDS,
-                                    lane(pe, ks, k),
-                                    lane(delta, ks, k),
-                                    False,
-                                    TRANSPORT,
-                                    BLOCK_W,
-                                )
-                        device.quiet(TRANSPORT)  # this program's puts land before it counts them
-                # Every thread's stores, ordered at block scope before the arrivals below.
-                tl.debug_barrier()
-                # Arrivals: release at system scope, so a program that later sees an expert's
-                # last arrival (acquire) and signals has every counted row behind its release.
-                before = tl.atomic_add(arrivals + experts, 1, mask=sent, sem="acq_rel", scope="sys")
-                last = sent & (before + 1 == tl.minimum(total, MAX_TOKENS))
-                # This program wrote the expert's last row: reset its counter for the next call of
-                # set p (no program of this launch touches it again) and publish the count,
-                # ordered after every row (release is cumulative). All such pairs of the token in
-                # one masked release.
-                tl.store(arrivals + experts, 0, mask=last)
-                sigs = signals + tl.cast((local * NUM_RANKS + rank) * 8, tl.int64)
+                idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
                 device.signal_lanes(
-                    sigs.to(tl.pointer_type(tl.int64)),
-                    tag + total.to(tl.int64) + 1,
-                    pe,
-                    delta,
-                    direct,
-                    last & live,
+                    idle_sigs.to(tl.pointer_type(tl.int64)),
+                    tag + 1,
+                    idle_pe,
+                    idle_delta,
+                    idle_direct,
+                    idle,
                     device.SIGNAL_SET,
                     TRANSPORT,
                 )
-    else:
-        # ---------------------------------------------------------- receiver: local experts
-        rpid = pid - NUM_SENDERS
-        Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
-        ranks = tl.arange(0, BLOCK_R)
-        rank_ok = ranks < NUM_RANKS
-        rows_in_tile = tl.arange(0, ROWS)
-        # One wait for the counts of all this program's experts `rpid + Q * x` (lanes
-        # `x * BLOCK_R + source`): waiting expert by expert, each wait was a round trip of its
-        # own before the expert's copy could start.
-        lanes = tl.arange(0, BLOCK_X * BLOCK_R)
-        lane_expert = rpid + Q * (lanes // BLOCK_R)
-        lane_rank = lanes % BLOCK_R
-        # A fatal error elsewhere in this launch (or an earlier one) stops the wait.
-        ok = ok & (stopped(ws) == 0)
-        all_counts = tl.zeros([BLOCK_X, BLOCK_R], dtype=tl.int32)
-        if ok:
-            lane_ok = (lane_expert < L) & (lane_rank < NUM_RANKS)
-            sigs = (signals + (lane_expert * NUM_RANKS + lane_rank) * 8).to(
-                tl.pointer_type(tl.int64)
-            )
-            live = unmasked(mask_ptr, lane_rank, lane_ok)
-            values, late, ok = wait_signals_or_give_up(
-                sigs,
-                live,
-                lane_rank,
-                lane_expert,
-                L,
-                tag,
-                deadline,
-                clock_addr,
-                ok,
-                mask_ptr,
-                ws,
-                host,
-                rank,
-                wait_stats_ptr,
-                PHASE,
-                SHRINK,
-                HOST_ERROR,
-                HOST_SHRUNK,
-                ERR_TIMEOUT,
-                BLOCK_X * BLOCK_R,
-                USE_GLOBALTIMER,
-                HAS_WAIT_STATS,
-            )
-            all_counts = tl.reshape(
-                tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
-            )
-        for e in range(rpid, L, Q):
+
+                ks = tl.arange(0, BLOCK_K)
+                for t in range(pid, num_tokens, NUM_SENDERS):
+                    experts = tl.load(
+                        topk_idx_ptr + t * NUM_TOPK + ks, mask=ks < NUM_TOPK, other=-1
+                    )
+                    # For each k: `total`, the pairs of the whole routing that select its expert,
+                    # and `j`, those before (t, k) in row-major order (its slot in the expert's
+                    # block, so the block lists tokens in ascending order, k order within a token).
+                    total = tl.zeros([BLOCK_K], dtype=tl.int32)
+                    j = tl.zeros([BLOCK_K], dtype=tl.int32)
+                    here = t * NUM_TOPK + ks
+                    for p0 in range(0, num_pairs, CHUNK):
+                        positions = p0 + flat
+                        ids = tl.load(
+                            topk_idx_ptr + positions, mask=positions < num_pairs, other=-1
+                        )
+                        match = ids[None, :] == experts[:, None]
+                        total += tl.sum(match.to(tl.int32), axis=1)
+                        j += tl.sum(
+                            (match & (positions[None, :] < here[:, None])).to(tl.int32), axis=1
+                        )
+                    valid = (ks < NUM_TOPK) & (experts >= 0) & (experts < NUM_EXPERTS)
+                    # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are
+                    # not sent, and the receiver, which sees the count, reports them.
+                    sent = valid & (j < MAX_TOKENS)
+                    # Pairs to masked owners are counted but not written: every program then agrees
+                    # on each expert's total even if a receiver masks a rank in the middle of the
+                    # launch, so the arrival counters always return to 0.
+                    live = unmasked(mask_ptr, experts // L, sent)
+                    xp, xm = group_tile(
+                        x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
+                    )
+                    x = tl.load(xp, mask=xm, other=0.0)
+                    if USE_FP8:
+                        values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
+                    # Every pair's route, slot and signal as lanes: the loops below pick one word
+                    # per pair (`lane`, a block reduction) instead of reloading the expert id and
+                    # its route, a chain of dependent loads per pair.
+                    local = tl.where(valid, experts % L, 0)
+                    pe, delta, direct = device.open_peer(
+                        routes_ptr, rank, tl.where(valid, experts // L, 0), TRANSPORT, FORCE_PUT
+                    )
+                    slots = recv + tl.cast(
+                        (local * NUM_RANKS + rank) * MAX_TOKENS + j, tl.int64
+                    ) * (SLOT_BYTES)
+                    # The put path sends every pair of the token from one copy in this rank's
+                    # staging slot of token t (this program's alone: one program per token), written
+                    # with the first pair that needs it.
+                    stage = staging + tl.cast(t, tl.int64) * SLOT_BYTES
+                    by_put = live & ~direct
+                    dst = tl.where(live & direct, slots + delta, 0)  # 0: nothing to write
+                    if TRANSPORT != device.STORES:
+                        first_put = tl.min(tl.where(by_put, ks, BLOCK_K), axis=0)
+                        dst = tl.where(by_put & (ks == first_put), stage, dst)
+                    for k in range(0, NUM_TOPK):
+                        message = lane(dst, ks, k)
+                        if message != 0:
+                            tl.store(message.to(tl.pointer_type(tl.int32)), t)
+                            payload = message + _HEADER
+                            # Payloads start 16-byte aligned when slots do (regions.py).
+                            if USE_FP8:
+                                vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
+                                tl.store(vp, values, mask=vm)
+                                groups = tl.arange(0, BLOCK_G)
+                                tl.store(
+                                    (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
+                                    + groups,
+                                    scale_inv,
+                                    mask=groups < G,
+                                )
+                            else:
+                                vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
+                                tl.store(vp, x, mask=vm)
+                    if TRANSPORT != device.STORES:  # noqa: SIM102 (constexpr, then runtime)
+                        if first_put < BLOCK_K:
+                            # The staged message, written by every thread, is read.
+                            tl.debug_barrier()
+                            by_put_i = by_put.to(tl.int32)
+                            for k in range(first_put, NUM_TOPK):
+                                if lane(by_put_i, ks, k) != 0:
+                                    device.put_nbi_block(
+                                        lane(slots, ks, k).to(tl.pointer_type(tl.int32)),
+                                        stage.to(tl.pointer_type(tl.int32)),
+                                        MESSAGE_WORDS,
+                                        lane(pe, ks, k),
+                                        lane(delta, ks, k),
+                                        False,
+                                        TRANSPORT,
+                                        BLOCK_W,
+                                    )
+                            device.quiet(
+                                TRANSPORT
+                            )  # this program's puts land before it counts them
+                    # Every thread's stores, ordered at block scope before the arrivals below.
+                    tl.debug_barrier()
+                    # Arrivals: release at system scope, so a program that later sees an expert's
+                    # last arrival (acquire) and signals has every counted row behind its release.
+                    before = tl.atomic_add(
+                        arrivals + experts, 1, mask=sent, sem="acq_rel", scope="sys"
+                    )
+                    last = sent & (before + 1 == tl.minimum(total, MAX_TOKENS))
+                    # This program wrote the expert's last row: reset its counter for the next call
+                    # of set p (no program of this launch touches it again) and publish the count,
+                    # ordered after every row (release is cumulative). All such pairs of the token
+                    # in one masked release.
+                    tl.store(arrivals + experts, 0, mask=last)
+                    sigs = signals + tl.cast((local * NUM_RANKS + rank) * 8, tl.int64)
+                    device.signal_lanes(
+                        sigs.to(tl.pointer_type(tl.int64)),
+                        tag + total.to(tl.int64) + 1,
+                        pe,
+                        delta,
+                        direct,
+                        last & live,
+                        device.SIGNAL_SET,
+                        TRANSPORT,
+                    )
+    if ROLE != ROLE_SEND:  # noqa: SIM102 (constexpr, then runtime)
+        if pid < NUM_RECEIVERS:
+            # ---------------------------------------------------------- receiver: local experts
+            rpid = pid
+            # Timed from here: in the fused launch the program has sent its share by now.
+            deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+            Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
+            ranks = tl.arange(0, BLOCK_R)
+            rank_ok = ranks < NUM_RANKS
+            rows_in_tile = tl.arange(0, ROWS)
+            # One wait for the counts of all this program's experts `rpid + Q * x` (lanes
+            # `x * BLOCK_R + source`): waiting expert by expert, each wait was a round trip of its
+            # own before the expert's copy could start.
+            lanes = tl.arange(0, BLOCK_X * BLOCK_R)
+            lane_expert = rpid + Q * (lanes // BLOCK_R)
+            lane_rank = lanes % BLOCK_R
+            # A fatal error elsewhere in this launch (or an earlier one) stops the wait.
+            ok = ok & (stopped(ws) == 0)
+            all_counts = tl.zeros([BLOCK_X, BLOCK_R], dtype=tl.int32)
             if ok:
-                # This expert's row of the counts (a masked column sum keeps it in registers).
-                counts = tl.sum(
-                    tl.where(tl.arange(0, BLOCK_X)[:, None] == (e - rpid) // Q, all_counts, 0),
-                    axis=0,
+                lane_ok = (lane_expert < L) & (lane_rank < NUM_RANKS)
+                sigs = (signals + (lane_expert * NUM_RANKS + lane_rank) * 8).to(
+                    tl.pointer_type(tl.int64)
                 )
-                kept = tl.minimum(counts, MAX_TOKENS)
-                total = tl.sum(kept, axis=0)
-                begin = tl.cumsum(kept, axis=0) - kept
-                tl.store(recv_count_ptr + e, total)
-                tl.store(
-                    layout_range_ptr + e * NUM_RANKS + ranks,
-                    (begin.to(tl.int64) << 32) | kept.to(tl.int64),
-                    mask=rank_ok,
+                live = unmasked(mask_ptr, lane_rank, lane_ok)
+                values, late, ok = wait_signals_or_give_up(
+                    sigs,
+                    live,
+                    lane_rank,
+                    lane_expert,
+                    L,
+                    tag,
+                    deadline,
+                    clock_addr,
+                    ok,
+                    mask_ptr,
+                    ws,
+                    host,
+                    rank,
+                    wait_stats_ptr,
+                    PHASE,
+                    SHRINK,
+                    HOST_ERROR,
+                    HOST_SHRUNK,
+                    ERR_TIMEOUT,
+                    BLOCK_X * BLOCK_R,
+                    USE_GLOBALTIMER,
+                    HAS_WAIT_STATS,
                 )
-                if HAS_CUMULATIVE:
-                    tl.store(cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total)
-                # Row i of the expert came from the source whose block holds it: ROWS rows at a
-                # time.
-                for i0 in range(0, total, ROWS):
-                    i = i0 + rows_in_tile
-                    row_ok = i < total
-                    holds = (i[:, None] >= begin[None, :]) & (kept[None, :] > 0)
-                    src = tl.maximum(tl.max(tl.where(holds, ranks[None, :], -1), axis=1), 0)
-                    src_begin = tl.sum(
-                        tl.where(ranks[None, :] == src[:, None], begin[None, :], 0), axis=1
+                all_counts = tl.reshape(
+                    tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
+                )
+            for e in range(rpid, L, Q):
+                if ok:
+                    # This expert's row of the counts (a masked column sum keeps it in registers).
+                    counts = tl.sum(
+                        tl.where(tl.arange(0, BLOCK_X)[:, None] == (e - rpid) // Q, all_counts, 0),
+                        axis=0,
                     )
-                    slot = (
-                        recv
-                        + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + i - src_begin, tl.int64)
-                        * SLOT_BYTES
+                    kept = tl.minimum(counts, MAX_TOKENS)
+                    total = tl.sum(kept, axis=0)
+                    begin = tl.cumsum(kept, axis=0) - kept
+                    tl.store(recv_count_ptr + e, total)
+                    tl.store(
+                        layout_range_ptr + e * NUM_RANKS + ranks,
+                        (begin.to(tl.int64) << 32) | kept.to(tl.int64),
+                        mask=rank_ok,
                     )
-                    out_row = tl.cast(e * SLOTS + i, tl.int64)
-                    # Every load of the tile (header, scales, payload) is issued before its first
-                    # store: a store that waits for its load holds back the loads after it, and
-                    # three round trips per tile were most of a receiver's time (ncu: the header
-                    # load and the scale store were the receiver's top stalls).
-                    token = tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok)
-                    if USE_FP8:
-                        groups = tl.arange(0, BLOCK_G)
-                        in_scale = row_ok[:, None] & (groups[None, :] < G)
-                        scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(
-                            tl.pointer_type(tl.float32)
+                    if HAS_CUMULATIVE:
+                        tl.store(
+                            cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total
                         )
-                        scales = tl.load(
-                            scale_rows[:, None] + groups[None, :],
-                            mask=in_scale,
-                            other=0.0,
-                            cache_modifier=".cg",
+                    # Row i of the expert came from the source whose block holds it: ROWS rows at a
+                    # time.
+                    for i0 in range(0, total, ROWS):
+                        i = i0 + rows_in_tile
+                        row_ok = i < total
+                        holds = (i[:, None] >= begin[None, :]) & (kept[None, :] > 0)
+                        src = tl.maximum(tl.max(tl.where(holds, ranks[None, :], -1), axis=1), 0)
+                        src_begin = tl.sum(
+                            tl.where(ranks[None, :] == src[:, None], begin[None, :], 0), axis=1
                         )
-                    copy_rows(
-                        slot + _HEADER,
-                        recv_x_addr + out_row * PAYLOAD_BYTES,
-                        row_ok,
-                        PAYLOAD_BYTES // 4,
-                        BLOCK_W,
-                        ".cg",
-                        PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
-                        ALIGNED,
-                    )
-                    tl.store(src_info_ptr + out_row, token, mask=row_ok)
-                    if USE_FP8:
-                        # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T]
-                        # tensor.
-                        if USE_UE8M0:
-                            P: tl.constexpr = (G + 3) // 4
-                            words = tl.reshape(
-                                ue8m0_pack(
-                                    tl.reshape(scales, [ROWS * BLOCK_G]),
-                                    tl.reshape(in_scale, [ROWS * BLOCK_G]),
-                                ),
-                                [ROWS, BLOCK_G // 4],
+                        slot = (
+                            recv
+                            + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + i - src_begin, tl.int64)
+                            * SLOT_BYTES
+                        )
+                        out_row = tl.cast(e * SLOTS + i, tl.int64)
+                        # Every load of the tile (header, scales, payload) is issued before its
+                        # first store: a store that waits for its load holds back the loads after
+                        # it, and three round trips per tile were most of a receiver's time (ncu:
+                        # the header load and the scale store were the receiver's top stalls).
+                        token = tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok)
+                        if USE_FP8:
+                            groups = tl.arange(0, BLOCK_G)
+                            in_scale = row_ok[:, None] & (groups[None, :] < G)
+                            scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(
+                                tl.pointer_type(tl.float32)
                             )
-                            w = tl.arange(0, BLOCK_G // 4)
-                            tl.store(
-                                recv_scales_ptr
-                                + tl.cast(e * P + w[None, :], tl.int64) * SLOTS
-                                + i[:, None],
-                                words,
-                                mask=row_ok[:, None] & (w[None, :] < P),
-                            )
-                        else:
-                            tl.store(
-                                recv_scales_ptr
-                                + tl.cast(e * G + groups[None, :], tl.int64) * SLOTS
-                                + i[:, None],
-                                scales,
+                            scales = tl.load(
+                                scale_rows[:, None] + groups[None, :],
                                 mask=in_scale,
+                                other=0.0,
+                                cache_modifier=".cg",
                             )
+                        copy_rows(
+                            slot + _HEADER,
+                            recv_x_addr + out_row * PAYLOAD_BYTES,
+                            row_ok,
+                            PAYLOAD_BYTES // 4,
+                            BLOCK_W,
+                            ".cg",
+                            PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
+                            ALIGNED,
+                        )
+                        tl.store(src_info_ptr + out_row, token, mask=row_ok)
+                        if USE_FP8:
+                            # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T]
+                            # tensor.
+                            if USE_UE8M0:
+                                P: tl.constexpr = (G + 3) // 4
+                                words = tl.reshape(
+                                    ue8m0_pack(
+                                        tl.reshape(scales, [ROWS * BLOCK_G]),
+                                        tl.reshape(in_scale, [ROWS * BLOCK_G]),
+                                    ),
+                                    [ROWS, BLOCK_G // 4],
+                                )
+                                w = tl.arange(0, BLOCK_G // 4)
+                                tl.store(
+                                    recv_scales_ptr
+                                    + tl.cast(e * P + w[None, :], tl.int64) * SLOTS
+                                    + i[:, None],
+                                    words,
+                                    mask=row_ok[:, None] & (w[None, :] < P),
+                                )
+                            else:
+                                tl.store(
+                                    recv_scales_ptr
+                                    + tl.cast(e * G + groups[None, :], tl.int64) * SLOTS
+                                    + i[:, None],
+                                    scales,
+                                    mask=in_scale,
+                                )
     finish_launch(ws, parity, epoch, ROLE)
 
 
 class DispatchPlan(RolePlan):
     """The LL dispatch launches of one geometry on one Buffer (`regions`: its `LowLatencyRegions`).
 
-    `launch(role, ...)`: `ROLE_BOTH` is the fused call (senders then receivers in one cooperative
-    grid), `ROLE_SEND` / `ROLE_RECV` the two launches of a hooked call.
+    `launch(role, ...)`: `ROLE_BOTH` is the fused call (one cooperative grid whose programs send,
+    then receive), `ROLE_SEND` / `ROLE_RECV` the two launches of a hooked call.
     """
 
     def __init__(

@@ -190,7 +190,7 @@ class RolePlan:
     def _launch(self, role: int, stream, head: tuple, num_tokens: int, parity: int) -> None:
         """`head`: the kernel's own leading arguments; the shared ones follow."""
         self._kernels[role].launch(
-            (sum(self.grids[role]),), stream, *head, *self._routes, num_tokens, parity, *self._host
+            (max(self.grids[role]),), stream, *head, *self._routes, num_tokens, parity, *self._host
         )
 
 
