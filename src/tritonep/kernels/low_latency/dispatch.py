@@ -9,8 +9,8 @@ with per-128-channel scales (reference §13.2, §14.9), with counts, source indi
 Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`; in the fused
 launch every program sends, then receives, so each phase has the whole grid):
 * senders (programs `[0, S)`, S = min(T, the rank's share of the GPU)) own tokens
-  `t = pid, pid + S, ...`. For its token a sender loads the row once and quantises it once, then sends it to each of its K
-  experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p on the owner, where j
+  `t = pid, pid + S, ...`. For its token a sender loads the row once and quantises it once,
+  then sends it to each of its K experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p on the owner, where j
   counts the pairs before (t, k) in row-major order that select e, found by scanning topk_idx
   (so the block order is the token order, k order for a repeated expert: deterministic). The
   message (16-byte header holding the token index, then the payload) goes by plain stores where
