@@ -9,22 +9,23 @@ with per-128-channel scales (reference §13.2, §14.9), with counts, source indi
 Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`; in the fused
 launch every program sends, then receives, so each phase has the whole grid):
 * senders (programs `[0, S)`, S = min(T, the rank's share of the GPU)) own tokens
-  `t = pid, pid + S, ...`. For its token a sender loads the row once and quantises it once,
-  then sends it to each of its K experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p on the owner, where j
-  counts the pairs before (t, k) in row-major order that select e, found by scanning topk_idx
-  (so the block order is the token order, k order for a repeated expert: deterministic). The
-  message (16-byte header holding the token index, then the payload) goes by plain stores where
-  the owner is mapped, else it is staged once in this rank's staging slot of token t and put to
-  every such owner. Pairs with j >= T are not sent (the receiver, which sees the count, reports
-  them). The count signal of (e, r) must follow every row of e, which several programs write: each
-  program, once its token's rows are written (stores, then a block barrier; puts, then `quiet`),
-  adds its pairs to e's arrival counter (this rank's memory, per set and expert) with a release at
-  system scope. The program that brings it to e's sent-pair count (every program counts those from
-  topk_idx) has acquired every other program's release; it resets the counter to 0 for the next call
-  of set p and sets the owner's signal `(e_local, r)` to `epoch << 32 | (count + 1)` with a release
-  of its own, which is cumulative, so whoever sees the signal sees every row. Experts no pair
-  selects get count 0 from program `e % S`; masked owners get nothing (their pairs are still
-  counted, so the counters stay consistent when a rank is masked during a launch).
+  `t = pid, pid + S, ...`. For its token a sender loads the row once and quantises it once, then
+  sends it to each of its K experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p
+  on the owner, where j counts the pairs before (t, k) in row-major order that select e, found by
+  scanning topk_idx (so the block order is the token order, k order for a repeated expert:
+  deterministic). The message (16-byte header holding the token index, then the payload) goes by
+  plain stores where the owner is mapped, else it is staged once in this rank's staging slot of
+  token t and put to every such owner. Pairs with j >= T are not sent (the receiver, which sees the
+  count, reports them). The count signal of (e, r) must follow every row of e, which several
+  programs write: each program, once its token's rows are written (stores, then a block barrier;
+  puts, then `quiet`), adds its pairs to e's arrival counter (this rank's memory, per set and
+  expert) with a release at system scope. The program that brings it to e's sent-pair count (every
+  program counts those from topk_idx) has acquired every other program's release; it resets the
+  counter to 0 for the next call of set p and sets the owner's signal `(e_local, r)` to `epoch <<
+  32 | (count + 1)` with a release of its own, which is cumulative, so whoever sees the signal sees
+  every row. Experts no pair selects get count 0 from program `e % S`; masked owners get nothing
+  (their pairs are still counted, so the counters stay consistent when a rank is masked during a
+  launch).
 * receivers (programs `[0, Q)`) own local experts.
   A receiver waits for the R counts of its expert (masked sources are not waited for; in shrink
   mode a source that times out is masked), lays the blocks out in source order and copies every
