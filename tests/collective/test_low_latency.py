@@ -7,6 +7,8 @@ shrink mode with a dead rank, a timeout without it.
 GPU: the same checks at DeepEP's shape with ranks sharing one GPU (see test_low_latency_gpu.py).
 """
 
+import re
+
 import pytest
 
 from tritonep.testing import low_latency as ll
@@ -132,6 +134,10 @@ def check_timeout_errors(errors: list) -> None:
         and "low-latency dispatch" in message
         and "rank 1" in message
     ), message
+    # The quoted progress is that of one waiting lane (with a lane per expert and rank, a pick by
+    # rank alone once added several up: "progress seen 6, needed 2").
+    progress = re.findall(r"progress seen (-?\d+), needed (-?\d+)", message)
+    assert progress and all(int(seen) < int(needed) for seen, needed in progress), message
     assert later and all(k == "EPStateError" and "unusable" in m for k, m in later), later
 
 

@@ -12,11 +12,12 @@ from tritonep.protocol import LL_PROGRAMS_PER_SM
     "ranks_on_gpu, percentage, budget",
     [
         (1, None, 264),  # one rank per GPU: every SM
-        (2, None, 132),
-        (4, None, 66),
-        (2, "25", 66),  # the MPS client limit is lower than the rank share
-        (4, "50", 66),  # the rank share is lower than the MPS limit
-        (2, "bogus", 132),
+        (2, None, 128),  # sharing: 2 SMs of each share left spare
+        (4, None, 62),
+        (2, "25", 62),  # the MPS client limit is lower than the rank share
+        (4, "50", 62),  # the rank share is lower than the MPS limit
+        (1, "50", 128),
+        (2, "bogus", 128),
         (200, None, 2),  # never below one sender and one receiver
     ],
 )

@@ -557,6 +557,10 @@ class LowLatencyMode:
         ]
 
 
+# SMs of its share that a rank on a shared GPU leaves to kernels other than its LL launches.
+SHARED_GPU_SPARE_SMS = 2
+
+
 def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | None) -> int:
     """Programs one LL launch of a rank may use so that the launches of every rank sharing its
     GPU (`sms` SMs) are resident together.
@@ -566,15 +570,21 @@ def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | N
     that share a GPU under MPS: at DeepEP's shape two ranks of 96 programs at one program per SM
     (the LogFMT combine once took 216 registers) did not fit 132 SMs, and one rank's receivers
     spun until the timeout. So each rank takes its share of the SMs: 1 / `ranks_on_gpu`, or the
-    MPS client limit (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, as a string) if lower.
+    MPS client limit (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, as a string) if lower, less
+    `SHARED_GPU_SPARE_SMS` when the GPU is shared: launches that fill every slot of the GPU
+    together leave none for another kernel of a rank (a 128-program dispatch and a 132-program one
+    of 2 ranks sharing an H200 timed out; 128 + 128 did not, 2026-12-02).
 
-    Example: 132 SMs, 4 ranks on the GPU -> 33 SMs -> 66 programs per launch; 1 rank -> 264.
+    Example: 132 SMs, 4 ranks on the GPU -> 33 - 2 SMs -> 62 programs per launch; 1 rank -> 264.
     """
     share = 1.0 / max(1, ranks_on_gpu)
     # A value that is not a number: the MPS client refuses it before any launch.
     with contextlib.suppress(TypeError, ValueError):
         share = min(share, float(mps_percentage) / 100.0)
-    return max(2, int(sms * share) * protocol.LL_PROGRAMS_PER_SM)
+    sms_held = int(sms * share)
+    if share < 1.0:
+        sms_held -= SHARED_GPU_SPARE_SMS
+    return max(2, sms_held * protocol.LL_PROGRAMS_PER_SM)
 
 
 def program_counts(

@@ -247,11 +247,11 @@ def _low_latency_cases(kernels):
     src_info = torch.zeros((local, slots), dtype=torch.int32)
     layout_range = torch.zeros((local, num_ranks), dtype=torch.int64)
     stats = torch.zeros(num_ranks, dtype=torch.int64)
-    # The fused launch with the grid of 4 ranks sharing a GPU (66 programs), the hook's phases with
-    # that of 2 ranks sharing it (128 senders, one per token; 132 receivers).
-    two_ranks = {0: (128, 132), 1: (128, 0), 2: (0, 132)}
+    # The fused launch with the grid of 4 ranks sharing a GPU (62 programs), the hook's phases with
+    # that of 2 ranks sharing it (128 senders, one per token; 128 receivers).
+    two_ranks = {0: (128, 128), 1: (128, 0), 2: (0, 128)}
     for fp8, role, grids in (
-        (True, ll.sync.ROLE_BOTH.value, {0: (66, 66), 1: (66, 0), 2: (0, 66)}),
+        (True, ll.sync.ROLE_BOTH.value, {0: (62, 62), 1: (62, 0), 2: (0, 62)}),
         (False, ll.sync.ROLE_SEND.value, two_ranks),
         (False, ll.sync.ROLE_RECV.value, two_ranks),
     ):
@@ -302,7 +302,7 @@ def _low_latency_cases(kernels):
             num_topk=topk,
             use_logfmt=logfmt,
             zero_copy=zero_copy,
-            grids={0: (132, 128), 1: (132, 0), 2: (0, 128)},  # 2 ranks sharing a GPU
+            grids={0: (128, 128), 1: (128, 0), 2: (0, 128)},  # 2 ranks sharing a GPU
             shrink=False,
             has_wait_stats=True,
             num_warps=8,
