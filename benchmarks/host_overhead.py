@@ -190,6 +190,45 @@ def low_latency_rows(profile: bool) -> list[dict]:
     return rows
 
 
+def launcher_argument_steps(launch_once, stream) -> dict:
+    """Triton's compiled launcher alone, on the arguments of the launch `launch_once()` makes:
+    tensors (it calls `data_ptr()` and `cuPointerGetAttribute` for each) against their addresses
+    as ints."""
+    from tritonep.kernels.common.launch import KernelLaunch
+
+    captured = []
+    original = KernelLaunch.launch
+    KernelLaunch.launch = lambda self, grid, stream, *args: captured.append((self, grid, args))
+    try:
+        launch_once()
+    finally:
+        KernelLaunch.launch = original
+    launch, grid, args = captured[0]
+    kernel = launch._kernel
+    addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+
+    def run(arguments):
+        kernel.run(
+            grid[0],
+            1,
+            1,
+            stream.cuda_stream,
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            *arguments,
+            *launch._tail,
+        )
+
+    tensors = sum(isinstance(a, torch.Tensor) for a in args)
+    return {
+        f"launcher: {len(args)} args, {tensors} tensors": lambda: run(args),
+        "launcher: the same, tensors as ints": lambda: run(addresses),
+    }
+
+
 def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list[dict]:
     """Host cost of the parts of the low-latency calls, each in its own loop (the plans exist: the
     calls above built them)."""
@@ -205,18 +244,9 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
     out = torch.empty((x.size(0), x.size(1)), dtype=torch.bfloat16, device="cuda")
     stream = buffer._streams.current()
     both = 0  # ROLE_BOTH
-    steps = {
-        "ll: Buffer._ll (usable, mode)": lambda: buffer._ll("op"),
-        "ll: check_tensor(x)": lambda: check_tensor(
-            "op", "x", x, device=x.device, dtypes=(torch.bfloat16,), dim=2
-        ),
-        "ll: _streams_for (sync call)": lambda: mode._streams_for("op", False, False),
-        "ll dispatch: outputs from the pool": lambda: mode._outputs.take(
-            ("probe-ll",),
-            lambda: [torch.empty(16, device="cuda") for _ in range(5)],
-            3,
-        ),
-        "ll dispatch: plan launch only": lambda: dispatch_plan.launch(
+
+    def dispatch_launch():
+        dispatch_plan.launch(
             both,
             stream,
             0,
@@ -231,7 +261,20 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
             None,
             None,
             mode._workspace,
+        )
+
+    steps = {
+        "ll: Buffer._ll (usable, mode)": lambda: buffer._ll("op"),
+        "ll: check_tensor(x)": lambda: check_tensor(
+            "op", "x", x, device=x.device, dtypes=(torch.bfloat16,), dim=2
         ),
+        "ll: _streams_for (sync call)": lambda: mode._streams_for("op", False, False),
+        "ll dispatch: outputs from the pool": lambda: mode._outputs.take(
+            ("probe-ll",),
+            lambda: [torch.empty(16, device="cuda") for _ in range(5)],
+            3,
+        ),
+        "ll dispatch: plan launch only": dispatch_launch,
         "ll combine: plan launch only": lambda: combine_plan.launch(
             both,
             stream,
@@ -247,6 +290,7 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
             mode._workspace,
         ),
     }
+    steps.update(launcher_argument_steps(dispatch_launch, stream))
     rows = []
     print(f"{'low-latency step':<40}{'host us':>10}")
     for name, fn in steps.items():

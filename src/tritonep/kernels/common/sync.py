@@ -173,8 +173,8 @@ def report_error(
     """Record the first failure of this buffer: `[claim, rank, peer, phase, channel, observed,
     expected, code]`.
 
-    The peer is the lowest rank of the `[BLOCK_RANKS]` mask `which` (lanes of ranks `ranks`, a rank
-    may have several); `observed` / `expected` are lanes (or scalars) of which the values at the
+    The peer is the lowest rank of the mask `which` (lanes of ranks `ranks`, a rank may have
+    several); `observed` / `expected` are lanes (or scalars) of which the values at the
     peer's first lane in `which` are recorded. The claim slot makes the first reporter
     win; `code` is published last so the host never reads a half-written record. The device stop
     word is raised to `stop_epoch` (`STOP_ALL` for a fatal error) so later data kernels of those
@@ -197,8 +197,9 @@ def report_error(
         tl.store(host_error_ptr + 4, channel)
         # The peer's first failing lane: several lanes may name one rank (the LL waits have one
         # per expert and rank), and a pick by rank would add their values up.
-        at = tl.arange(0, BLOCK_RANKS)
-        first = tl.min(tl.where(which & (ranks == peer), at, BLOCK_RANKS), axis=0)
+        LANES: tl.constexpr = ranks.shape[0]
+        at = tl.arange(0, LANES)
+        first = tl.min(tl.where(which & (ranks == peer), at, LANES), axis=0)
         tl.store(host_error_ptr + 5, lane(observed, at, first))
         tl.store(host_error_ptr + 6, lane(expected, at, first))
         store_release(host_error_ptr + 7, code)

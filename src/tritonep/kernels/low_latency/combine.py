@@ -289,18 +289,20 @@ def _combine_kernel(
                     )
                     put_source = staged_rows
                     PUT_WORDS: tl.constexpr = ROW_BYTES // 4
-                for r in tl.static_range(ROWS):
-                    if lane(put.to(tl.int32), tile, r) > 0:
-                        device.put_nbi_block(
-                            lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
-                            lane(put_source, tile, r).to(tl.pointer_type(tl.int32)),
-                            PUT_WORDS,
-                            lane(pe, tile, r),
-                            lane(delta, tile, r),
-                            False,
-                            TRANSPORT,
-                            BLOCK_W,
-                        )
+                # Each pick is a block reduction: none where every row of the tile went by stores.
+                if by_put > 0:
+                    for r in tl.static_range(ROWS):
+                        if lane(put.to(tl.int32), tile, r) > 0:
+                            device.put_nbi_block(
+                                lane(slot, tile, r).to(tl.pointer_type(tl.int32)),
+                                lane(put_source, tile, r).to(tl.pointer_type(tl.int32)),
+                                PUT_WORDS,
+                                lane(pe, tile, r),
+                                lane(delta, tile, r),
+                                False,
+                                TRANSPORT,
+                                BLOCK_W,
+                            )
             tl.debug_barrier()  # every thread's rows are stored before any of them is counted
             if put_rows > 0:
                 device.quiet(TRANSPORT)  # the rows put are delivered before they are counted
