@@ -91,10 +91,6 @@ class KernelLaunch:
             self._launch_jit(grid, stream, args)
             return
         handle = stream.cuda_stream if stream is not None else _raw_stream(_current_device())
-        # Addresses, not tensors: for a tensor the launcher calls `data_ptr()` and then asks the
-        # driver whether the address is device memory (`cuPointerGetAttribute`), per argument
-        # and per launch; a plain int is taken as it is.
-        args = [a.data_ptr() if type(a) is torch.Tensor else a for a in args]
         kernel.run(
             grid[0],
             grid[1] if len(grid) > 1 else 1,

@@ -24,9 +24,9 @@ as a sender, then as a receiver):
   the start by program `b % S`, like every block of an unmasked rank.
 * receivers (programs `[0, Q)`) own tokens `rpid, rpid + Q, ...`, up to BLOCK_T at a time:
   one wait for the signals of all those tokens' experts (masked owners are skipped; in shrink mode
-  an owner that times out is masked), then per token and chunk of CHUNK_G 128-channel groups the
-  K rows are loaded together and accumulated in ascending k, `acc = acc + w * y` in fp32, rounded
-  once to bf16. Tokens with no valid entry give zeros.
+  an owner that times out is masked), then per token and chunk of RECV_CHUNK_G 128-channel groups
+  the K rows are loaded together and accumulated in ascending k, `acc = acc + w * y` in fp32,
+  rounded once to bf16. Tokens with no valid entry give zeros.
 Senders never wait, and a program receives only after it has sent (see dispatch for why the
 waits end, and for the interpreter's two launches).
 
@@ -170,6 +170,7 @@ def _combine_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
     CHUNK_G: tl.constexpr,
+    RECV_CHUNK_G: tl.constexpr,
     BLOCK_W: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -394,7 +395,7 @@ def _combine_kernel(
                     valid = valid & ~late
                     experts = tl.reshape(tl.where(valid, idx, -1), (BLOCK_T, BLOCK_K))
                     weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))
-                    chunk = tl.arange(0, CHUNK_G)
+                    chunk = tl.arange(0, RECV_CHUNK_G)
                     cols = tl.arange(0, 128)
                     for j in range(0, tl.minimum(mine - n0, BLOCK_T)):
                         t = rpid + (n0 + j) * Q
@@ -407,11 +408,11 @@ def _combine_kernel(
                         out_row = (out_ptr + tl.cast(t, tl.int64) * HIDDEN).to(
                             tl.pointer_type(tl.bfloat16)
                         )
-                        for c0 in range(0, G, CHUNK_G):
+                        for c0 in range(0, G, RECV_CHUNK_G):
                             groups = c0 + chunk
                             offsets = groups[:, None] * 128 + cols[None, :]
                             in_row = (groups < G)[:, None] & (cols[None, :] >= 0)
-                            acc = tl.zeros([CHUNK_G, 128], dtype=tl.float32)
+                            acc = tl.zeros([RECV_CHUNK_G, 128], dtype=tl.float32)
                             # BF16: the K entries unrolled; masked, not branched, loads, so the
                             # compiler may issue the K loads of a chunk together. LogFMT: one entry
                             # per trip (unrolled, its K sets of region pointers and decodes took 216
@@ -452,6 +453,10 @@ def _combine_kernel(
                                 mask=in_row,
                             )
     finish_launch(ws, parity, epoch, ROLE)
+
+
+# Groups x entries a BF16 combine receiver loads per step.
+_BF16_RECV_ELEMENTS = 64
 
 
 class CombinePlan(RolePlan):
@@ -508,9 +513,12 @@ class CombinePlan(RolePlan):
             BLOCK_K=block_k,
             # A receiver's tokens in one wait (all of them while T / Q <= 16).
             BLOCK_T=min(16, pow2(-(-regions.max_tokens // max(1, max_receivers)))),
-            # 128-channel groups per receiver step, whose K masked loads the compiler issues
-            # together (8 x 2 KB at K = 8), and per LogFMT sender step.
+            # 128-channel groups per LogFMT step (sender and receiver), and per BF16 receiver
+            # step, whose K masked loads the compiler issues together (K x 2 KB per group).
             CHUNK_G=min(block_g, max(1, 64 // block_k)),
+            RECV_CHUNK_G=min(
+                block_g, max(1, (64 if use_logfmt else _BF16_RECV_ELEMENTS) // block_k)
+            ),
             num_warps=num_warps,
             # Sums in the reference's order with separate roundings, so results are bit-exact.
             enable_fp_fusion=False,
