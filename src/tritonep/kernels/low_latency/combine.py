@@ -456,7 +456,7 @@ def _combine_kernel(
 
 
 # Groups x entries a BF16 combine receiver loads per step.
-_BF16_RECV_ELEMENTS = 64
+_BF16_RECV_ELEMENTS = 128
 
 
 class CombinePlan(RolePlan):
@@ -507,7 +507,7 @@ class CombinePlan(RolePlan):
             # the tiles per sender: each tile is a chain of table loads before its copy); a
             # LogFMT row is encoded CHUNK_G groups at a time.
             ROWS=1 if use_logfmt else 8,
-            BLOCK_W=min(512, pow2(regions.hidden // 2)),
+            BLOCK_W=min(1024, pow2(regions.hidden // 2)),
             BLOCK_B=pow2(regions.num_experts),
             BLOCK_N=32,
             BLOCK_K=block_k,
