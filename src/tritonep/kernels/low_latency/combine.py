@@ -455,7 +455,9 @@ def _combine_kernel(
     finish_launch(ws, parity, epoch, ROLE)
 
 
-# Groups x entries a BF16 combine receiver loads per step.
+# Groups x entries a BF16 combine receiver loads per step: 16 groups at top-8. Every step picks each
+# entry's row and weight again (block reductions); 16 groups per step instead of 8 took the receive
+# phase from 10.5-12.2 to 9.4-10.4 us (2 ranks sharing an H200, 2026-12-02-h200-llrecv-*-b4ab6a3).
 _BF16_RECV_ELEMENTS = 128
 
 
@@ -496,16 +498,17 @@ class CombinePlan(RolePlan):
             ZERO_COPY=zero_copy,
             STAGE_ROWS=max(1, regions.send_stride // regions.slot_bytes // max_senders),
             HAS_WAIT_STATS=has_wait_stats,
-            # Register budget: at most 80 per thread at 8 warps (3 programs per SM), no more than
-            # the block-owning combine used. sm_90 AOT at DeepEP's shape: 78-80 (BF16);
-            # [4, 2048]-word sender tiles or 16-group receiver steps take 89-106. LogFMT too: as
-            # whole-row [64, 128] tiles it took 228, one program per SM, and two ranks sharing a
-            # GPU could not hold both 96-program cooperative launches at once (the receivers of
-            # one spun until the timeout, waiting for senders that had no SM).
+            # Registers: at most 128 per thread (two programs of 8 warps per SM,
+            # protocol.ll_register_cap). sm_90 AOT at DeepEP's shape: BF16 124 (zero-copy 116),
+            # LogFMT 128 without spills; [8, 2048]-word sender tiles spill 120-136 bytes, and LogFMT
+            # as whole-row [64, 128] tiles took 228 (one program per SM: two ranks sharing a GPU
+            # could not hold both cooperative launches at once, and one rank's receivers spun until
+            # the timeout).
             # Sender tiles: 8 BF16 rows copied as [8, BLOCK_W] words per step, the next block's
-            # loads in flight during this one's stores (the registers of [4, 1024] tiles, half
-            # the tiles per sender: each tile is a chain of table loads before its copy); a
-            # LogFMT row is encoded CHUNK_G groups at a time.
+            # loads in flight during this one's stores; a LogFMT row is encoded CHUNK_G groups at
+            # a time. [8, 512] and [8, 1024] blocks ran alike (combine kernel 34.7-35.2 us, 2 ranks
+            # sharing an H200, 2026-12-02-h200-llw-*-9730c8e.json): the senders wait on their
+            # loads (ncu: 27% of the kernel's stall samples at the copy's loads, EP1).
             ROWS=1 if use_logfmt else 8,
             BLOCK_W=min(1024, pow2(regions.hidden // 2)),
             BLOCK_B=pow2(regions.num_experts),
