@@ -572,8 +572,8 @@ def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | N
     spun until the timeout. So each rank takes its share of the SMs: 1 / `ranks_on_gpu`, or the
     MPS client limit (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, as a string) if lower, less
     `SHARED_GPU_SPARE_SMS` when the GPU is shared: launches that fill every slot of the GPU
-    together leave none for another kernel of a rank (a 128-program dispatch and a 132-program one
-    of 2 ranks sharing an H200 timed out; 128 + 128 did not, 2026-12-02).
+    together leave none for another kernel of a rank (2 ranks sharing an H200 with 132-program
+    dispatch launches each timed out; with 128 each they did not, 2026-12-02).
 
     Example: 132 SMs, 4 ranks on the GPU -> 33 - 2 SMs -> 62 programs per launch; 1 rank -> 264.
     """
