@@ -114,15 +114,20 @@ def test_shrink_mode_masks_a_dead_rank_and_completes_cpu(cpu_pool):
         assert any("rank(s) [2]" in w and "masked" in w for w in result["warned"]), result
 
 
-def test_low_latency_timeout_names_rank_and_phase_cpu(cpu_pool):
+@pytest.mark.parametrize(
+    "op, phase", [("dispatch", "low-latency dispatch"), ("clean", "low-latency clean barrier")]
+)
+def test_low_latency_timeout_names_rank_and_phase_cpu(cpu_pool, op, phase):
     pool = cpu_pool(2, TRITONEP_TIMEOUT_S="2")
     pool.run(ll.make_ll_buffer, **SHRINK_SHAPE, timeout=120)
-    first = pool.run(ll.timeout_round, dead_rank=1, stall_s=6.0, **SHRINK_SHAPE, timeout=120)[0]
+    first = pool.run(
+        ll.timeout_round, dead_rank=1, stall_s=6.0, op=op, **SHRINK_SHAPE, timeout=120
+    )[0]
     assert first["errors"][0] is not None, "the interpreter reports the timeout on the same call"
-    check_timeout_errors(first["errors"])
+    check_timeout_errors(first["errors"], phase)
 
 
-def check_timeout_errors(errors: list) -> None:
+def check_timeout_errors(errors: list, phase: str = "low-latency dispatch") -> None:
     """`ll.timeout_round`'s errors on rank 0: the timeout naming both ranks and the phase, then
     only 'unusable' refusals."""
     reported = [e for e in errors if e is not None]
@@ -131,7 +136,7 @@ def check_timeout_errors(errors: list) -> None:
     assert (
         kind == "EPTimeoutError"
         and "rank 0" in message
-        and "low-latency dispatch" in message
+        and phase in message
         and "rank 1" in message
     ), message
     # The quoted progress is that of one waiting lane (with a lane per expert and rank, a pick by

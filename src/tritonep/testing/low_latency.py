@@ -17,11 +17,15 @@ from tritonep import reference
 from tritonep.testing.checks import device_of, gather, make_routing
 
 
+def _ll_buffer_key(max_tokens: int, hidden: int, num_experts: int, shrink: bool) -> tuple:
+    return ("ll-buffer", max_tokens, hidden, num_experts, shrink)
+
+
 def ll_buffer(
     ctx, max_tokens: int, hidden: int, num_experts: int, shrink: bool = False
 ) -> tritonep.Buffer:
     """One low-latency Buffer per (rank process, geometry), reused across tasks."""
-    key = ("ll-buffer", max_tokens, hidden, num_experts, shrink)
+    key = _ll_buffer_key(max_tokens, hidden, num_experts, shrink)
     buffer = ctx.state.get(key)
     if buffer is None:
         size = tritonep.Buffer.get_low_latency_rdma_size_hint(
@@ -385,17 +389,21 @@ def make_ll_buffer(ctx, shrink: bool = False, **shape) -> None:
     ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"], shrink=shrink)
 
 
-def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
-    """Without shrink mode a rank that never calls makes the others' dispatch fail with a timeout
-    that names rank and phase, and poisons their buffers. Three calls, each followed by a device
-    synchronisation: on the CPU backend the first raises the timeout and the others find the
-    buffer unusable; on a GPU the first returns (its kernel reports when it gives up), the second
-    raises the timeout, the third finds the buffer unusable. Any other exception (a device fault
-    on the timeout path) propagates."""
+def timeout_round(ctx, dead_rank: int, stall_s: float, op: str = "dispatch", **shape) -> dict:
+    """Without shrink mode a rank that never calls makes the others' dispatch (`op` "dispatch")
+    or clean barrier (`op` "clean") fail with a timeout that names rank and phase, and poisons
+    their buffers. Three calls, each followed by a device synchronisation: on the CPU backend the
+    first raises the timeout and the others find the buffer unusable; on a GPU the first returns
+    (its kernel reports when it gives up), the second raises the timeout, the third finds the
+    buffer unusable. Any other exception (a device fault on the timeout path) propagates.
+    Every rank then forgets its buffer of this geometry (the live ranks' are poisoned), so a later
+    task builds a new one collectively."""
     import time
 
+    key = _ll_buffer_key(shape["max_tokens"], shape["hidden"], shape["num_experts"], False)
     if ctx.rank == dead_rank:
         time.sleep(stall_s)
+        ctx.state.pop(key, None)
         return {"rank": ctx.rank}
     buffer = ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"])
     device = device_of(buffer)
@@ -405,14 +413,20 @@ def timeout_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     errors = []
     for _ in range(3):
         try:
-            buffer.low_latency_dispatch(
-                x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False
-            )
+            if op == "clean":
+                buffer.clean_low_latency_buffer(
+                    shape["max_tokens"], shape["hidden"], shape["num_experts"]
+                )
+            else:
+                buffer.low_latency_dispatch(
+                    x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False
+                )
             errors.append(None)
         except tritonep.EPError as e:
             errors.append((type(e).__name__, str(e)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    ctx.state.pop(key, None)
     return {"rank": ctx.rank, "errors": errors}
 
 

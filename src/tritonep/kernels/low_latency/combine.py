@@ -374,6 +374,7 @@ def _combine_kernel(
                         owner,
                         tl.full([BLOCK_T * BLOCK_K], -1, tl.int32),
                         -1,
+                        tag + 1,
                         tag,
                         deadline,
                         clock_addr,
@@ -434,9 +435,9 @@ def _combine_kernel(
                                         y = logfmt_decode(wire, meta, INTERPRETED)
                                     else:
                                         yp = slot.to(tl.pointer_type(tl.bfloat16)) + offsets
-                                        if (
-                                            ALIGNED
-                                        ):  # lost in the lane pick: 16-byte vectors need it
+                                        # Alignment is lost in the lane pick, and 16-byte
+                                        # vectors need it.
+                                        if ALIGNED:
                                             yp = tl.max_contiguous(
                                                 tl.multiple_of(yp, [16, 16]), [1, 128]
                                             )

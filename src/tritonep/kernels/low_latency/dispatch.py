@@ -245,9 +245,8 @@ def _dispatch_kernel(
                     pe, delta, direct = device.open_peer(
                         routes_ptr, rank, tl.where(valid, experts // L, 0), TRANSPORT, FORCE_PUT
                     )
-                    slots = recv + tl.cast(
-                        (local * NUM_RANKS + rank) * MAX_TOKENS + j, tl.int64
-                    ) * (SLOT_BYTES)
+                    slot_index = (local * NUM_RANKS + rank) * MAX_TOKENS + j
+                    slots = recv + tl.cast(slot_index, tl.int64) * SLOT_BYTES
                     # The put path sends every pair of the token from one copy in this rank's
                     # staging slot of token t (this program's alone: one program per token), written
                     # with the first pair that needs it.
@@ -293,9 +292,8 @@ def _dispatch_kernel(
                                         TRANSPORT,
                                         BLOCK_W,
                                     )
-                            device.quiet(
-                                TRANSPORT
-                            )  # this program's puts land before it counts them
+                            # This program's puts land before it counts them.
+                            device.quiet(TRANSPORT)
                     # Every thread's stores, ordered at block scope before the arrivals below.
                     tl.debug_barrier()
                     # Arrivals: release at system scope, so a program that later sees an expert's
@@ -351,6 +349,7 @@ def _dispatch_kernel(
                     lane_rank,
                     lane_expert,
                     L,
+                    tag + 1,
                     tag,
                     deadline,
                     clock_addr,

@@ -201,7 +201,8 @@ def wait_signals_or_give_up(
     peers,
     expert_lanes,
     no_expert,
-    tag,
+    target,
+    base,
     deadline,
     clock_addr,
     ok,
@@ -219,13 +220,13 @@ def wait_signals_or_give_up(
     USE_GLOBALTIMER: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
 ):
-    """A receiver's wait for the `live` signals `sigs` (of ranks `peers`) to pass `tag`.
+    """A wait for the `live` signals `sigs` (of ranks `peers`) to reach `target`.
 
-    Late peers are given up on (`give_up_on`; the record names the smallest late lane of
-    `expert_lanes`, or `no_expert` if none is smaller); without shrink mode that stops the call
-    (`ok` false). With HAS_WAIT_STATS each live lane adds its wait (ns) to its peer's stat.
-    Returns (signal values, late lanes, ok)."""
-    values, late, waited = wait_signals(sigs, live, tag + 1, deadline, clock_addr, USE_GLOBALTIMER)
+    Late peers are given up on (`give_up_on`; the record quotes progress as `value - base` of
+    `target - base`, and names the smallest late lane of `expert_lanes`, or `no_expert` if none is
+    smaller); without shrink mode that stops the call (`ok` false). With HAS_WAIT_STATS each live
+    lane adds its wait (ns) to its peer's stat. Returns (signal values, late lanes, ok)."""
+    values, late, waited = wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER)
     late = late & live
     if tl.sum(late.to(tl.int32), axis=0) > 0:
         give_up_on(
@@ -235,8 +236,8 @@ def wait_signals_or_give_up(
             ws,
             host,
             rank,
-            (values - tag).to(tl.int32),
-            1,
+            (values - base).to(tl.int32),
+            (target - base).to(tl.int32),
             PHASE,
             tl.min(tl.where(late, expert_lanes, no_expert), axis=0),
             SHRINK,
