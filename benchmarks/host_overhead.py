@@ -22,7 +22,6 @@ import ctypes
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,22 +29,11 @@ import triton
 import triton.language as tl
 
 import tritonep
-from tritonep.bench import bench_events, git_commit
+from tritonep.bench import bench_events, git_commit, host_us
 from tritonep.kernels import load_kernels
 from tritonep.modes.layout import allocate_outputs
+from tritonep.runtime.outputs import addressed
 from tritonep.testing import checks
-
-
-def host_us(fn, calls: int = 1000) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 @triton.jit
@@ -191,18 +179,18 @@ def low_latency_rows(profile: bool) -> list[dict]:
 
 
 def launcher_argument_steps(launch_once, stream) -> dict:
-    """Triton's compiled launcher alone, on the arguments of the launch `launch_once()` makes:
-    tensors (it calls `data_ptr()` and `cuPointerGetAttribute` for each) against their addresses
-    as ints."""
+    """Triton's compiled launcher alone, on the arguments of the launch `launch_once()` makes (a
+    compiled plan: the Buffer's own tensors and pooled outputs already as addresses): its tensors
+    (it calls `data_ptr()` and `cuPointerGetAttribute` for each) against their addresses as ints."""
     from tritonep.kernels.common.launch import KernelLaunch
 
     captured = []
-    original = KernelLaunch.launch
-    KernelLaunch.launch = lambda self, grid, stream, *args: captured.append((self, grid, args))
+    original = KernelLaunch.run
+    KernelLaunch.run = lambda self, grid, stream, *args: captured.append((self, grid, args))
     try:
         launch_once()
     finally:
-        KernelLaunch.launch = original
+        KernelLaunch.run = original
     launch, grid, args = captured[0]
     kernel = launch._kernel
     addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
@@ -223,9 +211,11 @@ def launcher_argument_steps(launch_once, stream) -> dict:
         )
 
     tensors = sum(isinstance(a, torch.Tensor) for a in args)
+    entry = "its C entry point" if launch.direct else "the launcher (no direct entry)"
     return {
         f"launcher: {len(args)} args, {tensors} tensors": lambda: run(args),
         "launcher: the same, tensors as ints": lambda: run(addresses),
+        f"KernelLaunch.run: the same, via {entry}": lambda: launch.run(grid, stream, *addresses),
     }
 
 
@@ -245,23 +235,11 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
     stream = buffer._streams.current()
     both = 0  # ROLE_BOTH
 
+    dispatch_outputs = addressed((recv_x, recv_scales, count, src_info, layout_range))
+    combine_output = addressed((out,))
+
     def dispatch_launch():
-        dispatch_plan.launch(
-            both,
-            stream,
-            0,
-            x,
-            topk_idx,
-            mode._mask,
-            recv_x,
-            recv_scales,
-            src_info,
-            layout_range,
-            count,
-            None,
-            None,
-            mode._workspace,
-        )
+        dispatch_plan.launch(both, stream, 0, x, topk_idx, dispatch_outputs, None, None)
 
     steps = {
         "ll: Buffer._ll (usable, mode)": lambda: buffer._ll("op"),
@@ -276,18 +254,7 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
         ),
         "ll dispatch: plan launch only": dispatch_launch,
         "ll combine: plan launch only": lambda: combine_plan.launch(
-            both,
-            stream,
-            0,
-            y,
-            topk_idx,
-            topk_weights,
-            src_info,
-            layout_range,
-            mode._mask,
-            out,
-            None,
-            mode._workspace,
+            both, stream, 0, y, topk_idx, topk_weights, src_info, layout_range, combine_output, None
         ),
     }
     steps.update(launcher_argument_steps(dispatch_launch, stream))
@@ -347,7 +314,8 @@ def main() -> int:
     mask = buffer._rank_mask
     host_addr = buffer._host.address
     layout_plan = kernels.layout.plan_route_stats(num_tokens, num_topk, num_experts, 1, 1, False)
-    outputs = allocate_outputs(layout_plan, num_tokens, x.device)
+    outputs = addressed(allocate_outputs(layout_plan, num_tokens, x.device))
+    fixed = addressed((scratch, mask))
     steps = {
         "_check_usable": lambda: buffer._check_usable("op"),
         "CommStreams.current()": buffer._streams.current,
@@ -361,7 +329,7 @@ def main() -> int:
         ),
         "tensor.view(torch.int32)": lambda: x.view(torch.int32),
         "layout plan: launch only": lambda: layout_plan.launch(
-            comm, topk_idx, num_tokens, scratch, mask, host_addr, outputs
+            comm, topk_idx, num_tokens, fixed, host_addr, outputs
         ),
         "layout outputs: fresh allocation": lambda: allocate_outputs(
             layout_plan, num_tokens, x.device

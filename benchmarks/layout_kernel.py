@@ -18,6 +18,7 @@ from tritonep import protocol, reference
 from tritonep.bench import bench_events, git_commit
 from tritonep.kernels import load_kernels
 from tritonep.modes.layout import allocate_outputs
+from tritonep.runtime.outputs import addressed
 
 
 def main():
@@ -43,11 +44,12 @@ def main():
         no_mask = torch.zeros(ranks, dtype=torch.int32, device="cuda")
         plan = kernels.layout.plan_route_stats(tokens, topk, experts, ranks, ranks, False)
         stream = torch.cuda.current_stream()
+        fixed = addressed((scratch, no_mask))
 
-        def layout(plan=plan, topk_idx=topk_idx, tokens=tokens, no_mask=no_mask):
-            outputs = allocate_outputs(plan, tokens, topk_idx.device)
-            plan.launch(stream, topk_idx, tokens, scratch, no_mask, host_block.data_ptr(), outputs)
-            return outputs
+        def layout(plan=plan, topk_idx=topk_idx, tokens=tokens, fixed=fixed):
+            outputs = addressed(allocate_outputs(plan, tokens, topk_idx.device))
+            plan.launch(stream, topk_idx, tokens, fixed, host_block.data_ptr(), outputs)
+            return outputs.tensors
 
         got = layout()
         want = reference.layout(topk_idx.cpu(), experts, ranks, ranks)

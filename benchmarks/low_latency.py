@@ -47,6 +47,7 @@ def _rank_main(rank, world_size, port, args, results_path):
         bench_kernels,
         gather_records,
         hold_device_while_host_queues,
+        host_us,
         join_group,
     )
     from tritonep.testing.dist import RankContext
@@ -171,6 +172,14 @@ def _rank_main(rank, world_size, port, args, results_path):
     dist.barrier(group)
     pair_t = bench_events(pair)[0]
     dist.barrier(group)
+    # The host's own time per pair (no events): above the pair's kernel time, the events above
+    # measure the host.
+    pair_host = host_us(pair, calls=200)
+    dist.barrier(group)
+    # The kernels of that pair loop as it runs (no alignment of the ranks): a kernel's time there
+    # includes its wait for the peer's launch of the same call.
+    loop_kernels = bench_kernels(pair, ("::dispatch", "::combine"))
+    dist.barrier(group)
 
     def hooked():
         _, _, h, _, dispatch_hook = buffer.low_latency_dispatch(
@@ -202,6 +211,9 @@ def _rank_main(rank, world_size, port, args, results_path):
             "combine_GBps": combine_bytes / 1e9 / kernel_combine,
             "dispatch_combine_event_us": pair_t * 1e6,
             "dispatch_combine_GBps": (dispatch_bytes + combine_bytes) / 1e9 / pair_t,
+            "dispatch_combine_host_us": pair_host,
+            "pair_loop_dispatch_kernel_us": loop_kernels["::dispatch"] * 1e6,
+            "pair_loop_combine_kernel_us": loop_kernels["::combine"] * 1e6,
             "hook_dispatch_send_us": send_d,
             "hook_dispatch_recv_us": recv_d,
             "hook_combine_send_us": send_c,
@@ -261,6 +273,9 @@ def main(argv=None) -> int:
         "dispatch_fp8_kernel_us",
         "combine_bf16_kernel_us",
         "dispatch_combine_event_us",
+        "dispatch_combine_host_us",
+        "pair_loop_dispatch_kernel_us",
+        "pair_loop_combine_kernel_us",
         "hook_dispatch_send_us",
         "hook_dispatch_recv_us",
         "hook_combine_send_us",

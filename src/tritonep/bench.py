@@ -29,6 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def host_us(fn, calls: int = 1000) -> float:
+    """Host time per call (us) of `fn` in a loop of `calls`, synchronised before and after: what
+    the host needs to issue one call. When it exceeds the GPU time of a call, CUDA events around
+    the call measure the host."""
+    import torch
+
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def bench_events(fn, num_warmups: int = 50, num_tests: int = 50) -> tuple[float, float, float]:
     """DeepEP's `bench`: (mean, min, max) seconds of `fn` between CUDA events, first sample
     dropped."""

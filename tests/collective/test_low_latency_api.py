@@ -101,6 +101,19 @@ def api_task(ctx) -> list[str]:
         (EPInvalidArgument, lambda: c(y, idx, weights, handle, out=torch.zeros((T, 8))), "out"),
         (EPInvalidArgument, lambda: c(y, idx, weights, handle[:4]), "handle", "5-tuple"),
         (EPInvalidArgument, lambda: c(y[:, :1], idx, weights, handle), "x"),
+        # After combines that took this handle (its checks are remembered): other ints, or other
+        # tensors beside the same ints, are checked again.
+        (
+            EPInvalidArgument,
+            lambda: c(y, idx, weights, (*handle[:2], T - 1, H, E)),
+            "packed_recv_src_info",
+            f"[{E // 2}, {2 * (T - 1)}]",
+        ),  # fmt: skip
+        (
+            EPInvalidArgument,
+            lambda: c(y, idx, weights, (handle[0][:, :1], *handle[1:])),
+            "packed_recv_src_info",
+        ),  # fmt: skip
     ]:
         problem = _expect(error, call, *needles)
         if problem:

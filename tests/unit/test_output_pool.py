@@ -17,16 +17,26 @@ def _addresses(outputs):
     return [t.data_ptr() for t in outputs if t is not None]
 
 
+def test_addresses_are_those_of_the_tensors():
+    pools = OutputPools(torch.device("cpu"))
+    for _ in range(2):  # a new set, then the same set from the pool
+        taken = pools.take("k", _make, 3)
+        assert taken.addresses == tuple(
+            t.data_ptr() if t is not None else None for t in taken.tensors
+        )
+        del taken
+
+
 def test_dropped_outputs_are_reused_and_held_ones_never():
     pools = OutputPools(torch.device("cpu"))
-    first = pools.take("k", _make, 3)
+    first = pools.take("k", _make, 3).tensors
     before = _addresses(first)
     first[2].fill_(7)
-    second = pools.take("k", _make, 3)  # `first` is held: a new set
+    second = pools.take("k", _make, 3).tensors  # `first` is held: a new set
     assert set(_addresses(second)).isdisjoint(before)
     assert torch.equal(first[2], torch.full((7,), 7, dtype=torch.int32))
     del first
-    third = pools.take("k", _make, 3)
+    third = pools.take("k", _make, 3).tensors
     assert _addresses(third) == before
 
 
@@ -44,27 +54,27 @@ def test_dropped_outputs_are_reused_and_held_ones_never():
 )
 def test_any_alias_keeps_a_set_out_of_the_pool(alias):
     pools = OutputPools(torch.device("cpu"))
-    outputs = pools.take("k", _make, 3)
+    outputs = pools.take("k", _make, 3).tensors
     before = _addresses(outputs)
     kept = alias(outputs)
     del outputs
-    assert set(_addresses(pools.take("k", _make, 3))).isdisjoint(before)
+    assert set(_addresses(pools.take("k", _make, 3).tensors)).isdisjoint(before)
     del kept
-    assert _addresses(pools.take("k", _make, 3)) == before
+    assert _addresses(pools.take("k", _make, 3).tensors) == before
 
 
 def test_the_newest_sets_are_kept():
     pools = OutputPools(torch.device("cpu"))
-    held = [pools.take("k", _make, 2) for _ in range(4)]  # sets 0 and 1 leave the pool
+    held = [pools.take("k", _make, 2).tensors for _ in range(4)]  # sets 0 and 1 leave the pool
     addresses = [_addresses(outputs) for outputs in held]
     del held
-    again = [pools.take("k", _make, 2) for _ in range(2)]
+    again = [pools.take("k", _make, 2).tensors for _ in range(2)]
     assert sorted(_addresses(outputs) for outputs in again) == sorted(addresses[2:])
 
 
 def test_clear_releases_the_pooled_memory():
     pools = OutputPools(torch.device("cpu"))
-    outputs = pools.take("k", _make, 3)
+    outputs = pools.take("k", _make, 3).tensors
     storage = outputs[0].untyped_storage()
     address = storage.data_ptr()
     del outputs

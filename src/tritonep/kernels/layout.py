@@ -193,15 +193,19 @@ class RouteStatsPlan:
             num_warps=4,
         )
 
-    def launch(
-        self, stream, topk_idx, num_tokens: int, scratch, rank_mask, host_addr: int, outputs
-    ) -> None:
-        """One launch on `stream`. `scratch`: int32, >= `scratch_slots(...)` entries, zero before
-        and after; `rank_mask`: int32 `[R]`, non-zero for ranks whose experts count as not selected;
-        `host_addr`: the host block, where the first expert id >= E is recorded."""
-        per_rank, per_node, per_expert, is_token_in_rank = outputs
+    def launch(self, stream, topk_idx, num_tokens: int, fixed, host_addr: int, outputs) -> None:
+        """One launch on `stream`. `fixed`: `AddressedTensors` of (scratch: int32, >=
+        `scratch_slots(...)` entries, zero before and after; rank mask: int32 `[R]`, non-zero for
+        ranks whose experts count as not selected); `host_addr`: the host block, where the first
+        expert id >= E is recorded; `outputs`: `AddressedTensors` of `allocate_outputs`."""
+        kernel = self._kernel
+        ready = kernel.ready()  # addresses for the compiled launcher, tensors for the JIT
+        scratch, rank_mask = fixed.addresses if ready else fixed.tensors
+        per_rank, per_node, per_expert, is_token_in_rank = (
+            outputs.addresses if ready else outputs.tensors
+        )
         num_programs = max(1, -(-num_tokens // self.block_tokens))
-        self._kernel.launch(
+        (kernel.run if ready else kernel.launch)(
             (num_programs,),
             stream,
             topk_idx,

@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from ..runtime.host import HostBlock
-from ..runtime.outputs import OutputPools
+from ..runtime.outputs import OutputPools, addressed
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
 
@@ -38,7 +38,9 @@ class RoutingLayout:
         self._rank_mask = rank_mask
         self._device = device
         self._outputs = outputs
-        self._scratch = torch.zeros(0, dtype=torch.int32, device=device)
+        # The kernel's persistent accumulator (grown as needed) and the rank mask, with their
+        # addresses for the launches.
+        self._fixed = addressed((torch.zeros(0, dtype=torch.int32, device=device), rank_mask))
         self._plans: dict = {}
 
     def __call__(
@@ -70,7 +72,7 @@ class RoutingLayout:
                 topology.is_internode,
             )
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
-        if self._scratch.numel() < plan.scratch_slots:
+        if self._fixed.tensors[0].numel() < plan.scratch_slots:
             # Zeroed once, in stream order before the launch; the kernel leaves it zero after every
             # call.
             with (
@@ -78,24 +80,16 @@ class RoutingLayout:
                 if streams.launch is not None
                 else contextlib.nullcontext()
             ):
-                self._scratch = torch.zeros(
-                    plan.scratch_slots, dtype=torch.int32, device=self._device
-                )
+                scratch = torch.zeros(plan.scratch_slots, dtype=torch.int32, device=self._device)
+            self._fixed = addressed((scratch, self._rank_mask))
         with streams.allocation():
             outputs = self._outputs.take(
                 ("get_dispatch_layout", key, num_tokens),
                 lambda: allocate_outputs(plan, num_tokens, self._device),
                 3,
             )
-        plan.launch(
-            streams.launch,
-            topk_idx,
-            num_tokens,
-            self._scratch,
-            self._rank_mask,
-            self._host.address,
-            outputs,
-        )
+        plan.launch(streams.launch, topk_idx, num_tokens, self._fixed, self._host.address, outputs)
+        outputs = outputs.tensors
         event = streams.finish((topk_idx, *outputs) if async_finish else ())
         return (*outputs, event)
 

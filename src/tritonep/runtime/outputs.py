@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -36,46 +37,61 @@ def _cuda_capturing() -> bool:
     return torch._C._cuda_isCurrentStreamCapturing()
 
 
-class _Entry:
-    """One set of outputs, and the reference counts it has when nobody holds it."""
+class AddressedTensors(NamedTuple):
+    """Tensors (None allowed) and their addresses, which a launch plan passes in place of the
+    tensors once its kernel is compiled (`KernelLaunch.ready`): a set of pooled outputs, or the
+    tensors a Buffer keeps for all its calls."""
 
-    __slots__ = ("outputs", "_tensors", "_storages", "_storage_uses", "_references")
+    tensors: tuple
+    addresses: tuple
+
+
+def addressed(tensors) -> AddressedTensors:
+    """`tensors` with their addresses, read now (they must not be reallocated later)."""
+    tensors = tuple(tensors)
+    addresses = tuple(t.data_ptr() if t is not None else None for t in tensors)
+    return AddressedTensors(tensors, addresses)
+
+
+class _Entry:
+    """One set of outputs, and the reference count it has when nobody holds it."""
+
+    __slots__ = ("outputs", "addresses", "_objects", "_storage_ids", "_baseline")
 
     def __init__(self, outputs: list[torch.Tensor | None]):
         # The list itself, not a copy: while a copy and the original both lived, every tensor
         # would count one reference more than it does later, and the entry would never be idle.
         self.outputs = outputs
-        self._tensors = [t for t in outputs if t is not None]
-        # Held, so their addresses stay valid; they are part of the baseline counts.
+        self.addresses = addressed(outputs).addresses
+        tensors = [t for t in outputs if t is not None]
+        # Held, so their addresses stay valid; they are part of the baseline count.
         storages = {}
-        for t in self._tensors:
+        for t in tensors:
             storage = t.untyped_storage()
             storages.setdefault(storage.data_ptr(), storage)
-        self._storages = list(storages.values())
-        del storages, storage, t
-        self._storage_uses = self._use_counts()
-        self._references = self._reference_counts()
+        # The storages' Python objects are counted too: torch hands out one object per storage, so
+        # a caller's `untyped_storage()` is one of these very objects.
+        self._objects = tensors + list(storages.values())
+        self._storage_ids = [s._cdata for s in storages.values()]
+        del tensors, storages, storage, t
+        self._baseline = self._count()
 
-    def _use_counts(self) -> list[int]:
-        return [_storage_use_count(s._cdata) for s in self._storages]
-
-    def _reference_counts(self) -> list[int]:
-        # The storages' Python objects too: torch hands out one object per storage, so a caller's
-        # `untyped_storage()` is one of these very objects.
-        return [sys.getrefcount(t) for t in self._tensors] + [
-            sys.getrefcount(s) for s in self._storages
-        ]
+    def _count(self) -> int:
+        # One sum over every use count and reference count: none of them ever drops below its
+        # value at the baseline (the pool's own references stay), so the sum is back at the
+        # baseline exactly when each of them is (a third of the time of comparing them one by
+        # one, which this runs on every call).
+        return sum(map(_storage_use_count, self._storage_ids)) + sum(
+            map(sys.getrefcount, self._objects)
+        )
 
     def idle(self) -> bool:
-        return (
-            self._use_counts() == self._storage_uses
-            and self._reference_counts() == self._references
-        )
+        return self._count() == self._baseline
 
 
 class OutputPool:
-    """The outputs of one call geometry: `take()` returns a tuple of the tensors in the list that
-    `make()` returns, reused when idle; the `depth` newest sets are kept. `make` must not hold
+    """The outputs of one call geometry: `take()` returns `AddressedTensors` of the list
+    that `make()` returns, reused when idle; the `depth` newest sets are kept. `make` must not hold
     tensors of the call that created the pool."""
 
     __slots__ = ("_make", "_depth", "_cuda", "_entries")
@@ -86,14 +102,15 @@ class OutputPool:
         self._cuda = cuda  # the outputs are CUDA tensors: a graph capture may be under way
         self._entries: list[_Entry] = []
 
-    def take(self) -> tuple:
+    def take(self) -> AddressedTensors:
         capturing = self._cuda and _cuda_capturing()
         if not capturing:
             for entry in self._entries:
                 if entry.idle():
-                    return tuple(entry.outputs)  # a new tuple: holding it counts as holding
+                    # A new tuple: holding it counts as holding the tensors.
+                    return AddressedTensors(tuple(entry.outputs), entry.addresses)
         if capturing or _storage_use_count is None:
-            return tuple(self._make())
+            return addressed(self._make())
         if len(self._entries) >= self._depth:
             # Every set is held: the oldest leaves the pool (it stays its holder's, like any
             # fresh tensor), so a caller that keeps some results for good does not leave the
@@ -101,7 +118,7 @@ class OutputPool:
             del self._entries[0]
         entry = _Entry(self._make())
         self._entries.append(entry)
-        return tuple(entry.outputs)
+        return AddressedTensors(tuple(entry.outputs), entry.addresses)
 
 
 class OutputPools:
@@ -117,7 +134,9 @@ class OutputPools:
         self._cuda = device.type == "cuda"
         self._max_keys = max_keys
 
-    def take(self, key, make: Callable[[], list[torch.Tensor | None]], depth: int) -> tuple:
+    def take(
+        self, key, make: Callable[[], list[torch.Tensor | None]], depth: int
+    ) -> AddressedTensors:
         pool = self._pools.get(key)
         if pool is None:
             if len(self._pools) >= self._max_keys:

@@ -91,6 +91,7 @@ def _cases(kernels):
     from tritonep.kernels.intranode.queues import IntranodeQueues
     from tritonep.modes.intranode import program_shape
     from tritonep.modes.layout import allocate_outputs
+    from tritonep.runtime.outputs import addressed
 
     for num_ranks in (2, 8):
         shape = program_shape("cuda", num_ranks)
@@ -114,16 +115,10 @@ def _cases(kernels):
         square = torch.zeros((num_ranks, num_ranks), dtype=torch.int32)
         send_head = torch.zeros((tokens, num_ranks), dtype=torch.int32)
         layout = kernels.layout.plan_route_stats(tokens, topk, experts, num_ranks, num_ranks, False)
-        outputs = allocate_outputs(layout, tokens, torch.device("cpu"))
+        outputs = addressed(allocate_outputs(layout, tokens, torch.device("cpu")))
+        fixed = addressed((torch.zeros(1024, dtype=torch.int32), rank_mask))
         yield functools.partial(
-            layout.launch,
-            None,
-            topk_idx,
-            tokens,
-            torch.zeros(1024, dtype=torch.int32),
-            rank_mask,
-            ctx.host_addr,
-            outputs,
+            layout.launch, None, topk_idx, tokens, fixed, ctx.host_addr, outputs
         )
         for counting in (False, True):
             notify = kernels.intranode.notify.NotifyPlan(
@@ -214,6 +209,7 @@ def _low_latency_cases(kernels):
     from types import SimpleNamespace
 
     from tritonep.kernels.common.context import LaunchContext
+    from tritonep.runtime.outputs import addressed
 
     ll = kernels.low_latency
     num_ranks, tokens, hidden, topk, experts = 2, 128, 7168, 8, 288
@@ -268,6 +264,8 @@ def _low_latency_cases(kernels):
             has_cumulative=True,
             has_wait_stats=True,
             num_warps=8,
+            mask=mask,
+            workspace=workspace,
             arrivals=torch.zeros(2 * experts, dtype=torch.int32),
         )
         recv = torch.zeros((local, slots, hidden), dtype=torch.uint8 if fp8 else torch.bfloat16)
@@ -276,23 +274,8 @@ def _low_latency_cases(kernels):
             if fp8
             else None
         )
-        yield functools.partial(
-            plan.launch,
-            role,
-            None,
-            0,
-            x,
-            idx,
-            mask,
-            recv,
-            scales,
-            src_info,
-            layout_range,
-            counts,
-            counts,
-            stats,
-            workspace,
-        )
+        outputs = addressed((recv, scales, counts, src_info, layout_range))
+        yield functools.partial(plan.launch, role, None, 0, x, idx, outputs, counts, stats)
     y = torch.zeros((local, slots, hidden), dtype=torch.bfloat16)
     for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
         plan = ll.combine.CombinePlan(
@@ -306,6 +289,8 @@ def _low_latency_cases(kernels):
             shrink=False,
             has_wait_stats=True,
             num_warps=8,
+            mask=mask,
+            workspace=workspace,
             arrivals=torch.zeros(2 * experts, dtype=torch.int32),
         )
         yield functools.partial(
@@ -318,10 +303,8 @@ def _low_latency_cases(kernels):
             weights,
             src_info,
             layout_range,
-            mask,
-            x,
+            addressed((x,)),
             stats,
-            workspace,
         )
     clean = ll.clean.CleanPlan(memory, ctx, regions.barrier, shrink=True)
     yield functools.partial(clean.launch, None, mask, workspace)

@@ -21,6 +21,21 @@ floats at 9.7 us (`2026-12-02-h200-host-overhead-19f4fdb.json`). A launch layer 
 driver (026ba41) added ctypes argument conversion and a parameter fill per call and did not win
 back that gap, so it was removed (ecc863a).
 
+The compiled launcher asks each tensor argument for its `data_ptr()` (a Python method call, about
+0.6 us each on that host: the LL dispatch's 12 tensors cost 19.5 us per launch, their addresses as
+ints 12.1). A plan whose tensors outlive the call (the buffer's own memory, pooled outputs) passes
+their addresses, computed once, whenever `ready()`: the compiled launcher takes an int for a
+pointer as it is. The JIT path (the first call, the interpreter) needs the tensors themselves: it
+specialises on them.
+
+Triton's launcher object is itself a Python layer over its C entry point (`launcher.launch`):
+scratch allocation, profiler checks and closures on every call, 0.9 us on a fast host. Where that
+layer has nothing to do for a kernel (no global or profile scratch, no sanitizer), the first
+compiled launch records the call it makes to the C entry point, and later launches call it
+directly with the recorded constant part. The record is used only if it has a known shape (grid,
+stream, function first; the arguments last, untouched, as one tuple (triton 3.8) or one by one
+(3.6)); otherwise every launch keeps going through the launcher object, as before.
+
 In the interpreter (CPU backend), and whenever a Triton launch hook is set (e.g. a Triton
 profiler), it launches through the JIT as usual, so nothing is hidden from such tools.
 """
@@ -41,20 +56,33 @@ def pow2(value: int) -> int:
     return 1 << max(0, value - 1).bit_length()
 
 
+_runtime_knobs = triton.knobs.runtime
+
+
 def _hooks_active() -> bool:
     """True when a Triton launch hook is registered (triton 3.8 keeps empty `HookChain`s, 3.6
     None)."""
-    knobs = triton.knobs.runtime
-    return any(
-        hook is not None and getattr(hook, "calls", True)
-        for hook in (knobs.launch_enter_hook, knobs.launch_exit_hook)
+    enter, leave = _runtime_knobs.launch_enter_hook, _runtime_knobs.launch_exit_hook
+    return (enter is not None and bool(getattr(enter, "calls", True))) or (
+        leave is not None and bool(getattr(leave, "calls", True))
     )
+
+
+# `KernelLaunch._direct` of a launcher whose C entry point cannot be called directly.
+_NO_DIRECT = ()
 
 
 # The raw handle of the current CUDA stream, as Triton's own launcher asks torch for it (absent
 # from CPU-only builds of torch, where nothing is launched this way).
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def _same(passed: tuple, expected: tuple) -> bool:
+    """The very objects, in order (tensors do not compare with `==`)."""
+    return len(passed) == len(expected) and all(
+        a is b for a, b in zip(passed, expected, strict=True)
+    )
 
 
 class KernelLaunch:
@@ -65,7 +93,7 @@ class KernelLaunch:
     compilation).
     """
 
-    __slots__ = ("fn", "_jit", "_constexprs", "_kernel", "_tail", "_compiled")
+    __slots__ = ("fn", "_jit", "_constexprs", "_kernel", "_tail", "_compiled", "_direct")
 
     def __init__(self, fn, wrap=None, **constexprs_and_options):
         self.fn = fn
@@ -73,6 +101,9 @@ class KernelLaunch:
         self._constexprs = constexprs_and_options
         self._kernel = None
         self._tail: tuple = ()
+        # (C entry point, its constant arguments, whether the arguments go as one tuple) once
+        # learnt, `_NO_DIRECT` if unusable.
+        self._direct: tuple | None = None
         self._compiled = (
             isinstance(fn, triton.runtime.jit.JITFunction) and not _env.interpret_enabled()
         )
@@ -85,25 +116,107 @@ class KernelLaunch:
             return None
         return self._kernel.n_regs, self._kernel.n_spills
 
+    def ready(self) -> bool:
+        """Whether a launch now goes straight to the compiled launcher: then pointer arguments may
+        be addresses (`run`); otherwise they must be tensors (`launch`)."""
+        return self._kernel is not None and not _hooks_active()
+
     def launch(self, grid: tuple, stream, *args) -> None:
-        kernel = self._kernel
-        if kernel is None or _hooks_active():
+        """Launch `args` (tensors for pointers) on `stream`, through the JIT when not `ready()`."""
+        if self._kernel is None or _hooks_active():
             self._launch_jit(grid, stream, args)
             return
+        self.run(grid, stream, *args)
+
+    @property
+    def direct(self) -> bool:
+        """Whether launches call Triton's C entry point directly (see the module docstring)."""
+        return bool(self._direct)
+
+    def run(self, grid: tuple, stream, *args) -> None:
+        """Launch through the compiled launcher; only when `ready()`. Pointers may be addresses."""
         handle = stream.cuda_stream if stream is not None else _raw_stream(_current_device())
-        kernel.run(
-            grid[0],
-            grid[1] if len(grid) > 1 else 1,
-            grid[2] if len(grid) > 2 else 1,
-            handle,
-            kernel.function,
-            kernel.packed_metadata,
-            None,
-            None,
-            None,
-            *args,
-            *self._tail,
+        grid_y = grid[1] if len(grid) > 1 else 1
+        grid_z = grid[2] if len(grid) > 2 else 1
+        direct = self._direct
+        if direct:
+            # The recorded constant part starts with the function handle.
+            entry, constant, packed = direct
+            if packed:
+                entry(grid[0], grid_y, grid_z, handle, *constant, (*args, *self._tail))
+            else:
+                entry(grid[0], grid_y, grid_z, handle, *constant, *args, *self._tail)
+        elif direct is None:
+            self._run_and_learn(grid[0], grid_y, grid_z, handle, args)
+        else:
+            kernel = self._kernel
+            kernel.run(
+                grid[0],
+                grid_y,
+                grid_z,
+                handle,
+                kernel.function,
+                kernel.packed_metadata,
+                None,
+                None,
+                None,
+                *args,
+                *self._tail,
+            )
+
+    def _run_and_learn(self, grid_x: int, grid_y: int, grid_z: int, handle: int, args) -> None:
+        """The first compiled launch: through the launcher object, recording its call to the C
+        entry point when the launcher has no per-call work for this kernel."""
+        kernel = self._kernel
+        launcher = kernel.run
+        entry = getattr(launcher, "launch", None)
+        calls = []
+        learn = (
+            entry is not None
+            and getattr(launcher, "global_scratch_size", 1) == 0
+            and getattr(launcher, "profile_scratch_size", 1) == 0
+            and not getattr(launcher, "gsan_enabled", False)
+            and getattr(launcher, "_tvmffi_host_launch", None) is None
         )
+        if learn:
+
+            def record(*entry_args, **entry_kwargs):
+                calls.append((entry_args, entry_kwargs))
+                return entry(*entry_args, **entry_kwargs)
+
+            try:
+                launcher.launch = record
+            except AttributeError:
+                learn = False
+        full = (*args, *self._tail)
+        try:
+            kernel.run(
+                grid_x,
+                grid_y,
+                grid_z,
+                handle,
+                kernel.function,
+                kernel.packed_metadata,
+                None,
+                None,
+                None,
+                *full,
+            )
+        finally:
+            if learn:
+                launcher.launch = entry
+        self._direct = _NO_DIRECT
+        if len(calls) != 1 or calls[0][1]:
+            return
+        entry_args = calls[0][0]
+        if entry_args[:5] != (grid_x, grid_y, grid_z, handle, kernel.function):
+            return
+        # The arguments go as one tuple at the end (triton 3.8) or one by one at the end (3.6).
+        last, flat_start = entry_args[-1], len(entry_args) - len(full)
+        if isinstance(last, tuple) and _same(last, full):
+            self._direct = (entry, entry_args[4:-1], True)
+        elif flat_start >= 5 and _same(entry_args[flat_start:], full):
+            self._direct = (entry, entry_args[4:flat_start], False)
 
     def _launch_jit(self, grid, stream, args) -> None:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():

@@ -480,6 +480,8 @@ class CombinePlan(RolePlan):
         shrink: bool,
         has_wait_stats: bool,
         num_warps: int,
+        mask: torch.Tensor,
+        workspace: torch.Tensor,
         arrivals: torch.Tensor,
     ):
         max_senders = max(senders for senders, _ in grids.values())
@@ -494,6 +496,7 @@ class CombinePlan(RolePlan):
             grids,
             shrink,
             protocol.PHASE_LL_COMBINE,
+            (mask, workspace, arrivals),
             NUM_TOPK=num_topk,
             USE_LOGFMT=use_logfmt,
             ZERO_COPY=zero_copy,
@@ -527,7 +530,6 @@ class CombinePlan(RolePlan):
             # Sums in the reference's order with separate roundings, so results are bit-exact.
             enable_fp_fusion=False,
         )
-        self._arrivals = arrivals
 
     def launch(
         self,
@@ -539,11 +541,12 @@ class CombinePlan(RolePlan):
         topk_weights,
         src_info,
         layout_range,
-        mask,
         out,
         wait_stats,
-        workspace,
     ) -> None:
+        """One launch on `stream`; `out`: `AddressedTensors` of (combined output,)."""
+        kernel, ready, fixed, (combined,) = self._begin(role, out)
+        mask, workspace, arrivals, routes = fixed
         head = (
             x.data_ptr(),
             topk_idx,
@@ -551,9 +554,9 @@ class CombinePlan(RolePlan):
             src_info,
             layout_range,
             mask,
-            out,
+            combined,
             wait_stats if wait_stats is not None else layout_range,
             workspace,
-            self._arrivals,
+            arrivals,
         )
-        self._launch(role, stream, head, topk_idx.shape[0], parity)
+        self._launch(kernel, ready, role, stream, head, routes, topk_idx.shape[0], parity)

@@ -177,37 +177,17 @@ def _dispatch_kernel(
             num_pairs = num_tokens * NUM_TOPK
             arrivals = counters_ptr + parity * NUM_EXPERTS
             if ok:
-                # Experts e = pid + S * i that no pair selects still get their count 0 (unless their
-                # owner is masked): from this program, which owns them by id.
-                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
-                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
-                for p0 in range(0, num_pairs, CHUNK):
-                    positions = p0 + flat
-                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
-                    hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
-                idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
-                idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
-                # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
-                idle_pe, idle_delta, idle_direct = device.open_peer(
-                    routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
-                )
-                idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
-                device.signal_lanes(
-                    idle_sigs.to(tl.pointer_type(tl.int64)),
-                    tag + 1,
-                    idle_pe,
-                    idle_delta,
-                    idle_direct,
-                    idle,
-                    device.SIGNAL_SET,
-                    TRANSPORT,
-                )
-
                 ks = tl.arange(0, BLOCK_K)
                 for t in range(pid, num_tokens, NUM_SENDERS):
                     experts = tl.load(
                         topk_idx_ptr + t * NUM_TOPK + ks, mask=ks < NUM_TOPK, other=-1
                     )
+                    # The row's load is issued before the routing scan, which does not need it:
+                    # its latency hides behind the scan's.
+                    xp, xm = group_tile(
+                        x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
+                    )
+                    x = tl.load(xp, mask=xm, other=0.0)
                     # For each k: `total`, the pairs of the whole routing that select its expert,
                     # and `j`, those before (t, k) in row-major order (its slot in the expert's
                     # block, so the block lists tokens in ascending order, k order within a token).
@@ -232,10 +212,6 @@ def _dispatch_kernel(
                     # on each expert's total even if a receiver masks a rank in the middle of the
                     # launch, so the arrival counters always return to 0.
                     live = unmasked(mask_ptr, experts // L, sent)
-                    xp, xm = group_tile(
-                        x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
-                    )
-                    x = tl.load(xp, mask=xm, other=0.0)
                     if USE_FP8:
                         values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
                     # Every pair's route, slot and signal as lanes: the loops below pick one word
@@ -318,6 +294,33 @@ def _dispatch_kernel(
                         device.SIGNAL_SET,
                         TRANSPORT,
                     )
+                # Experts e = pid + S * i that no pair selects still get their count 0 (unless
+                # their owner is masked): from this program, which owns them by id. After its
+                # tokens: their rows and counts are what receivers wait for, so they go first.
+                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
+                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
+                for p0 in range(0, num_pairs, CHUNK):
+                    positions = p0 + flat
+                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
+                    hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
+                idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
+                idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
+                # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
+                idle_pe, idle_delta, idle_direct = device.open_peer(
+                    routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
+                )
+                idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
+                device.signal_lanes(
+                    idle_sigs.to(tl.pointer_type(tl.int64)),
+                    tag + 1,
+                    idle_pe,
+                    idle_delta,
+                    idle_direct,
+                    idle,
+                    device.SIGNAL_SET,
+                    TRANSPORT,
+                )
+
     if ROLE != ROLE_SEND:  # noqa: SIM102 (constexpr, then runtime)
         if pid < NUM_RECEIVERS:
             # ---------------------------------------------------------- receiver: local experts
@@ -488,6 +491,8 @@ class DispatchPlan(RolePlan):
         has_cumulative: bool,
         has_wait_stats: bool,
         num_warps: int,
+        mask: torch.Tensor,
+        workspace: torch.Tensor,
         arrivals: torch.Tensor,
     ):
         # Each sender signals the idle experts among `pid + S * [0, BLOCK_E)`: enough lanes for
@@ -496,9 +501,6 @@ class DispatchPlan(RolePlan):
         receivers = min((receivers for _, receivers in grids.values() if receivers > 0), default=1)
         block_e = pow2(-(-regions.num_experts // senders))
         block_k = pow2(num_topk)
-        # Arrivals of (set p, expert e) at `p * E + e`: int32, >= 2E entries of this rank's memory,
-        # zero before the first launch; every launch leaves them at 0.
-        self._arrivals = arrivals
         super().__init__(
             _dispatch_kernel,
             memory,
@@ -507,6 +509,9 @@ class DispatchPlan(RolePlan):
             grids,
             shrink,
             protocol.PHASE_LL_DISPATCH,
+            # Arrivals of (set p, expert e) at `p * E + e`: int32, >= 2E entries of this rank's
+            # memory, zero before the first launch; every launch leaves them at 0.
+            (mask, workspace, arrivals),
             NUM_TOPK=num_topk,
             USE_FP8=use_fp8,
             ROUND_SCALE=round_scale,
@@ -537,22 +542,20 @@ class DispatchPlan(RolePlan):
         parity: int,
         x: torch.Tensor,
         topk_idx: torch.Tensor,
-        mask,
-        recv_x,
-        recv_scales,
-        src_info,
-        layout_range,
-        recv_count,
+        outputs,
         cumulative_stats,
         wait_stats,
-        workspace,
     ) -> None:
-        """One launch on `stream`."""
+        """One launch on `stream`; `outputs`: `AddressedTensors` of (recv_x, recv_scales or None,
+        recv_count, src_info, layout_range)."""
+        kernel, ready, fixed, outs = self._begin(role, outputs)
+        mask, workspace, arrivals, routes = fixed
+        _, recv_scales, recv_count, src_info, layout_range = outs
         head = (
             x,
             topk_idx,
             mask,
-            recv_x.data_ptr(),
+            outputs.addresses[0],  # recv_x as an address: FP8 or BF16 rows, one kernel parameter
             recv_scales if recv_scales is not None else recv_count,
             src_info,
             layout_range,
@@ -560,6 +563,6 @@ class DispatchPlan(RolePlan):
             cumulative_stats if cumulative_stats is not None else recv_count,
             wait_stats if wait_stats is not None else layout_range,
             workspace,
-            self._arrivals,
+            arrivals,
         )
-        self._launch(role, stream, head, x.shape[0], parity)
+        self._launch(kernel, ready, role, stream, head, routes, x.shape[0], parity)

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ... import _env, protocol
+from ...runtime.outputs import addressed
 from ..common.launch import KernelLaunch
 from ..common.sync import deadline_passed, load_acquire, load_uniform, now_ns, report_error
 
@@ -136,13 +137,24 @@ def give_up_on(
 class RolePlan:
     """What the launch plans of the LL data kernels share: one `KernelLaunch` per role of `grids`
     (`{role: (senders, receivers)}`; the fused role cooperative, since its receivers wait for its
-    senders), the constexprs of the memory layout, transport and error reporting, and the fixed
-    trailing arguments (routes, RDMA base, rank; host block, clock, timeout)."""
+    senders), the constexprs of the memory layout, transport and error reporting, the Buffer's
+    tensors every launch takes (`fixed`: mask, workspace, arrival counters, with the RDMA route
+    table added) and the fixed trailing arguments (RDMA base, rank; host block, clock, timeout)."""
 
     def __init__(
-        self, kernel, memory, ctx, regions, grids: dict, shrink: bool, phase: int, **constexprs
+        self,
+        kernel,
+        memory,
+        ctx,
+        regions,
+        grids: dict,
+        shrink: bool,
+        phase: int,
+        fixed: tuple,
+        **constexprs,
     ):
         self.grids = grids
+        self._grid = {role: (max(programs),) for role, programs in grids.items()}
         shared = dict(
             NUM_RANKS=regions.num_ranks,
             NUM_EXPERTS=regions.num_experts,
@@ -179,7 +191,8 @@ class RolePlan:
             )
             for role, (senders, receivers) in grids.items()
         }
-        self._routes = (memory.rdma_routes, memory.rdma_base, ctx.rank)
+        self._fixed = addressed((*fixed, memory.rdma_routes))
+        self._trailing = (memory.rdma_base, ctx.rank)
         self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
     def resources(self) -> dict[int, tuple[int, int]]:
@@ -187,10 +200,28 @@ class RolePlan:
         built = {role: kernel.resources for role, kernel in self._kernels.items()}
         return {role: used for role, used in built.items() if used is not None}
 
-    def _launch(self, role: int, stream, head: tuple, num_tokens: int, parity: int) -> None:
+    def _begin(self, role: int, outputs) -> tuple:
+        """(kernel of `role`, whether it takes addresses now, `fixed` and `outputs` (an
+        `AddressedTensors`) as it takes them): addresses once compiled, which saves its launcher a
+        `data_ptr()` call per tensor, tensors for the JIT."""
+        kernel = self._kernels[role]
+        if kernel.ready():
+            return kernel, True, self._fixed.addresses, outputs.addresses
+        return kernel, False, self._fixed.tensors, outputs.tensors
+
+    def _launch(
+        self, kernel, ready: bool, role: int, stream, head: tuple, routes, num_tokens, parity
+    ) -> None:
         """`head`: the kernel's own leading arguments; the shared ones follow."""
-        self._kernels[role].launch(
-            (max(self.grids[role]),), stream, *head, *self._routes, num_tokens, parity, *self._host
+        (kernel.run if ready else kernel.launch)(
+            self._grid[role],
+            stream,
+            *head,
+            routes,
+            *self._trailing,
+            num_tokens,
+            parity,
+            *self._host,
         )
 
 
