@@ -15,6 +15,7 @@ order (`send_k, hook_k, send_k+1`) guarantees by itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 import weakref
@@ -618,6 +619,8 @@ def program_counts(
     return max(1, min(send_items, most_senders)), max(1, min(receive_items, most_receivers))
 
 
+# The allocators are built once per geometry: a closure per call cost as much as the pool lookup.
+@functools.lru_cache(maxsize=64)
 def _dispatch_outputs(regions, use_fp8: bool, use_ue8m0: bool, device: torch.device):
     """The dispatch outputs of one geometry: [recv_x, recv_scales or None, recv_count, src_info,
     layout_range]."""
@@ -650,6 +653,7 @@ def _dispatch_outputs(regions, use_fp8: bool, use_ue8m0: bool, device: torch.dev
     return allocate
 
 
+@functools.lru_cache(maxsize=64)
 def _combine_output(num_tokens: int, hidden: int, device: torch.device):
     def allocate() -> list:
         return [torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)]
