@@ -149,20 +149,23 @@ class KernelLaunch:
         elif direct is None:
             self._run_and_learn(grid[0], grid_y, grid_z, handle, args)
         else:
-            kernel = self._kernel
-            kernel.run(
-                grid[0],
-                grid_y,
-                grid_z,
-                handle,
-                kernel.function,
-                kernel.packed_metadata,
-                None,
-                None,
-                None,
-                *args,
-                *self._tail,
-            )
+            self._through_launcher(grid[0], grid_y, grid_z, handle, (*args, *self._tail))
+
+    def _through_launcher(self, grid_x, grid_y, grid_z, handle, full: tuple) -> None:
+        """Launch through Triton's launcher object (`full`: the arguments, constexprs included)."""
+        kernel = self._kernel
+        kernel.run(
+            grid_x,
+            grid_y,
+            grid_z,
+            handle,
+            kernel.function,
+            kernel.packed_metadata,
+            None,
+            None,
+            None,
+            *full,
+        )
 
     def _run_and_learn(self, grid_x: int, grid_y: int, grid_z: int, handle: int, args) -> None:
         """The first compiled launch: through the launcher object, recording its call to the C
@@ -190,18 +193,7 @@ class KernelLaunch:
                 learn = False
         full = (*args, *self._tail)
         try:
-            kernel.run(
-                grid_x,
-                grid_y,
-                grid_z,
-                handle,
-                kernel.function,
-                kernel.packed_metadata,
-                None,
-                None,
-                None,
-                *full,
-            )
+            self._through_launcher(grid_x, grid_y, grid_z, handle, full)
         finally:
             if learn:
                 launcher.launch = entry
