@@ -51,12 +51,16 @@ class HostBlock:
             protocol.HOST_SLOTS, dtype=torch.int64, device="cpu", pin_memory=pinned
         )
         self._slots = self._tensor.numpy()
+        # Reads of single slots on every call's check: indexing a memoryview gives a Python int
+        # directly (0.1 us for the four flags, against 0.4 through numpy scalars).
+        self._words = memoryview(self._slots)
         self.address = self._tensor.data_ptr()
         self.poison: str | None = None
         self.num_worst_tokens = 0  # of the latest worst-case dispatch, for the overflow message
         self._ready_token = 0
 
     def close(self) -> None:
+        self._words.release()  # the view exports the block's buffer: released first
         self._tensor = None
         self._slots = None
 
@@ -90,8 +94,8 @@ class HostBlock:
         An error record poisons the buffer, except a refusal (no kernel acted on it). A worst-case
         overflow and an expert id out of range are caller errors that stop nothing: they raise once.
         """
-        slots = self._slots
-        overflow = int(slots[protocol.HOST_OVERFLOW]) if include_overflow else 0
+        slots, words = self._slots, self._words
+        overflow = words[protocol.HOST_OVERFLOW] if include_overflow else 0
         if overflow:
             slots[protocol.HOST_OVERFLOW] = 0
             raise EPInvalidArgument(
@@ -99,7 +103,7 @@ class HostBlock:
                 f"num_worst_tokens was {self.num_worst_tokens}; the rows beyond it were dropped "
                 "(raise num_worst_tokens)"
             )
-        bad_token = int(slots[protocol.HOST_BAD_EXPERT])
+        bad_token = words[protocol.HOST_BAD_EXPERT]
         if bad_token:
             first = protocol.HOST_BAD_EXPERT
             k, value, num_experts = (int(v) for v in slots[first + 1 : first + 4])
@@ -109,7 +113,7 @@ class HostBlock:
                 f"topk_idx[{bad_token - 1}, {k}] = {value}, which is not below "
                 f"num_experts={num_experts}; it was counted as -1 (no expert)"
             )
-        shrunk = int(slots[protocol.HOST_SHRUNK])
+        shrunk = words[protocol.HOST_SHRUNK]
         if shrunk:
             slots[protocol.HOST_SHRUNK] = 0
             ranks = [s for s in range(64) if shrunk >> s & 1]
@@ -118,7 +122,7 @@ class HostBlock:
                 f"{ranks}, which are now masked (shrink mode); the calls completed without them",
                 stacklevel=3,
             )
-        code = int(slots[protocol.HOST_ERROR_CODE])
+        code = words[protocol.HOST_ERROR_CODE]
         if code != 0:
             self._raise_record(op, code)
 
