@@ -56,14 +56,10 @@ def _load_block(
     BLOCK_W: tl.constexpr,
     CACHE: tl.constexpr,
     ALIGNED: tl.constexpr = True,
-    EVICT: tl.constexpr = "",
 ):
     m = mask[:, None] & (words[None, :] < ROW_WORDS)
     return tl.load(
-        row_block(src_rows, words, tl.int32, BLOCK_W, ALIGNED),
-        mask=m,
-        cache_modifier=CACHE,
-        eviction_policy=EVICT,
+        row_block(src_rows, words, tl.int32, BLOCK_W, ALIGNED), mask=m, cache_modifier=CACHE
     )
 
 
@@ -77,47 +73,29 @@ def copy_rows(
     CACHE: tl.constexpr,
     PREFETCH: tl.constexpr,
     ALIGNED: tl.constexpr = True,
-    LOAD_EVICT: tl.constexpr = "",
-    STORE_EVICT: tl.constexpr = "",
 ):
     """Copy `ROW_WORDS` 4-byte words of each masked row from `src_rows` to `dst_rows` (byte
     addresses; 16-byte aligned rows unless ALIGNED is False).
 
     PREFETCH issues the loads of block i+1 before the stores of block i, doubling the bytes in
     flight per program at the same register tile (the copy is latency-bound at small SM counts).
-    LOAD_EVICT / STORE_EVICT: cache eviction hints of the loads and stores ("evict_first" for
-    rows read once, "evict_last" for rows a reader on the same GPU loads soon).
     """
     if PREFETCH:
         words = tl.arange(0, BLOCK_W)
-        vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED, LOAD_EVICT)
+        vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
         for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
             next_words = w0 + tl.arange(0, BLOCK_W)
-            next_vals = _load_block(
-                src_rows, next_words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED, LOAD_EVICT
-            )
+            next_vals = _load_block(src_rows, next_words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
             m = mask[:, None] & (words[None, :] < ROW_WORDS)
-            tl.store(
-                row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED),
-                vals,
-                mask=m,
-                eviction_policy=STORE_EVICT,
-            )
+            tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED), vals, mask=m)
             vals = next_vals
             words = next_words
     else:
         for w0 in range(0, ROW_WORDS, BLOCK_W):
             words = w0 + tl.arange(0, BLOCK_W)
-            vals = _load_block(
-                src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED, LOAD_EVICT
-            )
+            vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
             m = mask[:, None] & (words[None, :] < ROW_WORDS)
-            tl.store(
-                row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED),
-                vals,
-                mask=m,
-                eviction_policy=STORE_EVICT,
-            )
+            tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED), vals, mask=m)
 
 
 @triton.jit

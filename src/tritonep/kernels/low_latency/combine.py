@@ -287,10 +287,6 @@ def _combine_kernel(
                         # the copy's stores, waiting on their loads, held 25% of the stall samples).
                         True,
                         ALIGNED,
-                        # The expert outputs are read once; the rows land in a receive buffer that
-                        # its receiver reads next, on this GPU when stores reach it: kept in L2.
-                        "evict_first",
-                        "evict_last",
                     )
                     put_source = staged_rows
                     PUT_WORDS: tl.constexpr = ROW_BYTES // 4
@@ -450,7 +446,6 @@ def _combine_kernel(
                                             mask=in_row & (slot != 0),
                                             other=0.0,
                                             cache_modifier=".cg",
-                                            eviction_policy="evict_first",  # read once
                                         ).to(tl.float32)
                                     acc = acc + lane(w, ks, kk) * y
                             tl.store(

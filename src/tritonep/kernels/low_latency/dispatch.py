@@ -240,8 +240,7 @@ def _dispatch_kernel(
                             # Payloads start 16-byte aligned when slots do (regions.py).
                             if USE_FP8:
                                 vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
-                                # Kept in L2 for the receiver (evict_last), as the combine's.
-                                tl.store(vp, values, mask=vm, eviction_policy="evict_last")
+                                tl.store(vp, values, mask=vm)
                                 groups = tl.arange(0, BLOCK_G)
                                 tl.store(
                                     (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
@@ -251,7 +250,7 @@ def _dispatch_kernel(
                                 )
                             else:
                                 vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
-                                tl.store(vp, x, mask=vm, eviction_policy="evict_last")
+                                tl.store(vp, x, mask=vm)
                     if TRANSPORT != device.STORES:  # noqa: SIM102 (constexpr, then runtime)
                         if first_put < BLOCK_K:
                             # The staged message, written by every thread, is read.
@@ -437,7 +436,6 @@ def _dispatch_kernel(
                             ".cg",
                             PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
                             ALIGNED,
-                            "evict_first",  # each received row is read once
                         )
                         tl.store(src_info_ptr + out_row, token, mask=row_ok)
                         if USE_FP8:
