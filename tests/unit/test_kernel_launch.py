@@ -109,3 +109,21 @@ def test_an_entry_call_of_another_shape_keeps_the_launcher_object():
     launch.run((2,), _Stream(), 6)
     assert not launch.direct
     assert launcher.object_calls == 2
+
+
+def test_choose_gives_addresses_only_to_the_compiled_launcher():
+    import torch
+
+    from tritonep.runtime.outputs import addressed
+
+    fixed, outputs = addressed((torch.zeros(4),)), addressed((torch.zeros(2), None))
+    launch = _compiled_launch(_Launcher())
+    launch._kernel = None  # before the first launch: the JIT, which specialises on tensors
+    run, got_fixed, got_outputs = launch.choose(fixed, outputs)
+    assert run == launch.launch
+    assert got_fixed is fixed.tensors and got_outputs is outputs.tensors
+    launch._kernel = _Compiled(_Launcher())
+    run, got_fixed, got_outputs = launch.choose(fixed, outputs)
+    assert run == launch.run
+    assert got_fixed == (fixed.tensors[0].data_ptr(),)
+    assert got_outputs == (outputs.tensors[0].data_ptr(), None)

@@ -198,14 +198,11 @@ class RouteStatsPlan:
         `scratch_slots(...)` entries, zero before and after; rank mask: int32 `[R]`, non-zero for
         ranks whose experts count as not selected); `host_addr`: the host block, where the first
         expert id >= E is recorded; `outputs`: `AddressedTensors` of `allocate_outputs`."""
-        kernel = self._kernel
-        ready = kernel.ready()  # addresses for the compiled launcher, tensors for the JIT
-        scratch, rank_mask = fixed.addresses if ready else fixed.tensors
-        per_rank, per_node, per_expert, is_token_in_rank = (
-            outputs.addresses if ready else outputs.tensors
+        launch, (scratch, rank_mask), (per_rank, per_node, per_expert, is_token_in_rank) = (
+            self._kernel.choose(fixed, outputs)
         )
         num_programs = max(1, -(-num_tokens // self.block_tokens))
-        (kernel.run if ready else kernel.launch)(
+        launch(
             (num_programs,),
             stream,
             topk_idx,

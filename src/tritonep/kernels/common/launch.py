@@ -121,6 +121,14 @@ class KernelLaunch:
         be addresses (`run`); otherwise they must be tensors (`launch`)."""
         return self._kernel is not None and not _hooks_active()
 
+    def choose(self, *sets) -> tuple:
+        """(launch function, then each of `sets` as it takes them): `run` and their addresses once
+        `ready()`, else `launch` and their tensors (the JIT specialises on tensors). `sets` hold
+        `tensors` and `addresses` (`runtime.outputs.AddressedTensors`)."""
+        if self.ready():
+            return (self.run, *[s.addresses for s in sets])
+        return (self.launch, *[s.tensors for s in sets])
+
     def launch(self, grid: tuple, stream, *args) -> None:
         """Launch `args` (tensors for pointers) on `stream`, through the JIT when not `ready()`."""
         if self._kernel is None or _hooks_active():

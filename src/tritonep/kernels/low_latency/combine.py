@@ -545,7 +545,7 @@ class CombinePlan(RolePlan):
         wait_stats,
     ) -> None:
         """One launch on `stream`; `out`: `AddressedTensors` of (combined output,)."""
-        kernel, ready, fixed, (combined,) = self._begin(role, out)
+        launch, fixed, (combined,) = self._begin(role, out)
         mask, workspace, arrivals, routes = fixed
         head = (
             x.data_ptr(),
@@ -559,4 +559,4 @@ class CombinePlan(RolePlan):
             workspace,
             arrivals,
         )
-        self._launch(kernel, ready, role, stream, head, routes, topk_idx.shape[0], parity)
+        self._launch(launch, role, stream, head, routes, topk_idx.shape[0], parity)

@@ -548,7 +548,7 @@ class DispatchPlan(RolePlan):
     ) -> None:
         """One launch on `stream`; `outputs`: `AddressedTensors` of (recv_x, recv_scales or None,
         recv_count, src_info, layout_range)."""
-        kernel, ready, fixed, outs = self._begin(role, outputs)
+        launch, fixed, outs = self._begin(role, outputs)
         mask, workspace, arrivals, routes = fixed
         _, recv_scales, recv_count, src_info, layout_range = outs
         head = (
@@ -565,4 +565,4 @@ class DispatchPlan(RolePlan):
             workspace,
             arrivals,
         )
-        self._launch(kernel, ready, role, stream, head, routes, x.shape[0], parity)
+        self._launch(launch, role, stream, head, routes, x.shape[0], parity)

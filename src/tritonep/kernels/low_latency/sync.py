@@ -201,19 +201,14 @@ class RolePlan:
         return {role: used for role, used in built.items() if used is not None}
 
     def _begin(self, role: int, outputs) -> tuple:
-        """(kernel of `role`, whether it takes addresses now, `fixed` and `outputs` (an
-        `AddressedTensors`) as it takes them): addresses once compiled, which saves its launcher a
-        `data_ptr()` call per tensor, tensors for the JIT."""
-        kernel = self._kernels[role]
-        if kernel.ready():
-            return kernel, True, self._fixed.addresses, outputs.addresses
-        return kernel, False, self._fixed.tensors, outputs.tensors
+        """(launch function of `role`, `fixed`, `outputs` (an `AddressedTensors`)) as the kernel
+        takes them now (`KernelLaunch.choose`): addresses once compiled, which saves its launcher
+        a `data_ptr()` call per tensor, tensors for the JIT."""
+        return self._kernels[role].choose(self._fixed, outputs)
 
-    def _launch(
-        self, kernel, ready: bool, role: int, stream, head: tuple, routes, num_tokens, parity
-    ) -> None:
+    def _launch(self, launch, role: int, stream, head: tuple, routes, num_tokens, parity) -> None:
         """`head`: the kernel's own leading arguments; the shared ones follow."""
-        (kernel.run if ready else kernel.launch)(
+        launch(
             self._grid[role],
             stream,
             *head,
