@@ -176,6 +176,11 @@ def _dispatch_kernel(
             flat = tl.arange(0, CHUNK)
             num_pairs = num_tokens * NUM_TOPK
             arrivals = counters_ptr + parity * NUM_EXPERTS
+            # Experts e = pid + S * i that no pair selects still get their count 0 (unless their
+            # owner is masked): from this program, which owns them by id. Their pairs are counted
+            # by the first token's scan, or by a scan of their own in a program without tokens.
+            mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
+            hits = tl.zeros([BLOCK_E], dtype=tl.int32)
             if ok:
                 ks = tl.arange(0, BLOCK_K)
                 for t in range(pid, num_tokens, NUM_SENDERS):
@@ -188,9 +193,24 @@ def _dispatch_kernel(
                         x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
                     )
                     x = tl.load(xp, mask=xm, other=0.0)
+                    valid = (ks < NUM_TOPK) & (experts >= 0) & (experts < NUM_EXPERTS)
+                    # Every pair's route, slot and signal as lanes: the loops below pick one word
+                    # per pair (`lane`, a block reduction) instead of reloading the expert id and
+                    # its route, a chain of dependent loads per pair. The route and mask loads
+                    # need only the expert ids: issued before the scan, they wait alongside it.
+                    local = tl.where(valid, experts % L, 0)
+                    pe, delta, direct = device.open_peer(
+                        routes_ptr, rank, tl.where(valid, experts // L, 0), TRANSPORT, FORCE_PUT
+                    )
+                    # Pairs to masked owners are counted but not written: every program then agrees
+                    # on each expert's total even if a receiver masks a rank in the middle of the
+                    # launch, so the arrival counters always return to 0.
+                    reachable = unmasked(mask_ptr, experts // L, valid)
                     # For each k: `total`, the pairs of the whole routing that select its expert,
                     # and `j`, those before (t, k) in row-major order (its slot in the expert's
                     # block, so the block lists tokens in ascending order, k order within a token).
+                    # The first token's scan also counts the pairs of this program's idle-expert
+                    # candidates (below).
                     total = tl.zeros([BLOCK_K], dtype=tl.int32)
                     j = tl.zeros([BLOCK_K], dtype=tl.int32)
                     here = t * NUM_TOPK + ks
@@ -204,23 +224,14 @@ def _dispatch_kernel(
                         j += tl.sum(
                             (match & (positions[None, :] < here[:, None])).to(tl.int32), axis=1
                         )
-                    valid = (ks < NUM_TOPK) & (experts >= 0) & (experts < NUM_EXPERTS)
+                        if t == pid:
+                            hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
                     # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are
                     # not sent, and the receiver, which sees the count, reports them.
                     sent = valid & (j < MAX_TOKENS)
-                    # Pairs to masked owners are counted but not written: every program then agrees
-                    # on each expert's total even if a receiver masks a rank in the middle of the
-                    # launch, so the arrival counters always return to 0.
-                    live = unmasked(mask_ptr, experts // L, sent)
+                    live = reachable & sent
                     if USE_FP8:
                         values, scale_inv = fp8_quantize(x, ROUND_SCALE, INTERPRETED)
-                    # Every pair's route, slot and signal as lanes: the loops below pick one word
-                    # per pair (`lane`, a block reduction) instead of reloading the expert id and
-                    # its route, a chain of dependent loads per pair.
-                    local = tl.where(valid, experts % L, 0)
-                    pe, delta, direct = device.open_peer(
-                        routes_ptr, rank, tl.where(valid, experts // L, 0), TRANSPORT, FORCE_PUT
-                    )
                     slot_index = (local * NUM_RANKS + rank) * MAX_TOKENS + j
                     slots = recv + tl.cast(slot_index, tl.int64) * SLOT_BYTES
                     # The put path sends every pair of the token from one copy in this rank's
@@ -294,15 +305,14 @@ def _dispatch_kernel(
                         device.SIGNAL_SET,
                         TRANSPORT,
                     )
-                # Experts e = pid + S * i that no pair selects still get their count 0 (unless
-                # their owner is masked): from this program, which owns them by id. After its
-                # tokens: their rows and counts are what receivers wait for, so they go first.
-                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
-                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
-                for p0 in range(0, num_pairs, CHUNK):
-                    positions = p0 + flat
-                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
-                    hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
+                if pid >= num_tokens:
+                    for p0 in range(0, num_pairs, CHUNK):
+                        positions = p0 + flat
+                        ids = tl.load(
+                            topk_idx_ptr + positions, mask=positions < num_pairs, other=-1
+                        )
+                        hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
+                # Signalled after the tokens: their rows and counts are what receivers wait for.
                 idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
                 idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
                 # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
