@@ -510,7 +510,7 @@ def compile_all() -> list[dict]:
         for _grid, args, kwargs in module_calls:
             compiled = _compile(originals[module], list(args), dict(kwargs))
             ptx = compiled.asm["ptx"]
-            ops = Counter(re.findall(r"(?:ld|st)\.global[a-z0-9.]*", ptx))
+            ops = Counter(re.findall(r"(?:ld|st)\.global[a-z0-9.:_A-Z]*", ptx))
             report.append(
                 {
                     "module": module,

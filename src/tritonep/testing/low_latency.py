@@ -328,6 +328,8 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     topk_idx, topk_weights = make_routing(
         shape["num_tokens"], shape["num_experts"], shape["num_topk"], gen, "cpu", drop=0.0
     )
+    device = device_of(buffer)
+    x, topk_idx, topk_weights = x.to(device), topk_idx.to(device), topk_weights.to(device)
     started = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -338,9 +340,12 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
         combined, _, _ = buffer.low_latency_combine(
             torch.ones_like(recv_x), topk_idx, topk_weights, handle
         )
-        mask = torch.zeros(num_ranks, dtype=torch.int32)
+        # Waits for the kernels: on a GPU their report (the masked ranks) is read by the next call.
+        count, layout_range, combined = count.cpu(), handle[1].cpu(), combined.cpu()
+        mask = torch.zeros(num_ranks, dtype=torch.int32, device=device)
         buffer.low_latency_query_mask_buffer(mask)
     seconds = time.monotonic() - started
+    topk_idx, topk_weights = topk_idx.cpu(), topk_weights.cpu()
     # The reference rebuilds every live rank's inputs (a collective would wait for the dead rank).
     inputs = []
     for r in range(num_ranks):
@@ -369,7 +374,7 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
         mask=masked,
     )
     assert torch.equal(count, want["recv_count"]), (count, want["recv_count"])
-    assert torch.equal(handle[1], want["packed_recv_layout_range"])
+    assert torch.equal(layout_range, want["packed_recv_layout_range"])
     live = (topk_idx // (shape["num_experts"] // num_ranks)) != dead_rank
     acc = torch.zeros(shape["num_tokens"], dtype=torch.float32)
     for k in range(topk_idx.size(1)):
@@ -377,7 +382,7 @@ def shrink_round(ctx, dead_rank: int, stall_s: float, **shape) -> dict:
     want_combined = acc.to(torch.bfloat16)[:, None].expand(-1, shape["hidden"])
     return {
         "rank": rank,
-        "mask": mask.tolist(),
+        "mask": mask.cpu().tolist(),
         "seconds": seconds,
         "warned": [str(w.message) for w in caught],
         "combined_ok": bool(torch.equal(combined, want_combined)),

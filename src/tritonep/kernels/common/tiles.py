@@ -10,6 +10,10 @@ vectors (checked in the sm_90 AOT test).
 import triton
 import triton.language as tl
 
+# No eviction hint, as a default of string constexprs: triton 3.6 does not wrap a plain string
+# default, and the kernels calling without it failed to compile.
+NO_HINT = tl.constexpr("")
+
 
 @triton.jit
 def row_block(
@@ -56,10 +60,14 @@ def _load_block(
     BLOCK_W: tl.constexpr,
     CACHE: tl.constexpr,
     ALIGNED: tl.constexpr = True,
+    EVICT: tl.constexpr = NO_HINT,
 ):
     m = mask[:, None] & (words[None, :] < ROW_WORDS)
     return tl.load(
-        row_block(src_rows, words, tl.int32, BLOCK_W, ALIGNED), mask=m, cache_modifier=CACHE
+        row_block(src_rows, words, tl.int32, BLOCK_W, ALIGNED),
+        mask=m,
+        cache_modifier=CACHE,
+        eviction_policy=EVICT,
     )
 
 
@@ -73,19 +81,24 @@ def copy_rows(
     CACHE: tl.constexpr,
     PREFETCH: tl.constexpr,
     ALIGNED: tl.constexpr = True,
+    LOAD_EVICT: tl.constexpr = NO_HINT,
 ):
     """Copy `ROW_WORDS` 4-byte words of each masked row from `src_rows` to `dst_rows` (byte
     addresses; 16-byte aligned rows unless ALIGNED is False).
 
     PREFETCH issues the loads of block i+1 before the stores of block i, doubling the bytes in
     flight per program at the same register tile (the copy is latency-bound at small SM counts).
+    LOAD_EVICT: the loads' eviction hint (L1 and L2), e.g. "evict_first" for rows read once; PTX
+    takes no `.cg` beside it, so CACHE is then "".
     """
     if PREFETCH:
         words = tl.arange(0, BLOCK_W)
-        vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
+        vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED, LOAD_EVICT)
         for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
             next_words = w0 + tl.arange(0, BLOCK_W)
-            next_vals = _load_block(src_rows, next_words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
+            next_vals = _load_block(
+                src_rows, next_words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED, LOAD_EVICT
+            )
             m = mask[:, None] & (words[None, :] < ROW_WORDS)
             tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED), vals, mask=m)
             vals = next_vals
@@ -93,7 +106,9 @@ def copy_rows(
     else:
         for w0 in range(0, ROW_WORDS, BLOCK_W):
             words = w0 + tl.arange(0, BLOCK_W)
-            vals = _load_block(src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED)
+            vals = _load_block(
+                src_rows, words, mask, ROW_WORDS, BLOCK_W, CACHE, ALIGNED, LOAD_EVICT
+            )
             m = mask[:, None] & (words[None, :] < ROW_WORDS)
             tl.store(row_block(dst_rows, words, tl.int32, BLOCK_W, ALIGNED), vals, mask=m)
 

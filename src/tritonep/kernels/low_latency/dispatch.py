@@ -251,7 +251,8 @@ def _dispatch_kernel(
                             # Payloads start 16-byte aligned when slots do (regions.py).
                             if USE_FP8:
                                 vp, vm = group_tile(payload, BLOCK_G, G, tl.float8e4nv, ALIGNED)
-                                tl.store(vp, values, mask=vm)
+                                # Kept in L2 for the receiver on this GPU, which reads them next.
+                                tl.store(vp, values, mask=vm, eviction_policy="evict_last")
                                 groups = tl.arange(0, BLOCK_G)
                                 tl.store(
                                     (payload + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
@@ -261,7 +262,7 @@ def _dispatch_kernel(
                                 )
                             else:
                                 vp, vm = group_tile(payload, BLOCK_G, G, tl.bfloat16, ALIGNED)
-                                tl.store(vp, x, mask=vm)
+                                tl.store(vp, x, mask=vm, eviction_policy="evict_last")
                     if TRANSPORT != device.STORES:  # noqa: SIM102 (constexpr, then runtime)
                         if first_put < BLOCK_K:
                             # The staged message, written by every thread, is read.
@@ -443,9 +444,10 @@ def _dispatch_kernel(
                             row_ok,
                             PAYLOAD_BYTES // 4,
                             BLOCK_W,
-                            ".cg",
+                            "",  # (evict_first: PTX takes no .cg beside it)
                             PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
                             ALIGNED,
+                            "evict_first",  # each received row is read once
                         )
                         tl.store(src_info_ptr + out_row, token, mask=row_ok)
                         if USE_FP8:
