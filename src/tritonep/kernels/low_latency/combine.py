@@ -60,7 +60,6 @@ from .sync import (
     ROLE_RECV,
     ROLE_SEND,
     RolePlan,
-    finish_launch,
     open_launch,
     stopped,
     unmasked,
@@ -183,7 +182,7 @@ def _combine_kernel(
     ALIGNED: tl.constexpr = SLOT_BYTES % 16 == 0
     ws = workspace_ptr
     host = host_addr.to(tl.pointer_type(tl.int64))
-    epoch, tag, ok = open_launch(ws, parity, ROLE)
+    tag, ok = open_launch(ws, parity, ROLE)
     signals = rdma_base + SIGNALS0 + parity * SIGNALS_STRIDE
     recv = rdma_base + RECV0 + parity * RECV_STRIDE
     send = rdma_base + SEND0 + parity * SEND_STRIDE
@@ -453,7 +452,6 @@ def _combine_kernel(
                                 round_to(acc, tl.bfloat16, INTERPRETED),
                                 mask=in_row,
                             )
-    finish_launch(ws, parity, epoch, ROLE)
 
 
 # Groups x entries a BF16 combine receiver loads per step: 16 groups at top-8. Every step picks each

@@ -62,7 +62,6 @@ from .sync import (
     ROLE_RECV,
     ROLE_SEND,
     RolePlan,
-    finish_launch,
     open_launch,
     stopped,
     unmasked,
@@ -161,7 +160,7 @@ def _dispatch_kernel(
     MESSAGE_WORDS: tl.constexpr = (_HEADER + PAYLOAD_BYTES + (4 * G if USE_FP8 else 0)) // 4
     ws = workspace_ptr
     host = host_addr.to(tl.pointer_type(tl.int64))
-    epoch, tag, ok = open_launch(ws, parity, ROLE)
+    tag, ok = open_launch(ws, parity, ROLE)
     signals = rdma_base + SIGNALS0 + parity * SIGNALS_STRIDE
     recv = rdma_base + RECV0 + parity * RECV_STRIDE
     staging = rdma_base + SEND0 + parity * SEND_STRIDE
@@ -478,7 +477,6 @@ def _dispatch_kernel(
                                     scales,
                                     mask=in_scale,
                                 )
-    finish_launch(ws, parity, epoch, ROLE)
 
 
 class DispatchPlan(RolePlan):
