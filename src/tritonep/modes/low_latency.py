@@ -208,13 +208,7 @@ class LowLatencyMode:
             self._host.after_launch(op)
             receive = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
             return EventOverlap(None, None), receive
-        if self._gpu:
-            launch(roles.ROLE_BOTH.value, stream)
-        else:
-            # The interpreter runs a launch's programs one after another: the first program would
-            # wait as a receiver for senders that have not run yet. The phases go as two launches.
-            launch(roles.ROLE_SEND.value, stream)
-            launch(roles.ROLE_RECV.value, stream)
+        launch(roles.ROLE_BOTH.value, stream)
         self._host.after_launch(op)
         return call.finish(kept, keep_alive="extra_tensors"), None
 
@@ -231,13 +225,15 @@ class LowLatencyMode:
     def _grids(self, send_items: int, receive_items: int, programs: tuple[int, int]) -> dict:
         """Programs of each launch: {role: (senders, receivers)}, each at most `programs` and this
         rank's share of the GPU (`resident_program_budget`). A fused launch has
-        max(senders, receivers) programs: each sends, then receives."""
+        max(senders, receivers) programs: each sends, then receives. The interpreter runs a
+        launch's programs one after another, so its fused launch has one program: with more, the
+        first would wait as a receiver for senders that have not run yet."""
         roles = self._kernels.low_latency.sync
         senders, receivers = program_counts(
             send_items, receive_items, programs, self._program_budget
         )
         return {
-            roles.ROLE_BOTH.value: (senders, receivers),
+            roles.ROLE_BOTH.value: (senders, receivers) if self._gpu else (1, 1),
             roles.ROLE_SEND.value: (senders, 0),
             roles.ROLE_RECV.value: (0, receivers),
         }

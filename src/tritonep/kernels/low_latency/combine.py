@@ -57,6 +57,7 @@ from ..common.sync import now_ns
 from ..common.tiles import copy_rows, lane
 from .regions import LowLatencyRegions
 from .sync import (
+    ROLE_BOTH,
     ROLE_RECV,
     ROLE_SEND,
     RolePlan,
@@ -168,6 +169,7 @@ def _combine_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    SCAN: tl.constexpr,
     CHUNK_G: tl.constexpr,
     RECV_CHUNK_G: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -180,6 +182,12 @@ def _combine_kernel(
     SLOTS: tl.constexpr = NUM_RANKS * MAX_TOKENS
     ROW_BYTES: tl.constexpr = 2 * HIDDEN
     ALIGNED: tl.constexpr = SLOT_BYTES % 16 == 0
+    # A fused call returns after its receivers: until then x is the caller's, and this rank's own
+    # rows are read there instead of being copied into its receive slots and read again (at EP2
+    # half the rows; a third of the combine's memory traffic on a GPU that two ranks share).
+    # LogFMT rows go through the wire format on every path, and a hooked call's x may be reused
+    # once its send phase has returned.
+    READ_OWN: tl.constexpr = (ROLE == ROLE_BOTH) & (USE_LOGFMT == 0)
     ws = workspace_ptr
     host = host_addr.to(tl.pointer_type(tl.int64))
     tag, ok = open_launch(ws, parity, ROLE)
@@ -195,7 +203,11 @@ def _combine_kernel(
             blocks = tl.arange(0, BLOCK_B)
             in_range = blocks < NUM_EXPERTS
             packed = tl.load(layout_range_ptr + blocks, mask=in_range, other=0)
-            counts = (packed & 0xFFFFFFFF).to(tl.int32)
+            sent_block = in_range
+            if READ_OWN:
+                # This rank's own rows stay in x, where its receivers read them.
+                sent_block = sent_block & (blocks % NUM_RANKS != rank)
+            counts = tl.where(sent_block, (packed & 0xFFFFFFFF).to(tl.int32), 0)
             # Only the ends stay in registers through the loops (begin and count are reloaded per
             # tile from the cached table): keeping starts and per-block row offsets as well took 50
             # more registers per thread at E = 288 (sm_90 AOT).
@@ -204,7 +216,7 @@ def _combine_kernel(
             # Empty blocks still get their signal, as every block of an unmasked rank does.
             _signal_blocks(
                 blocks,
-                in_range & (counts == 0) & (blocks % NUM_SENDERS == pid),
+                sent_block & (counts == 0) & (blocks % NUM_SENDERS == pid),
                 ok,
                 mask_ptr,
                 routes_ptr,
@@ -363,13 +375,65 @@ def _combine_kernel(
                     owner = tl.where(idx >= 0, idx // L, 0)
                     valid = (idx >= 0) & (idx < NUM_EXPERTS)
                     valid = unmasked(mask_ptr, owner, valid)
+                    token = rpid + n * Q  # each lane's token
+                    # Address of each entry's row (0: none): slot (g, t) of this set's receive
+                    # region, or with READ_OWN, for this rank's own experts, the row in x (the
+                    # send region when zero-copy) that dispatch placed at `begin + nth` of the
+                    # expert's block from this rank, nth the pairs before (t, k) selecting it
+                    # (the dispatch senders' count).
+                    rows = (
+                        recv + (tl.maximum(idx, 0).to(tl.int64) * MAX_TOKENS + token) * SLOT_BYTES
+                    )
+                    remote = valid
+                    if READ_OWN:
+                        own = valid & (owner == rank)
+                        remote = valid & ~own
+                        local = tl.where(own, idx - rank * L, 0)
+                        block_range = tl.load(
+                            layout_range_ptr + local * NUM_RANKS + rank, mask=own, other=0
+                        )
+                        # Per lane, one sum of two counts: the pairs selecting its expert before
+                        # (t, k) (low 24 bits), and those later in the same token (from bit 24).
+                        counted = tl.zeros([BLOCK_T * BLOCK_K], dtype=tl.int32)
+                        token_end = (token + 1) * NUM_TOPK
+                        positions0 = tl.arange(0, SCAN)
+                        for p0 in range(0, num_tokens * NUM_TOPK, SCAN):
+                            positions = p0 + positions0
+                            ids = tl.load(
+                                topk_idx_ptr + positions,
+                                mask=positions < num_tokens * NUM_TOPK,
+                                other=-1,
+                            ).to(tl.int32)
+                            same = ids[None, :] == idx[:, None]
+                            before = same & (positions[None, :] < flat[:, None])
+                            later = (
+                                same
+                                & (positions[None, :] > flat[:, None])
+                                & (positions[None, :] < token_end[:, None])
+                            )
+                            counted += tl.sum(
+                                before.to(tl.int32) + later.to(tl.int32) * (1 << 24), axis=1
+                            )
+                        nth = counted & 0xFFFFFF
+                        rows_in_block = (block_range & 0xFFFFFFFF).to(tl.int32)
+                        # A pair beyond the block's rows was not dispatched: it adds nothing. A
+                        # token that selected the expert several times reads the row of its last
+                        # pair each time, as through the slot (g, t), which the sender fills from
+                        # that row (rows of one token are adjacent in k order; the last present).
+                        own = own & (nth < rows_in_block)
+                        last = tl.minimum(nth + (counted >> 24), rows_in_block - 1)
+                        own_rows = (send if ZERO_COPY else x_addr) + (
+                            tl.cast(local, tl.int64) * SLOTS + (block_range >> 32) + last
+                        ) * ROW_BYTES
+                        rows = tl.where(own, own_rows, rows)
+                        valid = own | remote
                     sigs = (signals + tl.maximum(idx, 0).to(tl.int64) * 8).to(
                         tl.pointer_type(tl.int64)
                     )
                     # One wait for the whole batch: the signals of every token's experts.
                     values, late, ok = wait_signals_or_give_up(
                         sigs,
-                        valid,
+                        remote,
                         owner,
                         tl.full([BLOCK_T * BLOCK_K], -1, tl.int32),
                         -1,
@@ -393,18 +457,14 @@ def _combine_kernel(
                         HAS_WAIT_STATS,
                     )
                     valid = valid & ~late
-                    experts = tl.reshape(tl.where(valid, idx, -1), (BLOCK_T, BLOCK_K))
+                    rows = tl.reshape(tl.where(valid, rows, 0), (BLOCK_T, BLOCK_K))
                     weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))
                     chunk = tl.arange(0, RECV_CHUNK_G)
                     cols = tl.arange(0, 128)
                     for j in range(0, tl.minimum(mine - n0, BLOCK_T)):
                         t = rpid + (n0 + j) * Q
-                        e = tl.sum(tl.where(batch[:, None] == j, experts, 0), axis=0)
+                        slots = tl.sum(tl.where(batch[:, None] == j, rows, 0), axis=0)
                         w = tl.sum(tl.where(batch[:, None] == j, weights, 0.0), axis=0)
-                        # Address of each entry's row (0: unused entry).
-                        slots = tl.where(
-                            e >= 0, recv + (e.to(tl.int64) * MAX_TOKENS + t) * SLOT_BYTES, 0
-                        )
                         out_row = (out_ptr + tl.cast(t, tl.int64) * HIDDEN).to(
                             tl.pointer_type(tl.bfloat16)
                         )
@@ -486,6 +546,8 @@ class CombinePlan(RolePlan):
         max_receivers = max(receivers for _, receivers in grids.values())
         block_k = pow2(num_topk)
         block_g = max(pow2(regions.num_groups), 4)
+        # A receiver's tokens in one wait (all of them while T / Q <= 16).
+        block_t = min(16, pow2(-(-regions.max_tokens // max(1, max_receivers))))
         super().__init__(
             _combine_kernel,
             memory,
@@ -516,8 +578,10 @@ class CombinePlan(RolePlan):
             BLOCK_B=pow2(regions.num_experts),
             BLOCK_N=32,
             BLOCK_K=block_k,
-            # A receiver's tokens in one wait (all of them while T / Q <= 16).
-            BLOCK_T=min(16, pow2(-(-regions.max_tokens // max(1, max_receivers)))),
+            BLOCK_T=block_t,
+            # Pairs per step of the scan that finds this rank's own rows (`READ_OWN`): at most
+            # 8192 compared per step, as the dispatch's routing scan.
+            SCAN=min(pow2(regions.max_tokens * num_topk), max(16, 8192 // (block_t * block_k))),
             # 128-channel groups per LogFMT step (sender and receiver), and per BF16 receiver
             # step, whose K masked loads the compiler issues together (K x 2 KB per group).
             CHUNK_G=min(block_g, max(1, 64 // block_k)),
