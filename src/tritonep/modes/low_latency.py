@@ -73,9 +73,8 @@ class LowLatencyMode:
         self._workspace = torch.zeros(
             ll.sync.WORKSPACE_SLOTS, dtype=torch.int64, device=self._device
         )
-        self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = (
-            1  # tags above zeroed memory
-        )
+        # Epoch 1, none counted (kernels/low_latency/sync.py): tags above zeroed memory.
+        self._workspace[ll.sync.WS_EPOCH.value : ll.sync.WS_EPOCH.value + 2] = 1 << 32
         # The senders' arrival counters (kernels/low_latency), `[2 buffer sets, E]` int32 for
         # dispatch and for combine. Zeroed here, not with each plan: a plan first built while a
         # CUDA graph is captured would otherwise get counters that only the graph's replay zeroes.

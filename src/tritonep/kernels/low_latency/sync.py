@@ -1,7 +1,7 @@
 """Device pieces shared by the low-latency kernels: roles, epochs, bounded signal waits, shrink.
 
 Workspace (int64 `[WORKSPACE_SLOTS]`, this rank's device memory, not peer-visible): set p's epoch
-and its counter of programs that have read it, a stop word, the clean barrier's epoch. Epochs start
+with a count of the programs that have read it, a stop word, the clean barrier's epoch. Epochs start
 at 1, so every tag (`epoch << 32`) is above zeroed memory.
 """
 
@@ -18,8 +18,8 @@ ROLE_BOTH = tl.constexpr(0)
 ROLE_SEND = tl.constexpr(1)
 ROLE_RECV = tl.constexpr(2)
 
-WS_EPOCH = tl.constexpr(0)  # [2] epoch of each buffer set
-WS_COUNTED = tl.constexpr(2)  # [2] programs of the current sending launch that read the epoch
+# [2] per buffer set: its epoch << 32 | the programs of the current sending launch that read it
+WS_EPOCH = tl.constexpr(0)
 WS_STOP = tl.constexpr(4)  # non-zero after a fatal device error: later launches do nothing
 WS_BARRIER = tl.constexpr(5)  # epoch of the clean barrier
 WORKSPACE_SLOTS = 8
@@ -29,32 +29,31 @@ WORKSPACE_SLOTS = 8
 def open_launch(ws, parity, ROLE: tl.constexpr):
     """(tag of this call, `epoch << 32`, ok = the buffer has not failed).
 
-    A receive-only launch runs after its own send launch, which already advanced the epoch. A
-    launch that sends advances it here: each program counts itself in once it has read the epoch,
-    and the last one counted hands set `parity` its next epoch, which no program of the launch
-    reads again. (Counted at the end of the launch instead, the count's release waited for every
-    store of the program's receive phase: the last program's 0.8-1.4 us went on the kernel time,
-    globaltimer stamps, 2 ranks sharing an H200.)"""
-    epoch = tl.load(ws + WS_EPOCH + parity, volatile=True)
+    A launch that sends advances set `parity`'s epoch: each program reads it and counts itself in
+    with one atomic add on the set's word (`epoch << 32 | count`), and the one that completes the
+    count moves the word to the next epoch with a count of 0; no program of the launch reads it
+    again. The stop word (`stopped`) comes back from the same atomic: one round trip. (The count
+    used to be taken at the end of the launch, where its release waited for every store of the
+    program's receive phase, and the last program's 0.8-1.4 us went on the kernel time,
+    globaltimer stamps, 2 ranks sharing an H200.) A receive-only launch runs after its own send
+    launch, which already advanced the epoch."""
     if ROLE == ROLE_RECV:
-        epoch = epoch - 1
+        epoch = (tl.load(ws + WS_EPOCH + parity, volatile=True) >> 32) - 1
         ok = stopped(ws) == 0
     else:
-        tl.debug_barrier()  # every thread has read the epoch
-        # Two words in one round trip: the count (acq_rel: after the reads above) and the stop
-        # word (`stopped`), both shared by the program through the atomic's broadcast.
         words = tl.arange(0, 2)
         got = tl.atomic_add(
-            ws + tl.where(words == 0, WS_COUNTED + parity, WS_STOP),
+            ws + tl.where(words == 0, WS_EPOCH + parity, WS_STOP),
             1 - words,
-            sem="acq_rel",
+            sem="relaxed",
             scope="gpu",
         )
-        counted = tl.sum(tl.where(words == 0, got, 0), axis=0)
+        state = tl.sum(tl.where(words == 0, got, 0), axis=0)
         ok = tl.sum(tl.where(words == 1, got, 0), axis=0) == 0
-        if counted == tl.num_programs(0) - 1:
-            tl.store(ws + WS_COUNTED + parity, 0)
-            tl.store(ws + WS_EPOCH + parity, epoch + 1)
+        epoch = state >> 32
+        if (state & 0xFFFFFFFF) == tl.num_programs(0) - 1:
+            next_epoch = tl.full([], 1 << 32, tl.int64) - tl.num_programs(0)  # and count 0
+            tl.atomic_add(ws + WS_EPOCH + parity, next_epoch, sem="relaxed", scope="gpu")
     return epoch << 32, ok
 
 
