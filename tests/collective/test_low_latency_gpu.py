@@ -5,7 +5,7 @@ NVSHMEM put path and timings.
 """
 
 import pytest
-from test_low_latency import check_timeout_errors
+from test_low_latency import check_shrink_round, check_timeout_errors
 
 from tritonep.protocol import ll_register_cap
 from tritonep.testing import low_latency as ll
@@ -68,16 +68,10 @@ def test_low_latency_timeout_two_ranks_on_one_gpu(shared_gpu_pool):
 
 @pytest.mark.gpu
 def test_low_latency_shrink_three_ranks_on_one_gpu(shared_gpu_pool):
-    """Shrink mode on the GPU at DeepEP's shape. First a rank masked between dispatch and combine;
-    then rank 2 never calls: ranks 0 and 1 time out on it, their dispatch receivers meet (so every
-    program leaves out the same sources), mask it, and match the reference without it."""
+    """Shrink mode on the GPU at DeepEP's shape: first a rank masked between dispatch and combine,
+    then rank 2 never calls, and ranks 0 and 1 time out on it, mask it and complete without it."""
     pool = shared_gpu_pool(3, TRITONEP_TIMEOUT_S="3")
     pool.run(ll.make_ll_buffer, shrink=True, **DEEPEP_SHAPE, timeout=120)
     for result in pool.run(ll.masked_combine_round, masked_rank=2, **DEEPEP_SHAPE, timeout=120):
         assert result["masked_ok"] and result["after_ok"], result
-    results = pool.run(ll.shrink_round, dead_rank=2, stall_s=12.0, **DEEPEP_SHAPE, timeout=120)
-    for result in results[:2]:
-        assert result["mask"] == [0, 0, 1], result
-        assert result["combined_ok"], result
-        assert result["seconds"] < 10, result
-        assert any("rank(s) [2]" in w and "masked" in w for w in result["warned"]), result
+    check_shrink_round(pool, DEEPEP_SHAPE)
