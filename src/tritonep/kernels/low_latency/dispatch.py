@@ -175,11 +175,6 @@ def _dispatch_kernel(
             flat = tl.arange(0, CHUNK)
             num_pairs = num_tokens * NUM_TOPK
             arrivals = counters_ptr + parity * NUM_EXPERTS
-            # Experts e = pid + S * i that no pair selects still get their count 0 (unless their
-            # owner is masked): from this program, which owns them by id. Their pairs are counted
-            # by the first token's scan, or by a scan of their own in a program without tokens.
-            mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
-            hits = tl.zeros([BLOCK_E], dtype=tl.int32)
             if ok:
                 ks = tl.arange(0, BLOCK_K)
                 for t in range(pid, num_tokens, NUM_SENDERS):
@@ -208,8 +203,6 @@ def _dispatch_kernel(
                     # For each k: `total`, the pairs of the whole routing that select its expert,
                     # and `j`, those before (t, k) in row-major order (its slot in the expert's
                     # block, so the block lists tokens in ascending order, k order within a token).
-                    # The first token's scan also counts the pairs of this program's idle-expert
-                    # candidates (below).
                     total = tl.zeros([BLOCK_K], dtype=tl.int32)
                     j = tl.zeros([BLOCK_K], dtype=tl.int32)
                     here = t * NUM_TOPK + ks
@@ -223,8 +216,6 @@ def _dispatch_kernel(
                         j += tl.sum(
                             (match & (positions[None, :] < here[:, None])).to(tl.int32), axis=1
                         )
-                        if t == pid:
-                            hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
                     # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are
                     # not sent, and the receiver, which sees the count, reports them.
                     sent = valid & (j < MAX_TOKENS)
@@ -305,14 +296,15 @@ def _dispatch_kernel(
                         device.SIGNAL_SET,
                         TRANSPORT,
                     )
-                if pid >= num_tokens:
-                    for p0 in range(0, num_pairs, CHUNK):
-                        positions = p0 + flat
-                        ids = tl.load(
-                            topk_idx_ptr + positions, mask=positions < num_pairs, other=-1
-                        )
-                        hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
-                # Signalled after the tokens: their rows and counts are what receivers wait for.
+                # Experts e = pid + S * i that no pair selects still get their count 0 (unless
+                # their owner is masked): from this program, which owns them by id. After its
+                # tokens: their rows and counts are what receivers wait for, so they go first.
+                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
+                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
+                for p0 in range(0, num_pairs, CHUNK):
+                    positions = p0 + flat
+                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
+                    hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
                 idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
                 idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
                 # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
