@@ -86,6 +86,23 @@ def test_low_latency_odd_shapes_cpu(cpu_pool):
     assert results == [2, 2, 2]
 
 
+def test_low_latency_partial_round_experts_shared_cpu(cpu_pool):
+    """3 local experts on the 2 receivers of a hook: the third expert's row tiles are split
+    between both programs (`kernels/low_latency/dispatch.py`); about 10 rows each, 3 tiles."""
+    combos = [dict(use_fp8=True, hook=True), dict(use_fp8=False, hook=True, twice=True)]
+    results = cpu_pool(2).run(
+        ll.check_low_latency_matrix,
+        combos,
+        num_tokens=8,
+        hidden=256,
+        num_topk=4,
+        num_experts=6,
+        max_tokens=8,
+        timeout=600,
+    )
+    assert results == [len(combos)] * 2
+
+
 def test_low_latency_is_repeatable_cpu(cpu_pool):
     digests = cpu_pool(2).run(
         ll.check_low_latency_repeatable,

@@ -70,6 +70,7 @@ def _clean_kernel(
         wait_signals_or_give_up(
             slots,
             live,
+            live,
             ranks,
             tl.full([BLOCK_R], -1, tl.int32),
             -1,

@@ -434,6 +434,7 @@ def _combine_kernel(
                     values, late, ok = wait_signals_or_give_up(
                         sigs,
                         remote,
+                        remote,
                         owner,
                         tl.full([BLOCK_T * BLOCK_K], -1, tl.int32),
                         -1,

@@ -26,7 +26,9 @@ launch every program sends, then receives, so each phase has the whole grid):
   every row. Experts no pair selects get count 0 from program `e % S`; masked owners get nothing
   (their pairs are still counted, so the counters stay consistent when a rank is masked during a
   launch).
-* receivers (programs `[0, Q)`) own local experts.
+* receivers (programs `[0, Q)`) own local experts: expert `q + Q * i` is program q's, except
+  that the experts of a last, partial round (L % Q of them) are each shared by Q // (L % Q)
+  programs, which copy every such tile of its rows (one program per expert in shrink mode).
   A receiver waits for the R counts of its expert (masked sources are not waited for; in shrink
   mode a source that times out is masked), lays the blocks out in source order and copies every
   message into the outputs: data, scales (column-major), source token index.
@@ -330,20 +332,36 @@ def _dispatch_kernel(
             # Timed from here: in the fused launch the program has sent its share by now.
             deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
             Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
+            # Rounds of experts: in each full round program q owns expert `round * Q + q`. The
+            # experts of a last, partial round (M < Q of them) each get HELPERS programs, which
+            # copy every HELPERS-th row tile of it: one program holding a second whole expert was
+            # the launch's tail (2 ranks sharing an H200, 144 experts on 128 programs: 12-13 rows
+            # against 7). In shrink mode an expert keeps one program: programs that wait for the
+            # same source could disagree on whether it timed out, and with it on the layout.
+            FULL: tl.constexpr = L // Q
+            M: tl.constexpr = L - FULL * Q
+            PARTIAL: tl.constexpr = M + (M == 0)
+            HELPERS: tl.constexpr = 1 if SHRINK else Q // PARTIAL
+            ROUNDS: tl.constexpr = FULL + (M > 0)
+            tl.static_assert(BLOCK_X >= ROUNDS, "BLOCK_X must cover every round of experts")
             ranks = tl.arange(0, BLOCK_R)
             rank_ok = ranks < NUM_RANKS
             rows_in_tile = tl.arange(0, ROWS)
-            # One wait for the counts of all this program's experts `rpid + Q * x` (lanes
-            # `x * BLOCK_R + source`): waiting expert by expert, each wait was a round trip of its
-            # own before the expert's copy could start.
+            # One wait for the counts of all this program's experts (lanes `round * BLOCK_R +
+            # source`): waiting expert by expert, each wait was a round trip of its own before
+            # the expert's copy could start.
             lanes = tl.arange(0, BLOCK_X * BLOCK_R)
-            lane_expert = rpid + Q * (lanes // BLOCK_R)
+            lane_round = lanes // BLOCK_R
+            lane_expert = tl.where(
+                lane_round < FULL, rpid + Q * lane_round, FULL * Q + rpid % PARTIAL
+            )
+            lane_helper = tl.where(lane_round < FULL, 0, rpid // PARTIAL)
             lane_rank = lanes % BLOCK_R
             # A fatal error elsewhere in this launch (or an earlier one) stops the wait.
             ok = ok & (stopped(ws) == 0)
             all_counts = tl.zeros([BLOCK_X, BLOCK_R], dtype=tl.int32)
             if ok:
-                lane_ok = (lane_expert < L) & (lane_rank < NUM_RANKS)
+                lane_ok = (lane_round < ROUNDS) & (lane_helper < HELPERS) & (lane_rank < NUM_RANKS)
                 sigs = (signals + (lane_expert * NUM_RANKS + lane_rank) * 8).to(
                     tl.pointer_type(tl.int64)
                 )
@@ -351,6 +369,7 @@ def _dispatch_kernel(
                 values, late, ok = wait_signals_or_give_up(
                     sigs,
                     live,
+                    lane_helper == 0,
                     lane_rank,
                     lane_expert,
                     L,
@@ -376,29 +395,32 @@ def _dispatch_kernel(
                 all_counts = tl.reshape(
                     tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
                 )
-            for e in range(rpid, L, Q):
-                if ok:
+            for round_ in range(0, ROUNDS):
+                e = tl.where(round_ < FULL, rpid + Q * round_, FULL * Q + rpid % PARTIAL)
+                helper = tl.where(round_ < FULL, 0, rpid // PARTIAL)
+                helpers = tl.where(round_ < FULL, 1, HELPERS)
+                if ok & (helper < helpers):
                     # This expert's row of the counts (a masked column sum keeps it in registers).
                     counts = tl.sum(
-                        tl.where(tl.arange(0, BLOCK_X)[:, None] == (e - rpid) // Q, all_counts, 0),
-                        axis=0,
+                        tl.where(tl.arange(0, BLOCK_X)[:, None] == round_, all_counts, 0), axis=0
                     )
                     kept = tl.minimum(counts, MAX_TOKENS)
                     total = tl.sum(kept, axis=0)
                     begin = tl.cumsum(kept, axis=0) - kept
-                    tl.store(recv_count_ptr + e, total)
-                    tl.store(
-                        layout_range_ptr + e * NUM_RANKS + ranks,
-                        (begin.to(tl.int64) << 32) | kept.to(tl.int64),
-                        mask=rank_ok,
-                    )
-                    if HAS_CUMULATIVE:
+                    if helper == 0:
+                        tl.store(recv_count_ptr + e, total)
                         tl.store(
-                            cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total
+                            layout_range_ptr + e * NUM_RANKS + ranks,
+                            (begin.to(tl.int64) << 32) | kept.to(tl.int64),
+                            mask=rank_ok,
                         )
+                        if HAS_CUMULATIVE:
+                            tl.store(
+                                cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total
+                            )
                     # Row i of the expert came from the source whose block holds it: ROWS rows at a
-                    # time.
-                    for i0 in range(0, total, ROWS):
+                    # time, every `helpers`-th tile of them.
+                    for i0 in range(helper * ROWS, total, helpers * ROWS):
                         i = i0 + rows_in_tile
                         row_ok = i < total
                         holds = (i[:, None] >= begin[None, :]) & (kept[None, :] > 0)

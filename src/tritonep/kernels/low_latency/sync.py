@@ -232,6 +232,7 @@ class RolePlan:
 def wait_signals_or_give_up(
     sigs,
     live,
+    counted,
     peers,
     expert_lanes,
     no_expert,
@@ -259,7 +260,8 @@ def wait_signals_or_give_up(
     Late peers are given up on (`give_up_on`; the record quotes progress as `value - base` of
     `target - base`, and names the smallest late lane of `expert_lanes`, or `no_expert` if none is
     smaller); without shrink mode that stops the call (`ok` false). With HAS_WAIT_STATS each live
-    lane adds its wait (ns) to its peer's stat. Returns (signal values, late lanes, ok)."""
+    lane of `counted` adds its wait (ns) to its peer's stat (lanes that other programs wait for
+    too count in one of them). Returns (signal values, late lanes, ok)."""
     values, late, waited = wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER)
     late = late & live
     if tl.sum(late.to(tl.int32), axis=0) > 0:
@@ -282,5 +284,5 @@ def wait_signals_or_give_up(
         )
         ok = ok & SHRINK  # without shrink mode the error record stops this call
     if HAS_WAIT_STATS:
-        tl.atomic_add(wait_stats_ptr + peers, waited, mask=live, sem="relaxed")
+        tl.atomic_add(wait_stats_ptr + peers, waited, mask=live & counted, sem="relaxed")
     return values, late, ok
