@@ -335,6 +335,7 @@ class Buffer:
             clock_addr=clock_addr,
             timeout_ns=int(timeout_s * 1e9),
             use_globaltimer=self._backend == "cuda",
+            all_ranks_on_gpu=self._backend == "cuda" and ranks_on_gpu == num_ranks,
         )
         resources.outputs = self._outputs = OutputPools(self._device)
         self._layout = RoutingLayout(

@@ -1,8 +1,10 @@
 """Low-latency launch sizes on a GPU shared by several rank processes (modes/low_latency.py): every
-rank's fused launch must stay resident beside the others', so each takes its share of the SMs."""
+rank's fused launch must stay resident beside the others', so each takes its share of the SMs;
+their signals are ordered at GPU scope."""
 
 import pytest
 
+from tritonep.kernels.common.sync import memory_scope
 from tritonep.modes.low_latency import program_counts, resident_program_budget
 from tritonep.protocol import LL_PROGRAMS_PER_SM
 
@@ -54,3 +56,17 @@ def test_kernel_launch_reports_its_build():
     assert launch.resources is None
     launch._kernel = SimpleNamespace(n_regs=120, n_spills=0)
     assert launch.resources == (120, 0)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "all_ranks_on_gpu, force_put, scope",
+    [
+        (True, False, "gpu"),  # ranks sharing one GPU, peers written with this GPU's stores
+        (True, True, "sys"),  # the forced NVSHMEM put path may deliver through other agents
+        (False, False, "sys"),  # peers on other GPUs
+        (False, True, "sys"),
+    ],
+)
+def test_signal_scope_follows_the_topology(all_ranks_on_gpu, force_put, scope):
+    assert memory_scope(all_ranks_on_gpu, force_put) == scope

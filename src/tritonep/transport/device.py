@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 from triton.language import core
 
-from ..kernels.common.sync import load_acquire, past_deadline
+from ..kernels.common.sync import SYSTEM_SCOPE, load_acquire, past_deadline
 from ..kernels.common.tiles import lane
 
 STORES = tl.constexpr(0)
@@ -213,9 +213,9 @@ def _copy(dst, src, nelems, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _signal_mapped(sig, value, SIG_OP: tl.constexpr, mask=None):
+def _signal_mapped(sig, value, SIG_OP: tl.constexpr, mask=None, SCOPE: tl.constexpr = SYSTEM_SCOPE):
     """Signal through a mapping (`sig` one pointer, or lanes under `mask`): every store of this
-    program before it becomes visible first."""
+    program before it becomes visible first (at `SCOPE`: `sync.memory_scope`)."""
     tl.static_assert(
         (SIG_OP == SIGNAL_SET) | (SIG_OP == SIGNAL_ADD), "SIG_OP must be SIGNAL_SET or SIGNAL_ADD"
     )
@@ -223,9 +223,9 @@ def _signal_mapped(sig, value, SIG_OP: tl.constexpr, mask=None):
     # which publishes them.
     tl.debug_barrier()
     if SIG_OP == SIGNAL_SET:
-        tl.atomic_xchg(sig, value, mask=mask, sem="release", scope="sys")
+        tl.atomic_xchg(sig, value, mask=mask, sem="release", scope=SCOPE)
     else:
-        tl.atomic_add(sig, value, mask=mask, sem="release", scope="sys")
+        tl.atomic_add(sig, value, mask=mask, sem="release", scope=SCOPE)
 
 
 # -------------------------------------------------------------------------------- public calls
@@ -351,17 +351,26 @@ def signal_op(sig, value, pe, delta, direct, SIG_OP: tl.constexpr, TRANSPORT: tl
 
 @triton.jit
 def signal_lanes(
-    sigs, value, pe, delta, direct, live, SIG_OP: tl.constexpr, TRANSPORT: tl.constexpr
+    sigs,
+    value,
+    pe,
+    delta,
+    direct,
+    live,
+    SIG_OP: tl.constexpr,
+    TRANSPORT: tl.constexpr,
+    SCOPE: tl.constexpr = SYSTEM_SCOPE,
 ):
     """`signal_op` on every `live` lane of `sigs` (`[N]` local symmetric `*int64`), each lane with
     its own peer (`pe`, `delta`, `direct`: lanes of a vector `open_peer`) and `value` (one for all
     lanes, or one per lane).
 
     Mapped lanes take one masked release atomic together (one ordering wait instead of one per
-    signal); lanes on the NVSHMEM put path one fenced `signal_op` each.
+    signal), at `SCOPE` (`sync.memory_scope`); lanes on the NVSHMEM put path one fenced
+    `signal_op` each.
     """
     if TRANSPORT == NVSHMEM:
-        _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live & direct)
+        _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live & direct, SCOPE)
         lanes = tl.arange(0, sigs.shape[0])
         values = tl.zeros(sigs.shape, dtype=tl.int64) + value
         todo = live & ~direct
@@ -371,7 +380,7 @@ def signal_lanes(
             signal_op(sig, lane(values, lanes, j), lane(pe, lanes, j), 0, False, SIG_OP, TRANSPORT)
             todo = todo & (lanes != j)
     else:
-        _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live)
+        _signal_mapped(peer_ptr(sigs, delta), value, SIG_OP, live, SCOPE)
 
 
 @triton.jit

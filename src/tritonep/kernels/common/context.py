@@ -17,6 +17,8 @@ class LaunchContext:
     rank_mask: int32 `[R]`, this rank's high-throughput mask (non-zero = masked).
     host_addr: address of this rank's host block (pinned host memory on GPUs).
     clock_addr: interpreter clock cell (0 on GPUs, which read `%globaltimer`).
+    all_ranks_on_gpu: every rank of the Buffer runs on this GPU (under MPS); its signals may then
+        be ordered at GPU scope (`sync.memory_scope`).
     """
 
     peer_bases: torch.Tensor
@@ -28,3 +30,4 @@ class LaunchContext:
     clock_addr: int
     timeout_ns: int
     use_globaltimer: bool
+    all_ranks_on_gpu: bool = False

@@ -19,6 +19,12 @@ own). So such words are read with `load_uniform` or `load_acquire` (one thread l
 shares its value), and a deadline is judged by `deadline_passed`, which ORs the verdict over all
 threads.
 
+Scope: system scope is what peers on other GPUs (NVLink, NVSHMEM) need. When every rank of a Buffer
+runs on one GPU (ranks sharing it under MPS), all of their loads and stores are this GPU's, and GPU
+scope orders them as well at less cost (`memory_scope`; the low-latency kernels take it as
+`PEER_SCOPE`): a release at GPU scope need not wait for the system-wide acknowledgement of every
+earlier store.
+
 Divergence here is not a slow path but undefined behaviour: warps that leave a wait at different
 trips pair the barriers wrongly and read garbage from shared memory. The low-latency dispatch
 faulted on its timeout path before this rule was applied; with it, the GPU timeout test passes.
@@ -71,14 +77,27 @@ def past_deadline(deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
     return deadline_passed(now_ns(clock_addr, USE_GLOBALTIMER), deadline, USE_GLOBALTIMER)
 
 
+# Memory scopes of the signalling atomics, as constexprs (`memory_scope`).
+SYSTEM_SCOPE = tl.constexpr("sys")
+GPU_SCOPE = tl.constexpr("gpu")
+
+
+def memory_scope(all_ranks_on_gpu: bool, force_put: bool) -> str:
+    """The scope that orders a Buffer's peer signals: "gpu" when every rank runs on this GPU and
+    every peer is written with this GPU's own stores (no forced NVSHMEM put path, whose transport
+    may deliver through other agents), else "sys"."""
+    return GPU_SCOPE.value if all_ranks_on_gpu and not force_put else SYSTEM_SCOPE.value
+
+
 @triton.jit
-def load_acquire(ptr, mask=None):
-    """Acquire-load at system scope (peers write these counters over NVLink or shared memory).
+def load_acquire(ptr, mask=None, SCOPE: tl.constexpr = SYSTEM_SCOPE):
+    """Acquire-load at `SCOPE` (peers write these counters over NVLink or shared memory; see
+    `memory_scope` for GPU scope).
 
     Compiled, one thread per element loads and the program shares the value (Triton broadcasts
     atomic results through shared memory), so every thread sees the same value. Masked-off lanes
     are undefined."""
-    return tl.atomic_add(ptr, 0, mask=mask, sem="acquire", scope="sys")
+    return tl.atomic_add(ptr, 0, mask=mask, sem="acquire", scope=SCOPE)
 
 
 @triton.jit

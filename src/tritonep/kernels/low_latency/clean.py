@@ -22,7 +22,7 @@ from ... import protocol
 from ...transport import device
 from ..common.launch import KernelLaunch, pow2
 from ..common.naming import named_kernel
-from ..common.sync import now_ns
+from ..common.sync import SYSTEM_SCOPE, now_ns
 from ..common.tiles import lane
 from .sync import WS_BARRIER, stopped, unmasked, wait_signals_or_give_up
 
@@ -92,6 +92,7 @@ def _clean_kernel(
             BLOCK_R,
             USE_GLOBALTIMER,
             False,
+            SYSTEM_SCOPE,  # the barrier signals above are released at system scope
         )
         tl.store(ws + WS_BARRIER, epoch)
 

@@ -7,21 +7,21 @@ whose owner is not masked (reference §13.3), rows optionally sent as LogFMT-10 
 
 Algorithm (one persistent launch; `ROLE` as in dispatch, whose fused launch every program runs
 as a sender, then as a receiver):
-* senders (programs `[0, S)`) own rows, not blocks. The handle's layout ranges list blocks
-  `b = e * R + s` (rows `[begin, begin + count)` of expert e came from rank s); numbered block
-  after block, all received rows are `0 .. N-1` (a prefix over the counts says which block holds
-  row i), and program pid takes rows `pid, pid + S, ...`, ROWS at a time. Each row goes to slot
-  `g * T + t` of set p on rank s, g = r * L + e the expert's global id and t its token
-  (`src_info`): plain stores where s is mapped, else a put from this rank's send region (where
-  zero-copy rows already are, BF16 rows are staged at the same place, LogFMT rows in a
-  per-program ring). Rows for masked ranks are not sent.
-  Once all its rows are stored (and its puts complete: `quiet`), the program adds 1 per row to
-  the arrival counter of the row's block (`arrivals[p, b]`, this rank's memory; acq_rel at system
-  scope: it publishes the program's rows and acquires those of the block's earlier arrivals). The
-  arrival that completes a block resets its counter to 0 for the next call of set p and sets
-  signal g on rank s to `epoch << 32 | 1`; the signal is skipped for a masked rank or a stopped
-  buffer, whose rows still count, so every counter returns to 0. Empty blocks are signalled at
-  the start by program `b % S`, like every block of an unmasked rank.
+* senders (programs `[0, S)`) own rows, not blocks. The handle's layout ranges list blocks `b = e *
+  R + s` (rows `[begin, begin + count)` of expert e came from rank s); numbered block after block,
+  all received rows are `0 .. N-1` (a prefix over the counts says which block holds row i), and
+  program pid takes rows `pid, pid + S, ...`, ROWS at a time. Each row goes to slot `g * T + t` of
+  set p on rank s, g = r * L + e the expert's global id and t its token (`src_info`): plain stores
+  where s is mapped, else a put from this rank's send region (where zero-copy rows already are, BF16
+  rows are staged at the same place, LogFMT rows in a per-program ring). Rows for masked ranks are
+  not sent. Once all its rows are stored (and its puts complete: `quiet`), the program adds 1 per
+  row to the arrival counter of the row's block (`arrivals[p, b]`, this rank's memory; acq_rel at
+  the peer scope, system or GPU (`PEER_SCOPE`, `common/sync.memory_scope`): it publishes the
+  program's rows and acquires those of the block's earlier arrivals). The arrival that completes a
+  block resets its counter to 0 for the next call of set p and sets signal g on rank s to `epoch <<
+  32 | 1`; the signal is skipped for a masked rank or a stopped buffer, whose rows still count, so
+  every counter returns to 0. Empty blocks are signalled at the start by program `b % S`, like every
+  block of an unmasked rank.
 * receivers (programs `[0, Q)`) own tokens `rpid, rpid + Q, ...`, up to BLOCK_T at a time:
   one wait for the signals of all those tokens' experts (masked owners are skipped; in shrink mode
   an owner that times out is masked), then per token and chunk of RECV_CHUNK_G 128-channel groups
@@ -99,6 +99,7 @@ def _signal_blocks(
     NUM_RANKS: tl.constexpr,
     TRANSPORT: tl.constexpr,
     FORCE_PUT: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
 ):
     """Set signal `rank * L + e` of rank s to `value` for each `todo` lane of the blocks
     `b = e * R + s`, unless s is masked or the buffer stopped (`ok` false)."""
@@ -115,6 +116,7 @@ def _signal_blocks(
         live,
         device.SIGNAL_SET,
         TRANSPORT,
+        PEER_SCOPE,
     )
 
 
@@ -174,6 +176,7 @@ def _combine_kernel(
     RECV_CHUNK_G: tl.constexpr,
     BLOCK_W: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -227,6 +230,7 @@ def _combine_kernel(
                 NUM_RANKS,
                 TRANSPORT,
                 FORCE_PUT,
+                PEER_SCOPE,
             )
             mine = (total - pid + NUM_SENDERS - 1) // NUM_SENDERS  # rows pid, pid + S, ... < total
             tile = tl.arange(0, ROWS)
@@ -330,9 +334,11 @@ def _combine_kernel(
                 count = (tl.load(layout_range_ptr + b, mask=arrived, other=0) & 0xFFFFFFFF).to(
                     tl.int32
                 )
-                # Publishes this program's rows (system scope: they went to peers) and acquires the
+                # Publishes this program's rows (peer scope: they went to peers) and acquires the
                 # rows of the block's earlier arrivals, which the signal below then publishes.
-                before = tl.atomic_add(arrivals + b, 1, mask=arrived, sem="acq_rel", scope="sys")
+                before = tl.atomic_add(
+                    arrivals + b, 1, mask=arrived, sem="acq_rel", scope=PEER_SCOPE
+                )
                 complete = arrived & (before + 1 == count)
                 tl.store(arrivals + b, 0, mask=complete)  # the next call of this set starts from 0
                 _signal_blocks(
@@ -348,6 +354,7 @@ def _combine_kernel(
                     NUM_RANKS,
                     TRANSPORT,
                     FORCE_PUT,
+                    PEER_SCOPE,
                 )
     if ROLE != ROLE_SEND:  # noqa: SIM102 (constexpr, then runtime)
         if pid < NUM_RECEIVERS:
@@ -456,6 +463,7 @@ def _combine_kernel(
                         BLOCK_T * BLOCK_K,
                         USE_GLOBALTIMER,
                         HAS_WAIT_STATS,
+                        PEER_SCOPE,
                     )
                     valid = valid & ~late
                     rows = tl.reshape(tl.where(valid, rows, 0), (BLOCK_T, BLOCK_K))

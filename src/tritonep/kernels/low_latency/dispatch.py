@@ -8,24 +8,24 @@ with per-128-channel scales (reference §13.2, §14.9), with counts, source indi
 
 Algorithm (one persistent launch; `ROLE` picks send, receive or both, see `sync.py`; in the fused
 launch every program sends, then receives, so each phase has the whole grid):
-* senders (programs `[0, S)`, S = min(T, the rank's share of the GPU)) own tokens
-  `t = pid, pid + S, ...`. For its token a sender loads the row once and quantises it once, then
-  sends it to each of its K experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p
-  on the owner, where j counts the pairs before (t, k) in row-major order that select e, found by
-  scanning topk_idx (so the block order is the token order, k order for a repeated expert:
-  deterministic). The message (16-byte header holding the token index, then the payload) goes by
-  plain stores where the owner is mapped, else it is staged once in this rank's staging slot of
-  token t and put to every such owner. Pairs with j >= T are not sent (the receiver, which sees the
-  count, reports them). The count signal of (e, r) must follow every row of e, which several
-  programs write: each program, once its token's rows are written (stores, then a block barrier;
-  puts, then `quiet`), adds its pairs to e's arrival counter (this rank's memory, per set and
-  expert) with a release at system scope. The program that brings it to e's sent-pair count (every
-  program counts those from topk_idx) has acquired every other program's release; it resets the
-  counter to 0 for the next call of set p and sets the owner's signal `(e_local, r)` to `epoch <<
-  32 | (count + 1)` with a release of its own, which is cumulative, so whoever sees the signal sees
-  every row. Experts no pair selects get count 0 from program `e % S`; masked owners get nothing
-  (their pairs are still counted, so the counters stay consistent when a rank is masked during a
-  launch).
+* senders (programs `[0, S)`, S = min(T, the rank's share of the GPU)) own tokens `t = pid, pid + S,
+  ...`. For its token a sender loads the row once and quantises it once, then sends it to each of
+  its K experts e (skipping -1): into slot `(e_local * R + r) * T + j` of set p on the owner, where
+  j counts the pairs before (t, k) in row-major order that select e, found by scanning topk_idx (so
+  the block order is the token order, k order for a repeated expert: deterministic). The message
+  (16-byte header holding the token index, then the payload) goes by plain stores where the owner is
+  mapped, else it is staged once in this rank's staging slot of token t and put to every such owner.
+  Pairs with j >= T are not sent (the receiver, which sees the count, reports them). The count
+  signal of (e, r) must follow every row of e, which several programs write: each program, once its
+  token's rows are written (stores, then a block barrier; puts, then `quiet`), adds its pairs to e's
+  arrival counter (this rank's memory, per set and expert) with a release at the peer scope (system,
+  or GPU when every rank shares this GPU: `PEER_SCOPE`, `common/sync.memory_scope`). The program
+  that brings it to e's sent-pair count (every program counts those from topk_idx) has acquired
+  every other program's release; it resets the counter to 0 for the next call of set p and sets the
+  owner's signal `(e_local, r)` to `epoch << 32 | (count + 1)` with a release of its own, which is
+  cumulative, so whoever sees the signal sees every row. Experts no pair selects get count 0 from
+  program `e % S`; masked owners get nothing (their pairs are still counted, so the counters stay
+  consistent when a rank is masked during a launch).
 * receivers (programs `[0, Q)`) own local experts: expert `q + Q * i` is program q's, except
   that the experts of a last, partial round (L % Q of them) are each shared by Q // (L % Q)
   programs, which copy every such tile of its rows (one program per expert in shrink mode).
@@ -151,6 +151,7 @@ def _dispatch_kernel(
     BLOCK_X: tl.constexpr,
     BLOCK_W: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -276,10 +277,10 @@ def _dispatch_kernel(
                             device.quiet(TRANSPORT)
                     # Every thread's stores, ordered at block scope before the arrivals below.
                     tl.debug_barrier()
-                    # Arrivals: release at system scope, so a program that later sees an expert's
+                    # Arrivals: release at the peer scope, so a program that later sees an expert's
                     # last arrival (acquire) and signals has every counted row behind its release.
                     before = tl.atomic_add(
-                        arrivals + experts, 1, mask=sent, sem="acq_rel", scope="sys"
+                        arrivals + experts, 1, mask=sent, sem="acq_rel", scope=PEER_SCOPE
                     )
                     last = sent & (before + 1 == tl.minimum(total, MAX_TOKENS))
                     # This program wrote the expert's last row: reset its counter for the next call
@@ -297,6 +298,7 @@ def _dispatch_kernel(
                         last & live,
                         device.SIGNAL_SET,
                         TRANSPORT,
+                        PEER_SCOPE,
                     )
                 # Experts e = pid + S * i that no pair selects still get their count 0 (unless
                 # their owner is masked): from this program, which owns them by id. After its
@@ -323,6 +325,7 @@ def _dispatch_kernel(
                     idle,
                     device.SIGNAL_SET,
                     TRANSPORT,
+                    PEER_SCOPE,
                 )
 
     if ROLE != ROLE_SEND:  # noqa: SIM102 (constexpr, then runtime)
@@ -391,6 +394,7 @@ def _dispatch_kernel(
                     BLOCK_X * BLOCK_R,
                     USE_GLOBALTIMER,
                     HAS_WAIT_STATS,
+                    PEER_SCOPE,
                 )
                 all_counts = tl.reshape(
                     tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]

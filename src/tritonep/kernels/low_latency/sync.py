@@ -11,7 +11,14 @@ import triton.language as tl
 from ... import _env, protocol
 from ...runtime.outputs import addressed
 from ..common.launch import KernelLaunch
-from ..common.sync import deadline_passed, load_acquire, load_uniform, now_ns, report_error
+from ..common.sync import (
+    deadline_passed,
+    load_acquire,
+    load_uniform,
+    memory_scope,
+    now_ns,
+    report_error,
+)
 
 # The `ROLE` constexpr: the fused call, the send phase of a hooked call, its receive phase (hook).
 ROLE_BOTH = tl.constexpr(0)
@@ -72,11 +79,20 @@ def unmasked(mask_ptr, ranks, mask):
 
 
 @triton.jit
-def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
+def wait_signals(
+    sigs,
+    live,
+    target,
+    deadline,
+    clock_addr,
+    USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
+):
     """Spin until every `live` lane of the signals `sigs` reaches `target` (lanes or scalar), or
-    until `deadline` (ns). Returns (values, late lanes, ns each lane waited; 0 for late or dead)."""
+    until `deadline` (ns); acquire loads at `PEER_SCOPE`. Returns (values, late lanes, ns each
+    lane waited; 0 for late or dead)."""
     start = now_ns(clock_addr, USE_GLOBALTIMER)
-    values = tl.where(live, load_acquire(sigs, live), target)
+    values = tl.where(live, load_acquire(sigs, live, PEER_SCOPE), target)
     waited = tl.zeros(values.shape, dtype=tl.int64)
     pending = tl.sum((values < target).to(tl.int32), axis=0)
     late = pending < 0
@@ -84,7 +100,9 @@ def wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER: tl.c
         now = now_ns(clock_addr, USE_GLOBALTIMER)
         late = deadline_passed(now, deadline, USE_GLOBALTIMER)  # all threads leave together
         missing = values < target
-        polled = load_acquire(sigs, missing)  # the data behind a signal is visible once it is seen
+        polled = load_acquire(
+            sigs, missing, PEER_SCOPE
+        )  # the data behind a signal is visible once it is seen
         fresh = missing & (polled >= target)
         values = tl.where(fresh, polled, values)
         waited = tl.where(fresh, now - start, waited)
@@ -183,6 +201,7 @@ class RolePlan:
             ERR_TIMEOUT=protocol.ERR_TIMEOUT,
             PHASE=phase,
             USE_GLOBALTIMER=ctx.use_globaltimer,
+            PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, memory.rdma_force_put),
             INTERPRETED=_env.interpret_enabled(),
         )
         self._kernels = {
@@ -254,6 +273,7 @@ def wait_signals_or_give_up(
     BLOCK: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
 ):
     """A wait for the `live` signals `sigs` (of ranks `peers`) to reach `target`.
 
@@ -262,7 +282,9 @@ def wait_signals_or_give_up(
     smaller); without shrink mode that stops the call (`ok` false). With HAS_WAIT_STATS each live
     lane of `counted` adds its wait (ns) to its peer's stat (lanes that other programs wait for
     too count in one of them). Returns (signal values, late lanes, ok)."""
-    values, late, waited = wait_signals(sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER)
+    values, late, waited = wait_signals(
+        sigs, live, target, deadline, clock_addr, USE_GLOBALTIMER, PEER_SCOPE
+    )
     late = late & live
     if tl.sum(late.to(tl.int32), axis=0) > 0:
         give_up_on(
