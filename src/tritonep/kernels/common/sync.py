@@ -21,9 +21,9 @@ threads.
 
 Scope: system scope is what peers on other GPUs (NVLink, NVSHMEM) need. When every rank of a Buffer
 runs on one GPU (ranks sharing it under MPS), all of their loads and stores are this GPU's, and GPU
-scope orders them as well at less cost (`memory_scope`; the low-latency kernels take it as
-`PEER_SCOPE`): a release at GPU scope need not wait for the system-wide acknowledgement of every
-earlier store.
+scope orders them as well at less cost (`memory_scope`; the intranode and low-latency kernels
+take it as `PEER_SCOPE`): a release at GPU scope need not wait for the system-wide
+acknowledgement of every earlier store.
 
 Divergence here is not a slow path but undefined behaviour: warps that leave a wait at different
 trips pair the barriers wrongly and read garbage from shared memory. The low-latency dispatch
@@ -110,21 +110,31 @@ def load_uniform(ptr, mask=None):
 
 
 @triton.jit
-def store_release(ptr, value):
-    """Publish `value` after every store this program made before (callers barrier first)."""
-    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+def store_release(ptr, value, SCOPE: tl.constexpr = SYSTEM_SCOPE):
+    """Publish `value` after every store this program made before (callers barrier first), at
+    `SCOPE` (`memory_scope`; host memory always at system scope)."""
+    tl.atomic_xchg(ptr, value, sem="release", scope=SCOPE)
 
 
 @triton.jit
-def wait_all_at_least(ptrs, targets, mask, deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
-    """Spin until every masked `*ptrs >= targets` or `deadline` (ns) passes.
+def wait_all_at_least(
+    ptrs,
+    targets,
+    mask,
+    deadline,
+    clock_addr,
+    USE_GLOBALTIMER: tl.constexpr,
+    SCOPE: tl.constexpr = SYSTEM_SCOPE,
+):
+    """Spin until every masked `*ptrs >= targets` or `deadline` (ns) passes (acquire loads at
+    `SCOPE`).
 
     Returns the last values read (lanes outside `mask` read as their target).
     """
-    values = tl.where(mask, load_acquire(ptrs, mask), targets)
+    values = tl.where(mask, load_acquire(ptrs, mask, SCOPE), targets)
     pending = tl.sum((values < targets).to(tl.int32), axis=0)
     while (pending > 0) & ~past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
-        values = tl.where(mask, load_acquire(ptrs, mask), targets)
+        values = tl.where(mask, load_acquire(ptrs, mask, SCOPE), targets)
         pending = tl.sum((values < targets).to(tl.int32), axis=0)
     return values
 
@@ -147,13 +157,15 @@ def wait_for_peers(
     channel,
     BLOCK_RANKS: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    SCOPE: tl.constexpr = SYSTEM_SCOPE,
 ):
-    """Wait until every `poll` lane of the epoch-tagged counters `ptrs` reaches `need`; on timeout
-    record an error (`code`) about the first late rank, with its progress as plain counts.
+    """Wait until every `poll` lane of the epoch-tagged counters `ptrs` reaches `need` (acquire
+    loads at `SCOPE`); on timeout record an error (`code`) about the first late rank, with its
+    progress as plain counts.
 
     Returns (`seen` with the polled lanes updated, ok = nobody was late).
     """
-    values = wait_all_at_least(ptrs, need, poll, deadline, clock_addr, USE_GLOBALTIMER)
+    values = wait_all_at_least(ptrs, need, poll, deadline, clock_addr, USE_GLOBALTIMER, SCOPE)
     late = poll & (values < need)
     ok = tl.sum(late.to(tl.int32), axis=0) == 0
     if not ok:

@@ -17,7 +17,7 @@ j]`
   source's tail covers the tile, sums bias then ranks in ascending order in fp32, stores, and
   returns the slots to the senders by publishing heads.
 
-Sync protocol: as in dispatch (epoch-tagged tails and heads, release/acquire at system scope).
+Sync protocol: as in dispatch (epoch-tagged tails and heads, release/acquire at the peer scope).
 
 Example:
     R=2, rank 0 token t went to both ranks; rank 0 returns 1.0 and rank 1 returns 2.0 for it
@@ -34,6 +34,7 @@ from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
     load_acquire,
+    memory_scope,
     open_call,
     past_deadline,
     report_error,
@@ -84,6 +85,7 @@ def _combine_kernel(
     BLOCK_RANKS: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
     INTERPRETED: tl.constexpr,
     PREFETCH: tl.constexpr,
     RECV_STAGES: tl.constexpr,
@@ -130,7 +132,7 @@ def _combine_kernel(
             pending = sent < total
             # Re-read the heads of destinations whose queues looked full.
             stale = pending & ((head_seen - tag).to(tl.int32) + capacity <= sent)
-            polled = load_acquire(heads, stale)
+            polled = load_acquire(heads, stale, PEER_SCOPE)
             head_seen = tl.where(stale & (polled > head_seen), polled, head_seen)
             room = tl.where(head_seen >= tag, (head_seen - tag).to(tl.int32) + capacity - sent, 0)
             ready = tl.where(pending, tl.minimum(total - sent, room), 0)
@@ -175,7 +177,9 @@ def _combine_kernel(
                 tl.debug_barrier()
                 tail_addr = dst_base + TAILS + (c * NUM_RANKS + rank) * 8
                 store_release(
-                    tail_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64)
+                    tail_addr.to(tl.pointer_type(tl.int64)),
+                    tag + (start + n).to(tl.int64),
+                    PEER_SCOPE,
                 )
             elif past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
                 ok = ok & False
@@ -245,6 +249,7 @@ def _combine_kernel(
                         c,
                         BLOCK_RANKS,
                         USE_GLOBALTIMER,
+                        PEER_SCOPE,
                     )
                 if ok:
                     slot = tl.where(is_self[None, :], position, position % capacity).to(tl.int64)
@@ -310,7 +315,7 @@ def _combine_kernel(
                         need,
                         mask=is_peer & (need > tag),
                         sem="release",
-                        scope="sys",
+                        scope=PEER_SCOPE,
                     )
 
 
@@ -387,6 +392,8 @@ class CombinePlan:
             BLOCK_RANKS=pow2(ctx.num_ranks),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
+            # Every rank on this GPU: its queue signals at GPU scope (common/sync.memory_scope).
+            PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, False),
             INTERPRETED=_env.interpret_enabled(),
             PREFETCH=prefetch,
             RECV_STAGES=recv_stages,

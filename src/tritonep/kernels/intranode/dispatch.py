@@ -23,8 +23,9 @@ Algorithm (one persistent launch of `2C` programs, C = num_channels):
 * worst-case mode: receivers also write the padding rows `[M, num_worst_tokens)` (top-k -1, weight
 0).
 
-Sync protocol: data stores, barrier, release of `tail = epoch << 32 | count` at system scope;
-receivers acquire tails, copy, barrier, release heads. Every wait ends at the call's deadline with
+Sync protocol: data stores, barrier, release of `tail = epoch << 32 | count` at system scope (GPU
+scope when every rank shares this GPU: `PEER_SCOPE`, `common/sync.memory_scope`); receivers
+acquire tails, copy, barrier, release heads. Every wait ends at the call's deadline with
 an error record (see `sync.py`).
 
 Example:
@@ -42,6 +43,7 @@ from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
     load_acquire,
+    memory_scope,
     open_call,
     past_deadline,
     report_error,
@@ -235,6 +237,7 @@ def _dispatch_kernel(
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
     PREFETCH: tl.constexpr,
     WRITE_HANDLE: tl.constexpr,
 ):
@@ -334,6 +337,7 @@ def _dispatch_kernel(
                         c,
                         BLOCK_RANKS,
                         USE_GLOBALTIMER,
+                        PEER_SCOPE,
                     )
                 if ok:
                     if WRITE_HANDLE:
@@ -432,7 +436,7 @@ def _dispatch_kernel(
                         tag + new_sent.to(tl.int64),
                         mask=is_peer & (count > 0),
                         sem="release",
-                        scope="sys",
+                        scope=PEER_SCOPE,
                     )
                     sent = new_sent
     else:
@@ -468,7 +472,7 @@ def _dispatch_kernel(
         remaining = tl.sum(expected, axis=0)
         while (remaining > 0) & ok:
             pending = consumed < expected
-            seen = load_acquire(tails, pending)
+            seen = load_acquire(tails, pending, PEER_SCOPE)
             available = tl.where(pending & (seen >= tag), (seen - tag).to(tl.int32) - consumed, 0)
             if tl.max(available, axis=0) > 0:
                 src = tl.argmax(available, axis=0)
@@ -519,7 +523,9 @@ def _dispatch_kernel(
                 tl.debug_barrier()
                 head_addr = lane(peer_bases, ranks, src) + HEADS + (c * NUM_RANKS + rank) * 8
                 store_release(
-                    head_addr.to(tl.pointer_type(tl.int64)), tag + (start + n).to(tl.int64)
+                    head_addr.to(tl.pointer_type(tl.int64)),
+                    tag + (start + n).to(tl.int64),
+                    PEER_SCOPE,
                 )
             elif past_deadline(deadline, clock_addr, USE_GLOBALTIMER):
                 ok = ok & False
@@ -617,6 +623,8 @@ class DispatchPlan:
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             BLOCK_SCALES=pow2(max(num_scales, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
+            # Every rank on this GPU: its queue signals at GPU scope (common/sync.memory_scope).
+            PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, False),
             PREFETCH=prefetch,
             WRITE_HANDLE=write_handle,
             num_warps=num_warps,

@@ -40,6 +40,7 @@ from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
     STOP_OFFSET,
+    memory_scope,
     now_ns,
     report_error,
     store_release,
@@ -102,6 +103,7 @@ def _notify_kernel(
     BLOCK_EXPERTS: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
 ):
     host = host_addr.to(tl.pointer_type(tl.int64))
     ranks = tl.arange(0, BLOCK_RANKS)
@@ -175,7 +177,7 @@ def _notify_kernel(
                 heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
                 tl.store(heads + chans * NUM_RANKS + rank, tagged_zero + chans * 0, mask=chan_ok)
             tl.debug_barrier()
-            store_release(msg, epoch)
+            store_release(msg, epoch, PEER_SCOPE)
 
     # 4. Wait for every rank's message of this epoch and compare layout keys.
     inbox = my_base + INBOX + (parity * NUM_RANKS + ranks) * INBOX_STRIDE  # [R] message addresses
@@ -186,6 +188,7 @@ def _notify_kernel(
         deadline,
         clock_addr,
         USE_GLOBALTIMER,
+        PEER_SCOPE,
     )
     missing = live & (flags < epoch)
     ok = tl.sum(missing.to(tl.int32), axis=0) == 0
@@ -373,6 +376,8 @@ class NotifyPlan:
             BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
             BLOCK_TOKENS=128,
             USE_GLOBALTIMER=ctx.use_globaltimer,
+            # Every rank on this GPU: its queue signals at GPU scope (common/sync.memory_scope).
+            PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, False),
             num_warps=4,
         )
 
