@@ -20,8 +20,8 @@ Algorithm (one program):
    token is chosen by the host for this call, so a late write of an earlier call (a worst-case
    dispatch the host did not wait for, or a graph replay) can never pass for this call's.
 
-Sync protocol: message payload stores, barrier, flag release (sys scope); receivers acquire the
-flags.
+Sync protocol: message payload stores, barrier, flag release (peer scope: `PEER_SCOPE`);
+receivers acquire the flags.
 Buffer regions: signal region (epoch, inbox, heads) and the host block; see `protocol.py`.
 
 Example:
