@@ -21,29 +21,25 @@ QUICK = [
 ]
 
 
+def check_matrix(pool, combos, timeout=600, **shape) -> None:
+    """Every rank of `pool` checks every combination of `combos` at `shape`."""
+    results = pool.run(ll.check_low_latency_matrix, combos, **shape, timeout=timeout)
+    assert results == [len(combos)] * pool.world_size
+
+
 def test_low_latency_pairwise_matrix_two_ranks_cpu(cpu_pool):
     """Every pair of option values together (the full 96-combination product runs on GPUs)."""
-    combos = ll.pairwise_matrix()
-    results = cpu_pool(2).run(
-        ll.check_low_latency_matrix, combos, num_experts=8, **SHAPE, timeout=900
-    )
-    assert results == [len(combos)] * 2
+    check_matrix(cpu_pool(2), ll.pairwise_matrix(), timeout=900, num_experts=8, **SHAPE)
 
 
 @pytest.mark.parametrize("world_size", [pytest.param(3, marks=pytest.mark.slow), 4])
 def test_low_latency_quick_cpu(cpu_pool, world_size):
-    results = cpu_pool(world_size).run(
-        ll.check_low_latency_matrix, QUICK, num_experts=2 * world_size, **SHAPE, timeout=600
-    )
-    assert results == [len(QUICK)] * world_size
+    check_matrix(cpu_pool(world_size), QUICK, num_experts=2 * world_size, **SHAPE)
 
 
 def test_low_latency_emulated_put_path_cpu(cpu_pool):
     """Every peer through the put path (what another node gets), emulated over /dev/shm."""
-    results = cpu_pool(2, TRITONEP_FORCE_PUT="1").run(
-        ll.check_low_latency_matrix, QUICK, num_experts=6, **SHAPE, timeout=600
-    )
-    assert results == [len(QUICK)] * 2
+    check_matrix(cpu_pool(2, TRITONEP_FORCE_PUT="1"), QUICK, num_experts=6, **SHAPE)
 
 
 @pytest.mark.parametrize(
@@ -54,18 +50,9 @@ def test_low_latency_logfmt_rows_in_several_steps_cpu(cpu_pool, put):
     partial last step of every row, on both sides, over stores and over the put path's ring."""
     pool = cpu_pool(2, TRITONEP_FORCE_PUT="1") if put else cpu_pool(2)
     combos = [dict(use_logfmt=True, with_out=True), dict(use_fp8=True, use_logfmt=True, hook=True)]
-    results = pool.run(
-        ll.check_low_latency_matrix,
-        combos,
-        num_tokens=6,
-        hidden=1280,
-        num_topk=8,
-        num_experts=8,
-        max_tokens=8,
-        drop=0.2,
-        timeout=600,
+    check_matrix(
+        pool, combos, num_tokens=6, hidden=1280, num_topk=8, num_experts=8, max_tokens=8, drop=0.2
     )
-    assert results == [len(combos)] * 2
 
 
 def test_low_latency_odd_shapes_cpu(cpu_pool):
@@ -73,34 +60,24 @@ def test_low_latency_odd_shapes_cpu(cpu_pool):
         dict(use_fp8=True, round_scale=True, use_ue8m0=True),
         dict(use_logfmt=True, hook=True),
     ]
-    results = cpu_pool(3).run(
-        ll.check_low_latency_matrix,
+    check_matrix(
+        cpu_pool(3),
         combos,
         num_tokens=[4, 0, 7],
         hidden=384,
         num_topk=1,
         num_experts=3,
         max_tokens=7,
-        timeout=600,
     )
-    assert results == [2, 2, 2]
 
 
 def test_low_latency_partial_round_experts_shared_cpu(cpu_pool):
     """3 local experts on the 2 receivers of a hook: the third expert's row tiles are split
     between both programs (`kernels/low_latency/dispatch.py`); about 10 rows each, 3 tiles."""
     combos = [dict(use_fp8=True, hook=True), dict(use_fp8=False, hook=True, twice=True)]
-    results = cpu_pool(2).run(
-        ll.check_low_latency_matrix,
-        combos,
-        num_tokens=8,
-        hidden=256,
-        num_topk=4,
-        num_experts=6,
-        max_tokens=8,
-        timeout=600,
+    check_matrix(
+        cpu_pool(2), combos, num_tokens=8, hidden=256, num_topk=4, num_experts=6, max_tokens=8
     )
-    assert results == [len(combos)] * 2
 
 
 def test_low_latency_is_repeatable_cpu(cpu_pool):
