@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tritonep.runtime import outputs as outputs_module
 from tritonep.runtime.outputs import OutputPools
 
 _PARTS = [((5, 3), torch.bool), ((7,), torch.int32), ((2, 3), torch.int64)]
@@ -60,7 +61,26 @@ def test_any_alias_keeps_a_set_out_of_the_pool(alias):
     del outputs
     assert set(_addresses(pools.take("k", _make, 3).tensors)).isdisjoint(before)
     del kept
-    assert _addresses(pools.take("k", _make, 3).tensors) == before
+    # Both sets are idle now: taking two (held) hands out both, the first set among them.
+    again = [pools.take("k", _make, 3).tensors for _ in range(2)]
+    assert before in [_addresses(outputs) for outputs in again]
+
+
+def test_a_held_old_set_does_not_slow_the_loop(monkeypatch):
+    """A caller that keeps the first call's results: later calls reuse the set handed out last,
+    whose results the loop dropped, checking it first."""
+    pools = OutputPools(torch.device("cpu"))
+    kept = pools.take("k", _make, 3).tensors
+    looped = _addresses(pools.take("k", _make, 3).tensors)
+    checked = []
+    idle = outputs_module._Entry.idle
+    monkeypatch.setattr(
+        outputs_module._Entry, "idle", lambda entry: checked.append(entry) or idle(entry)
+    )
+    for _ in range(3):
+        assert _addresses(pools.take("k", _make, 3).tensors) == looped
+    assert checked == [pools._pools["k"]._entries[1]] * 3  # never the held first set
+    del kept
 
 
 def test_the_newest_sets_are_kept():
