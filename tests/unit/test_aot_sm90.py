@@ -83,11 +83,20 @@ def test_low_latency_dispatch_messages_are_not_byte_stores(report):
             assert row["narrow_stores"] == 0, row
 
 
-def test_waits_use_the_gpu_clock_and_system_scope_acquires(report):
+def test_waits_use_the_gpu_clock_and_the_peer_scope(report):
+    """Waits acquire at system scope, or at GPU scope only where every rank shares the GPU
+    (`PEER_SCOPE`, `common/sync.memory_scope`); both kinds are among the cases."""
+    scopes = set()
     for row in report:
         # The layout and an LL send phase (role 1) wait for nothing.
         if row["module"] != "layout" and row["role"] != 1:
-            assert row["uses_globaltimer"] and row["acquire_sys"], row
+            assert row["uses_globaltimer"], row
+            if row["peer_scope"] == "gpu":
+                assert row["acquire_gpu"] and not row["acquire_sys"], row
+            else:
+                assert row["acquire_sys"], row
+            scopes.add(row["peer_scope"])
+    assert {"gpu", "sys"} <= scopes, scopes
 
 
 def test_every_deadline_is_judged_by_the_whole_program(report):

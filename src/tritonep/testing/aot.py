@@ -11,6 +11,7 @@ Must run in a process where `TRITON_INTERPRET` is unset (the interpreter compile
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import sys
@@ -106,6 +107,8 @@ def _cases(kernels):
             clock_addr=0,
             timeout_ns=100 * 10**9,
             use_globaltimer=True,
+            # EP2 as 2 ranks sharing one GPU (GPU-scope signals), EP8 as 8 GPUs (system scope).
+            all_ranks_on_gpu=num_ranks == 2,
         )
         tokens, hidden, topk, experts, channels = 4096, 7168, 8, 256, 12
         topk_idx = torch.zeros((tokens, topk), dtype=torch.int64)
@@ -205,7 +208,9 @@ def _cases(kernels):
 
 def _low_latency_cases(kernels):
     """LL launches at DeepEP's decode shape (128 tokens, hidden 7168, top-8 of 288, EP2) over plain
-    stores: FP8 + UE8M0 fused, BF16 send and receive phases, combine BF16 / LogFMT / zero-copy."""
+    stores: FP8 + UE8M0 fused, BF16 send and receive phases, combine BF16 / LogFMT / zero-copy.
+    The fused launches as ranks sharing one GPU build them (GPU-scope signals), the hook's phases
+    as ranks on two GPUs (system scope)."""
     from types import SimpleNamespace
 
     from tritonep.kernels.common.context import LaunchContext
@@ -223,7 +228,7 @@ def _low_latency_cases(kernels):
         rdma_routes=torch.zeros((num_ranks, 3), dtype=torch.int64),
         rdma_base=1 << 40,
     )
-    ctx = LaunchContext(
+    two_gpus = LaunchContext(
         peer_bases=torch.zeros(num_ranks, dtype=torch.int64),
         rank=1,
         num_ranks=num_ranks,
@@ -234,6 +239,7 @@ def _low_latency_cases(kernels):
         timeout_ns=100 * 10**9,
         use_globaltimer=True,
     )
+    one_gpu = dataclasses.replace(two_gpus, all_ranks_on_gpu=True)
     x = torch.zeros((tokens, hidden), dtype=torch.bfloat16)
     idx = torch.zeros((tokens, topk), dtype=torch.int64)
     weights = torch.zeros((tokens, topk), dtype=torch.float32)
@@ -253,7 +259,7 @@ def _low_latency_cases(kernels):
     ):
         plan = ll.dispatch.DispatchPlan(
             memory,
-            ctx,
+            one_gpu if role == ll.sync.ROLE_BOTH.value else two_gpus,
             regions,
             num_topk=topk,
             use_fp8=fp8,
@@ -280,7 +286,7 @@ def _low_latency_cases(kernels):
     for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
         plan = ll.combine.CombinePlan(
             memory,
-            ctx,
+            one_gpu,
             regions,
             num_topk=topk,
             use_logfmt=logfmt,
@@ -306,7 +312,7 @@ def _low_latency_cases(kernels):
             addressed((x,)),
             stats,
         )
-    clean = ll.clean.CleanPlan(memory, ctx, regions.barrier, shrink=True)
+    clean = ll.clean.CleanPlan(memory, two_gpus, regions.barrier, shrink=True)
     yield functools.partial(clean.launch, None, mask, workspace)
 
 
@@ -533,7 +539,9 @@ def compile_all() -> list[dict]:
                     "shared_bytes": compiled.metadata.shared,
                     "async_copies": ptx.count("cp.async."),
                     "uses_globaltimer": "%globaltimer" in ptx,
+                    "peer_scope": kwargs.get("PEER_SCOPE"),
                     "acquire_sys": "acquire.sys" in ptx or ".sys.acquire" in ptx,
+                    "acquire_gpu": "acquire.gpu" in ptx or ".gpu.acquire" in ptx,
                     # Block-wide verdicts on a deadline (`sync.deadline_passed`).
                     "uniform_deadlines": ptx.count("bar.red.or.pred"),
                 }
