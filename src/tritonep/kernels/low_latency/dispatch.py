@@ -74,6 +74,26 @@ _HEADER = tl.constexpr(HEADER_BYTES)
 
 
 @triton.jit
+def _receiver_expert(
+    round_,
+    rpid,
+    Q: tl.constexpr,
+    FULL: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HELPERS: tl.constexpr,
+):
+    """(local expert, helper index, helpers of that expert) of receiver `rpid` in `round_` (lanes
+    or a scalar): expert `rpid + Q * round_` alone in the FULL full rounds, then expert
+    `FULL * Q + rpid % PARTIAL` of the partial round as its helper `rpid // PARTIAL` of HELPERS."""
+    full = round_ < FULL
+    return (
+        tl.where(full, rpid + Q * round_, FULL * Q + rpid % PARTIAL),
+        tl.where(full, 0, rpid // PARTIAL),
+        tl.where(full, 1, HELPERS),
+    )
+
+
+@triton.jit
 def group_tile(
     row_addr,
     BLOCK_G: tl.constexpr,
@@ -355,10 +375,9 @@ def _dispatch_kernel(
             # the expert's copy could start.
             lanes = tl.arange(0, BLOCK_X * BLOCK_R)
             lane_round = lanes // BLOCK_R
-            lane_expert = tl.where(
-                lane_round < FULL, rpid + Q * lane_round, FULL * Q + rpid % PARTIAL
+            lane_expert, lane_helper, _ = _receiver_expert(
+                lane_round, rpid, Q, FULL, PARTIAL, HELPERS
             )
-            lane_helper = tl.where(lane_round < FULL, 0, rpid // PARTIAL)
             lane_rank = lanes % BLOCK_R
             # A fatal error elsewhere in this launch (or an earlier one) stops the wait.
             ok = ok & (stopped(ws) == 0)
@@ -400,9 +419,7 @@ def _dispatch_kernel(
                     tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
                 )
             for round_ in range(0, ROUNDS):
-                e = tl.where(round_ < FULL, rpid + Q * round_, FULL * Q + rpid % PARTIAL)
-                helper = tl.where(round_ < FULL, 0, rpid // PARTIAL)
-                helpers = tl.where(round_ < FULL, 1, HELPERS)
+                e, helper, helpers = _receiver_expert(round_, rpid, Q, FULL, PARTIAL, HELPERS)
                 if ok & (helper < helpers):
                     # This expert's row of the counts (a masked column sum keeps it in registers).
                     counts = tl.sum(
