@@ -246,7 +246,7 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
         "ll: check_tensor(x)": lambda: check_tensor(
             "op", "x", x, device=x.device, dtypes=(torch.bfloat16,), dim=2
         ),
-        "ll: _streams_for (sync call)": lambda: mode._streams_for("op", False, False),
+        "ll: _streams_for (sync call)": lambda: mode._streams_for(False, False),
         "ll dispatch: outputs from the pool": lambda: mode._outputs.take(
             ("probe-ll",),
             lambda: [torch.empty(16, device="cuda") for _ in range(5)],

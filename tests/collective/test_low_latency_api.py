@@ -4,6 +4,8 @@ raise), the clean barrier and the shrink-mode masks."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import tritonep
@@ -90,8 +92,25 @@ def api_task(ctx) -> list[str]:
     problem = _expect(EPStateError, old_hook, "stale")
     if problem:
         problems.append(problem)
+    # Signatures seen above (these shapes, dtypes and flags) skip the full checks; what they do
+    # not cover is still checked on every call: layout and device.
+    x_strided = torch.zeros((H, T), dtype=torch.bfloat16).t()
+    y_strided = torch.zeros_like(y).transpose(1, 2).contiguous().transpose(1, 2)
+    meta = torch.empty((T, K), dtype=torch.float32, device="meta")
     c = buffer.low_latency_combine
     for error, call, *needles in [
+        (
+            EPInvalidArgument,
+            lambda: d(x_strided, idx, T, E, use_fp8=False, return_recv_hook=True),
+            "x must be contiguous",
+        ),  # fmt: skip
+        (
+            EPInvalidArgument,
+            lambda: d(x.to("meta"), idx, T, E, use_fp8=False, return_recv_hook=True),
+            "x must be on cpu",
+        ),  # fmt: skip
+        (EPInvalidArgument, lambda: c(y_strided, idx, weights, handle), "x must be contiguous"),
+        (EPInvalidArgument, lambda: c(y, idx, meta, handle), "topk_weights must be on cpu"),
         (
             EPInvalidArgument,
             lambda: c(y, idx, weights, handle, use_logfmt=True, zero_copy=True),
@@ -140,6 +159,31 @@ def api_task(ctx) -> list[str]:
     return problems
 
 
+def wait_stats_task(ctx, stall_s: float) -> tuple:
+    """Rank 1 starts its dispatch `stall_s` late, rank 0 its combine: the waiting rank's stats
+    for the late source grow by about that much. The dispatch stats come in V1's `[R, R]` form
+    (this rank's row is used, the others stay as they are), the combine stats as `[R]`."""
+    buffer = ll_buffer(ctx, T, H, E)
+    x = torch.ones((T, H), dtype=torch.bfloat16)
+    idx = torch.tensor([[0, E - 1]] * T, dtype=tritonep.topk_idx_t)  # every token to both ranks
+    weights = torch.ones((T, 2), dtype=torch.float32)
+    dispatch_stats = torch.full((2, 2), -7, dtype=torch.int64)
+    dispatch_stats[ctx.rank] = 0
+    combine_stats = torch.zeros(2, dtype=torch.int64)
+    for _ in range(2):  # the second time with the signatures of the first
+        if ctx.rank == 1:
+            time.sleep(stall_s)
+        recv, _, handle, _, _ = buffer.low_latency_dispatch(
+            x, idx, T, E, use_fp8=False, dispatch_wait_recv_cost_stats=dispatch_stats
+        )
+        if ctx.rank == 0:
+            time.sleep(stall_s)
+        buffer.low_latency_combine(
+            recv, idx, weights, handle, combine_wait_recv_cost_stats=combine_stats
+        )
+    return dispatch_stats.tolist(), combine_stats.tolist()
+
+
 def nodes_task(ctx) -> tuple:
     """Two nodes of one rank: the node arithmetic of the attributes and the layout."""
     buffer = tritonep.Buffer(ctx.group, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20)
@@ -151,6 +195,23 @@ def nodes_task(ctx) -> tuple:
 def test_low_latency_api_cpu(cpu_pool):
     results = cpu_pool(2).run(api_task, timeout=300)
     assert results == [[], []], results
+
+
+def test_wait_stats_count_the_time_a_late_peer_costs_cpu(cpu_pool):
+    stall_s, unit_s = 0.3, 1e-9  # tritonep.WAIT_COST_UNIT: ns
+    assert tritonep.WAIT_COST_UNIT == "ns"
+    (dispatch_0, combine_0), (dispatch_1, combine_1) = cpu_pool(2).run(
+        wait_stats_task, stall_s, timeout=300
+    )
+    assert dispatch_0[1] == [-7, -7] and dispatch_1[0] == [-7, -7], (dispatch_0, dispatch_1)
+    # Two calls, each late by stall_s (plus the interpreted kernels of the peer).
+    assert 1.5 * stall_s <= dispatch_0[0][1] * unit_s < 2 * stall_s + 10, dispatch_0
+    assert 1.5 * stall_s <= combine_1[0] * unit_s < 2 * stall_s + 10, combine_1
+    # The late rank found its peer's data there.
+    assert dispatch_1[1][0] * unit_s < stall_s and combine_0[1] * unit_s < stall_s, (
+        dispatch_1,
+        combine_0,
+    )
 
 
 def test_two_nodes_of_one_rank_cpu(cpu_pool):

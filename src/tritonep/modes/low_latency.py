@@ -19,6 +19,8 @@ import functools
 import os
 import warnings
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -30,13 +32,52 @@ from ..event import EventOverlap
 from ..runtime.host import HostBlock
 from ..runtime.memory import BufferMemory
 from ..runtime.outputs import OutputPools, addressed
-from ..runtime.streams import CommStreams
+from ..runtime.streams import CallStreams, CommStreams
 
 MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register tile of expert ids
 
 
 # Experts the arrival counters hold from the start (16 KB in all); calls with more grow them.
 _ARRIVAL_EXPERTS = 1024
+
+# Call signatures remembered per kind (the oldest is forgotten first): a decode loop whose batch
+# size changes from step to step has one signature per size.
+_REMEMBERED_CALLS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _DispatchCall:
+    """What the signature of a dispatch call (shapes, dtypes, ints, flags) fixes, once checked:
+    its launch plan, its output pool (key and allocator), whether the results are FP8, the
+    handle's geometry (T, H, E) and whether the wait stats are V1's `[R, R]` form."""
+
+    plan: object
+    pool_key: tuple
+    allocate: Callable
+    use_fp8: bool
+    geometry: tuple
+    wait_row: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _CombineCall:
+    """What the signature of a combine call fixes, once checked (as `_DispatchCall`)."""
+
+    plan: object
+    pool_key: tuple
+    allocate: Callable
+    wait_row: bool
+
+
+def _plain(tensor) -> bool:
+    """None or a plain tensor: the arguments a call signature can stand for (subclasses and
+    anything else take the full checks every call)."""
+    return tensor is None or type(tensor) is torch.Tensor
+
+
+def _key(tensor):
+    """An optional tensor's part of a call signature."""
+    return None if tensor is None else (tensor.shape, tensor.dtype)
 
 
 class LowLatencyMode:
@@ -116,6 +157,13 @@ class LowLatencyMode:
         self._parity = 0
         self._calls = 0
         self._plans: dict = {}
+        sync = ll.sync
+        self._roles = (sync.ROLE_SEND.value, sync.ROLE_RECV.value, sync.ROLE_BOTH.value)
+        # What each call signature fixes, checked once (`_check_dispatch`, `_check_combine`): a
+        # decode loop repeats a few signatures, and its calls then skip the checks and the
+        # lookups by geometry (tens of microseconds of host time per step otherwise).
+        self._dispatch_calls: dict = {}
+        self._combine_calls: dict = {}
 
     # ---------------------------------------------------------------------------- geometry
     def _regions(self, op: str, max_tokens: int, hidden: int, num_experts: int):
@@ -171,12 +219,32 @@ class LowLatencyMode:
         self._calls += 1
         return parity, call
 
-    def _streams_for(self, op: str, async_finish: bool, return_recv_hook: bool):
+    def _placed(self, *tensors) -> bool:
+        """Whether these tensors (None allowed) are contiguous and on this buffer's device: the part
+        of the checks that a call signature does not cover."""
+        device = self._device
+        for t in tensors:  # a loop, not all(...): this runs on every call
+            if t is not None and not (t.is_contiguous() and t.device == device):
+                return False
+        return True
+
+    @staticmethod
+    def _remember(calls: dict, signature, call) -> None:
+        if signature is None:
+            return
+        if len(calls) >= _REMEMBERED_CALLS:
+            del calls[next(iter(calls))]  # dicts keep insertion order
+        calls[signature] = call
+
+    def _check_streams(self, op: str, async_finish, return_recv_hook) -> None:
         if async_finish and return_recv_hook:
             fail(op, "async_finish and return_recv_hook cannot both be True")
+
+    def _streams_for(self, async_finish: bool, return_recv_hook: bool):
+        """(`CallStreams` of a call, or None for a hooked one; the stream it launches on)."""
         if return_recv_hook:
             return None, (self._streams.current() if self._gpu else None)
-        call = self._streams.begin(op, None, async_finish, False)
+        call = CallStreams(self._streams, None, async_finish, False)
         return call, call.launch
 
     def _hook(self, op: str, call_index: int, launch):
@@ -201,25 +269,28 @@ class LowLatencyMode:
     def _issue(self, op: str, launch, call, stream, call_index: int, kept: tuple):
         """Launch one call: the fused kernel, or (`call` None: hooked) the send phase now and a hook
         for the receive phase. Returns (event, hook); `kept` rides on an async call's event."""
-        roles = self._kernels.low_latency.sync
+        send, receive, both = self._roles
         if call is None:
-            launch(roles.ROLE_SEND.value, stream)
+            launch(send, stream)
             self._host.after_launch(op)
-            receive = self._hook(op, call_index, lambda: launch(roles.ROLE_RECV.value, stream))
-            return EventOverlap(None, None), receive
-        launch(roles.ROLE_BOTH.value, stream)
+            return EventOverlap(None, None), self._hook(
+                op, call_index, lambda: launch(receive, stream)
+            )
+        launch(both, stream)
         self._host.after_launch(op)
         return call.finish(kept, keep_alive="extra_tensors"), None
 
-    def _check_stats(self, op: str, name: str, stats, length: int, dtype: torch.dtype):
+    def _check_stats(self, op: str, name: str, stats, length: int, dtype: torch.dtype) -> bool:
+        """Check an optional stats tensor; True when it is V1's `[R, R]` int64 form, of which the
+        calls use this rank's row."""
         if stats is None:
-            return None
+            return False
         check_tensor(op, name, stats, device=self._device, dtypes=(dtype,))
         if stats.dim() == 2 and dtype == torch.int64 and tuple(stats.shape) == (length, length):
-            return stats[self._ctx.rank]  # V1's docstring shape [R, R]: this rank's row
+            return True
         if stats.dim() != 1 or stats.numel() != length:
             fail(op, f"{name} must have shape [{length}], got {tuple(stats.shape)}")
-        return stats
+        return False
 
     def _grids(self, send_items: int, receive_items: int, programs: tuple[int, int]) -> dict:
         """Programs of each launch: {role: (senders, receivers)}, each at most `programs` and this
@@ -253,6 +324,85 @@ class LowLatencyMode:
         async_finish,
         return_recv_hook,
     ):
+        signature = None
+        if (
+            type(x) is torch.Tensor
+            and type(topk_idx) is torch.Tensor
+            and _plain(cumulative_stats)
+            and _plain(wait_stats)
+        ):
+            signature = (
+                x.shape,
+                x.dtype,
+                topk_idx.shape,
+                topk_idx.dtype,
+                type(num_max_dispatch_tokens_per_rank),
+                num_max_dispatch_tokens_per_rank,
+                type(num_experts),
+                num_experts,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                async_finish,
+                return_recv_hook,
+                _key(cumulative_stats),
+                _key(wait_stats),
+            )
+        call = self._dispatch_calls.get(signature)
+        if call is None or not self._placed(x, topk_idx, cumulative_stats, wait_stats):
+            call = self._check_dispatch(
+                op,
+                signature,
+                x,
+                topk_idx,
+                num_max_dispatch_tokens_per_rank,
+                num_experts,
+                cumulative_stats,
+                wait_stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                async_finish,
+                return_recv_hook,
+            )
+        if call.wait_row:
+            wait_stats = wait_stats[self._ctx.rank]
+        streams, stream = self._streams_for(async_finish, return_recv_hook)
+        parity, call_index = self._next_parity()
+        outputs = self._outputs.take(call.pool_key, call.allocate, 3)
+        recv_x, recv_scales, recv_count, src_info, layout_range = outputs.tensors
+        plan = call.plan
+
+        def launch(role, on_stream):
+            plan.launch(role, on_stream, parity, x, topk_idx, outputs, cumulative_stats, wait_stats)
+
+        handle = (src_info, layout_range, *call.geometry)
+        received = (recv_x, recv_scales) if call.use_fp8 else recv_x
+        kept = (
+            (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats)
+            if async_finish
+            else ()
+        )
+        event, hook = self._issue(op, launch, streams, stream, call_index, kept)
+        return received, recv_count, handle, event, hook
+
+    def _check_dispatch(
+        self,
+        op,
+        signature,
+        x,
+        topk_idx,
+        num_max_dispatch_tokens_per_rank,
+        num_experts,
+        cumulative_stats,
+        wait_stats,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        async_finish,
+        return_recv_hook,
+    ) -> _DispatchCall:
+        """Check a dispatch's arguments and return what their signature fixes (cached under it)."""
         check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,), dim=2)
         check_tensor(
             op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
@@ -275,20 +425,23 @@ class LowLatencyMode:
             )
         if use_ue8m0 and not round_scale:
             fail(op, "use_ue8m0=True requires round_scale=True")
+        self._check_streams(op, async_finish, return_recv_hook)
         num_local = num_experts // self._num_ranks
-        cumulative_stats = self._check_stats(
+        self._check_stats(
             op, "cumulative_local_expert_recv_stats", cumulative_stats, num_local, torch.int32
         )
-        wait_stats = self._check_stats(
+        wait_row = self._check_stats(
             op, "dispatch_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64
         )
+        use_fp8 = bool(use_fp8)
+        round_scale, use_ue8m0 = use_fp8 and bool(round_scale), use_fp8 and bool(use_ue8m0)
         key = (
             "dispatch",
             regions,
             num_topk,
-            bool(use_fp8),
-            bool(use_fp8 and round_scale),
-            bool(use_fp8 and use_ue8m0),
+            use_fp8,
+            round_scale,
+            use_ue8m0,
             cumulative_stats is not None,
             wait_stats is not None,
         )
@@ -299,48 +452,29 @@ class LowLatencyMode:
                 self._ctx,
                 regions,
                 num_topk=num_topk,
-                use_fp8=key[3],
-                round_scale=key[4],
-                use_ue8m0=key[5],
+                use_fp8=use_fp8,
+                round_scale=round_scale,
+                use_ue8m0=use_ue8m0,
                 grids=self._grids(max_tokens, num_local, self._dispatch_programs),
                 shrink=self._shrink,
-                has_cumulative=key[6],
-                has_wait_stats=key[7],
+                has_cumulative=cumulative_stats is not None,
+                has_wait_stats=wait_stats is not None,
                 num_warps=self._num_warps,
                 mask=self._mask,
                 workspace=self._workspace,
                 arrivals=self._arrivals_for(op, 0, num_experts),
             )
-        # After the plan: a plan that grows the arrival counters zeroes them on the caller's
-        # stream, and the hand-off to the comm stream must order the launch after that.
-        call, stream = self._streams_for(op, async_finish, return_recv_hook)
-        parity, call_index = self._next_parity()
-        outputs = self._outputs.take(
-            ("low_latency_dispatch", regions, key[3], key[5]),
-            _dispatch_outputs(regions, key[3], key[5], self._device),
-            3,  # the two results that may be outstanding (reference §14.4), and one more
+        call = _DispatchCall(
+            plan=plan,
+            # Plain values only: the pool lookup hashes this key on every call.
+            pool_key=("low_latency_dispatch", max_tokens, hidden, num_experts, use_fp8, use_ue8m0),
+            allocate=_dispatch_outputs(regions, use_fp8, use_ue8m0, self._device),
+            use_fp8=use_fp8,
+            geometry=(max_tokens, hidden, num_experts),
+            wait_row=wait_row,
         )
-        recv_x, recv_scales, recv_count, src_info, layout_range = outputs.tensors
-
-        def launch(role, on_stream):
-            plan.launch(role, on_stream, parity, x, topk_idx, outputs, cumulative_stats, wait_stats)
-
-        handle = (src_info, layout_range, max_tokens, hidden, num_experts)
-        received = (recv_x, recv_scales) if use_fp8 else recv_x
-        kept = (
-            x,
-            topk_idx,
-            recv_x,
-            recv_scales,
-            recv_count,
-            src_info,
-            layout_range,
-            cumulative_stats,
-        )
-        event, hook = self._issue(
-            op, launch, call, stream, call_index, kept if async_finish else ()
-        )
-        return received, recv_count, handle, event, hook
+        self._remember(self._dispatch_calls, signature, call)
+        return call
 
     # ----------------------------------------------------------------------------- combine
     def _check_handle(self, op: str, handle):
@@ -412,8 +546,94 @@ class LowLatencyMode:
         out,
         wait_stats,
     ):
-        regions, src_info, layout_range = self._check_handle(op, handle)
-        max_tokens, hidden, num_experts = regions.max_tokens, regions.hidden, regions.num_experts
+        _, src_info, layout_range = self._check_handle(op, handle)
+        signature = None
+        if (
+            type(x) is torch.Tensor
+            and type(topk_idx) is torch.Tensor
+            and type(topk_weights) is torch.Tensor
+            and _plain(out)
+            and _plain(wait_stats)
+        ):
+            signature = (
+                handle[2:],
+                x.shape,
+                x.dtype,
+                topk_idx.shape,
+                topk_idx.dtype,
+                topk_weights.shape,
+                topk_weights.dtype,
+                use_logfmt,
+                zero_copy,
+                async_finish,
+                return_recv_hook,
+                _key(out),
+                _key(wait_stats),
+            )
+        call = self._combine_calls.get(signature)
+        if call is None or not self._placed(x, topk_idx, topk_weights, out, wait_stats):
+            call = self._check_combine(
+                op,
+                signature,
+                x,
+                topk_idx,
+                topk_weights,
+                handle,
+                use_logfmt,
+                zero_copy,
+                async_finish,
+                return_recv_hook,
+                out,
+                wait_stats,
+            )
+        if call.wait_row:
+            wait_stats = wait_stats[self._ctx.rank]
+        streams, stream = self._streams_for(async_finish, return_recv_hook)
+        parity, call_index = self._next_parity()
+        if out is not None:
+            output = addressed((out,))
+        else:
+            output = self._outputs.take(call.pool_key, call.allocate, 3)
+        (combined,) = output.tensors
+        plan = call.plan
+
+        def launch(role, on_stream):
+            plan.launch(
+                role,
+                on_stream,
+                parity,
+                x,
+                topk_idx,
+                topk_weights,
+                src_info,
+                layout_range,
+                output,
+                wait_stats,
+            )
+
+        kept = (x, topk_idx, topk_weights, src_info, layout_range, combined) if async_finish else ()
+        event, hook = self._issue(op, launch, streams, stream, call_index, kept)
+        return combined, event, hook
+
+    def _check_combine(
+        self,
+        op,
+        signature,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt,
+        zero_copy,
+        async_finish,
+        return_recv_hook,
+        out,
+        wait_stats,
+    ) -> _CombineCall:
+        """Check a combine's arguments (the handle is checked) and return what their signature
+        fixes (cached under it)."""
+        max_tokens, hidden, num_experts = handle[2:]
+        regions = self._regions(op, max_tokens, hidden, num_experts)
         num_local = num_experts // self._num_ranks
         check_tensor(
             op,
@@ -452,17 +672,12 @@ class LowLatencyMode:
                 dtypes=(torch.bfloat16,),
                 shape=(num_tokens, hidden),
             )
-        wait_stats = self._check_stats(
+        wait_row = self._check_stats(
             op, "combine_wait_recv_cost_stats", wait_stats, self._num_ranks, torch.int64
         )
-        key = (
-            "combine",
-            regions,
-            num_topk,
-            bool(use_logfmt),
-            bool(zero_copy),
-            wait_stats is not None,
-        )
+        self._check_streams(op, async_finish, return_recv_hook)
+        use_logfmt, zero_copy = bool(use_logfmt), bool(zero_copy)
+        key = ("combine", regions, num_topk, use_logfmt, zero_copy, wait_stats is not None)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._kernels.low_latency.combine.CombinePlan(
@@ -470,49 +685,25 @@ class LowLatencyMode:
                 self._ctx,
                 regions,
                 num_topk=num_topk,
-                use_logfmt=key[3],
-                zero_copy=key[4],
+                use_logfmt=use_logfmt,
+                zero_copy=zero_copy,
                 # Senders own rows: up to T from each rank for each of the L local experts.
                 grids=self._grids(num_experts * max_tokens, max_tokens, self._combine_programs),
                 shrink=self._shrink,
-                has_wait_stats=key[5],
+                has_wait_stats=wait_stats is not None,
                 num_warps=self._num_warps,
                 mask=self._mask,
                 workspace=self._workspace,
                 arrivals=self._arrivals_for(op, 1, num_experts),
             )
-        # After the plan, as in dispatch (grown arrival counters are zeroed on the caller's stream).
-        call, stream = self._streams_for(op, async_finish, return_recv_hook)
-        parity, call_index = self._next_parity()
-        if out is not None:
-            output = addressed((out,))
-        else:
-            output = self._outputs.take(
-                ("low_latency_combine", num_tokens, hidden),
-                _combine_output(num_tokens, hidden, self._device),
-                3,
-            )
-        (combined,) = output.tensors
-
-        def launch(role, on_stream):
-            plan.launch(
-                role,
-                on_stream,
-                parity,
-                x,
-                topk_idx,
-                topk_weights,
-                src_info,
-                layout_range,
-                output,
-                wait_stats,
-            )
-
-        kept = (x, topk_idx, topk_weights, src_info, layout_range, combined)
-        event, hook = self._issue(
-            op, launch, call, stream, call_index, kept if async_finish else ()
+        call = _CombineCall(
+            plan=plan,
+            pool_key=("low_latency_combine", num_tokens, hidden),
+            allocate=_combine_output(num_tokens, hidden, self._device),
+            wait_row=wait_row,
         )
-        return combined, event, hook
+        self._remember(self._combine_calls, signature, call)
+        return call
 
     def next_combine_buffer(self, op: str, handle) -> torch.Tensor:
         """bf16 `[L, R*T, H]` view of the send region of the set the next call uses (zero copy)."""
