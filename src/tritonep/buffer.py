@@ -543,16 +543,6 @@ class Buffer:
         """
         op = "get_dispatch_layout"
         self._check_usable(op)
-        check_tensor(
-            op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
-        )
-        check_int(op, "num_experts", num_experts, minimum=1)
-        if num_experts % self.group_size != 0:
-            fail(
-                op,
-                f"num_experts must be divisible by the rank count {self.group_size}, got "
-                f"{num_experts}",
-            )
         return self._layout(
             op, topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
         )

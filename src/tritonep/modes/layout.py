@@ -2,20 +2,41 @@
 
 Local (no communication): one `route_stats` launch (`kernels/layout.py`) per call, planned per
 geometry, into outputs from the Buffer's pools (`runtime/outputs.py`: fresh whenever the caller
-still holds the previous ones). The kernel keeps a persistent int32 accumulator that is zero
-between calls, zeroed once when it is first needed.
+still holds the previous ones). The arguments are checked once per call signature (shape and
+dtype of the routing, the expert count); later calls with that signature check only the layout
+and device of `topk_idx`. The kernel keeps a persistent int32 accumulator that is zero between
+calls, zeroed once when it is first needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from .._validate import check_int, check_tensor, fail
 from ..runtime.host import HostBlock
 from ..runtime.outputs import OutputPools, addressed
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
+
+# Call signatures remembered (the oldest is forgotten first): one per token count a loop uses.
+_REMEMBERED_CALLS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _LayoutCall:
+    """What the signature of a layout call (the routing's shape and dtype, the expert count)
+    fixes, once checked: the launch plan, the token count and the output pool (key and
+    allocator)."""
+
+    plan: object
+    num_tokens: int
+    pool_key: tuple
+    allocate: Callable
 
 
 class RoutingLayout:
@@ -42,6 +63,7 @@ class RoutingLayout:
         # addresses for the launches.
         self._fixed = addressed((torch.zeros(0, dtype=torch.int32, device=device), rank_mask))
         self._plans: dict = {}
+        self._calls: dict = {}
 
     def __call__(
         self,
@@ -52,25 +74,13 @@ class RoutingLayout:
         async_finish: bool,
         allocate_on_comm_stream: bool,
     ):
-        num_tokens, num_topk = topk_idx.shape
-        # Token blocks never exceed 64 tokens: past that the plan does not depend on N.
-        key = (
-            min(1 << max(0, num_tokens - 1).bit_length(), 64),
-            num_topk,
-            topk_idx.dtype,
-            num_experts,
-        )
-        plan = self._plans.get(key)
-        topology = self._topology
-        if plan is None:
-            plan = self._plans[key] = self._kernels.layout.plan_route_stats(
-                num_tokens,
-                num_topk,
-                num_experts,
-                topology.num_ranks,
-                topology.ranks_per_node,
-                topology.is_internode,
-            )
+        call = None
+        if type(topk_idx) is torch.Tensor:
+            signature = (topk_idx.shape, topk_idx.dtype, type(num_experts), num_experts)
+            call = self._calls.get(signature)
+        if call is None or not (topk_idx.is_contiguous() and topk_idx.device == self._device):
+            call = self._check(op, topk_idx, num_experts)
+        plan = call.plan
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         if self._fixed.tensors[0].numel() < plan.scratch_slots:
             # Zeroed once, in stream order before the launch; the kernel leaves it zero after every
@@ -83,15 +93,55 @@ class RoutingLayout:
                 scratch = torch.zeros(plan.scratch_slots, dtype=torch.int32, device=self._device)
             self._fixed = addressed((scratch, self._rank_mask))
         with streams.allocation():
-            outputs = self._outputs.take(
-                ("get_dispatch_layout", key, num_tokens),
-                lambda: allocate_outputs(plan, num_tokens, self._device),
-                3,
-            )
-        plan.launch(streams.launch, topk_idx, num_tokens, self._fixed, self._host.address, outputs)
+            outputs = self._outputs.take(call.pool_key, call.allocate, 3)
+        plan.launch(
+            streams.launch, topk_idx, call.num_tokens, self._fixed, self._host.address, outputs
+        )
         outputs = outputs.tensors
         event = streams.finish((topk_idx, *outputs) if async_finish else ())
         return (*outputs, event)
+
+    def _check(self, op: str, topk_idx, num_experts) -> _LayoutCall:
+        """Check a call's arguments and return what their signature fixes (cached under it)."""
+        check_tensor(
+            op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
+        )
+        check_int(op, "num_experts", num_experts, minimum=1)
+        topology = self._topology
+        if num_experts % topology.num_ranks != 0:
+            fail(
+                op,
+                f"num_experts must be divisible by the rank count {topology.num_ranks}, got "
+                f"{num_experts}",
+            )
+        num_tokens, num_topk = topk_idx.shape
+        # Token blocks never exceed 64 tokens: past that the plan does not depend on N.
+        key = (
+            min(1 << max(0, num_tokens - 1).bit_length(), 64),
+            num_topk,
+            topk_idx.dtype,
+            num_experts,
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._kernels.layout.plan_route_stats(
+                num_tokens,
+                num_topk,
+                num_experts,
+                topology.num_ranks,
+                topology.ranks_per_node,
+                topology.is_internode,
+            )
+        call = _LayoutCall(
+            plan=plan,
+            num_tokens=num_tokens,
+            pool_key=("get_dispatch_layout", key, num_tokens),
+            allocate=functools.partial(allocate_outputs, plan, num_tokens, self._device),
+        )
+        if len(self._calls) >= _REMEMBERED_CALLS:
+            del self._calls[next(iter(self._calls))]  # dicts keep insertion order
+        self._calls[(topk_idx.shape, topk_idx.dtype, type(num_experts), num_experts)] = call
+        return call
 
 
 def allocate_outputs(plan, num_tokens: int, device: torch.device) -> list:
