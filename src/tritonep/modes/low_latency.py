@@ -309,21 +309,10 @@ class LowLatencyMode:
         }
 
     # ---------------------------------------------------------------------------- dispatch
-    def dispatch(
-        self,
-        op,
-        x,
-        topk_idx,
-        num_max_dispatch_tokens_per_rank,
-        num_experts,
-        cumulative_stats,
-        wait_stats,
-        use_fp8,
-        round_scale,
-        use_ue8m0,
-        async_finish,
-        return_recv_hook,
-    ):
+    def dispatch(self, op, *arguments):
+        """`arguments`: those of `Buffer.low_latency_dispatch`, in its order."""
+        x, topk_idx, max_tokens, num_experts, cumulative_stats, wait_stats, *flags = arguments
+        use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook = flags
         signature = None
         if (
             type(x) is torch.Tensor
@@ -336,35 +325,17 @@ class LowLatencyMode:
                 x.dtype,
                 topk_idx.shape,
                 topk_idx.dtype,
-                type(num_max_dispatch_tokens_per_rank),
-                num_max_dispatch_tokens_per_rank,
+                type(max_tokens),
+                max_tokens,
                 type(num_experts),
                 num_experts,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                async_finish,
-                return_recv_hook,
+                *flags,
                 _key(cumulative_stats),
                 _key(wait_stats),
             )
         call = self._dispatch_calls.get(signature)
         if call is None or not self._placed(x, topk_idx, cumulative_stats, wait_stats):
-            call = self._check_dispatch(
-                op,
-                signature,
-                x,
-                topk_idx,
-                num_max_dispatch_tokens_per_rank,
-                num_experts,
-                cumulative_stats,
-                wait_stats,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                async_finish,
-                return_recv_hook,
-            )
+            call = self._check_dispatch(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
         streams, stream = self._streams_for(async_finish, return_recv_hook)
@@ -386,30 +357,16 @@ class LowLatencyMode:
         event, hook = self._issue(op, launch, streams, stream, call_index, kept)
         return received, recv_count, handle, event, hook
 
-    def _check_dispatch(
-        self,
-        op,
-        signature,
-        x,
-        topk_idx,
-        num_max_dispatch_tokens_per_rank,
-        num_experts,
-        cumulative_stats,
-        wait_stats,
-        use_fp8,
-        round_scale,
-        use_ue8m0,
-        async_finish,
-        return_recv_hook,
-    ) -> _DispatchCall:
+    def _check_dispatch(self, op, signature, arguments) -> _DispatchCall:
         """Check a dispatch's arguments and return what their signature fixes (cached under it)."""
+        x, topk_idx, max_tokens, num_experts, cumulative_stats, wait_stats, *flags = arguments
+        use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook = flags
         check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,), dim=2)
         check_tensor(
             op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
         )
         num_tokens, hidden = x.shape
-        regions = self._regions(op, num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        max_tokens = num_max_dispatch_tokens_per_rank
+        regions = self._regions(op, max_tokens, hidden, num_experts)
         if num_tokens > max_tokens:
             fail(
                 op,
@@ -532,20 +489,10 @@ class LowLatencyMode:
         )
         return regions, src_info, layout_range
 
-    def combine(
-        self,
-        op,
-        x,
-        topk_idx,
-        topk_weights,
-        handle,
-        use_logfmt,
-        zero_copy,
-        async_finish,
-        return_recv_hook,
-        out,
-        wait_stats,
-    ):
+    def combine(self, op, *arguments):
+        """`arguments`: those of `Buffer.low_latency_combine`, in its order."""
+        x, topk_idx, topk_weights, handle, *flags, out, wait_stats = arguments
+        use_logfmt, zero_copy, async_finish, return_recv_hook = flags
         _, src_info, layout_range = self._check_handle(op, handle)
         signature = None
         if (
@@ -563,29 +510,13 @@ class LowLatencyMode:
                 topk_idx.dtype,
                 topk_weights.shape,
                 topk_weights.dtype,
-                use_logfmt,
-                zero_copy,
-                async_finish,
-                return_recv_hook,
+                *flags,
                 _key(out),
                 _key(wait_stats),
             )
         call = self._combine_calls.get(signature)
         if call is None or not self._placed(x, topk_idx, topk_weights, out, wait_stats):
-            call = self._check_combine(
-                op,
-                signature,
-                x,
-                topk_idx,
-                topk_weights,
-                handle,
-                use_logfmt,
-                zero_copy,
-                async_finish,
-                return_recv_hook,
-                out,
-                wait_stats,
-            )
+            call = self._check_combine(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
         streams, stream = self._streams_for(async_finish, return_recv_hook)
@@ -615,23 +546,11 @@ class LowLatencyMode:
         event, hook = self._issue(op, launch, streams, stream, call_index, kept)
         return combined, event, hook
 
-    def _check_combine(
-        self,
-        op,
-        signature,
-        x,
-        topk_idx,
-        topk_weights,
-        handle,
-        use_logfmt,
-        zero_copy,
-        async_finish,
-        return_recv_hook,
-        out,
-        wait_stats,
-    ) -> _CombineCall:
+    def _check_combine(self, op, signature, arguments) -> _CombineCall:
         """Check a combine's arguments (the handle is checked) and return what their signature
         fixes (cached under it)."""
+        x, topk_idx, topk_weights, handle, *flags, out, wait_stats = arguments
+        use_logfmt, zero_copy, async_finish, return_recv_hook = flags
         max_tokens, hidden, num_experts = handle[2:]
         regions = self._regions(op, max_tokens, hidden, num_experts)
         num_local = num_experts // self._num_ranks
