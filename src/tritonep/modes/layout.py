@@ -3,9 +3,8 @@
 Local (no communication): one `route_stats` launch (`kernels/layout.py`) per call, planned per
 geometry, into outputs from the Buffer's pools (`runtime/outputs.py`: fresh whenever the caller
 still holds the previous ones). The arguments are checked once per call signature (shape and
-dtype of the routing, the expert count); later calls with that signature check only the layout
-and device of `topk_idx`. The kernel keeps a persistent int32 accumulator that is zero between
-calls, zeroed once when it is first needed.
+dtype of the routing, the expert count: `runtime/calls.py`). The kernel keeps a persistent int32
+accumulator that is zero between calls, zeroed once when it is first needed.
 """
 
 from __future__ import annotations
@@ -18,13 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from .._validate import check_int, check_tensor, fail
+from ..runtime.calls import CheckedCalls
 from ..runtime.host import HostBlock
 from ..runtime.outputs import OutputPools, addressed
 from ..runtime.streams import CommStreams
 from ..runtime.topology import Topology
-
-# Call signatures remembered (the oldest is forgotten first): one per token count a loop uses.
-_REMEMBERED_CALLS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +60,7 @@ class RoutingLayout:
         # addresses for the launches.
         self._fixed = addressed((torch.zeros(0, dtype=torch.int32, device=device), rank_mask))
         self._plans: dict = {}
-        self._calls: dict = {}
+        self._calls = CheckedCalls(device)
 
     def __call__(
         self,
@@ -74,12 +71,12 @@ class RoutingLayout:
         async_finish: bool,
         allocate_on_comm_stream: bool,
     ):
-        call = None
+        signature = None
         if type(topk_idx) is torch.Tensor:
             signature = (topk_idx.shape, topk_idx.dtype, type(num_experts), num_experts)
-            call = self._calls.get(signature)
-        if call is None or not (topk_idx.is_contiguous() and topk_idx.device == self._device):
-            call = self._check(op, topk_idx, num_experts)
+        call = self._calls.get(signature, topk_idx)
+        if call is None:
+            call = self._check(op, signature, topk_idx, num_experts)
         plan = call.plan
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         if self._fixed.tensors[0].numel() < plan.scratch_slots:
@@ -101,7 +98,7 @@ class RoutingLayout:
         event = streams.finish((topk_idx, *outputs) if async_finish else ())
         return (*outputs, event)
 
-    def _check(self, op: str, topk_idx, num_experts) -> _LayoutCall:
+    def _check(self, op: str, signature, topk_idx, num_experts) -> _LayoutCall:
         """Check a call's arguments and return what their signature fixes (cached under it)."""
         check_tensor(
             op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
@@ -138,9 +135,7 @@ class RoutingLayout:
             pool_key=("get_dispatch_layout", key, num_tokens),
             allocate=functools.partial(allocate_outputs, plan, num_tokens, self._device),
         )
-        if len(self._calls) >= _REMEMBERED_CALLS:
-            del self._calls[next(iter(self._calls))]  # dicts keep insertion order
-        self._calls[(topk_idx.shape, topk_idx.dtype, type(num_experts), num_experts)] = call
+        self._calls.remember(signature, call)
         return call
 
 

@@ -29,6 +29,7 @@ from .._validate import check_int, check_tensor, fail
 from ..config import get_low_latency_rdma_size_hint
 from ..errors import EPStateError
 from ..event import EventOverlap
+from ..runtime.calls import CheckedCalls
 from ..runtime.host import HostBlock
 from ..runtime.memory import BufferMemory
 from ..runtime.outputs import OutputPools, addressed
@@ -39,10 +40,6 @@ MAX_LL_TOPK = 32  # V1: 11; the kernels take any K, 32 bounds a token's register
 
 # Experts the arrival counters hold from the start (16 KB in all); calls with more grow them.
 _ARRIVAL_EXPERTS = 1024
-
-# Call signatures remembered per kind (the oldest is forgotten first): a decode loop whose batch
-# size changes from step to step has one signature per size.
-_REMEMBERED_CALLS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +159,8 @@ class LowLatencyMode:
         # What each call signature fixes, checked once (`_check_dispatch`, `_check_combine`): a
         # decode loop repeats a few signatures, and its calls then skip the checks and the
         # lookups by geometry (tens of microseconds of host time per step otherwise).
-        self._dispatch_calls: dict = {}
-        self._combine_calls: dict = {}
+        self._dispatch_calls = CheckedCalls(self._device)
+        self._combine_calls = CheckedCalls(self._device)
 
     # ---------------------------------------------------------------------------- geometry
     def _regions(self, op: str, max_tokens: int, hidden: int, num_experts: int):
@@ -218,23 +215,6 @@ class LowLatencyMode:
         self._parity ^= 1
         self._calls += 1
         return parity, call
-
-    def _placed(self, *tensors) -> bool:
-        """Whether these tensors (None allowed) are contiguous and on this buffer's device: the part
-        of the checks that a call signature does not cover."""
-        device = self._device
-        for t in tensors:  # a loop, not all(...): this runs on every call
-            if t is not None and not (t.is_contiguous() and t.device == device):
-                return False
-        return True
-
-    @staticmethod
-    def _remember(calls: dict, signature, call) -> None:
-        if signature is None:
-            return
-        if len(calls) >= _REMEMBERED_CALLS:
-            del calls[next(iter(calls))]  # dicts keep insertion order
-        calls[signature] = call
 
     def _check_streams(self, op: str, async_finish, return_recv_hook) -> None:
         if async_finish and return_recv_hook:
@@ -333,8 +313,8 @@ class LowLatencyMode:
                 _key(cumulative_stats),
                 _key(wait_stats),
             )
-        call = self._dispatch_calls.get(signature)
-        if call is None or not self._placed(x, topk_idx, cumulative_stats, wait_stats):
+        call = self._dispatch_calls.get(signature, x, topk_idx, cumulative_stats, wait_stats)
+        if call is None:
             call = self._check_dispatch(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
@@ -430,7 +410,7 @@ class LowLatencyMode:
             geometry=(max_tokens, hidden, num_experts),
             wait_row=wait_row,
         )
-        self._remember(self._dispatch_calls, signature, call)
+        self._dispatch_calls.remember(signature, call)
         return call
 
     # ----------------------------------------------------------------------------- combine
@@ -514,8 +494,8 @@ class LowLatencyMode:
                 _key(out),
                 _key(wait_stats),
             )
-        call = self._combine_calls.get(signature)
-        if call is None or not self._placed(x, topk_idx, topk_weights, out, wait_stats):
+        call = self._combine_calls.get(signature, x, topk_idx, topk_weights, out, wait_stats)
+        if call is None:
             call = self._check_combine(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
@@ -621,7 +601,7 @@ class LowLatencyMode:
             allocate=_combine_output(num_tokens, hidden, self._device),
             wait_row=wait_row,
         )
-        self._remember(self._combine_calls, signature, call)
+        self._combine_calls.remember(signature, call)
         return call
 
     def next_combine_buffer(self, op: str, handle) -> torch.Tensor:
