@@ -306,18 +306,6 @@ def _dispatch_kernel(
         next_flags = _round_flags(
             is_token_in_rank_ptr, begin, end, chunk, rows_in_tile, ranks, live, NUM_RANKS
         )
-        words0 = tl.arange(0, BLOCK_W)
-        if PREFETCH:
-            # The first block of each round's rows is loaded during the round before (below), so
-            # no round starts with a load's full latency; this is round 0's.
-            first = _load_block(
-                x_addr + (begin + rows_in_tile).to(tl.int64) * x_row_stride * 4,
-                words0,
-                tl.sum(next_flags, axis=1) > 0,
-                ROW_WORDS,
-                BLOCK_W,
-                "",
-            )
         for t0 in range(begin, end, chunk):
             # The next round's flags load while this round runs: one load latency less per round.
             flags = next_flags
@@ -372,10 +360,8 @@ def _dispatch_kernel(
                         base_x[None, :] + slot * ROW_BYTES
                     )  # [TILE, R] destination row addresses
                     if PREFETCH:
-                        # Loaded by the round before for every row with a destination (a superset
-                        # of `any_dest`: rows past a worst-case output are loaded, not stored).
-                        words = words0
-                        vals = first
+                        words = tl.arange(0, BLOCK_W)
+                        vals = _load_block(src_x, words, any_dest, ROW_WORDS, BLOCK_W, "")
                     # The per-row fields while the first block of rows is in flight: their loads
                     # wait once, not after the copy.
                     if HAS_TOPK:
@@ -430,7 +416,7 @@ def _dispatch_kernel(
                                 mask=row_mask[:, None] & (ss[None, :] < NUM_SCALES),
                             )
                     if PREFETCH:
-                        for w0 in range(BLOCK_W, ROW_WORDS, BLOCK_W):
+                        for w0 in range(BLOCK_W, ROW_WORDS + BLOCK_W, BLOCK_W):
                             next_words = w0 + tl.arange(0, BLOCK_W)
                             next_vals = _load_block(
                                 src_x, next_words, any_dest, ROW_WORDS, BLOCK_W, ""
@@ -440,19 +426,6 @@ def _dispatch_kernel(
                             )
                             vals = next_vals
                             words = next_words
-                        # The next round's first block (`next_flags` are its flags) is in flight
-                        # while this round's last block is stored and the round is published.
-                        first = _load_block(
-                            x_addr + (t0 + chunk + rows_in_tile).to(tl.int64) * x_row_stride * 4,
-                            words0,
-                            tl.sum(next_flags, axis=1) > 0,
-                            ROW_WORDS,
-                            BLOCK_W,
-                            "",
-                        )
-                        _store_to_destinations(
-                            vals, words, dst_rows, deliver, ranks, ROW_WORDS, BLOCK_W, NUM_RANKS
-                        )
                     else:
                         for w0 in range(0, ROW_WORDS, BLOCK_W):
                             words = w0 + tl.arange(0, BLOCK_W)
