@@ -16,23 +16,6 @@ def test_unset_gives_the_built_in_shapes(monkeypatch):
     assert program_shape("cuda", 8).combine_warps == 8
 
 
-def test_early_launch_is_a_hopper_gpu_feature(monkeypatch):
-    """The data kernels launch as programmatic dependents of notify on sm_90 and later only; the
-    interpreter has no such launch (and no inline PTX)."""
-    import torch
-
-    monkeypatch.delenv("TRITONEP_PROGRAM_SHAPE", raising=False)
-    assert program_shape("cpu", 2).early_launch is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
-    assert program_shape("cuda", 2).early_launch is True
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 0))
-    assert program_shape("cuda", 2).early_launch is False
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
-    monkeypatch.setenv("TRITONEP_PROGRAM_SHAPE", "early_launch=0")
-    assert program_shape("cuda", 2).early_launch is False
-
-
 def test_overrides_replace_named_fields_with_their_types(monkeypatch):
     monkeypatch.setenv(
         "TRITONEP_PROGRAM_SHAPE", "dispatch_warps=16, dispatch_tile_words=4096,prefetch=0"
