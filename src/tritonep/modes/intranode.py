@@ -37,9 +37,7 @@ class ProgramShape:
     `*_tile_words`: 4-byte words of one copy step's register tile per program; `combine_tile`:
     tokens a combine receiver reduces per step; `prefetch`: issue the next step's loads before the
     current step's stores (more bytes in flight at the same register budget);
-    `combine_receiver_stages`: depth of the combine receivers' load pipeline (1: none);
-    `early_launch`: each data kernel is a programmatic dependent of the notify before it (Hopper's
-    programmatic dependent launch), so its programs are resident while notify runs.
+    `combine_receiver_stages`: depth of the combine receivers' load pipeline (1: none).
     """
 
     dispatch_warps: int
@@ -49,11 +47,10 @@ class ProgramShape:
     combine_tile: int = 8
     prefetch: bool = True
     combine_receiver_stages: int = 1
-    early_launch: bool = True
 
 
 # The interpreter wants few, small blocks; GPUs want bytes in flight.
-_INTERPRETER_SHAPE = ProgramShape(1, 512, 1, 512, early_launch=False)
+_INTERPRETER_SHAPE = ProgramShape(1, 512, 1, 512)
 _GPU_SHAPE = ProgramShape(8, 8192, 8, 8192)
 # Up to two ranks the combine kernel fits 16 warps x 64 KB tiles without spilling (128 registers),
 # and more bytes in flight per program pay: 24 SMs, two ranks under MPS on one H200, 282 -> 339
@@ -80,8 +77,6 @@ def program_shape(backend: str, num_ranks: int) -> ProgramShape:
     if backend == "cpu":
         return _INTERPRETER_SHAPE
     shape = _GPU_SHAPE_TWO_RANKS if num_ranks <= 2 else _GPU_SHAPE
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
-        shape = dataclasses.replace(shape, early_launch=False)  # before Hopper: no such launch
     overrides = _env.program_shape_overrides(
         tuple(field.name for field in dataclasses.fields(ProgramShape))
     )
@@ -225,7 +220,6 @@ class IntranodeMode:
                 experts_per_rank,
                 fingerprint,
                 queues.capacity,
-                self.shape.early_launch,
             ),
             data=k.dispatch.DispatchPlan(
                 self._ctx,
@@ -242,7 +236,6 @@ class IntranodeMode:
                 num_warps=self.shape.dispatch_warps,
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
-                early_launch=self.shape.early_launch,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,
@@ -278,13 +271,7 @@ class IntranodeMode:
         k = self._kernels.intranode
         plans = _CombinePlans(
             notify=k.notify.NotifyPlan(
-                self._ctx,
-                config.num_channels,
-                False,
-                1,
-                fingerprint,
-                queues.capacity,
-                self.shape.early_launch,
+                self._ctx, config.num_channels, False, 1, fingerprint, queues.capacity
             ),
             data=k.combine.CombinePlan(
                 self._ctx,
@@ -300,7 +287,6 @@ class IntranodeMode:
                 tile_words=self.shape.combine_tile_words,
                 prefetch=self.shape.prefetch,
                 receiver_stages=self.shape.combine_receiver_stages,
-                early_launch=self.shape.early_launch,
             ),
             capacity=queues.capacity,
         )

@@ -54,7 +54,6 @@ def _compile(fn, args, kwargs):
             "num_warps",
             "num_stages",
             "launch_cooperative_grid",
-            "launch_pdl",
             "enable_fp_fusion",
             "maxnreg",
         )
@@ -126,7 +125,7 @@ def _cases(kernels):
         )
         for counting in (False, True):
             notify = kernels.intranode.notify.NotifyPlan(
-                ctx, channels, counting, experts // num_ranks, 12345, 256, shape.early_launch
+                ctx, channels, counting, experts // num_ranks, 12345, 256
             )
             counts = kernels.intranode.notify.NotifyCounts(
                 tokens, 0, torch.zeros(experts, dtype=torch.int32), mask, square, matrix, matrix
@@ -163,7 +162,6 @@ def _cases(kernels):
                 num_warps=shape.dispatch_warps,
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
-                early_launch=shape.early_launch,
             )
             yield functools.partial(
                 dispatch.launch,
@@ -200,7 +198,6 @@ def _cases(kernels):
             tile_words=shape.combine_tile_words,
             prefetch=shape.prefetch,
             receiver_stages=shape.combine_receiver_stages,
-            early_launch=shape.early_launch,
         )
         yield functools.partial(
             combine.launch, None, y, weights, y, None, square, matrix, send_head, y, weights

@@ -77,24 +77,6 @@ def past_deadline(deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
     return deadline_passed(now_ns(clock_addr, USE_GLOBALTIMER), deadline, USE_GLOBALTIMER)
 
 
-@triton.jit
-def release_next_kernel(EARLY_LAUNCH: tl.constexpr):
-    """Let the next kernel of the stream launch now, if it was launched as a programmatic
-    dependent (`launch_pdl`): its programs then become resident while this kernel still runs and
-    wait in `wait_previous_kernel`. Hopper and later; a no-op without a dependent."""
-    if EARLY_LAUNCH:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def wait_previous_kernel(EARLY_LAUNCH: tl.constexpr):
-    """In a kernel launched as a programmatic dependent: wait until the previous kernel of the
-    stream has completed and its stores are visible. Nothing this kernel reads before it may
-    come from that kernel."""
-    if EARLY_LAUNCH:
-        tl.extra.cuda.gdc_wait()
-
-
 # Memory scopes of the signalling atomics, as constexprs (`memory_scope`).
 SYSTEM_SCOPE = tl.constexpr("sys")
 GPU_SCOPE = tl.constexpr("gpu")

@@ -40,7 +40,6 @@ from ..common.sync import (
     report_error,
     store_release,
     wait_for_peers,
-    wait_previous_kernel,
 )
 from ..common.tiles import column, copy_ring_rows, lane, row_block
 from .blocks import received_blocks
@@ -90,10 +89,7 @@ def _combine_kernel(
     INTERPRETED: tl.constexpr,
     PREFETCH: tl.constexpr,
     RECV_STAGES: tl.constexpr,
-    EARLY_LAUNCH: tl.constexpr,
 ):
-    # Launched early behind notify: everything below reads what notify wrote (the epoch).
-    wait_previous_kernel(EARLY_LAUNCH)
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
         host_addr,
@@ -335,8 +331,7 @@ class CombinePlan:
     per step, at most the queue capacity), hidden size and dtype, top-k width, which biases are
     given, and the program shape (`tile_words` bounds the `[tile, BLOCK_H]` fp32 accumulator;
     `receiver_stages` > 1 runs the receivers' loads through Triton's software pipeline, that many
-    stages deep in shared memory (`cp.async`), where they fit; `early_launch`: launched as a
-    programmatic dependent of notify).
+    stages deep in shared memory (`cp.async`), where they fit).
     """
 
     def __init__(
@@ -355,7 +350,6 @@ class CombinePlan:
         tile_words: int,
         prefetch: bool,
         receiver_stages: int,
-        early_launch: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
@@ -403,8 +397,6 @@ class CombinePlan:
             INTERPRETED=_env.interpret_enabled(),
             PREFETCH=prefetch,
             RECV_STAGES=recv_stages,
-            EARLY_LAUNCH=early_launch,
-            launch_pdl=early_launch,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.

@@ -49,7 +49,6 @@ from ..common.sync import (
     report_error,
     store_release,
     wait_for_peers,
-    wait_previous_kernel,
 )
 from ..common.tiles import (
     _load_block,
@@ -241,10 +240,7 @@ def _dispatch_kernel(
     PEER_SCOPE: tl.constexpr,
     PREFETCH: tl.constexpr,
     WRITE_HANDLE: tl.constexpr,
-    EARLY_LAUNCH: tl.constexpr,
 ):
-    # Launched early behind notify: everything below reads what notify wrote (epoch, counts).
-    wait_previous_kernel(EARLY_LAUNCH)
     pid = tl.program_id(0)
     host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
         host_addr,
@@ -556,7 +552,7 @@ class DispatchPlan:
     local experts, row words, top-k width and id dtype, scale columns, whether handle entries are
     written (non-cached) and padded (worst case), and the program shape (`num_warps`, `tile_words`:
     register budget of one copy step in 4-byte words, `prefetch`: overlap each step's loads with
-    the previous step's stores, `early_launch`: launched as a programmatic dependent of notify).
+    the previous step's stores).
     """
 
     def __init__(
@@ -576,7 +572,6 @@ class DispatchPlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
-        early_launch: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
@@ -632,8 +627,6 @@ class DispatchPlan:
             PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, False),
             PREFETCH=prefetch,
             WRITE_HANDLE=write_handle,
-            EARLY_LAUNCH=early_launch,
-            launch_pdl=early_launch,
             num_warps=num_warps,
             # Senders and receivers of all ranks wait on each other: every program must be resident.
             # A cooperative launch fails loudly when the grid cannot be, instead of hanging.

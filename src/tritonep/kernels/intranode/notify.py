@@ -42,7 +42,6 @@ from ..common.sync import (
     STOP_OFFSET,
     memory_scope,
     now_ns,
-    release_next_kernel,
     report_error,
     store_release,
     wait_all_at_least,
@@ -105,10 +104,7 @@ def _notify_kernel(
     BLOCK_TOKENS: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     PEER_SCOPE: tl.constexpr,
-    EARLY_LAUNCH: tl.constexpr,
 ):
-    # The data kernel after this one may take its SMs now: it waits for this kernel's end there.
-    release_next_kernel(EARLY_LAUNCH)
     host = host_addr.to(tl.pointer_type(tl.int64))
     ranks = tl.arange(0, BLOCK_RANKS)
     rank_ok = ranks < NUM_RANKS
@@ -338,8 +334,6 @@ class NotifyPlan:
     `counting` plans exchange counts (non-cached dispatch, `experts_per_rank` local experts);
     the others only open the call (cached dispatch, combine). `layout_key` fingerprints the
     geometry: ranks compare it. `capacity` is the queue capacity a refusal is measured against.
-    `early_launch`: let the data kernel that follows (launched as a programmatic dependent) take
-    its SMs as soon as this one starts, so that its launch overlaps this kernel's exchange.
     """
 
     def __init__(
@@ -350,7 +344,6 @@ class NotifyPlan:
         experts_per_rank: int,
         layout_key: int,
         capacity: int,
-        early_launch: bool,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
@@ -385,7 +378,6 @@ class NotifyPlan:
             USE_GLOBALTIMER=ctx.use_globaltimer,
             # Every rank on this GPU: its queue signals at GPU scope (common/sync.memory_scope).
             PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, False),
-            EARLY_LAUNCH=early_launch,
             num_warps=4,
         )
 
