@@ -165,23 +165,24 @@ def _rank_main(rank, world_size, port, args, results_path):
     selections = int((topk_idx >= 0).sum())
     dispatch_bytes = selections * (args.hidden + args.hidden // 128 * 4 + 16)
     combine_bytes = selections * 2 * args.hidden
-    dist.barrier(group)
+
+    def time_pair() -> tuple[float, float]:
+        """(event seconds, host us) of one pair. The host's own time per pair (no events): above
+        the pair's kernel time, the events measure the host."""
+        dist.barrier(group)
+        event_t = bench_events(pair)[0]
+        dist.barrier(group)
+        host = host_us(pair, calls=200)
+        dist.barrier(group)
+        return event_t, host
+
     # DeepEP's order: the events of the pair first, then the profiler (a process that has run
     # the profiler may launch slower afterwards; the pair is timed again after it to show that).
-    pair_t = bench_events(pair)[0]
-    dist.barrier(group)
-    # The host's own time per pair (no events): above the pair's kernel time, the events above
-    # measure the host.
-    pair_host = host_us(pair, calls=200)
-    dist.barrier(group)
+    pair_t, pair_host = time_pair()
     kernel = bench_kernels(dispatch_fp8, ("::dispatch",), group=group)["::dispatch"]
     dist.barrier(group)
     kernel_combine = bench_kernels(combine, ("::combine",), group=group)["::combine"]
-    dist.barrier(group)
-    pair_t_after = bench_events(pair)[0]
-    dist.barrier(group)
-    pair_host_after = host_us(pair, calls=200)
-    dist.barrier(group)
+    pair_t_after, pair_host_after = time_pair()
     # The kernels of that pair loop as it runs (no alignment of the ranks): a kernel's time there
     # includes its wait for the peer's launch of the same call.
     loop_kernels = bench_kernels(pair, ("::dispatch", "::combine"))
