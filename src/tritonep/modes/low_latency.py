@@ -45,13 +45,14 @@ _ARRIVAL_EXPERTS = 1024
 @dataclass(frozen=True, slots=True)
 class _DispatchCall:
     """What the signature of a dispatch call (shapes, dtypes, ints, flags) fixes, once checked:
-    its launch plan, its output pool (key and allocator), whether the results are FP8, the
-    handle's geometry (T, H, E) and whether the wait stats are V1's `[R, R]` form."""
+    its launch plan, its output pool (key and allocator), whether the results are FP8, the token
+    count, the handle's geometry (T, H, E) and whether the wait stats are V1's `[R, R]` form."""
 
     plan: object
     pool_key: tuple
     allocate: Callable
     use_fp8: bool
+    num_tokens: int
     geometry: tuple
     wait_row: bool
 
@@ -63,6 +64,7 @@ class _CombineCall:
     plan: object
     pool_key: tuple
     allocate: Callable
+    num_tokens: int
     wait_row: bool
 
 
@@ -209,23 +211,33 @@ class LowLatencyMode:
             )
         return self._arrivals[kind, : 2 * num_experts]
 
-    def _next_parity(self) -> tuple[int, int]:
-        """(parity of this call, its index); every dispatch and combine flips the parity."""
-        parity, call = self._parity, self._calls
-        self._parity ^= 1
-        self._calls += 1
-        return parity, call
-
     def _check_streams(self, op: str, async_finish, return_recv_hook) -> None:
         if async_finish and return_recv_hook:
             fail(op, "async_finish and return_recv_hook cannot both be True")
 
-    def _streams_for(self, async_finish: bool, return_recv_hook: bool):
-        """(`CallStreams` of a call, or None for a hooked one; the stream it launches on)."""
+    def _issue(self, op: str, plan, arguments: tuple, async_finish, return_recv_hook, kept):
+        """Launch one call of `plan` with `arguments` (its launch's, after role and stream): the
+        fused kernel, or with `return_recv_hook` the send phase now, on the current stream, and a
+        hook for the receive phase. Every dispatch and combine flips the buffer-set parity, the
+        first of `arguments`. Returns (event, hook); `kept()` gives the tensors that ride on an
+        async call's event."""
+        call_index = self._calls
+        self._calls = call_index + 1
+        self._parity ^= 1
+        send, receive, both = self._roles
         if return_recv_hook:
-            return None, (self._streams.current() if self._gpu else None)
+            stream = self._streams.current() if self._gpu else None
+            plan.launch(send, stream, *arguments)
+            if not self._gpu:
+                self._host.after_launch(op)
+            return EventOverlap(None, None), self._hook(
+                op, call_index, lambda: plan.launch(receive, stream, *arguments)
+            )
         call = CallStreams(self._streams, None, async_finish, False)
-        return call, call.launch
+        plan.launch(both, call.launch, *arguments)
+        if not self._gpu:
+            self._host.after_launch(op)
+        return call.finish(kept() if async_finish else (), keep_alive="extra_tensors"), None
 
     def _hook(self, op: str, call_index: int, launch):
         done = []
@@ -245,20 +257,6 @@ class LowLatencyMode:
                 self._host.after_launch(op)
 
         return hook
-
-    def _issue(self, op: str, launch, call, stream, call_index: int, kept: tuple):
-        """Launch one call: the fused kernel, or (`call` None: hooked) the send phase now and a hook
-        for the receive phase. Returns (event, hook); `kept` rides on an async call's event."""
-        send, receive, both = self._roles
-        if call is None:
-            launch(send, stream)
-            self._host.after_launch(op)
-            return EventOverlap(None, None), self._hook(
-                op, call_index, lambda: launch(receive, stream)
-            )
-        launch(both, stream)
-        self._host.after_launch(op)
-        return call.finish(kept, keep_alive="extra_tensors"), None
 
     def _check_stats(self, op: str, name: str, stats, length: int, dtype: torch.dtype) -> bool:
         """Check an optional stats tensor; True when it is V1's `[R, R]` int64 form, of which the
@@ -289,10 +287,22 @@ class LowLatencyMode:
         }
 
     # ---------------------------------------------------------------------------- dispatch
-    def dispatch(self, op, *arguments):
-        """`arguments`: those of `Buffer.low_latency_dispatch`, in its order."""
-        x, topk_idx, max_tokens, num_experts, cumulative_stats, wait_stats, *flags = arguments
-        use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook = flags
+    def dispatch(
+        self,
+        op,
+        x,
+        topk_idx,
+        max_tokens,
+        num_experts,
+        cumulative_stats,
+        wait_stats,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        async_finish,
+        return_recv_hook,
+    ):
+        """The arguments of `Buffer.low_latency_dispatch`, in its order, after `op`."""
         signature = None
         if (
             type(x) is torch.Tensor
@@ -309,38 +319,63 @@ class LowLatencyMode:
                 max_tokens,
                 type(num_experts),
                 num_experts,
-                *flags,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                async_finish,
+                return_recv_hook,
                 _key(cumulative_stats),
                 _key(wait_stats),
             )
         call = self._dispatch_calls.get(signature, x, topk_idx, cumulative_stats, wait_stats)
         if call is None:
-            call = self._check_dispatch(op, signature, arguments)
+            call = self._check_dispatch(
+                op,
+                signature,
+                x,
+                topk_idx,
+                max_tokens,
+                num_experts,
+                cumulative_stats,
+                wait_stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                async_finish,
+                return_recv_hook,
+            )
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
-        streams, stream = self._streams_for(async_finish, return_recv_hook)
-        parity, call_index = self._next_parity()
         outputs = self._outputs.take(call.pool_key, call.allocate, 3)
         recv_x, recv_scales, recv_count, src_info, layout_range = outputs.tensors
-        plan = call.plan
-
-        def launch(role, on_stream):
-            plan.launch(role, on_stream, parity, x, topk_idx, outputs, cumulative_stats, wait_stats)
-
-        handle = (src_info, layout_range, *call.geometry)
-        received = (recv_x, recv_scales) if call.use_fp8 else recv_x
-        kept = (
-            (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats)
-            if async_finish
-            else ()
+        event, hook = self._issue(
+            op,
+            call.plan,
+            (self._parity, x, topk_idx, call.num_tokens, outputs, cumulative_stats, wait_stats),
+            async_finish,
+            return_recv_hook,
+            lambda: (x, topk_idx, *outputs.tensors, cumulative_stats),
         )
-        event, hook = self._issue(op, launch, streams, stream, call_index, kept)
-        return received, recv_count, handle, event, hook
+        received = (recv_x, recv_scales) if call.use_fp8 else recv_x
+        return received, recv_count, (src_info, layout_range, *call.geometry), event, hook
 
-    def _check_dispatch(self, op, signature, arguments) -> _DispatchCall:
+    def _check_dispatch(
+        self,
+        op,
+        signature,
+        x,
+        topk_idx,
+        max_tokens,
+        num_experts,
+        cumulative_stats,
+        wait_stats,
+        use_fp8,
+        round_scale,
+        use_ue8m0,
+        async_finish,
+        return_recv_hook,
+    ) -> _DispatchCall:
         """Check a dispatch's arguments and return what their signature fixes (cached under it)."""
-        x, topk_idx, max_tokens, num_experts, cumulative_stats, wait_stats, *flags = arguments
-        use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook = flags
         check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,), dim=2)
         check_tensor(
             op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
@@ -407,6 +442,7 @@ class LowLatencyMode:
             pool_key=("low_latency_dispatch", max_tokens, hidden, num_experts, use_fp8, use_ue8m0),
             allocate=_dispatch_outputs(regions, use_fp8, use_ue8m0, self._device),
             use_fp8=use_fp8,
+            num_tokens=num_tokens,
             geometry=(max_tokens, hidden, num_experts),
             wait_row=wait_row,
         )
@@ -469,10 +505,21 @@ class LowLatencyMode:
         )
         return regions, src_info, layout_range
 
-    def combine(self, op, *arguments):
-        """`arguments`: those of `Buffer.low_latency_combine`, in its order."""
-        x, topk_idx, topk_weights, handle, *flags, out, wait_stats = arguments
-        use_logfmt, zero_copy, async_finish, return_recv_hook = flags
+    def combine(
+        self,
+        op,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt,
+        zero_copy,
+        async_finish,
+        return_recv_hook,
+        out,
+        wait_stats,
+    ):
+        """The arguments of `Buffer.low_latency_combine`, in its order, after `op`."""
         _, src_info, layout_range = self._check_handle(op, handle)
         signature = None
         if (
@@ -490,47 +537,73 @@ class LowLatencyMode:
                 topk_idx.dtype,
                 topk_weights.shape,
                 topk_weights.dtype,
-                *flags,
+                use_logfmt,
+                zero_copy,
+                async_finish,
+                return_recv_hook,
                 _key(out),
                 _key(wait_stats),
             )
         call = self._combine_calls.get(signature, x, topk_idx, topk_weights, out, wait_stats)
         if call is None:
-            call = self._check_combine(op, signature, arguments)
+            call = self._check_combine(
+                op,
+                signature,
+                x,
+                topk_idx,
+                topk_weights,
+                handle,
+                use_logfmt,
+                zero_copy,
+                async_finish,
+                return_recv_hook,
+                out,
+                wait_stats,
+            )
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
-        streams, stream = self._streams_for(async_finish, return_recv_hook)
-        parity, call_index = self._next_parity()
         if out is not None:
             output = addressed((out,))
         else:
             output = self._outputs.take(call.pool_key, call.allocate, 3)
         (combined,) = output.tensors
-        plan = call.plan
-
-        def launch(role, on_stream):
-            plan.launch(
-                role,
-                on_stream,
-                parity,
+        event, hook = self._issue(
+            op,
+            call.plan,
+            (
+                self._parity,
                 x,
                 topk_idx,
                 topk_weights,
+                call.num_tokens,
                 src_info,
                 layout_range,
                 output,
                 wait_stats,
-            )
-
-        kept = (x, topk_idx, topk_weights, src_info, layout_range, combined) if async_finish else ()
-        event, hook = self._issue(op, launch, streams, stream, call_index, kept)
+            ),
+            async_finish,
+            return_recv_hook,
+            lambda: (x, topk_idx, topk_weights, src_info, layout_range, combined),
+        )
         return combined, event, hook
 
-    def _check_combine(self, op, signature, arguments) -> _CombineCall:
+    def _check_combine(
+        self,
+        op,
+        signature,
+        x,
+        topk_idx,
+        topk_weights,
+        handle,
+        use_logfmt,
+        zero_copy,
+        async_finish,
+        return_recv_hook,
+        out,
+        wait_stats,
+    ) -> _CombineCall:
         """Check a combine's arguments (the handle is checked) and return what their signature
         fixes (cached under it)."""
-        x, topk_idx, topk_weights, handle, *flags, out, wait_stats = arguments
-        use_logfmt, zero_copy, async_finish, return_recv_hook = flags
         max_tokens, hidden, num_experts = handle[2:]
         regions = self._regions(op, max_tokens, hidden, num_experts)
         num_local = num_experts // self._num_ranks
@@ -599,6 +672,7 @@ class LowLatencyMode:
             plan=plan,
             pool_key=("low_latency_combine", num_tokens, hidden),
             allocate=_combine_output(num_tokens, hidden, self._device),
+            num_tokens=num_tokens,
             wait_row=wait_row,
         )
         self._combine_calls.remember(signature, call)

@@ -281,7 +281,9 @@ def _low_latency_cases(kernels):
             else None
         )
         outputs = addressed((recv, scales, counts, src_info, layout_range))
-        yield functools.partial(plan.launch, role, None, 0, x, idx, outputs, counts, stats)
+        yield functools.partial(
+            plan.launch, role, None, 0, x, idx, x.shape[0], outputs, counts, stats
+        )
     y = torch.zeros((local, slots, hidden), dtype=torch.bfloat16)
     for logfmt, zero_copy in ((False, False), (True, False), (False, True)):
         plan = ll.combine.CombinePlan(
@@ -307,6 +309,7 @@ def _low_latency_cases(kernels):
             y,
             idx,
             weights,
+            idx.shape[0],
             src_info,
             layout_range,
             addressed((x,)),

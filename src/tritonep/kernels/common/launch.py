@@ -90,14 +90,17 @@ class KernelLaunch:
 
     `stream` is a `torch.cuda.Stream` or None (the current stream). `wrap`, if given, turns `fn`
     into what is launched on the JIT path (e.g. NVSHMEM linking, which must also see the first
-    compilation).
+    compilation). `fixed`, if given, holds the runtime arguments that end every launch's list (a
+    plan's own tensors and ints, as `tensors` for the JIT and `addresses` once compiled, like
+    `runtime.outputs.AddressedTensors`): a launch passes only the arguments before them.
     """
 
-    __slots__ = ("fn", "_jit", "_constexprs", "_kernel", "_tail", "_compiled", "_direct")
+    __slots__ = ("fn", "_jit", "_fixed", "_constexprs", "_kernel", "_tail", "_compiled", "_direct")
 
-    def __init__(self, fn, wrap=None, **constexprs_and_options):
+    def __init__(self, fn, wrap=None, fixed=None, **constexprs_and_options):
         self.fn = fn
         self._jit = wrap(fn) if wrap is not None else fn
+        self._fixed = fixed
         self._constexprs = constexprs_and_options
         self._kernel = None
         self._tail: tuple = ()
@@ -219,6 +222,9 @@ class KernelLaunch:
             self._direct = (entry, entry_args[4:flat_start], False)
 
     def _launch_jit(self, grid, stream, args) -> None:
+        fixed = self._fixed
+        if fixed is not None:
+            args = (*args, *fixed.tensors)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             compiled = self._jit[grid](*args, **self._constexprs)
         if (
@@ -226,8 +232,10 @@ class KernelLaunch:
             and self._kernel is None
             and isinstance(compiled, triton.compiler.CompiledKernel)
         ):
-            # Remember the compiled kernel and the constexpr values its launcher takes after the
-            # runtime arguments (Triton passes every parameter, constexprs included, in order).
+            # Remember the compiled kernel and what its launcher takes after a launch's own
+            # arguments: the fixed ones (as addresses), then the constexpr values (Triton passes
+            # every parameter, constexprs included, in order).
             names = self.fn.arg_names
-            self._tail = tuple(self._constexprs[name] for name in names[len(args) :])
+            constexprs = tuple(self._constexprs[name] for name in names[len(args) :])
+            self._tail = (*fixed.addresses, *constexprs) if fixed is not None else constexprs
             self._kernel = compiled

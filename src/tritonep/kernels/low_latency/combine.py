@@ -127,16 +127,16 @@ def _combine_kernel(
     topk_weights_ptr,
     src_info_ptr,
     layout_range_ptr,
-    mask_ptr,
     out_ptr,
     wait_stats_ptr,
+    num_tokens,
+    parity,
+    mask_ptr,
     workspace_ptr,
     arrivals_ptr,
     routes_ptr,
     rdma_base,
     rank,
-    num_tokens,
-    parity,
     host_addr,
     clock_addr,
     timeout_ns,
@@ -610,24 +610,24 @@ class CombinePlan(RolePlan):
         x: torch.Tensor,
         topk_idx,
         topk_weights,
+        num_tokens: int,
         src_info,
         layout_range,
         out,
         wait_stats,
     ) -> None:
         """One launch on `stream`; `out`: `AddressedTensors` of (combined output,)."""
-        launch, fixed, (combined,) = self._begin(role, out)
-        mask, workspace, arrivals, routes = fixed
-        head = (
+        launch, (combined,) = self._kernels[role].choose(out)
+        launch(
+            self._grid[role],
+            stream,
             x.data_ptr(),
             topk_idx,
             topk_weights,
             src_info,
             layout_range,
-            mask,
             combined,
             wait_stats if wait_stats is not None else layout_range,
-            workspace,
-            arrivals,
+            num_tokens,
+            parity,
         )
-        self._launch(launch, role, stream, head, routes, topk_idx.shape[0], parity)

@@ -117,7 +117,6 @@ def group_tile(
 def _dispatch_kernel(
     x_ptr,
     topk_idx_ptr,
-    mask_ptr,
     recv_x_addr,
     recv_scales_ptr,
     src_info_ptr,
@@ -125,13 +124,14 @@ def _dispatch_kernel(
     recv_count_ptr,
     cumulative_stats_ptr,
     wait_stats_ptr,
+    num_tokens,
+    parity,
+    mask_ptr,
     workspace_ptr,
     counters_ptr,
     routes_ptr,
     rdma_base,
     rank,
-    num_tokens,
-    parity,
     host_addr,
     clock_addr,
     timeout_ns,
@@ -587,19 +587,21 @@ class DispatchPlan(RolePlan):
         parity: int,
         x: torch.Tensor,
         topk_idx: torch.Tensor,
+        num_tokens: int,
         outputs,
         cumulative_stats,
         wait_stats,
     ) -> None:
         """One launch on `stream`; `outputs`: `AddressedTensors` of (recv_x, recv_scales or None,
         recv_count, src_info, layout_range)."""
-        launch, fixed, outs = self._begin(role, outputs)
-        mask, workspace, arrivals, routes = fixed
-        _, recv_scales, recv_count, src_info, layout_range = outs
-        head = (
+        launch, (_, recv_scales, recv_count, src_info, layout_range) = self._kernels[role].choose(
+            outputs
+        )
+        launch(
+            self._grid[role],
+            stream,
             x,
             topk_idx,
-            mask,
             outputs.addresses[0],  # recv_x as an address: FP8 or BF16 rows, one kernel parameter
             recv_scales if recv_scales is not None else recv_count,
             src_info,
@@ -607,7 +609,6 @@ class DispatchPlan(RolePlan):
             recv_count,
             cumulative_stats if cumulative_stats is not None else recv_count,
             wait_stats if wait_stats is not None else layout_range,
-            workspace,
-            arrivals,
+            num_tokens,
+            parity,
         )
-        self._launch(launch, role, stream, head, routes, x.shape[0], parity)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ... import _env, protocol
-from ...runtime.outputs import addressed
+from ...runtime.outputs import AddressedTensors, addressed
 from ..common.launch import KernelLaunch
 from ..common.sync import (
     deadline_passed,
@@ -163,9 +163,17 @@ def give_up_on(
 class RolePlan:
     """What the launch plans of the LL data kernels share: one `KernelLaunch` per role of `grids`
     (`{role: (senders, receivers)}`; the fused role cooperative, since its receivers wait for its
-    senders), the constexprs of the memory layout, transport and error reporting, the Buffer's
-    tensors every launch takes (`fixed`: mask, workspace, arrival counters, with the RDMA route
-    table added) and the fixed trailing arguments (RDMA base, rank; host block, clock, timeout)."""
+    senders), the constexprs of the memory layout, transport and error reporting, and the
+    arguments that end every launch (`fixed`: mask, workspace, arrival counters, then the RDMA
+    route table, RDMA base and rank, host block, clock and timeout), bound to the launches once.
+
+    A kernel's parameters start with what changes from call to call (the caller's tensors, the
+    outputs, token count and buffer-set parity) and end with those fixed ones, so a launch passes
+    only the former.
+
+    Subclasses launch role r as `launch, outputs = self._kernels[r].choose(outputs)`, then
+    `launch(self._grid[r], stream, *per_call_arguments)`: `choose` gives addresses once the kernel
+    is compiled (which saves its launcher a `data_ptr()` call per tensor), tensors for the JIT."""
 
     def __init__(
         self,
@@ -204,10 +212,14 @@ class RolePlan:
             PEER_SCOPE=memory_scope(ctx.all_ranks_on_gpu, memory.rdma_force_put),
             INTERPRETED=_env.interpret_enabled(),
         )
+        tensors = addressed((*fixed, memory.rdma_routes))
+        scalars = (memory.rdma_base, ctx.rank, ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
+        bound = AddressedTensors((*tensors.tensors, *scalars), (*tensors.addresses, *scalars))
         self._kernels = {
             role: KernelLaunch(
                 kernel,
                 wrap=memory.device_wrapper,
+                fixed=bound,
                 ROLE=role,
                 NUM_SENDERS=senders,
                 NUM_RECEIVERS=receivers,
@@ -218,33 +230,11 @@ class RolePlan:
             )
             for role, (senders, receivers) in grids.items()
         }
-        self._fixed = addressed((*fixed, memory.rdma_routes))
-        self._trailing = (memory.rdma_base, ctx.rank)
-        self._host = (ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
 
     def resources(self) -> dict[int, tuple[int, int]]:
         """{role: (registers, spilled bytes)} of the launches compiled so far."""
         built = {role: kernel.resources for role, kernel in self._kernels.items()}
         return {role: used for role, used in built.items() if used is not None}
-
-    def _begin(self, role: int, outputs) -> tuple:
-        """(launch function of `role`, `fixed`, `outputs` (an `AddressedTensors`)) as the kernel
-        takes them now (`KernelLaunch.choose`): addresses once compiled, which saves its launcher
-        a `data_ptr()` call per tensor, tensors for the JIT."""
-        return self._kernels[role].choose(self._fixed, outputs)
-
-    def _launch(self, launch, role: int, stream, head: tuple, routes, num_tokens, parity) -> None:
-        """`head`: the kernel's own leading arguments; the shared ones follow."""
-        launch(
-            self._grid[role],
-            stream,
-            *head,
-            routes,
-            *self._trailing,
-            num_tokens,
-            parity,
-            *self._host,
-        )
 
 
 @triton.jit
