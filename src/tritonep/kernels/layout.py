@@ -26,6 +26,7 @@ divisible by R.
 import triton.language as tl
 
 from .. import protocol
+from ..runtime.outputs import addressed
 from .common.launch import KernelLaunch, pow2
 from .common.naming import named_kernel
 
@@ -198,9 +199,10 @@ class RouteStatsPlan:
         `scratch_slots(...)` entries, zero before and after; rank mask: int32 `[R]`, non-zero for
         ranks whose experts count as not selected); `host_addr`: the host block, where the first
         expert id >= E is recorded; `outputs`: `AddressedTensors` of `allocate_outputs`."""
-        launch, (scratch, rank_mask), (per_rank, per_node, per_expert, is_token_in_rank) = (
-            self._kernel.choose(fixed, outputs)
+        launch, (topk_idx,), (scratch, rank_mask), outs = self._kernel.choose(
+            addressed((topk_idx,)), fixed, outputs
         )
+        per_rank, per_node, per_expert, is_token_in_rank = outs
         num_programs = max(1, -(-num_tokens // self.block_tokens))
         launch(
             (num_programs,),

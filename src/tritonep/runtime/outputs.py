@@ -49,8 +49,7 @@ class AddressedTensors(NamedTuple):
 def addressed(tensors) -> AddressedTensors:
     """`tensors` with their addresses, read now (they must not be reallocated later)."""
     tensors = tuple(tensors)
-    addresses = tuple(t.data_ptr() if t is not None else None for t in tensors)
-    return AddressedTensors(tensors, addresses)
+    return AddressedTensors(tensors, tuple([None if t is None else t.data_ptr() for t in tensors]))
 
 
 class _Entry:

@@ -124,13 +124,22 @@ class KernelLaunch:
         be addresses (`run`); otherwise they must be tensors (`launch`)."""
         return self._kernel is not None and not _hooks_active()
 
-    def choose(self, *sets) -> tuple:
-        """(launch function, then each of `sets` as it takes them): `run` and their addresses once
-        `ready()`, else `launch` and their tensors (the JIT specialises on tensors). `sets` hold
-        `tensors` and `addresses` (`runtime.outputs.AddressedTensors`)."""
+    def choose(self, inputs, *sets) -> tuple:
+        """(launch function, then `inputs` and each of `sets` as it takes them): `run` and their
+        addresses once `ready()`, else the JIT and their tensors (it specialises on tensors). All
+        hold `tensors` and `addresses` (`runtime.outputs.AddressedTensors`).
+
+        `inputs` are the caller's tensors, `sets` the plan's own. The compiled kernel assumes what
+        Triton specialised on at its first launch, 16-byte aligned pointers among it: a call with
+        an input that is not aligned goes through the JIT, which specialises on it (tritonep's
+        own memory always is)."""
         if self.ready():
-            return (self.run, *[s.addresses for s in sets])
-        return (self.launch, *[s.tensors for s in sets])
+            for address in inputs.addresses:
+                if address is not None and address & 15:
+                    break
+            else:
+                return (self.run, inputs.addresses, *[s.addresses for s in sets])
+        return (self.launch_jit, inputs.tensors, *[s.tensors for s in sets])
 
     def launch(self, grid: tuple, stream, *args) -> None:
         """Launch `args` (tensors for pointers) on `stream`, through the JIT when not `ready()`."""
@@ -138,6 +147,10 @@ class KernelLaunch:
             self._launch_jit(grid, stream, args)
             return
         self.run(grid, stream, *args)
+
+    def launch_jit(self, grid: tuple, stream, *args) -> None:
+        """Launch `args` (tensors for pointers) on `stream` through the JIT."""
+        self._launch_jit(grid, stream, args)
 
     @property
     def direct(self) -> bool:

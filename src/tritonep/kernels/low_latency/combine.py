@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from ... import protocol
+from ...runtime.outputs import addressed
 from ...transport import device
 from ..common.casting import round_to
 from ..common.codecs import logfmt_decode, logfmt_encode, logfmt_load, logfmt_store
@@ -616,8 +617,11 @@ class CombinePlan(RolePlan):
         out,
         wait_stats,
     ) -> None:
-        """One launch on `stream`; `out`: `AddressedTensors` of (combined output,)."""
-        launch, (combined,) = self._kernels[role].choose(out)
+        """One launch on `stream`; `out`: `AddressedTensors` of (combined output,). The caller's
+        tensors go as addresses too once the kernel is compiled (see `DispatchPlan.launch`)."""
+        launch, (topk_idx, topk_weights, src_info, layout_range, wait), (combined,) = self._kernels[
+            role
+        ].choose(addressed((topk_idx, topk_weights, src_info, layout_range, wait_stats)), out)
         launch(
             self._grid[role],
             stream,
@@ -627,7 +631,7 @@ class CombinePlan(RolePlan):
             src_info,
             layout_range,
             combined,
-            wait_stats if wait_stats is not None else layout_range,
+            wait if wait is not None else layout_range,
             num_tokens,
             parity,
         )

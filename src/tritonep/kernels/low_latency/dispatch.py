@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from ... import protocol
+from ...runtime.outputs import addressed
 from ...transport import device
 from ..common.codecs import fp8_quantize, ue8m0_pack
 from ..common.launch import pow2
@@ -593,10 +594,12 @@ class DispatchPlan(RolePlan):
         wait_stats,
     ) -> None:
         """One launch on `stream`; `outputs`: `AddressedTensors` of (recv_x, recv_scales or None,
-        recv_count, src_info, layout_range)."""
-        launch, (_, recv_scales, recv_count, src_info, layout_range) = self._kernels[role].choose(
-            outputs
+        recv_count, src_info, layout_range). The caller's tensors go as addresses too once the
+        kernel is compiled: the launcher then skips its pointer query per tensor."""
+        launch, (x, topk_idx, cumulative, wait), outs = self._kernels[role].choose(
+            addressed((x, topk_idx, cumulative_stats, wait_stats)), outputs
         )
+        _, recv_scales, recv_count, src_info, layout_range = outs
         launch(
             self._grid[role],
             stream,
@@ -607,8 +610,8 @@ class DispatchPlan(RolePlan):
             src_info,
             layout_range,
             recv_count,
-            cumulative_stats if cumulative_stats is not None else recv_count,
-            wait_stats if wait_stats is not None else layout_range,
+            cumulative if cumulative is not None else recv_count,
+            wait if wait is not None else layout_range,
             num_tokens,
             parity,
         )
