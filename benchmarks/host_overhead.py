@@ -178,10 +178,11 @@ def low_latency_rows(profile: bool) -> list[dict]:
     return rows
 
 
-def launcher_argument_steps(launch_once, stream) -> dict:
+def launcher_argument_steps(launch_once, stream, inputs: tuple) -> dict:
     """Triton's compiled launcher alone, on the arguments of the launch `launch_once()` makes (a
-    compiled plan: the Buffer's own tensors and pooled outputs already as addresses): its tensors
-    (it calls `data_ptr()` and `cuPointerGetAttribute` for each) against their addresses as ints."""
+    compiled plan passes every pointer as an address), and on the same with the caller's tensors
+    `inputs` (its leading arguments) passed as tensors, as plans did before 30a287d: the launcher
+    calls `data_ptr()` and `cuPointerGetAttribute` for each tensor."""
     from tritonep.kernels.common.launch import KernelLaunch
 
     captured = []
@@ -191,9 +192,9 @@ def launcher_argument_steps(launch_once, stream) -> dict:
         launch_once()
     finally:
         KernelLaunch.run = original
-    launch, grid, args = captured[0]
+    launch, grid, addresses = captured[0]
     kernel = launch._kernel
-    addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+    args = (*inputs, *addresses[len(inputs) :])
 
     def run(arguments):
         kernel.run(
@@ -223,6 +224,7 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
     """Host cost of the parts of the low-latency calls, each in its own loop (the plans exist: the
     calls above built them)."""
     from tritonep._validate import check_tensor
+    from tritonep.runtime.streams import CallStreams
 
     mode = buffer._low_latency
     plans = {key[0]: plan for key, plan in mode._plans.items() if isinstance(key, tuple)}
@@ -239,14 +241,14 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
     combine_output = addressed((out,))
 
     def dispatch_launch():
-        dispatch_plan.launch(both, stream, 0, x, topk_idx, dispatch_outputs, None, None)
+        dispatch_plan.launch(both, stream, 0, x, topk_idx, x.size(0), dispatch_outputs, None, None)
 
     steps = {
         "ll: Buffer._ll (usable, mode)": lambda: buffer._ll("op"),
         "ll: check_tensor(x)": lambda: check_tensor(
             "op", "x", x, device=x.device, dtypes=(torch.bfloat16,), dim=2
         ),
-        "ll: _streams_for (sync call)": lambda: mode._streams_for(False, False),
+        "ll: CallStreams (sync call)": lambda: CallStreams(mode._streams, None, False, False),
         "ll dispatch: outputs from the pool": lambda: mode._outputs.take(
             ("probe-ll",),
             lambda: [torch.empty(16, device="cuda") for _ in range(5)],
@@ -254,10 +256,20 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
         ),
         "ll dispatch: plan launch only": dispatch_launch,
         "ll combine: plan launch only": lambda: combine_plan.launch(
-            both, stream, 0, y, topk_idx, topk_weights, src_info, layout_range, combine_output, None
+            both,
+            stream,
+            0,
+            y,
+            topk_idx,
+            topk_weights,
+            x.size(0),
+            src_info,
+            layout_range,
+            combine_output,
+            None,
         ),
     }
-    steps.update(launcher_argument_steps(dispatch_launch, stream))
+    steps.update(launcher_argument_steps(dispatch_launch, stream, (x, topk_idx)))
     rows = []
     print(f"{'low-latency step':<40}{'host us':>10}")
     for name, fn in steps.items():

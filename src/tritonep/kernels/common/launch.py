@@ -21,12 +21,13 @@ floats at 9.7 us (`2026-12-02-h200-host-overhead-19f4fdb.json`). A launch layer 
 driver (026ba41) added ctypes argument conversion and a parameter fill per call and did not win
 back that gap, so it was removed (ecc863a).
 
-The compiled launcher asks each tensor argument for its `data_ptr()` (a Python method call, about
-0.6 us each on that host: the LL dispatch's 12 tensors cost 19.5 us per launch, their addresses as
-ints 12.1). A plan whose tensors outlive the call (the buffer's own memory, pooled outputs) passes
-their addresses, computed once, whenever `ready()`: the compiled launcher takes an int for a
-pointer as it is. The JIT path (the first call, the interpreter) needs the tensors themselves: it
-specialises on them.
+The compiled launcher asks each tensor argument for its `data_ptr()` and the driver for that
+pointer's attributes (about 0.6 us per tensor on that host: the LL dispatch's 12 tensors cost 19.5
+us per launch, their addresses as ints 12.1). So once `ready()`, plans pass addresses: those of
+tensors that outlive the call (the buffer's own memory, pooled outputs, bound once as `fixed`) and
+those of the caller's tensors, read per call (`choose`). The compiled launcher takes an int for a
+pointer as it is. The JIT path (the first call, the interpreter, an input whose alignment differs
+from what the kernel was compiled for) needs the tensors themselves: it specialises on them.
 
 Triton's launcher object is itself a Python layer over its C entry point (`launcher.launch`):
 scratch allocation, profiler checks and closures on every call, 0.9 us on a fast host. Where that

@@ -171,9 +171,10 @@ class RolePlan:
     outputs, token count and buffer-set parity) and end with those fixed ones, so a launch passes
     only the former.
 
-    Subclasses launch role r as `launch, outputs = self._kernels[r].choose(outputs)`, then
-    `launch(self._grid[r], stream, *per_call_arguments)`: `choose` gives addresses once the kernel
-    is compiled (which saves its launcher a `data_ptr()` call per tensor), tensors for the JIT."""
+    Subclasses launch role r as `launch, inputs, outputs = self._kernels[r].choose(inputs,
+    outputs)`, then `launch(self._grid[r], stream, *per_call_arguments)`: `choose` gives addresses
+    once the kernel is compiled (the launcher then skips its pointer query per tensor), tensors for
+    the JIT."""
 
     def __init__(
         self,
