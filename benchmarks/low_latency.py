@@ -16,7 +16,8 @@ every replay, then times:
   * dispatch + combine: CUDA-event time of one non-hook pair (50 warm-ups, L2 flushed, mean of
   2-50);
   * hook mode: send and receive launches, from the profiler's trace (even / odd launches);
-  * graph replay: event time of one replay of the captured step.
+  * graph replay: event time of one replay of the captured step, and of a captured non-hook
+  dispatch + combine pair (the pair's launches without the host's launch path).
 Bytes (§17.3): dispatch `sum_t sel_t * (H + H/128*4 + 16)`, combine `sum_t sel_t * 2H`.
 Ranks sharing one GPU run under MPS (start `nvidia-cuda-mps-control -d` first); the GPU is then a
 proxy for NVLink: bytes cross HBM, latency and signalling are what is measured.
@@ -210,6 +211,19 @@ def _rank_main(rank, world_size, port, args, results_path):
     send_c, recv_c = _split_hook_times(prof, "::combine")
     dist.barrier(group)
     replay_t = bench_events(graph.replay)[0]
+    # The non-hook pair as a CUDA graph: the same two launches with the host's launch path out of
+    # the way (what a serving stack that captures its decode step sees).
+    pair_stream = torch.cuda.Stream()
+    pair_stream.wait_stream(torch.cuda.current_stream())
+    pair_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(pair_stream):
+        pair()
+        with torch.cuda.graph(pair_graph, stream=pair_stream):
+            pair()
+    torch.cuda.current_stream().wait_stream(pair_stream)
+    dist.barrier(group)
+    pair_graph_t = bench_events(pair_graph.replay)[0]
+    dist.barrier(group)
     record.update(
         {
             "dispatch_fp8_kernel_us": kernel * 1e6,
@@ -228,6 +242,7 @@ def _rank_main(rank, world_size, port, args, results_path):
             "hook_combine_send_us": send_c,
             "hook_combine_recv_us": recv_c,
             "graph_replay_us": replay_t * 1e6,
+            "dispatch_combine_graph_us": pair_graph_t * 1e6,
             "selections": selections,
             # This machine's builds: whether two programs of each fit an SM (see
             # protocol.ll_register_cap).
@@ -238,7 +253,7 @@ def _rank_main(rank, world_size, port, args, results_path):
     torch.cuda.synchronize()
     dist.barrier(group)
     ctx.state.clear()
-    buffer = graph = None
+    buffer = graph = pair_graph = None
     dist.destroy_process_group()
 
 
@@ -292,6 +307,7 @@ def main(argv=None) -> int:
         "hook_combine_send_us",
         "hook_combine_recv_us",
         "graph_replay_us",
+        "dispatch_combine_graph_us",
     )
     for r in ranks:
         print(

@@ -48,8 +48,10 @@ def _low_latency(record: dict) -> str:
     replays = sum(r.get("graph_replays", 0) for r in ranks)
     pair = max((r.get("dispatch_combine_event_us", 0.0) for r in ranks), default=0.0)
     graph = max((r.get("graph_replay_us", 0.0) for r in ranks), default=0.0)
+    pair_graph = max((r.get("dispatch_combine_graph_us", 0.0) for r in ranks), default=0.0)
     return (
-        f"graph replays wrong {wrong}/{replays}; pair {pair:.0f} us (events), graph {graph:.0f} us"
+        f"graph replays wrong {wrong}/{replays}; pair {pair:.0f} us (events), "
+        f"{pair_graph:.0f} us (graph); hooked step graph {graph:.0f} us"
     )
 
 
