@@ -115,16 +115,31 @@ def test_shrink_mode_masks_a_dead_rank_and_completes_cpu(cpu_pool):
 
 
 @pytest.mark.parametrize(
-    "op, phase", [("dispatch", "low-latency dispatch"), ("clean", "low-latency clean barrier")]
+    "op, phase, calls_before",
+    [
+        ("dispatch", "low-latency dispatch", 0),
+        # The dead rank's signals then carry the previous call's tag: the quoted progress must
+        # not read that call's counts as this call's (on an H200: "seen 3, needed 1").
+        ("dispatch", "low-latency dispatch", 1),
+        ("clean", "low-latency clean barrier", 0),
+    ],
 )
-def test_low_latency_timeout_names_rank_and_phase_cpu(cpu_pool, op, phase):
+def test_low_latency_timeout_names_rank_and_phase_cpu(cpu_pool, op, phase, calls_before):
     pool = cpu_pool(2, TRITONEP_TIMEOUT_S="2")
     pool.run(ll.make_ll_buffer, **SHRINK_SHAPE, timeout=120)
     first = pool.run(
-        ll.timeout_round, dead_rank=1, stall_s=6.0, op=op, **SHRINK_SHAPE, timeout=120
+        ll.timeout_round,
+        dead_rank=1,
+        stall_s=6.0,
+        op=op,
+        calls_before=calls_before,
+        **SHRINK_SHAPE,
+        timeout=120,
     )[0]
     assert first["errors"][0] is not None, "the interpreter reports the timeout on the same call"
     check_timeout_errors(first["errors"], phase)
+    if op == "dispatch":
+        assert "it had not reached this call" in first["errors"][0][1], first["errors"][0]
 
 
 def check_timeout_errors(errors: list, phase: str = "low-latency dispatch") -> None:

@@ -136,10 +136,12 @@ class HostBlock:
             f", {protocol.channel_word(phase)} {channel}" if channel >= 0 else ""
         )
         if code == protocol.ERR_TIMEOUT:
+            # A negative progress: the peer's signal still carried an earlier call's tag.
+            behind = "; it had not reached this call" if observed < 0 else ""
             message = (
                 f"rank {rank} timed out after {self.timeout_s:g} s in the {where} waiting for rank "
-                f"{peer} (progress seen {observed}, needed {expected}); TRITONEP_TIMEOUT_S sets "
-                "the limit"
+                f"{peer} (progress seen {observed}, needed {expected}{behind}); "
+                "TRITONEP_TIMEOUT_S sets the limit"
             )
             error = EPTimeoutError
         elif code == protocol.ERR_LAYOUT_MISMATCH:

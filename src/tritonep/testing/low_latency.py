@@ -394,10 +394,14 @@ def make_ll_buffer(ctx, shrink: bool = False, **shape) -> None:
     ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"], shrink=shrink)
 
 
-def timeout_round(ctx, dead_rank: int, stall_s: float, op: str = "dispatch", **shape) -> dict:
+def timeout_round(
+    ctx, dead_rank: int, stall_s: float, op: str = "dispatch", calls_before: int = 0, **shape
+) -> dict:
     """Without shrink mode a rank that never calls makes the others' dispatch (`op` "dispatch")
     or clean barrier (`op` "clean") fail with a timeout that names rank and phase, and poisons
-    their buffers. Three calls, each followed by a device synchronisation: on the CPU backend the
+    their buffers. With `calls_before`, every rank first makes that many dispatch + combine pairs
+    together, so the dead rank's signals still carry an earlier call's tag when it stops calling.
+    Three calls, each followed by a device synchronisation: on the CPU backend the
     first raises the timeout and the others find the buffer unusable; on a GPU the first returns
     (its kernel reports when it gives up), the second raises the timeout, the third finds the
     buffer unusable. Any other exception (a device fault on the timeout path) propagates.
@@ -406,15 +410,21 @@ def timeout_round(ctx, dead_rank: int, stall_s: float, op: str = "dispatch", **s
     import time
 
     key = _ll_buffer_key(shape["max_tokens"], shape["hidden"], shape["num_experts"], False)
-    if ctx.rank == dead_rank:
-        time.sleep(stall_s)
-        ctx.state.pop(key, None)
-        return {"rank": ctx.rank}
     buffer = ll_buffer(ctx, shape["max_tokens"], shape["hidden"], shape["num_experts"])
     device = device_of(buffer)
     x = torch.zeros((shape["num_tokens"], shape["hidden"]), dtype=torch.bfloat16, device=device)
     topk_idx = torch.arange(shape["num_tokens"] * shape["num_topk"]).view(shape["num_tokens"], -1)
     topk_idx = (topk_idx % shape["num_experts"]).to(tritonep.topk_idx_t).to(device)
+    weights = torch.ones(topk_idx.shape, dtype=torch.float32, device=device)
+    for _ in range(calls_before):
+        recv, _, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, shape["max_tokens"], shape["num_experts"], use_fp8=False
+        )
+        buffer.low_latency_combine(recv, topk_idx, weights, handle)
+    if ctx.rank == dead_rank:
+        time.sleep(stall_s)
+        ctx.state.pop(key, None)
+        return {"rank": ctx.rank}
     errors = []
     for _ in range(3):
         try:

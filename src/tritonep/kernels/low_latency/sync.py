@@ -269,8 +269,10 @@ def wait_signals_or_give_up(
     """A wait for the `live` signals `sigs` (of ranks `peers`) to reach `target`.
 
     Late peers are given up on (`give_up_on`; the record quotes progress as `value - base` of
-    `target - base`, and names the smallest late lane of `expert_lanes`, or `no_expert` if none is
-    smaller); without shrink mode that stops the call (`ok` false). With HAS_WAIT_STATS each live
+    `target - base`, -1 for a signal still tagged with an earlier call (below `base`: its low word
+    is that call's progress, which quoted as this call's once read "seen 3, needed 1"), and names
+    the smallest late lane of `expert_lanes`, or `no_expert` if none is smaller); without shrink
+    mode that stops the call (`ok` false). With HAS_WAIT_STATS each live
     lane of `counted` adds its wait (ns) to its peer's stat (lanes that other programs wait for
     too count in one of them). Returns (signal values, late lanes, ok)."""
     values, late, waited = wait_signals(
@@ -285,7 +287,7 @@ def wait_signals_or_give_up(
             ws,
             host,
             rank,
-            (values - base).to(tl.int32),
+            tl.maximum(values - base, -1).to(tl.int32),
             (target - base).to(tl.int32),
             PHASE,
             tl.min(tl.where(late, expert_lanes, no_expert), axis=0),
