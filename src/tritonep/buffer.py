@@ -376,6 +376,9 @@ class Buffer:
                 self._outputs,
             )
         self._validated_handles: dict = {}
+        # The default Config of each kind, per (kind, Buffer.num_sms, TRITONEP_CONFIG_FILE): with
+        # the tuned tables it came from (`_resolve_config`).
+        self._default_configs: dict = {}
         if self._backend == "cuda":
             torch.cuda.synchronize(self._device)
         # Nobody may signal a peer before every rank has zeroed its signal region.
@@ -1115,7 +1118,22 @@ class Buffer:
         self, op: str, config: Config | None, default: Callable[[int], Config]
     ) -> Config:
         if config is None:
-            config = default(self.group_size)
+            # Building and validating a Config is about a third of a cached dispatch's host path,
+            # so the default one is built once per (kind, SM count, config file) and reused while
+            # the file's tables stay the ones it came from (`load_config_file.cache_clear()` after
+            # rewriting the file gives new tables, hence a new Config).
+            path = _env.config_file()
+            tables = _config.load_config_file(path) if path is not None else None
+            key = (default, Buffer.num_sms, path)
+            known = self._default_configs.get(key)
+            if known is not None and known[0] is tables:
+                return known[1]
+            config = self._check_config(op, default(self.group_size))
+            self._default_configs[key] = (tables, config)
+            return config
+        return self._check_config(op, config)
+
+    def _check_config(self, op: str, config) -> Config:
         if not isinstance(config, Config):
             fail(op, f"config must be a tritonep Config, got {type(config).__name__}")
         if config.num_sms < 2 or config.num_sms % 2 != 0:

@@ -108,3 +108,34 @@ def test_read_once_per_path(monkeypatch, tmp_path):
     assert tritonep.Buffer.get_dispatch_config(2).num_max_nvl_chunked_send_tokens == 16
     load_config_file.cache_clear()
     assert tritonep.Buffer.get_dispatch_config(2).num_max_nvl_chunked_send_tokens == 4
+
+
+def _config_resolver(group_size: int) -> tritonep.Buffer:
+    """A Buffer shell with just what `_resolve_config` reads (no group, no memory)."""
+    buffer = tritonep.Buffer.__new__(tritonep.Buffer)
+    buffer.group_size = group_size
+    buffer.num_nvl_bytes = 1 << 20
+    buffer._default_configs = {}
+    return buffer
+
+
+def test_a_calls_default_config_is_built_once_and_follows_sms_and_the_file(monkeypatch, tmp_path):
+    """A dispatch or combine without `config` reuses one default Config (building and validating
+    it was a third of a cached dispatch's host path), until `Buffer.num_sms`, the config file or
+    the file's tables (rewritten, then `load_config_file.cache_clear()`) change."""
+    buffer = _config_resolver(2)
+    default = tritonep.Buffer.get_dispatch_config
+    first = buffer._resolve_config("dispatch", None, default)
+    assert first == Config(20, *DISPATCH_TABLE[2])
+    assert buffer._resolve_config("dispatch", None, default) is first
+    tritonep.Buffer.set_num_sms(24)
+    assert buffer._resolve_config("dispatch", None, default) == Config(24, *DISPATCH_TABLE[2])
+    path = _write(tmp_path, _tuned(dispatch={"2": {"24": [16, 256, 6, 128]}}))
+    monkeypatch.setenv("TRITONEP_CONFIG_FILE", path)
+    assert buffer._resolve_config("dispatch", None, default) == Config(24, 16, 256, 6, 128)
+    _write(tmp_path, _tuned(dispatch={"2": {"24": [12, 256, 6, 128]}}))
+    load_config_file.cache_clear()
+    assert buffer._resolve_config("dispatch", None, default) == Config(24, 12, 256, 6, 128)
+    # A caller's own Config is checked, never cached.
+    with pytest.raises(EPInvalidArgument, match="num_sms must be even"):
+        buffer._resolve_config("dispatch", Config(3, 6, 256, 6, 128), default)
