@@ -287,22 +287,10 @@ class LowLatencyMode:
         }
 
     # ---------------------------------------------------------------------------- dispatch
-    def dispatch(
-        self,
-        op,
-        x,
-        topk_idx,
-        max_tokens,
-        num_experts,
-        cumulative_stats,
-        wait_stats,
-        use_fp8,
-        round_scale,
-        use_ue8m0,
-        async_finish,
-        return_recv_hook,
-    ):
-        """The arguments of `Buffer.low_latency_dispatch`, in its order, after `op`."""
+    def dispatch(self, op, *arguments):
+        """`arguments`: those of `Buffer.low_latency_dispatch`, in its order."""
+        x, topk_idx, max_tokens, num_experts, cumulative_stats, wait_stats, *flags = arguments
+        use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook = flags
         signature = None
         if (
             type(x) is torch.Tensor
@@ -329,21 +317,7 @@ class LowLatencyMode:
             )
         call = self._dispatch_calls.get(signature, x, topk_idx, cumulative_stats, wait_stats)
         if call is None:
-            call = self._check_dispatch(
-                op,
-                signature,
-                x,
-                topk_idx,
-                max_tokens,
-                num_experts,
-                cumulative_stats,
-                wait_stats,
-                use_fp8,
-                round_scale,
-                use_ue8m0,
-                async_finish,
-                return_recv_hook,
-            )
+            call = self._check_dispatch(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
         outputs = self._outputs.take(call.pool_key, call.allocate, 3)
@@ -359,23 +333,10 @@ class LowLatencyMode:
         received = (recv_x, recv_scales) if call.use_fp8 else recv_x
         return received, recv_count, (src_info, layout_range, *call.geometry), event, hook
 
-    def _check_dispatch(
-        self,
-        op,
-        signature,
-        x,
-        topk_idx,
-        max_tokens,
-        num_experts,
-        cumulative_stats,
-        wait_stats,
-        use_fp8,
-        round_scale,
-        use_ue8m0,
-        async_finish,
-        return_recv_hook,
-    ) -> _DispatchCall:
+    def _check_dispatch(self, op, signature, arguments) -> _DispatchCall:
         """Check a dispatch's arguments and return what their signature fixes (cached under it)."""
+        x, topk_idx, max_tokens, num_experts, cumulative_stats, wait_stats, *flags = arguments
+        use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook = flags
         check_tensor(op, "x", x, device=self._device, dtypes=(torch.bfloat16,), dim=2)
         check_tensor(
             op, "topk_idx", topk_idx, device=self._device, dtypes=(torch.int64, torch.int32), dim=2
@@ -505,21 +466,10 @@ class LowLatencyMode:
         )
         return regions, src_info, layout_range
 
-    def combine(
-        self,
-        op,
-        x,
-        topk_idx,
-        topk_weights,
-        handle,
-        use_logfmt,
-        zero_copy,
-        async_finish,
-        return_recv_hook,
-        out,
-        wait_stats,
-    ):
-        """The arguments of `Buffer.low_latency_combine`, in its order, after `op`."""
+    def combine(self, op, *arguments):
+        """`arguments`: those of `Buffer.low_latency_combine`, in its order."""
+        x, topk_idx, topk_weights, handle, *flags, out, wait_stats = arguments
+        use_logfmt, zero_copy, async_finish, return_recv_hook = flags
         _, src_info, layout_range = self._check_handle(op, handle)
         signature = None
         if (
@@ -546,20 +496,7 @@ class LowLatencyMode:
             )
         call = self._combine_calls.get(signature, x, topk_idx, topk_weights, out, wait_stats)
         if call is None:
-            call = self._check_combine(
-                op,
-                signature,
-                x,
-                topk_idx,
-                topk_weights,
-                handle,
-                use_logfmt,
-                zero_copy,
-                async_finish,
-                return_recv_hook,
-                out,
-                wait_stats,
-            )
+            call = self._check_combine(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
         if out is not None:
@@ -587,23 +524,11 @@ class LowLatencyMode:
         )
         return combined, event, hook
 
-    def _check_combine(
-        self,
-        op,
-        signature,
-        x,
-        topk_idx,
-        topk_weights,
-        handle,
-        use_logfmt,
-        zero_copy,
-        async_finish,
-        return_recv_hook,
-        out,
-        wait_stats,
-    ) -> _CombineCall:
+    def _check_combine(self, op, signature, arguments) -> _CombineCall:
         """Check a combine's arguments (the handle is checked) and return what their signature
         fixes (cached under it)."""
+        x, topk_idx, topk_weights, handle, *flags, out, wait_stats = arguments
+        use_logfmt, zero_copy, async_finish, return_recv_hook = flags
         max_tokens, hidden, num_experts = handle[2:]
         regions = self._regions(op, max_tokens, hidden, num_experts)
         num_local = num_experts // self._num_ranks

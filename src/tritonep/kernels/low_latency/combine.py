@@ -619,9 +619,9 @@ class CombinePlan(RolePlan):
     ) -> None:
         """One launch on `stream`; `out`: `AddressedTensors` of (combined output,). The caller's
         tensors go as addresses too once the kernel is compiled (see `DispatchPlan.launch`)."""
-        launch, (topk_idx, topk_weights, src_info, layout_range, wait), (combined,) = self._kernels[
-            role
-        ].choose(addressed((topk_idx, topk_weights, src_info, layout_range, wait_stats)), out)
+        inputs = addressed((topk_idx, topk_weights, src_info, layout_range, wait_stats))
+        launch, inputs, (combined,) = self._kernels[role].choose(inputs, out)
+        topk_idx, topk_weights, src_info, layout_range, wait = inputs
         launch(
             self._grid[role],
             stream,
