@@ -9,8 +9,9 @@ Signal region (int64 slots, offsets in bytes, all 128-byte aligned):
 
 | region | shape | written by | meaning |
 |---|---|---|---|
-| epoch | [1] | this rank's notify kernel | high-throughput calls so far (device side, so graph replays advance it) |
+| epoch | [1] | this rank's notify kernel, or the data launch that opens its call | high-throughput calls so far (device side, so graph replays advance it) |
 | stop | [1] (byte 8) | this rank's kernels | data kernels of epochs <= stop do no work: the epoch of a refused call, or `STOP_ALL` after a fatal error |
+| ticket | [1] (byte 16) | this rank's intranode data launches that open their call | programs counted in so far; zero between launches |
 | intranode inbox | [2][R][INBOX_SLOTS] | source rank s (remote) | s's notify message for epochs of parity p: flag, layout key, counts; flag = epoch, written last |
 | intranode tails | [MAX_CHANNELS][R] | sender s (remote) | rows s has published into my queue (c, s): `epoch << 32 \\| count` |
 | intranode heads | [MAX_CHANNELS][R] | receiver d (remote) | rows d has consumed from my channel-c stream: `epoch << 32 \\| count` |
@@ -26,8 +27,8 @@ payload packed two per slot]: `num_tokens_per_rank_s[0:R]`, `channel_prefix_s[me
 rank can run at most one call ahead of a peer's notify (it needs that peer's flag of the current
 epoch to pass its own notify), so the set it writes is never the one the peer still reads.
 
-Queue heads are first published (epoch, 0) by the notify kernel, which runs after this rank's
-previous data kernel finished: a sender that sees a head of the current epoch knows the receiver no
+Queue heads are first published (epoch, 0) by the notify kernel (or program 0 of a data launch
+that opens its call), which runs after this rank's previous data kernel finished: a sender that sees a head of the current epoch knows the receiver no
 longer reads anything of the previous call, whatever queue geometry that call used.
 
 Host block (int64): `[ready, num_recv_tokens, error record (ERROR_SLOTS), overflow, bad expert id
@@ -108,6 +109,10 @@ HOST_SLOTS = HOST_EXPERT_COUNTS + MAX_LOCAL_EXPERTS
 # programs queue behind each other (measured: ~8 us per program on H200).
 STOP_OFFSET = 8
 STOP_ALL = 1 << 62
+# The ticket word (device memory, beside the stop word): the programs of a data launch that opens
+# its call itself count in here, and the last one advances the epoch (kernels/intranode/notify.py,
+# `open_call_in_launch`). Zero between launches.
+TICKET_OFFSET = 16
 
 INBOX_HEADER_SLOTS = 4  # flag, layout key, num_tokens, refusal (rows a queue would need, 0 = fine)
 

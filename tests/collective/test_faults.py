@@ -5,8 +5,9 @@
   (`EPStateError`) afterwards; both ranks return normally, so the pool stays usable;
 - a killed rank (SIGKILL while its peer waits in a dispatch): the survivor raises `EPTimeoutError`,
   the pool reports the rank as died and closes, and nothing is left in /dev/shm;
-- ranks calling with different geometry: every rank raises `EPInvalidArgument` (the notify kernel
-  compares layout fingerprints) instead of hanging in the data kernel.
+- ranks calling with different geometry: every rank raises `EPInvalidArgument` (the ranks compare
+  layout fingerprints as they open the call: in the counting notify of a dispatch, in the data
+  launch of a cached dispatch or a combine) instead of hanging in the data kernel.
 
 The pools here use `TRITONEP_TIMEOUT_S=3`, a distinct env key, so they never share workers with
 other test modules; a broken pool is replaced by `get_pool` and never reused. Task functions are
@@ -145,12 +146,17 @@ def _kill_task(ctx) -> dict:
     return {"rank": 0, "first": _attempt(lambda: buffer.dispatch(**args))}
 
 
-def _mismatch_task(ctx) -> dict:
+def _mismatch_task(ctx, op: str) -> dict:
+    """Every rank calls `op` with a hidden size of its own. A dispatch's counting notify compares
+    the geometry fingerprints; a cached dispatch or a combine has no notify launch, and its data
+    launch compares them as it opens the call."""
     buffer = tritonep.Buffer(ctx.group, num_nvl_bytes=NVL_BYTES)
-    good_roundtrip(buffer, ctx.rank, ctx.world_size)
+    _, recv_x, handle = good_roundtrip(buffer, ctx.rank, ctx.world_size)
     hidden = 64 if ctx.rank == 0 else 128
     args = _dispatch_args(buffer, ctx.rank, seed=2, hidden=hidden)
-    return {"rank": ctx.rank, "hidden": hidden, "first": _attempt(lambda: buffer.dispatch(**args))}
+    rows = torch.ones((recv_x.size(0), hidden), dtype=torch.bfloat16)  # what a combine returns
+    call = _call(buffer, op, args, rows, handle)
+    return {"rank": ctx.rank, "hidden": hidden, "first": _attempt(call)}
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -231,17 +237,18 @@ def test_stalled_rank_times_out(cpu_pool, op):
     _assert_pool_usable(pool, f"the stalled-{op} test")
 
 
-def test_mismatched_geometry_raises_on_every_rank(cpu_pool):
+@pytest.mark.parametrize("op", ["dispatch", "cached_dispatch", "combine"])
+def test_mismatched_geometry_raises_on_every_rank(cpu_pool, op):
     pool = _fault_pool(cpu_pool)
-    results = pool.run(_mismatch_task, timeout=TASK_TIMEOUT_S)
+    results = pool.run(_mismatch_task, op, timeout=TASK_TIMEOUT_S)
     for r in results:
         first, error = r["first"], r["first"]["error"]
         print(
-            f"[mismatch] rank {r['rank']} (hidden {r['hidden']}) after {first['seconds']:.2f} s: "
-            f"{error}"
+            f"[mismatch {op}] rank {r['rank']} (hidden {r['hidden']}) after "
+            f"{first['seconds']:.2f} s: {error}"
         )
         assert error is not None, (
-            f"rank {r['rank']}: dispatch with hidden={r['hidden']} against a peer's other hidden "
+            f"rank {r['rank']}: {op} with hidden={r['hidden']} against a peer's other hidden "
             "size returned normally"
         )
         described = f"{error['type']} after {first['seconds']:.2f} s: {error['message']}"
@@ -255,7 +262,7 @@ def test_mismatched_geometry_raises_on_every_rank(cpu_pool):
         assert re.search(rf"\brank {other}\b", error["message"]), (
             f"rank {r['rank']}: the message should name the other rank ({other}): {described}"
         )
-    _assert_pool_usable(pool, "the mismatched-geometry test")
+    _assert_pool_usable(pool, f"the mismatched-geometry test ({op})")
 
 
 def test_killed_rank_times_out_and_leaves_nothing(cpu_pool):

@@ -1,14 +1,15 @@
 """Intranode high-throughput mode: dispatch and combine among the ranks of one NVLink domain.
 
-Every collective call is one `notify` launch plus one data launch (`kernels/notify.py`,
-`kernels/dispatch.py`, `kernels/combine.py`) on the stream `runtime/streams.py` picks. The
+A non-cached dispatch is a counting `notify` launch plus one data launch; a cached dispatch and a
+combine are one data launch that opens its call itself (`kernels/intranode/notify.py`,
+`dispatch.py`, `combine.py`), on the stream `runtime/streams.py` picks. The
 arguments reaching this module are already checked by the Buffer.
 
 The host path is built for loops that repeat one geometry (every layer of a training step, every
 decode step): everything that depends only on the geometry — queue layout, the geometry
 fingerprint ranks compare, program shapes, the compiled kernels and their fixed arguments — lives
 in a launch plan built on first use and cached per geometry. A cached dispatch or a combine then
-costs a plan lookup, one or two output allocations and two direct launches.
+costs a plan lookup, one or two output allocations and one direct launch.
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ def program_shape(backend: str, num_ranks: int) -> ProgramShape:
 
 
 def _fingerprint(*fields) -> int:
-    """A 31-bit fingerprint of a call's geometry; ranks compare it in notify (collective
-    consistency)."""
+    """A 31-bit fingerprint of a call's geometry; ranks compare it when they open the call
+    (collective consistency)."""
     return zlib.crc32(repr(fields).encode()) & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
 class _DispatchPlans:
-    notify: object
+    notify: object  # the counting notify; None for a cached dispatch (its data launch opens it)
     data: object
     capacity: int
     experts_per_rank: int
@@ -101,7 +102,6 @@ class _DispatchPlans:
 
 @dataclass(frozen=True)
 class _CombinePlans:
-    notify: object
     data: object
     capacity: int
 
@@ -213,13 +213,10 @@ class IntranodeMode:
         )
         k = self._kernels.intranode
         plans = _DispatchPlans(
-            notify=k.notify.NotifyPlan(
-                self._ctx,
-                config.num_channels,
-                not cached,
-                experts_per_rank,
-                fingerprint,
-                queues.capacity,
+            notify=None
+            if cached
+            else k.notify.NotifyPlan(
+                self._ctx, config.num_channels, experts_per_rank, fingerprint, queues.capacity
             ),
             data=k.dispatch.DispatchPlan(
                 self._ctx,
@@ -236,6 +233,7 @@ class IntranodeMode:
                 num_warps=self.shape.dispatch_warps,
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
+                layout_key=fingerprint,
             ),
             capacity=queues.capacity,
             experts_per_rank=experts_per_rank,
@@ -270,9 +268,6 @@ class IntranodeMode:
         )
         k = self._kernels.intranode
         plans = _CombinePlans(
-            notify=k.notify.NotifyPlan(
-                self._ctx, config.num_channels, False, 1, fingerprint, queues.capacity
-            ),
             data=k.combine.CombinePlan(
                 self._ctx,
                 queues,
@@ -287,6 +282,7 @@ class IntranodeMode:
                 tile_words=self.shape.combine_tile_words,
                 prefetch=self.shape.prefetch,
                 receiver_stages=self.shape.combine_receiver_stages,
+                layout_key=fingerprint,
             ),
             capacity=queues.capacity,
         )
@@ -350,7 +346,7 @@ class IntranodeMode:
         refuse = self._refusal(is_token_in_rank, num_channels, plans.capacity)
         streams = self._streams.begin(op, previous_event, async_finish, allocate_on_comm_stream)
         device = self._device
-        counts = None
+        recv_counts_list = None
         if cached:
             num_recv = handle.recv_src_idx.size(0)
             rank_prefix_matrix, channel_prefix_matrix = (
@@ -384,11 +380,9 @@ class IntranodeMode:
             )
             if worst:
                 self._host.num_worst_tokens = num_worst_tokens
-        ready_token = 0 if cached else self._host.arm_counts()
-        plans.notify.launch(streams.launch, refuse, ready_token, counts)
-        self._host.after_launch(run_op, include_overflow=False)  # the data kernel still has to run
-        recv_counts_list = None
-        if not cached:
+            plans.notify.launch(streams.launch, refuse, self._host.arm_counts(), counts)
+            # The data kernel still has to run: no overflow to report yet.
+            self._host.after_launch(run_op, include_overflow=False)
             if worst:
                 num_recv, recv_counts_list = num_worst_tokens, []
             else:
@@ -432,6 +426,7 @@ class IntranodeMode:
             recv_topk_idx,
             recv_topk_weights,
             recv_scales.view(torch.int32) if recv_scales is not None else None,
+            refuse,
         )
         self._host.after_launch(run_op)
         received = (recv_x, recv_scales) if x_scales is not None else recv_x
@@ -500,8 +495,6 @@ class IntranodeMode:
                 if num_topk
                 else None
             )
-        plans.notify.launch(streams.launch, refuse)
-        self._host.after_launch(op)
         plans.data.launch(
             streams.launch,
             x,
@@ -513,6 +506,7 @@ class IntranodeMode:
             handle.send_head,
             combined_x,
             combined_weights,
+            refuse,
         )
         self._host.after_launch(op)
         event = streams.finish(

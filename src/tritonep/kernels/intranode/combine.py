@@ -4,7 +4,8 @@ Problem: after a dispatch with handle h, rank j holds `x_j [X, H]` (row i = its 
 token t of rank r must become `bias0[t] + bias1[t] + sum_{j : is_token_in_rank[t, j]} x_j[row of t]`
 in fp32, rounded once, and likewise for the top-k weights (no bias).
 
-Algorithm (one persistent launch of `2C` programs, channels as in dispatch):
+Algorithm (one persistent launch of `2C` programs, channels as in dispatch, which first opens its
+call itself: `notify.open_call_in_launch`, no notify launch):
 * programs `[0, C)` are senders. Rank j's sender c owns, for every destination r != j, the
   contiguous rows of x that came from (source r, channel c); it pushes them, `chunk` rows at a time
   and each chunk as one flat span of words (two where the queue wraps), into queue (c, j) of rank
@@ -35,7 +36,6 @@ from ..common.sync import (
     STOP_ALL,
     load_acquire,
     memory_scope,
-    open_call,
     past_deadline,
     report_error,
     store_release,
@@ -43,9 +43,12 @@ from ..common.sync import (
 )
 from ..common.tiles import column, copy_ring_rows, lane, row_block
 from .blocks import received_blocks
+from .notify import open_call_in_launch
 
 
-@named_kernel("intranode", "combine", do_not_specialize=["rank", "num_tokens"])
+@named_kernel(
+    "intranode", "combine", do_not_specialize=["rank", "num_tokens", "layout_key", "refuse"]
+)
 def _combine_kernel(
     x_addr,
     topk_weights_addr,
@@ -68,6 +71,8 @@ def _combine_kernel(
     host_addr,
     clock_addr,
     timeout_ns,
+    layout_key,
+    refuse,
     NUM_RANKS: tl.constexpr,
     HIDDEN: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -77,12 +82,14 @@ def _combine_kernel(
     HAS_BIAS1: tl.constexpr,
     TAILS: tl.constexpr,
     HEADS: tl.constexpr,
+    INBOX_STRIDE: tl.constexpr,
     HOST_ERROR: tl.constexpr,
     ERR_TIMEOUT: tl.constexpr,
     PHASE: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     PEER_SCOPE: tl.constexpr,
@@ -91,16 +98,26 @@ def _combine_kernel(
     RECV_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
-        host_addr,
-        rank_mask_ptr,
+    # A combine counts nothing: it opens its call itself, with no notify launch ahead of it.
+    host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call_in_launch(
         peer_bases_ptr,
+        rank_mask_ptr,
         rank,
+        layout_key,
+        num_tokens,
+        refuse,
+        capacity,
+        num_channels,
+        host_addr,
         clock_addr,
         timeout_ns,
         NUM_RANKS,
+        INBOX_STRIDE,
+        HEADS,
         BLOCK_RANKS,
+        BLOCK_CHANNELS,
         USE_GLOBALTIMER,
+        PEER_SCOPE,
     )
     is_peer = live & (ranks != rank)
     rows_in_tile = tl.arange(0, TILE)
@@ -350,6 +367,7 @@ class CombinePlan:
         tile_words: int,
         prefetch: bool,
         receiver_stages: int,
+        layout_key: int,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         q = ctx.data_offset
@@ -366,6 +384,7 @@ class CombinePlan:
             ctx.host_addr,
             ctx.clock_addr,
             ctx.timeout_ns,
+            layout_key,
         )
         block_h = min(pow2(hidden), max(16, tile_words // tile))
         # A receiver step loads one [tile, block_h] block per source and bias; its pipeline keeps
@@ -384,12 +403,14 @@ class CombinePlan:
             HAS_BIAS1=has_bias[1],
             TAILS=signal.tails,
             HEADS=signal.heads,
+            INBOX_STRIDE=signal.inbox_stride,
             HOST_ERROR=protocol.HOST_ERROR,
             ERR_TIMEOUT=protocol.ERR_TIMEOUT,
             PHASE=protocol.PHASE_COMBINE,
             TILE=tile,
             BLOCK_H=block_h,
             BLOCK_RANKS=pow2(ctx.num_ranks),
+            BLOCK_CHANNELS=pow2(num_channels),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
             # Every rank on this GPU: its queue signals at GPU scope (common/sync.memory_scope).
@@ -415,9 +436,11 @@ class CombinePlan:
         send_head,
         out,
         out_weights,
+        refuse: int,
     ) -> None:
         """`2 * num_channels` programs on `stream`; `out [N, H]` / `out_weights [N, K]` are
-        filled."""
+        filled. The launch opens its call itself (`notify.open_call_in_launch`; `refuse` as
+        `NotifyPlan.launch`'s)."""
         self._kernel.launch(
             (2 * self.num_channels,),
             stream,
@@ -434,4 +457,5 @@ class CombinePlan:
             *self._static,
             send_head.shape[0],
             *self._queues,
+            refuse,
         )

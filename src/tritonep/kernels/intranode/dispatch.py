@@ -5,7 +5,9 @@ ordered
 by source rank, then token, plus their source index, top-k ids rebased to j's local experts (others
 -1), top-k weights (0 where the id is -1) and FP8 scales.
 
-Algorithm (one persistent launch of `2C` programs, C = num_channels):
+Algorithm (one persistent launch of `2C` programs, C = num_channels; a cached dispatch's launch
+first opens its call itself, `notify.open_call_in_launch`, a non-cached one follows its counting
+notify):
 * programs `[0, C)` are senders. Sender c walks its channel's contiguous token range in chunks of
   `chunk` tokens (each chunk's `is_token_in_rank` flags load while the previous chunk is sent).
   Per chunk it computes each row's position in the channel's stream to every destination, waits
@@ -59,6 +61,7 @@ from ..common.tiles import (
     row_block,
 )
 from .blocks import received_blocks
+from .notify import open_call_in_launch
 
 MAX_TILE = 64  # sender rows per step; the in-tile prefix sum is a [TILE, TILE, R] reduction
 
@@ -181,6 +184,8 @@ def _copy_fields(
         "x_row_stride",
         "scales_stride_row",
         "scales_stride_col",
+        "layout_key",
+        "refuse",
     ],
 )
 def _dispatch_kernel(
@@ -217,6 +222,8 @@ def _dispatch_kernel(
     host_addr,
     clock_addr,
     timeout_ns,
+    layout_key,
+    refuse,
     NUM_RANKS: tl.constexpr,
     ROW_WORDS: tl.constexpr,
     NUM_TOPK: tl.constexpr,
@@ -228,12 +235,14 @@ def _dispatch_kernel(
     WORST: tl.constexpr,
     TAILS: tl.constexpr,
     HEADS: tl.constexpr,
+    INBOX_STRIDE: tl.constexpr,
     HOST_ERROR: tl.constexpr,
     ERR_TIMEOUT: tl.constexpr,
     PHASE: tl.constexpr,
     TILE: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     BLOCK_SCALES: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
@@ -242,17 +251,41 @@ def _dispatch_kernel(
     WRITE_HANDLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
-        host_addr,
-        rank_mask_ptr,
-        peer_bases_ptr,
-        rank,
-        clock_addr,
-        timeout_ns,
-        NUM_RANKS,
-        BLOCK_RANKS,
-        USE_GLOBALTIMER,
-    )
+    if WRITE_HANDLE:
+        # The counting notify ahead of this launch opened the call.
+        host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call(
+            host_addr,
+            rank_mask_ptr,
+            peer_bases_ptr,
+            rank,
+            clock_addr,
+            timeout_ns,
+            NUM_RANKS,
+            BLOCK_RANKS,
+            USE_GLOBALTIMER,
+        )
+    else:
+        # A cached dispatch counts nothing: it opens its call itself, with no notify launch.
+        host, stop, ok, ranks, live, peer_bases, my_base, tag, deadline = open_call_in_launch(
+            peer_bases_ptr,
+            rank_mask_ptr,
+            rank,
+            layout_key,
+            num_tokens,
+            refuse,
+            capacity,
+            num_channels,
+            host_addr,
+            clock_addr,
+            timeout_ns,
+            NUM_RANKS,
+            INBOX_STRIDE,
+            HEADS,
+            BLOCK_RANKS,
+            BLOCK_CHANNELS,
+            USE_GLOBALTIMER,
+            PEER_SCOPE,
+        )
     rank_ok = ranks < NUM_RANKS
     rows_in_tile = tl.arange(0, TILE)
     ks = tl.arange(0, BLOCK_TOPK)
@@ -572,6 +605,7 @@ class DispatchPlan:
         num_warps: int,
         tile_words: int,
         prefetch: bool,
+        layout_key: int,
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
         self._ctx = ctx
@@ -597,6 +631,7 @@ class DispatchPlan:
             ctx.host_addr,
             ctx.clock_addr,
             ctx.timeout_ns,
+            layout_key,
         )
         topk_ty = tl.int32 if topk_itemsize == 4 else tl.int64
         self._kernel = KernelLaunch(
@@ -612,6 +647,7 @@ class DispatchPlan:
             WORST=worst,
             TAILS=signal.tails,
             HEADS=signal.heads,
+            INBOX_STRIDE=signal.inbox_stride,
             HOST_ERROR=protocol.HOST_ERROR,
             ERR_TIMEOUT=protocol.ERR_TIMEOUT,
             PHASE=protocol.PHASE_DISPATCH,
@@ -620,6 +656,7 @@ class DispatchPlan:
             # program).
             BLOCK_W=min(pow2(row_words), max(16, tile_words // tile)),
             BLOCK_RANKS=pow2(ctx.num_ranks),
+            BLOCK_CHANNELS=pow2(num_channels),
             BLOCK_TOPK=pow2(max(num_topk, 1)),
             BLOCK_SCALES=pow2(max(num_scales, 1)),
             USE_GLOBALTIMER=ctx.use_globaltimer,
@@ -649,13 +686,15 @@ class DispatchPlan:
         recv_topk_idx,
         recv_topk_weights,
         recv_scales,
+        refuse: int,
     ) -> None:
         """`2 * num_channels` programs on `stream`.
 
         `x`: `[N, row bytes]` rows of any dtype (16-byte aligned start and row stride, checked by
         the Buffer); `scales`: int32 view of the FP8 scales (any strides) or None; `send_head` /
         `recv_src_idx` None for a cached dispatch (no handle entries written); outputs as the
-        dispatch returns them, `recv_scales` an int32 view or None.
+        dispatch returns them, `recv_scales` an int32 view or None. `refuse` (a cached dispatch,
+        which opens its call itself): as `NotifyPlan.launch`'s.
         """
         has_topk = self._num_topk > 0
         dummy = is_token_in_rank  # a valid pointer for arguments a constexpr switched off
@@ -683,4 +722,5 @@ class DispatchPlan:
             *self._tail,
             x.shape[0],
             *self._static,
+            refuse,
         )

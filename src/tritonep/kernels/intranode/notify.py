@@ -1,28 +1,37 @@
-"""Intranode notify: start a collective call, exchange counts, publish queue heads.
+"""Intranode call opening: the counting notify of a dispatch, and the opening folded into the data
+launch of a cached dispatch or a combine.
 
 Problem: before rows move, every rank must learn how many rows it receives from each source (and,
 per channel, where they land), the host must learn the total to allocate outputs, and every sender
 must know that its peers stopped reading the previous call's queues.
 
-Algorithm (one program):
+Algorithm of the counting notify (one program, ahead of a non-cached dispatch):
 1. Advance this rank's epoch (device memory, so CUDA-graph replays advance it too).
-2. Counting mode only: build this rank's channel prefix matrix `[R, C]` from `is_token_in_rank`.
-3. Send every rank (itself included) one inbox message: layout key, token count, and in counting
-   mode its rows per destination (counted from `is_token_in_rank`), the channel prefix row for that
-   rank and that rank's slice of
-   `num_tokens_per_expert`. Also publish head `(epoch, 0)` of every channel queue this rank
-   receives into, telling senders that this rank's previous kernels are done.
-4. Wait for all R messages of this epoch; check the layout keys agree (a rank called with another
-   hidden size, top-k or config is reported instead of deadlocking the data kernel) and that no
-   rank refused the call (`refuse` > 0: rows one of its queues would need beyond `capacity`).
-5. Counting mode only: write `rank_prefix_matrix`, `recv_channel_prefix_matrix` and, into the host
-   block, the received row count and per-expert counts, then publish `ready = ready_token`. The
-   token is chosen by the host for this call, so a late write of an earlier call (a worst-case
-   dispatch the host did not wait for, or a graph replay) can never pass for this call's.
+2. Build this rank's channel prefix matrix `[R, C]` from `is_token_in_rank`.
+3. Send every rank (itself included) one inbox message (`_post_openings`): its rows per
+   destination (counted from `is_token_in_rank`), the channel prefix row for that rank and that
+   rank's slice of `num_tokens_per_expert`, then the header: layout key, token count, refusal.
+   Also publish head `(epoch, 0)` of every channel queue this rank receives into, telling senders
+   that this rank's previous kernels are done.
+4. Wait for all R messages of this epoch (`_check_openings`); check the layout keys agree (a rank
+   called with another hidden size, top-k or config is reported instead of deadlocking the data
+   kernel) and that no rank refused the call (`refuse` > 0: rows one of its queues would need
+   beyond `capacity`).
+5. Write `rank_prefix_matrix`, `recv_channel_prefix_matrix` and, into the host block, the received
+   row count and per-expert counts, then publish `ready = ready_token`. The token is chosen by the
+   host for this call, so a late write of an earlier call (a worst-case dispatch the host did not
+   wait for, or a graph replay) can never pass for this call's.
+
+A cached dispatch or a combine counts nothing, so a separate notify launch would only do steps 1,
+3 and 4, and cost a launch and a kernel boundary (about 4 us of a 262 us BF16 dispatch on an H200).
+Their data launches open the call themselves (`open_call_in_launch`): every program counts itself
+in on a ticket word and the last one advances the epoch (step 1), program 0 posts the headers and
+heads (step 3), and every program waits for and checks the messages (step 4) before touching a
+queue.
 
 Sync protocol: message payload stores, barrier, flag release (peer scope: `PEER_SCOPE`);
 receivers acquire the flags.
-Buffer regions: signal region (epoch, inbox, heads) and the host block; see `protocol.py`.
+Buffer regions: signal region (epoch, ticket, inbox, heads) and the host block; see `protocol.py`.
 
 Example:
     R=2, rank 0 sends 3 tokens to rank 0 and 2 to rank 1; rank 1 sends 1 and 4
@@ -32,6 +41,7 @@ Example:
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 from ... import protocol
@@ -40,6 +50,7 @@ from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
     STOP_OFFSET,
+    load_uniform,
     memory_scope,
     now_ns,
     report_error,
@@ -47,6 +58,241 @@ from ..common.sync import (
     wait_all_at_least,
 )
 from ..common.tiles import cumsum_rows
+
+INBOX = tl.constexpr(protocol.signal_layout(1).inbox)  # the same for every rank count
+TICKET_OFFSET = tl.constexpr(protocol.TICKET_OFFSET)
+PAYLOAD = tl.constexpr(protocol.INBOX_HEADER_SLOTS * 8)
+MAX_CHANNELS = tl.constexpr(protocol.MAX_CHANNELS)
+HOST_READY = tl.constexpr(protocol.HOST_READY)
+HOST_NUM_RECV = tl.constexpr(protocol.HOST_NUM_RECV)
+HOST_ERROR = tl.constexpr(protocol.HOST_ERROR)
+HOST_EXPERT_COUNTS = tl.constexpr(protocol.HOST_EXPERT_COUNTS)
+HOST_OVERFLOW = tl.constexpr(protocol.HOST_OVERFLOW)
+ERR_TIMEOUT = tl.constexpr(protocol.ERR_TIMEOUT)
+ERR_LAYOUT_MISMATCH = tl.constexpr(protocol.ERR_LAYOUT_MISMATCH)
+ERR_REFUSED = tl.constexpr(protocol.ERR_REFUSED)
+PHASE_NOTIFY = tl.constexpr(protocol.PHASE_NOTIFY)
+
+
+@triton.jit
+def _post_openings(
+    peer_bases_ptr,
+    rank_mask_ptr,
+    rank,
+    epoch,
+    layout_key,
+    num_tokens,
+    refuse,
+    num_channels,
+    NUM_RANKS: tl.constexpr,
+    INBOX_STRIDE: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
+):
+    """Step 3 (one program): to every unmasked rank, this epoch's message header (layout key,
+    token count, refusal) and, in its region, head `(epoch, 0)` of every queue it sends into this
+    rank; then the message flag `epoch`, released after every store this program made before
+    (a counting notify's payloads included)."""
+    chans = tl.arange(0, BLOCK_CHANNELS)
+    parity = epoch % 2
+    for dst in range(0, NUM_RANKS):
+        if tl.load(rank_mask_ptr + dst) == 0:
+            dst_base = tl.load(peer_bases_ptr + dst)
+            msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(
+                tl.pointer_type(tl.int64)
+            )
+            tl.store(msg + 1, layout_key)
+            tl.store(msg + 2, num_tokens)
+            tl.store(msg + 3, refuse)
+            if dst != rank:
+                heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
+                tl.store(
+                    heads + chans * NUM_RANKS + rank,
+                    (epoch << 32) + chans * 0,
+                    mask=chans < num_channels,
+                )
+            tl.debug_barrier()
+            store_release(msg, epoch, PEER_SCOPE)
+
+
+@triton.jit
+def _check_openings(
+    host,
+    stop,
+    my_base,
+    rank,
+    epoch,
+    layout_key,
+    capacity,
+    ranks,
+    live,
+    deadline,
+    clock_addr,
+    NUM_RANKS: tl.constexpr,
+    INBOX_STRIDE: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
+):
+    """Step 4: wait for every live rank's message of `epoch`, then compare layout keys and look for
+    refusals; a failure is recorded (notify phase) and stops the call. Returns (ok, the `[R]` inbox
+    message addresses)."""
+    inbox = my_base + INBOX + ((epoch % 2) * NUM_RANKS + ranks) * INBOX_STRIDE
+    flags = wait_all_at_least(
+        inbox.to(tl.pointer_type(tl.int64)),
+        epoch + ranks * 0,
+        live,
+        deadline,
+        clock_addr,
+        USE_GLOBALTIMER,
+        PEER_SCOPE,
+    )
+    missing = live & (flags < epoch)
+    ok = tl.sum(missing.to(tl.int32), axis=0) == 0
+    if not ok:
+        report_error(
+            host + HOST_ERROR,
+            stop,
+            STOP_ALL,
+            ERR_TIMEOUT,
+            rank,
+            missing,
+            ranks,
+            PHASE_NOTIFY,
+            -1,
+            flags,
+            epoch,
+            BLOCK_RANKS,
+        )
+    else:
+        keys = tl.load(
+            (inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True
+        )
+        refusals = tl.load(
+            (inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True
+        )
+        differ = live & (keys != layout_key)
+        refused = live & (refusals > 0)
+        if tl.sum(differ.to(tl.int32), axis=0) > 0:
+            ok = False
+            report_error(
+                host + HOST_ERROR,
+                stop,
+                STOP_ALL,
+                ERR_LAYOUT_MISMATCH,
+                rank,
+                differ,
+                ranks,
+                PHASE_NOTIFY,
+                -1,
+                keys,
+                layout_key,
+                BLOCK_RANKS,
+            )
+        elif tl.sum(refused.to(tl.int32), axis=0) > 0:
+            ok = False
+            report_error(
+                host + HOST_ERROR,
+                stop,
+                epoch,
+                ERR_REFUSED,
+                rank,
+                refused,
+                ranks,
+                PHASE_NOTIFY,
+                -1,
+                refusals,
+                capacity,
+                BLOCK_RANKS,
+            )
+    return ok, inbox
+
+
+@triton.jit
+def open_call_in_launch(
+    peer_bases_ptr,
+    rank_mask_ptr,
+    rank,
+    layout_key,
+    num_tokens,
+    refuse,
+    capacity,
+    num_channels,
+    host_addr,
+    clock_addr,
+    timeout_ns,
+    NUM_RANKS: tl.constexpr,
+    INBOX_STRIDE: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+    USE_GLOBALTIMER: tl.constexpr,
+    PEER_SCOPE: tl.constexpr,
+):
+    """`common.sync.open_call` for a data launch with no notify ahead of it: the launch opens its
+    call itself (steps 1, 3 and 4 of the module docstring) and returns what `open_call` returns.
+
+    The epoch: every program reads it, then counts itself in on the ticket word (acquire-release),
+    and the program that completes the count resets the ticket and stores the epoch + 1. Every
+    read precedes its program's count, and the store follows the last count, so every program
+    of the launch reads the same epoch. Both reads are single atomics whose values the program
+    shares (`load_uniform`): the branch on the ticket is taken by all of a program's threads.
+    """
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)
+    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
+    my_base = tl.load(peer_bases_ptr + rank)
+    epoch_ptr = my_base.to(tl.pointer_type(tl.int64))
+    ticket_ptr = (my_base + TICKET_OFFSET).to(tl.pointer_type(tl.int64))
+    stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
+    epoch = load_uniform(epoch_ptr) + 1
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(ticket_ptr, 0)
+        tl.store(epoch_ptr, epoch)
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
+    if tl.program_id(0) == 0:
+        _post_openings(
+            peer_bases_ptr,
+            rank_mask_ptr,
+            rank,
+            epoch,
+            layout_key,
+            num_tokens,
+            refuse,
+            num_channels,
+            NUM_RANKS,
+            INBOX_STRIDE,
+            HEADS,
+            BLOCK_CHANNELS,
+            PEER_SCOPE,
+        )
+    # A failed buffer or a refused call does no work. Nor does it wait: in the interpreter the
+    # programs run one after another, and each would wait out its own deadline for a stalled peer.
+    ok = load_uniform(stop) < epoch
+    if ok:
+        ok, _ = _check_openings(
+            host,
+            stop,
+            my_base,
+            rank,
+            epoch,
+            layout_key,
+            capacity,
+            ranks,
+            live,
+            deadline,
+            clock_addr,
+            NUM_RANKS,
+            INBOX_STRIDE,
+            BLOCK_RANKS,
+            USE_GLOBALTIMER,
+            PEER_SCOPE,
+        )
+    return host, stop, ok, ranks, live, peer_bases, my_base, epoch << 32, deadline
 
 
 @named_kernel(
@@ -83,21 +329,8 @@ def _notify_kernel(
     channel_prefix_matrix_ptr,
     recv_channel_prefix_matrix_ptr,
     NUM_RANKS: tl.constexpr,
-    COUNT: tl.constexpr,
-    PHASE: tl.constexpr,
-    INBOX: tl.constexpr,
     INBOX_STRIDE: tl.constexpr,
     HEADS: tl.constexpr,
-    PAYLOAD: tl.constexpr,
-    MAX_CHANNELS: tl.constexpr,
-    HOST_READY: tl.constexpr,
-    HOST_NUM_RECV: tl.constexpr,
-    HOST_ERROR: tl.constexpr,
-    HOST_EXPERT_COUNTS: tl.constexpr,
-    ERR_TIMEOUT: tl.constexpr,
-    ERR_LAYOUT_MISMATCH: tl.constexpr,
-    HOST_OVERFLOW: tl.constexpr,
-    ERR_REFUSED: tl.constexpr,
     BLOCK_RANKS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
     BLOCK_EXPERTS: tl.constexpr,
@@ -119,138 +352,92 @@ def _notify_kernel(
     tl.store(epoch_ptr, epoch)
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     parity = epoch % 2
-    tagged_zero = epoch << 32
 
     # 2. Channel prefix matrix of this rank's tokens: [j][c] = tokens of channels <= c going to j.
     channel_prefix = tl.zeros([BLOCK_RANKS, BLOCK_CHANNELS], dtype=tl.int32)
-    if COUNT:
-        tokens_per_channel = tl.cdiv(num_tokens, num_channels)
-        running = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
-        for c in range(0, num_channels):
-            begin = tl.minimum(c * tokens_per_channel, num_tokens)
-            end = tl.minimum(begin + tokens_per_channel, num_tokens)
-            for t0 in range(begin, end, BLOCK_TOKENS):
-                rows = t0 + tl.arange(0, BLOCK_TOKENS)
-                flags = tl.load(
-                    is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
-                    mask=(rows[:, None] < end) & live[None, :],
-                    other=0,
-                )
-                running += tl.sum(flags.to(tl.int32), axis=0)
-            channel_prefix = tl.where(chans[None, :] == c, running[:, None], channel_prefix)
-        tl.store(
-            channel_prefix_matrix_ptr + ranks[:, None] * num_channels + chans[None, :],
-            channel_prefix,
-            mask=rank_ok[:, None] & chan_ok[None, :],
-        )
+    tokens_per_channel = tl.cdiv(num_tokens, num_channels)
+    running = tl.zeros([BLOCK_RANKS], dtype=tl.int32)
+    for c in range(0, num_channels):
+        begin = tl.minimum(c * tokens_per_channel, num_tokens)
+        end = tl.minimum(begin + tokens_per_channel, num_tokens)
+        for t0 in range(begin, end, BLOCK_TOKENS):
+            rows = t0 + tl.arange(0, BLOCK_TOKENS)
+            flags = tl.load(
+                is_token_in_rank_ptr + rows[:, None].to(tl.int64) * NUM_RANKS + ranks[None, :],
+                mask=(rows[:, None] < end) & live[None, :],
+                other=0,
+            )
+            running += tl.sum(flags.to(tl.int32), axis=0)
+        channel_prefix = tl.where(chans[None, :] == c, running[:, None], channel_prefix)
+    tl.store(
+        channel_prefix_matrix_ptr + ranks[:, None] * num_channels + chans[None, :],
+        channel_prefix,
+        mask=rank_ok[:, None] & chan_ok[None, :],
+    )
 
-    # 3. One message per destination rank, flag last; then heads (epoch, 0) for its queues.
+    # 3. The counts first (each destination's payload), then every rank's message header, heads
+    # and flag (`_post_openings`, which orders these stores before the flag).
     experts = tl.arange(0, BLOCK_EXPERTS)
     for dst in range(0, NUM_RANKS):
         if tl.load(rank_mask_ptr + dst) == 0:
-            dst_base = tl.load(peer_bases_ptr + dst)
-            msg = (dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE).to(
-                tl.pointer_type(tl.int64)
+            payload = (
+                tl.load(peer_bases_ptr + dst)
+                + INBOX
+                + (parity * NUM_RANKS + rank) * INBOX_STRIDE
+                + PAYLOAD
+            ).to(tl.pointer_type(tl.int32))
+            # Rows per destination as the senders will really send them (masked ranks excluded),
+            # so the receivers' expectations cannot disagree with the data kernel.
+            tl.store(payload + ranks, running, mask=rank_ok)
+            row = tl.sum(tl.where(ranks[:, None] == dst, channel_prefix, 0), axis=0)
+            tl.store(payload + NUM_RANKS + chans, row, mask=chan_ok)
+            expert_counts = tl.load(
+                num_tokens_per_expert_ptr + dst * experts_per_rank + experts,
+                mask=experts < experts_per_rank,
             )
-            tl.store(msg + 1, layout_key)
-            tl.store(msg + 2, num_tokens)
-            tl.store(msg + 3, refuse)
-            if COUNT:
-                payload = (
-                    dst_base + INBOX + (parity * NUM_RANKS + rank) * INBOX_STRIDE + PAYLOAD
-                ).to(tl.pointer_type(tl.int32))
-                # Rows per destination as the senders will really send them (masked ranks excluded),
-                # so the receivers' expectations cannot disagree with the data kernel.
-                tl.store(payload + ranks, running, mask=rank_ok)
-                row = tl.sum(tl.where(ranks[:, None] == dst, channel_prefix, 0), axis=0)
-                tl.store(payload + NUM_RANKS + chans, row, mask=chan_ok)
-                expert_counts = tl.load(
-                    num_tokens_per_expert_ptr + dst * experts_per_rank + experts,
-                    mask=experts < experts_per_rank,
-                )
-                tl.store(
-                    payload + NUM_RANKS + MAX_CHANNELS + experts,
-                    expert_counts,
-                    mask=experts < experts_per_rank,
-                )
-            if dst != rank:
-                heads = (dst_base + HEADS).to(tl.pointer_type(tl.int64))
-                tl.store(heads + chans * NUM_RANKS + rank, tagged_zero + chans * 0, mask=chan_ok)
-            tl.debug_barrier()
-            store_release(msg, epoch, PEER_SCOPE)
+            tl.store(
+                payload + NUM_RANKS + MAX_CHANNELS + experts,
+                expert_counts,
+                mask=experts < experts_per_rank,
+            )
+    _post_openings(
+        peer_bases_ptr,
+        rank_mask_ptr,
+        rank,
+        epoch,
+        layout_key,
+        num_tokens,
+        refuse,
+        num_channels,
+        NUM_RANKS,
+        INBOX_STRIDE,
+        HEADS,
+        BLOCK_CHANNELS,
+        PEER_SCOPE,
+    )
 
     # 4. Wait for every rank's message of this epoch and compare layout keys.
-    inbox = my_base + INBOX + (parity * NUM_RANKS + ranks) * INBOX_STRIDE  # [R] message addresses
-    flags = wait_all_at_least(
-        inbox.to(tl.pointer_type(tl.int64)),
-        epoch + ranks * 0,
+    ok, inbox = _check_openings(
+        host,
+        stop,
+        my_base,
+        rank,
+        epoch,
+        layout_key,
+        capacity,
+        ranks,
         live,
         deadline,
         clock_addr,
+        NUM_RANKS,
+        INBOX_STRIDE,
+        BLOCK_RANKS,
         USE_GLOBALTIMER,
         PEER_SCOPE,
     )
-    missing = live & (flags < epoch)
-    ok = tl.sum(missing.to(tl.int32), axis=0) == 0
-    if not ok:
-        report_error(
-            host + HOST_ERROR,
-            stop,
-            STOP_ALL,
-            ERR_TIMEOUT,
-            rank,
-            missing,
-            ranks,
-            PHASE,
-            -1,
-            flags,
-            epoch,
-            BLOCK_RANKS,
-        )
-    else:
-        keys = tl.load(
-            (inbox + 8).to(tl.pointer_type(tl.int64)), mask=live, other=layout_key, volatile=True
-        )
-        refusals = tl.load(
-            (inbox + 24).to(tl.pointer_type(tl.int64)), mask=live, other=0, volatile=True
-        )
-        differ = live & (keys != layout_key)
-        refused = live & (refusals > 0)
-        if tl.sum(differ.to(tl.int32), axis=0) > 0:
-            ok = False
-            report_error(
-                host + HOST_ERROR,
-                stop,
-                STOP_ALL,
-                ERR_LAYOUT_MISMATCH,
-                rank,
-                differ,
-                ranks,
-                PHASE,
-                -1,
-                keys,
-                layout_key,
-                BLOCK_RANKS,
-            )
-        elif tl.sum(refused.to(tl.int32), axis=0) > 0:
-            ok = False
-            report_error(
-                host + HOST_ERROR,
-                stop,
-                epoch,
-                ERR_REFUSED,
-                rank,
-                refused,
-                ranks,
-                PHASE,
-                -1,
-                refusals,
-                capacity,
-                BLOCK_RANKS,
-            )
 
     # 5. Prefix matrices and host-visible counts.
-    if COUNT and ok:
+    if ok:
         payloads = inbox + PAYLOAD  # [R] int32 payload addresses, one per source
         counts = tl.load(
             payloads[:, None].to(tl.pointer_type(tl.int32)) + ranks[None, :],
@@ -329,48 +516,24 @@ class NotifyCounts:
 
 
 class NotifyPlan:
-    """The notify launch of one call geometry on one Buffer (`ctx`: its `LaunchContext`).
-
-    `counting` plans exchange counts (non-cached dispatch, `experts_per_rank` local experts);
-    the others only open the call (cached dispatch, combine). `layout_key` fingerprints the
-    geometry: ranks compare it. `capacity` is the queue capacity a refusal is measured against.
+    """The counting notify launch of one non-cached dispatch geometry on one Buffer (`ctx`: its
+    `LaunchContext`; `experts_per_rank` local experts). `layout_key` fingerprints the geometry:
+    ranks compare it. `capacity` is the queue capacity a refusal is measured against.
     """
 
     def __init__(
-        self,
-        ctx,
-        num_channels: int,
-        counting: bool,
-        experts_per_rank: int,
-        layout_key: int,
-        capacity: int,
+        self, ctx, num_channels: int, experts_per_rank: int, layout_key: int, capacity: int
     ):
         signal = protocol.signal_layout(ctx.num_ranks)
-        self._ctx = ctx
         self._head = (ctx.peer_bases, ctx.rank, layout_key)
         self._capacity = capacity
         self._middle = (num_channels, ctx.rank_mask, ctx.host_addr, ctx.clock_addr, ctx.timeout_ns)
         self._experts_per_rank = experts_per_rank
-        # Without COUNT the tensor arguments are never dereferenced: any valid pointer will do.
-        self._no_counts = (0, 0, experts_per_rank) + (ctx.peer_bases,) * 5
         self._kernel = KernelLaunch(
             _notify_kernel,
             NUM_RANKS=ctx.num_ranks,
-            COUNT=counting,
-            PHASE=protocol.PHASE_NOTIFY,
-            INBOX=signal.inbox,
             INBOX_STRIDE=signal.inbox_stride,
             HEADS=signal.heads,
-            PAYLOAD=protocol.INBOX_HEADER_SLOTS * 8,
-            MAX_CHANNELS=protocol.MAX_CHANNELS,
-            HOST_READY=protocol.HOST_READY,
-            HOST_NUM_RECV=protocol.HOST_NUM_RECV,
-            HOST_ERROR=protocol.HOST_ERROR,
-            HOST_EXPERT_COUNTS=protocol.HOST_EXPERT_COUNTS,
-            ERR_TIMEOUT=protocol.ERR_TIMEOUT,
-            ERR_LAYOUT_MISMATCH=protocol.ERR_LAYOUT_MISMATCH,
-            HOST_OVERFLOW=protocol.HOST_OVERFLOW,
-            ERR_REFUSED=protocol.ERR_REFUSED,
             BLOCK_RANKS=pow2(ctx.num_ranks),
             BLOCK_CHANNELS=pow2(num_channels),
             BLOCK_EXPERTS=pow2(max(experts_per_rank, 1)),
@@ -381,26 +544,24 @@ class NotifyPlan:
             num_warps=4,
         )
 
-    def launch(
-        self, stream, refuse: int = 0, ready_token: int = 0, counts: NotifyCounts | None = None
-    ) -> None:
+    def launch(self, stream, refuse: int, ready_token: int, counts: NotifyCounts) -> None:
         """One program on `stream`. `refuse` > 0 makes every rank fail the call with an error record
         naming this rank (it cannot run it: `refuse` rows would be needed where queues hold
-        `capacity`). `ready_token` (counting) is what the kernel writes to the host's ready slot
-        last."""
-        if counts is None:
-            tail = self._no_counts
-        else:
-            tail = (
-                counts.num_tokens,
-                counts.num_worst_tokens,
-                self._experts_per_rank,
-                counts.num_tokens_per_expert,
-                counts.is_token_in_rank,
-                counts.rank_prefix_matrix,
-                counts.channel_prefix_matrix,
-                counts.recv_channel_prefix_matrix,
-            )
+        `capacity`). `ready_token` is what the kernel writes to the host's ready slot last."""
         self._kernel.launch(
-            (1,), stream, *self._head, refuse, self._capacity, ready_token, *self._middle, *tail
+            (1,),
+            stream,
+            *self._head,
+            refuse,
+            self._capacity,
+            ready_token,
+            *self._middle,
+            counts.num_tokens,
+            counts.num_worst_tokens,
+            self._experts_per_rank,
+            counts.num_tokens_per_expert,
+            counts.is_token_in_rank,
+            counts.rank_prefix_matrix,
+            counts.channel_prefix_matrix,
+            counts.recv_channel_prefix_matrix,
         )
