@@ -178,7 +178,8 @@ def _time_point(buffer, inputs: dict, point: Point, handles: dict, plan: Plan) -
         row["GBps"] = nbytes / 1e9 / seconds
         if plan.kernel_times:
             data_kernel = "combine" if point.op == "combine" else "dispatch"
-            kernels = bench_kernels(fn, ("notify", data_kernel))
+            # One kernel per call: a cached dispatch or a combine opens its call in its data launch.
+            kernels = bench_kernels(fn, (data_kernel,))
             row["kernel_us"] = {name: value * 1e6 for name, value in kernels.items()}
             row["kernel_GBps"] = (
                 nbytes / 1e9 / kernels[data_kernel] if kernels[data_kernel] else None
@@ -370,7 +371,7 @@ def _cpu_name() -> str:
 def _method(backend: str) -> str:
     if backend == "cuda":
         return (
-            "us: CUDA-event time of one cached call (notify + data kernel + stream hand-offs + "
+            "us: CUDA-event time of one cached call (its one data kernel + stream hand-offs + "
             "host gaps), DeepEP's method: 50 warm-ups, L2 flushed by zeroing 256 MB, 50 timed "
             "calls, first dropped, mean; under torch.set_default_device('cuda'). GBps: bytes "
             "received by the rank (own rows included; FP8 rows hidden * (1 + 4/128)) / time. "
@@ -533,7 +534,7 @@ def _bench_report(meta: dict, plan: Plan, ranks: list) -> str:
             _wrap(
                 "GB/s (NVL): bytes received by the rank (own rows included; FP8 rows count "
                 "hidden*(1+4/128)) / time, DeepEP's convention. time: CUDA-event time of one "
-                "cached call (notify + data kernel + hand-offs + host gaps); kernel: profiler "
+                "cached call (data kernel + hand-offs + host gaps); kernel: profiler "
                 "time of the data kernel alone. NCCL: all_to_all_single pipeline, same routing."
             )
         )
@@ -625,22 +626,16 @@ def _plot_bench(directory: str, meta: dict, r0: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     names = ["layout"] + [OP_NAMES[p["op"]] for p in defaults]
     if gpu:
-        # Phases of one call: notify kernel, data kernel, and the rest of the event time (host
-        # path, hand-offs, gaps); the layout is one kernel plus its host path.
-        notify = [0.0] + [p["kernel_us"]["notify"] for p in defaults]
+        # Phases of one call: its data kernel (a cached dispatch or a combine launches no
+        # notify), and the rest of the event time (host path, hand-offs, gaps); the layout is one
+        # kernel plus its host path.
         data = [0.0] + [
             p["kernel_us"]["combine" if p["op"] == "combine" else "dispatch"] for p in defaults
         ]
         total = [r0["layout_us"]] + [p["us"] for p in defaults]
-        rest = [max(t - n - d, 0.0) for t, n, d in zip(total, notify, data, strict=True)]
-        ax.bar(names, notify, label="notify kernel")
-        ax.bar(names, data, bottom=notify, label="data kernel")
-        ax.bar(
-            names,
-            rest,
-            bottom=[n + d for n, d in zip(notify, data, strict=True)],
-            label="host, hand-offs, gaps",
-        )
+        rest = [max(t - d, 0.0) for t, d in zip(total, data, strict=True)]
+        ax.bar(names, data, label="data kernel")
+        ax.bar(names, rest, bottom=data, label="host, hand-offs, gaps")
         ax.set_ylabel("us per call (rank 0)")
         ax.legend()
     else:
