@@ -253,6 +253,7 @@ def low_latency_steps(buffer, x, topk_idx, topk_weights, y, num_experts) -> list
             ("probe-ll",),
             lambda: [torch.empty(16, device="cuda") for _ in range(5)],
             3,
+            torch.cuda.current_stream(),
         ),
         "ll dispatch: plan launch only": dispatch_launch,
         "ll combine: plan launch only": lambda: combine_plan.launch(
@@ -347,7 +348,10 @@ def main() -> int:
             layout_plan, num_tokens, x.device
         ),
         "layout outputs: from the pool": lambda: buffer._outputs.take(
-            "probe", lambda: allocate_outputs(layout_plan, num_tokens, x.device), 3
+            "probe",
+            lambda: allocate_outputs(layout_plan, num_tokens, x.device),
+            3,
+            torch.cuda.current_stream(),
         ),
         "EventOverlap()": tritonep.EventOverlap,
         **launch_floor_steps(comm),

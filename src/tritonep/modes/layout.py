@@ -90,7 +90,7 @@ class RoutingLayout:
                 scratch = torch.zeros(plan.scratch_slots, dtype=torch.int32, device=self._device)
             self._fixed = addressed((scratch, self._rank_mask))
         with streams.allocation():
-            outputs = self._outputs.take(call.pool_key, call.allocate, 3)
+            outputs = self._outputs.take(call.pool_key, call.allocate, 3, streams.caller)
         plan.launch(
             streams.launch, topk_idx, call.num_tokens, self._fixed, self._host.address, outputs
         )

@@ -215,18 +215,18 @@ class LowLatencyMode:
         if async_finish and return_recv_hook:
             fail(op, "async_finish and return_recv_hook cannot both be True")
 
-    def _issue(self, op: str, plan, arguments: tuple, async_finish, return_recv_hook, kept):
+    def _issue(self, op: str, caller, plan, arguments: tuple, async_finish, return_recv_hook, kept):
         """Launch one call of `plan` with `arguments` (its launch's, after role and stream): the
-        fused kernel, or with `return_recv_hook` the send phase now, on the current stream, and a
-        hook for the receive phase. Every dispatch and combine flips the buffer-set parity, the
-        first of `arguments`. Returns (event, hook); `kept()` gives the tensors that ride on an
-        async call's event."""
+        fused kernel, or with `return_recv_hook` the send phase now, on the caller's current
+        stream `caller` (None on the CPU), and a hook for the receive phase. Every dispatch and
+        combine flips the buffer-set parity, the first of `arguments`. Returns (event, hook);
+        `kept()` gives the tensors that ride on an async call's event."""
         call_index = self._calls
         self._calls = call_index + 1
         self._parity ^= 1
         send, receive, both = self._roles
         if return_recv_hook:
-            stream = self._streams.current() if self._gpu else None
+            stream = caller
             plan.launch(send, stream, *arguments)
             if not self._gpu:
                 self._host.after_launch(op)
@@ -320,10 +320,12 @@ class LowLatencyMode:
             call = self._check_dispatch(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
-        outputs = self._outputs.take(call.pool_key, call.allocate, 3)
+        caller = self._streams.current() if self._gpu else None
+        outputs = self._outputs.take(call.pool_key, call.allocate, 3, caller)
         recv_x, recv_scales, recv_count, src_info, layout_range = outputs.tensors
         event, hook = self._issue(
             op,
+            caller,
             call.plan,
             (self._parity, x, topk_idx, call.num_tokens, outputs, cumulative_stats, wait_stats),
             async_finish,
@@ -499,13 +501,15 @@ class LowLatencyMode:
             call = self._check_combine(op, signature, arguments)
         if call.wait_row:
             wait_stats = wait_stats[self._ctx.rank]
+        caller = self._streams.current() if self._gpu else None
         if out is not None:
             output = addressed((out,))
         else:
-            output = self._outputs.take(call.pool_key, call.allocate, 3)
+            output = self._outputs.take(call.pool_key, call.allocate, 3, caller)
         (combined,) = output.tensors
         event, hook = self._issue(
             op,
+            caller,
             call.plan,
             (
                 self._parity,

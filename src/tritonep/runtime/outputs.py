@@ -13,9 +13,12 @@ a set of them goes out again only when nobody else holds any of it:
 
 So a caller never sees memory it still holds overwritten, exactly as with fresh tensors; what it
 dropped is rewritten in stream order on the stream that writes the new results, just as the
-caching allocator hands a freed block to the next allocation on that stream. During CUDA-graph
-capture the pool allocates fresh (the graph's own memory pool) and keeps nothing: a graph replays
-into its captured outputs, which must never be handed to a later eager call.
+caching allocator hands a freed block to the next allocation on that stream. A set handed out on
+one stream and taken again on another first makes the new stream wait for everything queued on
+the old one so far (the caching allocator would not hand the block to the other stream at all):
+kernels of the old stream still reading the set then finish before the new call writes it.
+During CUDA-graph capture the pool allocates fresh (the graph's own memory pool) and keeps nothing:
+a graph replays into its captured outputs, which must never be handed to a later eager call.
 """
 
 from __future__ import annotations
@@ -53,11 +56,13 @@ def addressed(tensors) -> AddressedTensors:
 
 
 class _Entry:
-    """One set of outputs, and the reference count it has when nobody holds it."""
+    """One set of outputs, the reference count it has when nobody holds it, and the stream of the
+    call it was last handed to (None on the CPU)."""
 
-    __slots__ = ("outputs", "addresses", "_objects", "_storage_ids", "_baseline")
+    __slots__ = ("outputs", "addresses", "stream", "_objects", "_storage_ids", "_baseline")
 
-    def __init__(self, outputs: list[torch.Tensor | None]):
+    def __init__(self, outputs: list[torch.Tensor | None], stream):
+        self.stream = stream
         # The list itself, not a copy: while a copy and the original both lived, every tensor
         # would count one reference more than it does later, and the entry would never be idle.
         self.outputs = outputs
@@ -87,11 +92,21 @@ class _Entry:
     def idle(self) -> bool:
         return self._count() == self._baseline
 
+    def hand_to(self, stream) -> None:
+        """Order `stream` after the work queued so far on the stream the set was last handed to,
+        when that was another one."""
+        if stream is not None and stream.cuda_stream != self.stream.cuda_stream:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            stream.wait_event(event)
+            self.stream = stream
+
 
 class OutputPool:
-    """The outputs of one call geometry: `take()` returns `AddressedTensors` of the list
-    that `make()` returns, reused when idle; the `depth` newest sets are kept. `make` must not hold
-    tensors of the call that created the pool."""
+    """The outputs of one call geometry: `take(stream)` returns `AddressedTensors` of the list
+    that `make()` returns, reused when idle; the `depth` newest sets are kept. `stream` is the
+    caller's current stream (None on the CPU). `make` must not hold tensors of the call that
+    created the pool."""
 
     __slots__ = ("_make", "_depth", "_cuda", "_entries", "_last")
 
@@ -102,7 +117,7 @@ class OutputPool:
         self._entries: list[_Entry] = []
         self._last = 0  # index of the entry handed out last
 
-    def take(self) -> AddressedTensors:
+    def take(self, stream) -> AddressedTensors:
         capturing = self._cuda and _cuda_capturing()
         if not capturing:
             # From the entry handed out last: a loop that drops its results before the next call
@@ -113,6 +128,7 @@ class OutputPool:
                 index = (start + i) % len(entries)
                 entry = entries[index]
                 if entry.idle():
+                    entry.hand_to(stream)
                     self._last = index
                     # A new tuple: holding it counts as holding the tensors.
                     return AddressedTensors(tuple(entry.outputs), entry.addresses)
@@ -123,7 +139,7 @@ class OutputPool:
             # fresh tensor), so a caller that keeps some results for good does not leave the
             # pool full of them.
             del self._entries[0]
-        entry = _Entry(self._make())
+        entry = _Entry(self._make(), stream)
         self._entries.append(entry)
         self._last = len(self._entries) - 1
         return AddressedTensors(tuple(entry.outputs), entry.addresses)
@@ -131,7 +147,7 @@ class OutputPool:
 
 class OutputPools:
     """Every output pool of one Buffer (outputs on `device`) by call geometry (`key`); `clear()`
-    at `destroy()`.
+    at `destroy()`. `take`'s `stream`: the caller's current stream (None on the CPU).
 
     At most `max_keys` geometries are kept (the oldest is dropped first): a caller whose token
     count changes every call gets fresh tensors, as it would without pools.
@@ -143,14 +159,14 @@ class OutputPools:
         self._max_keys = max_keys
 
     def take(
-        self, key, make: Callable[[], list[torch.Tensor | None]], depth: int
+        self, key, make: Callable[[], list[torch.Tensor | None]], depth: int, stream
     ) -> AddressedTensors:
         pool = self._pools.get(key)
         if pool is None:
             if len(self._pools) >= self._max_keys:
                 del self._pools[next(iter(self._pools))]
             pool = self._pools[key] = OutputPool(make, depth, self._cuda)
-        return pool.take()
+        return pool.take(stream)
 
     def clear(self) -> None:
         self._pools.clear()

@@ -75,9 +75,10 @@ class CallStreams:
 
     Attributes:
         launch: the stream the call's kernels go to (None on the CPU backend).
+        caller: the caller's current stream (None on the CPU backend).
     """
 
-    __slots__ = ("_streams", "_compute", "_async", "_allocate_on_comm", "launch")
+    __slots__ = ("_streams", "caller", "_async", "_allocate_on_comm", "launch")
 
     def __init__(
         self,
@@ -91,10 +92,10 @@ class CallStreams:
         self._allocate_on_comm = allocate_on_comm_stream
         comm = streams.comm
         if comm is None:
-            self.launch = None
+            self.launch = self.caller = None
             return
         compute = streams.current()
-        self._compute = compute
+        self.caller = compute
         if (
             previous is None
             and not async_finish
@@ -138,11 +139,11 @@ class CallStreams:
                 if isinstance(t, torch.Tensor):
                     t.record_stream(comm)
                     if self._allocate_on_comm:
-                        t.record_stream(self._compute)
+                        t.record_stream(self.caller)
             return EventOverlap(EventHandle._on_stream(comm))
         if self.launch is comm:
             streams._to_compute.record(comm)
-            self._compute.wait_event(streams._to_compute)
+            self.caller.wait_event(streams._to_compute)
         if streams._skip_allowed:
-            streams._caught_up_stream = self._compute.cuda_stream
+            streams._caught_up_stream = self.caller.cuda_stream
         return EventOverlap()
