@@ -11,21 +11,23 @@ from tritonep.protocol import LL_PROGRAMS_PER_SM
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
-    "ranks_on_gpu, percentage, budget",
+    "ranks_on_gpu, percentage, sms, budget",
     [
-        (1, None, 264),  # one rank per GPU: every SM
-        (2, None, 128),  # sharing: 2 SMs of each share left spare
-        (4, None, 62),
-        (2, "25", 62),  # the MPS client limit is lower than the rank share
-        (4, "50", 62),  # the rank share is lower than the MPS limit
-        (1, "50", 128),
-        (2, "bogus", 128),
-        (200, None, 2),  # never below one sender and one receiver
+        # `sms` as the device reports it: under an MPS client limit, the limit (132 SMs x p %).
+        (1, None, 132, 264),  # one rank per GPU: every SM
+        (2, None, 132, 128),  # sharing: 2 SMs of each share left spare
+        (4, None, 132, 62),
+        (4, "25", 33, 62),  # the limit is the rank share: not divided again
+        (2, "25", 33, 62),  # the MPS client limit is lower than the rank share
+        (4, "50", 66, 62),  # the rank share is lower than the MPS limit
+        (1, "50", 66, 128),
+        (2, "bogus", 132, 128),
+        (200, None, 132, 2),  # never below one sender and one receiver
     ],
 )
-def test_resident_program_budget(ranks_on_gpu, percentage, budget):
+def test_resident_program_budget(ranks_on_gpu, percentage, sms, budget):
     assert LL_PROGRAMS_PER_SM == 2
-    assert resident_program_budget(132, ranks_on_gpu, percentage) == budget
+    assert resident_program_budget(sms, ranks_on_gpu, percentage) == budget
 
 
 @pytest.mark.unit

@@ -671,26 +671,35 @@ SHARED_GPU_SPARE_SMS = 2
 
 def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | None) -> int:
     """Programs one LL launch of a rank may use so that the launches of every rank sharing its
-    GPU (`sms` SMs) are resident together.
+    GPU are resident together. `sms`: the SM count the device reports to this process, which
+    under an MPS client limit (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, as a string) is that limit
+    already (33 of an H200's 132 at 25 %).
 
     A fused launch is cooperative: its receivers spin until senders run, so all its programs must
     be resident at once. The driver checks that for one process, but not across the processes
     that share a GPU under MPS: at DeepEP's shape two ranks of 96 programs at one program per SM
     (the LogFMT combine once took 216 registers) did not fit 132 SMs, and one rank's receivers
-    spun until the timeout. So each rank takes its share of the SMs: 1 / `ranks_on_gpu`, or the
-    MPS client limit (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, as a string) if lower, less
-    `SHARED_GPU_SPARE_SMS` when the GPU is shared: launches that fill every slot of the GPU
-    together leave none for another kernel of a rank (2 ranks sharing an H200 with 132-program
-    dispatch launches each timed out; with 128 each they did not, 2026-12-02).
+    spun until the timeout. So each rank takes its share of the SMs: 1 / `ranks_on_gpu` of the
+    GPU, or its MPS client limit if lower, less `SHARED_GPU_SPARE_SMS` when the GPU is shared:
+    launches that fill every slot of the GPU together leave none for another kernel of a rank (2
+    ranks sharing an H200 with 132-program dispatch launches each timed out; with 128 each they
+    did not, 2026-12-02). Taking 25 % of the reported 33 SMs again gave 12 programs per launch
+    and a 293 us decode step with 4 ranks (2026-12-03).
 
-    Example: 132 SMs, 4 ranks on the GPU -> 33 - 2 SMs -> 62 programs per launch; 1 rank -> 264.
+    Example: 132 SMs, 4 ranks on the GPU -> 33 - 2 SMs -> 62 programs per launch; the same at
+    25 % (33 SMs reported); 1 rank -> 264.
     """
-    share = 1.0 / max(1, ranks_on_gpu)
+    share = 1.0 / max(1, ranks_on_gpu)  # of the reported SMs
+    limited = False
     # A value that is not a number: the MPS client refuses it before any launch.
     with contextlib.suppress(TypeError, ValueError):
-        share = min(share, float(mps_percentage) / 100.0)
+        fraction = float(mps_percentage) / 100.0
+        if 0.0 < fraction < 1.0:
+            # The GPU has about sms / fraction SMs, of which this rank's share is sms /
+            # (fraction * ranks), at most the sms it may use.
+            share, limited = min(1.0, share / fraction), True
     sms_held = int(sms * share)
-    if share < 1.0:
+    if share < 1.0 or limited:
         sms_held -= SHARED_GPU_SPARE_SMS
     return max(2, sms_held * protocol.LL_PROGRAMS_PER_SM)
 
