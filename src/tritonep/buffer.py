@@ -336,6 +336,8 @@ class Buffer:
             timeout_ns=int(timeout_s * 1e9),
             use_globaltimer=self._backend == "cuda",
             all_ranks_on_gpu=self._backend == "cuda" and ranks_on_gpu == num_ranks,
+            early_launch=self._backend == "cuda"
+            and torch.cuda.get_device_capability(self._device) >= (9, 0),
         )
         resources.outputs = self._outputs = OutputPools(self._device)
         self._layout = RoutingLayout(

@@ -54,6 +54,7 @@ def _compile(fn, args, kwargs):
             "num_warps",
             "num_stages",
             "launch_cooperative_grid",
+            "launch_pdl",
             "enable_fp_fusion",
             "maxnreg",
         )
@@ -241,6 +242,7 @@ def _low_latency_cases(kernels):
         clock_addr=0,
         timeout_ns=100 * 10**9,
         use_globaltimer=True,
+        early_launch=True,  # a hook's launches as programmatic dependents (Hopper)
     )
     one_gpu = dataclasses.replace(two_gpus, all_ranks_on_gpu=True)
     x = torch.zeros((tokens, hidden), dtype=torch.bfloat16)

@@ -19,6 +19,8 @@ class LaunchContext:
     clock_addr: interpreter clock cell (0 on GPUs, which read `%globaltimer`).
     all_ranks_on_gpu: every rank of the Buffer runs on this GPU (under MPS); its signals may then
         be ordered at GPU scope (`sync.memory_scope`).
+    early_launch: compiled kernels on Hopper or later: a launch may be a programmatic dependent
+        of the kernel before it (`sync.wait_previous_launch`).
     """
 
     peer_bases: torch.Tensor
@@ -31,3 +33,4 @@ class LaunchContext:
     timeout_ns: int
     use_globaltimer: bool
     all_ranks_on_gpu: bool = False
+    early_launch: bool = False

@@ -77,6 +77,24 @@ def past_deadline(deadline, clock_addr, USE_GLOBALTIMER: tl.constexpr):
     return deadline_passed(now_ns(clock_addr, USE_GLOBALTIMER), deadline, USE_GLOBALTIMER)
 
 
+@triton.jit
+def wait_previous_launch(EARLY_LAUNCH: tl.constexpr):
+    """In a kernel launched as a programmatic dependent (`launch_pdl`, Hopper and later): wait
+    until the previous kernel of the stream has completed and its stores are visible. Nothing read
+    before this may come from that kernel. A no-op without EARLY_LAUNCH."""
+    if EARLY_LAUNCH:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release_next_launch(EARLY_LAUNCH: tl.constexpr):
+    """Let the next kernel of the stream, if launched as a programmatic dependent, become resident
+    once every program of this one got here (or exited). Called last: a dependent resident while
+    this kernel's programs still wait for peers would take slots those peers' launches need."""
+    if EARLY_LAUNCH:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 # Memory scopes of the signalling atomics, as constexprs (`memory_scope`).
 SYSTEM_SCOPE = tl.constexpr("sys")
 GPU_SCOPE = tl.constexpr("gpu")

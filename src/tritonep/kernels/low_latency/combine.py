@@ -54,7 +54,7 @@ from ..common.casting import round_to
 from ..common.codecs import logfmt_decode, logfmt_encode, logfmt_load, logfmt_store
 from ..common.launch import pow2
 from ..common.naming import named_kernel
-from ..common.sync import now_ns
+from ..common.sync import now_ns, release_next_launch, wait_previous_launch
 from ..common.tiles import copy_rows, lane
 from .regions import LowLatencyRegions
 from .sync import (
@@ -179,8 +179,11 @@ def _combine_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     PEER_SCOPE: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # A hook's launches are programmatic dependents of the kernel before them (`RolePlan`).
+    wait_previous_launch(EARLY_LAUNCH)
     L: tl.constexpr = NUM_EXPERTS // NUM_RANKS
     G: tl.constexpr = (HIDDEN + 127) // 128
     SLOTS: tl.constexpr = NUM_RANKS * MAX_TOKENS
@@ -522,6 +525,7 @@ def _combine_kernel(
                                 round_to(acc, tl.bfloat16, INTERPRETED),
                                 mask=in_row,
                             )
+    release_next_launch(EARLY_LAUNCH)
 
 
 # Groups x entries a BF16 combine receiver loads per step: 16 groups at top-8. Every step picks each

@@ -58,7 +58,7 @@ from ...transport import device
 from ..common.codecs import fp8_quantize, ue8m0_pack
 from ..common.launch import pow2
 from ..common.naming import named_kernel
-from ..common.sync import now_ns
+from ..common.sync import now_ns, release_next_launch, wait_previous_launch
 from ..common.tiles import copy_rows, lane
 from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
@@ -174,8 +174,11 @@ def _dispatch_kernel(
     USE_GLOBALTIMER: tl.constexpr,
     PEER_SCOPE: tl.constexpr,
     INTERPRETED: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    # A hook's launches are programmatic dependents of the kernel before them (`RolePlan`).
+    wait_previous_launch(EARLY_LAUNCH)
     L: tl.constexpr = NUM_EXPERTS // NUM_RANKS
     G: tl.constexpr = (HIDDEN + 127) // 128
     SLOTS: tl.constexpr = NUM_RANKS * MAX_TOKENS  # rows per local expert in the outputs
@@ -513,6 +516,7 @@ def _dispatch_kernel(
                                     scales,
                                     mask=in_scale,
                                 )
+    release_next_launch(EARLY_LAUNCH)
 
 
 class DispatchPlan(RolePlan):
