@@ -48,8 +48,9 @@ MAX_LOCAL_EXPERTS = 1024  # reference §15.1: E / R <= 1024
 ALIGN = 128
 
 # The low-latency launches count on two programs of each LL kernel sharing an SM: the host sizes
-# the launches of ranks that share a GPU for it (`modes.low_latency.resident_program_budget`), and
-# the kernels are compiled with at most the register file's share of a program per thread.
+# the launches of up to two ranks sharing a GPU for it (`modes.low_latency.resident_program_budget`;
+# more ranks take one per SM), and the kernels are compiled with at most the register file's share
+# of a program per thread.
 LL_PROGRAMS_PER_SM = 2
 REGISTERS_PER_SM = 65536  # sm_80 to sm_100
 

@@ -44,7 +44,7 @@ def test_low_latency_deepep_shape_two_ranks_on_one_gpu(shared_gpu_pool):
 
 @pytest.mark.gpu
 def test_low_latency_four_ranks_on_one_gpu(shared_gpu_pool):
-    """4 ranks on one GPU: each keeps its launches within a quarter of the SMs
+    """4 ranks on one GPU: each launches one program per SM of a quarter of the SMs
     (`resident_program_budget`), so all four fused launches are resident together."""
     ue8m0 = dict(use_fp8=True, round_scale=True, use_ue8m0=True)
     combos = [

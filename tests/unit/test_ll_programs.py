@@ -16,10 +16,11 @@ from tritonep.protocol import LL_PROGRAMS_PER_SM
         # `sms` as the device reports it: under an MPS client limit, the limit (132 SMs x p %).
         (1, None, 132, 264),  # one rank per GPU: every SM
         (2, None, 132, 128),  # sharing: 2 SMs of each share left spare
-        (4, None, 132, 62),
-        (4, "25", 33, 62),  # the limit is the rank share: not divided again
+        (4, None, 132, 31),  # more than 2 ranks: one program per SM (measured safe)
+        (3, None, 132, 42),
+        (4, "25", 33, 31),  # the limit is the rank share: not divided again
         (2, "25", 33, 62),  # the MPS client limit is lower than the rank share
-        (4, "50", 66, 62),  # the rank share is lower than the MPS limit
+        (4, "50", 66, 31),  # the rank share is lower than the MPS limit
         (1, "50", 66, 128),
         (2, "bogus", 132, 128),
         (200, None, 132, 2),  # never below one sender and one receiver

@@ -686,8 +686,15 @@ def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | N
     did not, 2026-12-02). Taking 25 % of the reported 33 SMs again gave 12 programs per launch
     and a 293 us decode step with 4 ranks (2026-12-03).
 
-    Example: 132 SMs, 4 ranks on the GPU -> 33 - 2 SMs -> 62 programs per launch; the same at
-    25 % (33 SMs reported); 1 rank -> 264.
+    With more than two ranks on the GPU each rank launches one program per SM of its share, not
+    `protocol.LL_PROGRAMS_PER_SM`: 4 ranks sharing an H200 at DeepEP's decode shape timed out or
+    left outputs unwritten with 60-62 programs per launch each (with and without an MPS limit,
+    with and without the cooperative attribute), and passed with 31 and with 16 (checks, 20
+    graph replays; 2026-12-03, `...-ll-shared-ep4-*-session19.json`). Two ranks with 128 each,
+    more programs in all, pass: the cause is not found, and this is the measured safe size.
+
+    Example: 132 SMs, 4 ranks on the GPU -> 33 - 2 SMs -> 31 programs per launch; the same at
+    25 % (33 SMs reported); 2 ranks -> 128; 1 rank -> 264.
     """
     share = 1.0 / max(1, ranks_on_gpu)  # of the reported SMs
     limited = False
@@ -701,7 +708,8 @@ def resident_program_budget(sms: int, ranks_on_gpu: int, mps_percentage: str | N
     sms_held = int(sms * share)
     if share < 1.0 or limited:
         sms_held -= SHARED_GPU_SPARE_SMS
-    return max(2, sms_held * protocol.LL_PROGRAMS_PER_SM)
+    per_sm = protocol.LL_PROGRAMS_PER_SM if ranks_on_gpu <= 2 else 1
+    return max(2, sms_held * per_sm)
 
 
 def program_counts(

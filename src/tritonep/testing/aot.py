@@ -254,11 +254,11 @@ def _low_latency_cases(kernels):
     src_info = torch.zeros((local, slots), dtype=torch.int32)
     layout_range = torch.zeros((local, num_ranks), dtype=torch.int64)
     stats = torch.zeros(num_ranks, dtype=torch.int64)
-    # The fused launch with the grid of 4 ranks sharing a GPU (62 programs), the hook's phases with
+    # The fused launch with the grid of 4 ranks sharing a GPU (31 programs), the hook's phases with
     # that of 2 ranks sharing it (128 senders, one per token; 128 receivers).
     two_ranks = {0: (128, 128), 1: (128, 0), 2: (0, 128)}
     for fp8, role, grids in (
-        (True, ll.sync.ROLE_BOTH.value, {0: (62, 62), 1: (62, 0), 2: (0, 62)}),
+        (True, ll.sync.ROLE_BOTH.value, {0: (31, 31), 1: (31, 0), 2: (0, 31)}),
         (False, ll.sync.ROLE_SEND.value, two_ranks),
         (False, ll.sync.ROLE_RECV.value, two_ranks),
     ):
