@@ -249,12 +249,10 @@ def open_call_in_launch(
     ticket_ptr = (my_base + TICKET_OFFSET).to(tl.pointer_type(tl.int64))
     stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
     epoch = load_uniform(epoch_ptr) + 1
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == tl.num_programs(0) - 1:
-        tl.store(ticket_ptr, 0)
-        tl.store(epoch_ptr, epoch)
-    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     if tl.program_id(0) == 0:
+        # Posted before counting in: the peers' wait for this message then holds one atomic
+        # round trip less. Nothing here needs the count, and no program of this launch reads the
+        # epoch after this (each read it above, before its own count).
         _post_openings(
             peer_bases_ptr,
             rank_mask_ptr,
@@ -270,6 +268,11 @@ def open_call_in_launch(
             BLOCK_CHANNELS,
             PEER_SCOPE,
         )
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(ticket_ptr, 0)
+        tl.store(epoch_ptr, epoch)
+    deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     # A failed buffer or a refused call does no work. Nor does it wait: in the interpreter the
     # programs run one after another, and each would wait out its own deadline for a stalled peer.
     ok = load_uniform(stop) < epoch
