@@ -10,6 +10,7 @@ import triton.language as tl
 
 from ... import _env, protocol
 from ...runtime.outputs import AddressedTensors, addressed
+from ...transport import device
 from ..common.launch import KernelLaunch
 from ..common.sync import (
     deadline_passed,
@@ -166,7 +167,8 @@ def _early_launch(early: bool) -> dict:
     place (`common.sync.wait_previous_launch`). A hook's send and receive launches take it: the
     hooked decode step as a CUDA graph replayed in 61.3 us with it against 71.0 without; the fused
     launches do not (their pair as a graph: 56.5 against 54.5 us; 2 ranks sharing an H200,
-    `2026-12-03-h200-ll-pdl-ab-*.json`)."""
+    `2026-12-03-h200-ll-pdl-ab-*.json`). Only over plain stores, the measured transport: launches
+    linked with NVSHMEM (puts) keep plain stream order."""
     return {"EARLY_LAUNCH": True, "launch_pdl": True} if early else {"EARLY_LAUNCH": False}
 
 
@@ -236,7 +238,11 @@ class RolePlan:
                 NUM_RECEIVERS=receivers,
                 launch_cooperative_grid=role == ROLE_BOTH.value,
                 maxnreg=protocol.ll_register_cap(constexprs["num_warps"]),
-                **_early_launch(ctx.early_launch and role != ROLE_BOTH.value),
+                **_early_launch(
+                    ctx.early_launch
+                    and role != ROLE_BOTH.value
+                    and memory.rdma_transport == device.STORES.value
+                ),
                 **shared,
                 **constexprs,
             )
