@@ -255,6 +255,29 @@ def report_error(
 
 
 @triton.jit
+def call_lanes(
+    host_addr,
+    rank_mask_ptr,
+    peer_bases_ptr,
+    rank,
+    NUM_RANKS: tl.constexpr,
+    BLOCK_RANKS: tl.constexpr,
+):
+    """(host block pointer, stop word pointer, rank lanes, live = unmasked ranks, peer base
+    addresses, this rank's base): what every way of opening a high-throughput call reads first."""
+    host = host_addr.to(tl.pointer_type(tl.int64))
+    ranks = tl.arange(0, BLOCK_RANKS)
+    rank_ok = ranks < NUM_RANKS
+    live = rank_ok & (
+        tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0
+    )  # masked ranks: no traffic
+    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
+    my_base = tl.load(peer_bases_ptr + rank)
+    stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
+    return host, stop, ranks, live, peer_bases, my_base
+
+
+@triton.jit
 def open_call(
     host_addr,
     rank_mask_ptr,
@@ -273,16 +296,10 @@ def open_call(
     The epoch was advanced by this call's notify kernel, earlier on the same stream. Nothing here
     reads host memory (see `protocol.STOP_OFFSET`).
     """
-    host = host_addr.to(tl.pointer_type(tl.int64))
-    ranks = tl.arange(0, BLOCK_RANKS)
-    rank_ok = ranks < NUM_RANKS
-    live = rank_ok & (
-        tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0
-    )  # masked ranks: no traffic
-    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
-    my_base = tl.load(peer_bases_ptr + rank)
+    host, stop, ranks, live, peer_bases, my_base = call_lanes(
+        host_addr, rank_mask_ptr, peer_bases_ptr, rank, NUM_RANKS, BLOCK_RANKS
+    )
     epoch = tl.load(my_base.to(tl.pointer_type(tl.int64)), volatile=True)
-    stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
     ok = load_uniform(stop) < epoch  # a failed buffer or a refused call does no work
     deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
     return host, stop, ok, ranks, live, peer_bases, my_base, epoch << 32, deadline

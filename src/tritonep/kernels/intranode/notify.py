@@ -50,6 +50,7 @@ from ..common.naming import named_kernel
 from ..common.sync import (
     STOP_ALL,
     STOP_OFFSET,
+    call_lanes,
     load_uniform,
     memory_scope,
     now_ns,
@@ -239,15 +240,11 @@ def open_call_in_launch(
     of the launch reads the same epoch. Both reads are single atomics whose values the program
     shares (`load_uniform`): the branch on the ticket is taken by all of a program's threads.
     """
-    host = host_addr.to(tl.pointer_type(tl.int64))
-    ranks = tl.arange(0, BLOCK_RANKS)
-    rank_ok = ranks < NUM_RANKS
-    live = rank_ok & (tl.load(rank_mask_ptr + ranks, mask=rank_ok, other=1) == 0)
-    peer_bases = tl.load(peer_bases_ptr + ranks, mask=rank_ok, other=0)
-    my_base = tl.load(peer_bases_ptr + rank)
+    host, stop, ranks, live, peer_bases, my_base = call_lanes(
+        host_addr, rank_mask_ptr, peer_bases_ptr, rank, NUM_RANKS, BLOCK_RANKS
+    )
     epoch_ptr = my_base.to(tl.pointer_type(tl.int64))
     ticket_ptr = (my_base + TICKET_OFFSET).to(tl.pointer_type(tl.int64))
-    stop = (my_base + STOP_OFFSET).to(tl.pointer_type(tl.int64))
     epoch = load_uniform(epoch_ptr) + 1
     if tl.program_id(0) == 0:
         # Posted before counting in: the peers' wait for this message then holds one atomic
