@@ -226,14 +226,13 @@ class LowLatencyMode:
         self._parity ^= 1
         send, receive, both = self._roles
         if return_recv_hook:
-            stream = caller
-            plan.launch(send, stream, *arguments)
+            plan.launch(send, caller, *arguments)
             if not self._gpu:
                 self._host.after_launch(op)
             return EventOverlap(None, None), self._hook(
-                op, call_index, lambda: plan.launch(receive, stream, *arguments)
+                op, call_index, lambda: plan.launch(receive, caller, *arguments)
             )
-        call = CallStreams(self._streams, None, async_finish, False)
+        call = CallStreams(self._streams, None, async_finish, False, caller)
         plan.launch(both, call.launch, *arguments)
         if not self._gpu:
             self._host.after_launch(op)

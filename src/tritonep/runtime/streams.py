@@ -86,7 +86,10 @@ class CallStreams:
         previous: EventHandle | None,
         async_finish: bool,
         allocate_on_comm_stream: bool,
+        caller: torch.cuda.Stream | None = None,
     ):
+        """`caller`: the caller's current stream when the call has it already (`streams.current()`
+        otherwise)."""
         self._streams = streams
         self._async = async_finish
         self._allocate_on_comm = allocate_on_comm_stream
@@ -94,7 +97,7 @@ class CallStreams:
         if comm is None:
             self.launch = self.caller = None
             return
-        compute = streams.current()
+        compute = caller if caller is not None else streams.current()
         self.caller = compute
         if (
             previous is None
