@@ -40,16 +40,6 @@ def lane(vector, lanes, j):
 
 
 @triton.jit
-def block_of(rows, ends):
-    """(block b, its first flat row) `[len(rows)]` of each of `rows` in the flat numbering whose
-    blocks end at `ends` (inclusive prefix of the counts): every block before b ends at or before
-    the row (empty blocks included), b itself after it."""
-    before = ends[None, :] <= rows[:, None]
-    b = tl.sum(before.to(tl.int32), axis=1)
-    return b, tl.max(tl.where(before, ends[None, :], 0), axis=1)
-
-
-@triton.jit
 def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
     """Prefix sums down the rows of a small `[ROWS, lanes]` integer tile.
 

@@ -55,7 +55,7 @@ from ..common.codecs import logfmt_decode, logfmt_encode, logfmt_load, logfmt_st
 from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns, release_next_launch, wait_previous_launch
-from ..common.tiles import block_of, copy_rows, lane
+from ..common.tiles import copy_rows, lane
 from .regions import LowLatencyRegions
 from .sync import (
     ROLE_BOTH,
@@ -67,6 +67,16 @@ from .sync import (
     unmasked,
     wait_signals_or_give_up,
 )
+
+
+@triton.jit
+def _block_of(rows, ends):
+    """(block b, its first flat row) `[len(rows)]` of each of `rows` in the flat numbering whose
+    blocks end at `ends` (inclusive prefix of the counts): every block before b ends at or before
+    the row (empty blocks included), b itself after it."""
+    before = ends[None, :] <= rows[:, None]
+    b = tl.sum(before.to(tl.int32), axis=1)
+    return b, tl.max(tl.where(before, ends[None, :], 0), axis=1)
 
 
 @triton.jit
@@ -233,7 +243,7 @@ def _combine_kernel(
             for n0 in range(0, mine, ROWS):
                 n = n0 + tile
                 flat = pid + n * NUM_SENDERS
-                b, start = block_of(flat, ends)
+                b, start = _block_of(flat, ends)
                 b = tl.where(n < mine, b, 0)
                 e = b // NUM_RANKS
                 s = b % NUM_RANKS
@@ -323,7 +333,7 @@ def _combine_kernel(
             for n0 in range(0, mine, BLOCK_N):
                 n = n0 + lanes
                 arrived = n < mine
-                b, _ = block_of(pid + n * NUM_SENDERS, ends)
+                b, _ = _block_of(pid + n * NUM_SENDERS, ends)
                 b = tl.where(arrived, b, 0)
                 count = (tl.load(layout_range_ptr + b, mask=arrived, other=0) & 0xFFFFFFFF).to(
                     tl.int32

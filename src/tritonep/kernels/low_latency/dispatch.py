@@ -24,17 +24,14 @@ launch every program sends, then receives, so each phase has the whole grid):
   every other program's release; it resets the counter to 0 for the next call of set p and sets the
   owner's signal `(e_local, r)` to `epoch << 32 | (count + 1)` with a release of its own, which is
   cumulative, so whoever sees the signal sees every row. Experts no pair selects get count 0 from
-  program `e % S`, found in the routing scan of its first token and signalled before that token's
-  rows; masked owners get nothing (their pairs are still counted, so the counters stay consistent
-  when a rank is masked during a launch).
-* receivers (programs `[0, Q)`): program q first waits for the R counts of its local experts
-  `q + Q * i` and writes their counts, layout ranges and stats (masked sources are not waited for;
-  in shrink mode a source that times out is masked). Then it waits for every other count, numbers
-  all received rows block after block (expert after expert, source rank after source rank) and
-  copies tiles q, q + Q, ... of ROWS rows each into the outputs: data, scales (column-major), source
-  token index. So the most selected expert is not one program's tail. In shrink mode each program
-  copies its own experts' rows instead: programs that waited for the same source could disagree on
-  whether it timed out, and with it on where rows go.
+  program `e % S`; masked owners get nothing (their pairs are still counted, so the counters stay
+  consistent when a rank is masked during a launch).
+* receivers (programs `[0, Q)`) own local experts: expert `q + Q * i` is program q's, except
+  that the experts of a last, partial round (L % Q of them) are each shared by Q // (L % Q)
+  programs, which copy every such tile of its rows (one program per expert in shrink mode).
+  A receiver waits for the R counts of its expert (masked sources are not waited for; in shrink
+  mode a source that times out is masked), lays the blocks out in source order and copies every
+  message into the outputs: data, scales (column-major), source token index.
 Senders never wait (the last arrival signals; nobody waits for arrivals), and a program receives
 only after it has sent. Every program of the fused launch is resident (a cooperative launch), so
 its receivers' waits end; the interpreter, which runs programs one after another, gets the two
@@ -62,7 +59,7 @@ from ..common.codecs import fp8_quantize, ue8m0_pack
 from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns, release_next_launch, wait_previous_launch
-from ..common.tiles import block_of, copy_rows, lane
+from ..common.tiles import copy_rows, lane
 from .regions import HEADER_BYTES, LowLatencyRegions
 from .sync import (
     ROLE_RECV,
@@ -78,124 +75,23 @@ _HEADER = tl.constexpr(HEADER_BYTES)
 
 
 @triton.jit
-def _wait_counts(
-    signals,
-    experts,
-    sources,
-    live,
-    counted,
-    L,
-    tag,
-    deadline,
-    clock_addr,
-    ok,
-    mask_ptr,
-    ws,
-    host,
-    rank,
-    wait_stats_ptr,
-    NUM_RANKS: tl.constexpr,
-    PHASE: tl.constexpr,
-    SHRINK: tl.constexpr,
-    HOST_ERROR: tl.constexpr,
-    HOST_SHRUNK: tl.constexpr,
-    ERR_TIMEOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    USE_GLOBALTIMER: tl.constexpr,
-    HAS_WAIT_STATS: tl.constexpr,
-    PEER_SCOPE: tl.constexpr,
+def _receiver_expert(
+    round_,
+    rpid,
+    Q: tl.constexpr,
+    FULL: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    HELPERS: tl.constexpr,
 ):
-    """The wait for the count signals (local expert, source rank) of the `live` lanes in the
-    buffer set at `signals`, for this call (`tag`); `counted` lanes add their wait to the stats
-    (`sync.wait_signals_or_give_up`). Returns (signal values, late lanes, ok)."""
-    sigs = (signals + (experts * NUM_RANKS + sources) * 8).to(tl.pointer_type(tl.int64))
-    return wait_signals_or_give_up(
-        sigs, live, counted, sources, experts, L, tag + 1, tag, deadline, clock_addr, ok,
-        mask_ptr, ws, host, rank, wait_stats_ptr, PHASE, SHRINK, HOST_ERROR, HOST_SHRUNK,
-        ERR_TIMEOUT, BLOCK, USE_GLOBALTIMER, HAS_WAIT_STATS, PEER_SCOPE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _receive_rows(
-    recv,
-    e,
-    src,
-    j,
-    i,
-    row_ok,
-    recv_x_addr,
-    recv_scales_ptr,
-    src_info_ptr,
-    NUM_RANKS: tl.constexpr,
-    MAX_TOKENS: tl.constexpr,
-    SLOTS: tl.constexpr,
-    SLOT_BYTES: tl.constexpr,
-    PAYLOAD_BYTES: tl.constexpr,
-    G: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    USE_FP8: tl.constexpr,
-    USE_UE8M0: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    """Copy a tile of received messages into the outputs: row `i[r]` of local expert `e[r]`
-    (lanes `[ROWS]`, where `row_ok`) is message `j[r]` of the block that source `src[r]` sent to
-    that expert in the receive region at `recv`: its payload, its scales (column-major) and the
-    token index in its header."""
-    ROWS: tl.constexpr = i.shape[0]
-    slot = recv + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + j, tl.int64) * SLOT_BYTES
-    out_row = tl.cast(e * SLOTS + i, tl.int64)
-    # Every load of the tile (header, scales, payload) is issued before its first store: a store
-    # that waits for its load holds back the loads after it, and three round trips per tile were
-    # most of a receiver's time (ncu: the header load and the scale store were the receiver's
-    # top stalls).
-    token = tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok)
-    if USE_FP8:
-        groups = tl.arange(0, BLOCK_G)
-        in_scale = row_ok[:, None] & (groups[None, :] < G)
-        scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(tl.pointer_type(tl.float32))
-        scales = tl.load(
-            scale_rows[:, None] + groups[None, :], mask=in_scale, other=0.0, cache_modifier=".cg"
-        )
-    copy_rows(
-        slot + _HEADER,
-        recv_x_addr + out_row * PAYLOAD_BYTES,
-        row_ok,
-        PAYLOAD_BYTES // 4,
-        BLOCK_W,
-        "",  # (evict_first: PTX takes no .cg beside it)
-        PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
-        ALIGNED,
-        "evict_first",  # each received row is read once
+    """(local expert, helper index, helpers of that expert) of receiver `rpid` in `round_` (lanes
+    or a scalar): expert `rpid + Q * round_` alone in the FULL full rounds, then expert
+    `FULL * Q + rpid % PARTIAL` of the partial round as its helper `rpid // PARTIAL` of HELPERS."""
+    full = round_ < FULL
+    return (
+        tl.where(full, rpid + Q * round_, FULL * Q + rpid % PARTIAL),
+        tl.where(full, 0, rpid // PARTIAL),
+        tl.where(full, 1, HELPERS),
     )
-    tl.store(src_info_ptr + out_row, token, mask=row_ok)
-    if USE_FP8:
-        # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T] tensor.
-        if USE_UE8M0:
-            P: tl.constexpr = (G + 3) // 4
-            words = tl.reshape(
-                ue8m0_pack(
-                    tl.reshape(scales, [ROWS * BLOCK_G]), tl.reshape(in_scale, [ROWS * BLOCK_G])
-                ),
-                [ROWS, BLOCK_G // 4],
-            )
-            w = tl.arange(0, BLOCK_G // 4)
-            tl.store(
-                recv_scales_ptr
-                + tl.cast(e[:, None] * P + w[None, :], tl.int64) * SLOTS
-                + i[:, None],
-                words,
-                mask=row_ok[:, None] & (w[None, :] < P),
-            )
-        else:
-            tl.store(
-                recv_scales_ptr
-                + tl.cast(e[:, None] * G + groups[None, :], tl.int64) * SLOTS
-                + i[:, None],
-                scales,
-                mask=in_scale,
-            )
 
 
 @triton.jit
@@ -274,7 +170,6 @@ def _dispatch_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_X: tl.constexpr,
-    BLOCK_L: tl.constexpr,
     BLOCK_W: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     PEER_SCOPE: tl.constexpr,
@@ -309,32 +204,16 @@ def _dispatch_kernel(
             arrivals = counters_ptr + parity * NUM_EXPERTS
             if ok:
                 ks = tl.arange(0, BLOCK_K)
-                # Experts e = pid + S * i that no pair selects still get their count 0 (unless
-                # their owner is masked): from this program, which owns them by id, found in the
-                # routing scan of its first token and signalled before that token's rows. Every
-                # receiver waits for every count, so these must not come last (as a scan of their
-                # own after the tokens they took 1.5 us at DeepEP's shape). A program without a
-                # token runs one empty trip (t >= num_tokens, every access masked) for them.
-                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
-                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
-                idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
-                # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
-                idle_pe, idle_delta, idle_direct = device.open_peer(
-                    routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
-                )
-                idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
-                for t in range(pid, tl.maximum(num_tokens, pid + 1), NUM_SENDERS):
-                    first = t == pid
-                    token_ok = t < num_tokens
+                for t in range(pid, num_tokens, NUM_SENDERS):
                     experts = tl.load(
-                        topk_idx_ptr + t * NUM_TOPK + ks, mask=(ks < NUM_TOPK) & token_ok, other=-1
+                        topk_idx_ptr + t * NUM_TOPK + ks, mask=ks < NUM_TOPK, other=-1
                     )
                     # The row's load is issued before the routing scan, which does not need it:
                     # its latency hides behind the scan's.
                     xp, xm = group_tile(
                         x_ptr + tl.cast(t, tl.int64) * HIDDEN, BLOCK_G, G, tl.bfloat16
                     )
-                    x = tl.load(xp, mask=xm & token_ok, other=0.0)
+                    x = tl.load(xp, mask=xm, other=0.0)
                     valid = (ks < NUM_TOPK) & (experts >= 0) & (experts < NUM_EXPERTS)
                     # Every pair's route, slot and signal as lanes: the loops below pick one word
                     # per pair (`lane`, a block reduction) instead of reloading the expert id and
@@ -361,23 +240,8 @@ def _dispatch_kernel(
                         )
                         match = ids[None, :] == experts[:, None]
                         total += tl.sum(match.to(tl.int32), axis=1)
-                        if first:
-                            hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
                         j += tl.sum(
                             (match & (positions[None, :] < here[:, None])).to(tl.int32), axis=1
-                        )
-                    if first:
-                        idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
-                        device.signal_lanes(
-                            idle_sigs.to(tl.pointer_type(tl.int64)),
-                            tag + 1,
-                            idle_pe,
-                            idle_delta,
-                            idle_direct,
-                            idle,
-                            device.SIGNAL_SET,
-                            TRANSPORT,
-                            PEER_SCOPE,
                         )
                     # A block holds T rows: pairs beyond (a duplicated expert on most tokens) are
                     # not sent, and the receiver, which sees the count, reports them.
@@ -460,6 +324,33 @@ def _dispatch_kernel(
                         TRANSPORT,
                         PEER_SCOPE,
                     )
+                # Experts e = pid + S * i that no pair selects still get their count 0 (unless
+                # their owner is masked): from this program, which owns them by id. After its
+                # tokens: their rows and counts are what receivers wait for, so they go first.
+                mine = pid + NUM_SENDERS * tl.arange(0, BLOCK_E)
+                hits = tl.zeros([BLOCK_E], dtype=tl.int32)
+                for p0 in range(0, num_pairs, CHUNK):
+                    positions = p0 + flat
+                    ids = tl.load(topk_idx_ptr + positions, mask=positions < num_pairs, other=-1)
+                    hits += tl.sum((ids[None, :] == mine[:, None]).to(tl.int32), axis=1)
+                idle = unmasked(mask_ptr, mine // L, (mine < NUM_EXPERTS) & (hits == 0))
+                idle_owner = tl.where(mine < NUM_EXPERTS, mine // L, 0)
+                # (Names of their own: the token loop's routes have BLOCK_K lanes, not BLOCK_E.)
+                idle_pe, idle_delta, idle_direct = device.open_peer(
+                    routes_ptr, rank, idle_owner, TRANSPORT, FORCE_PUT
+                )
+                idle_sigs = signals + tl.cast(((mine % L) * NUM_RANKS + rank) * 8, tl.int64)
+                device.signal_lanes(
+                    idle_sigs.to(tl.pointer_type(tl.int64)),
+                    tag + 1,
+                    idle_pe,
+                    idle_delta,
+                    idle_direct,
+                    idle,
+                    device.SIGNAL_SET,
+                    TRANSPORT,
+                    PEER_SCOPE,
+                )
 
     if ROLE != ROLE_SEND:  # noqa: SIM102 (constexpr, then runtime)
         if pid < NUM_RECEIVERS:
@@ -468,110 +359,163 @@ def _dispatch_kernel(
             # Timed from here: in the fused launch the program has sent its share by now.
             deadline = now_ns(clock_addr, USE_GLOBALTIMER) + timeout_ns
             Q: tl.constexpr = NUM_RECEIVERS + (NUM_RECEIVERS == 0)
-            ROUNDS: tl.constexpr = (L + Q - 1) // Q
+            # Rounds of experts: in each full round program q owns expert `round * Q + q`. The
+            # experts of a last, partial round (M < Q of them) each get HELPERS programs, which
+            # copy every HELPERS-th row tile of it: one program holding a second whole expert was
+            # the launch's tail (2 ranks sharing an H200, 144 experts on 128 programs: 12-13 rows
+            # against 7). In shrink mode an expert keeps one program: programs that wait for the
+            # same source could disagree on whether it timed out, and with it on the layout.
+            FULL: tl.constexpr = L // Q
+            M: tl.constexpr = L - FULL * Q
+            PARTIAL: tl.constexpr = M + (M == 0)
+            HELPERS: tl.constexpr = 1 if SHRINK else Q // PARTIAL
+            ROUNDS: tl.constexpr = FULL + (M > 0)
             tl.static_assert(BLOCK_X >= ROUNDS, "BLOCK_X must cover every round of experts")
             ranks = tl.arange(0, BLOCK_R)
             rank_ok = ranks < NUM_RANKS
             rows_in_tile = tl.arange(0, ROWS)
-            # This program's experts `rpid + Q * round`: one wait for all their counts (lanes
-            # `round * BLOCK_R + source`), which their wait stats time. Waiting expert by expert,
-            # each wait was a round trip of its own.
+            # One wait for the counts of all this program's experts (lanes `round * BLOCK_R +
+            # source`): waiting expert by expert, each wait was a round trip of its own before
+            # the expert's copy could start.
             lanes = tl.arange(0, BLOCK_X * BLOCK_R)
-            lane_expert = rpid + Q * (lanes // BLOCK_R)
+            lane_round = lanes // BLOCK_R
+            lane_expert, lane_helper, _ = _receiver_expert(
+                lane_round, rpid, Q, FULL, PARTIAL, HELPERS
+            )
             lane_rank = lanes % BLOCK_R
             # A fatal error elsewhere in this launch (or an earlier one) stops the wait.
             ok = ok & (stopped(ws) == 0)
-            own_counts = tl.zeros([BLOCK_X, BLOCK_R], dtype=tl.int32)
+            all_counts = tl.zeros([BLOCK_X, BLOCK_R], dtype=tl.int32)
             if ok:
-                live = unmasked(mask_ptr, lane_rank, (lane_expert < L) & (lane_rank < NUM_RANKS))
-                values, late, ok = _wait_counts(
-                    signals, lane_expert, lane_rank, live, live, L, tag, deadline, clock_addr,
-                    ok, mask_ptr, ws, host, rank, wait_stats_ptr, NUM_RANKS, PHASE, SHRINK,
-                    HOST_ERROR, HOST_SHRUNK, ERR_TIMEOUT, BLOCK_X * BLOCK_R, USE_GLOBALTIMER,
-                    HAS_WAIT_STATS, PEER_SCOPE,
-                )  # fmt: skip
-                own_counts = tl.reshape(
+                lane_ok = (lane_round < ROUNDS) & (lane_helper < HELPERS) & (lane_rank < NUM_RANKS)
+                sigs = (signals + (lane_expert * NUM_RANKS + lane_rank) * 8).to(
+                    tl.pointer_type(tl.int64)
+                )
+                live = unmasked(mask_ptr, lane_rank, lane_ok)
+                values, late, ok = wait_signals_or_give_up(
+                    sigs,
+                    live,
+                    lane_helper == 0,
+                    lane_rank,
+                    lane_expert,
+                    L,
+                    tag + 1,
+                    tag,
+                    deadline,
+                    clock_addr,
+                    ok,
+                    mask_ptr,
+                    ws,
+                    host,
+                    rank,
+                    wait_stats_ptr,
+                    PHASE,
+                    SHRINK,
+                    HOST_ERROR,
+                    HOST_SHRUNK,
+                    ERR_TIMEOUT,
+                    BLOCK_X * BLOCK_R,
+                    USE_GLOBALTIMER,
+                    HAS_WAIT_STATS,
+                    PEER_SCOPE,
+                )
+                all_counts = tl.reshape(
                     tl.where(live & ~late, (values - tag - 1).to(tl.int32), 0), [BLOCK_X, BLOCK_R]
                 )
-            # A block holds T rows: pairs beyond were not sent (the count still reports them).
-            own_kept = tl.minimum(own_counts, MAX_TOKENS)
-            own_experts = rpid + Q * tl.arange(0, BLOCK_X)
-            owned = own_experts < L
-            if ok:
-                own_totals = tl.sum(own_kept, axis=1)
-                tl.store(recv_count_ptr + own_experts, own_totals, mask=owned)
-                tl.store(
-                    layout_range_ptr + own_experts[:, None] * NUM_RANKS + ranks[None, :],
-                    ((tl.cumsum(own_kept, axis=1) - own_kept).to(tl.int64) << 32)
-                    | own_kept.to(tl.int64),
-                    mask=owned[:, None] & rank_ok[None, :],
-                )
-                if HAS_CUMULATIVE:
-                    stats = cumulative_stats_ptr + own_experts
-                    tl.store(stats, tl.load(stats, mask=owned) + own_totals, mask=owned)
-            if SHRINK:
-                # Each expert's rows by its own program: programs that wait for the same source
-                # could disagree on whether it timed out, and with it on the layout.
-                for round_ in range(0, ROUNDS):
-                    e = rpid + Q * round_
-                    if ok & (e < L):
-                        # This expert's row of the counts (a masked column sum keeps it in
-                        # registers).
-                        kept = tl.sum(
-                            tl.where(tl.arange(0, BLOCK_X)[:, None] == round_, own_kept, 0), axis=0
+            for round_ in range(0, ROUNDS):
+                e, helper, helpers = _receiver_expert(round_, rpid, Q, FULL, PARTIAL, HELPERS)
+                if ok & (helper < helpers):
+                    # This expert's row of the counts (a masked column sum keeps it in registers).
+                    counts = tl.sum(
+                        tl.where(tl.arange(0, BLOCK_X)[:, None] == round_, all_counts, 0), axis=0
+                    )
+                    kept = tl.minimum(counts, MAX_TOKENS)
+                    total = tl.sum(kept, axis=0)
+                    begin = tl.cumsum(kept, axis=0) - kept
+                    if helper == 0:
+                        tl.store(recv_count_ptr + e, total)
+                        tl.store(
+                            layout_range_ptr + e * NUM_RANKS + ranks,
+                            (begin.to(tl.int64) << 32) | kept.to(tl.int64),
+                            mask=rank_ok,
                         )
-                        total = tl.sum(kept, axis=0)
-                        ends = tl.cumsum(kept, axis=0)
-                        for i0 in range(0, total, ROWS):
-                            i = i0 + rows_in_tile
-                            src, src_start = block_of(i, ends)
-                            _receive_rows(
-                                recv, e + rows_in_tile * 0, src, i - src_start, i, i < total,
-                                recv_x_addr, recv_scales_ptr, src_info_ptr, NUM_RANKS, MAX_TOKENS,
-                                SLOTS, SLOT_BYTES, PAYLOAD_BYTES, G, BLOCK_G, BLOCK_W, USE_FP8,
-                                USE_UE8M0, ALIGNED,
-                            )  # fmt: skip
-            else:
-                # Every program takes its share of all received rows, not of experts: rows are
-                # numbered block after block (blocks `e * BLOCK_R + source`, expert after expert)
-                # and program q copies tiles q, q + Q, ... of ROWS rows. One program per expert
-                # made the launch's tail the most selected expert: 7.6 us of copies against a
-                # median of 3.5 (globaltimer stamps, DeepEP's shape, 2 ranks sharing an H200).
-                # The other experts' counts have mostly arrived by now (every sender finishes
-                # at about the same time): this second wait polls all of them once or twice.
-                blocks = tl.arange(0, BLOCK_L * BLOCK_R)
-                block_expert = blocks // BLOCK_R
-                block_rank = blocks % BLOCK_R
-                kept = tl.zeros([BLOCK_L * BLOCK_R], dtype=tl.int32)
-                if ok:
-                    live = unmasked(
-                        mask_ptr, block_rank, (block_expert < L) & (block_rank < NUM_RANKS)
-                    )
-                    values, late, ok = _wait_counts(
-                        signals, block_expert, block_rank, live, blocks < 0, L, tag, deadline,
-                        clock_addr, ok, mask_ptr, ws, host, rank, wait_stats_ptr, NUM_RANKS,
-                        PHASE, SHRINK, HOST_ERROR, HOST_SHRUNK, ERR_TIMEOUT, BLOCK_L * BLOCK_R,
-                        USE_GLOBALTIMER, HAS_WAIT_STATS, PEER_SCOPE,
-                    )  # fmt: skip
-                    kept = tl.where(
-                        live & ~late, tl.minimum((values - tag - 1).to(tl.int32), MAX_TOKENS), 0
-                    )
-                ends = tl.cumsum(kept, axis=0)
-                expert_ends = tl.cumsum(tl.sum(tl.reshape(kept, [BLOCK_L, BLOCK_R]), axis=1), 0)
-                received = tl.sum(kept, axis=0)
-                if ok:
-                    for n0 in range(rpid * ROWS, received, Q * ROWS):
-                        n = n0 + rows_in_tile
-                        row_ok = n < received
-                        b, block_start = block_of(n, ends)
-                        b = tl.where(row_ok, b, 0)
-                        _, expert_start = block_of(n, expert_ends)
-                        _receive_rows(
-                            recv, b // BLOCK_R, b % BLOCK_R, n - block_start, n - expert_start,
-                            row_ok, recv_x_addr, recv_scales_ptr, src_info_ptr, NUM_RANKS,
-                            MAX_TOKENS, SLOTS, SLOT_BYTES, PAYLOAD_BYTES, G, BLOCK_G, BLOCK_W,
-                            USE_FP8, USE_UE8M0, ALIGNED,
-                        )  # fmt: skip
+                        if HAS_CUMULATIVE:
+                            tl.store(
+                                cumulative_stats_ptr + e, tl.load(cumulative_stats_ptr + e) + total
+                            )
+                    # Row i of the expert came from the source whose block holds it: ROWS rows at a
+                    # time, every `helpers`-th tile of them.
+                    for i0 in range(helper * ROWS, total, helpers * ROWS):
+                        i = i0 + rows_in_tile
+                        row_ok = i < total
+                        holds = (i[:, None] >= begin[None, :]) & (kept[None, :] > 0)
+                        src = tl.maximum(tl.max(tl.where(holds, ranks[None, :], -1), axis=1), 0)
+                        src_begin = tl.sum(
+                            tl.where(ranks[None, :] == src[:, None], begin[None, :], 0), axis=1
+                        )
+                        slot = (
+                            recv
+                            + tl.cast((e * NUM_RANKS + src) * MAX_TOKENS + i - src_begin, tl.int64)
+                            * SLOT_BYTES
+                        )
+                        out_row = tl.cast(e * SLOTS + i, tl.int64)
+                        # Every load of the tile (header, scales, payload) is issued before its
+                        # first store: a store that waits for its load holds back the loads after
+                        # it, and three round trips per tile were most of a receiver's time (ncu:
+                        # the header load and the scale store were the receiver's top stalls).
+                        token = tl.load(slot.to(tl.pointer_type(tl.int32)), mask=row_ok)
+                        if USE_FP8:
+                            groups = tl.arange(0, BLOCK_G)
+                            in_scale = row_ok[:, None] & (groups[None, :] < G)
+                            scale_rows = (slot + _HEADER + PAYLOAD_BYTES).to(
+                                tl.pointer_type(tl.float32)
+                            )
+                            scales = tl.load(
+                                scale_rows[:, None] + groups[None, :],
+                                mask=in_scale,
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
+                        copy_rows(
+                            slot + _HEADER,
+                            recv_x_addr + out_row * PAYLOAD_BYTES,
+                            row_ok,
+                            PAYLOAD_BYTES // 4,
+                            BLOCK_W,
+                            "",  # (evict_first: PTX takes no .cg beside it)
+                            PAYLOAD_BYTES // 4 > BLOCK_W,  # a row of several blocks: pipelined
+                            ALIGNED,
+                            "evict_first",  # each received row is read once
+                        )
+                        tl.store(src_info_ptr + out_row, token, mask=row_ok)
+                        if USE_FP8:
+                            # Column-major outputs: element (e, g, i) of a contiguous [L, G', R*T]
+                            # tensor.
+                            if USE_UE8M0:
+                                P: tl.constexpr = (G + 3) // 4
+                                words = tl.reshape(
+                                    ue8m0_pack(
+                                        tl.reshape(scales, [ROWS * BLOCK_G]),
+                                        tl.reshape(in_scale, [ROWS * BLOCK_G]),
+                                    ),
+                                    [ROWS, BLOCK_G // 4],
+                                )
+                                w = tl.arange(0, BLOCK_G // 4)
+                                tl.store(
+                                    recv_scales_ptr
+                                    + tl.cast(e * P + w[None, :], tl.int64) * SLOTS
+                                    + i[:, None],
+                                    words,
+                                    mask=row_ok[:, None] & (w[None, :] < P),
+                                )
+                            else:
+                                tl.store(
+                                    recv_scales_ptr
+                                    + tl.cast(e * G + groups[None, :], tl.int64) * SLOTS
+                                    + i[:, None],
+                                    scales,
+                                    mask=in_scale,
+                                )
     release_next_launch(EARLY_LAUNCH)
 
 
@@ -634,8 +578,6 @@ class DispatchPlan(RolePlan):
             BLOCK_R=pow2(regions.num_ranks),
             # Local experts per receiver, for the smallest receiver grid of the plan's roles.
             BLOCK_X=pow2(-(-(regions.num_experts // regions.num_ranks) // receivers)),
-            # Every local expert (the receivers' share of all received rows).
-            BLOCK_L=pow2(regions.num_experts // regions.num_ranks),
             # Receiver copies: an FP8 payload (hidden / 4 words) in one [ROWS, BLOCK_W] block, a
             # BF16 one in blocks of 1024 words whose loads run one block ahead (the registers of
             # two blocks of 2048 without that).
