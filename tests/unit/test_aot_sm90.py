@@ -122,3 +122,12 @@ def test_shared_memory_fits_an_sm_and_two_rank_combine_receivers_are_pipelined(r
         assert row["shared_bytes"] <= 227 * 1024, row
     combines = [r for r in report if r["module"] == "intranode.combine"]
     assert [r["async_copies"] > 0 for r in combines if r["num_ranks"] == 2] == [True], combines
+
+
+def test_low_latency_combine_receivers_drop_dead_rows_from_l2(report):
+    # A BF16 combine receiver discards the rows it summed (no write-back of dead lines); the send
+    # phase and LogFMT rows have none.
+    for row in report:
+        if row["module"] == "low_latency.combine" and not row["use_logfmt"]:
+            receives = row["role"] != 1
+            assert (row["l2_discards"] > 0) == receives, row

@@ -552,6 +552,8 @@ def compile_all() -> list[dict]:
                     "acquire_gpu": "acquire.gpu" in ptx or ".gpu.acquire" in ptx,
                     # Block-wide verdicts on a deadline (`sync.deadline_passed`).
                     "uniform_deadlines": ptx.count("bar.red.or.pred"),
+                    # Dead received rows dropped from L2 (`tiles.discard_rows`).
+                    "l2_discards": ptx.count("discard.global.L2"),
                 }
             )
     return report

@@ -40,6 +40,31 @@ def lane(vector, lanes, j):
 
 
 @triton.jit
+def discard_rows(row_addrs, row_ok, NUM_BYTES: tl.constexpr, BLOCK_LINES: tl.constexpr):
+    """Drop from L2, without writing them back, the 128-byte lines lying wholly inside each row
+    `[addr, addr + NUM_BYTES)` of `row_addrs` where `row_ok` (lines shared with a neighbour stay).
+
+    For received messages that are dead once read: the next write to their slot comes in a later
+    call. Left dirty, each would be written back to HBM when L2 evicts it, which on a GPU that
+    several ranks share is bandwidth the next phase needs. The caller's threads must have finished
+    reading the rows (their loaded values already used, then a block barrier). BLOCK_LINES: a
+    power of two above NUM_BYTES / 128. Compiled code only (PTX `discard.global.L2`)."""
+    lines = tl.arange(0, BLOCK_LINES)
+    first = (row_addrs + 127) // 128
+    count = (row_addrs + NUM_BYTES) // 128 - first
+    live = row_ok[:, None] & (lines[None, :] < count[:, None])
+    tl.inline_asm_elementwise(
+        "{ .reg .pred live; setp.ne.b32 live, $2, 0; @live discard.global.L2 [$1], 128; "
+        "mov.u32 $0, 0; }",
+        "=r,l,r",
+        [(first[:, None] + lines[None, :]) * 128, live.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def cumsum_rows(matrix, ROWS: tl.constexpr, INCLUSIVE: tl.constexpr):
     """Prefix sums down the rows of a small `[ROWS, lanes]` integer tile.
 

@@ -55,7 +55,7 @@ from ..common.codecs import logfmt_decode, logfmt_encode, logfmt_load, logfmt_st
 from ..common.launch import pow2
 from ..common.naming import named_kernel
 from ..common.sync import now_ns, release_next_launch, wait_previous_launch
-from ..common.tiles import copy_rows, lane
+from ..common.tiles import copy_rows, discard_rows, lane
 from .regions import LowLatencyRegions
 from .sync import (
     ROLE_BOTH,
@@ -176,6 +176,7 @@ def _combine_kernel(
     CHUNK_G: tl.constexpr,
     RECV_CHUNK_G: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    BLOCK_LINES: tl.constexpr,
     USE_GLOBALTIMER: tl.constexpr,
     PEER_SCOPE: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -470,6 +471,8 @@ def _combine_kernel(
                         PEER_SCOPE,
                     )
                     valid = valid & ~late
+                    # Rows received in this rank's slots (not those read in x): dead once summed.
+                    dead = tl.reshape(tl.where(valid & remote, rows, 0), (BLOCK_T, BLOCK_K))
                     rows = tl.reshape(tl.where(valid, rows, 0), (BLOCK_T, BLOCK_K))
                     weights = tl.reshape(tl.where(valid, weights, 0.0), (BLOCK_T, BLOCK_K))
                     chunk = tl.arange(0, RECV_CHUNK_G)
@@ -525,6 +528,12 @@ def _combine_kernel(
                                 round_to(acc, tl.bfloat16, INTERPRETED),
                                 mask=in_row,
                             )
+                        if (USE_LOGFMT == 0) & (INTERPRETED == 0):
+                            # The token's received rows are dead once every thread has summed
+                            # its part: no write-back for them (`tiles.discard_rows`).
+                            tl.debug_barrier()
+                            gone = tl.sum(tl.where(batch[:, None] == j, dead, 0), axis=0)
+                            discard_rows(gone, gone != 0, ROW_BYTES, BLOCK_LINES)
     release_next_launch(EARLY_LAUNCH)
 
 
@@ -589,6 +598,8 @@ class CombinePlan(RolePlan):
             # loads (ncu: 27% of the kernel's stall samples at the copy's loads, EP1).
             ROWS=1 if use_logfmt else 8,
             BLOCK_W=min(1024, pow2(regions.hidden // 2)),
+            # L2 lines of a BF16 row (`tiles.discard_rows`).
+            BLOCK_LINES=pow2(2 * regions.hidden // 128 + 1),
             BLOCK_B=pow2(regions.num_experts),
             BLOCK_N=32,
             BLOCK_K=block_k,
