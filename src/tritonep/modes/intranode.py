@@ -35,10 +35,13 @@ from .contract import CombineKey, DispatchKey
 class ProgramShape:
     """Warps, register tiles and prefetching of the intranode data kernels.
 
-    `*_tile_words`: 4-byte words of one copy step's register tile per program; `combine_tile`:
-    tokens a combine receiver reduces per step; `prefetch`: issue the next step's loads before the
-    current step's stores (more bytes in flight at the same register budget);
-    `combine_receiver_stages`: depth of the combine receivers' load pipeline (1: none).
+    `dispatch_warps`: a dispatch whose rows carry per-row fields (top-k, FP8 scales, the source
+    index a non-cached dispatch records); `dispatch_rows_only_warps`: one that moves bare rows (a
+    cached dispatch of unscaled rows). `*_tile_words`: 4-byte words of one copy step's register
+    tile per program; `combine_tile`: tokens a combine receiver reduces per step; `prefetch`: issue
+    the next step's loads before the current step's stores (more bytes in flight at the same
+    register budget); `combine_receiver_stages`: depth of the combine receivers' load pipeline (1:
+    none).
     """
 
     dispatch_warps: int
@@ -48,10 +51,14 @@ class ProgramShape:
     combine_tile: int = 8
     prefetch: bool = True
     combine_receiver_stages: int = 1
+    dispatch_rows_only_warps: int = 8
+
+    def warps_of_dispatch(self, rows_only: bool) -> int:
+        return self.dispatch_rows_only_warps if rows_only else self.dispatch_warps
 
 
 # The interpreter wants few, small blocks; GPUs want bytes in flight.
-_INTERPRETER_SHAPE = ProgramShape(1, 512, 1, 512)
+_INTERPRETER_SHAPE = ProgramShape(1, 512, 1, 512, dispatch_rows_only_warps=1)
 _GPU_SHAPE = ProgramShape(8, 8192, 8, 8192)
 # Up to two ranks the combine kernel fits 16 warps x 64 KB tiles without spilling (128 registers),
 # and more bytes in flight per program pay: 24 SMs, two ranks under MPS on one H200, 282 -> 339
@@ -63,8 +70,13 @@ _GPU_SHAPE = ProgramShape(8, 8192, 8, 8192)
 # (2026-12-02-h200-bench-ep2-mps-{receiver-stages1-,}5aefbb8.json); the same pipeline in the
 # dispatch senders and the combine senders' spans lost (dispatch BF16 427 -> 394, FP8 312 -> 272,
 # ...-stages3-c1df92e.json), so those keep the register prefetch.
+# A cached BF16 dispatch in 16 warps instead of 8 (the same 32 KB tile, 128 registers, no spill):
+# 450.4 -> 474.5 GB/s on that proxy (benchmarks/results/2026-12-03-h200-bench-ep2-mps-warps-*.json).
+# With top-k or FP8 scales the sender's per-row field tiles spill 72-184 B at 128 registers, and
+# an FP8 dispatch lost 355 -> 330 GB/s, so those keep 8 warps.
 _GPU_SHAPE_TWO_RANKS = dataclasses.replace(
     _GPU_SHAPE,
+    dispatch_rows_only_warps=16,
     combine_warps=16,
     combine_tile_words=16384,
     combine_tile=16,
@@ -230,7 +242,9 @@ class IntranodeMode:
                 num_scales=num_scales,
                 write_handle=not cached,
                 worst=worst,
-                num_warps=self.shape.dispatch_warps,
+                num_warps=self.shape.warps_of_dispatch(
+                    rows_only=cached and num_topk == 0 and num_scales == 0
+                ),
                 tile_words=self.shape.dispatch_tile_words,
                 prefetch=self.shape.prefetch,
                 layout_key=fingerprint,

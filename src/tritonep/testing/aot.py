@@ -86,8 +86,7 @@ def _compile(fn, args, kwargs):
 def _cases(kernels):
     """Representative launches of every launch plan (EP2 and EP8 geometries, BF16 / FP8, top-k,
     bias;
-    the FP8 dispatch is launched as a cached one, which writes no handle entries), with the
-    Buffer's GPU program shapes."""
+    dispatches cached and not), with the Buffer's GPU program shapes."""
     from tritonep import protocol
     from tritonep.kernels.common.context import LaunchContext
     from tritonep.kernels.intranode.queues import IntranodeQueues
@@ -131,7 +130,10 @@ def _cases(kernels):
             tokens, 0, torch.zeros(experts, dtype=torch.int32), mask, square, matrix, matrix
         )
         yield functools.partial(notify.launch, None, 0, 1, counts)
-        for fp8 in (False, True):
+        # A non-cached BF16 dispatch with top-k (it writes the handle), a cached FP8 one, and a
+        # cached BF16 one that moves bare rows (V1's tuning loop; the two-rank shape gives it more
+        # warps).
+        for fp8, cached, num_topk in ((False, False, topk), (True, True, topk), (False, True, 0)):
             row_bytes = hidden * (1 if fp8 else 2)
             scales = torch.zeros((hidden // 128, tokens), dtype=torch.int32).T if fp8 else None
             queues = IntranodeQueues.fit(
@@ -141,8 +143,8 @@ def _cases(kernels):
                 256,
                 row_bytes,
                 True,
-                topk,
-                topk,
+                num_topk,
+                num_topk,
                 hidden // 128 if fp8 else 0,
             )
             x = torch.zeros((tokens, row_bytes // 4), dtype=torch.int32)
@@ -154,17 +156,17 @@ def _cases(kernels):
                 chunk=6,
                 experts_per_rank=experts // num_ranks,
                 row_words=row_bytes // 4,
-                num_topk=topk,
+                num_topk=num_topk,
                 topk_itemsize=8,
                 num_scales=hidden // 128 if fp8 else 0,
-                write_handle=not fp8,
+                write_handle=not cached,
                 worst=True,
-                num_warps=shape.dispatch_warps,
+                num_warps=shape.warps_of_dispatch(rows_only=cached and not fp8 and not num_topk),
                 tile_words=shape.dispatch_tile_words,
                 prefetch=shape.prefetch,
                 layout_key=12345,
             )
-            # The FP8 case is a cached dispatch (no handle written): it opens its call itself.
+            # A cached dispatch writes no handle entries: it opens its call itself.
             yield functools.partial(
                 dispatch.launch,
                 None,
@@ -175,9 +177,9 @@ def _cases(kernels):
                 mask,
                 square,
                 matrix,
-                None if fp8 else send_head,
+                None if cached else send_head,
                 recv,
-                None if fp8 else torch.zeros(tokens, dtype=torch.int32),
+                None if cached else torch.zeros(tokens, dtype=torch.int32),
                 topk_idx,
                 weights,
                 torch.zeros((tokens, hidden // 128), dtype=torch.int32) if fp8 else None,
