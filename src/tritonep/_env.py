@@ -8,7 +8,7 @@
 | `TRITONEP_BACKEND` | auto | at Buffer construction | `cuda` or `cpu` (interpreter); auto: `cuda` where CUDA is usable |
 | `TRITONEP_FORCE_PUT` | 0 | at Buffer construction | 1: RDMA-memory traffic takes the put path (NVSHMEM, or its CPU emulation) even to peers that stores reach (tests the remote path on one host) |
 | `TRITONEP_CONFIG_FILE` | unset | at the first `get_dispatch_config` / `get_combine_config` (also `dispatch` / `combine` without `config`) | JSON file written by `tritonep tune`: its entries replace V1's tuned tables for the rank and SM counts it lists; unset: V1's tables |
-| `TRITONEP_PROGRAM_SHAPE` | unset | at Buffer construction | GPU backend, intranode mode: `field=value,...` overrides of the data kernels' program shape (`dispatch_warps`, `dispatch_tile_words`, `combine_warps`, `combine_tile_words`, `combine_tile`, `prefetch`, `combine_receiver_stages`), for tuning sweeps |
+| `TRITONEP_PROGRAM_SHAPE` | unset | at Buffer construction | GPU backend, intranode mode: `field=value,...` overrides of the data kernels' program shape (`dispatch_warps`, `dispatch_rows_only_warps`, `dispatch_tile_words`, `combine_warps`, `combine_tile_words`, `combine_tile`, `prefetch`, `combine_receiver_stages`), for tuning sweeps |
 | `TRITONEP_LL_PROGRAMS` | unset | at Buffer construction | GPU, low-latency mode: `field=value,...` programs per launch (`dispatch_senders`, `dispatch_receivers`, `combine_senders`, `combine_receivers`; built in: as many as the rank's share of the GPU holds, 2 programs per SM), for tuning sweeps; never above that share |
 | `NVSHMEM_QP_DEPTH` | 1024 | at Buffer construction | only fills `Buffer.nvshmem_qp_depth` |
 
