@@ -116,18 +116,18 @@ def test_choose_gives_addresses_only_to_the_compiled_launcher():
 
     from tritonep.runtime.outputs import addressed
 
-    inputs = addressed((torch.zeros(8), None))
+    inputs = (torch.zeros(8), None)
     fixed, outputs = addressed((torch.zeros(4),)), addressed((torch.zeros(2), None))
     launch = _compiled_launch(_Launcher())
     launch._kernel = None  # before the first launch: the JIT, which specialises on tensors
     run, got_inputs, got_fixed, got_outputs = launch.choose(inputs, fixed, outputs)
     assert run == launch.launch_jit
-    assert got_inputs is inputs.tensors
+    assert got_inputs is inputs
     assert got_fixed is fixed.tensors and got_outputs is outputs.tensors
     launch._kernel = _Compiled(_Launcher())
     run, got_inputs, got_fixed, got_outputs = launch.choose(inputs, fixed, outputs)
     assert run == launch.run
-    assert got_inputs == (inputs.tensors[0].data_ptr(), None)
+    assert list(got_inputs) == [inputs[0].data_ptr(), None]
     assert got_fixed == (fixed.tensors[0].data_ptr(),)
     assert got_outputs == (outputs.tensors[0].data_ptr(), None)
 
@@ -144,9 +144,9 @@ def test_choose_sends_an_input_that_is_not_16_byte_aligned_through_the_jit():
     outputs = addressed((torch.zeros(2),))
     launch = _compiled_launch(_Launcher())
     launch._kernel = _Compiled(_Launcher())
-    run, got_inputs, got_outputs = launch.choose(addressed((base[1:],)), outputs)
+    run, got_inputs, got_outputs = launch.choose((base[1:],), outputs)
     assert run == launch.launch_jit
     assert got_inputs[0] is not None and got_inputs[0].data_ptr() % 16 == 8
     assert got_outputs is not None and got_outputs[0] is outputs.tensors[0]
-    run, _, _ = launch.choose(addressed((base[2:],)), outputs)
+    run, _, _ = launch.choose((base[2:],), outputs)
     assert run == launch.run

@@ -125,22 +125,23 @@ class KernelLaunch:
         be addresses (`run`); otherwise they must be tensors (`launch`)."""
         return self._kernel is not None and not _hooks_active()
 
-    def choose(self, inputs, *sets) -> tuple:
+    def choose(self, inputs: tuple, *sets) -> tuple:
         """(launch function, then `inputs` and each of `sets` as it takes them): `run` and their
-        addresses once `ready()`, else the JIT and their tensors (it specialises on tensors). All
-        hold `tensors` and `addresses` (`runtime.outputs.AddressedTensors`).
+        addresses once `ready()`, else the JIT and their tensors (it specialises on tensors).
 
-        `inputs` are the caller's tensors, `sets` the plan's own. The compiled kernel assumes what
-        Triton specialised on at its first launch, 16-byte aligned pointers among it: a call with
-        an input that is not aligned goes through the JIT, which specialises on it (tritonep's
-        own memory always is)."""
+        `inputs` are the caller's tensors (None allowed), their addresses read here, only when
+        they are used; `sets` are the plan's own `runtime.outputs.AddressedTensors`. The compiled
+        kernel assumes what Triton specialised on at its first launch, 16-byte aligned pointers
+        among it: a call with an input that is not aligned goes through the JIT, which specialises
+        on it (tritonep's own memory always is)."""
         if self.ready():
-            for address in inputs.addresses:
+            addresses = [None if t is None else t.data_ptr() for t in inputs]
+            for address in addresses:
                 if address is not None and address & 15:
                     break
             else:
-                return (self.run, inputs.addresses, *[s.addresses for s in sets])
-        return (self.launch_jit, inputs.tensors, *[s.tensors for s in sets])
+                return (self.run, addresses, *[s.addresses for s in sets])
+        return (self.launch_jit, inputs, *[s.tensors for s in sets])
 
     def launch(self, grid: tuple, stream, *args) -> None:
         """Launch `args` (tensors for pointers) on `stream`, through the JIT when not `ready()`."""

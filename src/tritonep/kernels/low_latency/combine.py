@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 from ... import protocol
-from ...runtime.outputs import addressed
 from ...transport import device
 from ..common.casting import round_to
 from ..common.codecs import logfmt_decode, logfmt_encode, logfmt_load, logfmt_store
@@ -634,8 +633,9 @@ class CombinePlan(RolePlan):
     ) -> None:
         """One launch on `stream`; `out`: `AddressedTensors` of (combined output,). The caller's
         tensors go as addresses too once the kernel is compiled (see `DispatchPlan.launch`)."""
-        inputs = addressed((topk_idx, topk_weights, src_info, layout_range, wait_stats))
-        launch, inputs, (combined,) = self._kernels[role].choose(inputs, out)
+        launch, inputs, (combined,) = self._kernels[role].choose(
+            (topk_idx, topk_weights, src_info, layout_range, wait_stats), out
+        )
         topk_idx, topk_weights, src_info, layout_range, wait = inputs
         launch(
             self._grid[role],

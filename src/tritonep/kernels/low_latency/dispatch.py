@@ -53,7 +53,6 @@ import triton
 import triton.language as tl
 
 from ... import protocol
-from ...runtime.outputs import addressed
 from ...transport import device
 from ..common.codecs import fp8_quantize, ue8m0_pack
 from ..common.launch import pow2
@@ -601,7 +600,7 @@ class DispatchPlan(RolePlan):
         recv_count, src_info, layout_range). The caller's tensors go as addresses too once the
         kernel is compiled: the launcher then skips its pointer query per tensor."""
         launch, (x, topk_idx, cumulative, wait), outs = self._kernels[role].choose(
-            addressed((x, topk_idx, cumulative_stats, wait_stats)), outputs
+            (x, topk_idx, cumulative_stats, wait_stats), outputs
         )
         _, recv_scales, recv_count, src_info, layout_range = outs
         launch(
