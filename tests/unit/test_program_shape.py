@@ -16,6 +16,19 @@ def test_unset_gives_the_built_in_shapes(monkeypatch):
     assert program_shape("cuda", 8).combine_warps == 8
 
 
+def test_two_ranks_give_a_dispatch_of_bare_rows_more_warps(monkeypatch):
+    # A cached BF16 dispatch fits 16 warps (128 registers) without spilling; rows that carry
+    # top-k, FP8 scales or handle entries keep 8 (their field tiles spill at 128 registers).
+    monkeypatch.delenv("TRITONEP_PROGRAM_SHAPE", raising=False)
+    two, eight = program_shape("cuda", 2), program_shape("cuda", 8)
+    assert two.warps_of_dispatch(rows_only=True) == 16
+    assert two.warps_of_dispatch(rows_only=False) == 8
+    assert eight.warps_of_dispatch(rows_only=True) == eight.warps_of_dispatch(rows_only=False) == 8
+    assert program_shape("cpu", 2).warps_of_dispatch(rows_only=True) == 1
+    monkeypatch.setenv("TRITONEP_PROGRAM_SHAPE", "dispatch_rows_only_warps=4")
+    assert program_shape("cuda", 2).warps_of_dispatch(rows_only=True) == 4
+
+
 def test_overrides_replace_named_fields_with_their_types(monkeypatch):
     monkeypatch.setenv(
         "TRITONEP_PROGRAM_SHAPE", "dispatch_warps=16, dispatch_tile_words=4096,prefetch=0"

@@ -54,6 +54,7 @@ class ProgramShape:
     dispatch_rows_only_warps: int = 8
 
     def warps_of_dispatch(self, rows_only: bool) -> int:
+        """Warps of a dispatch launch: `rows_only` when its rows carry no per-row fields."""
         return self.dispatch_rows_only_warps if rows_only else self.dispatch_warps
 
 
