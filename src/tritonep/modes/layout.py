@@ -89,10 +89,7 @@ class RoutingLayout:
             ):
                 scratch = torch.zeros(plan.scratch_slots, dtype=torch.int32, device=self._device)
             self._fixed = addressed((scratch, self._rank_mask))
-        if allocate_on_comm_stream:
-            with streams.allocation():
-                outputs = self._outputs.take(call.pool_key, call.allocate, 3, streams.caller)
-        else:  # no context to enter: the common case, and host time is what this call costs
+        with streams.allocation():
             outputs = self._outputs.take(call.pool_key, call.allocate, 3, streams.caller)
         plan.launch(
             streams.launch, topk_idx, call.num_tokens, self._fixed, self._host.address, outputs

@@ -103,6 +103,14 @@ def _store_to_destination(
 
 
 @triton.jit
+def _publish_tails(tails, tag, sent, lanes, PEER_SCOPE: tl.constexpr):
+    """Release stream position `sent` (epoch-tagged) to the queues of `lanes`, once every thread's
+    stores before this call are done."""
+    tl.debug_barrier()
+    tl.atomic_xchg(tails, tag + sent.to(tl.int64), mask=lanes, sem="release", scope=PEER_SCOPE)
+
+
+@triton.jit
 def _round_flags(
     is_token_in_rank_ptr, t0, end, chunk, rows_in_tile, ranks, live, NUM_RANKS: tl.constexpr
 ):
@@ -377,14 +385,7 @@ def _dispatch_kernel(
                 # FP8 dispatch 335 -> 351 GB/s on one H200 shared by 2 ranks. The fence also waits
                 # for loads in flight, so this round's first block is loaded after it (loaded
                 # before it, BF16 lost 1 %).
-                tl.debug_barrier()
-                tl.atomic_xchg(
-                    tails,
-                    tag + sent.to(tl.int64),
-                    mask=unpublished,
-                    sem="release",
-                    scope=PEER_SCOPE,
-                )
+                _publish_tails(tails, tag, sent, unpublished, PEER_SCOPE)
                 if PREFETCH:
                     # Source rows do not depend on room in the queues: in flight from here.
                     words = tl.arange(0, BLOCK_W)
@@ -492,11 +493,7 @@ def _dispatch_kernel(
                     sent = new_sent
                 else:
                     unpublished = ranks < 0
-        # The last round: every thread's stores first, then the tails.
-        tl.debug_barrier()
-        tl.atomic_xchg(
-            tails, tag + sent.to(tl.int64), mask=unpublished, sem="release", scope=PEER_SCOPE
-        )
+        _publish_tails(tails, tag, sent, unpublished, PEER_SCOPE)  # the last round's
     else:
         # ---------------------------------------------------------------- receiver of channel c
         if WORST:
